@@ -1,0 +1,255 @@
+//! Command-line interface: argument parsing and dispatch. Each command returns the process
+//! exit code; `main` adds nothing but error printing.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use crate::{
+    doctor, host,
+    profile::{self, CompileContext, CompiledPolicy, LoadError, ProfileError},
+    report,
+};
+
+/// Exit status of `profile check` when a profile is invalid, and of any command given bad
+/// input.
+const EXIT_INVALID: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "agentd",
+    version,
+    about = "Sandbox AI agents: the kernel, not the agent, decides what it may do",
+    long_about = "agentd launches AI agents under Landlock and seccomp, in a cgroup of their own, \
+with an identity and capabilities of their own; eBPF programs enforce each agent's network \
+scope and report its file writes, execs and processes; a circuit breaker kills an agent \
+that steps out of scope.\n\n\
+Start with `agentd doctor` to see what this host can enforce, and \
+`agentd profile check analyze-only` to see what a profile compiles to.",
+    after_help = "Examples:\n  \
+agentd doctor                              what this host offers\n  \
+agentd profile list                        the built-in profiles\n  \
+agentd profile check profiles/*.toml       validate profiles, print the compiled policy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Probe this host: Landlock, seccomp, BPF program types, cgroups, mounts
+    ///
+    /// Every line comes from a probe (a program loaded, a syscall made), not from reading
+    /// configuration. Exits 1 when something agentd needs for enforcement is missing.
+    Doctor {
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate, list and show profiles
+    #[command(subcommand)]
+    Profile(ProfileCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ProfileCommand {
+    /// Validate profiles and print what each compiles to
+    ///
+    /// PROFILE is a path (contains `/` or ends in .toml) or a name, looked up in
+    /// /etc/agentd/profiles, then among the built-in profiles. Exits 0 when every profile
+    /// is valid, 2 otherwise; errors name the file, line, key and what to write instead.
+    #[command(after_help = "Examples:\n  \
+agentd profile check profiles/*.toml\n  \
+agentd profile check analyze-only --workspace ~/project --json")]
+    Check {
+        #[arg(required = true, value_name = "PROFILE")]
+        profiles: Vec<String>,
+        /// Directory `{workspace}` stands for (default: the current directory)
+        #[arg(long, value_name = "DIR")]
+        workspace: Option<PathBuf>,
+        /// Print one JSON document: a list of {profile, valid, errors, policy}
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the built-in profiles and those installed in /etc/agentd/profiles
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a profile's TOML source (built-in or installed), to copy and adapt
+    Show {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Doctor { json } => doctor::run(json),
+        Command::Profile(ProfileCommand::Check {
+            profiles,
+            workspace,
+            json,
+        }) => profile_check(&profiles, workspace, json),
+        Command::Profile(ProfileCommand::List { json }) => profile_list(json),
+        Command::Profile(ProfileCommand::Show { name }) => profile_show(&name),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("agentd: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct CheckResult {
+    profile: String,
+    valid: bool,
+    errors: Vec<ProfileError>,
+    policy: Option<CompiledPolicy>,
+}
+
+fn profile_check(
+    specs: &[String],
+    workspace: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let ctx = CompileContext {
+        workspace: host::workspace_dir(workspace)?,
+        home: host::invoker_home(),
+    };
+    let mut results = Vec::new();
+    for spec in specs {
+        let result = match profile::load(spec) {
+            Ok((p, origin)) => CheckResult {
+                profile: origin,
+                valid: true,
+                errors: Vec::new(),
+                policy: Some(profile::compile(&p, &ctx)),
+            },
+            Err(LoadError::Invalid(errs)) => CheckResult {
+                profile: spec.clone(),
+                valid: false,
+                errors: errs.0,
+                policy: None,
+            },
+            Err(e) => CheckResult {
+                profile: spec.clone(),
+                valid: false,
+                errors: vec![ProfileError {
+                    origin: spec.clone(),
+                    line: None,
+                    column: None,
+                    key: None,
+                    message: e.to_string(),
+                    hint: None,
+                }],
+                policy: None,
+            },
+        };
+        results.push(result);
+    }
+    let all_valid = results.iter().all(|r| r.valid);
+    if json {
+        report::print_json(&results)?;
+    } else {
+        for r in &results {
+            match &r.policy {
+                Some(policy) => print!("{}", report::render_policy(&r.profile, policy)),
+                None => {
+                    for e in &r.errors {
+                        eprintln!("{e}");
+                    }
+                }
+            }
+        }
+        let bad = results.iter().filter(|r| !r.valid).count();
+        if bad > 0 {
+            eprintln!("agentd: {bad} of {} profiles invalid", results.len());
+        }
+    }
+    Ok(if all_valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_INVALID)
+    })
+}
+
+fn profile_list(json: bool) -> anyhow::Result<ExitCode> {
+    #[derive(Debug, Serialize)]
+    struct Entry {
+        name: String,
+        source: String,
+        description: String,
+    }
+    let mut entries = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(profile::SYSTEM_PROFILE_DIR) {
+        for e in dir.flatten() {
+            let path = e.path();
+            if path.extension().is_some_and(|x| x == "toml") {
+                let (description, source) = match profile::load(&path.to_string_lossy()) {
+                    Ok((p, _)) => (p.description, path.display().to_string()),
+                    Err(err) => (format!("INVALID: {err}"), path.display().to_string()),
+                };
+                let name = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                entries.push(Entry {
+                    name,
+                    source,
+                    description,
+                });
+            }
+        }
+    }
+    for (name, text) in profile::BUILTIN {
+        let description = match profile::parse(&format!("builtin:{name}"), text) {
+            Ok(p) => p.description,
+            Err(e) => format!("INVALID: {e}"),
+        };
+        entries.push(Entry {
+            name: (*name).to_owned(),
+            source: "built-in".to_owned(),
+            description,
+        });
+    }
+    if json {
+        report::print_json(&entries)?;
+    } else {
+        for e in &entries {
+            println!("{:<16} {:<34} {}", e.name, e.source, e.description);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn profile_show(name: &str) -> anyhow::Result<ExitCode> {
+    let installed = std::path::Path::new(profile::SYSTEM_PROFILE_DIR).join(format!("{name}.toml"));
+    if installed.exists() {
+        print!("{}", std::fs::read_to_string(&installed)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    match profile::builtin(name) {
+        Some(text) => {
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            eprintln!("agentd: no profile named `{name}` (see `agentd profile list`)");
+            Ok(ExitCode::from(EXIT_INVALID))
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The one event type: whatever produced it (the supervisor, a BPF program, the breaker),
+//! an event is decoded once into [`Event`] and shared by `run --events`, the breaker, the
+//! audit log and the daemon. Serialised as one JSON object per line.
+
+use std::{
+    net::IpAddr,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Wall-clock time, RFC 3339 with nanoseconds, UTC.
+    pub ts: String,
+    /// CLOCK_MONOTONIC nanoseconds at the kernel decision, for latency figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ktime_ns: Option<u64>,
+    /// Agent id.
+    pub agent: String,
+    pub pid: u32,
+    pub comm: String,
+    pub kind: Kind,
+    pub verdict: Verdict,
+    /// The mechanism that decided.
+    pub layer: Layer,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Second path: the destination of rename, link and symlink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path2: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto: Option<String>,
+    /// The errno the operation failed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno: Option<i32>,
+    /// Kind-specific details: exit status, signal, breaker rule, lost-event count...
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub detail: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// The agent's first process started.
+    Start,
+    /// The agent's first process ended (`detail.code` or `detail.signal`).
+    Exit,
+    /// agentd could not launch the agent (`detail.reason`).
+    LaunchFailed,
+    /// A limit was reached (`detail.limit`: wall_time, pids, memory).
+    Limit,
+    Exec,
+    Fork,
+    ProcessExit,
+    OpenWrite,
+    Unlink,
+    Rename,
+    Mkdir,
+    Rmdir,
+    Link,
+    Symlink,
+    Chmod,
+    Chown,
+    Truncate,
+    Setxattr,
+    Connect,
+    Sendmsg,
+    Bind,
+    Socket,
+    /// A canary was opened, in any mode.
+    Canary,
+    /// The circuit breaker tripped (`detail.rule`, `detail.trigger`, `detail.contain_ns`).
+    Breaker,
+    /// Events the kernel could not deliver (`detail.count`).
+    Lost,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// Denied because the breaker had tripped.
+    Killed,
+    /// Nothing was decided (start, exit, informational).
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layer {
+    /// agentd's own supervisor (launch, exit, limits, breaker).
+    Agentd,
+    Landlock,
+    Seccomp,
+    /// A cgroup BPF program.
+    Bpf,
+    BpfLsm,
+    /// Seen by a tracepoint; the verdict is the syscall's own result (e.g. file permissions).
+    Kernel,
+}
+
+impl Event {
+    /// An event stamped now, with no kind-specific fields.
+    pub fn new(
+        agent: &str,
+        pid: u32,
+        comm: &str,
+        kind: Kind,
+        verdict: Verdict,
+        layer: Layer,
+    ) -> Event {
+        Event {
+            ts: rfc3339_now(),
+            ktime_ns: None,
+            agent: agent.to_owned(),
+            pid,
+            comm: comm.to_owned(),
+            kind,
+            verdict,
+            layer,
+            path: None,
+            path2: None,
+            addr: None,
+            port: None,
+            proto: None,
+            errno: None,
+            detail: serde_json::Map::new(),
+        }
+    }
+
+    /// Adds a `detail` entry.
+    #[must_use]
+    pub fn with(mut self, key: &str, value: impl Into<serde_json::Value>) -> Event {
+        self.detail.insert(key.to_owned(), value.into());
+        self
+    }
+}
+
+/// Now, as RFC 3339 UTC with nanoseconds.
+pub fn rfc3339_now() -> String {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339(d.as_secs(), d.subsec_nanos())
+}
+
+/// Unix seconds + nanoseconds as `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`.
+pub fn rfc3339(secs: u64, nanos: u32) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 -> (year, month, day) in the proleptic Gregorian calendar
+/// (H. Hinnant's `civil_from_days`).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_instants() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.000000005Z");
+        assert_eq!(rfc3339(1_795_478_399, 0), "2026-11-23T23:59:59.000000000Z");
+    }
+
+    #[test]
+    fn events_serialise_as_flat_json() {
+        let e =
+            Event::new("a1", 42, "sh", Kind::Exit, Verdict::None, Layer::Agentd).with("code", 3);
+        let v: serde_json::Value = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["kind"], "exit");
+        assert_eq!(v["layer"], "agentd");
+        assert_eq!(v["detail"]["code"], 3);
+        assert!(v.get("path").is_none());
+        let back: Event = serde_json::from_value(v).unwrap();
+        assert_eq!(back, e);
+    }
+}

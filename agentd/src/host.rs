@@ -1,0 +1,168 @@
+//! Facts about the host and the invoking user that several commands need.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use nix::unistd::{Uid, User};
+
+/// The directory `{workspace}` stands for: `dir`, or the current directory; absolute and
+/// with symlinks resolved, so Landlock rules name the real directory.
+pub fn workspace_dir(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let dir = match dir {
+        Some(d) => d,
+        None => std::env::current_dir().context("cannot read the current directory")?,
+    };
+    let real = dir
+        .canonicalize()
+        .with_context(|| format!("workspace {} does not exist", dir.display()))?;
+    anyhow::ensure!(
+        real.is_dir(),
+        "workspace {} is not a directory",
+        real.display()
+    );
+    Ok(real)
+}
+
+/// The uid agentd acts for: `SUDO_UID` when agentd was started through sudo, else the
+/// real uid.
+pub fn invoker_uid() -> Uid {
+    std::env::var("SUDO_UID")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .map_or_else(Uid::current, Uid::from_raw)
+}
+
+/// Home directory of the invoking user, from the password database; `/nonexistent` when
+/// the user has none (so `{home}` rules match nothing rather than something unintended).
+pub fn invoker_home() -> PathBuf {
+    match User::from_uid(invoker_uid()) {
+        Ok(Some(u)) => u.dir,
+        _ => PathBuf::from("/nonexistent"),
+    }
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub mount_point: PathBuf,
+    pub fstype: String,
+    /// Per-superblock options; for cgroup v1 these name the controllers.
+    pub super_options: String,
+}
+
+/// Parses mountinfo text (see proc(5)): fields up to ` - ` are per mount, then fstype,
+/// source and superblock options. Octal escapes (`\040`) in paths are decoded.
+pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            let mount_point = pre.split(' ').nth(4)?;
+            let mut post = post.split(' ');
+            let fstype = post.next()?.to_owned();
+            let _source = post.next()?;
+            let super_options = post.next().unwrap_or("").to_owned();
+            Some(Mount {
+                mount_point: PathBuf::from(unescape_octal(mount_point)),
+                fstype,
+                super_options,
+            })
+        })
+        .collect()
+}
+
+fn unescape_octal(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            out.push(
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'),
+            );
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The mounts of this process's mount namespace.
+pub fn mounts() -> std::io::Result<Vec<Mount>> {
+    Ok(parse_mountinfo(&std::fs::read_to_string(
+        "/proc/self/mountinfo",
+    )?))
+}
+
+/// Where cgroup v2 is mounted: the unified hierarchy at /sys/fs/cgroup, or the hybrid
+/// layout's /sys/fs/cgroup/unified, or wherever else it is.
+pub fn cgroup2_mount(mounts: &[Mount]) -> Option<PathBuf> {
+    let v2: Vec<&Mount> = mounts.iter().filter(|m| m.fstype == "cgroup2").collect();
+    for preferred in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        if let Some(m) = v2
+            .iter()
+            .find(|m| m.mount_point == std::path::Path::new(preferred))
+        {
+            return Some(m.mount_point.clone());
+        }
+    }
+    v2.first().map(|m| m.mount_point.clone())
+}
+
+/// Where the cgroup v1 hierarchy carrying `controller` (e.g. `pids`, `memory`) is mounted.
+pub fn cgroup1_mount(mounts: &[Mount], controller: &str) -> Option<PathBuf> {
+    mounts
+        .iter()
+        .find(|m| m.fstype == "cgroup" && m.super_options.split(',').any(|o| o == controller))
+        .map(|m| m.mount_point.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+25 30 0:22 / /sys rw,nosuid - sysfs sysfs rw
+31 25 0:26 / /sys/fs/cgroup ro - tmpfs tmpfs ro,mode=755
+32 31 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw,nsdelegate
+35 31 0:30 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+36 31 0:31 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids
+37 31 0:32 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+40 25 0:35 / /mnt/with\\040space rw - tmpfs tmpfs rw
+";
+
+    #[test]
+    fn hybrid_layout() {
+        let m = parse_mountinfo(HYBRID);
+        assert_eq!(
+            cgroup2_mount(&m),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            cgroup1_mount(&m, "pids"),
+            Some(PathBuf::from("/sys/fs/cgroup/pids"))
+        );
+        assert_eq!(
+            cgroup1_mount(&m, "cpu"),
+            Some(PathBuf::from("/sys/fs/cgroup/cpu,cpuacct"))
+        );
+        assert_eq!(cgroup1_mount(&m, "cpuset"), None);
+        assert!(
+            m.iter()
+                .any(|x| x.mount_point == std::path::Path::new("/mnt/with space"))
+        );
+    }
+
+    #[test]
+    fn unified_layout_prefers_sys_fs_cgroup() {
+        let m = parse_mountinfo("30 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
+        assert_eq!(cgroup2_mount(&m), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(cgroup1_mount(&m, "memory"), None);
+    }
+}

@@ -1,0 +1,15 @@
+//! agentd: the kernel, not the agent, decides what an AI agent may do.
+
+mod bpf;
+mod cli;
+mod doctor;
+mod event;
+mod host;
+mod profile;
+mod report;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    cli::main()
+}

@@ -1,0 +1,261 @@
+//! Validated profile + launch context -> [`CompiledPolicy`]: every rule the privileged code
+//! applies, resolved and merged. Pure: no I/O, no kernel; unit-tested without root.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv6Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Serialize;
+
+use super::{
+    Action, BindRule, ConnectRule, Identity, Limits, Mode, Profile, Protocol, Threshold,
+    ViolationKind, syscalls, values::mapped_v6,
+};
+
+/// What `{workspace}` and `{home}` stand for in this launch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompileContext {
+    /// Absolute; the agent's working directory.
+    pub workspace: PathBuf,
+    /// Absolute; the home directory of the user agentd runs the agent for.
+    pub home: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CompiledPolicy {
+    pub name: String,
+    pub mode: Mode,
+    pub identity: Identity,
+    pub workspace: PathBuf,
+    pub landlock: LandlockPolicy,
+    pub seccomp: SeccompPolicy,
+    pub network: NetworkPolicy,
+    /// Opening any of these, in any mode, is a breach.
+    pub canaries: Vec<PathBuf>,
+    pub breaker: BreakerPolicy,
+    pub limits: Limits,
+    pub env: EnvPolicy,
+}
+
+/// Access granted beneath one path. Landlock rights, from the launch code's mapping:
+/// read = READ_FILE | READ_DIR; write = WRITE_FILE | TRUNCATE | MAKE_REG | MAKE_DIR |
+/// MAKE_SYM | MAKE_FIFO | MAKE_SOCK | REMOVE_FILE | REMOVE_DIR | REFER | IOCTL_DEV;
+/// exec = EXECUTE | READ_FILE (a program must be read to be loaded).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FsAccess {
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FsRule {
+    pub path: PathBuf,
+    pub access: FsAccess,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LandlockPolicy {
+    /// One rule per path, rights merged, sorted by path.
+    pub rules: Vec<FsRule>,
+    /// TCP ports connect() may reach (any address: the BPF programs narrow the address).
+    /// `None` when some rule allows every port, so Landlock leaves TCP connect to the BPF
+    /// programs alone.
+    pub connect_tcp: Option<Vec<u16>>,
+    /// TCP ports bind() may use.
+    pub bind_tcp: Vec<u16>,
+    /// Signals only to processes of the agent's own Landlock domain (ABI 6).
+    pub scope_signals: bool,
+    /// Abstract unix sockets only within the agent's own domain (ABI 6).
+    pub scope_abstract_unix: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SeccompPolicy {
+    /// Errno every call outside the allow-list gets.
+    pub default_errno: &'static str,
+    pub allow: Vec<&'static str>,
+    /// (call, condition) pairs: allowed only when the condition holds.
+    pub allow_if: Vec<(&'static str, &'static str)>,
+    /// Answered with ENOSYS.
+    pub enosys: Vec<&'static str>,
+    /// Handed to the supervisor for a decision (seccomp user notification). Empty today;
+    /// the filter is built with a listener slot so a profile action can fill it.
+    pub notify: Vec<&'static str>,
+    /// Notable refusals and why.
+    pub deny_notes: Vec<(&'static str, &'static str)>,
+}
+
+/// Socket families an agent may create (`cgroup/sock_create`). Raw and packet sockets are
+/// never allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketFamily {
+    Unix,
+    Inet,
+    Inet6,
+    /// NETLINK_ROUTE only: C libraries read interface addresses through it when resolving
+    /// names (getaddrinfo with AI_ADDRCONFIG).
+    NetlinkRoute,
+}
+
+/// One entry of the network allow LPM trie, before the agent's policy id is added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct NetEntry {
+    /// IPv6, IPv4 networks IPv4-mapped.
+    pub addr: Ipv6Addr,
+    /// Prefix length in IPv6 bits (an IPv4 /n is 96 + n).
+    pub prefix: u8,
+    pub proto: u8,
+    /// 0 = any port.
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetworkPolicy {
+    pub connect: Vec<ConnectRule>,
+    pub bind: Vec<BindRule>,
+    pub families: Vec<SocketFamily>,
+    /// The `connect`/`sendmsg` allow-list as map entries.
+    pub connect_entries: Vec<NetEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BreakerPolicy {
+    /// `false` in monitor mode: count and report, never act.
+    pub enforce: bool,
+    pub trip_on: Vec<ViolationKind>,
+    pub threshold: Option<Threshold>,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EnvPolicy {
+    pub pass: Vec<String>,
+    pub set: Vec<(String, String)>,
+}
+
+pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
+    let fs = &profile.filesystem;
+    let mut merged: BTreeMap<PathBuf, FsAccess> = BTreeMap::new();
+    let mut grant = |paths: &[super::PathTemplate], f: fn(&mut FsAccess)| {
+        for p in paths {
+            f(merged.entry(p.resolve(ctx)).or_default());
+        }
+    };
+    grant(&fs.read, |a| a.read = true);
+    grant(&fs.write, |a| a.write = true);
+    grant(&fs.exec, |a| a.exec = true);
+    let rules = merged
+        .into_iter()
+        .map(|(path, access)| FsRule { path, access })
+        .collect();
+
+    let net = &profile.network;
+    let tcp = |r: &&ConnectRule| r.proto == Protocol::Tcp;
+    let connect_tcp = if net.connect.iter().filter(tcp).any(|r| r.port.is_none()) {
+        None
+    } else {
+        let mut ports: Vec<u16> = net
+            .connect
+            .iter()
+            .filter(tcp)
+            .filter_map(|r| r.port)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        Some(ports)
+    };
+    let mut bind_tcp: Vec<u16> = net
+        .bind
+        .iter()
+        .filter(|b| b.proto == Protocol::Tcp)
+        .map(|b| b.port)
+        .collect();
+    bind_tcp.sort_unstable();
+    bind_tcp.dedup();
+
+    let mut families = vec![SocketFamily::Unix];
+    if !net.connect.is_empty() || !net.bind.is_empty() {
+        families.extend([
+            SocketFamily::Inet,
+            SocketFamily::Inet6,
+            SocketFamily::NetlinkRoute,
+        ]);
+    }
+    let mut connect_entries: Vec<NetEntry> = net
+        .connect
+        .iter()
+        .map(|r| {
+            let (addr, prefix) = mapped_v6(r.net);
+            NetEntry {
+                addr,
+                prefix,
+                proto: r.proto.number(),
+                port: r.port.unwrap_or(0),
+            }
+        })
+        .collect();
+    connect_entries.sort();
+
+    let mut canaries: Vec<PathBuf> = fs.canaries.iter().map(|p| p.resolve(ctx)).collect();
+    canaries.sort();
+
+    CompiledPolicy {
+        name: profile.name.clone(),
+        mode: profile.mode,
+        identity: profile.identity.clone(),
+        workspace: ctx.workspace.clone(),
+        landlock: LandlockPolicy {
+            rules,
+            connect_tcp,
+            bind_tcp,
+            scope_signals: true,
+            scope_abstract_unix: true,
+        },
+        seccomp: SeccompPolicy {
+            default_errno: "EPERM",
+            allow: syscalls::ALLOW.to_vec(),
+            allow_if: syscalls::ARG_RULES.to_vec(),
+            enosys: syscalls::ENOSYS.to_vec(),
+            notify: Vec::new(),
+            deny_notes: syscalls::DENY_NOTES.to_vec(),
+        },
+        network: NetworkPolicy {
+            connect: net.connect.clone(),
+            bind: net.bind.clone(),
+            families,
+            connect_entries,
+        },
+        canaries,
+        breaker: BreakerPolicy {
+            enforce: profile.mode == Mode::Enforce,
+            trip_on: profile.breaker.trip_on.clone(),
+            threshold: profile.breaker.threshold,
+            action: profile.breaker.action,
+        },
+        limits: profile.limits.clone(),
+        env: EnvPolicy {
+            pass: profile.environment.pass.clone(),
+            set: profile.environment.set.clone(),
+        },
+    }
+}
+
+impl CompiledPolicy {
+    /// The rule granting `access` to `path`, if any (Landlock semantics: a rule covers
+    /// everything beneath its path).
+    pub fn fs_allows(&self, path: &Path, want: fn(&FsAccess) -> bool) -> bool {
+        self.landlock
+            .rules
+            .iter()
+            .any(|r| want(&r.access) && path.starts_with(&r.path))
+    }
+
+    pub fn wall_time(&self) -> Option<Duration> {
+        self.limits.wall_time
+    }
+}

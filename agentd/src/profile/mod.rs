@@ -1,0 +1,287 @@
+//! Profiles: what an agent may do.
+//!
+//! A profile goes through three stages, each a pure function testable without root:
+//! 1. [`parse`]: TOML text -> [`schema::RawProfile`] (strict: unknown keys and wrong types
+//!    are errors with line and column);
+//! 2. validation: raw -> [`Profile`] (typed values; relative paths, bad CIDRs, contradictions
+//!    are errors naming the key and saying what to write);
+//! 3. [`compile`]: [`Profile`] + the launch context -> [`CompiledPolicy`], the exact
+//!    Landlock rules, seccomp allow-list, BPF map entries, breaker rules and limits that the
+//!    privileged code applies. Nothing downstream reads the profile itself.
+
+mod builtin;
+mod compile;
+mod error;
+mod schema;
+mod syscalls;
+mod validate;
+mod values;
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+pub use builtin::{BUILTIN, builtin};
+pub use compile::{
+    BreakerPolicy, CompileContext, CompiledPolicy, EnvPolicy, FsAccess, FsRule, LandlockPolicy,
+    NetEntry, NetworkPolicy, SeccompPolicy, SocketFamily, compile,
+};
+pub use error::{LoadError, ProfileError, ProfileErrors};
+pub use values::{BindRule, ConnectRule, Protocol, format_bytes, format_duration};
+
+/// Where installed profiles live; a name given to `--profile` is looked up here first.
+pub const SYSTEM_PROFILE_DIR: &str = "/etc/agentd/profiles";
+
+/// A validated profile. Paths are still templates (`{workspace}`, `{home}`): they are
+/// resolved by [`compile`], which knows the launch context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Profile {
+    pub name: String,
+    pub description: String,
+    pub mode: Mode,
+    pub identity: Identity,
+    pub filesystem: Filesystem,
+    pub network: Network,
+    pub limits: Limits,
+    pub breaker: Breaker,
+    pub environment: Environment,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Deny, count, and let the breaker act.
+    Enforce,
+    /// Allow, record and count: for writing profiles. Never kills.
+    Monitor,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunAs {
+    /// The user who invoked agentd (`SUDO_UID`, or the peer of the daemon's socket).
+    Invoker,
+    /// A named system user (`identity.user`).
+    User,
+    /// A fresh uid/gid no other process uses, allocated per agent.
+    Transient,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Identity {
+    pub run_as: RunAs,
+    /// Set exactly when `run_as` is [`RunAs::User`].
+    pub user: Option<String>,
+}
+
+/// A path as written in a profile: absolute, or under `{workspace}` or `{home}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PathTemplate {
+    pub base: PathBase,
+    /// Normalised remainder below the base, without a leading `/` (empty = the base itself).
+    pub rest: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathBase {
+    Root,
+    Workspace,
+    Home,
+}
+
+impl PathTemplate {
+    pub fn resolve(&self, ctx: &CompileContext) -> PathBuf {
+        let base: &Path = match self.base {
+            PathBase::Root => Path::new("/"),
+            PathBase::Workspace => &ctx.workspace,
+            PathBase::Home => &ctx.home,
+        };
+        if self.rest.as_os_str().is_empty() {
+            base.to_path_buf()
+        } else {
+            base.join(&self.rest)
+        }
+    }
+}
+
+impl std::fmt::Display for PathTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let base = match self.base {
+            PathBase::Root => "",
+            PathBase::Workspace => "{workspace}",
+            PathBase::Home => "{home}",
+        };
+        if self.rest.as_os_str().is_empty() {
+            if base.is_empty() {
+                f.write_str("/")
+            } else {
+                f.write_str(base)
+            }
+        } else {
+            write!(f, "{base}/{}", self.rest.display())
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Filesystem {
+    pub read: Vec<PathTemplate>,
+    pub write: Vec<PathTemplate>,
+    pub exec: Vec<PathTemplate>,
+    pub canaries: Vec<PathTemplate>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Network {
+    pub connect: Vec<ConnectRule>,
+    pub bind: Vec<BindRule>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    pub pids: Option<u32>,
+    /// Bytes.
+    pub memory: Option<u64>,
+    #[serde(with = "values::duration_opt")]
+    pub wall_time: Option<Duration>,
+}
+
+/// What the breaker counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ViolationKind {
+    /// Opening a canary path, in any mode.
+    Canary,
+    /// Executing a program outside `filesystem.exec`.
+    Exec,
+    /// Connecting or sending outside `network.connect`.
+    Connect,
+    /// Binding outside `network.bind`.
+    Bind,
+    /// Writing outside `filesystem.write`.
+    Write,
+    /// Reading outside `filesystem.read`.
+    Read,
+    /// Creating a socket of a family or type the profile does not allow.
+    Socket,
+    /// A system call the seccomp filter refuses.
+    Syscall,
+}
+
+impl ViolationKind {
+    pub const ALL: [ViolationKind; 8] = [
+        ViolationKind::Canary,
+        ViolationKind::Exec,
+        ViolationKind::Connect,
+        ViolationKind::Bind,
+        ViolationKind::Write,
+        ViolationKind::Read,
+        ViolationKind::Socket,
+        ViolationKind::Syscall,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ViolationKind::Canary => "canary",
+            ViolationKind::Exec => "exec",
+            ViolationKind::Connect => "connect",
+            ViolationKind::Bind => "bind",
+            ViolationKind::Write => "write",
+            ViolationKind::Read => "read",
+            ViolationKind::Socket => "socket",
+            ViolationKind::Syscall => "syscall",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Set the agent's kill flag, then kill its whole cgroup.
+    Kill,
+    /// Keep denying; report the trip but let the agent run.
+    Deny,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Breaker {
+    /// Violations that trip at the first occurrence.
+    pub trip_on: Vec<ViolationKind>,
+    /// Any other violations: trip when this many happen within `window`.
+    pub threshold: Option<Threshold>,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Threshold {
+    pub count: u32,
+    #[serde(with = "values::duration")]
+    pub window: Duration,
+}
+
+/// Defaults of `[breaker]`: the violations that reveal an agent off its task.
+pub const DEFAULT_TRIP_ON: [ViolationKind; 3] = [
+    ViolationKind::Canary,
+    ViolationKind::Exec,
+    ViolationKind::Connect,
+];
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Environment {
+    /// Variables copied from agentd's environment when set there.
+    pub pass: Vec<String>,
+    /// Variables set to fixed values.
+    pub set: Vec<(String, String)>,
+}
+
+/// Parses and validates profile text. `origin` names the source in errors.
+pub fn parse(origin: &str, text: &str) -> Result<Profile, ProfileErrors> {
+    validate::parse_and_validate(origin, text)
+}
+
+/// Loads a profile given as `--profile`: a path (contains `/` or ends in `.toml`), else a
+/// name looked up in [`SYSTEM_PROFILE_DIR`], then among the built-in profiles.
+pub fn load(spec: &str) -> Result<(Profile, String), LoadError> {
+    load_from(spec, Path::new(SYSTEM_PROFILE_DIR))
+}
+
+/// [`load`] with the system directory given (tests use a temporary one).
+pub fn load_from(spec: &str, system_dir: &Path) -> Result<(Profile, String), LoadError> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    if spec.contains('/') || spec.ends_with(".toml") {
+        let path = Path::new(spec);
+        let origin = path.display().to_string();
+        let profile = parse(&origin, &read(path)?)?;
+        return Ok((profile, origin));
+    }
+    let installed = system_dir.join(format!("{spec}.toml"));
+    if installed.exists() {
+        let origin = installed.display().to_string();
+        let profile = parse(&origin, &read(&installed)?)?;
+        return Ok((profile, origin));
+    }
+    match builtin(spec) {
+        Some(text) => {
+            let origin = format!("builtin:{spec}");
+            let profile = parse(&origin, text)?;
+            Ok((profile, origin))
+        }
+        None => Err(LoadError::UnknownName {
+            name: spec.to_owned(),
+            builtin: BUILTIN
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}

@@ -1,0 +1,454 @@
+//! Raw profile -> validated [`Profile`]. Every problem is reported with its place, and all
+//! of them at once.
+
+use std::ops::Range;
+
+use toml::Spanned;
+
+use super::{
+    Action, Breaker, DEFAULT_TRIP_ON, Environment, Filesystem, Identity, Limits, Mode, Network,
+    PathTemplate, Profile, ProfileError, ProfileErrors, RunAs, Threshold,
+    error::{Locator, closest},
+    schema::RawProfile,
+    values::{self, Invalid},
+};
+
+/// Environment variables a profile may never pass or set: they change how every program
+/// the agent runs is loaded or behaves, before any of its own code runs.
+const FORBIDDEN_ENV_PREFIXES: [&str; 2] = ["LD_", "GCONV_"];
+const FORBIDDEN_ENV: [&str; 6] = [
+    "BASH_ENV",
+    "ENV",
+    "PYTHONSTARTUP",
+    "PERL5OPT",
+    "NODE_OPTIONS",
+    "MALLOC_CHECK_",
+];
+
+struct Checker<'a> {
+    loc: Locator<'a>,
+    errors: Vec<ProfileError>,
+}
+
+impl Checker<'_> {
+    fn push(&mut self, span: Range<usize>, key: impl Into<String>, e: Invalid) {
+        let err = self
+            .loc
+            .error(Some(span), Some(key.into()), e.message, e.hint);
+        self.errors.push(err);
+    }
+
+    fn fail(
+        &mut self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) {
+        self.push(
+            span,
+            key,
+            Invalid {
+                message: message.into(),
+                hint,
+            },
+        );
+    }
+
+    /// Validates each entry with `parse`, reporting failures and duplicates.
+    fn list<T: PartialEq>(
+        &mut self,
+        key: &str,
+        items: &[Spanned<impl AsRef<str>>],
+        parse: impl Fn(&str) -> Result<T, Invalid>,
+    ) -> Vec<(T, Range<usize>)> {
+        let mut out: Vec<(T, Range<usize>)> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let k = format!("{key}[{i}]");
+            match parse(item.get_ref().as_ref()) {
+                Ok(v) => {
+                    if out.iter().any(|(seen, _)| *seen == v) {
+                        self.fail(
+                            item.span(),
+                            k,
+                            format!("`{}` is listed twice", item.get_ref().as_ref()),
+                            Some("remove the repeated entry".into()),
+                        );
+                    } else {
+                        out.push((v, item.span()));
+                    }
+                }
+                Err(e) => self.push(item.span(), k, e),
+            }
+        }
+        out
+    }
+}
+
+pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, ProfileErrors> {
+    let loc = Locator {
+        origin,
+        source: text,
+    };
+    let raw: RawProfile =
+        toml::from_str(text).map_err(|e| ProfileErrors(vec![toml_error(&loc, &e)]))?;
+    let mut c = Checker {
+        loc,
+        errors: Vec::new(),
+    };
+
+    // [agent]
+    let agent = raw.agent.into_inner();
+    let name = agent.name.get_ref().clone();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+    {
+        c.fail(
+            agent.name.span(),
+            "agent.name",
+            format!("`{name}` is not a valid agent name"),
+            Some("use letters, digits, `-` and `_` (it names cgroups and events)".into()),
+        );
+    }
+    let mode = agent.mode.as_ref().map_or(Mode::Enforce, |m| *m.get_ref());
+
+    // [identity]
+    let identity = match raw.identity.map(Spanned::into_inner) {
+        None => Identity {
+            run_as: RunAs::Invoker,
+            user: None,
+        },
+        Some(id) => {
+            let run_as = *id.run_as.get_ref();
+            match (run_as, &id.user) {
+                (RunAs::User, None) => c.fail(
+                    id.run_as.span(),
+                    "identity.run_as",
+                    "`run_as = \"user\"` needs the user's name",
+                    Some("add `user = \"NAME\"` to [identity]".into()),
+                ),
+                (RunAs::Invoker | RunAs::Transient, Some(u)) => c.fail(
+                    u.span(),
+                    "identity.user",
+                    "`user` is only read with `run_as = \"user\"`",
+                    Some("remove `user`, or set `run_as = \"user\"`".into()),
+                ),
+                (RunAs::User, Some(u)) if u.get_ref() == "root" || u.get_ref().is_empty() => c
+                    .fail(
+                        u.span(),
+                        "identity.user",
+                        "an agent never runs as root",
+                        Some("name an unprivileged user, or use `run_as = \"transient\"`".into()),
+                    ),
+                _ => {}
+            }
+            Identity {
+                run_as,
+                user: id.user.map(Spanned::into_inner),
+            }
+        }
+    };
+
+    // [filesystem]
+    let fs = raw.filesystem.map(Spanned::into_inner).unwrap_or_default();
+    let read = c.list("filesystem.read", &fs.read, values::parse_path);
+    let write = c.list("filesystem.write", &fs.write, values::parse_path);
+    let exec = c.list("filesystem.exec", &fs.exec, values::parse_path);
+    let canaries = c.list("filesystem.canaries", &fs.canaries, values::parse_path);
+    for (i, (canary, span)) in canaries.iter().enumerate() {
+        for (list, granted) in [("read", &read), ("write", &write), ("exec", &exec)] {
+            if granted.iter().any(|(p, _)| p == canary) {
+                c.fail(span.clone(), format!("filesystem.canaries[{i}]"), format!("`{canary}` is both a canary and granted in filesystem.{list}"), Some("a canary is a path the agent has no business opening: remove it from one of the two lists".into()));
+            }
+        }
+    }
+    let paths =
+        |v: Vec<(PathTemplate, Range<usize>)>| v.into_iter().map(|(p, _)| p).collect::<Vec<_>>();
+    let filesystem = Filesystem {
+        read: paths(read),
+        write: paths(write),
+        exec: paths(exec),
+        canaries: paths(canaries),
+    };
+
+    // [network]
+    let net = raw.network.map(Spanned::into_inner).unwrap_or_default();
+    let connect = c.list("network.connect", &net.connect, values::parse_connect);
+    let mut bind = Vec::new();
+    for (i, b) in net.bind.iter().enumerate() {
+        match values::parse_bind(b.get_ref()) {
+            Ok(rule) if bind.contains(&rule) => c.fail(
+                b.span(),
+                format!("network.bind[{i}]"),
+                format!("`{rule}` is listed twice"),
+                Some("remove the repeated entry".into()),
+            ),
+            Ok(rule) => bind.push(rule),
+            Err(e) => c.push(b.span(), format!("network.bind[{i}]"), e),
+        }
+    }
+    let network = Network {
+        connect: connect.into_iter().map(|(r, _)| r).collect(),
+        bind,
+    };
+
+    // [limits]
+    let lim = raw.limits.map(Spanned::into_inner).unwrap_or_default();
+    let pids = lim
+        .pids
+        .as_ref()
+        .and_then(|p| match u32::try_from(*p.get_ref()) {
+            Ok(n) if n >= 1 => Some(n),
+            _ => {
+                c.fail(
+                    p.span(),
+                    "limits.pids",
+                    format!("{} is not a process limit", p.get_ref()),
+                    Some("write a number of processes of at least 1".into()),
+                );
+                None
+            }
+        });
+    let memory = lim.memory.as_ref().and_then(|m| {
+        values::parse_bytes(m.get_ref())
+            .map_err(|e| c.push(m.span(), "limits.memory", e))
+            .ok()
+    });
+    let wall_time = lim.wall_time.as_ref().and_then(|w| {
+        values::parse_duration(w.get_ref())
+            .map_err(|e| c.push(w.span(), "limits.wall_time", e))
+            .ok()
+    });
+    if let (Some(m), Some(span)) = (memory, lim.memory.as_ref().map(Spanned::span))
+        && m < 1 << 20
+    {
+        c.fail(
+            span,
+            "limits.memory",
+            format!(
+                "{} is too little memory to start a program",
+                values::format_bytes(m)
+            ),
+            Some("write at least \"1MiB\"".into()),
+        );
+    }
+    let limits = Limits {
+        pids,
+        memory,
+        wall_time,
+    };
+
+    // [breaker]
+    let br = raw.breaker.map(Spanned::into_inner).unwrap_or_default();
+    let mut trip_on = Vec::new();
+    match &br.trip_on {
+        None => trip_on.extend(DEFAULT_TRIP_ON),
+        Some(kinds) => {
+            for (i, k) in kinds.iter().enumerate() {
+                if trip_on.contains(k.get_ref()) {
+                    c.fail(
+                        k.span(),
+                        format!("breaker.trip_on[{i}]"),
+                        format!("`{}` is listed twice", k.get_ref().as_str()),
+                        Some("remove the repeated entry".into()),
+                    );
+                } else {
+                    trip_on.push(*k.get_ref());
+                }
+            }
+        }
+    }
+    let threshold = match (&br.threshold, &br.window) {
+        (None, None) => None,
+        (Some(t), None) => {
+            c.fail(
+                t.span(),
+                "breaker.threshold",
+                "a threshold needs a window",
+                Some("add `window = \"60s\"`: the threshold counts violations within it".into()),
+            );
+            None
+        }
+        (None, Some(w)) => {
+            c.fail(
+                w.span(),
+                "breaker.window",
+                "a window needs a threshold",
+                Some("add `threshold = N`: trip after N violations within the window".into()),
+            );
+            None
+        }
+        (Some(t), Some(w)) => {
+            let count = match u32::try_from(*t.get_ref()) {
+                Ok(n) if n >= 1 => Some(n),
+                _ => {
+                    c.fail(
+                        t.span(),
+                        "breaker.threshold",
+                        format!("{} is not a count", t.get_ref()),
+                        Some("write a number of violations of at least 1".into()),
+                    );
+                    None
+                }
+            };
+            let window = values::parse_duration(w.get_ref())
+                .map_err(|e| c.push(w.span(), "breaker.window", e))
+                .ok();
+            count
+                .zip(window)
+                .map(|(count, window)| Threshold { count, window })
+        }
+    };
+    let action = br.action.as_ref().map_or(Action::Kill, |a| *a.get_ref());
+    if let (Mode::Monitor, Some(a)) = (mode, &br.action)
+        && *a.get_ref() == Action::Kill
+    {
+        c.fail(a.span(), "breaker.action", "`action = \"kill\"` contradicts `mode = \"monitor\"`: monitor mode records and never kills", Some("write `action = \"deny\"`, or `mode = \"enforce\"` in [agent]".into()));
+    }
+    let breaker = Breaker {
+        trip_on,
+        threshold,
+        action,
+    };
+
+    // [environment]
+    let env = raw.environment.map(Spanned::into_inner).unwrap_or_default();
+    let check_name = |c: &mut Checker<'_>, key: String, name: &Spanned<String>| {
+        let n = name.get_ref();
+        if n.is_empty() || n.contains('=') || n.contains('\0') {
+            c.fail(
+                name.span(),
+                key,
+                format!("`{n}` is not an environment variable name"),
+                None,
+            );
+            false
+        } else if FORBIDDEN_ENV_PREFIXES.iter().any(|p| n.starts_with(p))
+            || FORBIDDEN_ENV.contains(&n.as_str())
+        {
+            c.fail(name.span(), key, format!("`{n}` changes how programs are loaded or started, so an agent may not receive it"), Some("remove it; agentd scrubs it from every agent's environment".into()));
+            false
+        } else {
+            true
+        }
+    };
+    let mut pass = Vec::new();
+    for (i, name) in env.pass.iter().enumerate() {
+        if check_name(&mut c, format!("environment.pass[{i}]"), name) {
+            if pass.contains(name.get_ref()) {
+                c.fail(
+                    name.span(),
+                    format!("environment.pass[{i}]"),
+                    format!("`{}` is listed twice", name.get_ref()),
+                    Some("remove the repeated entry".into()),
+                );
+            } else {
+                pass.push(name.get_ref().clone());
+            }
+        }
+    }
+    let mut set = Vec::new();
+    for (name, value) in &env.set {
+        if check_name(&mut c, format!("environment.set.{}", name.get_ref()), name) {
+            if pass.contains(name.get_ref()) {
+                c.fail(
+                    name.span(),
+                    format!("environment.set.{}", name.get_ref()),
+                    format!("`{}` is both passed and set", name.get_ref()),
+                    Some("keep it in one of `pass` and `set`".into()),
+                );
+            }
+            if value.get_ref().contains('\0') {
+                c.fail(
+                    value.span(),
+                    format!("environment.set.{}", name.get_ref()),
+                    "value contains a NUL byte",
+                    None,
+                );
+            }
+            set.push((name.get_ref().clone(), value.get_ref().clone()));
+        }
+    }
+    let environment = Environment { pass, set };
+
+    if !c.errors.is_empty() {
+        c.errors.sort_by_key(|e| (e.line, e.column));
+        return Err(ProfileErrors(c.errors));
+    }
+    let description = agent
+        .description
+        .map(Spanned::into_inner)
+        .unwrap_or_default();
+    Ok(Profile {
+        name,
+        description,
+        mode,
+        identity,
+        filesystem,
+        network,
+        limits,
+        breaker,
+        environment,
+    })
+}
+
+/// A TOML or schema error (unknown key, wrong type, missing key), with the table it is in
+/// and a "did you mean" where the key looks like a typo.
+fn toml_error(loc: &Locator<'_>, e: &toml::de::Error) -> ProfileError {
+    let message = e.message().trim().to_owned();
+    let span = e.span();
+    let section = span.as_ref().and_then(|s| section_at(loc.source, s.start));
+    let mut hint = None;
+    let mut key = None;
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let (field, expected) = rest.split_once('`').unwrap_or((rest, ""));
+        let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        key = Some(match &section {
+            Some(s) => format!("{s}.{field}"),
+            None => field.to_owned(),
+        });
+        hint = Some(match closest(field, &candidates) {
+            Some(c) => format!(
+                "did you mean `{c}`? (unknown keys are refused so that a typo never changes what an agent may do)"
+            ),
+            None => format!("valid keys here: {}", candidates.join(", ")),
+        });
+    } else {
+        let line_key = span.as_ref().and_then(|s| key_at(loc.source, s.start));
+        key = match (section, line_key) {
+            (Some(s), Some(k)) => Some(format!("{s}.{k}")),
+            (s, k) => k.or(s),
+        };
+    }
+    loc.error(span, key, message, hint)
+}
+
+/// The key assigned on the line holding a byte offset (`mode` in `mode = "x"`).
+fn key_at(source: &str, offset: usize) -> Option<String> {
+    let start = source.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
+    let line = source.get(start..)?.lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    (!key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+    .then(|| key.to_owned())
+}
+
+/// The `[table]` header in force at a byte offset.
+fn section_at(source: &str, offset: usize) -> Option<String> {
+    let before = source.get(..offset)?;
+    before.lines().rev().find_map(|l| {
+        let l = l.trim();
+        let inner = l.strip_prefix('[')?.strip_suffix(']')?;
+        Some(
+            inner
+                .trim_matches(|ch| ch == '[' || ch == ']')
+                .trim()
+                .to_owned(),
+        )
+    })
+}

@@ -1,0 +1,125 @@
+//! `cargo xtask <command>`: the project's chores, so that CI and people run the same steps.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "agentd's build, test and benchmark chores"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what building and testing need (root; idempotent): Debian's BPF-capable
+    /// rustc, LLVM, bpf-linker, and the bpffs/tracefs/securityfs mounts
+    Setup,
+    /// Everything CI checks, in order: setup, fmt, clippy, unit tests, privileged tests
+    Ci,
+    /// The privileged integration tests in tests/ (root; they load BPF programs, create
+    /// cgroups and launch agents). A test that cannot run fails with AGENTD_TEST_MUST_RUN=1
+    Test {
+        /// Only tests whose name contains this
+        filter: Option<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    match cli.command {
+        Task::Setup => setup(&root),
+        Task::Ci => ci(&root),
+        Task::Test { filter } => privileged_tests(&root, filter.as_deref()),
+    }
+}
+
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}
+
+/// Runs a command in the workspace root, echoing it, failing on a non-zero exit.
+fn run(root: &Path, program: &str, args: &[&str], envs: &[(&str, &str)]) -> anyhow::Result<()> {
+    eprintln!("[xtask] $ {program} {}", args.join(" "));
+    let started = Instant::now();
+    let status = Command::new(program)
+        .args(args)
+        .envs(envs.iter().copied())
+        .current_dir(root)
+        .status()
+        .with_context(|| format!("cannot start {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed: {status}", args.join(" "));
+    }
+    eprintln!("[xtask]   ok in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn setup(root: &Path) -> anyhow::Result<()> {
+    run(root, "bash", &["scripts/setup.sh"], &[])
+}
+
+fn ci(root: &Path) -> anyhow::Result<()> {
+    setup(root)?;
+    run(root, "cargo", &["fmt", "--all", "--", "--check"], &[])?;
+    run(
+        root,
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "agentd-ebpf",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    )?;
+    run(root, "cargo", &["test", "--locked"], &[])?;
+    privileged_tests(root, None)
+}
+
+fn privileged_tests(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
+    run(
+        root,
+        "cargo",
+        &["build", "--locked", "--package", "agentd"],
+        &[],
+    )?;
+    let bin = root.join("target/debug/agentd");
+    let bin = bin.to_str().context("non-UTF-8 target path")?;
+    let mut args = vec![
+        "test",
+        "--locked",
+        "--package",
+        "agentd-tests",
+        "--",
+        "--test-threads=1",
+    ];
+    if let Some(f) = filter {
+        args.push(f);
+    }
+    run(
+        root,
+        "cargo",
+        &args,
+        &[("AGENTD_BIN", bin), ("AGENTD_TEST_MUST_RUN", "1")],
+    )
+}
