@@ -17,6 +17,9 @@ mod syscalls;
 mod validate;
 mod values;
 
+#[cfg(test)]
+mod tests;
+
 use std::{
     path::{Path, PathBuf},
     time::Duration,
