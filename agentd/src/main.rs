@@ -1,6 +1,7 @@
 //! agentd: the kernel, not the agent, decides what an AI agent may do.
 
 mod bpf;
+mod breaker;
 mod cli;
 mod doctor;
 mod event;

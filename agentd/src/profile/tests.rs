@@ -6,11 +6,16 @@ use std::path::{Path, PathBuf};
 use super::*;
 
 fn ctx() -> CompileContext {
-    CompileContext { workspace: PathBuf::from("/w/proj"), home: PathBuf::from("/home/u") }
+    CompileContext {
+        workspace: PathBuf::from("/w/proj"),
+        home: PathBuf::from("/home/u"),
+    }
 }
 
 fn errors(text: &str) -> Vec<ProfileError> {
-    parse("t.toml", text).expect_err("profile should be invalid").0
+    parse("t.toml", text)
+        .expect_err("profile should be invalid")
+        .0
 }
 
 const MINIMAL: &str = "[agent]\nname = \"t\"\n";
@@ -21,7 +26,10 @@ fn every_builtin_parses_compiles_and_is_named_after_its_file() {
         let p = parse(&format!("builtin:{name}"), text).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(p.name, *name);
         let c = compile(&p, &ctx());
-        assert!(c.fs_allows(Path::new("/w/proj/src/main.rs"), |a| a.read), "{name} reads the workspace");
+        assert!(
+            c.fs_allows(Path::new("/w/proj/src/main.rs"), |a| a.read),
+            "{name} reads the workspace"
+        );
         assert!(c.breaker.enforce);
     }
 }
@@ -30,12 +38,22 @@ fn every_builtin_parses_compiles_and_is_named_after_its_file() {
 fn analyze_only_writes_nothing_and_reaches_no_network() {
     let p = parse("a", builtin("analyze-only").unwrap()).unwrap();
     let c = compile(&p, &ctx());
-    let writable: Vec<&Path> = c.landlock.rules.iter().filter(|r| r.access.write).map(|r| r.path.as_path()).collect();
+    let writable: Vec<&Path> = c
+        .landlock
+        .rules
+        .iter()
+        .filter(|r| r.access.write)
+        .map(|r| r.path.as_path())
+        .collect();
     assert_eq!(writable, [Path::new("/dev/null")]);
     assert!(c.network.connect.is_empty() && c.network.connect_entries.is_empty());
     assert!(c.network.bind.is_empty());
     assert_eq!(c.network.families, [SocketFamily::Unix]);
-    assert_eq!(c.landlock.connect_tcp, Some(vec![]), "Landlock denies every TCP connect");
+    assert_eq!(
+        c.landlock.connect_tcp,
+        Some(vec![]),
+        "Landlock denies every TCP connect"
+    );
     assert!(c.breaker.trip_on.contains(&ViolationKind::Connect));
     assert!(c.canaries.contains(&PathBuf::from("/home/u/.ssh")));
 }
@@ -70,8 +88,15 @@ fn misspelt_keys_are_errors_in_every_section() {
         let line = if section == "agent" { 3 } else { 4 };
         assert_eq!(e.line, Some(line), "{section}: {e}");
         let key = typo.split(' ').next().unwrap();
-        assert_eq!(e.key.as_deref(), Some(format!("{section}.{key}").as_str()), "{e}");
-        assert!(e.hint.as_deref().unwrap().contains(&format!("`{want}`")), "{e}");
+        assert_eq!(
+            e.key.as_deref(),
+            Some(format!("{section}.{key}").as_str()),
+            "{e}"
+        );
+        assert!(
+            e.hint.as_deref().unwrap().contains(&format!("`{want}`")),
+            "{e}"
+        );
     }
 }
 
@@ -115,17 +140,23 @@ fn all_problems_are_reported_at_once_in_source_order() {
 
 #[test]
 fn contradictions_are_errors() {
-    let e = errors(&format!("{MINIMAL}[filesystem]\nread = [\"{{home}}/.ssh\"]\ncanaries = [\"{{home}}/.ssh\"]\n"));
+    let e = errors(&format!(
+        "{MINIMAL}[filesystem]\nread = [\"{{home}}/.ssh\"]\ncanaries = [\"{{home}}/.ssh\"]\n"
+    ));
     assert_eq!(e[0].key.as_deref(), Some("filesystem.canaries[0]"));
     let e = errors("[agent]\nname = \"t\"\nmode = \"monitor\"\n[breaker]\naction = \"kill\"\n");
     assert_eq!(e[0].key.as_deref(), Some("breaker.action"));
     let e = errors(&format!("{MINIMAL}[identity]\nrun_as = \"user\"\n"));
     assert!(e[0].hint.as_deref().unwrap().contains("user = "));
-    let e = errors(&format!("{MINIMAL}[identity]\nrun_as = \"user\"\nuser = \"root\"\n"));
+    let e = errors(&format!(
+        "{MINIMAL}[identity]\nrun_as = \"user\"\nuser = \"root\"\n"
+    ));
     assert!(e[0].message.contains("never runs as root"));
     let e = errors(&format!("{MINIMAL}[breaker]\nwindow = \"1m\"\n"));
     assert_eq!(e[0].key.as_deref(), Some("breaker.window"));
-    let e = errors(&format!("{MINIMAL}[environment]\npass = [\"HOME\"]\nset = {{ HOME = \"/x\" }}\n"));
+    let e = errors(&format!(
+        "{MINIMAL}[environment]\npass = [\"HOME\"]\nset = {{ HOME = \"/x\" }}\n"
+    ));
     assert_eq!(e[0].key.as_deref(), Some("environment.set.HOME"));
 }
 
@@ -134,7 +165,9 @@ fn loader_variables_are_refused() {
     for name in ["LD_PRELOAD", "LD_LIBRARY_PATH", "BASH_ENV"] {
         let e = errors(&format!("{MINIMAL}[environment]\npass = [\"{name}\"]\n"));
         assert!(e[0].message.contains(name));
-        let e = errors(&format!("{MINIMAL}[environment]\nset = {{ {name} = \"x\" }}\n"));
+        let e = errors(&format!(
+            "{MINIMAL}[environment]\nset = {{ {name} = \"x\" }}\n"
+        ));
         assert!(e[0].message.contains(name));
     }
 }
@@ -147,13 +180,44 @@ fn compile_merges_rights_and_resolves_templates() {
     )
     .unwrap();
     let c = compile(&p, &ctx());
-    let rule = |path: &str| c.landlock.rules.iter().find(|r| r.path == Path::new(path)).unwrap().access;
-    assert_eq!(rule("/w/proj"), FsAccess { read: true, write: true, exec: false });
-    assert_eq!(rule("/usr"), FsAccess { read: true, write: false, exec: false });
-    assert_eq!(rule("/usr/bin"), FsAccess { read: false, write: false, exec: true });
+    let rule = |path: &str| {
+        c.landlock
+            .rules
+            .iter()
+            .find(|r| r.path == Path::new(path))
+            .unwrap()
+            .access
+    };
+    assert_eq!(
+        rule("/w/proj"),
+        FsAccess {
+            read: true,
+            write: true,
+            exec: false
+        }
+    );
+    assert_eq!(
+        rule("/usr"),
+        FsAccess {
+            read: true,
+            write: false,
+            exec: false
+        }
+    );
+    assert_eq!(
+        rule("/usr/bin"),
+        FsAccess {
+            read: false,
+            write: false,
+            exec: true
+        }
+    );
     assert_eq!(c.canaries, [PathBuf::from("/home/u/.aws")]);
     assert!(c.fs_allows(Path::new("/usr/bin/ls"), |a| a.exec));
-    assert!(!c.fs_allows(Path::new("/usrx/bin"), |a| a.read), "prefixes match whole components");
+    assert!(
+        !c.fs_allows(Path::new("/usrx/bin"), |a| a.read),
+        "prefixes match whole components"
+    );
 }
 
 #[test]
@@ -164,14 +228,33 @@ fn network_rules_compile_to_landlock_ports_and_trie_entries() {
     )
     .unwrap();
     let c = compile(&p, &ctx());
-    assert_eq!(c.landlock.connect_tcp, Some(vec![443, 8080]), "UDP rules are not Landlock's");
+    assert_eq!(
+        c.landlock.connect_tcp,
+        Some(vec![443, 8080]),
+        "UDP rules are not Landlock's"
+    );
     assert_eq!(c.landlock.bind_tcp, vec![8080]);
     assert!(c.network.families.contains(&SocketFamily::Inet6));
-    let e = c.network.connect_entries.iter().find(|e| e.port == 443).unwrap();
-    assert_eq!((e.addr.to_string().as_str(), e.prefix, e.proto), ("::ffff:10.0.0.0", 104, 6));
-    let any = parse("t", &format!("{MINIMAL}[network]\nconnect = [\"10.0.0.0/8:*\"]\n")).unwrap();
+    let e = c
+        .network
+        .connect_entries
+        .iter()
+        .find(|e| e.port == 443)
+        .unwrap();
+    assert_eq!(
+        (e.addr.to_string().as_str(), e.prefix, e.proto),
+        ("::ffff:10.0.0.0", 104, 6)
+    );
+    let any = parse(
+        "t",
+        &format!("{MINIMAL}[network]\nconnect = [\"10.0.0.0/8:*\"]\n"),
+    )
+    .unwrap();
     let c = compile(&any, &ctx());
-    assert_eq!(c.landlock.connect_tcp, None, "an any-port rule leaves TCP connect to BPF");
+    assert_eq!(
+        c.landlock.connect_tcp, None,
+        "an any-port rule leaves TCP connect to BPF"
+    );
     assert_eq!(c.network.connect_entries[0].port, 0);
 }
 
@@ -179,12 +262,19 @@ fn network_rules_compile_to_landlock_ports_and_trie_entries() {
 fn load_prefers_installed_profiles_over_builtins() {
     let dir = std::env::temp_dir().join(format!("agentd-profile-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("analyze-only.toml"), "[agent]\nname = \"analyze-only\"\ndescription = \"site\"\n").unwrap();
+    std::fs::write(
+        dir.join("analyze-only.toml"),
+        "[agent]\nname = \"analyze-only\"\ndescription = \"site\"\n",
+    )
+    .unwrap();
     let (p, origin) = load_from("analyze-only", &dir).unwrap();
     assert_eq!(p.description, "site");
     assert!(origin.ends_with("analyze-only.toml"));
     let (_, origin) = load_from("coding-agent", &dir).unwrap();
     assert_eq!(origin, "builtin:coding-agent");
-    assert!(matches!(load_from("nope", &dir), Err(LoadError::UnknownName { .. })));
+    assert!(matches!(
+        load_from("nope", &dir),
+        Err(LoadError::UnknownName { .. })
+    ));
     std::fs::remove_dir_all(&dir).unwrap();
 }

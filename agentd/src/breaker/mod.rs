@@ -1,0 +1,305 @@
+//! The circuit breaker: per agent, classifies events into violations and decides, by the
+//! profile's `[breaker]` rules, when the agent must be stopped.
+//!
+//! This module only decides. Acting on a trip (kill flag in the BPF map, `cgroup.kill`,
+//! removing the cgroup) is the supervisor's job, so that the decision logic is pure and
+//! tested without root.
+
+use std::{collections::VecDeque, time::Duration};
+
+use serde::Serialize;
+
+use crate::{
+    event::{Event, Kind, Layer, Verdict},
+    profile::{Action, BreakerPolicy, ViolationKind},
+};
+
+/// The breaker's decision on one event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Trip {
+    /// The rule that tripped: `"trip_on:canary"` or `"threshold:10/60s"`.
+    pub rule: String,
+    pub violation: ViolationKind,
+    /// What the profile says to do. In monitor mode the trip is reported with
+    /// `enforced = false` and nothing is done.
+    pub action: Action,
+    pub enforced: bool,
+}
+
+/// What an event counts as, if it is a violation at all.
+pub fn classify(ev: &Event) -> Option<ViolationKind> {
+    if ev.kind == Kind::Canary {
+        // Any attempt counts, whatever the verdict: the open may have been refused by
+        // Landlock or file permissions, and it still reveals the intent.
+        return Some(ViolationKind::Canary);
+    }
+    // A denial by an agentd layer is a violation; `Killed` verdicts come after a trip and
+    // are not counted again; allowed operations are not violations.
+    let denied_by_policy = match (ev.verdict, ev.layer) {
+        (Verdict::Deny, Layer::Landlock | Layer::Seccomp | Layer::Bpf | Layer::BpfLsm) => true,
+        (Verdict::Deny, Layer::Agentd | Layer::Kernel) => false,
+        (Verdict::Allow | Verdict::Killed | Verdict::None, _) => false,
+    };
+    if !denied_by_policy {
+        return None;
+    }
+    if ev.layer == Layer::Seccomp {
+        return Some(ViolationKind::Syscall);
+    }
+    match ev.kind {
+        Kind::Exec => Some(ViolationKind::Exec),
+        Kind::Connect | Kind::Sendmsg => Some(ViolationKind::Connect),
+        Kind::Bind => Some(ViolationKind::Bind),
+        Kind::Socket => Some(ViolationKind::Socket),
+        Kind::OpenWrite
+        | Kind::Unlink
+        | Kind::Rename
+        | Kind::Mkdir
+        | Kind::Rmdir
+        | Kind::Link
+        | Kind::Symlink
+        | Kind::Chmod
+        | Kind::Chown
+        | Kind::Truncate
+        | Kind::Setxattr => Some(ViolationKind::Write),
+        Kind::Start
+        | Kind::Exit
+        | Kind::LaunchFailed
+        | Kind::Limit
+        | Kind::Fork
+        | Kind::ProcessExit
+        | Kind::Canary
+        | Kind::Breaker
+        | Kind::Lost => None,
+    }
+}
+
+/// Per-agent breaker state.
+#[derive(Debug)]
+pub struct Breaker {
+    policy: BreakerPolicy,
+    /// Monotonic times (ns) of recent violations not in `trip_on`, oldest first.
+    recent: VecDeque<u64>,
+    violations: u64,
+    tripped: bool,
+}
+
+impl Breaker {
+    pub fn new(policy: BreakerPolicy) -> Breaker {
+        Breaker {
+            policy,
+            recent: VecDeque::new(),
+            violations: 0,
+            tripped: false,
+        }
+    }
+
+    /// Violations counted so far.
+    pub fn violations(&self) -> u64 {
+        self.violations
+    }
+
+    pub fn tripped(&self) -> bool {
+        self.tripped
+    }
+
+    /// Feeds one event seen at monotonic time `now_ns`. Returns the trip, once: after a trip
+    /// with `action = "kill"` the agent is being killed and later events change nothing;
+    /// with `action = "deny"` (or in monitor mode) later violations are counted and may
+    /// report again.
+    pub fn observe(&mut self, ev: &Event, now_ns: u64) -> Option<Trip> {
+        let violation = classify(ev)?;
+        self.violations += 1;
+        if self.tripped && self.policy.action == Action::Kill && self.policy.enforce {
+            return None;
+        }
+        let rule = if self.policy.trip_on.contains(&violation) {
+            Some(format!("trip_on:{}", violation.as_str()))
+        } else if let Some(t) = self.policy.threshold {
+            let window = window_ns(t.window);
+            self.recent.push_back(now_ns);
+            while self
+                .recent
+                .front()
+                .is_some_and(|&t0| now_ns.saturating_sub(t0) >= window)
+            {
+                self.recent.pop_front();
+            }
+            (self.recent.len() >= t.count as usize).then(|| {
+                self.recent.clear();
+                format!(
+                    "threshold:{}/{}",
+                    t.count,
+                    crate::profile::format_duration(t.window)
+                )
+            })
+        } else {
+            None
+        }?;
+        self.tripped = true;
+        Some(Trip {
+            rule,
+            violation,
+            action: self.policy.action,
+            enforced: self.policy.enforce,
+        })
+    }
+}
+
+/// A window in nanoseconds, saturating.
+fn window_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+    use crate::profile::Threshold;
+
+    fn policy(
+        trip_on: &[ViolationKind],
+        threshold: Option<(u32, u64)>,
+        action: Action,
+        enforce: bool,
+    ) -> BreakerPolicy {
+        BreakerPolicy {
+            enforce,
+            trip_on: trip_on.to_vec(),
+            threshold: threshold.map(|(count, secs)| Threshold {
+                count,
+                window: Duration::from_secs(secs),
+            }),
+            action,
+        }
+    }
+
+    fn ev(kind: Kind, verdict: Verdict, layer: Layer) -> Event {
+        Event::new("a", 1, "x", kind, verdict, layer)
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn classification() {
+        assert_eq!(
+            classify(&ev(Kind::Canary, Verdict::Deny, Layer::Landlock)),
+            Some(ViolationKind::Canary)
+        );
+        assert_eq!(
+            classify(&ev(Kind::Canary, Verdict::Allow, Layer::Kernel)),
+            Some(ViolationKind::Canary)
+        );
+        assert_eq!(
+            classify(&ev(Kind::Connect, Verdict::Deny, Layer::Bpf)),
+            Some(ViolationKind::Connect)
+        );
+        assert_eq!(
+            classify(&ev(Kind::Sendmsg, Verdict::Deny, Layer::Bpf)),
+            Some(ViolationKind::Connect)
+        );
+        assert_eq!(
+            classify(&ev(Kind::Exec, Verdict::Deny, Layer::Landlock)),
+            Some(ViolationKind::Exec)
+        );
+        assert_eq!(
+            classify(&ev(Kind::Rename, Verdict::Deny, Layer::Landlock)),
+            Some(ViolationKind::Write)
+        );
+        assert_eq!(
+            classify(&ev(Kind::Connect, Verdict::Deny, Layer::Seccomp)),
+            Some(ViolationKind::Syscall)
+        );
+        assert_eq!(
+            classify(&ev(Kind::Connect, Verdict::Allow, Layer::Bpf)),
+            None
+        );
+        assert_eq!(
+            classify(&ev(Kind::OpenWrite, Verdict::Deny, Layer::Kernel)),
+            None,
+            "file permissions are not the profile"
+        );
+        assert_eq!(
+            classify(&ev(Kind::Connect, Verdict::Killed, Layer::Bpf)),
+            None
+        );
+    }
+
+    #[test]
+    fn immediate_kinds_trip_at_once() {
+        let mut b = Breaker::new(policy(&[ViolationKind::Canary], None, Action::Kill, true));
+        let t = b
+            .observe(&ev(Kind::Canary, Verdict::Deny, Layer::Landlock), 0)
+            .unwrap();
+        assert_eq!(t.rule, "trip_on:canary");
+        assert!(t.enforced);
+        assert!(b.tripped());
+        assert_eq!(
+            b.observe(&ev(Kind::Canary, Verdict::Deny, Layer::Landlock), 1),
+            None,
+            "a kill trips once"
+        );
+    }
+
+    #[test]
+    fn threshold_trips_on_the_nth_within_the_window_and_not_before() {
+        let mut b = Breaker::new(policy(&[], Some((3, 10)), Action::Kill, true));
+        let w = || ev(Kind::OpenWrite, Verdict::Deny, Layer::Landlock);
+        assert_eq!(b.observe(&w(), 0), None);
+        assert_eq!(b.observe(&w(), S), None);
+        let t = b.observe(&w(), 2 * S).unwrap();
+        assert_eq!(t.rule, "threshold:3/10s");
+        assert_eq!(t.violation, ViolationKind::Write);
+    }
+
+    #[test]
+    fn violations_outside_the_window_expire() {
+        let mut b = Breaker::new(policy(&[], Some((3, 10)), Action::Kill, true));
+        let w = || ev(Kind::Bind, Verdict::Deny, Layer::Bpf);
+        assert_eq!(b.observe(&w(), 0), None);
+        assert_eq!(b.observe(&w(), 5 * S), None);
+        assert_eq!(b.observe(&w(), 10 * S), None, "the first one expired");
+        assert!(b.observe(&w(), 11 * S).is_some());
+        assert_eq!(b.violations(), 4);
+    }
+
+    #[test]
+    fn without_threshold_lesser_violations_only_count() {
+        let mut b = Breaker::new(policy(&[ViolationKind::Canary], None, Action::Kill, true));
+        for i in 0..100 {
+            assert_eq!(
+                b.observe(&ev(Kind::Unlink, Verdict::Deny, Layer::Landlock), i),
+                None
+            );
+        }
+        assert_eq!(b.violations(), 100);
+        assert!(!b.tripped());
+    }
+
+    #[test]
+    fn monitor_mode_reports_but_does_not_enforce() {
+        let mut b = Breaker::new(policy(&[ViolationKind::Connect], None, Action::Deny, false));
+        let t = b
+            .observe(&ev(Kind::Connect, Verdict::Deny, Layer::Bpf), 0)
+            .unwrap();
+        assert!(!t.enforced);
+        assert!(
+            b.observe(&ev(Kind::Connect, Verdict::Deny, Layer::Bpf), 1)
+                .is_some(),
+            "monitor keeps reporting"
+        );
+    }
+
+    #[test]
+    fn deny_action_keeps_reporting() {
+        let mut b = Breaker::new(policy(&[ViolationKind::Exec], None, Action::Deny, true));
+        assert!(
+            b.observe(&ev(Kind::Exec, Verdict::Deny, Layer::Landlock), 0)
+                .is_some()
+        );
+        assert!(
+            b.observe(&ev(Kind::Exec, Verdict::Deny, Layer::Landlock), 1)
+                .is_some()
+        );
+    }
+}
