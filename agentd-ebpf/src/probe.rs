@@ -4,9 +4,9 @@
 //! among its LSMs and still refuse LSM programs).
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, lsm, map, tracepoint},
+    macros::{btf_tracepoint, cgroup_sock, cgroup_sock_addr, lsm, map, tracepoint},
     maps::RingBuf,
-    programs::{LsmContext, SockAddrContext, TracePointContext},
+    programs::{BtfTracePointContext, LsmContext, SockAddrContext, SockContext, TracePointContext},
 };
 
 /// Created at load time: proves ring buffers are available.
@@ -19,9 +19,21 @@ pub fn probe_connect4(_ctx: SockAddrContext) -> i32 {
     1
 }
 
+/// cgroup/sock_create that allows everything (the hook that decides socket families).
+#[cgroup_sock(sock_create)]
+pub fn probe_sock_create(_ctx: SockContext) -> i32 {
+    1
+}
+
 /// A classic tracepoint program (attached to sched/sched_process_fork by the probe).
 #[tracepoint]
 pub fn probe_tracepoint(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+/// A BTF-typed tracepoint (`tp_btf`), the same event as `probe_tracepoint`.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn probe_tp_btf(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 

@@ -400,28 +400,28 @@ fn toml_error(loc: &Locator<'_>, e: &toml::de::Error) -> ProfileError {
     let message = e.message().trim().to_owned();
     let span = e.span();
     let section = span.as_ref().and_then(|s| section_at(loc.source, s.start));
-    let mut hint = None;
-    let mut key = None;
-    if let Some(rest) = message.strip_prefix("unknown field `") {
+    let (key, hint) = if let Some(rest) = message.strip_prefix("unknown field `") {
         let (field, expected) = rest.split_once('`').unwrap_or((rest, ""));
         let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
-        key = Some(match &section {
+        let key = match &section {
             Some(s) => format!("{s}.{field}"),
             None => field.to_owned(),
-        });
-        hint = Some(match closest(field, &candidates) {
+        };
+        let hint = match closest(field, &candidates) {
             Some(c) => format!(
                 "did you mean `{c}`? (unknown keys are refused so that a typo never changes what an agent may do)"
             ),
             None => format!("valid keys here: {}", candidates.join(", ")),
-        });
+        };
+        (Some(key), Some(hint))
     } else {
         let line_key = span.as_ref().and_then(|s| key_at(loc.source, s.start));
-        key = match (section, line_key) {
+        let key = match (section, line_key) {
             (Some(s), Some(k)) => Some(format!("{s}.{k}")),
             (s, k) => k.or(s),
         };
-    }
+        (key, None)
+    };
     loc.error(span, key, message, hint)
 }
 
