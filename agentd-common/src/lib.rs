@@ -111,11 +111,14 @@ pub struct RawEvent {
     pub ktime_ns: u64,
     /// cgroup id (v2 directory inode) of the agent the process belongs to.
     pub agent_cgroup: u64,
-    /// Kind-specific: the syscall's return value for file ops, child pid for fork,
-    /// exit code for exit, socket type/protocol for socket creation.
+    /// Kind-specific: the syscall's return value (fd, 0 or -errno) for file and exec events,
+    /// the child's pid for fork, the raw `task_struct.exit_code` (status << 8 | signal) for
+    /// exit, the protocol for socket creation; 0 for the other network events.
     pub ret: i64,
-    /// Kind-specific extra: open flags, mode for chmod, uid/gid for chown, family/type for
-    /// socket creation.
+    /// Kind-specific extra: open flags (open, openat, openat2's `open_how.flags`; creat is
+    /// `O_CREAT|O_WRONLY|O_TRUNC`), mode for chmod and mkdir, `uid | gid << 32` for chown
+    /// (`u32::MAX` = unchanged), length for truncate, flags for unlinkat, renameat2, linkat,
+    /// execveat and setxattr, the socket type for network events.
     pub aux: u64,
     /// Thread group id (the user-visible pid).
     pub pid: u32,
@@ -130,20 +133,199 @@ pub struct RawEvent {
     pub verdict: u8,
     /// IPPROTO_TCP / IPPROTO_UDP for network events, else 0.
     pub proto: u8,
-    pub _pad0: u8,
+    /// [`Syscall`] as u8 for events of the syscall tracepoints, else 0.
+    pub syscall: u8,
     /// Network events: IPv6 address, IPv4 as IPv4-mapped (::ffff:a.b.c.d).
     pub addr: [u8; 16],
     /// Network events: port in host byte order.
     pub port: u16,
-    /// Network events: AF_INET / AF_INET6 as the program saw it.
+    /// Network and socket events: AF_INET / AF_INET6 as the program saw it.
     pub family: u16,
-    pub _pad1: u32,
+    /// File events: the directory fd a relative `path` is resolved against (`AT_FDCWD` =
+    /// -100 for the working directory), so user space can resolve it while the process lives.
+    pub dfd: i32,
     pub comm: [u8; COMM_LEN],
-    /// NUL-terminated: the file, or the source of a rename/link/symlink.
+    /// NUL-terminated: the file, the source of a rename or link, the target (contents) of
+    /// a symlink, the program of an exec.
     pub path: [u8; PATH_LEN],
-    /// NUL-terminated: the destination of a rename/link/symlink, else empty.
+    /// NUL-terminated: the destination of a rename or link, the symlink created, the
+    /// attribute name of setxattr; for exec, [`EXEC_ARGS`] slots of [`EXEC_ARG_LEN`] bytes,
+    /// each a NUL-terminated argv entry (argv[0], argv[1], ...); else empty.
     pub path2: [u8; PATH_LEN],
 }
+
+/// An open with write, create or truncate intent (set on OpenWrite and Canary events).
+pub const EVENT_FLAG_WRITE_INTENT: u16 = 1 << 2;
+/// The syscall's exit was seen without its entry. On Linux the seccomp filter runs before
+/// the `sys_enter` tracepoints but the `sys_exit` tracepoints still fire, so this is how a
+/// call refused by seccomp shows up (no path: the arguments were never read).
+pub const EVENT_FLAG_NO_ENTER: u16 = 1 << 3;
+/// `path2` (or an exec argument) was longer than its buffer and was cut.
+pub const EVENT_FLAG_PATH2_TRUNCATED: u16 = 1 << 4;
+
+/// A Canary event the kernel could not decide: a read-only open of an agent with
+/// canaries, whose path did not match as written (relative, or spelt with `//`, `.` or
+/// `..`), refused with EACCES (Landlock refuses reads of canaries outside the read
+/// rules). User space resolves the path and keeps the event only if it is a canary.
+pub const EVENT_FLAG_CANARY_CANDIDATE: u16 = 1 << 5;
+
+/// The first path could not be read from the process's memory (a page not resident:
+/// tracepoints cannot fault pages in), so `path` is empty. For a successful open, user
+/// space resolves the path from the new fd (`ret`) while the process has it open.
+pub const EVENT_FLAG_PATH_UNREAD: u16 = 1 << 6;
+
+/// An OpenWrite event whose Canary event the kernel sent just before (the same open):
+/// user space must not report the canary twice.
+pub const EVENT_FLAG_CANARY_SENT: u16 = 1 << 7;
+
+/// Exec events: argv entries carried in `path2`.
+pub const EXEC_ARGS: usize = 4;
+/// Exec events: bytes per argv slot in `path2`, with the NUL.
+pub const EXEC_ARG_LEN: usize = PATH_LEN / EXEC_ARGS;
+
+/// The system calls the file/exec tracepoints cover. The numbering is agentd's own (the
+/// same on every architecture) and ABI: append, never renumber. User space maps the
+/// architecture's syscall numbers to these in the `SYSCALLS` table.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Syscall {
+    Open = 1,
+    Openat = 2,
+    Openat2 = 3,
+    Creat = 4,
+    Unlink = 5,
+    Unlinkat = 6,
+    Rename = 7,
+    Renameat = 8,
+    Renameat2 = 9,
+    Mkdir = 10,
+    Mkdirat = 11,
+    Rmdir = 12,
+    Link = 13,
+    Linkat = 14,
+    Symlink = 15,
+    Symlinkat = 16,
+    Chmod = 17,
+    Fchmodat = 18,
+    Fchmodat2 = 19,
+    Chown = 20,
+    Fchownat = 21,
+    Lchown = 22,
+    Truncate = 23,
+    Setxattr = 24,
+    Lsetxattr = 25,
+    Execve = 26,
+    Execveat = 27,
+}
+
+impl Syscall {
+    pub const ALL: [Syscall; 27] = [
+        Syscall::Open,
+        Syscall::Openat,
+        Syscall::Openat2,
+        Syscall::Creat,
+        Syscall::Unlink,
+        Syscall::Unlinkat,
+        Syscall::Rename,
+        Syscall::Renameat,
+        Syscall::Renameat2,
+        Syscall::Mkdir,
+        Syscall::Mkdirat,
+        Syscall::Rmdir,
+        Syscall::Link,
+        Syscall::Linkat,
+        Syscall::Symlink,
+        Syscall::Symlinkat,
+        Syscall::Chmod,
+        Syscall::Fchmodat,
+        Syscall::Fchmodat2,
+        Syscall::Chown,
+        Syscall::Fchownat,
+        Syscall::Lchown,
+        Syscall::Truncate,
+        Syscall::Setxattr,
+        Syscall::Lsetxattr,
+        Syscall::Execve,
+        Syscall::Execveat,
+    ];
+
+    pub fn from_raw(raw: u8) -> Option<Syscall> {
+        let mut i = 0;
+        while i < Self::ALL.len() {
+            if Self::ALL[i] as u8 == raw {
+                return Some(Self::ALL[i]);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// The kernel's name, as in `syscalls/sys_enter_<name>`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Syscall::Open => "open",
+            Syscall::Openat => "openat",
+            Syscall::Openat2 => "openat2",
+            Syscall::Creat => "creat",
+            Syscall::Unlink => "unlink",
+            Syscall::Unlinkat => "unlinkat",
+            Syscall::Rename => "rename",
+            Syscall::Renameat => "renameat",
+            Syscall::Renameat2 => "renameat2",
+            Syscall::Mkdir => "mkdir",
+            Syscall::Mkdirat => "mkdirat",
+            Syscall::Rmdir => "rmdir",
+            Syscall::Link => "link",
+            Syscall::Linkat => "linkat",
+            Syscall::Symlink => "symlink",
+            Syscall::Symlinkat => "symlinkat",
+            Syscall::Chmod => "chmod",
+            Syscall::Fchmodat => "fchmodat",
+            Syscall::Fchmodat2 => "fchmodat2",
+            Syscall::Chown => "chown",
+            Syscall::Fchownat => "fchownat",
+            Syscall::Lchown => "lchown",
+            Syscall::Truncate => "truncate",
+            Syscall::Setxattr => "setxattr",
+            Syscall::Lsetxattr => "lsetxattr",
+            Syscall::Execve => "execve",
+            Syscall::Execveat => "execveat",
+        }
+    }
+
+    /// The event kind a call reports (the BPF program refines: an open that hits a canary
+    /// is [`EventKind::Canary`], `unlinkat(AT_REMOVEDIR)` is [`EventKind::Rmdir`]).
+    pub const fn kind(self) -> EventKind {
+        match self {
+            Syscall::Open | Syscall::Openat | Syscall::Openat2 | Syscall::Creat => {
+                EventKind::OpenWrite
+            }
+            Syscall::Unlink | Syscall::Unlinkat => EventKind::Unlink,
+            Syscall::Rename | Syscall::Renameat | Syscall::Renameat2 => EventKind::Rename,
+            Syscall::Mkdir | Syscall::Mkdirat => EventKind::Mkdir,
+            Syscall::Rmdir => EventKind::Rmdir,
+            Syscall::Link | Syscall::Linkat => EventKind::Link,
+            Syscall::Symlink | Syscall::Symlinkat => EventKind::Symlink,
+            Syscall::Chmod | Syscall::Fchmodat | Syscall::Fchmodat2 => EventKind::Chmod,
+            Syscall::Chown | Syscall::Fchownat | Syscall::Lchown => EventKind::Chown,
+            Syscall::Truncate => EventKind::Truncate,
+            Syscall::Setxattr | Syscall::Lsetxattr => EventKind::Setxattr,
+            Syscall::Execve | Syscall::Execveat => EventKind::Exec,
+        }
+    }
+
+    /// Whether the entry program records every call of an agent. Opens are recorded only
+    /// with write intent or on a canary, so for them a missing entry at exit means nothing.
+    pub const fn records_every_call(self) -> bool {
+        !matches!(
+            self,
+            Syscall::Open | Syscall::Openat | Syscall::Openat2 | Syscall::Creat
+        )
+    }
+}
+
+/// `unlinkat` flag: remove a directory.
+pub const AT_REMOVEDIR: u64 = 0x200;
 
 /// Per-agent state, value of the `AGENTS` map keyed by the agent's cgroup id.
 #[repr(C)]
@@ -159,6 +341,56 @@ pub struct AgentState {
 pub const AGENT_FLAG_KILLED: u32 = 1 << 0;
 /// Monitor mode: record denials, do not enforce them.
 pub const AGENT_FLAG_MONITOR: u32 = 1 << 1;
+/// `socket(AF_INET, ...)` allowed (TCP and UDP only; never SOCK_RAW).
+pub const AGENT_FLAG_INET: u32 = 1 << 2;
+/// `socket(AF_INET6, ...)` allowed (TCP and UDP only; never SOCK_RAW).
+pub const AGENT_FLAG_INET6: u32 = 1 << 3;
+/// `socket(AF_NETLINK, ..., NETLINK_ROUTE)` allowed. Recorded for completeness: Linux runs
+/// `cgroup/sock_create` for AF_INET and AF_INET6 only, so netlink (like AF_PACKET) must be
+/// refused by the seccomp filter.
+pub const AGENT_FLAG_NETLINK_ROUTE: u32 = 1 << 4;
+/// The agent has entries in `CANARIES`: open programs compare paths.
+pub const AGENT_FLAG_CANARIES: u32 = 1 << 5;
+
+/// Canary paths per agent (`CanaryKey::index` is dense from 0).
+pub const MAX_CANARIES: u32 = 16;
+
+/// Key of the `CANARIES` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CanaryKey {
+    pub policy_id: u32,
+    pub index: u32,
+}
+
+/// Value of the `CANARIES` map: an absolute path, matched as a prefix that ends at a
+/// component boundary (`/a/b` matches `/a/b` and `/a/b/c`, not `/a/bc`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CanaryPath {
+    /// Bytes of the path, without NUL; `1..PATH_LEN`.
+    pub len: u32,
+    pub _pad: u32,
+    /// The path's bytes in memory order, zero-padded, as words so the program compares
+    /// eight bytes at a time (little-endian: byte `i` is bits `8 * (i % 8)..` of word
+    /// `i / 8`).
+    pub words: [u64; PATH_LEN / 8],
+}
+
+/// Index in the `CONFIG` array: bit `n` set = some agent's cgroup is at level `n` of the
+/// cgroup v2 hierarchy (the root is level 0). The programs look up the current task's
+/// ancestor at each such level, normally exactly one.
+pub const CONFIG_CGROUP_LEVELS: u32 = 0;
+/// Index in `CONFIG`: the lowest level set in `CONFIG_CGROUP_LEVELS`.
+pub const CONFIG_LEVEL_MIN: u32 = 1;
+/// Index in `CONFIG`: the highest level set in `CONFIG_CGROUP_LEVELS` (the programs scan
+/// `MIN..=MAX` only: one level when all agents sit at the same depth).
+pub const CONFIG_LEVEL_MAX: u32 = 2;
+pub const CONFIG_LEN: u32 = 4;
+/// Deepest agent cgroup level the programs check.
+pub const MAX_CGROUP_LEVEL: u32 = 31;
+/// Entries of the `SYSCALLS` array (architecture syscall number -> [`Syscall`]).
+pub const SYSCALL_TABLE_LEN: u32 = 1024;
 
 /// Data part of a network-allow LPM-trie key. The kernel matches the first `prefixlen`
 /// bits of this struct in memory order, so the exact-match fields come first and the
@@ -206,6 +438,10 @@ mod pod {
     unsafe impl aya::Pod for super::NetKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BindKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CanaryKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CanaryPath {}
 }
 
 #[cfg(test)]
@@ -244,6 +480,35 @@ mod tests {
         assert_eq!(size_of::<NetKey>(), 24);
         assert_eq!(NET_KEY_FIXED_BITS as usize, offset_of!(NetKey, addr) * 8);
         assert_eq!(size_of::<BindKey>(), 8);
+        assert_eq!(offset_of!(BindKey, port), 6);
+        assert_eq!(size_of::<CanaryKey>(), 8);
+        assert_eq!(offset_of!(CanaryPath, words), 8);
+        assert_eq!(size_of::<CanaryPath>(), 8 + PATH_LEN);
+    }
+
+    #[test]
+    fn raw_event_new_fields_fill_former_padding() {
+        assert_eq!(offset_of!(RawEvent, syscall), 47);
+        assert_eq!(offset_of!(RawEvent, dfd), 68);
+        assert_eq!(
+            offset_of!(RawEvent, path) % 8,
+            0,
+            "canary compare reads words"
+        );
+        assert_eq!(EXEC_ARGS * EXEC_ARG_LEN, PATH_LEN);
+    }
+
+    #[test]
+    fn syscalls_round_trip_and_classify() {
+        for s in Syscall::ALL {
+            assert_eq!(Syscall::from_raw(s as u8), Some(s));
+            assert!(!s.name().is_empty());
+        }
+        assert_eq!(Syscall::from_raw(0), None);
+        assert_eq!(Syscall::Renameat2.kind(), EventKind::Rename);
+        assert_eq!(Syscall::Execveat.kind(), EventKind::Exec);
+        assert!(!Syscall::Openat2.records_every_call());
+        assert!(Syscall::Unlinkat.records_every_call());
     }
 
     #[test]

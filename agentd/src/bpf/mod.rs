@@ -1,4 +1,13 @@
 //! Loading agentd's BPF programs and the pseudo-filesystems they need.
+//!
+//! - [`watch`]: [`Watch`], what the supervisor drives (load, add/remove agents, kill
+//!   flag, the event stream);
+//! - `encode`: CompiledPolicy -> map entries (pure); [`decode`]: ring-buffer record ->
+//!   [`crate::event::Event`] and errno -> layer attribution (pure);
+//! - `btf`, `tracefs`: kernel struct offsets and tracepoint layouts, checked at load;
+//! - `programs`: which program attaches where;
+//! - [`selftest`], [`bench`]: `agentd watch-test` (hidden), the privileged end-to-end
+//!   test and the cost measurements.
 
 use std::path::Path;
 
@@ -49,4 +58,82 @@ pub fn ensure_mounted((fstype, dir): (&'static str, &'static str)) -> Result<boo
         source,
     })?;
     Ok(true)
+}
+
+pub mod bench;
+mod btf;
+pub mod decode;
+mod encode;
+mod programs;
+pub mod selftest;
+mod tracefs;
+pub mod watch;
+
+pub use watch::{AgentHandle, Watch};
+
+/// Why the kernel watch could not be set up or changed. Each variant names the program,
+/// map, tracepoint or path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel BTF: {0} (agentd needs CONFIG_DEBUG_INFO_BTF for the process tracepoints)")]
+    Btf(String),
+    #[error(
+        "tracepoint {tracepoint}: {reason} (its record layout differs from the one the programs read)"
+    )]
+    TracepointFormat { tracepoint: String, reason: String },
+    #[error("cannot load the BPF object: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("BPF program {0} is missing from the object or has the wrong type")]
+    MissingProgram(&'static str),
+    #[error("cannot load BPF program {program}: {source}")]
+    LoadProgram {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot attach BPF program {program} to {target}: {source}")]
+    Attach {
+        program: &'static str,
+        target: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot detach BPF program {program} from {target}: {source}")]
+    Detach {
+        program: &'static str,
+        target: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("BPF map {0} is missing from the object or has the wrong type")]
+    MissingMap(&'static str),
+    #[error("BPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("cgroup {path}: {reason}")]
+    Cgroup {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error("policy of agent {agent}: {reason}")]
+    Policy { agent: String, reason: String },
+    #[error("agent {agent} (cgroup {cgroup_id}) is not watched")]
+    UnknownAgent { agent: String, cgroup_id: u64 },
+    #[error("the event stream was already taken: Watch::events can be called once")]
+    EventsTaken,
+    #[error("Watch::events needs a tokio runtime (call it from within one)")]
+    NoRuntime,
+    #[error("cannot poll the ring buffer: {0}")]
+    Poll(#[source] std::io::Error),
 }

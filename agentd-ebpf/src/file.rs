@@ -1,0 +1,431 @@
+//! Write-side file operations and execs, observed by per-syscall tracepoints (never the
+//! host-wide raw_syscalls ones): each `sys_enter_<call>` program records the call's
+//! arguments in `PENDING` by thread id, the shared `sys_exit` program completes the event
+//! with the kernel's verdict (the return value) and sends it. Landlock and seccomp decide;
+//! these programs only watch, except that they SIGKILL any process of a killed agent.
+//!
+//! Tracepoint records of syscalls are `{ common fields: 8 bytes, int __syscall_nr, pad,
+//! unsigned long args[6] }`, so argument `i` is at offset 16 + 8 * i; user space checks
+//! every attached tracepoint's format file against this before attaching, and the exit
+//! record's `long ret` at offset 16.
+
+use agentd_common::{
+    AGENT_FLAG_CANARIES, AGENT_FLAG_KILLED, AT_REMOVEDIR, CanaryKey, CanaryPath,
+    EVENT_FLAG_CANARY_CANDIDATE, EVENT_FLAG_CANARY_SENT, EVENT_FLAG_NO_ENTER,
+    EVENT_FLAG_PATH_TRUNCATED, EVENT_FLAG_PATH_UNREAD, EVENT_FLAG_PATH2_TRUNCATED,
+    EVENT_FLAG_WRITE_INTENT, EXEC_ARG_LEN, EXEC_ARGS, EventKind, Layer, MAX_CANARIES, PATH_LEN,
+    RawEvent, Syscall,
+};
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_user,
+        bpf_probe_read_user_str_bytes, bpf_send_signal,
+    },
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::maps::{CANARIES, PENDING, SCRATCH, SYSCALLS, current_agent, fill_header, output};
+
+const SIGKILL: u32 = 9;
+const EACCES: i64 = 13;
+const AT_FDCWD: i32 = -100;
+const O_WRONLY: u64 = 0o1;
+const O_RDWR: u64 = 0o2;
+const O_CREAT: u64 = 0o100;
+const O_TRUNC: u64 = 0o1000;
+/// `creat(path, mode)` is `open(path, O_CREAT | O_WRONLY | O_TRUNC, mode)`.
+const CREAT_FLAGS: u64 = O_CREAT | O_WRONLY | O_TRUNC;
+
+/// Offset of argument 0 in a `sys_enter_*` record.
+const ARGS_OFFSET: usize = 16;
+/// Offsets in a `sys_exit_*` record.
+const NR_OFFSET: usize = 8;
+const RET_OFFSET: usize = 16;
+
+/// Where a call's `aux` value comes from.
+#[derive(Clone, Copy)]
+enum Aux {
+    None,
+    /// Argument `i` (flags, mode, length).
+    Arg(usize),
+    /// chown-like: uid in argument `.0`, gid in `.1`, packed `uid | gid << 32`.
+    Owner(usize, usize),
+    /// openat2: `open_how.flags`, the first u64 of the struct argument `i` points to.
+    OpenHow(usize),
+    /// creat: fixed flags.
+    Creat,
+}
+
+/// What `path2` carries.
+#[derive(Clone, Copy)]
+enum Second {
+    None,
+    /// A path (or the xattr name) in argument `i`.
+    Path(usize),
+    /// execve's argv in argument `i`: the first [`EXEC_ARGS`] entries.
+    Argv(usize),
+}
+
+/// The argument layout of one covered syscall. Programs pass a constant, so after
+/// inlining each program keeps only its own reads.
+#[derive(Clone, Copy)]
+struct Layout {
+    sys: Syscall,
+    /// Argument holding the directory fd paths are relative to.
+    dfd: Option<usize>,
+    path: usize,
+    second: Second,
+    aux: Aux,
+}
+
+const fn layout(sys: Syscall, dfd: Option<usize>, path: usize, second: Second, aux: Aux) -> Layout {
+    Layout {
+        sys,
+        dfd,
+        path,
+        second,
+        aux,
+    }
+}
+
+/// One `sys_enter_<call>` program per covered call; user space attaches each to the
+/// tracepoint of the same name.
+macro_rules! enter_programs {
+    ($($name:ident => $layout:expr;)*) => {
+        $(
+            #[tracepoint]
+            pub fn $name(ctx: TracePointContext) -> u32 {
+                try_enter(&ctx, $layout);
+                0
+            }
+        )*
+    };
+}
+
+use Aux::{Arg, Creat, OpenHow, Owner};
+use Second::{Argv, Path};
+
+enter_programs! {
+    sys_enter_open => layout(Syscall::Open, None, 0, Second::None, Arg(1));
+    sys_enter_openat => layout(Syscall::Openat, Some(0), 1, Second::None, Arg(2));
+    sys_enter_openat2 => layout(Syscall::Openat2, Some(0), 1, Second::None, OpenHow(2));
+    sys_enter_creat => layout(Syscall::Creat, None, 0, Second::None, Creat);
+    sys_enter_unlink => layout(Syscall::Unlink, None, 0, Second::None, Aux::None);
+    sys_enter_unlinkat => layout(Syscall::Unlinkat, Some(0), 1, Second::None, Arg(2));
+    sys_enter_rename => layout(Syscall::Rename, None, 0, Path(1), Aux::None);
+    sys_enter_renameat => layout(Syscall::Renameat, Some(0), 1, Path(3), Aux::None);
+    sys_enter_renameat2 => layout(Syscall::Renameat2, Some(0), 1, Path(3), Arg(4));
+    sys_enter_mkdir => layout(Syscall::Mkdir, None, 0, Second::None, Arg(1));
+    sys_enter_mkdirat => layout(Syscall::Mkdirat, Some(0), 1, Second::None, Arg(2));
+    sys_enter_rmdir => layout(Syscall::Rmdir, None, 0, Second::None, Aux::None);
+    sys_enter_link => layout(Syscall::Link, None, 0, Path(1), Aux::None);
+    sys_enter_linkat => layout(Syscall::Linkat, Some(0), 1, Path(3), Arg(4));
+    sys_enter_symlink => layout(Syscall::Symlink, None, 0, Path(1), Aux::None);
+    // symlinkat(target, newdfd, linkpath): the fd applies to the link created (path2).
+    sys_enter_symlinkat => layout(Syscall::Symlinkat, Some(1), 0, Path(2), Aux::None);
+    sys_enter_chmod => layout(Syscall::Chmod, None, 0, Second::None, Arg(1));
+    sys_enter_fchmodat => layout(Syscall::Fchmodat, Some(0), 1, Second::None, Arg(2));
+    sys_enter_fchmodat2 => layout(Syscall::Fchmodat2, Some(0), 1, Second::None, Arg(2));
+    sys_enter_chown => layout(Syscall::Chown, None, 0, Second::None, Owner(1, 2));
+    sys_enter_fchownat => layout(Syscall::Fchownat, Some(0), 1, Second::None, Owner(2, 3));
+    sys_enter_lchown => layout(Syscall::Lchown, None, 0, Second::None, Owner(1, 2));
+    sys_enter_truncate => layout(Syscall::Truncate, None, 0, Second::None, Arg(1));
+    sys_enter_setxattr => layout(Syscall::Setxattr, None, 0, Path(1), Arg(4));
+    sys_enter_lsetxattr => layout(Syscall::Lsetxattr, None, 0, Path(1), Arg(4));
+    sys_enter_execve => layout(Syscall::Execve, None, 0, Argv(1), Aux::None);
+    sys_enter_execveat => layout(Syscall::Execveat, Some(0), 1, Argv(2), Arg(4));
+}
+
+/// The exit of every covered call (one program, attached to each `sys_exit_<call>`).
+#[tracepoint]
+pub fn sys_exit(ctx: TracePointContext) -> u32 {
+    try_exit(&ctx);
+    0
+}
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, i: usize) -> u64 {
+    // SAFETY: reads 8 bytes of the tracepoint record through bpf_probe_read_kernel; the
+    // offset is one of the record's arguments (user space checked the format).
+    unsafe { ctx.read_at::<u64>(ARGS_OFFSET + 8 * i) }.unwrap_or(0)
+}
+
+/// What reading a user string gave.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    Whole,
+    /// Filled the buffer: may have been cut.
+    Cut,
+    /// NULL pointer: nothing to read (an empty string in the event).
+    Null,
+    /// The read faulted (page not resident, or a bad pointer).
+    Failed,
+}
+
+/// Reads a NUL-terminated user string into `dst` (empty on failure).
+#[inline(always)]
+fn read_str(ptr: u64, dst: &mut [u8]) -> Read {
+    if ptr == 0 {
+        if let Some(b) = dst.first_mut() {
+            *b = 0;
+        }
+        return Read::Null;
+    }
+    let cap = dst.len();
+    // SAFETY: the helper copies at most `dst.len()` bytes from user memory and faults
+    // safely on a bad pointer.
+    match unsafe { bpf_probe_read_user_str_bytes(ptr as *const u8, dst) } {
+        Ok(s) if s.len() + 1 >= cap => Read::Cut,
+        Ok(_) => Read::Whole,
+        Err(_) => {
+            if let Some(b) = dst.first_mut() {
+                *b = 0;
+            }
+            Read::Failed
+        }
+    }
+}
+
+#[inline(always)]
+fn try_enter(ctx: &TracePointContext, l: Layout) {
+    let Some((cgroup, state)) = current_agent() else {
+        return;
+    };
+    // SAFETY: `state` points into the AGENTS map value for the program's run.
+    let state = unsafe { *state };
+    if state.flags & AGENT_FLAG_KILLED != 0 {
+        // The breaker tripped: this process dies on its way back to user space.
+        // SAFETY: the helper has no memory preconditions.
+        unsafe { bpf_send_signal(SIGKILL) };
+        return;
+    }
+
+    let is_open = !l.sys.records_every_call();
+    let aux = match l.aux {
+        Aux::None => 0,
+        Aux::Arg(i) => arg(ctx, i),
+        Aux::Owner(u, g) => (arg(ctx, u) & 0xffff_ffff) | (arg(ctx, g) << 32),
+        Aux::OpenHow(i) => {
+            let how = arg(ctx, i);
+            // SAFETY: reads the first u64 of user memory (open_how.flags); faults safely.
+            unsafe { bpf_probe_read_user(how as *const u64) }.unwrap_or(0)
+        }
+        Aux::Creat => CREAT_FLAGS,
+    };
+    let write_intent = is_open && aux & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0;
+    let has_canaries = state.flags & AGENT_FLAG_CANARIES != 0;
+    if is_open && !write_intent && !has_canaries {
+        // A read-only open of an agent without canaries: nothing to record.
+        return;
+    }
+    let kind = if matches!(l.sys, Syscall::Unlinkat) && aux & AT_REMOVEDIR != 0 {
+        EventKind::Rmdir
+    } else {
+        l.sys.kind()
+    };
+
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let flags = if write_intent {
+        EVENT_FLAG_WRITE_INTENT
+    } else {
+        0
+    };
+    // SAFETY: `ev` is this CPU's scratch RawEvent in map memory; nothing else uses it
+    // while this program runs (programs do not nest on a CPU for these hooks).
+    let ev = unsafe {
+        fill_header(ev, cgroup, kind as u16, flags);
+        &mut *ev
+    };
+    ev.syscall = l.sys as u8;
+    ev.layer = Layer::Observed as u8;
+    ev.aux = aux;
+    ev.dfd = match l.dfd {
+        Some(i) => arg(ctx, i) as i32,
+        None => AT_FDCWD,
+    };
+    match read_str(arg(ctx, l.path), &mut ev.path) {
+        Read::Cut => ev.flags |= EVENT_FLAG_PATH_TRUNCATED,
+        Read::Failed => ev.flags |= EVENT_FLAG_PATH_UNREAD,
+        Read::Whole | Read::Null => {}
+    }
+    match l.second {
+        Second::None => ev.path2[0] = 0,
+        Second::Path(i) => {
+            if read_str(arg(ctx, i), &mut ev.path2) == Read::Cut {
+                ev.flags |= EVENT_FLAG_PATH2_TRUNCATED;
+            }
+        }
+        Second::Argv(i) => read_argv(arg(ctx, i), ev),
+    }
+
+    if is_open {
+        if has_canaries && ev.path[0] == b'/' && canary_match(state.policy_id, &ev.path) {
+            ev.kind = EventKind::Canary as u16;
+        } else if !write_intent {
+            // A read-only open that did not match as written. Kept until the exit: if
+            // it is refused with EACCES, user space resolves the path (relative, or
+            // spelt with `//`, `.`, `..`) and decides whether it was a canary.
+            ev.kind = EventKind::Canary as u16;
+            ev.flags |= EVENT_FLAG_CANARY_CANDIDATE;
+        }
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // On failure (map full of live entries) the exit finds nothing and reports the call
+    // without its path: never silent.
+    let _ = PENDING.insert(&tid, &*ev, 0);
+}
+
+/// Copies argv[0..EXEC_ARGS] into the fixed slots of `path2`.
+#[inline(always)]
+fn read_argv(argv: u64, ev: &mut RawEvent) {
+    let mut done = argv == 0;
+    let mut i = 0;
+    while i < EXEC_ARGS {
+        let slot = &mut ev.path2[i * EXEC_ARG_LEN..(i + 1) * EXEC_ARG_LEN];
+        if done {
+            slot[0] = 0;
+        } else {
+            // SAFETY: reads one user pointer of the argv array; faults safely.
+            let p =
+                unsafe { bpf_probe_read_user((argv + 8 * i as u64) as *const u64) }.unwrap_or(0);
+            if p == 0 {
+                done = true;
+                slot[0] = 0;
+            } else if read_str(p, slot) == Read::Cut {
+                ev.flags |= EVENT_FLAG_PATH2_TRUNCATED;
+            }
+        }
+        i += 1;
+    }
+}
+
+/// Whether `path` (absolute) is one of the agent's canaries or beneath one.
+#[inline(always)]
+fn canary_match(policy_id: u32, path: &[u8; PATH_LEN]) -> bool {
+    let mut index = 0;
+    while index < MAX_CANARIES {
+        let key = CanaryKey { policy_id, index };
+        // SAFETY: the value is read, never kept beyond this iteration.
+        let Some(canary) = (unsafe { CANARIES.get(&key) }) else {
+            return false;
+        };
+        if prefix_match(path, canary) {
+            return true;
+        }
+        index += 1;
+    }
+    false
+}
+
+/// `canary` is a prefix of `path` ending at a component boundary. Compares eight bytes at
+/// a time (little-endian words, as `CanaryPath::words` is laid out).
+#[inline(always)]
+fn prefix_match(path: &[u8; PATH_LEN], canary: &CanaryPath) -> bool {
+    let len = canary.len as usize;
+    if len == 0 || len >= PATH_LEN {
+        return false;
+    }
+    let word = |i: usize| -> u64 {
+        match path.get(8 * i..8 * i + 8) {
+            Some(b) => u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+            None => 0,
+        }
+    };
+    let full = len / 8;
+    let mut i = 0;
+    while i < PATH_LEN / 8 {
+        if i >= full {
+            break;
+        }
+        if word(i) != canary.words.get(i).copied().unwrap_or(!0) {
+            return false;
+        }
+        i += 1;
+    }
+    let rem = len % 8;
+    if rem != 0 {
+        let mask = (1u64 << (8 * rem)) - 1;
+        if word(full) & mask != canary.words.get(full).copied().unwrap_or(!0) {
+            return false;
+        }
+    }
+    // The byte after the prefix ends the path or starts its next component.
+    let next = path.get(len).copied().unwrap_or(1);
+    next == 0 || next == b'/'
+}
+
+#[inline(always)]
+fn try_exit(ctx: &TracePointContext) {
+    let Some((cgroup, _)) = current_agent() else {
+        return;
+    };
+    // SAFETY: fixed fields of every sys_exit record (user space checked the format).
+    let (nr, ret) = unsafe {
+        (
+            ctx.read_at::<i32>(NR_OFFSET).unwrap_or(-1),
+            ctx.read_at::<i64>(RET_OFFSET).unwrap_or(0),
+        )
+    };
+    let Some(&sys) = SYSCALLS.get(nr as u32) else {
+        return;
+    };
+    let Some(sys) = Syscall::from_raw(sys as u8) else {
+        return;
+    };
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if let Some(ev) = PENDING.get_ptr_mut(&tid) {
+        // SAFETY: `ev` points into the PENDING map value; this thread is the only one
+        // that reads or writes its own entry.
+        let ev = unsafe { &mut *ev };
+        if ev.syscall == sys as u8 {
+            let unread_ok = ev.flags & EVENT_FLAG_PATH_UNREAD != 0 && ret >= 0;
+            if ev.flags & EVENT_FLAG_CANARY_CANDIDATE != 0 && ret != -EACCES && !unread_ok {
+                // An ordinary read-only open. (One whose path could not be read is kept
+                // when it succeeded: user space resolves it from the new fd.)
+                let _ = PENDING.remove(&tid);
+                return;
+            }
+            ev.ret = ret;
+            if matches!(sys.kind(), EventKind::Exec) && ret == 0 {
+                // The new program's name.
+                ev.comm = bpf_get_current_comm().unwrap_or(ev.comm);
+            }
+            output(ev);
+            if ev.kind == EventKind::Canary as u16 && ev.flags & EVENT_FLAG_WRITE_INTENT != 0 {
+                // A canary opened for writing is also a write.
+                ev.kind = EventKind::OpenWrite as u16;
+                ev.flags |= EVENT_FLAG_CANARY_SENT;
+                output(ev);
+            }
+            let _ = PENDING.remove(&tid);
+            return;
+        }
+        // Left over from a call whose exit was never seen: drop it.
+        let _ = PENDING.remove(&tid);
+    }
+    // No entry for this call. Opens are entered only when worth recording, so nothing is
+    // missing. Any other call was refused before its sys_enter tracepoint ran, which is
+    // what seccomp does; report failures, and execs (a successful exec from a non-leader
+    // thread exits under the leader's thread id).
+    if !sys.records_every_call() || (ret >= 0 && !matches!(sys.kind(), EventKind::Exec)) {
+        return;
+    }
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch RawEvent in map memory.
+    let ev = unsafe {
+        fill_header(ev, cgroup, sys.kind() as u16, EVENT_FLAG_NO_ENTER);
+        &mut *ev
+    };
+    ev.syscall = sys as u8;
+    ev.layer = Layer::Observed as u8;
+    ev.ret = ret;
+    ev.dfd = AT_FDCWD;
+    ev.path[0] = 0;
+    ev.path2[0] = 0;
+    output(ev);
+}

@@ -1,0 +1,144 @@
+//! Maps shared by every hook family, the agent lookup every program starts with, and the
+//! ring-buffer helpers. User space writes the policy maps (`AGENTS`, `NET_ALLOW`,
+//! `BIND_ALLOW`, `CANARIES`, `CONFIG`, `SYSCALLS`); the programs only read them.
+
+use agentd_common::{
+    AgentState, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_LEN, CONFIG_LEVEL_MAX, CONFIG_LEVEL_MIN,
+    CanaryKey, CanaryPath, MAX_CGROUP_LEVEL, NetKey, RawEvent, SYSCALL_TABLE_LEN,
+};
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_ktime_get_ns,
+    },
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+
+/// Agents running at once.
+const MAX_AGENTS: u32 = 1024;
+
+/// Per-agent state by the agent's cgroup v2 id.
+#[map]
+pub static AGENTS: HashMap<u64, AgentState> = HashMap::with_max_entries(MAX_AGENTS, 0);
+
+/// connect/sendmsg allow-list of every agent (the key starts with the policy id).
+#[map]
+pub static NET_ALLOW: LpmTrie<NetKey, u8> = LpmTrie::with_max_entries(64 * 1024, 0);
+
+/// Ports agents may bind.
+#[map]
+pub static BIND_ALLOW: HashMap<BindKey, u8> = HashMap::with_max_entries(16 * 1024, 0);
+
+/// Canary paths of every agent.
+#[map]
+pub static CANARIES: HashMap<CanaryKey, CanaryPath> =
+    HashMap::with_max_entries(MAX_AGENTS * agentd_common::MAX_CANARIES, 0);
+
+/// Global settings, indexed by `CONFIG_*`.
+#[map]
+pub static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_LEN, 0);
+
+/// Architecture syscall number -> `agentd_common::Syscall` (0 = not covered).
+#[map]
+pub static SYSCALLS: Array<u32> = Array::with_max_entries(SYSCALL_TABLE_LEN, 0);
+
+/// Calls in flight: the entry program's event by thread id, completed by the exit program
+/// with the return value. LRU so a thread that dies inside a call cannot leak its slot.
+#[map]
+pub static PENDING: LruHashMap<u32, RawEvent> = LruHashMap::with_max_entries(4096, 0);
+
+/// Per-CPU scratch space: a `RawEvent` is larger than the 512-byte BPF stack.
+#[map]
+pub static SCRATCH: PerCpuArray<RawEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Every decision and observation, one `RawEvent` per record. 4 MiB holds about 6 800
+/// events: a burst of that many between two reads of user space is lost and counted.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
+
+/// Events that did not fit in `EVENTS`, by agent cgroup id, per CPU (so counting needs no
+/// atomics, which the BPF target lacks). User space sums, reports and resets.
+#[map]
+pub static LOST: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(MAX_AGENTS, 0);
+
+/// The agent the current task belongs to: the first ancestor of its cgroup (at a level
+/// where some agent's cgroup sits, normally exactly one) that is in `AGENTS`. For any
+/// other task on the host this is one inlined array read, one helper call and one hash
+/// lookup that misses.
+#[inline(always)]
+pub fn current_agent() -> Option<(u64, *mut AgentState)> {
+    let levels = *CONFIG.get(CONFIG_CGROUP_LEVELS)?;
+    if levels == 0 {
+        return None;
+    }
+    let mut level = *CONFIG.get(CONFIG_LEVEL_MIN)? as u32;
+    let max = *CONFIG.get(CONFIG_LEVEL_MAX)? as u32;
+    while level <= max && level <= MAX_CGROUP_LEVEL {
+        if levels & (1u64 << level) != 0 {
+            // SAFETY: the helper has no preconditions; it returns 0 when the task's cgroup
+            // is shallower than `level`.
+            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            if id != 0
+                && let Some(state) = AGENTS.get_ptr_mut(&id)
+            {
+                return Some((id, state));
+            }
+        }
+        level += 1;
+    }
+    None
+}
+
+/// Counts an event the ring buffer had no room for, against its agent.
+#[inline(always)]
+pub fn count_lost(cgroup: u64) {
+    match LOST.get_ptr_mut(&cgroup) {
+        // SAFETY: `n` points into this CPU's copy of the map value; programs on one CPU
+        // do not run concurrently, so a plain add is exact.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = LOST.insert(&cgroup, &1, 0);
+        }
+    }
+}
+
+/// Fills the fields every event has. `ev` points to a `RawEvent` in map or ring-buffer
+/// memory; the paths are left for the caller (at least their first byte must be set).
+///
+/// # Safety
+/// `ev` must be valid for writes of a whole `RawEvent`.
+#[inline(always)]
+pub unsafe fn fill_header(ev: *mut RawEvent, cgroup: u64, kind: u16, flags: u16) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: the caller guarantees `ev` is writable; every field is plain data. The
+    // helpers have no preconditions.
+    unsafe {
+        (*ev).ktime_ns = bpf_ktime_get_ns();
+        (*ev).agent_cgroup = cgroup;
+        (*ev).ret = 0;
+        (*ev).aux = 0;
+        (*ev).pid = (pid_tgid >> 32) as u32;
+        (*ev).tid = pid_tgid as u32;
+        (*ev).kind = kind;
+        (*ev).flags = flags;
+        (*ev).layer = 0;
+        (*ev).verdict = 0;
+        (*ev).proto = 0;
+        (*ev).syscall = 0;
+        (*ev).addr = [0; 16];
+        (*ev).port = 0;
+        (*ev).family = 0;
+        (*ev).dfd = 0;
+        (*ev).comm = bpf_get_current_comm().unwrap_or([0; agentd_common::COMM_LEN]);
+    }
+}
+
+/// Sends a finished event (in map memory) to user space, counting it as lost if the ring
+/// buffer is full.
+#[inline(always)]
+pub fn output(ev: &RawEvent) {
+    if EVENTS.output::<RawEvent>(ev, 0).is_err() {
+        count_lost(ev.agent_cgroup);
+    }
+}

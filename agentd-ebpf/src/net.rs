@@ -1,0 +1,238 @@
+//! Network enforcement: cgroup programs attached to each agent's own cgroup v2 directory.
+//! They run for the sockets of that cgroup's processes only, so the rest of the host pays
+//! nothing. Return 1 to allow, 0 to refuse (the syscall fails with EPERM). Every decision
+//! is an event.
+
+use agentd_common::{
+    AGENT_FLAG_INET, AGENT_FLAG_INET6, AGENT_FLAG_KILLED, AGENT_FLAG_MONITOR,
+    AGENT_FLAG_NETLINK_ROUTE, BindKey, EVENT_FLAG_MONITOR, EventKind, IPPROTO_TCP, IPPROTO_UDP,
+    Layer, NET_KEY_FIXED_BITS, NetKey, RawEvent, Verdict,
+};
+use aya_ebpf::{
+    helpers::bpf_get_current_cgroup_id,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    maps::lpm_trie::Key,
+    programs::{SockAddrContext, SockContext},
+};
+
+use crate::maps::{BIND_ALLOW, EVENTS, NET_ALLOW, count_lost, current_agent, fill_header};
+
+const AF_UNIX: u32 = 1;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const AF_NETLINK: u32 = 16;
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const NETLINK_ROUTE: u32 = 0;
+
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    try_sock_addr(&ctx, EventKind::Connect, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    try_sock_addr(&ctx, EventKind::Connect, true)
+}
+
+/// UDP `sendto`/`sendmsg` with a destination address (a connected socket was decided at
+/// connect).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    try_sock_addr(&ctx, EventKind::Sendmsg, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    try_sock_addr(&ctx, EventKind::Sendmsg, true)
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn bind4(ctx: SockAddrContext) -> i32 {
+    try_sock_addr(&ctx, EventKind::Bind, false)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn bind6(ctx: SockAddrContext) -> i32 {
+    try_sock_addr(&ctx, EventKind::Bind, true)
+}
+
+/// Socket creation. Linux runs this hook from `inet_create`/`inet6_create` only: it
+/// decides AF_INET and AF_INET6 sockets (no raw sockets, TCP and UDP only, the family only
+/// when the policy has network rules); other families never reach it.
+#[cgroup_sock(sock_create)]
+pub fn sock_create(ctx: SockContext) -> i32 {
+    try_sock_create(&ctx)
+}
+
+/// The agent's verdict on an operation the policy allows or not: (return value, verdict,
+/// event flags, agent cgroup).
+#[inline(always)]
+fn decide(allowed: impl FnOnce(u32, u32) -> bool) -> (i32, Verdict, u16, u64) {
+    let Some((cgroup, state)) = current_agent() else {
+        // The program runs because the socket belongs to an agent's cgroup, but the
+        // calling task is in no agent (a socket handed out of the sandbox): refuse.
+        // SAFETY: the helper has no preconditions.
+        let cgroup = unsafe { bpf_get_current_cgroup_id() };
+        return (REFUSE, Verdict::Deny, 0, cgroup);
+    };
+    // SAFETY: `state` points into the AGENTS map value for the program's run.
+    let state = unsafe { *state };
+    if state.flags & AGENT_FLAG_KILLED != 0 {
+        return (REFUSE, Verdict::Killed, 0, cgroup);
+    }
+    if allowed(state.policy_id, state.flags) {
+        (ALLOW, Verdict::Allow, 0, cgroup)
+    } else if state.flags & AGENT_FLAG_MONITOR != 0 {
+        (ALLOW, Verdict::Deny, EVENT_FLAG_MONITOR, cgroup)
+    } else {
+        (REFUSE, Verdict::Deny, 0, cgroup)
+    }
+}
+
+/// Whether the connect/sendmsg allow-list of `policy_id` has (proto, addr, port), or
+/// (proto, addr, any port).
+#[inline(always)]
+fn net_allowed(policy_id: u32, proto: u8, port_be: u16, addr: [u8; 16]) -> bool {
+    let mut key = Key::new(
+        NET_KEY_FIXED_BITS + 128,
+        NetKey {
+            policy_id_be: policy_id.to_be(),
+            proto,
+            _pad: 0,
+            port_be,
+            addr,
+        },
+    );
+    if NET_ALLOW.get(&key).is_some() {
+        return true;
+    }
+    key.data.port_be = 0;
+    NET_ALLOW.get(&key).is_some()
+}
+
+#[inline(always)]
+fn try_sock_addr(ctx: &SockAddrContext, kind: EventKind, v6: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    // Context fields are read with 4-byte loads, the only width the verifier accepts for
+    // user_ip6.
+    // SAFETY: `sa` is the program's context; the verifier checks each field access.
+    let (addr, user_port, protocol, sock_type) = unsafe {
+        let mut addr = [0u8; 16];
+        if v6 {
+            let mut i = 0;
+            while i < 4 {
+                let w = core::ptr::read_volatile(&raw const (*sa).user_ip6[i]);
+                let b = w.to_ne_bytes();
+                addr[4 * i] = b[0];
+                addr[4 * i + 1] = b[1];
+                addr[4 * i + 2] = b[2];
+                addr[4 * i + 3] = b[3];
+                i += 1;
+            }
+        } else {
+            // IPv4 as ::ffff:a.b.c.d, the form the trie stores it in.
+            let b = core::ptr::read_volatile(&raw const (*sa).user_ip4).to_ne_bytes();
+            addr[10] = 0xff;
+            addr[11] = 0xff;
+            addr[12] = b[0];
+            addr[13] = b[1];
+            addr[14] = b[2];
+            addr[15] = b[3];
+        }
+        (
+            addr,
+            core::ptr::read_volatile(&raw const (*sa).user_port),
+            core::ptr::read_volatile(&raw const (*sa).protocol),
+            core::ptr::read_volatile(&raw const (*sa).type_),
+        )
+    };
+    // user_port holds the port in network byte order in its first two bytes.
+    let port_be = user_port as u16;
+    let port = u16::from_be(port_be);
+    let proto = if protocol < 256 { protocol as u8 } else { 0 };
+    let (ret, verdict, flags, cgroup) = decide(|policy_id, _| match kind {
+        // Port 0 picks an ephemeral port: what UDP clients do before sending (and cannot
+        // receive unsolicited traffic on a port nobody knows). A TCP socket could listen
+        // on it, so TCP port 0 needs a rule like any other port.
+        EventKind::Bind if port == 0 && proto == IPPROTO_UDP => true,
+        EventKind::Bind => {
+            let key = BindKey {
+                policy_id,
+                proto,
+                _pad: 0,
+                port,
+            };
+            // SAFETY: the value is only tested for presence.
+            unsafe { BIND_ALLOW.get(&key) }.is_some()
+        }
+        _ => net_allowed(policy_id, proto, port_be, addr),
+    });
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count_lost(cgroup);
+        return ret;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is the reserved ring-buffer record, writable and RawEvent-sized.
+    unsafe {
+        fill_header(ev, cgroup, kind as u16, flags);
+        (*ev).layer = Layer::Bpf as u8;
+        (*ev).verdict = verdict as u8;
+        (*ev).proto = proto;
+        (*ev).addr = addr;
+        (*ev).port = port;
+        (*ev).family = if v6 { AF_INET6 as u16 } else { AF_INET as u16 };
+        (*ev).aux = u64::from(sock_type);
+        (*ev).path[0] = 0;
+        (*ev).path2[0] = 0;
+    }
+    entry.submit(0);
+    ret
+}
+
+#[inline(always)]
+fn try_sock_create(ctx: &SockContext) -> i32 {
+    let sk = ctx.sock;
+    // SAFETY: `sk` is the program's context; the verifier checks each field access.
+    let (family, sock_type, protocol) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*sk).family),
+            core::ptr::read_volatile(&raw const (*sk).type_),
+            core::ptr::read_volatile(&raw const (*sk).protocol),
+        )
+    };
+    let (ret, verdict, flags, cgroup) = decide(|_, agent_flags| {
+        let inet_ok = (sock_type == SOCK_STREAM
+            && (protocol == 0 || protocol == u32::from(IPPROTO_TCP)))
+            || (sock_type == SOCK_DGRAM && (protocol == 0 || protocol == u32::from(IPPROTO_UDP)));
+        match family {
+            AF_UNIX => true,
+            AF_INET => agent_flags & AGENT_FLAG_INET != 0 && inet_ok,
+            AF_INET6 => agent_flags & AGENT_FLAG_INET6 != 0 && inet_ok,
+            AF_NETLINK => agent_flags & AGENT_FLAG_NETLINK_ROUTE != 0 && protocol == NETLINK_ROUTE,
+            _ => false,
+        }
+    });
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count_lost(cgroup);
+        return ret;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is the reserved ring-buffer record, writable and RawEvent-sized.
+    unsafe {
+        fill_header(ev, cgroup, EventKind::SocketCreate as u16, flags);
+        (*ev).layer = Layer::Bpf as u8;
+        (*ev).verdict = verdict as u8;
+        (*ev).proto = if protocol < 256 { protocol as u8 } else { 0 };
+        (*ev).family = family as u16;
+        (*ev).aux = u64::from(sock_type);
+        (*ev).ret = i64::from(protocol);
+        (*ev).path[0] = 0;
+        (*ev).path2[0] = 0;
+    }
+    entry.submit(0);
+    ret
+}

@@ -1,0 +1,114 @@
+//! The process tree: forks and process exits of agents, from BTF tracepoints (`tp_btf`),
+//! which hand over the `task_struct`s. Rust BPF has no CO-RE relocations, so the field
+//! offsets are globals user space sets from the running kernel's BTF before loading.
+
+use agentd_common::{AGENT_FLAG_KILLED, EventKind, Layer, RawEvent, Verdict};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_send_signal},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+
+use crate::maps::{EVENTS, PENDING, count_lost, current_agent, fill_header};
+
+/// `offsetof(struct task_struct, pid)`, from BTF.
+#[unsafe(no_mangle)]
+static TASK_PID_OFFSET: u64 = 0;
+/// `offsetof(struct task_struct, tgid)`, from BTF.
+#[unsafe(no_mangle)]
+static TASK_TGID_OFFSET: u64 = 0;
+/// `offsetof(struct task_struct, exit_code)`, from BTF.
+#[unsafe(no_mangle)]
+static TASK_EXIT_CODE_OFFSET: u64 = 0;
+
+const SIGKILL: u32 = 9;
+
+#[inline(always)]
+fn global(g: &u64) -> usize {
+    // SAFETY: a read of a global in .rodata; volatile so the compiler does not fold the
+    // build-time value 0 (user space overrides it at load).
+    unsafe { core::ptr::read_volatile(g) as usize }
+}
+
+#[inline(always)]
+fn read_task_i32(task: *const u8, offset: usize) -> Option<i32> {
+    // SAFETY: bpf_probe_read_kernel faults safely; `task` is a task_struct the
+    // tracepoint passed, `offset` a field offset from this kernel's BTF.
+    unsafe { bpf_probe_read_kernel(task.wrapping_add(offset).cast::<i32>()) }.ok()
+}
+
+/// TP_PROTO(struct task_struct *parent, struct task_struct *child); runs in the parent.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
+    try_fork(&ctx);
+    0
+}
+
+/// TP_PROTO(struct task_struct *p, bool group_dead); runs in the exiting task.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
+    try_process_exit(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_fork(ctx: &BtfTracePointContext) {
+    let Some((cgroup, state)) = current_agent() else {
+        return;
+    };
+    // SAFETY: `state` points into the AGENTS map value for the program's run.
+    if unsafe { (*state).flags } & AGENT_FLAG_KILLED != 0 {
+        // SAFETY: the helper has no memory preconditions.
+        unsafe { bpf_send_signal(SIGKILL) };
+        return;
+    }
+    let child: *const u8 = ctx.arg(1);
+    let (Some(pid), Some(tgid)) = (
+        read_task_i32(child, global(&TASK_PID_OFFSET)),
+        read_task_i32(child, global(&TASK_TGID_OFFSET)),
+    ) else {
+        return;
+    };
+    if pid != tgid {
+        // A new thread, not a new process.
+        return;
+    }
+    emit(cgroup, EventKind::Fork, i64::from(tgid));
+}
+
+#[inline(always)]
+fn try_process_exit(ctx: &BtfTracePointContext) {
+    let Some((cgroup, _)) = current_agent() else {
+        return;
+    };
+    // The thread's in-flight call (if any) never returns.
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let _ = PENDING.remove(&tid);
+    let group_dead: u64 = ctx.arg(1);
+    if group_dead & 0xff == 0 {
+        // Not the last thread of the process.
+        return;
+    }
+    let task: *const u8 = ctx.arg(0);
+    let code = read_task_i32(task, global(&TASK_EXIT_CODE_OFFSET)).unwrap_or(0);
+    emit(cgroup, EventKind::Exit, i64::from(code));
+}
+
+#[inline(always)]
+fn emit(cgroup: u64, kind: EventKind, ret: i64) {
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count_lost(cgroup);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is the reserved ring-buffer record, writable and RawEvent-sized.
+    unsafe {
+        fill_header(ev, cgroup, kind as u16, 0);
+        (*ev).layer = Layer::Observed as u8;
+        (*ev).verdict = Verdict::Allow as u8;
+        (*ev).ret = ret;
+        (*ev).path[0] = 0;
+        (*ev).path2[0] = 0;
+    }
+    entry.submit(0);
+}

@@ -1,0 +1,1081 @@
+//! `RawEvent` (the ring-buffer record) -> [`Event`], once, and the attribution of a
+//! failed file operation to the layer that refused it. Pure: the clock offset, the agent
+//! table entry and the path resolver come in as arguments, so every rule is unit-tested
+//! with hand-made records.
+
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    path::{Component, Path, PathBuf},
+};
+
+use agentd_common::{
+    EVENT_FLAG_CANARY_CANDIDATE, EVENT_FLAG_CANARY_SENT, EVENT_FLAG_MONITOR, EVENT_FLAG_NO_ENTER,
+    EVENT_FLAG_PATH_TRUNCATED, EVENT_FLAG_PATH_UNREAD, EVENT_FLAG_PATH2_TRUNCATED,
+    EVENT_FLAG_WRITE_INTENT, EXEC_ARG_LEN, EXEC_ARGS, EventKind, IPPROTO_TCP, IPPROTO_UDP,
+    RawEvent, Syscall,
+};
+
+use crate::{
+    event::{Event, Kind, Layer, Verdict, rfc3339},
+    profile::CompiledPolicy,
+};
+
+const EPERM: i32 = libc::EPERM;
+const EACCES: i32 = libc::EACCES;
+const ENOSYS: i32 = libc::ENOSYS;
+/// `AT_FDCWD`: a relative path is resolved against the working directory.
+pub const AT_FDCWD: i32 = -100;
+
+/// What the decoder knows about the agent an event belongs to.
+#[derive(Debug, Clone)]
+pub struct AgentInfo {
+    pub id: String,
+    pub policy: std::sync::Arc<CompiledPolicy>,
+}
+
+/// Resolves a relative path of process `pid` against directory fd `dfd` (`AT_FDCWD` =
+/// its working directory). Returns `None` when it cannot (the process is gone).
+pub type Resolver<'a> = &'a dyn Fn(u32, i32, &str) -> Option<PathBuf>;
+
+/// CLOCK_REALTIME minus CLOCK_MONOTONIC, in nanoseconds: turns a `bpf_ktime_get_ns()`
+/// stamp into wall-clock time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockOffset(pub i128);
+
+impl ClockOffset {
+    pub fn wall(self, ktime_ns: u64) -> String {
+        let ns = i128::from(ktime_ns) + self.0;
+        let ns = u128::try_from(ns).unwrap_or(0);
+        let secs = u64::try_from(ns / 1_000_000_000).unwrap_or(u64::MAX);
+        rfc3339(secs, (ns % 1_000_000_000) as u32)
+    }
+}
+
+/// The bytes of a NUL-terminated buffer before the NUL, lossily as UTF-8.
+pub fn cstr(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+fn kind_of(k: EventKind) -> Kind {
+    match k {
+        EventKind::Exec => Kind::Exec,
+        EventKind::Fork => Kind::Fork,
+        EventKind::Exit => Kind::ProcessExit,
+        EventKind::OpenWrite => Kind::OpenWrite,
+        EventKind::Unlink => Kind::Unlink,
+        EventKind::Rename => Kind::Rename,
+        EventKind::Mkdir => Kind::Mkdir,
+        EventKind::Rmdir => Kind::Rmdir,
+        EventKind::Link => Kind::Link,
+        EventKind::Symlink => Kind::Symlink,
+        EventKind::Chmod => Kind::Chmod,
+        EventKind::Chown => Kind::Chown,
+        EventKind::Truncate => Kind::Truncate,
+        EventKind::Setxattr => Kind::Setxattr,
+        EventKind::Connect => Kind::Connect,
+        EventKind::Sendmsg => Kind::Sendmsg,
+        EventKind::Bind => Kind::Bind,
+        EventKind::SocketCreate => Kind::Socket,
+        EventKind::Canary => Kind::Canary,
+    }
+}
+
+/// The access a file operation needed, to compare with the policy's Landlock rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    Read,
+    Write,
+    Exec,
+}
+
+/// Facts about one failed (or not) file operation, for [`attribute`].
+#[derive(Debug, Clone, Copy)]
+pub struct FileOutcome<'a> {
+    pub kind: EventKind,
+    pub syscall: Option<Syscall>,
+    /// `Some(errno)` when the call failed.
+    pub errno: Option<i32>,
+    /// The exit was seen without the entry (refused before `sys_enter`).
+    pub no_enter: bool,
+    pub write_intent: bool,
+    /// Absolute paths (resolved), when known: the operation's first and second path.
+    pub path: Option<&'a Path>,
+    pub path2: Option<&'a Path>,
+}
+
+/// Which layer refused a file operation, and the verdict:
+/// - success: the kernel allowed it;
+/// - exit without entry, EPERM or ENOSYS: seccomp (its filter runs before the `sys_enter`
+///   tracepoints; the `sys_exit` ones still fire);
+/// - EPERM on a call the policy's seccomp allow-list lacks: seccomp;
+/// - EACCES on a path the policy's Landlock rules do not grant the needed access to:
+///   Landlock; on a granted path: the kernel's own permission checks;
+/// - anything else (ENOENT, EEXIST, ...): the call was allowed and failed on its own.
+pub fn attribute(o: &FileOutcome<'_>, policy: Option<&CompiledPolicy>) -> (Layer, Verdict) {
+    let Some(errno) = o.errno else {
+        return (Layer::Kernel, Verdict::Allow);
+    };
+    if o.no_enter && (errno == EPERM || errno == ENOSYS) {
+        return (Layer::Seccomp, Verdict::Deny);
+    }
+    match errno {
+        EPERM => {
+            let seccomp_refuses = match (policy, o.syscall) {
+                (Some(p), Some(s)) => {
+                    !p.seccomp.allow.contains(&s.name())
+                        && !p.seccomp.allow_if.iter().any(|(n, _)| *n == s.name())
+                }
+                _ => false,
+            };
+            if seccomp_refuses {
+                (Layer::Seccomp, Verdict::Deny)
+            } else {
+                (Layer::Kernel, Verdict::Deny)
+            }
+        }
+        EACCES => {
+            let Some(policy) = policy else {
+                return (Layer::Kernel, Verdict::Deny);
+            };
+            let (need, paths): (Need, [Option<&Path>; 2]) = match o.kind {
+                EventKind::Exec => (Need::Exec, [o.path, None]),
+                EventKind::Canary if !o.write_intent => (Need::Read, [o.path, None]),
+                EventKind::Rename => (Need::Write, [o.path, o.path2]),
+                // link and symlink create path2; symlink's path is the link's contents.
+                EventKind::Link | EventKind::Symlink => (Need::Write, [o.path2, None]),
+                EventKind::OpenWrite
+                | EventKind::Canary
+                | EventKind::Unlink
+                | EventKind::Mkdir
+                | EventKind::Rmdir
+                | EventKind::Chmod
+                | EventKind::Chown
+                | EventKind::Truncate
+                | EventKind::Setxattr => (Need::Write, [o.path, None]),
+                EventKind::Fork
+                | EventKind::Exit
+                | EventKind::Connect
+                | EventKind::Sendmsg
+                | EventKind::Bind
+                | EventKind::SocketCreate => return (Layer::Kernel, Verdict::Deny),
+            };
+            let want: fn(&crate::profile::FsAccess) -> bool = match need {
+                Need::Read => |a| a.read,
+                Need::Write => |a| a.write,
+                Need::Exec => |a| a.exec,
+            };
+            let refused_by_rules = paths
+                .iter()
+                .flatten()
+                .any(|p| p.is_absolute() && !policy.fs_allows(p, want));
+            if refused_by_rules {
+                (Layer::Landlock, Verdict::Deny)
+            } else {
+                (Layer::Kernel, Verdict::Deny)
+            }
+        }
+        _ => (Layer::Kernel, Verdict::Allow),
+    }
+}
+
+fn layer_of_raw(raw: u8) -> Option<Layer> {
+    match raw {
+        x if x == agentd_common::Layer::Observed as u8 => None,
+        x if x == agentd_common::Layer::Landlock as u8 => Some(Layer::Landlock),
+        x if x == agentd_common::Layer::Seccomp as u8 => Some(Layer::Seccomp),
+        x if x == agentd_common::Layer::Bpf as u8 => Some(Layer::Bpf),
+        x if x == agentd_common::Layer::BpfLsm as u8 => Some(Layer::BpfLsm),
+        _ => None,
+    }
+}
+
+fn verdict_of_raw(raw: u8) -> Verdict {
+    match raw {
+        x if x == agentd_common::Verdict::Allow as u8 => Verdict::Allow,
+        x if x == agentd_common::Verdict::Killed as u8 => Verdict::Killed,
+        // Deny, and anything unknown: never report an unknown verdict as allowed.
+        _ => Verdict::Deny,
+    }
+}
+
+fn proto_name(p: u8) -> Option<String> {
+    match p {
+        IPPROTO_TCP => Some("tcp".into()),
+        IPPROTO_UDP => Some("udp".into()),
+        0 => None,
+        other => Some(other.to_string()),
+    }
+}
+
+fn family_name(f: u16) -> serde_json::Value {
+    match i32::from(f) {
+        libc::AF_UNIX => "unix".into(),
+        libc::AF_INET => "inet".into(),
+        libc::AF_INET6 => "inet6".into(),
+        libc::AF_NETLINK => "netlink".into(),
+        libc::AF_PACKET => "packet".into(),
+        other => other.into(),
+    }
+}
+
+fn socket_type_name(t: u64) -> serde_json::Value {
+    match i32::try_from(t).unwrap_or(-1) {
+        libc::SOCK_STREAM => "stream".into(),
+        libc::SOCK_DGRAM => "dgram".into(),
+        libc::SOCK_RAW => "raw".into(),
+        libc::SOCK_SEQPACKET => "seqpacket".into(),
+        _ => t.into(),
+    }
+}
+
+/// Open flags as `O_WRONLY|O_CREAT|...` (the ones that say what an open may change).
+pub fn open_flags(flags: u64) -> String {
+    let f = i32::try_from(flags & 0xffff_ffff).unwrap_or(0);
+    let mut out = vec![match f & libc::O_ACCMODE {
+        libc::O_WRONLY => "O_WRONLY",
+        libc::O_RDWR => "O_RDWR",
+        _ => "O_RDONLY",
+    }];
+    for (bit, name) in [
+        (libc::O_CREAT, "O_CREAT"),
+        (libc::O_EXCL, "O_EXCL"),
+        (libc::O_TRUNC, "O_TRUNC"),
+        (libc::O_APPEND, "O_APPEND"),
+        (libc::O_DIRECTORY, "O_DIRECTORY"),
+        (libc::O_NOFOLLOW, "O_NOFOLLOW"),
+        (libc::O_PATH, "O_PATH"),
+    ] {
+        if f & bit == bit {
+            out.push(name);
+        }
+    }
+    if f & libc::O_TMPFILE == libc::O_TMPFILE {
+        out.retain(|n| *n != "O_DIRECTORY");
+        out.push("O_TMPFILE");
+    }
+    out.join("|")
+}
+
+/// Exit status from `task_struct.exit_code`: ("signal", n) or ("code", n).
+fn exit_detail(code: i64, e: Event) -> Event {
+    let sig = code & 0x7f;
+    if sig != 0 {
+        let e = e.with("signal", sig);
+        if code & 0x80 != 0 {
+            e.with("core_dumped", true)
+        } else {
+            e
+        }
+    } else {
+        e.with("code", (code >> 8) & 0xff)
+    }
+}
+
+/// The absolute form of `raw` (a path argument of process `pid`), or `raw` itself.
+fn resolve_path(raw: &str, pid: u32, dfd: i32, resolve: Resolver<'_>) -> PathBuf {
+    if raw.starts_with('/') || raw.is_empty() {
+        return PathBuf::from(raw);
+    }
+    resolve(pid, dfd, raw).unwrap_or_else(|| PathBuf::from(raw))
+}
+
+/// Decodes one ring-buffer record. `None` for a record of an unknown kind (a newer BPF
+/// object than this binary: never happens with the embedded object), and for a canary
+/// candidate that resolves to no canary.
+pub fn decode(
+    raw: &RawEvent,
+    agent: Option<&AgentInfo>,
+    clock: ClockOffset,
+    resolve: Resolver<'_>,
+) -> Option<Event> {
+    let raw_kind = EventKind::from_raw(raw.kind)?;
+    let kind = kind_of(raw_kind);
+    let agent_id = agent.map_or_else(|| format!("cgroup:{}", raw.agent_cgroup), |a| a.id.clone());
+    let mut e = Event::new(
+        &agent_id,
+        raw.pid,
+        &cstr(&raw.comm),
+        kind,
+        Verdict::None,
+        Layer::Kernel,
+    );
+    e.ts = clock.wall(raw.ktime_ns);
+    e.ktime_ns = Some(raw.ktime_ns);
+    if raw.tid != raw.pid {
+        e = e.with("tid", raw.tid);
+    }
+    let monitor = raw.flags & EVENT_FLAG_MONITOR != 0;
+    if monitor {
+        e = e.with("monitor", true);
+    }
+    if raw.flags & EVENT_FLAG_PATH_TRUNCATED != 0 {
+        e = e.with("path_truncated", true);
+    }
+    if raw.flags & EVENT_FLAG_PATH2_TRUNCATED != 0 {
+        e = e.with("path2_truncated", true);
+    }
+
+    match raw_kind {
+        EventKind::Connect | EventKind::Sendmsg | EventKind::Bind => {
+            e.layer = layer_of_raw(raw.layer).unwrap_or(Layer::Bpf);
+            e.verdict = verdict_of_raw(raw.verdict);
+            let v6 = Ipv6Addr::from(raw.addr);
+            e.addr = Some(match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            });
+            e.port = Some(raw.port);
+            e.proto = proto_name(raw.proto);
+            if e.verdict != Verdict::Allow && !monitor {
+                e.errno = Some(EPERM);
+            }
+            e = e.with("family", family_name(raw.family));
+        }
+        EventKind::SocketCreate => {
+            e.layer = layer_of_raw(raw.layer).unwrap_or(Layer::Bpf);
+            e.verdict = verdict_of_raw(raw.verdict);
+            e.proto = proto_name(raw.proto);
+            if e.verdict != Verdict::Allow && !monitor {
+                e.errno = Some(EPERM);
+            }
+            e = e
+                .with("family", family_name(raw.family))
+                .with("type", socket_type_name(raw.aux))
+                .with("protocol", raw.ret);
+        }
+        EventKind::Fork => {
+            e = e.with("child", raw.ret);
+        }
+        EventKind::Exit => {
+            e = exit_detail(raw.ret, e);
+        }
+        EventKind::Exec
+        | EventKind::OpenWrite
+        | EventKind::Canary
+        | EventKind::Unlink
+        | EventKind::Rename
+        | EventKind::Mkdir
+        | EventKind::Rmdir
+        | EventKind::Link
+        | EventKind::Symlink
+        | EventKind::Chmod
+        | EventKind::Chown
+        | EventKind::Truncate
+        | EventKind::Setxattr => {
+            return decode_file(raw, raw_kind, e, agent, resolve);
+        }
+    }
+    Some(e)
+}
+
+fn decode_file(
+    raw: &RawEvent,
+    kind: EventKind,
+    mut e: Event,
+    agent: Option<&AgentInfo>,
+    resolve: Resolver<'_>,
+) -> Option<Event> {
+    let syscall = Syscall::from_raw(raw.syscall);
+    if let Some(s) = syscall {
+        e = e.with("syscall", s.name());
+    }
+    let no_enter = raw.flags & EVENT_FLAG_NO_ENTER != 0;
+    if no_enter {
+        // Refused before the entry tracepoint: the arguments were never read.
+        e = e.with("entry_seen", false);
+    }
+    let write_intent = raw.flags & EVENT_FLAG_WRITE_INTENT != 0;
+    let errno = (raw.ret < 0).then(|| i32::try_from(-raw.ret).unwrap_or(i32::MAX));
+    e.errno = errno;
+
+    let path_arg = cstr(&raw.path);
+    let (path, path2) = match kind {
+        EventKind::Exec => {
+            let argv: Vec<String> = (0..EXEC_ARGS)
+                .map(|i| cstr(&raw.path2[i * EXEC_ARG_LEN..(i + 1) * EXEC_ARG_LEN]))
+                .take_while(|a| !a.is_empty())
+                .collect();
+            if !argv.is_empty() {
+                e = e.with("argv", argv);
+            }
+            (resolve_path(&path_arg, raw.pid, raw.dfd, resolve), None)
+        }
+        EventKind::Setxattr => {
+            let name = cstr(&raw.path2);
+            if !name.is_empty() {
+                e = e.with("xattr", name);
+            }
+            (resolve_path(&path_arg, raw.pid, raw.dfd, resolve), None)
+        }
+        EventKind::Symlink => {
+            // path is the link's contents, never resolved; dfd belongs to path2.
+            let link = cstr(&raw.path2);
+            (
+                PathBuf::from(&path_arg),
+                Some(resolve_path(&link, raw.pid, raw.dfd, resolve)),
+            )
+        }
+        EventKind::Rename | EventKind::Link => {
+            let second = cstr(&raw.path2);
+            // The second directory fd of renameat/linkat is not recorded: resolve the
+            // second path only for the calls without one.
+            let dfd2 = match syscall {
+                Some(Syscall::Rename | Syscall::Link) => AT_FDCWD,
+                _ => i32::MIN,
+            };
+            let second = if dfd2 == AT_FDCWD {
+                resolve_path(&second, raw.pid, AT_FDCWD, resolve)
+            } else {
+                PathBuf::from(second)
+            };
+            (
+                resolve_path(&path_arg, raw.pid, raw.dfd, resolve),
+                Some(second),
+            )
+        }
+        EventKind::OpenWrite
+        | EventKind::Canary
+        | EventKind::Unlink
+        | EventKind::Mkdir
+        | EventKind::Rmdir
+        | EventKind::Chmod
+        | EventKind::Chown
+        | EventKind::Truncate
+        | EventKind::Fork
+        | EventKind::Exit
+        | EventKind::Connect
+        | EventKind::Sendmsg
+        | EventKind::Bind
+        | EventKind::SocketCreate => (resolve_path(&path_arg, raw.pid, raw.dfd, resolve), None),
+    };
+    // The first path, when known: not when the exit came without its entry; when the
+    // entry could not read it, only for a successful open (from the new fd).
+    let unread = raw.flags & EVENT_FLAG_PATH_UNREAD != 0;
+    let path: Option<PathBuf> = if no_enter {
+        None
+    } else if unread {
+        e = e.with("path_unread", true);
+        let opened = matches!(
+            syscall,
+            Some(Syscall::Open | Syscall::Openat | Syscall::Openat2 | Syscall::Creat)
+        );
+        match i32::try_from(raw.ret) {
+            Ok(fd) if opened && fd >= 0 => resolve(raw.pid, fd, ""),
+            Ok(_) | Err(_) => None,
+        }
+    } else {
+        if path.as_os_str() != path_arg.as_str() && kind != EventKind::Symlink {
+            e = e.with("path_arg", path_arg.as_str());
+        }
+        Some(path)
+    };
+    // Without the entry, the arguments (and so `aux`) were never read.
+    if !no_enter {
+        e = aux_detail(kind, raw.aux, e);
+    }
+
+    // A write-intent open the kernel could not match as written (relative, or spelt with
+    // `//`, `.`, `..`) that resolves to a canary is reported as the canary breach it is.
+    let mut kind = kind;
+    if kind == EventKind::OpenWrite
+        && raw.flags & EVENT_FLAG_CANARY_SENT == 0
+        && agent
+            .zip(path.as_deref())
+            .and_then(|(a, p)| canary_of(&a.policy, p))
+            .is_some()
+    {
+        kind = EventKind::Canary;
+        e.kind = Kind::Canary;
+    }
+    if kind == EventKind::Canary {
+        // Which canary: the kernel matched the path as written; a candidate (relative or
+        // spelt oddly) is matched here, after resolving, and dropped if it is none.
+        let canary = agent
+            .zip(path.as_deref())
+            .and_then(|(a, p)| canary_of(&a.policy, p));
+        match canary {
+            Some(c) => e = e.with("canary", c.to_string_lossy()),
+            None if raw.flags & EVENT_FLAG_CANARY_CANDIDATE != 0 => return None,
+            None => {}
+        }
+    }
+
+    let outcome = FileOutcome {
+        kind,
+        syscall,
+        errno,
+        no_enter,
+        write_intent,
+        path: path.as_deref(),
+        path2: path2.as_deref(),
+    };
+    let (layer, verdict) = match layer_of_raw(raw.layer) {
+        // A layer that decided in the kernel said so itself.
+        Some(layer) => (layer, verdict_of_raw(raw.verdict)),
+        None => attribute(&outcome, agent.map(|a| a.policy.as_ref())),
+    };
+    e.layer = layer;
+    e.verdict = verdict;
+    e.path = path.map(|p| p.to_string_lossy().into_owned());
+    if !no_enter {
+        e.path2 = path2.map(|p| p.to_string_lossy().into_owned());
+    }
+    Some(e)
+}
+
+/// `p` with `.`, `..` and repeated `/` resolved lexically (symlinks are not followed).
+pub fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::RootDir | Component::Prefix(_) => out.push(c.as_os_str()),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+        }
+    }
+    out
+}
+
+/// The policy's canary `path` is, or is beneath, if any.
+pub fn canary_of<'a>(policy: &'a CompiledPolicy, path: &Path) -> Option<&'a Path> {
+    if !path.is_absolute() {
+        return None;
+    }
+    let path = normalize(path);
+    policy
+        .canaries
+        .iter()
+        .find(|c| path.starts_with(c))
+        .map(PathBuf::as_path)
+}
+
+/// Details carried in `aux`, by kind (see `RawEvent::aux`).
+fn aux_detail(kind: EventKind, aux: u64, mut e: Event) -> Event {
+    match kind {
+        EventKind::OpenWrite | EventKind::Canary => {
+            e = e.with("flags", open_flags(aux));
+        }
+        EventKind::Chmod | EventKind::Mkdir => {
+            e = e.with("mode", format!("{:04o}", aux & 0o7777));
+        }
+        EventKind::Chown => {
+            let uid = aux & 0xffff_ffff;
+            let gid = aux >> 32;
+            if uid != 0xffff_ffff {
+                e = e.with("uid", uid);
+            }
+            if gid != 0xffff_ffff {
+                e = e.with("gid", gid);
+            }
+        }
+        EventKind::Truncate => {
+            e = e.with("length", aux);
+        }
+        EventKind::Rename
+        | EventKind::Link
+        | EventKind::Unlink
+        | EventKind::Exec
+        | EventKind::Setxattr
+            if aux != 0 =>
+        {
+            e = e.with("flags", aux);
+        }
+        EventKind::Exec
+        | EventKind::Unlink
+        | EventKind::Rename
+        | EventKind::Rmdir
+        | EventKind::Link
+        | EventKind::Symlink
+        | EventKind::Setxattr
+        | EventKind::Fork
+        | EventKind::Exit
+        | EventKind::Connect
+        | EventKind::Sendmsg
+        | EventKind::Bind
+        | EventKind::SocketCreate => {}
+    }
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+
+    use std::sync::Arc;
+
+    use agentd_common::{COMM_LEN, PATH_LEN};
+
+    use super::*;
+    use crate::profile::{CompileContext, compile, parse};
+
+    fn policy() -> Arc<CompiledPolicy> {
+        let text = r#"
+[agent]
+name = "t"
+[filesystem]
+read = ["/usr", "/home/u/project"]
+write = ["/home/u/project", "/tmp"]
+exec = ["/usr/bin"]
+canaries = ["/home/u/.ssh"]
+[network]
+connect = ["127.0.0.1/32:8080"]
+"#;
+        let p = parse("test", text).unwrap();
+        Arc::new(compile(
+            &p,
+            &CompileContext {
+                workspace: "/home/u/project".into(),
+                home: "/home/u".into(),
+            },
+        ))
+    }
+
+    fn agent() -> AgentInfo {
+        AgentInfo {
+            id: "agent-1".into(),
+            policy: policy(),
+        }
+    }
+
+    fn raw(kind: EventKind) -> RawEvent {
+        let mut comm = [0u8; COMM_LEN];
+        comm[..4].copy_from_slice(b"bash");
+        RawEvent {
+            ktime_ns: 5_000_000_123,
+            agent_cgroup: 4242,
+            ret: 0,
+            aux: 0,
+            pid: 100,
+            tid: 100,
+            kind: kind as u16,
+            flags: 0,
+            layer: agentd_common::Layer::Observed as u8,
+            verdict: 0,
+            proto: 0,
+            syscall: 0,
+            addr: [0; 16],
+            port: 0,
+            family: 0,
+            dfd: AT_FDCWD,
+            comm,
+            path: [0; PATH_LEN],
+            path2: [0; PATH_LEN],
+        }
+    }
+
+    fn set(buf: &mut [u8], s: &str) {
+        buf[..s.len()].copy_from_slice(s.as_bytes());
+        buf[s.len()] = 0;
+    }
+
+    fn no_resolve(_: u32, _: i32, _: &str) -> Option<PathBuf> {
+        None
+    }
+
+    const CLOCK: ClockOffset = ClockOffset(1_000_000_000_000_000_000);
+
+    fn dec(r: &RawEvent) -> Event {
+        decode(r, Some(&agent()), CLOCK, &no_resolve).unwrap()
+    }
+
+    #[test]
+    fn connect_denied_by_bpf_with_mapped_v4() {
+        let mut r = raw(EventKind::Connect);
+        r.layer = agentd_common::Layer::Bpf as u8;
+        r.verdict = agentd_common::Verdict::Deny as u8;
+        r.proto = IPPROTO_TCP;
+        r.addr = Ipv6Addr::from([0, 0, 0, 0, 0, 0xffff, 0x7f00, 1]).octets();
+        r.port = 9;
+        r.family = libc::AF_INET as u16;
+        let e = dec(&r);
+        assert_eq!(e.kind, Kind::Connect);
+        assert_eq!(e.layer, Layer::Bpf);
+        assert_eq!(e.verdict, Verdict::Deny);
+        assert_eq!(e.addr, Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(e.port, Some(9));
+        assert_eq!(e.proto.as_deref(), Some("tcp"));
+        assert_eq!(e.errno, Some(libc::EPERM));
+        assert_eq!(e.agent, "agent-1");
+        assert_eq!(e.comm, "bash");
+        assert_eq!(e.ts, "2001-09-09T01:46:45.000000123Z");
+        assert_eq!(e.ktime_ns, Some(5_000_000_123));
+    }
+
+    #[test]
+    fn monitor_mode_deny_has_no_errno_and_says_monitor() {
+        let mut r = raw(EventKind::Sendmsg);
+        r.layer = agentd_common::Layer::Bpf as u8;
+        r.verdict = agentd_common::Verdict::Deny as u8;
+        r.flags = EVENT_FLAG_MONITOR;
+        r.proto = IPPROTO_UDP;
+        r.addr = Ipv6Addr::LOCALHOST.octets();
+        let e = dec(&r);
+        assert_eq!(e.verdict, Verdict::Deny);
+        assert_eq!(e.errno, None);
+        assert_eq!(e.detail["monitor"], true);
+        assert_eq!(e.addr, Some("::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn killed_verdict_and_socket_details() {
+        let mut r = raw(EventKind::SocketCreate);
+        r.layer = agentd_common::Layer::Bpf as u8;
+        r.verdict = agentd_common::Verdict::Killed as u8;
+        r.family = libc::AF_INET as u16;
+        r.aux = libc::SOCK_RAW as u64;
+        r.ret = 1;
+        let e = dec(&r);
+        assert_eq!(e.kind, Kind::Socket);
+        assert_eq!(e.verdict, Verdict::Killed);
+        assert_eq!(e.detail["type"], "raw");
+        assert_eq!(e.detail["family"], "inet");
+        assert_eq!(e.detail["protocol"], 1);
+    }
+
+    #[test]
+    fn unknown_cgroup_and_unknown_kind() {
+        let r = raw(EventKind::Fork);
+        let e = decode(&r, None, CLOCK, &no_resolve).unwrap();
+        assert_eq!(e.agent, "cgroup:4242");
+        let mut r = raw(EventKind::Fork);
+        r.kind = 999;
+        assert!(decode(&r, None, CLOCK, &no_resolve).is_none());
+    }
+
+    #[test]
+    fn open_write_allowed_in_workspace() {
+        let mut r = raw(EventKind::OpenWrite);
+        r.syscall = Syscall::Openat as u8;
+        r.flags = EVENT_FLAG_WRITE_INTENT;
+        r.aux = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u64;
+        r.ret = 3;
+        set(&mut r.path, "/home/u/project/out.txt");
+        let e = dec(&r);
+        assert_eq!(e.kind, Kind::OpenWrite);
+        assert_eq!(e.verdict, Verdict::Allow);
+        assert_eq!(e.layer, Layer::Kernel);
+        assert_eq!(e.errno, None);
+        assert_eq!(e.path.as_deref(), Some("/home/u/project/out.txt"));
+        assert_eq!(e.detail["flags"], "O_WRONLY|O_CREAT|O_TRUNC");
+        assert_eq!(e.detail["syscall"], "openat");
+    }
+
+    #[test]
+    fn eacces_outside_write_rules_is_landlock() {
+        let mut r = raw(EventKind::OpenWrite);
+        r.syscall = Syscall::Openat as u8;
+        r.flags = EVENT_FLAG_WRITE_INTENT;
+        r.aux = libc::O_WRONLY as u64;
+        r.ret = -i64::from(libc::EACCES);
+        set(&mut r.path, "/etc/passwd");
+        let e = dec(&r);
+        assert_eq!((e.layer, e.verdict), (Layer::Landlock, Verdict::Deny));
+        assert_eq!(e.errno, Some(libc::EACCES));
+    }
+
+    #[test]
+    fn eacces_inside_write_rules_is_the_kernel() {
+        let mut r = raw(EventKind::Unlink);
+        r.syscall = Syscall::Unlink as u8;
+        r.ret = -i64::from(libc::EACCES);
+        set(&mut r.path, "/tmp/someone-elses-file");
+        let e = dec(&r);
+        assert_eq!((e.layer, e.verdict), (Layer::Kernel, Verdict::Deny));
+    }
+
+    #[test]
+    fn relative_paths_are_resolved_then_attributed() {
+        let mut r = raw(EventKind::Mkdir);
+        r.syscall = Syscall::Mkdirat as u8;
+        r.ret = -i64::from(libc::EACCES);
+        r.dfd = 7;
+        r.aux = 0o755;
+        set(&mut r.path, "sub/dir");
+        let resolver = |pid: u32, dfd: i32, p: &str| {
+            assert_eq!((pid, dfd), (100, 7));
+            Some(PathBuf::from("/etc").join(p))
+        };
+        let e = decode(&r, Some(&agent()), CLOCK, &resolver).unwrap();
+        assert_eq!(e.path.as_deref(), Some("/etc/sub/dir"));
+        assert_eq!(e.detail["path_arg"], "sub/dir");
+        assert_eq!(e.detail["mode"], "0755");
+        assert_eq!(e.layer, Layer::Landlock);
+        // Unresolvable: the path stays relative and nothing is blamed on Landlock.
+        let e = dec(&r);
+        assert_eq!(e.path.as_deref(), Some("sub/dir"));
+        assert_eq!((e.layer, e.verdict), (Layer::Kernel, Verdict::Deny));
+    }
+
+    #[test]
+    fn exit_without_entry_with_eperm_is_seccomp() {
+        let mut r = raw(EventKind::Chmod);
+        r.syscall = Syscall::Fchmodat as u8;
+        r.flags = EVENT_FLAG_NO_ENTER;
+        r.ret = -i64::from(libc::EPERM);
+        let e = dec(&r);
+        assert_eq!((e.layer, e.verdict), (Layer::Seccomp, Verdict::Deny));
+        assert_eq!(e.path, None);
+        assert_eq!(e.detail["entry_seen"], false);
+        assert!(e.detail.get("mode").is_none(), "no arguments were read");
+    }
+
+    #[test]
+    fn eperm_on_a_call_outside_the_allow_list_is_seccomp() {
+        let mut pol = (*policy()).clone();
+        pol.seccomp.allow.retain(|n| *n != "lchown");
+        let o = FileOutcome {
+            kind: EventKind::Chown,
+            syscall: Some(Syscall::Lchown),
+            errno: Some(libc::EPERM),
+            no_enter: false,
+            write_intent: false,
+            path: Some(Path::new("/tmp/x")),
+            path2: None,
+        };
+        assert_eq!(attribute(&o, Some(&pol)), (Layer::Seccomp, Verdict::Deny));
+        // Allowed call, EPERM: the kernel (e.g. chown by a non-owner).
+        assert_eq!(
+            attribute(&o, Some(&policy())),
+            (Layer::Kernel, Verdict::Deny)
+        );
+    }
+
+    #[test]
+    fn other_errors_are_allowed_calls_that_failed() {
+        let o = FileOutcome {
+            kind: EventKind::Unlink,
+            syscall: Some(Syscall::Unlinkat),
+            errno: Some(libc::ENOENT),
+            no_enter: false,
+            write_intent: false,
+            path: Some(Path::new("/etc/nope")),
+            path2: None,
+        };
+        assert_eq!(
+            attribute(&o, Some(&policy())),
+            (Layer::Kernel, Verdict::Allow)
+        );
+    }
+
+    #[test]
+    fn exec_and_canary_reads_check_their_own_access() {
+        let exec = FileOutcome {
+            kind: EventKind::Exec,
+            syscall: Some(Syscall::Execve),
+            errno: Some(libc::EACCES),
+            no_enter: false,
+            write_intent: false,
+            path: Some(Path::new("/home/u/project/a.out")),
+            path2: None,
+        };
+        assert_eq!(attribute(&exec, Some(&policy())).0, Layer::Landlock);
+        let usr = FileOutcome {
+            path: Some(Path::new("/usr/bin/true")),
+            ..exec
+        };
+        assert_eq!(attribute(&usr, Some(&policy())).0, Layer::Kernel);
+        let canary = FileOutcome {
+            kind: EventKind::Canary,
+            syscall: Some(Syscall::Openat),
+            path: Some(Path::new("/home/u/.ssh/id_rsa")),
+            ..exec
+        };
+        assert_eq!(attribute(&canary, Some(&policy())).0, Layer::Landlock);
+    }
+
+    #[test]
+    fn rename_checks_both_paths() {
+        let mut r = raw(EventKind::Rename);
+        r.syscall = Syscall::Rename as u8;
+        r.ret = -i64::from(libc::EACCES);
+        set(&mut r.path, "/tmp/a");
+        set(&mut r.path2, "/etc/a");
+        let e = dec(&r);
+        assert_eq!(e.layer, Layer::Landlock);
+        assert_eq!(e.path.as_deref(), Some("/tmp/a"));
+        assert_eq!(e.path2.as_deref(), Some("/etc/a"));
+        set(&mut r.path2, "/tmp/b");
+        assert_eq!(dec(&r).layer, Layer::Kernel);
+    }
+
+    #[test]
+    fn exec_argv_and_comm() {
+        let mut r = raw(EventKind::Exec);
+        r.syscall = Syscall::Execve as u8;
+        set(&mut r.path, "/bin/true");
+        set(&mut r.path2[0..], "true");
+        set(&mut r.path2[EXEC_ARG_LEN..], "--version");
+        let e = dec(&r);
+        assert_eq!(e.kind, Kind::Exec);
+        assert_eq!(e.verdict, Verdict::Allow);
+        assert_eq!(e.detail["argv"], serde_json::json!(["true", "--version"]));
+        assert_eq!(e.path2, None);
+    }
+
+    #[test]
+    fn canary_read_that_failed_still_is_a_canary() {
+        let mut r = raw(EventKind::Canary);
+        r.syscall = Syscall::Openat as u8;
+        r.ret = -i64::from(libc::ENOENT);
+        set(&mut r.path, "/home/u/.ssh/id_ed25519");
+        let e = dec(&r);
+        assert_eq!(e.kind, Kind::Canary);
+        assert_eq!(e.errno, Some(libc::ENOENT));
+        assert_eq!(e.detail["flags"], "O_RDONLY");
+    }
+
+    #[test]
+    fn canary_candidates_are_resolved_and_kept_only_when_canaries() {
+        let mut r = raw(EventKind::Canary);
+        r.syscall = Syscall::Openat as u8;
+        r.flags = EVENT_FLAG_CANARY_CANDIDATE;
+        r.ret = -i64::from(libc::EACCES);
+        set(&mut r.path, ".ssh/id_rsa");
+        let in_home = |_: u32, dfd: i32, p: &str| {
+            assert_eq!(dfd, AT_FDCWD);
+            Some(PathBuf::from("/home/u").join(p))
+        };
+        let e = decode(&r, Some(&agent()), CLOCK, &in_home).unwrap();
+        assert_eq!(e.kind, Kind::Canary);
+        assert_eq!(e.path.as_deref(), Some("/home/u/.ssh/id_rsa"));
+        assert_eq!(e.detail["canary"], "/home/u/.ssh");
+        assert_eq!((e.layer, e.verdict), (Layer::Landlock, Verdict::Deny));
+        // Spelt with `//` and `..`, absolute: resolved lexically.
+        set(&mut r.path, "/tmp/..//home/u/./.ssh/config");
+        let e = dec(&r);
+        assert_eq!(e.detail["canary"], "/home/u/.ssh");
+        // Not a canary: dropped.
+        set(&mut r.path, "/etc/shadow");
+        assert!(decode(&r, Some(&agent()), CLOCK, &no_resolve).is_none());
+        // Relative and unresolvable (process gone): dropped, nothing to match.
+        set(&mut r.path, ".ssh/id_rsa");
+        assert!(decode(&r, Some(&agent()), CLOCK, &no_resolve).is_none());
+    }
+
+    #[test]
+    fn unread_path_of_a_successful_open_comes_from_the_fd() {
+        let mut r = raw(EventKind::Canary);
+        r.syscall = Syscall::Openat as u8;
+        r.flags = EVENT_FLAG_CANARY_CANDIDATE | EVENT_FLAG_PATH_UNREAD;
+        r.ret = 5;
+        let by_fd = |target: &'static str| {
+            move |pid: u32, fd: i32, rel: &str| {
+                assert_eq!((pid, fd, rel), (100, 5, ""));
+                Some(PathBuf::from(target))
+            }
+        };
+        let e = decode(&r, Some(&agent()), CLOCK, &by_fd("/home/u/.ssh/id_rsa")).unwrap();
+        assert_eq!(e.path.as_deref(), Some("/home/u/.ssh/id_rsa"));
+        assert_eq!(e.detail["path_unread"], true);
+        assert_eq!(e.detail["canary"], "/home/u/.ssh");
+        // Resolves to no canary: dropped.
+        assert!(decode(&r, Some(&agent()), CLOCK, &by_fd("/usr/lib/x")).is_none());
+        // A failed call with an unread path: no path at all.
+        let mut r = raw(EventKind::Unlink);
+        r.flags = EVENT_FLAG_PATH_UNREAD;
+        r.ret = -2;
+        let e = dec(&r);
+        assert_eq!(e.path, None);
+        assert_eq!(e.detail["path_unread"], true);
+    }
+
+    #[test]
+    fn relative_write_to_a_canary_is_a_canary() {
+        let mut r = raw(EventKind::OpenWrite);
+        r.syscall = Syscall::Openat as u8;
+        r.flags = EVENT_FLAG_WRITE_INTENT;
+        r.aux = (libc::O_WRONLY | libc::O_APPEND) as u64;
+        r.ret = -i64::from(libc::EACCES);
+        set(&mut r.path, ".ssh/authorized_keys");
+        let home = |_: u32, _: i32, p: &str| Some(PathBuf::from("/home/u").join(p));
+        let e = decode(&r, Some(&agent()), CLOCK, &home).unwrap();
+        assert_eq!(e.kind, Kind::Canary);
+        assert_eq!(e.detail["canary"], "/home/u/.ssh");
+        assert_eq!(e.detail["flags"], "O_WRONLY|O_APPEND");
+        assert_eq!(e.layer, Layer::Landlock);
+        // The kernel matched it and sent the Canary first: this one stays a write.
+        r.flags |= EVENT_FLAG_CANARY_SENT;
+        assert_eq!(
+            decode(&r, Some(&agent()), CLOCK, &home).unwrap().kind,
+            Kind::OpenWrite
+        );
+    }
+
+    #[test]
+    fn normalize_is_lexical() {
+        assert_eq!(
+            normalize(Path::new("/a//b/./c/../d")),
+            PathBuf::from("/a/b/d")
+        );
+        assert_eq!(normalize(Path::new("/../a")), PathBuf::from("/a"));
+        assert!(canary_of(&policy(), Path::new("/home/u/.sshx")).is_none());
+        assert!(canary_of(&policy(), Path::new("/home/u/.ssh")).is_some());
+    }
+
+    #[test]
+    fn symlink_chown_setxattr_truncate_details() {
+        let mut r = raw(EventKind::Symlink);
+        r.syscall = Syscall::Symlinkat as u8;
+        set(&mut r.path, "../../etc/shadow");
+        set(&mut r.path2, "/tmp/link");
+        let e = dec(&r);
+        assert_eq!(e.path.as_deref(), Some("../../etc/shadow"));
+        assert_eq!(e.path2.as_deref(), Some("/tmp/link"));
+        assert!(e.detail.get("path_arg").is_none());
+
+        let mut r = raw(EventKind::Chown);
+        r.aux = 1000 | (0xffff_ffffu64 << 32);
+        set(&mut r.path, "/tmp/f");
+        let e = dec(&r);
+        assert_eq!(e.detail["uid"], 1000);
+        assert!(e.detail.get("gid").is_none());
+
+        let mut r = raw(EventKind::Setxattr);
+        set(&mut r.path, "/tmp/f");
+        set(&mut r.path2, "user.x");
+        assert_eq!(dec(&r).detail["xattr"], "user.x");
+
+        let mut r = raw(EventKind::Truncate);
+        r.aux = 4096;
+        set(&mut r.path, "/tmp/f");
+        r.flags = EVENT_FLAG_PATH_TRUNCATED;
+        let e = dec(&r);
+        assert_eq!(e.detail["length"], 4096);
+        assert_eq!(e.detail["path_truncated"], true);
+    }
+
+    #[test]
+    fn fork_and_exit_details() {
+        let mut r = raw(EventKind::Fork);
+        r.ret = 4321;
+        let e = dec(&r);
+        assert_eq!((e.kind, e.verdict), (Kind::Fork, Verdict::None));
+        assert_eq!(e.detail["child"], 4321);
+        let mut r = raw(EventKind::Exit);
+        r.ret = 3 << 8;
+        assert_eq!(dec(&r).detail["code"], 3);
+        r.ret = 9;
+        let e = dec(&r);
+        assert_eq!(e.kind, Kind::ProcessExit);
+        assert_eq!(e.detail["signal"], 9);
+        r.ret = 11 | 0x80;
+        assert_eq!(dec(&r).detail["core_dumped"], true);
+    }
+
+    #[test]
+    fn open_flag_names() {
+        assert_eq!(open_flags(0), "O_RDONLY");
+        assert_eq!(
+            open_flags((libc::O_RDWR | libc::O_APPEND | libc::O_EXCL | libc::O_CREAT) as u64),
+            "O_RDWR|O_CREAT|O_EXCL|O_APPEND"
+        );
+        assert_eq!(
+            open_flags((libc::O_TMPFILE | libc::O_WRONLY) as u64),
+            "O_WRONLY|O_TMPFILE"
+        );
+    }
+}

@@ -1,0 +1,314 @@
+//! CompiledPolicy -> the binary map entries the BPF programs read. Pure; each encoder says
+//! the byte layout it produces (the types live in agentd-common, shared with the kernel
+//! side).
+
+use std::{
+    os::unix::ffi::OsStrExt as _,
+    path::{Component, Path},
+};
+
+use agentd_common::{
+    AGENT_FLAG_CANARIES, AGENT_FLAG_INET, AGENT_FLAG_INET6, AGENT_FLAG_MONITOR,
+    AGENT_FLAG_NETLINK_ROUTE, AgentState, BindKey, CanaryKey, CanaryPath, MAX_CANARIES,
+    MAX_CGROUP_LEVEL, NET_KEY_FIXED_BITS, NetKey, PATH_LEN,
+};
+
+use crate::profile::{BindRule, CompiledPolicy, Mode, NetEntry, SocketFamily};
+
+/// Every map entry of one agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentEntries {
+    pub state: AgentState,
+    /// `NET_ALLOW` LPM-trie keys: (prefix length in bits, data).
+    pub net: Vec<(u32, NetKey)>,
+    pub bind: Vec<BindKey>,
+    pub canaries: Vec<(CanaryKey, CanaryPath)>,
+}
+
+/// A `NET_ALLOW` key for one connect rule.
+///
+/// Bytes: `policy_id` big-endian (4) | proto (1) | 0 (1) | port big-endian (2) | IPv6
+/// address (16, IPv4 as ::ffff:a.b.c.d). The trie matches the first `prefixlen` bits in
+/// that order, so `prefixlen = 64 + the rule's IPv6 prefix`: policy, protocol and port
+/// always match exactly, the address by prefix. Port 0 is the rule for every port; the
+/// program looks up the real port, then 0.
+pub fn net_key(policy_id: u32, e: &NetEntry) -> (u32, NetKey) {
+    (
+        NET_KEY_FIXED_BITS + u32::from(e.prefix),
+        NetKey {
+            policy_id_be: policy_id.to_be(),
+            proto: e.proto,
+            _pad: 0,
+            port_be: e.port.to_be(),
+            addr: e.addr.octets(),
+        },
+    )
+}
+
+/// A `BIND_ALLOW` key: `policy_id` (native endian, 4) | proto (1) | 0 (1) | port (native
+/// endian, 2): an exact-match hash key, compared as bytes with what the program builds.
+pub fn bind_key(policy_id: u32, r: &BindRule) -> BindKey {
+    BindKey {
+        policy_id,
+        proto: r.proto.number(),
+        _pad: 0,
+        port: r.port,
+    }
+}
+
+/// A `CANARIES` value: the path's length, then its bytes zero-padded to [`PATH_LEN`] and
+/// packed little-endian into words (byte `i` in bits `8 * (i % 8)` of word `i / 8`),
+/// which is what the program's eight-bytes-at-a-time compare reads from its path buffer.
+pub fn canary_path(path: &Path) -> Result<CanaryPath, String> {
+    let bytes = path.as_os_str().as_bytes();
+    if !path.is_absolute() {
+        return Err(format!("canary {} is not absolute", path.display()));
+    }
+    if bytes.len() >= PATH_LEN {
+        return Err(format!(
+            "canary {} is {} bytes long; the kernel compares at most {}",
+            path.display(),
+            bytes.len(),
+            PATH_LEN - 1
+        ));
+    }
+    if bytes.contains(&0) {
+        return Err(format!("canary {} contains a NUL byte", path.display()));
+    }
+    // Trailing slashes would never match the component-boundary test.
+    let trimmed = match bytes {
+        [rest @ .., b'/'] if !rest.is_empty() => rest,
+        other => other,
+    };
+    let mut padded = [0u8; PATH_LEN];
+    padded[..trimmed.len()].copy_from_slice(trimmed);
+    let mut words = [0u64; PATH_LEN / 8];
+    for (w, chunk) in words.iter_mut().zip(padded.chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        *w = u64::from_le_bytes(b);
+    }
+    Ok(CanaryPath {
+        len: trimmed.len() as u32,
+        _pad: 0,
+        words,
+    })
+}
+
+/// `AGENT_FLAG_*` for a policy: monitor mode, the socket families it may create, whether
+/// it has canaries.
+pub fn agent_flags(policy: &CompiledPolicy) -> u32 {
+    let mut flags = 0;
+    if policy.mode == Mode::Monitor {
+        flags |= AGENT_FLAG_MONITOR;
+    }
+    for f in &policy.network.families {
+        flags |= match f {
+            SocketFamily::Unix => 0,
+            SocketFamily::Inet => AGENT_FLAG_INET,
+            SocketFamily::Inet6 => AGENT_FLAG_INET6,
+            SocketFamily::NetlinkRoute => AGENT_FLAG_NETLINK_ROUTE,
+        };
+    }
+    if !policy.canaries.is_empty() {
+        flags |= AGENT_FLAG_CANARIES;
+    }
+    flags
+}
+
+pub fn agent_entries(policy_id: u32, policy: &CompiledPolicy) -> Result<AgentEntries, String> {
+    if policy.canaries.len() > MAX_CANARIES as usize {
+        return Err(format!(
+            "{} canaries; the kernel checks at most {MAX_CANARIES}",
+            policy.canaries.len()
+        ));
+    }
+    let canaries = policy
+        .canaries
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            Ok((
+                CanaryKey {
+                    policy_id,
+                    index: i as u32,
+                },
+                canary_path(p)?,
+            ))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let mut bind: Vec<BindKey> = policy
+        .network
+        .bind
+        .iter()
+        .map(|r| bind_key(policy_id, r))
+        .collect();
+    bind.dedup();
+    Ok(AgentEntries {
+        state: AgentState {
+            policy_id,
+            flags: agent_flags(policy),
+        },
+        net: policy
+            .network
+            .connect_entries
+            .iter()
+            .map(|e| net_key(policy_id, e))
+            .collect(),
+        bind,
+        canaries,
+    })
+}
+
+/// Level of cgroup directory `dir` in the cgroup v2 hierarchy mounted at `mount` (the
+/// root is level 0): what `bpf_get_current_ancestor_cgroup_id(level)` needs to return the
+/// agent's cgroup for any task in or below it. Both paths must be canonical.
+pub fn cgroup_level(mount: &Path, dir: &Path) -> Result<u32, String> {
+    let rel = dir.strip_prefix(mount).map_err(|_| {
+        format!(
+            "{} is not below the cgroup v2 mount {}",
+            dir.display(),
+            mount.display()
+        )
+    })?;
+    let mut level = 0u32;
+    for c in rel.components() {
+        match c {
+            Component::Normal(_) => level += 1,
+            Component::CurDir
+            | Component::ParentDir
+            | Component::RootDir
+            | Component::Prefix(_) => {
+                return Err(format!("{} is not a canonical path", dir.display()));
+            }
+        }
+    }
+    if level == 0 {
+        return Err("an agent cannot be the root cgroup".into());
+    }
+    if level > MAX_CGROUP_LEVEL {
+        return Err(format!(
+            "{} is {level} levels deep; the programs look at most {MAX_CGROUP_LEVEL} down",
+            dir.display()
+        ));
+    }
+    Ok(level)
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "tests")]
+
+    use std::net::Ipv6Addr;
+
+    use super::*;
+    use crate::profile::{CompileContext, compile, parse};
+
+    fn compiled(text: &str) -> CompiledPolicy {
+        let p = parse("test", text).unwrap();
+        compile(
+            &p,
+            &CompileContext {
+                workspace: "/w".into(),
+                home: "/home/u".into(),
+            },
+        )
+    }
+
+    #[test]
+    fn net_key_bytes_are_what_the_trie_compares() {
+        let e = NetEntry {
+            addr: Ipv6Addr::from([0, 0, 0, 0, 0, 0xffff, 0x0a00, 0]),
+            prefix: 96 + 8,
+            proto: 6,
+            port: 443,
+        };
+        let (prefix, k) = net_key(0x0102_0304, &e);
+        assert_eq!(prefix, 64 + 104);
+        // SAFETY: NetKey is repr(C) plain data with no padding (asserted in agentd-common).
+        let bytes: [u8; 24] = unsafe { std::mem::transmute(k) };
+        assert_eq!(&bytes[..8], &[1, 2, 3, 4, 6, 0, 0x01, 0xbb]);
+        assert_eq!(&bytes[8..], &e.addr.octets());
+        assert_eq!(&bytes[18..20], &[0xff, 0xff]);
+        assert_eq!(bytes[20], 10);
+    }
+
+    #[test]
+    fn canary_words_little_endian_and_trimmed() {
+        let c = canary_path(Path::new("/home/u/.ssh/")).unwrap();
+        assert_eq!(c.len, 12);
+        assert_eq!(c.words[0], u64::from_le_bytes(*b"/home/u/"));
+        assert_eq!(c.words[1], u64::from_le_bytes(*b".ssh\0\0\0\0"));
+        assert!(c.words[2..].iter().all(|&w| w == 0));
+        assert!(canary_path(Path::new("rel")).is_err());
+        let long = format!("/{}", "a".repeat(PATH_LEN));
+        assert!(
+            canary_path(Path::new(&long))
+                .unwrap_err()
+                .contains("at most 255")
+        );
+    }
+
+    #[test]
+    fn entries_of_a_policy() {
+        let p = compiled(
+            r#"
+[agent]
+name = "t"
+mode = "monitor"
+[filesystem]
+canaries = ["{home}/.ssh", "{home}/.aws"]
+[network]
+connect = ["127.0.0.1/32:8080", "10.0.0.0/8:*/udp"]
+bind = [9000, "5353/udp"]
+"#,
+        );
+        let e = agent_entries(7, &p).unwrap();
+        assert_eq!(e.state.policy_id, 7);
+        assert_eq!(
+            e.state.flags,
+            AGENT_FLAG_MONITOR
+                | AGENT_FLAG_INET
+                | AGENT_FLAG_INET6
+                | AGENT_FLAG_NETLINK_ROUTE
+                | AGENT_FLAG_CANARIES
+        );
+        assert_eq!(e.net.len(), 2);
+        let any_port = e.net.iter().find(|(_, k)| k.proto == 17).unwrap();
+        assert_eq!(any_port.0, 64 + 96 + 8);
+        assert_eq!(any_port.1.port_be, 0);
+        assert_eq!(e.bind.len(), 2);
+        assert!(e.bind.contains(&BindKey {
+            policy_id: 7,
+            proto: 17,
+            _pad: 0,
+            port: 5353
+        }));
+        assert_eq!(e.canaries.len(), 2);
+        assert_eq!(
+            e.canaries[1].0,
+            CanaryKey {
+                policy_id: 7,
+                index: 1
+            }
+        );
+    }
+
+    #[test]
+    fn no_network_rules_no_inet_sockets() {
+        let p = compiled("[agent]\nname = \"t\"\n");
+        let e = agent_entries(1, &p).unwrap();
+        assert_eq!(e.state.flags, 0);
+        assert!(e.net.is_empty() && e.bind.is_empty() && e.canaries.is_empty());
+    }
+
+    #[test]
+    fn levels() {
+        let m = Path::new("/sys/fs/cgroup/unified");
+        assert_eq!(cgroup_level(m, &m.join("a")), Ok(1));
+        assert_eq!(cgroup_level(m, &m.join("agentd/a-1")), Ok(2));
+        assert!(cgroup_level(m, m).is_err());
+        assert!(cgroup_level(m, Path::new("/tmp/x")).is_err());
+        assert!(cgroup_level(m, &m.join("a/../b")).is_err());
+    }
+}

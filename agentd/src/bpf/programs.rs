@@ -1,0 +1,254 @@
+//! The programs of `agentd-ebpf` and where they attach.
+
+use agentd_common::Syscall;
+use aya::programs::CgroupSockAddrAttachType;
+
+/// One covered syscall: its entry program (`sys_enter_<name>`, attached to the tracepoint
+/// of the same name), the argument names its format must list in order (checked before
+/// attaching), and its number on this architecture.
+#[derive(Debug, Clone, Copy)]
+pub struct SyscallTracepoint {
+    pub syscall: Syscall,
+    pub program: &'static str,
+    pub args: &'static [&'static str],
+    /// `None`: the call does not exist on this architecture (the legacy non-`at` calls on
+    /// arm64), so there is nothing to attach.
+    pub nr: Option<i64>,
+}
+
+/// `Some(libc::SYS_x)` where the architecture has the call.
+macro_rules! legacy {
+    ($sys:ident) => {{
+        #[cfg(target_arch = "x86_64")]
+        let nr = Some(libc::$sys);
+        #[cfg(not(target_arch = "x86_64"))]
+        let nr = None;
+        nr
+    }};
+}
+
+const fn tp(
+    syscall: Syscall,
+    program: &'static str,
+    args: &'static [&'static str],
+    nr: Option<i64>,
+) -> SyscallTracepoint {
+    SyscallTracepoint {
+        syscall,
+        program,
+        args,
+        nr,
+    }
+}
+
+pub fn syscall_tracepoints() -> [SyscallTracepoint; 27] {
+    use Syscall as S;
+    [
+        tp(
+            S::Open,
+            "sys_enter_open",
+            &["filename", "flags", "mode"],
+            legacy!(SYS_open),
+        ),
+        tp(
+            S::Openat,
+            "sys_enter_openat",
+            &["dfd", "filename", "flags", "mode"],
+            Some(libc::SYS_openat),
+        ),
+        tp(
+            S::Openat2,
+            "sys_enter_openat2",
+            &["dfd", "filename", "how", "usize"],
+            Some(libc::SYS_openat2),
+        ),
+        tp(
+            S::Creat,
+            "sys_enter_creat",
+            &["pathname", "mode"],
+            legacy!(SYS_creat),
+        ),
+        tp(
+            S::Unlink,
+            "sys_enter_unlink",
+            &["pathname"],
+            legacy!(SYS_unlink),
+        ),
+        tp(
+            S::Unlinkat,
+            "sys_enter_unlinkat",
+            &["dfd", "pathname", "flag"],
+            Some(libc::SYS_unlinkat),
+        ),
+        tp(
+            S::Rename,
+            "sys_enter_rename",
+            &["oldname", "newname"],
+            legacy!(SYS_rename),
+        ),
+        tp(
+            S::Renameat,
+            "sys_enter_renameat",
+            &["olddfd", "oldname", "newdfd", "newname"],
+            Some(libc::SYS_renameat),
+        ),
+        tp(
+            S::Renameat2,
+            "sys_enter_renameat2",
+            &["olddfd", "oldname", "newdfd", "newname", "flags"],
+            Some(libc::SYS_renameat2),
+        ),
+        tp(
+            S::Mkdir,
+            "sys_enter_mkdir",
+            &["pathname", "mode"],
+            legacy!(SYS_mkdir),
+        ),
+        tp(
+            S::Mkdirat,
+            "sys_enter_mkdirat",
+            &["dfd", "pathname", "mode"],
+            Some(libc::SYS_mkdirat),
+        ),
+        tp(
+            S::Rmdir,
+            "sys_enter_rmdir",
+            &["pathname"],
+            legacy!(SYS_rmdir),
+        ),
+        tp(
+            S::Link,
+            "sys_enter_link",
+            &["oldname", "newname"],
+            legacy!(SYS_link),
+        ),
+        tp(
+            S::Linkat,
+            "sys_enter_linkat",
+            &["olddfd", "oldname", "newdfd", "newname", "flags"],
+            Some(libc::SYS_linkat),
+        ),
+        tp(
+            S::Symlink,
+            "sys_enter_symlink",
+            &["oldname", "newname"],
+            legacy!(SYS_symlink),
+        ),
+        tp(
+            S::Symlinkat,
+            "sys_enter_symlinkat",
+            &["oldname", "newdfd", "newname"],
+            Some(libc::SYS_symlinkat),
+        ),
+        tp(
+            S::Chmod,
+            "sys_enter_chmod",
+            &["filename", "mode"],
+            legacy!(SYS_chmod),
+        ),
+        tp(
+            S::Fchmodat,
+            "sys_enter_fchmodat",
+            &["dfd", "filename", "mode"],
+            Some(libc::SYS_fchmodat),
+        ),
+        tp(
+            S::Fchmodat2,
+            "sys_enter_fchmodat2",
+            &["dfd", "filename", "mode", "flags"],
+            Some(libc::SYS_fchmodat2),
+        ),
+        tp(
+            S::Chown,
+            "sys_enter_chown",
+            &["filename", "user", "group"],
+            legacy!(SYS_chown),
+        ),
+        tp(
+            S::Fchownat,
+            "sys_enter_fchownat",
+            &["dfd", "filename", "user", "group", "flag"],
+            Some(libc::SYS_fchownat),
+        ),
+        tp(
+            S::Lchown,
+            "sys_enter_lchown",
+            &["filename", "user", "group"],
+            legacy!(SYS_lchown),
+        ),
+        tp(
+            S::Truncate,
+            "sys_enter_truncate",
+            &["path", "length"],
+            Some(libc::SYS_truncate),
+        ),
+        tp(
+            S::Setxattr,
+            "sys_enter_setxattr",
+            &["pathname", "name", "value", "size", "flags"],
+            Some(libc::SYS_setxattr),
+        ),
+        tp(
+            S::Lsetxattr,
+            "sys_enter_lsetxattr",
+            &["pathname", "name", "value", "size", "flags"],
+            Some(libc::SYS_lsetxattr),
+        ),
+        tp(
+            S::Execve,
+            "sys_enter_execve",
+            &["filename", "argv", "envp"],
+            Some(libc::SYS_execve),
+        ),
+        tp(
+            S::Execveat,
+            "sys_enter_execveat",
+            &["fd", "filename", "argv", "envp", "flags"],
+            Some(libc::SYS_execveat),
+        ),
+    ]
+}
+
+/// The exit program shared by every covered call.
+pub const SYS_EXIT: &str = "sys_exit";
+/// tp_btf programs: (program, BTF tracepoint).
+pub const PROCESS_TRACEPOINTS: [(&str, &str); 2] = [
+    ("sched_process_fork", "sched_process_fork"),
+    ("sched_process_exit", "sched_process_exit"),
+];
+
+/// cgroup/sock_addr programs attached to each agent's cgroup.
+pub const SOCK_ADDR_PROGRAMS: [(&str, CgroupSockAddrAttachType); 6] = [
+    ("connect4", CgroupSockAddrAttachType::Connect4),
+    ("connect6", CgroupSockAddrAttachType::Connect6),
+    ("sendmsg4", CgroupSockAddrAttachType::UDPSendMsg4),
+    ("sendmsg6", CgroupSockAddrAttachType::UDPSendMsg6),
+    ("bind4", CgroupSockAddrAttachType::Bind4),
+    ("bind6", CgroupSockAddrAttachType::Bind6),
+];
+/// cgroup/sock_create, attached to each agent's cgroup.
+pub const SOCK_CREATE: &str = "sock_create";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_syscall_has_one_tracepoint_named_after_it() {
+        let tps = syscall_tracepoints();
+        for s in Syscall::ALL {
+            let t: Vec<_> = tps.iter().filter(|t| t.syscall == s).collect();
+            assert_eq!(t.len(), 1, "{s:?}");
+            assert_eq!(t[0].program, format!("sys_enter_{}", s.name()));
+        }
+    }
+
+    #[test]
+    fn syscall_numbers_fit_the_table() {
+        for t in syscall_tracepoints() {
+            if let Some(nr) = t.nr {
+                assert!((0..i64::from(agentd_common::SYSCALL_TABLE_LEN)).contains(&nr));
+            }
+        }
+    }
+}

@@ -1,0 +1,813 @@
+//! The kernel watch the supervisor drives: load the programs once, add and remove agents
+//! (attach the network programs to each agent's cgroup, fill the policy maps), set an
+//! agent's kill flag, and stream decoded events.
+//!
+//! Order matters and is kept here:
+//! - `load` checks every tracepoint's record layout and resolves struct offsets from BTF
+//!   before loading, so a mismatching kernel fails at start, not with garbage events;
+//! - `add_agent` writes the maps before attaching the cgroup programs, and is called
+//!   before the agent's first process enters its cgroup: no process of the agent ever
+//!   runs unwatched;
+//! - `remove_agent` detaches first, then deletes entries.
+
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap},
+    fs::File,
+    mem::size_of,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use agentd_common::{
+    AGENT_FLAG_KILLED, AgentState, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_LEVEL_MAX,
+    CONFIG_LEVEL_MIN, CanaryKey, CanaryPath, NetKey, RawEvent,
+};
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, TracePoint,
+        cgroup_sock::CgroupSockLinkId, cgroup_sock_addr::CgroupSockAddrLinkId,
+    },
+};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+
+use super::{
+    BPFFS, BpfError, EBPF_OBJECT, TRACEFS,
+    btf::Btf as KernelBtf,
+    decode::{AT_FDCWD, AgentInfo, ClockOffset, decode},
+    encode::{AgentEntries, agent_entries, cgroup_level},
+    ensure_mounted, programs, tracefs,
+};
+use crate::{
+    event::{Event, Kind, Layer, Verdict},
+    profile::CompiledPolicy,
+};
+
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// `CGROUP2_SUPER_MAGIC`.
+const CGROUP2_MAGIC: i64 = 0x6367_7270;
+/// Capacity of the channel `events()` returns; when the consumer lags this far, the
+/// reader stops draining and the kernel counts further events as lost.
+const EVENT_CHANNEL: usize = 4096;
+/// How often lost-event counts are read and reported.
+const LOST_POLL: Duration = Duration::from_secs(1);
+/// How long a removed agent's id stays known to the decoder, for its last events.
+const REMOVED_GRACE: Duration = Duration::from_secs(60);
+
+/// A watched agent, returned by [`Watch::add_agent`] and given back to
+/// [`Watch::remove_agent`]. Dropping it changes nothing: the agent stays watched (fail
+/// closed) until `remove_agent`.
+#[derive(Debug)]
+pub struct AgentHandle {
+    agent_id: String,
+    cgroup_dir: PathBuf,
+    cgroup_id: u64,
+    level: u32,
+    entries: AgentEntries,
+    links: Vec<CgroupLink>,
+}
+
+impl AgentHandle {
+    pub fn agent_id(&self) -> &str {
+        &self.agent_id
+    }
+
+    /// The agent's cgroup id (its cgroup v2 directory's inode), as in events and
+    /// [`Watch::set_killed`].
+    pub fn cgroup_id(&self) -> u64 {
+        self.cgroup_id
+    }
+}
+
+#[derive(Debug)]
+enum CgroupLink {
+    SockAddr {
+        program: &'static str,
+        id: CgroupSockAddrLinkId,
+    },
+    SockCreate(CgroupSockLinkId),
+}
+
+/// What the event reader knows about agents, shared with the `Watch`.
+#[derive(Debug, Default)]
+struct Registry {
+    agents: StdHashMap<u64, (AgentInfo, Option<Instant>)>,
+}
+
+impl Registry {
+    fn purge(&mut self, now: Instant) {
+        self.agents.retain(|_, (_, removed)| {
+            removed.is_none_or(|t| now.duration_since(t) < REMOVED_GRACE)
+        });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind; keep going.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The loaded programs and the maps user space writes.
+pub struct Watch {
+    ebpf: Ebpf,
+    /// Behind a mutex so the breaker can set the kill flag through `&Watch`.
+    agents: Mutex<HashMap<MapData, u64, AgentState>>,
+    net_allow: LpmTrie<MapData, NetKey, u8>,
+    bind_allow: HashMap<MapData, BindKey, u8>,
+    canaries: HashMap<MapData, CanaryKey, CanaryPath>,
+    config: Array<MapData, u64>,
+    /// The ring buffer and lost-event counters, until `events()` hands them to its task.
+    stream: Option<(RingBuf<MapData>, PerCpuHashMap<MapData, u64, u64>)>,
+    registry: Arc<Mutex<Registry>>,
+    cgroup_mount: PathBuf,
+    /// Agents per cgroup level (the `CONFIG_CGROUP_LEVELS` mask is the set of keys).
+    levels: BTreeMap<u32, usize>,
+    next_policy_id: u32,
+    /// Dropping it (with the Watch) stops the event task.
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch")
+            .field("cgroup_mount", &self.cgroup_mount)
+            .field("levels", &self.levels)
+            .field("agents", &lock(&self.registry).agents.len())
+            .field("events_taken", &self.stream.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+fn take_map<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    conv: impl FnOnce(aya::maps::Map) -> Result<T, MapError>,
+) -> Result<T, BpfError> {
+    let map = ebpf.take_map(name).ok_or(BpfError::MissingMap(name))?;
+    conv(map).map_err(|source| BpfError::Map { map: name, source })
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> BpfError {
+    move |source| BpfError::Map { map, source }
+}
+
+fn load_err(program: &'static str) -> impl FnOnce(ProgramError) -> BpfError {
+    move |source| BpfError::LoadProgram { program, source }
+}
+
+/// Struct offsets the process programs read, from the running kernel's BTF.
+fn task_offsets() -> Result<[(&'static str, u64); 3], BpfError> {
+    let raw = std::fs::read(VMLINUX_BTF).map_err(|source| BpfError::Read {
+        path: VMLINUX_BTF.into(),
+        source,
+    })?;
+    let btf = KernelBtf::parse(&raw).map_err(|e| BpfError::Btf(format!("{VMLINUX_BTF}: {e}")))?;
+    let off = |member: &str| {
+        btf.member_offset("task_struct", member)
+            .map(u64::from)
+            .map_err(|e| BpfError::Btf(format!("{VMLINUX_BTF}: {e}")))
+    };
+    Ok([
+        ("TASK_PID_OFFSET", off("pid")?),
+        ("TASK_TGID_OFFSET", off("tgid")?),
+        ("TASK_EXIT_CODE_OFFSET", off("exit_code")?),
+    ])
+}
+
+/// The covered syscalls this kernel has, with their formats checked.
+fn checked_tracepoints() -> Result<Vec<(programs::SyscallTracepoint, i64)>, BpfError> {
+    let tracefs = Path::new(TRACEFS.1);
+    let mut out = Vec::new();
+    for tp in programs::syscall_tracepoints() {
+        let Some(nr) = tp.nr else {
+            tracing::debug!(syscall = tp.syscall.name(), "not on this architecture");
+            continue;
+        };
+        let enter = tp.program;
+        let exit = format!("sys_exit_{}", tp.syscall.name());
+        let Some(fields) = tracefs::read_format(tracefs, "syscalls", enter)? else {
+            return Err(BpfError::TracepointFormat {
+                tracepoint: format!("syscalls/{enter}"),
+                reason: "does not exist (kernel without CONFIG_FTRACE_SYSCALLS?)".into(),
+            });
+        };
+        tracefs::check_enter(&fields, tp.args).map_err(|reason| BpfError::TracepointFormat {
+            tracepoint: format!("syscalls/{enter}"),
+            reason,
+        })?;
+        let fields = tracefs::read_format(tracefs, "syscalls", &exit)?.ok_or_else(|| {
+            BpfError::TracepointFormat {
+                tracepoint: format!("syscalls/{exit}"),
+                reason: "does not exist".into(),
+            }
+        })?;
+        tracefs::check_exit(&fields).map_err(|reason| BpfError::TracepointFormat {
+            tracepoint: format!("syscalls/{exit}"),
+            reason,
+        })?;
+        out.push((tp, nr));
+    }
+    Ok(out)
+}
+
+impl Watch {
+    /// Mounts tracefs and bpffs if needed, loads the BPF object and attaches the
+    /// tracepoints. No agent is watched yet: for every process the programs return after
+    /// one failed lookup.
+    pub fn load() -> Result<Watch, BpfError> {
+        ensure_mounted(TRACEFS)?;
+        ensure_mounted(BPFFS)?;
+        let cgroup_mount = cgroup2_root()?;
+        let tracepoints = checked_tracepoints()?;
+        let offsets = task_offsets()?;
+
+        let mut loader = EbpfLoader::new();
+        for (name, value) in &offsets {
+            loader.override_global(name, value, true);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(BpfError::Load)?;
+
+        // Architecture syscall numbers -> agentd's, for the shared exit program.
+        {
+            let map = ebpf
+                .map_mut("SYSCALLS")
+                .ok_or(BpfError::MissingMap("SYSCALLS"))?;
+            let mut table: Array<_, u32> = Array::try_from(map).map_err(map_err("SYSCALLS"))?;
+            for (tp, nr) in &tracepoints {
+                let nr = u32::try_from(*nr).map_err(|_| BpfError::TracepointFormat {
+                    tracepoint: tp.program.into(),
+                    reason: format!("syscall number {nr} out of range"),
+                })?;
+                table
+                    .set(nr, tp.syscall as u32, 0)
+                    .map_err(map_err("SYSCALLS"))?;
+            }
+        }
+
+        // Entry programs, then the exit program: until an agent exists they all return
+        // at the agent lookup.
+        for (tp, _) in &tracepoints {
+            let p: &mut TracePoint = program(&mut ebpf, tp.program)?;
+            p.load().map_err(load_err(tp.program))?;
+            p.attach("syscalls", tp.program)
+                .map_err(|source| BpfError::Attach {
+                    program: tp.program,
+                    target: format!("tracepoint syscalls/{}", tp.program),
+                    source,
+                })?;
+        }
+        {
+            let p: &mut TracePoint = program(&mut ebpf, programs::SYS_EXIT)?;
+            p.load().map_err(load_err(programs::SYS_EXIT))?;
+            for (tp, _) in &tracepoints {
+                let name = format!("sys_exit_{}", tp.syscall.name());
+                p.attach("syscalls", &name)
+                    .map_err(|source| BpfError::Attach {
+                        program: programs::SYS_EXIT,
+                        target: format!("tracepoint syscalls/{name}"),
+                        source,
+                    })?;
+            }
+        }
+        let btf = Btf::from_sys_fs().map_err(|e| BpfError::Btf(e.to_string()))?;
+        for (name, tp) in programs::PROCESS_TRACEPOINTS {
+            let p: &mut BtfTracePoint = program(&mut ebpf, name)?;
+            p.load(tp, &btf).map_err(load_err(name))?;
+            p.attach().map_err(|source| BpfError::Attach {
+                program: name,
+                target: format!("tp_btf {tp}"),
+                source,
+            })?;
+        }
+        // Network programs: loaded now, attached per agent.
+        for (name, _) in programs::SOCK_ADDR_PROGRAMS {
+            let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            p.load().map_err(load_err(name))?;
+        }
+        {
+            let p: &mut CgroupSock = program(&mut ebpf, programs::SOCK_CREATE)?;
+            p.load().map_err(load_err(programs::SOCK_CREATE))?;
+        }
+
+        let agents = take_map(&mut ebpf, "AGENTS", HashMap::try_from)?;
+        let net_allow = take_map(&mut ebpf, "NET_ALLOW", LpmTrie::try_from)?;
+        let bind_allow = take_map(&mut ebpf, "BIND_ALLOW", HashMap::try_from)?;
+        let canaries = take_map(&mut ebpf, "CANARIES", HashMap::try_from)?;
+        let config = take_map(&mut ebpf, "CONFIG", Array::try_from)?;
+        let ring = take_map(&mut ebpf, "EVENTS", RingBuf::try_from)?;
+        let lost = take_map(&mut ebpf, "LOST", PerCpuHashMap::try_from)?;
+        Ok(Watch {
+            ebpf,
+            agents: Mutex::new(agents),
+            net_allow,
+            bind_allow,
+            canaries,
+            config,
+            stream: Some((ring, lost)),
+            registry: Arc::default(),
+            cgroup_mount,
+            levels: BTreeMap::new(),
+            next_policy_id: 1,
+            shutdown: None,
+        })
+    }
+
+    /// Starts watching an agent whose processes will live in `cgroup_dir` (a cgroup v2
+    /// directory, created by the caller): writes its policy to the maps and attaches the
+    /// network programs to the directory. Call it before the first process joins.
+    pub fn add_agent(
+        &mut self,
+        agent_id: &str,
+        cgroup_dir: &Path,
+        policy: &CompiledPolicy,
+    ) -> Result<AgentHandle, BpfError> {
+        let cg_err = |reason: String| BpfError::Cgroup {
+            path: cgroup_dir.to_path_buf(),
+            reason,
+        };
+        let dir = cgroup_dir
+            .canonicalize()
+            .map_err(|e| cg_err(format!("cannot resolve: {e}")))?;
+        let fs = nix::sys::statfs::statfs(&dir).map_err(|e| cg_err(format!("statfs: {e}")))?;
+        if fs.filesystem_type().0 as i64 != CGROUP2_MAGIC {
+            return Err(cg_err("is not a cgroup v2 directory".into()));
+        }
+        let cgroup_id = std::fs::metadata(&dir)
+            .map_err(|e| cg_err(format!("stat: {e}")))?
+            .ino();
+        let level = cgroup_level(&self.cgroup_mount, &dir).map_err(cg_err)?;
+        {
+            let agents = lock(&self.agents);
+            if agents.get(&cgroup_id, 0).is_ok() {
+                return Err(cg_err(format!("already watched (cgroup id {cgroup_id})")));
+            }
+        }
+        let policy_id = self.next_policy_id;
+        self.next_policy_id = self.next_policy_id.checked_add(1).unwrap_or(1);
+        let entries = agent_entries(policy_id, policy).map_err(|reason| BpfError::Policy {
+            agent: agent_id.to_owned(),
+            reason,
+        })?;
+
+        let mut handle = AgentHandle {
+            agent_id: agent_id.to_owned(),
+            cgroup_dir: dir,
+            cgroup_id,
+            level,
+            entries,
+            links: Vec::new(),
+        };
+        lock(&self.registry).agents.insert(
+            cgroup_id,
+            (
+                AgentInfo {
+                    id: agent_id.to_owned(),
+                    policy: Arc::new(policy.clone()),
+                },
+                None,
+            ),
+        );
+        if let Err(e) = self
+            .write_entries(&handle)
+            .and_then(|()| self.attach(&mut handle))
+        {
+            // Undo what was done; the first error is the one to report.
+            if let Err(undo) = self.remove_agent(handle) {
+                tracing::warn!(agent = agent_id, "cleanup after a failed add_agent: {undo}");
+            }
+            return Err(e);
+        }
+        Ok(handle)
+    }
+
+    fn write_entries(&mut self, h: &AgentHandle) -> Result<(), BpfError> {
+        for (prefix, key) in &h.entries.net {
+            self.net_allow
+                .insert(&Key::new(*prefix, *key), 1, 0)
+                .map_err(map_err("NET_ALLOW"))?;
+        }
+        for key in &h.entries.bind {
+            self.bind_allow
+                .insert(key, 1, 0)
+                .map_err(map_err("BIND_ALLOW"))?;
+        }
+        for (key, path) in &h.entries.canaries {
+            self.canaries
+                .insert(key, path, 0)
+                .map_err(map_err("CANARIES"))?;
+        }
+        lock(&self.agents)
+            .insert(h.cgroup_id, h.entries.state, 0)
+            .map_err(map_err("AGENTS"))?;
+        *self.levels.entry(h.level).or_default() += 1;
+        self.write_levels()
+    }
+
+    /// Publishes the levels agents sit at. The programs scan `MIN..=MAX` for levels in
+    /// the mask, so the range is widened before the mask changes and narrowed after:
+    /// no agent's level is ever outside the range while its bit is set.
+    fn write_levels(&mut self) -> Result<(), BpfError> {
+        let mask = self.levels.keys().fold(0u64, |m, l| m | (1 << l));
+        let lo = self.levels.keys().next().copied().map_or(0, u64::from);
+        let hi = self.levels.keys().next_back().copied().map_or(0, u64::from);
+        let set =
+            |config: &mut Array<MapData, u64>, i, v| config.set(i, v, 0).map_err(map_err("CONFIG"));
+        let old_lo = self
+            .config
+            .get(&CONFIG_LEVEL_MIN, 0)
+            .map_err(map_err("CONFIG"))?;
+        let old_hi = self
+            .config
+            .get(&CONFIG_LEVEL_MAX, 0)
+            .map_err(map_err("CONFIG"))?;
+        let old_mask = self
+            .config
+            .get(&CONFIG_CGROUP_LEVELS, 0)
+            .map_err(map_err("CONFIG"))?;
+        if old_mask != 0 {
+            set(&mut self.config, CONFIG_LEVEL_MIN, lo.min(old_lo))?;
+            set(&mut self.config, CONFIG_LEVEL_MAX, hi.max(old_hi))?;
+        } else {
+            set(&mut self.config, CONFIG_LEVEL_MIN, lo)?;
+            set(&mut self.config, CONFIG_LEVEL_MAX, hi)?;
+        }
+        set(&mut self.config, CONFIG_CGROUP_LEVELS, mask)?;
+        set(&mut self.config, CONFIG_LEVEL_MIN, lo)?;
+        set(&mut self.config, CONFIG_LEVEL_MAX, hi)
+    }
+
+    fn attach(&mut self, h: &mut AgentHandle) -> Result<(), BpfError> {
+        let target = format!("cgroup {}", h.cgroup_dir.display());
+        let cgroup = File::open(&h.cgroup_dir).map_err(|source| BpfError::Read {
+            path: h.cgroup_dir.clone(),
+            source,
+        })?;
+        for (name, _) in programs::SOCK_ADDR_PROGRAMS {
+            let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            // Single: a process of the agent cannot attach a program that overrides ours.
+            let id = p
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|source| BpfError::Attach {
+                    program: name,
+                    target: target.clone(),
+                    source,
+                })?;
+            h.links.push(CgroupLink::SockAddr { program: name, id });
+        }
+        let p: &mut CgroupSock = program(&mut self.ebpf, programs::SOCK_CREATE)?;
+        let id = p
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|source| BpfError::Attach {
+                program: programs::SOCK_CREATE,
+                target,
+                source,
+            })?;
+        h.links.push(CgroupLink::SockCreate(id));
+        Ok(())
+    }
+
+    /// Stops watching an agent: detaches its network programs, deletes its map entries.
+    /// Its last events still decode with its id for a while.
+    pub fn remove_agent(&mut self, handle: AgentHandle) -> Result<(), BpfError> {
+        let mut first_err: Option<BpfError> = None;
+        let mut keep = |r: Result<(), BpfError>| {
+            if let Err(e) = r
+                && first_err.is_none()
+            {
+                first_err = Some(e);
+            }
+        };
+        let target = format!("cgroup {}", handle.cgroup_dir.display());
+        for link in handle.links {
+            keep(match link {
+                CgroupLink::SockAddr { program: name, id } => {
+                    program::<CgroupSockAddr>(&mut self.ebpf, name).and_then(|p| {
+                        p.detach(id).map_err(|source| BpfError::Detach {
+                            program: name,
+                            target: target.clone(),
+                            source,
+                        })
+                    })
+                }
+                CgroupLink::SockCreate(id) => {
+                    program::<CgroupSock>(&mut self.ebpf, programs::SOCK_CREATE).and_then(|p| {
+                        p.detach(id).map_err(|source| BpfError::Detach {
+                            program: programs::SOCK_CREATE,
+                            target: target.clone(),
+                            source,
+                        })
+                    })
+                }
+            });
+        }
+        // Entries that were never written (a failed add_agent) are not errors.
+        let absent_ok = |map: &'static str, r: Result<(), MapError>| match r {
+            Err(source) if !matches!(source, MapError::KeyNotFound | MapError::ElementNotFound) => {
+                Err(BpfError::Map { map, source })
+            }
+            Ok(()) | Err(_) => Ok(()),
+        };
+        let was_present = lock(&self.agents).get(&handle.cgroup_id, 0).is_ok();
+        keep(absent_ok(
+            "AGENTS",
+            lock(&self.agents).remove(&handle.cgroup_id),
+        ));
+        for (prefix, key) in &handle.entries.net {
+            keep(absent_ok(
+                "NET_ALLOW",
+                self.net_allow.remove(&Key::new(*prefix, *key)),
+            ));
+        }
+        for key in &handle.entries.bind {
+            keep(absent_ok("BIND_ALLOW", self.bind_allow.remove(key)));
+        }
+        for (key, _) in &handle.entries.canaries {
+            keep(absent_ok("CANARIES", self.canaries.remove(key)));
+        }
+        if was_present && let Some(n) = self.levels.get_mut(&handle.level) {
+            *n -= 1;
+            if *n == 0 {
+                self.levels.remove(&handle.level);
+            }
+            keep(self.write_levels());
+        }
+        if let Some((_, removed)) = lock(&self.registry).agents.get_mut(&handle.cgroup_id) {
+            *removed = Some(Instant::now());
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Sets the agent's kill flag: from now on its cgroup programs refuse everything and
+    /// its processes are SIGKILLed at their next covered syscall (the caller then writes
+    /// `cgroup.kill` for the ones that make none).
+    pub fn set_killed(&self, cgroup_id: u64) -> Result<(), BpfError> {
+        let mut agents = lock(&self.agents);
+        let mut state = agents.get(&cgroup_id, 0).map_err(|source| {
+            if matches!(source, MapError::KeyNotFound) {
+                BpfError::UnknownAgent {
+                    agent: lock(&self.registry)
+                        .agents
+                        .get(&cgroup_id)
+                        .map_or_else(String::new, |(a, _)| a.id.clone()),
+                    cgroup_id,
+                }
+            } else {
+                BpfError::Map {
+                    map: "AGENTS",
+                    source,
+                }
+            }
+        })?;
+        state.flags |= AGENT_FLAG_KILLED;
+        agents
+            .insert(cgroup_id, state, 0)
+            .map_err(map_err("AGENTS"))
+    }
+
+    /// The decoded event stream. Spawns one task (on the current tokio runtime) that
+    /// reads the ring buffer and reports lost events each second. Can be taken once; a
+    /// second call, or a call outside a runtime, logs the error and returns a closed
+    /// channel (see [`Watch::try_events`]).
+    pub fn events(&mut self) -> mpsc::Receiver<Event> {
+        match self.try_events() {
+            Ok(rx) => rx,
+            Err(e) => {
+                tracing::error!("kernel watch events: {e}");
+                mpsc::channel(1).1
+            }
+        }
+    }
+
+    /// [`Watch::events`], with the reason when it cannot start.
+    pub fn try_events(&mut self) -> Result<mpsc::Receiver<Event>, BpfError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| BpfError::NoRuntime)?;
+        let (ring, lost) = self.stream.take().ok_or(BpfError::EventsTaken)?;
+        let _guard = runtime.enter();
+        // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until it is
+        // dropped, which only happens when the AsyncFd is.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| BpfError::Poll(e.into_parts().1))?;
+        let (tx, rx) = mpsc::channel(EVENT_CHANNEL);
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        self.shutdown = Some(stop);
+        runtime.spawn(pump(ring, lost, Arc::clone(&self.registry), tx, stopped));
+        Ok(rx)
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    ebpf.program_mut(name)
+        .ok_or(BpfError::MissingProgram(name))?
+        .try_into()
+        .map_err(|_| BpfError::MissingProgram(name))
+}
+
+/// The cgroup v2 mount, checked to show the whole hierarchy (its root's cgroup id is 1):
+/// agent levels are counted from it.
+fn cgroup2_root() -> Result<PathBuf, BpfError> {
+    let mounts = crate::host::mounts().map_err(|source| BpfError::Read {
+        path: "/proc/self/mountinfo".into(),
+        source,
+    })?;
+    let mount = crate::host::cgroup2_mount(&mounts).ok_or_else(|| BpfError::Cgroup {
+        path: "/sys/fs/cgroup".into(),
+        reason: "no cgroup v2 hierarchy is mounted".into(),
+    })?;
+    let mount = mount.canonicalize().map_err(|source| BpfError::Read {
+        path: mount.clone(),
+        source,
+    })?;
+    let ino = std::fs::metadata(&mount)
+        .map_err(|source| BpfError::Read {
+            path: mount.clone(),
+            source,
+        })?
+        .ino();
+    if ino != 1 {
+        return Err(BpfError::Cgroup {
+            path: mount,
+            reason: format!(
+                "shows a sub-tree of the hierarchy (root inode {ino}, not 1): agentd must run \
+                 in the host's cgroup namespace"
+            ),
+        });
+    }
+    Ok(mount)
+}
+
+/// Resolves a relative path argument through /proc while the process lives (`rel`
+/// empty: the path of fd `dfd` itself).
+fn proc_resolve(pid: u32, dfd: i32, rel: &str) -> Option<PathBuf> {
+    let base = if dfd == AT_FDCWD {
+        format!("/proc/{pid}/cwd")
+    } else {
+        format!("/proc/{pid}/fd/{dfd}")
+    };
+    let dir = std::fs::read_link(base).ok()?;
+    if !dir.is_absolute() {
+        // "socket:[..]", "pipe:[..]", "anon_inode:..": no path.
+        return None;
+    }
+    Some(if rel.is_empty() { dir } else { dir.join(rel) })
+}
+
+fn clock_offset() -> ClockOffset {
+    let ns = |id| {
+        // SAFETY: timespec is plain data; clock_gettime only writes it.
+        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: `ts` is a valid, writable timespec.
+        if unsafe { libc::clock_gettime(id, &mut ts) } != 0 {
+            return 0;
+        }
+        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+    };
+    ClockOffset(ns(libc::CLOCK_REALTIME) - ns(libc::CLOCK_MONOTONIC))
+}
+
+fn drain(ring: &mut RingBuf<MapData>, registry: &Mutex<Registry>, out: &mut Vec<Event>) {
+    let clock = clock_offset();
+    let registry = lock(registry);
+    while let Some(item) = ring.next() {
+        if item.len() < size_of::<RawEvent>() {
+            tracing::warn!(len = item.len(), "short ring-buffer record ignored");
+            continue;
+        }
+        // SAFETY: the record holds at least size_of::<RawEvent>() bytes written by the
+        // BPF programs as a RawEvent; RawEvent is plain data (any bit pattern is valid)
+        // and the read is unaligned-safe.
+        let raw: RawEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        let agent = registry.agents.get(&raw.agent_cgroup).map(|(a, _)| a);
+        match decode(&raw, agent, clock, &proc_resolve) {
+            Some(e) => out.push(e),
+            None if agentd_common::EventKind::from_raw(raw.kind).is_none() => {
+                tracing::warn!(kind = raw.kind, "ring-buffer record of unknown kind");
+            }
+            // A canary candidate that resolved to no canary.
+            None => {}
+        }
+    }
+}
+
+/// Lost-event counts that grew since the last report, as `lost` events; forgets the
+/// counters of agents no longer known.
+fn lost_events(
+    lost: &mut PerCpuHashMap<MapData, u64, u64>,
+    registry: &Mutex<Registry>,
+    reported: &mut StdHashMap<u64, u64>,
+    out: &mut Vec<Event>,
+) {
+    let counts: Vec<(u64, u64)> = lost
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(cg, per_cpu)| (cg, per_cpu.iter().sum()))
+        .collect();
+    let registry = lock(registry);
+    for (cg, total) in counts {
+        let before = reported.insert(cg, total).unwrap_or(0);
+        if total > before {
+            let agent = registry
+                .agents
+                .get(&cg)
+                .map_or_else(|| format!("cgroup:{cg}"), |(a, _)| a.id.clone());
+            out.push(
+                Event::new(&agent, 0, "", Kind::Lost, Verdict::None, Layer::Bpf)
+                    .with("count", total - before),
+            );
+        }
+        if !registry.agents.contains_key(&cg) {
+            let _ = lost.remove(&cg);
+            reported.remove(&cg);
+        }
+    }
+}
+
+/// The event task: drains the ring buffer when it is readable, reports lost events each
+/// second, ends when the receiver is dropped or the Watch is.
+async fn pump(
+    mut ring: AsyncFd<RingBuf<MapData>>,
+    mut lost: PerCpuHashMap<MapData, u64, u64>,
+    registry: Arc<Mutex<Registry>>,
+    tx: mpsc::Sender<Event>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut tick = tokio::time::interval(LOST_POLL);
+    let mut reported = StdHashMap::new();
+    let mut batch = Vec::new();
+    loop {
+        let mut stop = false;
+        tokio::select! {
+            ready = ring.readable_mut() => match ready {
+                Ok(mut guard) => {
+                    drain(guard.get_inner_mut(), &registry, &mut batch);
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    tracing::error!("kernel watch: ring buffer poll failed: {e}");
+                    stop = true;
+                }
+            },
+            _ = tick.tick() => {
+                lost_events(&mut lost, &registry, &mut reported, &mut batch);
+                lock(&registry).purge(Instant::now());
+            }
+            _ = &mut stopped => {
+                // The Watch is gone (programs detached): deliver what is left.
+                drain(ring.get_mut(), &registry, &mut batch);
+                lost_events(&mut lost, &registry, &mut reported, &mut batch);
+                stop = true;
+            }
+        }
+        for e in batch.drain(..) {
+            if tx.send(e).await.is_err() {
+                return;
+            }
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_can_be_shared_with_the_breaker_task() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Watch>();
+        send_sync::<AgentHandle>();
+    }
+
+    #[test]
+    fn registry_forgets_removed_agents_after_the_grace_period() {
+        let policy = crate::profile::compile(
+            &crate::profile::parse("t", "[agent]\nname = \"t\"\n")
+                .unwrap_or_else(|e| panic!("{e}")),
+            &crate::profile::CompileContext {
+                workspace: "/w".into(),
+                home: "/h".into(),
+            },
+        );
+        let info = |id: &str| AgentInfo {
+            id: id.into(),
+            policy: Arc::new(policy.clone()),
+        };
+        let now = Instant::now();
+        let mut r = Registry::default();
+        r.agents.insert(1, (info("live"), None));
+        r.agents.insert(2, (info("recent"), Some(now)));
+        r.agents
+            .insert(3, (info("old"), now.checked_sub(REMOVED_GRACE * 2)));
+        r.purge(now);
+        let mut left: Vec<_> = r.agents.values().map(|(a, _)| a.id.clone()).collect();
+        left.sort();
+        assert_eq!(left, ["live", "recent"]);
+    }
+}
