@@ -30,7 +30,8 @@ Start with `agentd doctor` to see what this host can enforce, and \
     after_help = "Examples:\n  \
 agentd doctor                              what this host offers\n  \
 agentd profile list                        the built-in profiles\n  \
-agentd profile check profiles/*.toml       validate profiles, print the compiled policy"
+agentd profile check profiles/*.toml       validate profiles, print the compiled policy\n  \
+sudo agentd run -- python3 agent.py        run an agent under the analyze-only profile"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -51,6 +52,50 @@ enum Command {
     /// Validate, list and show profiles
     #[command(subcommand)]
     Profile(ProfileCommand),
+    /// Launch a program as an agent under a profile, and supervise it
+    ///
+    /// The agent runs in a cgroup of its own, as its own unprivileged user with no
+    /// capabilities, in a new session, under Landlock (files, TCP ports, signals) and a
+    /// seccomp allow-list, with only the environment the profile passes. agentd stays in
+    /// the foreground: it forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT and SIGWINCH to the
+    /// agent, enforces the wall-time limit, and when the program exits kills every process
+    /// the agent left behind. Needs root (sudo); the agent runs as the sudo user unless the
+    /// profile says otherwise.
+    ///
+    /// Exit status: the program's; 128+N if it died of signal N; 125 if agentd could not
+    /// launch it; 126 if it cannot be executed; 127 if it was not found.
+    #[command(after_help = "Examples:\n  \
+sudo agentd run -- python3 agent.py                    analyze-only, in the current directory\n  \
+sudo agentd run --profile coding-agent --workspace ~/src/app -- make test\n  \
+sudo agentd run --profile ./my.toml --events - -- ./agent.sh    events (JSON lines) on stderr\n  \
+agentd run --dry-run -- python3 agent.py               print the plan; change nothing")]
+    Run {
+        /// Profile name (built-in or in /etc/agentd/profiles) or path to a .toml file
+        #[arg(long, short = 'p', value_name = "NAME|PATH", default_value = crate::run::DEFAULT_PROFILE)]
+        profile: String,
+        /// The agent's working directory, `{workspace}` in the profile (default: the current directory)
+        #[arg(long, short = 'w', value_name = "DIR")]
+        workspace: Option<PathBuf>,
+        /// Write events as JSON lines to PATH (appended; `-` for stderr)
+        #[arg(long, value_name = "PATH")]
+        events: Option<String>,
+        /// Print what would be done (agent id, identity, cgroups, limits, Landlock rules,
+        /// seccomp, environment) and exit without creating anything
+        #[arg(long)]
+        dry_run: bool,
+        /// With --dry-run: print the plan as JSON
+        #[arg(long, requires = "dry_run")]
+        json: bool,
+        /// The program and its arguments, after `--`
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Internal: end-to-end self-test of the kernel watch (root); see tests/tests/bpf_watch.rs
+    #[command(hide = true)]
+    WatchTest {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,6 +148,17 @@ pub fn main() -> ExitCode {
         }) => profile_check(&profiles, workspace, json),
         Command::Profile(ProfileCommand::List { json }) => profile_list(json),
         Command::Profile(ProfileCommand::Show { name }) => profile_show(&name),
+        Command::WatchTest { args } => crate::bpf::selftest::watch_selftest(&args),
+        Command::Run {
+            profile,
+            workspace,
+            events,
+            dry_run,
+            json,
+            command,
+        } => Ok(crate::run::run(crate::run::args(
+            profile, workspace, events, dry_run, json, command,
+        ))),
     };
     match result {
         Ok(code) => code,

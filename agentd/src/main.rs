@@ -8,6 +8,8 @@ mod event;
 mod host;
 mod profile;
 mod report;
+mod run;
+mod sandbox;
 
 use std::process::ExitCode;
 

@@ -3,7 +3,7 @@
 //! A test that needs something this host lacks (root, a kernel feature) calls [`require`]:
 //! it skips with a loud message, unless `AGENTD_TEST_MUST_RUN=1` (set by `cargo xtask test`
 //! and CI), in which case the missing requirement fails the test.
-#![expect(clippy::expect_used, clippy::unwrap_used, reason = "test harness")]
+#![expect(clippy::expect_used, reason = "test harness")]
 
 use std::{
     path::PathBuf,
@@ -69,4 +69,274 @@ pub fn stderr(o: &Output) -> String {
 /// The repository's root directory.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+// ---------------------------------------------------------------------------------------
+// `agentd run` helpers: a workspace, custom profiles, one run with its events, and the
+// check that no cgroup of the agent is left behind.
+
+/// A temporary directory the agent's (unprivileged) user can use: 0755, or 0777 when the
+/// agent must write into it. Tests run as root; the agent does not.
+pub fn agent_dir(writable: bool) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::Builder::new()
+        .prefix("agentd-test-")
+        .tempdir()
+        .expect("cannot create a temporary directory");
+    let mode = if writable { 0o777 } else { 0o755 };
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode))
+        .expect("cannot chmod the temporary directory");
+    dir
+}
+
+/// A profile for tests: reads the system and the workspace, writes the workspace, runs
+/// /usr/bin and /bin, no network. `extra` is appended (more sections); `limits` replaces
+/// the default [limits] body.
+pub fn test_profile(name: &str, run_as: &str, limits: &str, extra: &str) -> String {
+    format!(
+        r#"[agent]
+name = "{name}"
+description = "agentd run test"
+
+[identity]
+run_as = "{run_as}"
+
+[filesystem]
+read = ["{{workspace}}", "/usr", "/lib", "/lib64", "/bin", "/etc", "/proc", "/dev/null", "/dev/urandom"]
+write = ["{{workspace}}", "/dev/null"]
+exec = ["/usr/bin", "/bin", "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"]
+
+[network]
+connect = []
+bind = []
+
+[limits]
+{limits}
+
+[environment]
+pass = ["PATH", "HOME", "USER", "LANG"]
+set = {{ FOO = "bar" }}
+
+{extra}
+"#
+    )
+}
+
+pub const DEFAULT_LIMITS: &str = "pids = 64\nmemory = \"512MiB\"\nwall_time = \"60s\"";
+
+/// Writes `text` as a profile file in a fresh temporary directory (kept alive by the
+/// returned guard).
+pub fn profile_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("cannot create a temporary directory");
+    let path = dir.path().join("profile.toml");
+    std::fs::write(&path, text).expect("cannot write the profile");
+    (dir, path)
+}
+
+/// One `agentd run`: its output and its `--events` lines.
+#[derive(Debug)]
+pub struct Run {
+    pub output: Output,
+    pub events: Vec<serde_json::Value>,
+}
+
+impl Run {
+    /// The exit status (panics if agentd died of a signal).
+    pub fn code(&self) -> i32 {
+        self.output
+            .status
+            .code()
+            .unwrap_or_else(|| panic!("agentd died of a signal: {:?}", self.output.status))
+    }
+    pub fn stdout(&self) -> String {
+        stdout(&self.output)
+    }
+    pub fn stderr(&self) -> String {
+        stderr(&self.output)
+    }
+    /// The first event of `kind`.
+    pub fn event(&self, kind: &str) -> Option<&serde_json::Value> {
+        self.events.iter().find(|e| e["kind"] == kind)
+    }
+    pub fn agent_id(&self) -> Option<String> {
+        self.events
+            .iter()
+            .find_map(|e| e["agent"].as_str().map(str::to_owned))
+    }
+    /// Panics with everything known about the run.
+    pub fn explain(&self) -> String {
+        format!(
+            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}\n--- events\n{}",
+            self.output.status,
+            self.stdout(),
+            self.stderr(),
+            self.events
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    }
+}
+
+/// Builder for `agentd run --profile P --workspace W --events E -- CMD...`. By default the
+/// invoking user is `nobody` (SUDO_UID/SUDO_GID=65534) and stdin is empty.
+#[derive(Debug, Clone)]
+pub struct AgentRun {
+    profile: String,
+    workspace: PathBuf,
+    args: Vec<String>,
+    cmd: Vec<String>,
+    env: Vec<(String, String)>,
+    env_remove: Vec<String>,
+    stdin: Vec<u8>,
+}
+
+pub const NOBODY: &str = "65534";
+
+impl AgentRun {
+    pub fn new(profile: &str, workspace: &std::path::Path) -> AgentRun {
+        AgentRun {
+            profile: profile.to_owned(),
+            workspace: workspace.to_path_buf(),
+            args: Vec::new(),
+            cmd: Vec::new(),
+            env: vec![
+                ("SUDO_UID".into(), NOBODY.into()),
+                ("SUDO_GID".into(), NOBODY.into()),
+            ],
+            env_remove: Vec::new(),
+            stdin: Vec::new(),
+        }
+    }
+    pub fn cmd(mut self, cmd: &[&str]) -> AgentRun {
+        self.cmd = cmd.iter().map(|s| (*s).to_owned()).collect();
+        self
+    }
+    /// `python3 -c SCRIPT`.
+    pub fn python(self, script: &str) -> AgentRun {
+        self.cmd(&["/usr/bin/python3", "-c", script])
+    }
+    /// `/bin/sh -c SCRIPT`.
+    pub fn sh(self, script: &str) -> AgentRun {
+        self.cmd(&["/bin/sh", "-c", script])
+    }
+    pub fn arg(mut self, a: &str) -> AgentRun {
+        self.args.push(a.to_owned());
+        self
+    }
+    pub fn env(mut self, k: &str, v: &str) -> AgentRun {
+        self.env.retain(|(n, _)| n != k);
+        self.env.push((k.to_owned(), v.to_owned()));
+        self
+    }
+    pub fn env_remove(mut self, k: &str) -> AgentRun {
+        self.env.retain(|(n, _)| n != k);
+        self.env_remove.push(k.to_owned());
+        self
+    }
+    pub fn stdin(mut self, input: &[u8]) -> AgentRun {
+        self.stdin = input.to_vec();
+        self
+    }
+
+    /// The command, ready to spawn; `events` is the --events file.
+    pub fn command(&self, events: &std::path::Path) -> Command {
+        let mut c = Command::new(agentd_bin());
+        c.arg("run")
+            .arg("--profile")
+            .arg(&self.profile)
+            .arg("--workspace")
+            .arg(&self.workspace)
+            .arg("--events")
+            .arg(events)
+            .args(&self.args)
+            .arg("--")
+            .args(&self.cmd);
+        for k in &self.env_remove {
+            c.env_remove(k);
+        }
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Runs to completion; then checks that no cgroup of the agent is left.
+    pub fn run(&self) -> Run {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().expect("cannot create a temporary directory");
+        let events_path = dir.path().join("events.jsonl");
+        let mut child = self
+            .command(&events_path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("cannot run agentd");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(&self.stdin).expect("cannot write stdin");
+        drop(stdin);
+        let output = child.wait_with_output().expect("cannot wait for agentd");
+        let run = Run {
+            output,
+            events: read_events(&events_path),
+        };
+        if let Some(id) = run.agent_id() {
+            assert_no_cgroup(&id);
+        }
+        run
+    }
+}
+
+/// The JSON lines of an events file (none if it does not exist).
+pub fn read_events(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l:?}: {e}")))
+        .collect()
+}
+
+/// Where agentd puts agents' cgroups on this host: `<hierarchy>/agentd` for cgroup v2 and
+/// the v1 pids and memory hierarchies.
+pub fn cgroup_parents() -> Vec<PathBuf> {
+    [
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/pids",
+        "/sys/fs/cgroup/memory",
+    ]
+    .iter()
+    .map(|h| PathBuf::from(h).join("agentd"))
+    .collect()
+}
+
+/// Cgroup directories whose name starts with `prefix` (an agent id, or a profile name
+/// followed by `-`).
+pub fn cgroups_named(prefix: &str) -> Vec<PathBuf> {
+    cgroup_parents()
+        .into_iter()
+        .filter_map(|p| std::fs::read_dir(p).ok())
+        .flat_map(|d| d.flatten())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Panics if a cgroup directory of `agent_id` exists in any hierarchy.
+pub fn assert_no_cgroup(agent_id: &str) {
+    let left = cgroups_named(agent_id);
+    assert!(left.is_empty(), "cgroups left behind: {left:?}");
+}
+
+/// Whether process `pid` is gone (or a zombie waiting for its new parent to reap it).
+pub fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
 }

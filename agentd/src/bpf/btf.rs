@@ -203,7 +203,6 @@ impl<'a> Btf<'a> {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    #![expect(clippy::unwrap_used, reason = "tests")]
 
     use super::*;
 

@@ -603,7 +603,6 @@ fn aux_detail(kind: EventKind, aux: u64, mut e: Event) -> Event {
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "tests")]
 
     use std::sync::Arc;
 

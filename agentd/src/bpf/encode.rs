@@ -197,7 +197,6 @@ pub fn cgroup_level(mount: &Path, dir: &Path) -> Result<u32, String> {
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "tests")]
 
     use std::net::Ipv6Addr;
 

@@ -153,7 +153,6 @@ fn window_ns(d: Duration) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "tests")]
     use super::*;
     use crate::profile::Threshold;
 

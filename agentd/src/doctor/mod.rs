@@ -704,7 +704,6 @@ pub fn render(r: &Report) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "tests")]
 
     use super::*;
 

@@ -254,8 +254,4 @@ impl CompiledPolicy {
             .iter()
             .any(|r| want(&r.access) && path.starts_with(&r.path))
     }
-
-    pub fn wall_time(&self) -> Option<Duration> {
-        self.limits.wall_time
-    }
 }

@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 
 pub use builtin::{BUILTIN, builtin};
 pub use compile::{
-    BreakerPolicy, CompileContext, CompiledPolicy, EnvPolicy, FsAccess, FsRule, LandlockPolicy,
-    NetEntry, NetworkPolicy, SeccompPolicy, SocketFamily, compile,
+    BreakerPolicy, CompileContext, CompiledPolicy, EnvPolicy, FsAccess, LandlockPolicy, NetEntry,
+    SeccompPolicy, SocketFamily, compile,
 };
 pub use error::{LoadError, ProfileError, ProfileErrors};
 pub use values::{BindRule, ConnectRule, Protocol, format_bytes, format_duration};
@@ -176,17 +176,6 @@ pub enum ViolationKind {
 }
 
 impl ViolationKind {
-    pub const ALL: [ViolationKind; 8] = [
-        ViolationKind::Canary,
-        ViolationKind::Exec,
-        ViolationKind::Connect,
-        ViolationKind::Bind,
-        ViolationKind::Write,
-        ViolationKind::Read,
-        ViolationKind::Socket,
-        ViolationKind::Syscall,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             ViolationKind::Canary => "canary",

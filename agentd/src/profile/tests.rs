@@ -1,5 +1,4 @@
 //! Profile parsing, validation and compilation, end to end on text. No root needed.
-#![expect(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,117 @@
+//! Extension points of the supervisor, for the subsystems that watch and act on a running
+//! agent (the eBPF watch, the circuit breaker, later the daemon's registry).
+//!
+//! The supervisor calls, in this order:
+//! 1. [`AgentHooks::before_spawn`]: the agent's cgroup exists, no process of the agent does
+//!    yet. The eBPF watch attaches its cgroup programs and writes the agent's policy into
+//!    its maps here (`crate::bpf::Watch::add_agent(agent_id, cgroup_dir, policy)`), so the
+//!    agent's first instruction already runs under them. An error aborts the launch (exit
+//!    125). **The supervisor is still single-threaded here and must stay so** (it forks
+//!    next; see `sandbox` on fork safety): do not start threads or a runtime in this hook.
+//! 2. [`AgentHooks::started`]: inside the tokio runtime, once the agent's program runs.
+//!    Start event sources here (e.g. a ring-buffer reader task) that send into `events`,
+//!    the channel `--events` is written from, and keep the [`AgentHandle`] to act on the
+//!    agent (the breaker's kill).
+//! 3. [`AgentHooks::finished`]: the agent's first process has exited and the supervisor is
+//!    about to kill what is left and remove the cgroup. Detach here.
+
+use std::{path::Path, sync::Arc};
+
+use tokio::sync::mpsc;
+
+use crate::{
+    event::Event,
+    profile::CompiledPolicy,
+    sandbox::cgroup::{AgentCgroup, CgroupError},
+};
+
+/// An error from a hook: which hook, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{hook}: {source}")]
+pub struct HookError {
+    pub hook: &'static str,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// The agent as [`AgentHooks::before_spawn`] sees it: no process yet.
+#[derive(Debug, Clone, Copy)]
+#[expect(
+    dead_code,
+    reason = "read by AgentHooks implementations (the eBPF watch)"
+)]
+pub struct AgentInfo<'a> {
+    pub agent_id: &'a str,
+    /// The agent's cgroup v2 directory (for BPF attachment; its inode number is the cgroup
+    /// id `bpf_get_current_cgroup_id()` returns).
+    pub cgroup_dir: &'a Path,
+    pub policy: &'a CompiledPolicy,
+}
+
+/// A running agent, shared with whatever needs to act on it.
+#[derive(Debug, Clone)]
+pub struct AgentHandle {
+    #[expect(
+        dead_code,
+        reason = "read by AgentHooks implementations (eBPF watch, breaker)"
+    )]
+    pub agent_id: Arc<str>,
+    /// The agent's first process.
+    #[expect(
+        dead_code,
+        reason = "read by AgentHooks implementations (eBPF watch, breaker)"
+    )]
+    pub pid: u32,
+    cgroup: Arc<AgentCgroup>,
+}
+
+impl AgentHandle {
+    pub fn new(agent_id: &str, pid: u32, cgroup: Arc<AgentCgroup>) -> AgentHandle {
+        AgentHandle {
+            agent_id: agent_id.into(),
+            pid,
+            cgroup,
+        }
+    }
+
+    /// The agent's cgroup v2 directory.
+    #[expect(
+        dead_code,
+        reason = "for AgentHooks implementations (eBPF watch, breaker)"
+    )]
+    pub fn cgroup_dir(&self) -> &Path {
+        self.cgroup.dir()
+    }
+
+    /// Kills every process of the agent (`cgroup.kill`) and waits until the cgroup is
+    /// empty. Blocks (typically well under a millisecond, at most a few seconds): call it
+    /// from `tokio::task::spawn_blocking` in async code.
+    pub fn kill(&self) -> Result<(), CgroupError> {
+        self.cgroup.kill()
+    }
+}
+
+/// Hooks into the supervisor's life cycle. Every method has a no-op default.
+pub trait AgentHooks {
+    /// The cgroup exists; the agent's process does not. Single-threaded context.
+    fn before_spawn(&mut self, agent: AgentInfo<'_>) -> Result<(), HookError> {
+        let _ = agent;
+        Ok(())
+    }
+
+    /// The agent runs; called inside the tokio runtime.
+    fn started(&mut self, agent: &AgentHandle, events: &mpsc::Sender<Event>) {
+        let _ = (agent, events);
+    }
+
+    /// The agent's first process has exited; its cgroup is about to be emptied and removed.
+    fn finished(&mut self, agent: &AgentHandle) {
+        let _ = agent;
+    }
+}
+
+/// No hooks: the embedded supervisor on its own.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoHooks;
+
+impl AgentHooks for NoHooks {}

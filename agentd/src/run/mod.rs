@@ -1,0 +1,360 @@
+//! `agentd run`: launch one agent under a profile and supervise it in-process (the
+//! embedded supervisor, used when no daemon runs).
+//!
+//! 1. plan ([`plan::Plan::build`]): load and compile the profile, choose the agent id and
+//!    identity, resolve the command, build the environment, plan the cgroups, check the
+//!    Landlock rule paths, compile the seccomp filter. Nothing is created. `--dry-run`
+//!    prints this and stops.
+//! 2. launch ([`launch`]): create the cgroups, call the hooks (the eBPF watch attaches
+//!    here), build the Landlock ruleset and the exec arguments, fork the agent through
+//!    `sandbox::spawn`. Single-threaded until here.
+//! 3. supervise ([`supervise`]): a current-thread tokio runtime forwards signals, enforces
+//!    the wall-time limit, merges events into `--events`, and on exit kills what is left
+//!    of the agent and removes its cgroups.
+//!
+//! Exit status: the agent's; 128+N when it died of signal N; 125 when agentd could not
+//! launch it (one line on stderr: `agentd: cannot launch: STEP: ERROR`); 126 when the
+//! program was found but cannot be executed; 127 when it was not found.
+
+pub mod events;
+pub mod hooks;
+pub mod plan;
+pub mod supervise;
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
+
+use self::{
+    events::Sink,
+    hooks::{AgentHooks, AgentInfo, HookError, NoHooks},
+    plan::{Plan, Request},
+    supervise::Supervision,
+};
+use crate::{
+    event::{Event, Kind, Layer, Verdict},
+    report,
+    sandbox::{
+        self, Prepared, SpawnError,
+        cgroup::{AgentCgroup, CgroupError},
+        command::{CommandError, Exec},
+        identity::IdentityError,
+        landlock::{self, LandlockError},
+        seccomp::SeccompError,
+    },
+};
+
+/// Exit status when agentd could not launch the agent.
+pub const EXIT_CANNOT_LAUNCH: u8 = 125;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("profile: {0}")]
+    Profile(String),
+    #[error("workspace: {0}")]
+    Workspace(String),
+    #[error("--events {path}: {source}")]
+    Events {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("stdio: {0}")]
+    Stdio(#[source] std::io::Error),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Landlock(#[from] LandlockError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    #[error(
+        "privileges: agentd run must start as root (e.g. `sudo agentd run ...`): it creates the agent's cgroups and switches to the agent's own identity"
+    )]
+    NotRoot,
+    #[error("hook {0}")]
+    Hook(#[from] HookError),
+    #[error("signals: cannot block the forwarded signals: {0}")]
+    Signals(#[source] nix::Error),
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error("runtime: cannot start the supervisor's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl RunError {
+    /// The launch step, for `launch_failed` events.
+    pub fn step(&self) -> &'static str {
+        match self {
+            RunError::Profile(_) => "profile",
+            RunError::Workspace(_) => "workspace",
+            RunError::Events { .. } => "events",
+            RunError::Stdio(_) => "stdio",
+            RunError::Identity(_) => "identity",
+            RunError::Command(_) => "command",
+            RunError::Cgroup(_) => "cgroup",
+            RunError::Landlock(_) => "landlock",
+            RunError::Seccomp(_) => "seccomp",
+            RunError::NotRoot => "privileges",
+            RunError::Hook(_) => "hook",
+            RunError::Signals(_) => "signals",
+            RunError::Spawn(e) => e.step(),
+            RunError::Runtime(_) => "runtime",
+        }
+    }
+
+    /// 127 not found, 126 not executable, 125 everything else (as a shell, env(1) and
+    /// container runtimes do).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Command(e) => e.exit_code(),
+            RunError::Spawn(SpawnError::Child(f)) if f.step == sandbox::channel::Step::Exec => {
+                match f.errno() {
+                    Some(libc::ENOENT) => 127,
+                    Some(libc::EACCES | libc::ENOEXEC | libc::EISDIR) => 126,
+                    _ => EXIT_CANNOT_LAUNCH,
+                }
+            }
+            RunError::Profile(_)
+            | RunError::Workspace(_)
+            | RunError::Events { .. }
+            | RunError::Stdio(_)
+            | RunError::Identity(_)
+            | RunError::Cgroup(_)
+            | RunError::Landlock(_)
+            | RunError::Seccomp(_)
+            | RunError::NotRoot
+            | RunError::Hook(_)
+            | RunError::Signals(_)
+            | RunError::Spawn(_)
+            | RunError::Runtime(_) => EXIT_CANNOT_LAUNCH,
+        }
+    }
+}
+
+/// `agentd run`'s arguments.
+#[derive(Debug, Clone)]
+pub struct RunArgs {
+    pub request: Request,
+    pub events: Option<String>,
+    pub dry_run: bool,
+    pub json: bool,
+}
+
+/// `agentd run`.
+pub fn run(args: RunArgs) -> ExitCode {
+    // HOOKS: the eBPF watch (`crate::bpf::Watch`, attached in `before_spawn`) and later the
+    // breaker plug in here as `AgentHooks` implementations.
+    let mut hooks = NoHooks;
+    run_with_hooks(args, &mut hooks)
+}
+
+/// `agentd run` with the given hooks.
+pub fn run_with_hooks(args: RunArgs, hooks: &mut dyn AgentHooks) -> ExitCode {
+    if let Err(e) = sandbox::sanitize_stdio() {
+        return failed(&mut None, &RunError::Stdio(e), None, "");
+    }
+    let mut sink = match args.events.as_deref().map(Sink::open).transpose() {
+        Ok(s) => s,
+        Err(source) => {
+            let e = RunError::Events {
+                path: args.events.clone().unwrap_or_default(),
+                source,
+            };
+            return failed(&mut None, &e, None, "");
+        }
+    };
+    let plan = match Plan::build(&args.request) {
+        Ok(p) => p,
+        Err((e, agent)) => {
+            let comm = args
+                .request
+                .command
+                .first()
+                .and_then(|c| std::path::Path::new(c).file_name())
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            return failed(&mut sink, &e, agent.as_deref(), &comm);
+        }
+    };
+    if args.dry_run {
+        if args.json {
+            if let Err(e) = report::print_json(&plan) {
+                eprintln!("agentd: {e:#}");
+                return ExitCode::from(1);
+            }
+        } else {
+            print!("{}", plan.render());
+        }
+        return ExitCode::SUCCESS;
+    }
+    match launch(&plan, hooks, sink) {
+        Ok(code) => ExitCode::from(code),
+        Err((e, mut sink)) => failed(&mut sink, &e, Some(&plan.agent_id), &plan.comm()),
+    }
+}
+
+/// Prints `agentd: cannot launch: ...`, writes a `launch_failed` event when the agent id is
+/// known, and returns the exit code.
+fn failed(sink: &mut Option<Sink>, e: &RunError, agent: Option<&str>, comm: &str) -> ExitCode {
+    eprintln!("agentd: cannot launch: {e}");
+    if let (Some(s), Some(agent)) = (sink.as_mut(), agent) {
+        let ev = Event::new(
+            agent,
+            0,
+            comm,
+            Kind::LaunchFailed,
+            Verdict::None,
+            Layer::Agentd,
+        )
+        .with("step", e.step())
+        .with("reason", e.to_string())
+        .with("exit_code", e.exit_code());
+        if let Err(err) = s.write(&ev) {
+            eprintln!("agentd: cannot write events: {err}");
+        }
+    }
+    ExitCode::from(e.exit_code())
+}
+
+type LaunchResult = Result<u8, (RunError, Option<Sink>)>;
+
+/// Creates the agent and supervises it to the end. Single-threaded until the fork.
+fn launch(plan: &Plan, hooks: &mut dyn AgentHooks, sink: Option<Sink>) -> LaunchResult {
+    let fail = |e: RunError, sink: Option<Sink>| Err((e, sink));
+    if !nix::unistd::geteuid().is_root() {
+        return fail(RunError::NotRoot, sink);
+    }
+
+    // The agent's cgroups: created now, removed when `cgroup` is dropped on any error
+    // below, and by the supervisor at the end.
+    let cgroup = match AgentCgroup::create(plan.cgroup.clone()) {
+        Ok(c) => c,
+        Err(e) => return fail(e.into(), sink),
+    };
+
+    // ---- HOOK: before the agent's first process exists (the eBPF watch attaches its
+    // ---- cgroup programs and writes the agent's policy maps here).
+    if let Err(e) = hooks.before_spawn(AgentInfo {
+        agent_id: &plan.agent_id,
+        cgroup_dir: cgroup.dir(),
+        policy: &plan.policy,
+    }) {
+        return fail(e.into(), sink);
+    }
+
+    // Everything the child needs, allocated and opened before fork.
+    let ruleset = match landlock::prepare(&plan.policy.landlock) {
+        Ok(r) => r,
+        Err(e) => return fail(e.into(), sink),
+    };
+    let exec = match Exec::new(&plan.command.path, &plan.argv, &plan.env) {
+        Ok(x) => x,
+        Err(e) => return fail(e.into(), sink),
+    };
+    let prepared = match Prepared::new(
+        &cgroup,
+        plan.identity.uid,
+        plan.identity.gid,
+        &plan.workspace,
+        ruleset,
+        plan.filter.clone(),
+        exec,
+    ) {
+        Ok(p) => p,
+        Err(e) => return fail(e.into(), sink),
+    };
+
+    if let Err(e) = supervise::block_forwarded() {
+        return fail(RunError::Signals(e), sink);
+    }
+    let spawned = match sandbox::spawn(prepared) {
+        Ok(s) => s,
+        Err(e) => return fail(e.into(), sink),
+    };
+
+    // The agent runs. From here on the supervisor may be multi-threaded.
+    let cgroup = Arc::new(cgroup);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            // Fail closed: an agent agentd cannot supervise does not keep running.
+            let _ = cgroup.destroy();
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(spawned.pid), None);
+            return fail(RunError::Runtime(e), sink);
+        }
+    };
+    Ok(runtime.block_on(supervise::supervise(Supervision {
+        plan,
+        spawned,
+        cgroup,
+        hooks,
+        sink,
+    })))
+}
+
+/// The default profile when `--profile` is not given: the most restrictive built-in one.
+pub const DEFAULT_PROFILE: &str = "analyze-only";
+
+/// Arguments as `cli` collects them.
+pub fn args(
+    profile: String,
+    workspace: Option<PathBuf>,
+    events: Option<String>,
+    dry_run: bool,
+    json: bool,
+    command: Vec<std::ffi::OsString>,
+) -> RunArgs {
+    RunArgs {
+        request: Request {
+            profile,
+            workspace,
+            command,
+        },
+        events,
+        dry_run,
+        json,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::channel::{ChildFailure, Step, Why};
+
+    #[test]
+    fn launch_exit_codes() {
+        let child = |step, errno| {
+            RunError::Spawn(SpawnError::Child(ChildFailure {
+                step,
+                why: Why::Errno(errno),
+            }))
+            .exit_code()
+        };
+        assert_eq!(child(Step::Exec, libc::ENOENT), 127);
+        assert_eq!(child(Step::Exec, libc::EACCES), 126);
+        assert_eq!(child(Step::Landlock, libc::EINVAL), 125);
+        assert_eq!(RunError::NotRoot.exit_code(), 125);
+        assert_eq!(
+            RunError::Command(CommandError::NotFound("x".into(), String::new())).exit_code(),
+            127
+        );
+        assert_eq!(RunError::Profile("p".into()).exit_code(), 125);
+    }
+
+    #[test]
+    fn messages_name_their_step_once() {
+        let e = RunError::Spawn(SpawnError::Child(ChildFailure {
+            step: Step::Setresuid,
+            why: Why::Errno(libc::EPERM),
+        }));
+        assert_eq!(e.step(), "setresuid");
+        assert_eq!(e.to_string(), "setresuid: operation not permitted (EPERM)");
+        let e = RunError::Identity(IdentityError::InvokerIsRoot);
+        assert!(e.to_string().starts_with("identity: "));
+    }
+}

@@ -1,0 +1,352 @@
+//! The launch plan: every decision `agentd run` makes before touching anything (agent id,
+//! identity, policy, command, environment, cgroups and limits, Landlock rules, seccomp
+//! filter). `--dry-run` prints it; a real run executes exactly it.
+
+use std::{ffi::OsString, fmt::Write as _, path::PathBuf};
+
+use serde::Serialize;
+
+use super::RunError;
+use crate::{
+    host,
+    profile::{self, CompileContext, CompiledPolicy, LoadError, Mode, format_duration},
+    sandbox::{
+        cgroup, command, env,
+        identity::{self, Invoker, SystemUserDb},
+        landlock, seccomp,
+    },
+};
+
+#[derive(Debug, Serialize)]
+pub struct Plan {
+    pub agent_id: String,
+    /// Where the profile came from (`builtin:analyze-only`, a path).
+    pub profile: String,
+    pub mode: Mode,
+    pub workspace: PathBuf,
+    pub command: command::Resolved,
+    pub identity: identity::Resolved,
+    pub cgroup: cgroup::Plan,
+    pub landlock: landlock::Plan,
+    pub seccomp: seccomp::Summary,
+    pub env: Vec<env::Var>,
+    #[serde(skip)]
+    pub policy: CompiledPolicy,
+    #[serde(skip)]
+    pub filter: seccomp::Filter,
+    #[serde(skip)]
+    pub argv: Vec<OsString>,
+}
+
+/// What `agentd run` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub profile: String,
+    pub workspace: Option<PathBuf>,
+    pub command: Vec<OsString>,
+}
+
+/// `<profile name>-<8 hex digits from getrandom>`.
+pub fn agent_id(profile_name: &str) -> String {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 4 {
+        // Without randomness, time and pid still make a collision unlikely; the cgroup
+        // mkdir refuses an existing id anyway.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        b = (t ^ std::process::id().rotate_left(16)).to_ne_bytes();
+    }
+    format!("{profile_name}-{:08x}", u32::from_ne_bytes(b))
+}
+
+/// One line for a profile that does not load: the first problem, and where to see all.
+fn profile_error(spec: &str, e: &LoadError) -> String {
+    match e {
+        LoadError::Invalid(errs) => {
+            let mut s = String::new();
+            if let Some(first) = errs.0.first() {
+                let _ = write!(s, "{}", first.origin);
+                if let Some(l) = first.line {
+                    let _ = write!(s, ":{l}");
+                }
+                let _ = write!(s, ": ");
+                if let Some(k) = &first.key {
+                    let _ = write!(s, "`{k}`: ");
+                }
+                let _ = write!(s, "{}", first.message);
+                if let Some(h) = &first.hint {
+                    let _ = write!(s, " (hint: {h})");
+                }
+            }
+            if errs.0.len() > 1 {
+                let _ = write!(
+                    s,
+                    "; {} more problems: see `agentd profile check {spec}`",
+                    errs.0.len() - 1
+                );
+            }
+            s
+        }
+        LoadError::Read { .. } | LoadError::UnknownName { .. } => e.to_string(),
+    }
+}
+
+impl Plan {
+    /// Builds the plan. Reads the profile, the password database, the mounts and the
+    /// filesystem; writes nothing. On error, also returns the agent id when one was chosen.
+    pub fn build(req: &Request) -> Result<Plan, (RunError, Option<String>)> {
+        let (profile, origin) = profile::load(&req.profile)
+            .map_err(|e| (RunError::Profile(profile_error(&req.profile, &e)), None))?;
+        let agent_id = agent_id(&profile.name);
+        let fail = |e: RunError| (e, Some(agent_id.clone()));
+
+        let identity = identity::resolve(
+            &profile.identity,
+            &Invoker::current(),
+            &agent_id,
+            &SystemUserDb,
+        )
+        .map_err(|e| fail(e.into()))?;
+        let workspace = host::workspace_dir(req.workspace.clone())
+            .map_err(|e| fail(RunError::Workspace(format!("{e:#}"))))?;
+        let policy = profile::compile(
+            &profile,
+            &CompileContext {
+                workspace: workspace.clone(),
+                home: identity.home.clone(),
+            },
+        );
+        let env = env::build(&policy.env, |n| std::env::var_os(n), &identity, &agent_id);
+        let command =
+            command::resolve(&req.command, &env, &policy, &origin).map_err(|e| fail(e.into()))?;
+        let cgroup =
+            cgroup::plan_for_host(&agent_id, &policy.limits).map_err(|e| fail(e.into()))?;
+        let landlock = landlock::plan(&policy.landlock);
+        if landlock.kernel_abi < 1 {
+            return Err(fail(
+                landlock::LandlockError::Unavailable(landlock.kernel_abi).into(),
+            ));
+        }
+        let filter = seccomp::compile(&policy.seccomp).map_err(|e| fail(e.into()))?;
+        Ok(Plan {
+            agent_id,
+            profile: origin,
+            mode: profile.mode,
+            workspace,
+            command,
+            identity,
+            cgroup,
+            landlock,
+            seccomp: filter.summary.clone(),
+            env,
+            policy,
+            filter,
+            argv: req.command.clone(),
+        })
+    }
+
+    /// The comm the kernel will show for the agent's first process: the program's file
+    /// name, at most 15 bytes.
+    pub fn comm(&self) -> String {
+        let name = self
+            .command
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        name.chars()
+            .scan(0, |len, c| {
+                *len += c.len_utf8();
+                (*len <= 15).then_some(c)
+            })
+            .collect()
+    }
+
+    /// The plan as `--dry-run` prints it.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let mut line = |label: &str, value: String| {
+            let _ = writeln!(s, "{label:<10} {value}");
+        };
+        line("agent", self.agent_id.clone());
+        line(
+            "profile",
+            format!(
+                "{} ({})",
+                self.profile,
+                format!("{:?}", self.mode).to_lowercase()
+            ),
+        );
+        line(
+            "command",
+            format!(
+                "{} -> {} (under filesystem.exec)",
+                self.command.argv.join(" "),
+                self.command.real_path.display()
+            ),
+        );
+        line("workspace", self.workspace.display().to_string());
+        let id = &self.identity;
+        line(
+            "identity",
+            format!(
+                "uid {} gid {} ({}, home {}): {}; no supplementary groups, no capabilities, no_new_privs",
+                id.uid,
+                id.gid,
+                id.user,
+                id.home.display(),
+                id.how
+            ),
+        );
+        line(
+            "cgroup",
+            format!(
+                "{} (v2: joined before exec, killed with cgroup.kill)",
+                self.cgroup.dir.display()
+            ),
+        );
+        for d in &self.cgroup.v1_dirs {
+            line("", format!("{} (v1, for limits)", d.display()));
+        }
+        let mut first = true;
+        for l in &self.cgroup.limits {
+            line(
+                if first { "limits" } else { "" },
+                format!(
+                    "{} = {} -> {} ({})",
+                    l.key,
+                    l.shown,
+                    l.file.display(),
+                    match l.hierarchy {
+                        cgroup::Hierarchy::V2 => "v2",
+                        cgroup::Hierarchy::V1 => "v1",
+                    }
+                ),
+            );
+            first = false;
+        }
+        line(
+            if first { "limits" } else { "" },
+            match self.cgroup.wall_time {
+                Some(d) => format!(
+                    "limits.wall_time = {} (the supervisor kills the cgroup at the deadline)",
+                    format_duration(d)
+                ),
+                None => "no wall-time limit".into(),
+            },
+        );
+        let ll = &self.landlock;
+        line(
+            "landlock",
+            format!(
+                "kernel ABI {}, agentd targets ABI {}{}",
+                ll.kernel_abi,
+                ll.target_abi,
+                if ll.missing.is_empty() {
+                    ": fully enforced".to_owned()
+                } else {
+                    format!(": PARTIAL, the kernel lacks {}", ll.missing.join(", "))
+                }
+            ),
+        );
+        for r in &ll.rules {
+            line(
+                "",
+                format!(
+                    "{:<40} {:<16} {}",
+                    r.path.display(),
+                    r.access,
+                    if r.exists {
+                        r.rights.clone()
+                    } else {
+                        "(does not exist: skipped)".into()
+                    }
+                ),
+            );
+        }
+        let ports = |v: &[u16]| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+            }
+        };
+        line(
+            "",
+            format!(
+                "tcp connect: {}; tcp bind: {}; scoped: {}",
+                ll.connect_tcp.as_deref().map_or(
+                    "not handled (any port; the BPF programs decide)".into(),
+                    ports
+                ),
+                ports(&ll.bind_tcp),
+                match (ll.scope_signals, ll.scope_abstract_unix) {
+                    (true, true) => "signals, abstract unix sockets",
+                    (true, false) => "signals",
+                    (false, true) => "abstract unix sockets",
+                    (false, false) => "nothing",
+                }
+            ),
+        );
+        let sc = &self.seccomp;
+        line(
+            "seccomp",
+            format!(
+                "{} calls allowed; {}; {} -> ENOSYS; {}everything else -> {} ({} BPF instructions)",
+                sc.allowed,
+                sc.allowed_if
+                    .iter()
+                    .map(|(n, c)| format!("{n} only if {c}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                sc.enosys.join(", "),
+                if sc.notify.is_empty() {
+                    String::new()
+                } else {
+                    format!("{} -> agentd; ", sc.notify.join(", "))
+                },
+                sc.default_errno,
+                sc.instructions
+            ),
+        );
+        let mut first = true;
+        for v in &self.env {
+            let shown = match v.source {
+                env::Source::Passed => format!("{} (from agentd's environment)", v.name),
+                env::Source::Set | env::Source::Identity | env::Source::Agentd => {
+                    format!("{}={}", v.name, v.value.to_string_lossy())
+                }
+            };
+            line(if first { "env" } else { "" }, shown);
+            first = false;
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_ids_are_profile_name_and_8_hex_digits() {
+        let a = agent_id("analyze-only");
+        let (name, hex) = a.rsplit_once('-').unwrap();
+        assert_eq!(name, "analyze-only");
+        assert_eq!(hex.len(), 8);
+        assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(agent_id("x"), agent_id("x"));
+    }
+
+    #[test]
+    fn invalid_profiles_make_one_line() {
+        let e = profile::parse("p.toml", "[agent]\nname = \"x\"\nbogus = 1\n[bad]\n").unwrap_err();
+        let s = profile_error("p.toml", &LoadError::Invalid(e));
+        assert!(!s.contains('\n'), "{s}");
+        assert!(s.starts_with("p.toml:"), "{s}");
+    }
+}

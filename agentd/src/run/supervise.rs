@@ -1,0 +1,421 @@
+//! The embedded supervisor: runs in a current-thread tokio runtime created after the agent
+//! was spawned. It forwards signals, enforces the wall-time limit, writes events, and when
+//! the agent's first process exits, kills whatever is left of the agent and removes its
+//! cgroups.
+
+use std::{
+    os::fd::{AsRawFd as _, OwnedFd},
+    sync::Arc,
+    time::Duration,
+};
+
+use nix::sys::{
+    signal::{SigSet, SigmaskHow, Signal, pthread_sigmask},
+    wait::WaitStatus,
+};
+use serde_json::json;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    time::Instant,
+};
+
+use super::{
+    events::{self, Sink},
+    hooks::{AgentHandle, AgentHooks},
+    plan::Plan,
+};
+use crate::{
+    event::{Event, Kind, Layer, Verdict},
+    profile::format_duration,
+    sandbox::{Spawned, cgroup::AgentCgroup, landlock::Enforcement},
+};
+
+/// Signals `agentd run` forwards to the agent (to its process group: the agent leads a
+/// session of its own, so the terminal's Ctrl-C reaches agentd, not the agent).
+pub const FORWARDED: [Signal; 5] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGWINCH,
+];
+
+fn forwarded_set() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in FORWARDED {
+        set.add(s);
+    }
+    set
+}
+
+/// Blocks the forwarded signals until the supervisor's handlers exist (a Ctrl-C in that
+/// window would otherwise kill agentd and leave the agent unsupervised). The child
+/// unblocks them for itself before exec.
+pub fn block_forwarded() -> nix::Result<()> {
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&forwarded_set()), None)
+}
+
+fn unblock_forwarded() -> nix::Result<()> {
+    pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&forwarded_set()), None)
+}
+
+/// How the agent's first process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Code(i32),
+    Signal { signal: i32, core_dumped: bool },
+}
+
+impl Ended {
+    pub fn from_wait(status: WaitStatus) -> Option<Ended> {
+        match status {
+            WaitStatus::Exited(_, code) => Some(Ended::Code(code)),
+            WaitStatus::Signaled(_, sig, core_dumped) => Some(Ended::Signal {
+                signal: sig as i32,
+                core_dumped,
+            }),
+            WaitStatus::Stopped(..)
+            | WaitStatus::PtraceEvent(..)
+            | WaitStatus::PtraceSyscall(_)
+            | WaitStatus::Continued(_)
+            | WaitStatus::StillAlive => None,
+        }
+    }
+
+    /// `agentd run`'s exit status: the agent's, or 128+N when it died of signal N.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Ended::Code(c) => u8::try_from(c & 0xff).unwrap_or(1),
+            Ended::Signal { signal, .. } => u8::try_from(128 + (signal & 0x7f)).unwrap_or(255),
+        }
+    }
+
+    fn detail(self, e: Event) -> Event {
+        match self {
+            Ended::Code(c) => e.with("code", c),
+            Ended::Signal {
+                signal,
+                core_dumped,
+            } => {
+                let name =
+                    Signal::try_from(signal).map_or_else(|_| signal.to_string(), |s| s.to_string());
+                e.with("signal", signal)
+                    .with("signal_name", name)
+                    .with("core_dumped", core_dumped)
+            }
+        }
+    }
+}
+
+/// Everything the supervisor works with.
+pub struct Supervision<'a> {
+    pub plan: &'a Plan,
+    pub spawned: Spawned,
+    pub cgroup: Arc<AgentCgroup>,
+    pub hooks: &'a mut dyn AgentHooks,
+    pub sink: Option<Sink>,
+}
+
+fn event(plan: &Plan, pid: i32, kind: Kind) -> Event {
+    Event::new(
+        &plan.agent_id,
+        u32::try_from(pid).unwrap_or(0),
+        &plan.comm(),
+        kind,
+        Verdict::None,
+        Layer::Agentd,
+    )
+}
+
+/// The start event: what the agent runs under.
+pub fn start_event(plan: &Plan, spawned: &Spawned) -> Event {
+    let ll = &plan.landlock;
+    let limits = &plan.policy.limits;
+    event(plan, spawned.pid, Kind::Start)
+        .with("profile", plan.profile.clone())
+        .with("mode", format!("{:?}", plan.mode).to_lowercase())
+        .with("argv", plan.command.argv.clone())
+        .with("exe", plan.command.real_path.display().to_string())
+        .with("workspace", plan.workspace.display().to_string())
+        .with("cgroup", plan.cgroup.dir.display().to_string())
+        .with(
+            "cgroups_v1",
+            plan.cgroup
+                .v1_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>(),
+        )
+        .with("uid", plan.identity.uid)
+        .with("gid", plan.identity.gid)
+        .with("user", plan.identity.user.clone())
+        .with(
+            "landlock",
+            match spawned.landlock {
+                Enforcement::Full => "full",
+                Enforcement::Partial => "partial",
+            },
+        )
+        .with("landlock_abi", ll.kernel_abi)
+        .with("landlock_missing", ll.missing.clone())
+        .with(
+            "landlock_skipped",
+            ll.skipped()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>(),
+        )
+        .with("seccomp_allowed", plan.seccomp.allowed)
+        .with("seccomp_listener", spawned.seccomp_listener.is_some())
+        .with(
+            "limits",
+            json!({
+                "pids": limits.pids,
+                "memory": limits.memory,
+                "wall_time": limits.wall_time.map(format_duration),
+            }),
+        )
+}
+
+/// Sends a signal to the agent's process group, or to its first process through the pidfd
+/// when the group is gone.
+fn forward(pid: i32, pidfd: &OwnedFd, sig: Signal) {
+    // SAFETY: kill takes no pointers; the group is the agent's own (its leader is our
+    // unreaped child, so the id cannot have been reused).
+    if unsafe { libc::kill(-pid, sig as i32) } == 0 {
+        return;
+    }
+    // SAFETY: pidfd_send_signal with a NULL siginfo and no flags reads no memory.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig as i32,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+}
+
+async fn send(tx: &mpsc::Sender<Event>, e: Event) {
+    // The writer only stops when every sender is gone.
+    let _ = tx.send(e).await;
+}
+
+/// Supervises the agent until its first process exits; returns `agentd run`'s exit code.
+pub async fn supervise(s: Supervision<'_>) -> u8 {
+    let Supervision {
+        plan,
+        spawned,
+        cgroup,
+        hooks,
+        sink,
+    } = s;
+    let (tx, writer) = events::start_writer(sink);
+    let pid = spawned.pid;
+    let handle = AgentHandle::new(
+        &plan.agent_id,
+        u32::try_from(pid).unwrap_or(0),
+        cgroup.clone(),
+    );
+
+    // Handlers first, then unblock: a signal that arrived meanwhile is delivered now.
+    let mut streams = Vec::new();
+    for sig in FORWARDED {
+        match signal(SignalKind::from_raw(sig as i32)) {
+            Ok(st) => streams.push((sig, st)),
+            Err(e) => eprintln!("agentd: warning: cannot forward {sig}: {e}"),
+        }
+    }
+    if streams.len() == FORWARDED.len() {
+        if let Err(e) = unblock_forwarded() {
+            eprintln!("agentd: warning: cannot unblock forwarded signals: {e}");
+        }
+    }
+
+    if spawned.landlock == Enforcement::Partial {
+        eprintln!(
+            "agentd: warning: landlock is only partially enforced: this kernel (ABI {}) lacks {}",
+            plan.landlock.kernel_abi,
+            plan.landlock.missing.join(", ")
+        );
+    }
+    send(&tx, start_event(plan, &spawned)).await;
+    hooks.started(&handle, &tx);
+    // Seccomp user notifications: nothing in the embedded supervisor answers them yet (no
+    // profile routes a call to it today). Closing the listener makes any notified call fail
+    // with ENOSYS at once instead of blocking the agent forever. A hook that decides such
+    // calls takes the listener here instead.
+    drop(spawned.seccomp_listener);
+
+    // SAFETY: the pidfd is an OwnedFd moved into the AsyncFd: it stays open, the same file
+    // description, for the AsyncFd's whole life.
+    let exited = match unsafe { AsyncFd::register_with_interest(spawned.pidfd, Interest::READABLE) }
+    {
+        Ok(fd) => fd,
+        Err(e) => {
+            let (_pidfd, e) = e.into_parts();
+            // Cannot watch the agent: fail closed, kill it.
+            eprintln!("agentd: cannot watch the agent's process: {e}; killing it");
+            let _ = cgroup.kill();
+            let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None)
+                .ok()
+                .and_then(Ended::from_wait);
+            return finish(plan, pid, status, &cgroup, hooks, &handle, tx, writer).await;
+        }
+    };
+    let deadline = plan.cgroup.wall_time.map(|d| Instant::now() + d);
+    let mut deadline_passed = false;
+    let (mut int, mut term, mut hup, mut quit, mut winch) = split(streams);
+    loop {
+        tokio::select! {
+            r = exited.readable() => {
+                match r {
+                    Ok(_) => break,
+                    Err(e) => {
+                        eprintln!("agentd: waiting for the agent: {e}; killing it");
+                        let _ = cgroup.kill();
+                        break;
+                    }
+                }
+            }
+            Some(sig) = next(&mut int) => forward(pid, exited.get_ref(), sig),
+            Some(sig) = next(&mut term) => forward(pid, exited.get_ref(), sig),
+            Some(sig) = next(&mut hup) => forward(pid, exited.get_ref(), sig),
+            Some(sig) = next(&mut quit) => forward(pid, exited.get_ref(), sig),
+            Some(sig) = next(&mut winch) => forward(pid, exited.get_ref(), sig),
+            () = sleep_until(deadline), if !deadline_passed => {
+                deadline_passed = true;
+                let limit = plan.cgroup.wall_time.unwrap_or_default();
+                send(&tx, event(plan, pid, Kind::Limit)
+                    .with("limit", "wall_time")
+                    .with("wall_time", format_duration(limit))
+                    .with("action", "kill")).await;
+                // The same kill the breaker uses.
+                let agent = handle.clone();
+                match tokio::task::spawn_blocking(move || agent.kill()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => eprintln!("agentd: wall-time limit: {e}"),
+                    Err(e) => eprintln!("agentd: wall-time limit: {e}"),
+                }
+            }
+        }
+    }
+    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None)
+        .ok()
+        .and_then(Ended::from_wait);
+    finish(plan, pid, status, &cgroup, hooks, &handle, tx, writer).await
+}
+
+type Stream = Option<(Signal, tokio::signal::unix::Signal)>;
+
+fn split(
+    streams: Vec<(Signal, tokio::signal::unix::Signal)>,
+) -> (Stream, Stream, Stream, Stream, Stream) {
+    let mut it = streams.into_iter();
+    let mut take = |want: Signal| {
+        // streams are in FORWARDED order, possibly with gaps
+        it.by_ref().find(|(s, _)| *s == want)
+    };
+    (
+        take(Signal::SIGINT),
+        take(Signal::SIGTERM),
+        take(Signal::SIGHUP),
+        take(Signal::SIGQUIT),
+        take(Signal::SIGWINCH),
+    )
+}
+
+async fn next(stream: &mut Stream) -> Option<Signal> {
+    match stream {
+        Some((sig, st)) => st.recv().await.map(|()| *sig),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// After the first process ended: report, kill what is left, remove the cgroups.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the supervisor's whole state, once"
+)]
+async fn finish(
+    plan: &Plan,
+    pid: i32,
+    status: Option<Ended>,
+    cgroup: &Arc<AgentCgroup>,
+    hooks: &mut dyn AgentHooks,
+    handle: &AgentHandle,
+    tx: mpsc::Sender<Event>,
+    writer: tokio::task::JoinHandle<()>,
+) -> u8 {
+    for (limit, count) in cgroup.limit_hits() {
+        send(
+            &tx,
+            event(plan, pid, Kind::Limit)
+                .with("limit", limit)
+                .with("count", count),
+        )
+        .await;
+    }
+    let left_behind = cgroup.pids().map(|p| p.len()).unwrap_or(0);
+    let code = status.map_or(125, Ended::exit_code);
+    let exit = event(plan, pid, Kind::Exit).with("left_behind", left_behind);
+    let exit = match status {
+        Some(s) => s.detail(exit),
+        None => exit.with("reason", "the agent's exit status is unknown"),
+    };
+    send(&tx, exit).await;
+    hooks.finished(handle);
+
+    // No process of the agent survives agentd run: kill, wait until empty, rmdir.
+    let cg = cgroup.clone();
+    match tokio::task::spawn_blocking(move || cg.destroy()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("agentd: cleaning up the agent: {e}"),
+        Err(e) => eprintln!("agentd: cleaning up the agent: {e}"),
+    }
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::unistd::Pid;
+
+    #[test]
+    fn exit_codes_follow_the_shell() {
+        let p = Pid::from_raw(1);
+        let code = |s| Ended::from_wait(s).unwrap().exit_code();
+        assert_eq!(code(WaitStatus::Exited(p, 0)), 0);
+        assert_eq!(code(WaitStatus::Exited(p, 3)), 3);
+        assert_eq!(code(WaitStatus::Signaled(p, Signal::SIGKILL, false)), 137);
+        assert_eq!(code(WaitStatus::Signaled(p, Signal::SIGSEGV, true)), 139);
+        assert_eq!(code(WaitStatus::Signaled(p, Signal::SIGTERM, false)), 143);
+        assert!(Ended::from_wait(WaitStatus::StillAlive).is_none());
+    }
+
+    #[test]
+    fn exit_events_carry_code_or_signal() {
+        let base = || Event::new("a", 1, "sh", Kind::Exit, Verdict::None, Layer::Agentd);
+        let e = Ended::Code(3).detail(base());
+        assert_eq!(e.detail["code"], 3);
+        let e = Ended::Signal {
+            signal: 9,
+            core_dumped: false,
+        }
+        .detail(base());
+        assert_eq!(e.detail["signal"], 9);
+        assert_eq!(e.detail["signal_name"], "SIGKILL");
+    }
+}

@@ -1,0 +1,473 @@
+//! The seccomp allow-list filter: compiled from the policy in the supervisor (pure, before
+//! fork), installed by the child as the last step before `execve`.
+//!
+//! # Program layout
+//! `seccompiler` compiles one match action and one mismatch action per filter, and has no
+//! user-notification action. The filter agentd installs therefore is up to three
+//! seccompiler programs laid end to end, each one checked in turn:
+//!
+//! ```text
+//! block 1  ENOSYS calls (clone3)  -> RET ERRNO(ENOSYS)        else fall through
+//! block 2  notify calls           -> RET USER_NOTIF           else fall through  (only if any)
+//! block 3  allow-list             -> RET ALLOW                else RET ERRNO(EPERM)
+//! ```
+//!
+//! Blocks 1 and 2 are compiled with sentinel errno values that no real call returns:
+//! [`SENTINEL_NEXT`] as their mismatch action (patched into a jump to the next block) and
+//! [`SENTINEL_NOTIFY`] as block 2's match action (patched into `SECCOMP_RET_USER_NOTIF`).
+//! Every block starts with seccompiler's architecture check (a call through another ABI,
+//! e.g. 32-bit `int 0x80`, kills the process). x32 calls (`nr | 0x40000000`) match no
+//! allow-list entry and get EPERM.
+//!
+//! Routing a call to the supervisor later is a policy change only: put its name in
+//! `SeccompPolicy::notify`; [`install`] then asks the kernel for a listener and the launch
+//! hands it to the supervisor.
+
+use std::{collections::BTreeMap, os::fd::OwnedFd};
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, sock_filter,
+};
+use serde::Serialize;
+
+use super::syscalls;
+use crate::profile::SeccompPolicy;
+
+/// Errno data of block 2's match action before patching: becomes `SECCOMP_RET_USER_NOTIF`.
+const SENTINEL_NOTIFY: u32 = 0xfff;
+/// Errno data of blocks 1 and 2's mismatch action before patching: becomes a jump past the
+/// end of the block.
+const SENTINEL_NEXT: u32 = 0xffe;
+
+/// `clone` namespace flags: an agent may not create namespaces (new user namespaces are
+/// the first step of many kernel exploits; the others would escape the agent's view).
+/// CLONE_NEWTIME is not a `clone` flag (its bit is part of CSIGNAL there); `unshare` and
+/// `clone3`, the only ways to it, are refused.
+const CLONE_NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
+    | libc::CLONE_NEWCGROUP
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET) as u64;
+
+/// ioctl requests refused on every fd: they push input into a terminal (TIOCSTI, and
+/// TIOCLINUX's selection paste), i.e. type commands into the caller's shell.
+const DENIED_IOCTLS: [(u64, &str); 2] =
+    [(libc::TIOCSTI, "TIOCSTI"), (libc::TIOCLINUX, "TIOCLINUX")];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error(
+        "seccomp: system call `{0}` is unknown on this architecture (add it to agentd/src/sandbox/syscalls.rs)"
+    )]
+    UnknownSyscall(String),
+    #[error("seccomp: agentd has no system call table for this architecture")]
+    UnsupportedArch,
+    #[error("seccomp: `{0}` has an argument rule agentd cannot build (known: clone, ioctl)")]
+    UnknownArgRule(String),
+    #[error("seccomp: the default action `{0}` is not an errno agentd knows")]
+    UnknownErrno(String),
+    #[error("seccomp: `{0}` is in more than one list (allow, allow_if, enosys, notify)")]
+    Duplicate(String),
+    #[error("seccomp: cannot compile the filter: {0}")]
+    Compile(#[from] seccompiler::BackendError),
+    #[error("seccomp: the filter has {0} instructions, more than the kernel accepts")]
+    TooLong(usize),
+}
+
+/// A compiled filter, ready to install.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    program: BpfProgram,
+    /// Some calls go to the supervisor: install with a listener.
+    notify: bool,
+    pub summary: Summary,
+}
+
+/// What the filter does, for `--dry-run` and the start event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub default_errno: &'static str,
+    pub allowed: usize,
+    pub allowed_if: Vec<(&'static str, String)>,
+    pub enosys: Vec<&'static str>,
+    pub notify: Vec<&'static str>,
+    pub instructions: usize,
+}
+
+/// Compiles `policy` for the architecture agentd was built for.
+pub fn compile(policy: &SeccompPolicy) -> Result<Filter, SeccompError> {
+    let arch = syscalls::TARGET_ARCH.ok_or(SeccompError::UnsupportedArch)?;
+    let default_errno = match policy.default_errno {
+        "EPERM" => libc::EPERM,
+        "EACCES" => libc::EACCES,
+        "ENOSYS" => libc::ENOSYS,
+        other => return Err(SeccompError::UnknownErrno(other.to_owned())),
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let mut nr = |name: &str| -> Result<i64, SeccompError> {
+        if !seen.insert(name.to_owned()) {
+            return Err(SeccompError::Duplicate(name.to_owned()));
+        }
+        syscalls::number(name).ok_or_else(|| SeccompError::UnknownSyscall(name.to_owned()))
+    };
+
+    let mut enosys = BTreeMap::new();
+    for name in &policy.enosys {
+        enosys.insert(nr(name)?, Vec::new());
+    }
+    let mut notify = BTreeMap::new();
+    for name in &policy.notify {
+        notify.insert(nr(name)?, Vec::new());
+    }
+    let mut allow: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for name in &policy.allow {
+        allow.insert(nr(name)?, Vec::new());
+    }
+    let mut allowed_if = Vec::new();
+    for (name, _) in &policy.allow_if {
+        let (rules, shown) = arg_rules(name)?;
+        allow.insert(nr(name)?, rules);
+        allowed_if.push((*name, shown));
+    }
+
+    let mut program = Vec::new();
+    if !enosys.is_empty() {
+        let block = SeccompFilter::new(
+            enosys,
+            SeccompAction::Errno(SENTINEL_NEXT),
+            SeccompAction::Errno(libc::ENOSYS as u32),
+            arch,
+        )?;
+        program.extend(patch_block(block.try_into()?));
+    }
+    if !notify.is_empty() {
+        let block = SeccompFilter::new(
+            notify,
+            SeccompAction::Errno(SENTINEL_NEXT),
+            SeccompAction::Errno(SENTINEL_NOTIFY),
+            arch,
+        )?;
+        program.extend(patch_block(block.try_into()?));
+    }
+    let block = SeccompFilter::new(
+        allow,
+        SeccompAction::Errno(default_errno as u32),
+        SeccompAction::Allow,
+        arch,
+    )?;
+    let block: BpfProgram = block.try_into()?;
+    program.extend(block);
+    // BPF_MAXINSNS: the kernel refuses longer classic-BPF programs.
+    if program.len() > 4096 {
+        return Err(SeccompError::TooLong(program.len()));
+    }
+
+    Ok(Filter {
+        notify: !policy.notify.is_empty(),
+        summary: Summary {
+            default_errno: policy.default_errno,
+            allowed: policy.allow.len() + policy.allow_if.len(),
+            allowed_if,
+            enosys: policy.enosys.clone(),
+            notify: policy.notify.clone(),
+            instructions: program.len(),
+        },
+        program,
+    })
+}
+
+/// The conditions under which `name` is allowed, and how `--dry-run` shows them.
+fn arg_rules(name: &str) -> Result<(Vec<SeccompRule>, String), SeccompError> {
+    let cond = |arg, len, op, value| SeccompCondition::new(arg, len, op, value);
+    match name {
+        // clone(flags, ...): flags is an unsigned long; all namespace bits must be clear.
+        "clone" => Ok((
+            vec![SeccompRule::new(vec![cond(
+                0,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::MaskedEq(CLONE_NAMESPACE_FLAGS),
+                0,
+            )?])?],
+            format!("flags & {CLONE_NAMESPACE_FLAGS:#x} == 0 (no namespaces)"),
+        )),
+        // ioctl(fd, request, ...): the kernel reads `request` as an unsigned int, so only
+        // the low 32 bits are compared (comparing 64 bits would let 0x1_0000_5412 through
+        // as TIOCSTI).
+        "ioctl" => {
+            let mut conditions = Vec::new();
+            for (request, _) in DENIED_IOCTLS {
+                conditions.push(cond(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, request)?);
+            }
+            Ok((
+                vec![SeccompRule::new(conditions)?],
+                format!("request not {}", DENIED_IOCTLS.map(|(_, n)| n).join(" or ")),
+            ))
+        }
+        other => Err(SeccompError::UnknownArgRule(other.to_owned())),
+    }
+}
+
+/// Rewrites a block's sentinel returns: `RET ERRNO(SENTINEL_NEXT)` becomes a jump to the
+/// first instruction after the block, `RET ERRNO(SENTINEL_NOTIFY)` becomes
+/// `RET USER_NOTIF`. Jumps inside a seccompiler block are forward and stay inside it, so
+/// the block can be placed in front of another one.
+fn patch_block(mut block: BpfProgram) -> BpfProgram {
+    let ret_k = (libc::BPF_RET | libc::BPF_K) as u16;
+    let len = block.len();
+    for (i, ins) in block.iter_mut().enumerate() {
+        if ins.code != ret_k {
+            continue;
+        }
+        if ins.k == libc::SECCOMP_RET_ERRNO | SENTINEL_NEXT {
+            // BPF_JA: pc += 1 + k; land on index `len`, the next block's first instruction.
+            *ins = sock_filter {
+                code: (libc::BPF_JMP | libc::BPF_JA) as u16,
+                jt: 0,
+                jf: 0,
+                k: u32::try_from(len - 1 - i).unwrap_or(0),
+            };
+        } else if ins.k == libc::SECCOMP_RET_ERRNO | SENTINEL_NOTIFY {
+            ins.k = libc::SECCOMP_RET_USER_NOTIF;
+        }
+    }
+    block
+}
+
+/// Installs `filter` on the calling thread (the child, single-threaded, after
+/// `PR_SET_NO_NEW_PRIVS`). Returns the user-notification listener when the filter routes
+/// calls to the supervisor. Called between fork and exec: no allocation.
+///
+/// seccompiler's `apply_filter` is not used because it cannot ask for a listener
+/// (`SECCOMP_FILTER_FLAG_NEW_LISTENER`); the call is the same otherwise.
+pub fn install(filter: &Filter) -> Result<Option<OwnedFd>, nix::Error> {
+    let len = u16::try_from(filter.program.len()).map_err(|_| nix::Error::E2BIG)?;
+    let prog = libc::sock_fprog {
+        len,
+        // seccompiler's sock_filter is #[repr(C)] with the kernel's layout (u16, u8, u8,
+        // u32), identical to libc's.
+        filter: filter
+            .program
+            .as_ptr()
+            .cast::<libc::sock_filter>()
+            .cast_mut(),
+    };
+    let flags = if filter.notify {
+        libc::SECCOMP_FILTER_FLAG_NEW_LISTENER
+    } else {
+        0
+    };
+    // SAFETY: `prog` points to `len` valid instructions that outlive the call; the kernel
+    // copies the program and does not keep the pointer.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            flags,
+            &raw const prog,
+        )
+    };
+    if rc < 0 {
+        return Err(nix::Error::last());
+    }
+    if !filter.notify {
+        return Ok(None);
+    }
+    let fd = i32::try_from(rc).map_err(|_| nix::Error::EBADF)?;
+    // SAFETY: with NEW_LISTENER the kernel returned a fresh fd (O_CLOEXEC) that nothing
+    // else owns.
+    Ok(Some(unsafe {
+        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{CompileContext, compile as compile_policy, parse};
+
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    const AUDIT_ARCH_I386: u32 = 0x4000_0003;
+
+    /// A classic-BPF interpreter for the instructions seccompiler emits, over a
+    /// `struct seccomp_data` (nr, arch, ip, args[6]), so the filter's decisions are tested
+    /// without installing it.
+    fn eval(prog: &[sock_filter], arch: u32, nr: i64, args: [u64; 6]) -> u32 {
+        let mut data = Vec::new();
+        data.extend_from_slice(&(nr as i32).to_le_bytes());
+        data.extend_from_slice(&arch.to_le_bytes());
+        data.extend_from_slice(&0u64.to_le_bytes());
+        for a in args {
+            data.extend_from_slice(&a.to_le_bytes());
+        }
+        let word = |off: u32| {
+            let o = off as usize;
+            u32::from_le_bytes(data[o..o + 4].try_into().unwrap())
+        };
+        let (mut acc, mut pc) = (0u32, 0usize);
+        loop {
+            let ins = &prog[pc];
+            let code = u32::from(ins.code);
+            pc += 1;
+            match code {
+                c if c == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS => acc = word(ins.k),
+                c if c == libc::BPF_ALU | libc::BPF_AND | libc::BPF_K => acc &= ins.k,
+                c if c == libc::BPF_RET | libc::BPF_K => return ins.k,
+                c if c == libc::BPF_JMP | libc::BPF_JA => pc += ins.k as usize,
+                c if c & 0x07 == libc::BPF_JMP => {
+                    let taken = match c & 0xf0 {
+                        x if x == libc::BPF_JEQ => acc == ins.k,
+                        x if x == libc::BPF_JGT => acc > ins.k,
+                        x if x == libc::BPF_JGE => acc >= ins.k,
+                        x if x == libc::BPF_JSET => acc & ins.k != 0,
+                        other => panic!("unexpected jump {other:#x}"),
+                    };
+                    pc += usize::from(if taken { ins.jt } else { ins.jf });
+                }
+                other => panic!("unexpected instruction {other:#x}"),
+            }
+        }
+    }
+
+    fn policy() -> SeccompPolicy {
+        let p = parse("t", crate::profile::builtin("analyze-only").unwrap()).unwrap();
+        compile_policy(
+            &p,
+            &CompileContext {
+                workspace: "/w".into(),
+                home: "/h".into(),
+            },
+        )
+        .seccomp
+    }
+
+    fn decide(f: &Filter, name: &str, args: [u64; 6]) -> u32 {
+        eval(
+            &f.program,
+            AUDIT_ARCH_X86_64,
+            syscalls::number(name).unwrap(),
+            args,
+        )
+    }
+
+    const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+    const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    const ENOSYS: u32 = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+
+    #[test]
+    fn allow_list_and_default_eperm() {
+        let f = compile(&policy()).unwrap();
+        assert!(!f.notify);
+        for name in ["read", "write", "openat", "execve", "exit_group", "futex"] {
+            assert_eq!(decide(&f, name, [0; 6]), ALLOW, "{name}");
+        }
+        for name in [
+            "ptrace",
+            "mount",
+            "unshare",
+            "setns",
+            "bpf",
+            "io_uring_setup",
+            "keyctl",
+            "perf_event_open",
+            "kexec_load",
+            "init_module",
+            "userfaultfd",
+            "process_vm_readv",
+            "open_by_handle_at",
+        ] {
+            assert_eq!(decide(&f, name, [0; 6]), EPERM, "{name}");
+        }
+        // a number no table names
+        assert_eq!(eval(&f.program, AUDIT_ARCH_X86_64, 1000, [0; 6]), EPERM);
+    }
+
+    #[test]
+    fn x32_and_other_abis_are_refused() {
+        let f = compile(&policy()).unwrap();
+        let read_x32 = 0x4000_0000 | syscalls::number("read").unwrap();
+        assert_eq!(eval(&f.program, AUDIT_ARCH_X86_64, read_x32, [0; 6]), EPERM);
+        assert_eq!(
+            eval(&f.program, AUDIT_ARCH_I386, 3, [0; 6]),
+            libc::SECCOMP_RET_KILL_PROCESS
+        );
+    }
+
+    #[test]
+    fn clone3_gets_enosys_and_clone_no_namespaces() {
+        let f = compile(&policy()).unwrap();
+        assert_eq!(decide(&f, "clone3", [0; 6]), ENOSYS);
+        let fork_like = (libc::CLONE_CHILD_SETTID | libc::SIGCHLD) as u64;
+        let thread = (libc::CLONE_VM | libc::CLONE_THREAD | libc::CLONE_SIGHAND) as u64;
+        assert_eq!(decide(&f, "clone", [fork_like, 0, 0, 0, 0, 0]), ALLOW);
+        assert_eq!(decide(&f, "clone", [thread, 0, 0, 0, 0, 0]), ALLOW);
+        for ns in [
+            libc::CLONE_NEWUSER,
+            libc::CLONE_NEWNS,
+            libc::CLONE_NEWNET,
+            libc::CLONE_NEWPID,
+            libc::CLONE_NEWCGROUP,
+            libc::CLONE_NEWIPC,
+            libc::CLONE_NEWUTS,
+        ] {
+            let flags = fork_like | ns as u64;
+            assert_eq!(
+                decide(&f, "clone", [flags, 0, 0, 0, 0, 0]),
+                EPERM,
+                "{ns:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn ioctl_refuses_tiocsti_even_with_high_bits() {
+        let f = compile(&policy()).unwrap();
+        let tiocsti = libc::TIOCSTI;
+        assert_eq!(decide(&f, "ioctl", [0, libc::TCGETS, 0, 0, 0, 0]), ALLOW);
+        assert_eq!(decide(&f, "ioctl", [0, tiocsti, 0, 0, 0, 0]), EPERM);
+        assert_eq!(
+            decide(&f, "ioctl", [0, 1 << 32 | tiocsti, 0, 0, 0, 0]),
+            EPERM
+        );
+        assert_eq!(decide(&f, "ioctl", [0, libc::TIOCLINUX, 0, 0, 0, 0]), EPERM);
+    }
+
+    #[test]
+    fn notify_calls_go_to_the_listener_and_the_rest_is_unchanged() {
+        let mut p = policy();
+        p.allow.retain(|n| *n != "mkdir" && *n != "mkdirat");
+        p.notify = vec!["mkdir", "mkdirat"];
+        let f = compile(&p).unwrap();
+        assert!(f.notify);
+        assert_eq!(decide(&f, "mkdir", [0; 6]), libc::SECCOMP_RET_USER_NOTIF);
+        assert_eq!(decide(&f, "mkdirat", [0; 6]), libc::SECCOMP_RET_USER_NOTIF);
+        assert_eq!(decide(&f, "read", [0; 6]), ALLOW);
+        assert_eq!(decide(&f, "clone3", [0; 6]), ENOSYS);
+        assert_eq!(decide(&f, "ptrace", [0; 6]), EPERM);
+        // no sentinel survives patching
+        let ret = (libc::BPF_RET | libc::BPF_K) as u16;
+        for ins in f.program.iter().filter(|i| i.code == ret) {
+            assert_ne!(ins.k, libc::SECCOMP_RET_ERRNO | SENTINEL_NEXT, "{ins:?}");
+            assert_ne!(ins.k, libc::SECCOMP_RET_ERRNO | SENTINEL_NOTIFY, "{ins:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_names_and_duplicates_fail_closed() {
+        let mut p = policy();
+        p.allow.push("no_such_call");
+        assert!(matches!(
+            compile(&p),
+            Err(SeccompError::UnknownSyscall(n)) if n == "no_such_call"
+        ));
+        let mut p = policy();
+        p.allow.push("read");
+        assert!(matches!(compile(&p), Err(SeccompError::Duplicate(_))));
+        let mut p = policy();
+        p.allow_if.push(("openat", "some condition"));
+        p.allow.retain(|n| *n != "openat");
+        assert!(matches!(compile(&p), Err(SeccompError::UnknownArgRule(_))));
+    }
+}
