@@ -5,7 +5,6 @@ use std::{
     collections::BTreeMap,
     net::Ipv6Addr,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use serde::Serialize;

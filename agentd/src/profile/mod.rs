@@ -28,6 +28,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub use builtin::{BUILTIN, builtin};
+#[cfg(test)]
+pub use compile::FsRule;
 pub use compile::{
     BreakerPolicy, CompileContext, CompiledPolicy, EnvPolicy, FsAccess, LandlockPolicy, NetEntry,
     SeccompPolicy, SocketFamily, compile,
