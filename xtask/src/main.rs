@@ -9,6 +9,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod vm;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "cargo xtask",
@@ -32,6 +34,9 @@ enum Task {
         /// Only tests whose name contains this
         filter: Option<String>,
     },
+    /// The privileged tests on stock Debian kernels booted under qemu: 6.1 (Landlock ABI 2)
+    /// and bookworm-backports' 6.12 (ABI 6) (root; installs qemu, downloads the kernels)
+    VmTest(vm::VmTestArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup(&root),
         Task::Ci => ci(&root),
         Task::Test { filter } => privileged_tests(&root, filter.as_deref()),
+        Task::VmTest(args) => vm::vm_test(&root, &args),
     }
 }
 
