@@ -78,6 +78,9 @@ pub enum Kind {
     Breaker,
     /// Events the kernel could not deliver (`detail.count`).
     Lost,
+    /// A refused call of the ones the watch sees at their exit only (`detail.syscall`;
+    /// `errno`): the dangerous calls the seccomp filter refuses, and refused sockets.
+    Syscall,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -200,5 +203,16 @@ mod tests {
         assert!(v.get("path").is_none());
         let back: Event = serde_json::from_value(v).unwrap();
         assert_eq!(back, e);
+        let v = serde_json::to_value(Event::new(
+            "a1",
+            42,
+            "sh",
+            Kind::Syscall,
+            Verdict::Deny,
+            Layer::Seccomp,
+        ))
+        .unwrap();
+        assert_eq!(v["kind"], "syscall");
+        assert_eq!(v["layer"], "seccomp");
     }
 }

@@ -9,6 +9,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod demo;
 mod vm;
 
 #[derive(Debug, Parser)]
@@ -37,6 +39,12 @@ enum Task {
     /// The privileged tests on stock Debian kernels booted under qemu: 6.1 (Landlock ABI 2)
     /// and bookworm-backports' 6.12 (ABI 6) (root; installs qemu, downloads the kernels)
     VmTest(vm::VmTestArgs),
+    /// The main job: set up, build, and launch a demo agent under `analyze-only` that
+    /// tries to post an answer it was only asked to analyze; show that it is contained
+    Demo,
+    /// Measure agentd's costs as ratios to baselines taken in the same run: the kernel
+    /// watch, launching, and the breaker's time from violation to an empty cgroup
+    Bench,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +55,8 @@ fn main() -> anyhow::Result<()> {
         Task::Ci => ci(&root),
         Task::Test { filter } => privileged_tests(&root, filter.as_deref()),
         Task::VmTest(args) => vm::vm_test(&root, &args),
+        Task::Demo => demo::demo(&root),
+        Task::Bench => bench::bench(&root),
     }
 }
 

@@ -62,6 +62,9 @@ pub fn classify(ev: &Event) -> Option<ViolationKind> {
         | Kind::Chown
         | Kind::Truncate
         | Kind::Setxattr => Some(ViolationKind::Write),
+        // Attributed to seccomp (handled above) or to the kernel (not denied by policy);
+        // any other denying layer would still be a refused call.
+        Kind::Syscall => Some(ViolationKind::Syscall),
         Kind::Start
         | Kind::Exit
         | Kind::LaunchFailed
@@ -97,10 +100,6 @@ impl Breaker {
     /// Violations counted so far.
     pub fn violations(&self) -> u64 {
         self.violations
-    }
-
-    pub fn tripped(&self) -> bool {
-        self.tripped
     }
 
     /// Feeds one event seen at monotonic time `now_ns`. Returns the trip, once: after a trip
@@ -222,6 +221,20 @@ mod tests {
             classify(&ev(Kind::Connect, Verdict::Killed, Layer::Bpf)),
             None
         );
+        // A refused call seen at its exit only (unshare, mount, socket, ...).
+        assert_eq!(
+            classify(&ev(Kind::Syscall, Verdict::Deny, Layer::Seccomp)),
+            Some(ViolationKind::Syscall)
+        );
+        assert_eq!(
+            classify(&ev(Kind::Syscall, Verdict::Deny, Layer::Kernel)),
+            None,
+            "the kernel's own refusal of an allowed call is not the profile"
+        );
+        assert_eq!(
+            classify(&ev(Kind::Syscall, Verdict::Killed, Layer::Seccomp)),
+            None
+        );
     }
 
     #[test]
@@ -232,7 +245,7 @@ mod tests {
             .unwrap();
         assert_eq!(t.rule, "trip_on:canary");
         assert!(t.enforced);
-        assert!(b.tripped());
+        assert!(b.tripped);
         assert_eq!(
             b.observe(&ev(Kind::Canary, Verdict::Deny, Layer::Landlock), 1),
             None,
@@ -272,7 +285,7 @@ mod tests {
             );
         }
         assert_eq!(b.violations(), 100);
-        assert!(!b.tripped());
+        assert!(!b.tripped);
     }
 
     #[test]

@@ -13,9 +13,11 @@
 //!    the channel `--events` is written from, and keep the [`AgentHandle`] to act on the
 //!    agent (the breaker's kill).
 //! 3. [`AgentHooks::finished`]: the agent's first process has exited and the supervisor is
-//!    about to kill what is left and remove the cgroup. Detach here.
+//!    about to kill what is left and remove the cgroup. Settle here (the breaker drains the
+//!    agent's last kernel events) and detach. Then [`AgentHooks::verdict`] may replace the
+//!    agent's exit status (the breaker's 137).
 
-use std::{path::Path, sync::Arc};
+use std::{future::Future, path::Path, pin::Pin, sync::Arc};
 
 use tokio::sync::mpsc;
 
@@ -36,10 +38,6 @@ pub struct HookError {
 
 /// The agent as [`AgentHooks::before_spawn`] sees it: no process yet.
 #[derive(Debug, Clone, Copy)]
-#[expect(
-    dead_code,
-    reason = "read by AgentHooks implementations (the eBPF watch)"
-)]
 pub struct AgentInfo<'a> {
     pub agent_id: &'a str,
     /// The agent's cgroup v2 directory (for BPF attachment; its inode number is the cgroup
@@ -57,10 +55,6 @@ pub struct AgentHandle {
     )]
     pub agent_id: Arc<str>,
     /// The agent's first process.
-    #[expect(
-        dead_code,
-        reason = "read by AgentHooks implementations (eBPF watch, breaker)"
-    )]
     pub pid: u32,
     cgroup: Arc<AgentCgroup>,
 }
@@ -105,8 +99,16 @@ pub trait AgentHooks {
     }
 
     /// The agent's first process has exited; its cgroup is about to be emptied and removed.
-    fn finished(&mut self, agent: &AgentHandle) {
+    /// The supervisor awaits the returned future before it reports the exit.
+    fn finished<'a>(&'a mut self, agent: &'a AgentHandle) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
         let _ = agent;
+        Box::pin(std::future::ready(()))
+    }
+
+    /// An exit status that replaces the agent's, with the one line `agentd run` prints
+    /// (e.g. the breaker: `(137, "breaker tripped: ...")`).
+    fn verdict(&self) -> Option<(u8, String)> {
+        None
     }
 }
 

@@ -18,6 +18,7 @@
 
 pub mod events;
 pub mod hooks;
+pub mod kernel;
 pub mod plan;
 pub mod supervise;
 
@@ -144,10 +145,11 @@ pub struct RunArgs {
 
 /// `agentd run`.
 pub fn run(args: RunArgs) -> ExitCode {
-    // HOOKS: the eBPF watch (`crate::bpf::Watch`, attached in `before_spawn`) and later the
-    // breaker plug in here as `AgentHooks` implementations.
-    let mut hooks = NoHooks;
-    run_with_hooks(args, &mut hooks)
+    // The eBPF watch and the circuit breaker (`--dry-run` loads nothing).
+    if args.dry_run {
+        return run_with_hooks(args, &mut NoHooks);
+    }
+    run_with_hooks(args, &mut kernel::KernelHooks::new())
 }
 
 /// `agentd run` with the given hooks.

@@ -366,15 +366,22 @@ async fn finish(
         )
         .await;
     }
+    // The hooks settle first (the breaker drains the agent's last kernel events, which
+    // may trip it), so the exit event is the last one and carries the final status.
+    hooks.finished(handle).await;
     let left_behind = cgroup.pids().map(|p| p.len()).unwrap_or(0);
-    let code = status.map_or(125, Ended::exit_code);
+    let mut code = status.map_or(125, Ended::exit_code);
     let exit = event(plan, pid, Kind::Exit).with("left_behind", left_behind);
-    let exit = match status {
+    let mut exit = match status {
         Some(s) => s.detail(exit),
         None => exit.with("reason", "the agent's exit status is unknown"),
     };
-    send(&tx, exit).await;
-    hooks.finished(handle);
+    if let Some((verdict, line)) = hooks.verdict() {
+        eprintln!("agentd: {line}");
+        exit = exit.with("agent_status", code).with("verdict", line);
+        code = verdict;
+    }
+    send(&tx, exit.with("exit_code", code)).await;
 
     // No process of the agent survives agentd run: kill, wait until empty, rmdir.
     let cg = cgroup.clone();

@@ -1,0 +1,274 @@
+//! The kernel side of a supervised agent: the eBPF watch and the circuit breaker, plugged
+//! into the supervisor as [`AgentHooks`].
+//!
+//! - `before_spawn`: load the BPF programs (once per `agentd run`) and attach them to the
+//!   agent's cgroup with its policy, before its first process exists. Failing to load is
+//!   a launch failure: an agent never runs without its network enforcement.
+//! - `started`: one task reads the watch's events, feeds each to the breaker, forwards it
+//!   to `--events`, and acts on a trip: kill flag first (from then on the cgroup programs
+//!   refuse all network and the tracepoints SIGKILL any process of the agent at its next
+//!   syscall), then `cgroup.kill`, which reaps every process of the cgroup, re-parented
+//!   and `setsid` ones included.
+//! - `finished`: drain the events up to the first process's own exit, so a violation made
+//!   just before it exited still trips the breaker, then detach.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+
+use super::hooks::{AgentHandle, AgentHooks, AgentInfo, HookError};
+use crate::{
+    bpf::{self, Watch},
+    breaker::{Breaker, Trip},
+    event::{Event, Kind, Layer, Verdict},
+    profile::{Action, BreakerPolicy},
+};
+
+/// Exit status of `agentd run` after the breaker killed the agent (128 + SIGKILL).
+pub const EXIT_TRIPPED: u8 = 137;
+/// How long `finished` waits for the first process's exit event before giving up.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+enum KernelHookError {
+    #[error("kernel watch: {0}")]
+    Bpf(#[from] bpf::BpfError),
+}
+
+fn hook_error(hook: &'static str, e: KernelHookError) -> HookError {
+    HookError {
+        hook,
+        source: Box::new(e),
+    }
+}
+
+/// The watch and the breaker for one agent.
+#[derive(Debug, Default)]
+pub struct KernelHooks {
+    watch: Option<Arc<Mutex<Watch>>>,
+    agent: Option<bpf::AgentHandle>,
+    breaker: Option<BreakerPolicy>,
+    /// The trip that killed the agent, for the exit status and the one-line report.
+    killed_by: Arc<Mutex<Option<String>>>,
+    /// Set by the event task once it has handled the first process's exit event.
+    drained: Option<watch::Receiver<bool>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl KernelHooks {
+    pub fn new() -> KernelHooks {
+        KernelHooks::default()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| {
+            u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+                + u64::try_from(t.tv_nsec()).unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+impl AgentHooks for KernelHooks {
+    fn before_spawn(&mut self, agent: AgentInfo<'_>) -> Result<(), HookError> {
+        let mut watch = Watch::load().map_err(|e| hook_error("kernel watch", e.into()))?;
+        let handle = watch
+            .add_agent(agent.agent_id, agent.cgroup_dir, agent.policy)
+            .map_err(|e| hook_error("kernel watch", e.into()))?;
+        self.agent = Some(handle);
+        self.watch = Some(Arc::new(Mutex::new(watch)));
+        self.breaker = Some(agent.policy.breaker.clone());
+        Ok(())
+    }
+
+    fn started(&mut self, agent: &AgentHandle, events: &mpsc::Sender<Event>) {
+        let (Some(watch), Some(policy), Some(bpf_agent)) = (
+            self.watch.clone(),
+            self.breaker.clone(),
+            self.agent.as_ref(),
+        ) else {
+            // before_spawn did not run or failed: the launch was aborted already.
+            return;
+        };
+        let cgroup_id = bpf_agent.cgroup_id();
+        let rx = match lock(&watch).try_events() {
+            Ok(rx) => rx,
+            Err(e) => {
+                // Enforcement is attached, but nothing would see or report what the agent
+                // does: fail closed.
+                eprintln!("agentd: {}; killing the agent", KernelHookError::Bpf(e));
+                let _ = agent.kill();
+                return;
+            }
+        };
+        let (done_tx, done_rx) = watch::channel(false);
+        self.drained = Some(done_rx);
+        let task = EventTask {
+            watch,
+            cgroup_id,
+            agent: agent.clone(),
+            breaker: Breaker::new(policy),
+            out: events.clone(),
+            killed_by: Arc::clone(&self.killed_by),
+            done: done_tx,
+        };
+        self.task = Some(tokio::spawn(task.run(rx)));
+    }
+
+    fn finished<'a>(
+        &'a mut self,
+        _agent: &'a AgentHandle,
+    ) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
+        Box::pin(async move {
+            if let Some(mut drained) = self.drained.take() {
+                let wait = drained.wait_for(|done| *done);
+                if tokio::time::timeout(DRAIN_TIMEOUT, wait).await.is_err() {
+                    tracing::warn!(
+                        "the agent's exit event did not arrive within {DRAIN_TIMEOUT:?}"
+                    );
+                }
+            }
+            // Stop reading (the task holds a sender of the --events writer), then detach.
+            if let Some(task) = self.task.take() {
+                task.abort();
+                let _ = task.await;
+            }
+            if let (Some(watch), Some(agent)) = (self.watch.as_ref(), self.agent.take())
+                && let Err(e) = lock(watch).remove_agent(agent)
+            {
+                eprintln!("agentd: detaching the kernel watch: {e}");
+            }
+        })
+    }
+
+    fn verdict(&self) -> Option<(u8, String)> {
+        lock(&self.killed_by)
+            .clone()
+            .map(|line| (EXIT_TRIPPED, line))
+    }
+}
+
+/// The one task that reads the agent's kernel events.
+struct EventTask {
+    watch: Arc<Mutex<Watch>>,
+    cgroup_id: u64,
+    agent: AgentHandle,
+    breaker: Breaker,
+    out: mpsc::Sender<Event>,
+    killed_by: Arc<Mutex<Option<String>>>,
+    done: watch::Sender<bool>,
+}
+
+impl EventTask {
+    async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+        while let Some(ev) = rx.recv().await {
+            let first_exit = ev.kind == Kind::ProcessExit && ev.pid == self.agent.pid;
+            let trip = self
+                .breaker
+                .observe(&ev, ev.ktime_ns.unwrap_or_else(monotonic_ns));
+            let trigger = trip.as_ref().map(|_| ev.clone());
+            // The writer only stops when every sender is gone.
+            let _ = self.out.send(ev).await;
+            if let (Some(trip), Some(trigger)) = (trip, trigger) {
+                let report = self.act(&trip, &trigger).await;
+                let _ = self.out.send(report).await;
+            }
+            if first_exit {
+                let _ = self.done.send(true);
+            }
+        }
+        let _ = self.done.send(true);
+    }
+
+    /// Carries out a trip and returns the `breaker` event.
+    async fn act(&mut self, trip: &Trip, trigger: &Event) -> Event {
+        let kill = trip.enforced && trip.action == Action::Kill;
+        let mut contain_ns = None;
+        if kill {
+            // Kill flag first: from this instant the agent can make no network call and
+            // its next syscall kills the process making it.
+            if let Err(e) = lock(&self.watch).set_killed(self.cgroup_id) {
+                eprintln!("agentd: breaker: setting the kill flag: {e}; killing the cgroup anyway");
+            }
+            let agent = self.agent.clone();
+            match tokio::task::spawn_blocking(move || agent.kill()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => eprintln!("agentd: breaker: {e}"),
+                Err(e) => eprintln!("agentd: breaker: {e}"),
+            }
+            contain_ns = trigger.ktime_ns.map(|t| monotonic_ns().saturating_sub(t));
+            *lock(&self.killed_by) = Some(format!(
+                "breaker tripped: {} ({} {}) by pid {} ({}); the agent's processes were killed",
+                trip.rule,
+                serde_json::to_value(trigger.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                describe_target(trigger),
+                trigger.pid,
+                trigger.comm,
+            ));
+        }
+        let verdict = match (kill, trip.enforced) {
+            (true, _) => Verdict::Killed,
+            (false, true) => Verdict::Deny,
+            (false, false) => Verdict::None,
+        };
+        let mut ev = Event::new(
+            &trigger.agent,
+            trigger.pid,
+            &trigger.comm,
+            Kind::Breaker,
+            verdict,
+            Layer::Agentd,
+        )
+        .with("rule", trip.rule.clone())
+        .with("violation", trip.violation.as_str())
+        .with(
+            "action",
+            if kill {
+                "kill"
+            } else if trip.enforced {
+                "deny"
+            } else {
+                "none (monitor mode)"
+            },
+        )
+        .with("enforced", trip.enforced)
+        .with("violations", self.breaker.violations())
+        .with("trigger", serde_json::to_value(trigger).unwrap_or_default());
+        ev.ktime_ns = trigger.ktime_ns;
+        if let Some(ns) = contain_ns {
+            ev = ev.with("contain_ns", ns);
+        }
+        ev
+    }
+}
+
+/// What an event was about, for the one-line trip report.
+fn describe_target(ev: &Event) -> String {
+    let detail = |k: &str| ev.detail.get(k).and_then(|v| v.as_str()).unwrap_or("?");
+    match (&ev.path, ev.addr, ev.port) {
+        (Some(p), _, _) => p.clone(),
+        (None, Some(a), Some(port)) => format!("{a}:{port}"),
+        (None, Some(a), None) => a.to_string(),
+        (None, None, _) if ev.kind == Kind::Socket => {
+            format!("{} {}", detail("family"), detail("type"))
+        }
+        (None, None, _) => String::new(),
+    }
+}

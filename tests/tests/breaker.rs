@@ -1,0 +1,343 @@
+//! The circuit breaker, for real: agents that step out of scope are killed, whole trees
+//! included; lesser violations trip only at the threshold; monitor mode never kills.
+
+use std::{net::TcpListener, path::Path};
+
+use agentd_tests::{
+    AgentRun, DEFAULT_LIMITS, agent_dir, process_gone, profile_file, require_root, test_profile,
+};
+
+/// A test profile with a canary directory `{workspace}/secrets` and the given breaker.
+fn profile(name: &str, limits: &str, breaker: &str) -> String {
+    let base = test_profile(name, "invoker", limits, &format!("[breaker]\n{breaker}\n"));
+    // Canaries belong in [filesystem]: insert after its exec line.
+    base.replacen(
+        "exec = [",
+        "canaries = [\"{workspace}/secrets\"]\nexec = [",
+        1,
+    )
+}
+
+fn workspace_with_canary() -> tempfile::TempDir {
+    let ws = agent_dir(true);
+    let secrets = ws.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    std::fs::write(secrets.join("key"), "AKIA-canary\n").unwrap();
+    // Readable by the agent's uid: the canary is a honeytoken it *can* open.
+    std::process::Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(&secrets)
+        .status()
+        .unwrap();
+    ws
+}
+
+fn pids_in(file: &Path) -> Vec<u32> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect()
+}
+
+fn breaker_event(run: &agentd_tests::Run) -> &serde_json::Value {
+    run.event("breaker")
+        .unwrap_or_else(|| panic!("no breaker event\n{}", run.explain()))
+}
+
+#[test]
+fn breaker_canary_kills_the_tree_including_a_setsid_grandchild() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace_with_canary();
+    let (_p, path) = profile_file(&profile(
+        "canary",
+        DEFAULT_LIMITS,
+        "trip_on = [\"canary\"]\naction = \"kill\"",
+    ));
+    let pidfile = ws.path().join("pids");
+    let run = AgentRun::new(path.to_str().unwrap(), ws.path())
+        .sh(&format!(
+            "/usr/bin/setsid /bin/sh -c 'echo $$ >> {p}; exec /bin/sleep 300' & \
+             /bin/sleep 0.3; /bin/cat \"$PWD/secrets/key\" >/dev/null; /bin/sleep 5; echo survived",
+            p = pidfile.display()
+        ))
+        .run();
+    assert_eq!(run.code(), 137, "{}", run.explain());
+    assert!(!run.stdout().contains("survived"), "{}", run.explain());
+    assert!(
+        run.stderr()
+            .contains("agentd: breaker tripped: trip_on:canary"),
+        "{}",
+        run.explain()
+    );
+    let b = breaker_event(&run);
+    assert_eq!(b["verdict"], "killed");
+    assert_eq!(b["detail"]["trigger"]["kind"], "canary");
+    assert!(b["detail"]["contain_ns"].as_u64().unwrap() > 0, "{b}");
+    let grandchild = pids_in(&pidfile);
+    assert_eq!(
+        grandchild.len(),
+        1,
+        "the grandchild wrote its pid\n{}",
+        run.explain()
+    );
+    assert!(
+        process_gone(grandchild[0]),
+        "setsid grandchild {} survived",
+        grandchild[0]
+    );
+}
+
+/// The path an agent uses must not matter: relative, through `..`, or a symlink.
+#[test]
+fn breaker_canary_by_relative_or_indirect_path_trips() {
+    if !require_root() {
+        return;
+    }
+    for how in [
+        "/bin/cat secrets/key",
+        "cd secrets && /bin/cat ./key",
+        "/bin/ln -s secrets/key link && /bin/cat link",
+        "cd /tmp && /bin/cat \"$OLDPWD/secrets/../secrets/key\"",
+    ] {
+        let ws = workspace_with_canary();
+        let (_p, path) = profile_file(&profile(
+            "canary-rel",
+            DEFAULT_LIMITS,
+            "trip_on = [\"canary\"]",
+        ));
+        let run = AgentRun::new(path.to_str().unwrap(), ws.path())
+            .sh(&format!("{how} >/dev/null; /bin/sleep 5; echo survived"))
+            .run();
+        assert_eq!(run.code(), 137, "{how}\n{}", run.explain());
+        assert_eq!(
+            breaker_event(&run)["detail"]["trigger"]["kind"],
+            "canary",
+            "{how}"
+        );
+    }
+}
+
+#[test]
+fn breaker_exec_outside_exec_trips() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace_with_canary();
+    std::fs::copy("/bin/true", ws.path().join("tool")).unwrap();
+    let (_p, path) = profile_file(&profile("exec", DEFAULT_LIMITS, ""));
+    let run = AgentRun::new(path.to_str().unwrap(), ws.path())
+        .sh("\"$PWD/tool\"; /bin/sleep 5; echo survived")
+        .run();
+    assert_eq!(run.code(), 137, "{}", run.explain());
+    let b = breaker_event(&run);
+    assert_eq!(b["detail"]["rule"], "trip_on:exec");
+    assert_eq!(b["detail"]["trigger"]["layer"], "landlock");
+}
+
+/// A relative exec by a process that exits at once must still be attributed to Landlock.
+#[test]
+fn breaker_relative_exec_outside_exec_trips() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace_with_canary();
+    std::fs::copy("/bin/true", ws.path().join("tool")).unwrap();
+    let (_p, path) = profile_file(&profile("exec-rel", DEFAULT_LIMITS, ""));
+    let run = AgentRun::new(path.to_str().unwrap(), ws.path())
+        .sh("./tool; /bin/sleep 5; echo survived")
+        .run();
+    assert_eq!(run.code(), 137, "{}", run.explain());
+    assert_eq!(breaker_event(&run)["detail"]["rule"], "trip_on:exec");
+}
+
+#[test]
+fn breaker_connect_outside_scope_trips() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace_with_canary();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // One rule (port 1), so the agent may create inet sockets; the connect itself is out
+    // of scope.
+    let text = profile("connect", DEFAULT_LIMITS, "").replacen(
+        "connect = []",
+        "connect = [\"127.0.0.1/32:1\"]",
+        1,
+    );
+    let (_p, path) = profile_file(&text);
+    let run = AgentRun::new(path.to_str().unwrap(), ws.path())
+        .python(&format!(
+            "import socket, time\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\nexcept OSError as e:\n    print('refused', e.errno)\ntime.sleep(5)\nprint('survived')"
+        ))
+        .run();
+    assert_eq!(run.code(), 137, "{}", run.explain());
+    assert!(!run.stdout().contains("survived"), "{}", run.explain());
+    let b = breaker_event(&run);
+    assert_eq!(b["detail"]["rule"], "trip_on:connect");
+    // Landlock refuses TCP ports first where it can (ABI >= 4), else the cgroup program.
+    let layer = b["detail"]["trigger"]["layer"].as_str().unwrap();
+    assert!(layer == "landlock" || layer == "bpf", "{b}");
+    assert_eq!(b["detail"]["trigger"]["kind"], "connect");
+}
+
+/// Denied writes (outside `write`) are lesser violations: N-1 of them do nothing, the Nth
+/// trips.
+#[test]
+fn breaker_threshold_trips_at_n_and_not_before() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace_with_canary();
+    let (_p, path) = profile_file(&profile(
+        "threshold",
+        DEFAULT_LIMITS,
+        "trip_on = [\"canary\"]\nthreshold = 5\nwindow = \"60s\"\naction = \"kill\"",
+    ));
+    let writes = |n: usize| {
+        format!(
+            "for i in $(/usr/bin/seq {n}); do /usr/bin/touch /etc/agentd-breaker-test-$i 2>/dev/null; done; /bin/sleep 0.5; echo done"
+        )
+    };
+    let below = AgentRun::new(path.to_str().unwrap(), ws.path())
+        .sh(&writes(4))
+        .run();
+    assert_eq!(below.code(), 0, "{}", below.explain());
+    assert!(below.event("breaker").is_none(), "{}", below.explain());
+    let denied = below
+        .events
+        .iter()
+        .filter(|e| e["kind"] == "open_write" && e["verdict"] == "deny")
+        .count();
+    assert_eq!(
+        denied,
+        4,
+        "each refused write is an event\n{}",
+        below.explain()
+    );
+
+    let at = AgentRun::new(path.to_str().unwrap(), ws.path())
+        .sh(&writes(5))
+        .run();
+    assert_eq!(at.code(), 137, "{}", at.explain());
+    let b = breaker_event(&at);
+    assert_eq!(b["detail"]["rule"], "threshold:5/1m");
+    assert_eq!(b["detail"]["violation"], "write");
+    let before = at
+        .events
+        .iter()
+        .take_while(|e| e["kind"] != "breaker")
+        .filter(|e| e["kind"] == "open_write" && e["verdict"] == "deny")
+        .count();
+    assert_eq!(
+        before,
+        5,
+        "the trip came with the 5th violation\n{}",
+        at.explain()
+    );
+    assert!(!Path::new("/etc/agentd-breaker-test-1").exists());
+}
+
+#[test]
+fn breaker_monitor_mode_reports_and_never_kills() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace_with_canary();
+    let text = profile(
+        "monitor",
+        DEFAULT_LIMITS,
+        "trip_on = [\"canary\", \"connect\"]\naction = \"deny\"",
+    )
+    .replacen("description = ", "mode = \"monitor\"\ndescription = ", 1);
+    let (_p, path) = profile_file(&text);
+    let run = AgentRun::new(path.to_str().unwrap(), ws.path())
+        .sh("/bin/cat \"$PWD/secrets/key\" >/dev/null; /bin/sleep 0.3; echo alive; exit 7")
+        .run();
+    assert_eq!(run.code(), 7, "the agent's own status\n{}", run.explain());
+    assert!(run.stdout().contains("alive"));
+    let b = breaker_event(&run);
+    assert_eq!(b["detail"]["enforced"], false);
+    assert_eq!(b["verdict"], "none");
+    assert!(
+        !run.stderr().contains("breaker tripped"),
+        "{}",
+        run.explain()
+    );
+}
+
+/// 50 processes: 47 plain children, one that ignores SIGTERM, one double-forked `setsid`
+/// daemon, and the shell itself. All gone after a trip; a process outside the agent is
+/// untouched.
+#[test]
+fn breaker_kills_a_50_process_tree_and_nothing_outside() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace_with_canary();
+    let mut outsider = std::process::Command::new("/bin/sleep")
+        .arg("300")
+        .spawn()
+        .unwrap();
+    let (_p, path) = profile_file(&profile("tree", "pids = 128", "trip_on = [\"canary\"]"));
+    let pidfile = ws.path().join("pids");
+    let p = pidfile.display();
+    let script = format!(
+        "echo $$ >> {p}\n\
+         for i in $(/usr/bin/seq 47); do /bin/sleep 300 & echo $! >> {p}; done\n\
+         /bin/sh -c 'trap \"\" TERM; echo $$ >> {p}; while :; do /bin/sleep 1; done' &\n\
+         /bin/sh -c '/usr/bin/setsid /bin/sh -c \"echo \\$\\$ >> {p}; exec /bin/sleep 300\" &' \n\
+         while [ $(/usr/bin/wc -l < {p}) -lt 50 ]; do /bin/sleep 0.1; done\n\
+         /bin/cat \"$PWD/secrets/key\" > /dev/null; /bin/sleep 30"
+    );
+    let run = AgentRun::new(path.to_str().unwrap(), ws.path())
+        .sh(&script)
+        .run();
+    assert_eq!(run.code(), 137, "{}", run.explain());
+    let pids = pids_in(&pidfile);
+    assert_eq!(pids.len(), 50, "{}", run.explain());
+    let alive: Vec<u32> = pids.iter().copied().filter(|p| !process_gone(*p)).collect();
+    assert!(alive.is_empty(), "survivors: {alive:?}");
+    assert_eq!(
+        outsider.try_wait().unwrap(),
+        None,
+        "a process outside the agent was signalled"
+    );
+    outsider.kill().unwrap();
+    outsider.wait().unwrap();
+}
+
+/// A fork bomb runs into pids.max, then the breaker kills it.
+#[test]
+fn breaker_fork_bomb_is_held_by_pids_max_and_killed() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace_with_canary();
+    let (_p, path) = profile_file(&profile("forkbomb", "pids = 24", "trip_on = [\"canary\"]"));
+    let script = "import os, time\nn = 0\nwhile True:\n    try:\n        pid = os.fork()\n    except OSError as e:\n        print('fork failed after', n, e.errno, flush=True)\n        break\n    if pid == 0:\n        time.sleep(300)\n        os._exit(0)\n    n += 1\nopen(os.getcwd() + '/secrets/key').read()\ntime.sleep(30)\n";
+    let run = AgentRun::new(path.to_str().unwrap(), ws.path())
+        .python(script)
+        .run();
+    assert_eq!(run.code(), 137, "{}", run.explain());
+    let out = run.stdout();
+    let forked: usize = out
+        .split_whitespace()
+        .nth(3)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no fork count\n{}", run.explain()));
+    assert!(
+        forked < 24,
+        "pids.max held the bomb at {forked}\n{}",
+        run.explain()
+    );
+    assert!(
+        out.contains(" 11"),
+        "fork failed with EAGAIN\n{}",
+        run.explain()
+    );
+    assert_eq!(breaker_event(&run)["detail"]["rule"], "trip_on:canary");
+}

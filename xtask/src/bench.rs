@@ -1,0 +1,195 @@
+//! `cargo xtask bench`: agentd's costs, each as a ratio to a baseline measured in the same
+//! run on the same machine (never as absolute pass/fail thresholds).
+//!
+//! 1. The kernel watch's cost to processes outside agents and inside one (`agentd
+//!    watch-test bench`): syscall loops with no programs, with programs loaded, inside.
+//! 2. Launch: `agentd run -- /bin/true` against `/bin/true`.
+//! 3. The breaker: time from the violating syscall (kernel timestamp) to an empty cgroup,
+//!    over 100 trips (median, p99).
+
+use std::{path::Path, process::Command, time::Instant};
+
+use anyhow::{Context as _, bail};
+
+const TRIPS: usize = 100;
+const LAUNCHES: usize = 30;
+
+pub fn bench(root: &Path) -> anyhow::Result<()> {
+    crate::run(
+        root,
+        "cargo",
+        &["build", "--release", "--locked", "--package", "agentd"],
+        &[],
+    )?;
+    let agentd = root.join("target/release/agentd");
+    let work = root.join("target/bench");
+    std::fs::create_dir_all(&work)?;
+
+    watch_costs(&agentd)?;
+    let ws = work.join("workspace");
+    std::fs::create_dir_all(ws.join("secrets"))?;
+    std::fs::write(ws.join("secrets/key"), "canary\n")?;
+    let status = Command::new("chmod")
+        .arg("-R")
+        .arg("a+rwX")
+        .arg(&work)
+        .status()?;
+    anyhow::ensure!(status.success(), "chmod failed");
+    let profile = work.join("bench.toml");
+    std::fs::write(&profile, PROFILE)?;
+    launch_cost(&agentd, &profile, &ws)?;
+    breaker_latency(&agentd, &profile, &ws, &work)?;
+    Ok(())
+}
+
+const PROFILE: &str = r#"[agent]
+name = "bench"
+[filesystem]
+read = ["{workspace}", "/usr", "/lib", "/lib64", "/bin", "/etc", "/proc", "/dev/null"]
+write = ["{workspace}", "/dev/null"]
+exec = ["/usr/bin", "/bin", "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"]
+canaries = ["{workspace}/secrets"]
+[breaker]
+trip_on = ["canary"]
+action = "kill"
+[environment]
+pass = ["PATH"]
+"#;
+
+fn agent_command(agentd: &Path, profile: &Path, ws: &Path) -> Command {
+    let mut c = Command::new(agentd);
+    c.arg("run")
+        .arg("--profile")
+        .arg(profile)
+        .arg("--workspace")
+        .arg(ws);
+    c.env("SUDO_UID", "65534").env("SUDO_GID", "65534");
+    c
+}
+
+fn watch_costs(agentd: &Path) -> anyhow::Result<()> {
+    eprintln!("\n[bench] kernel watch: ns per operation (best of 5 rounds of 20000)");
+    let out = Command::new(agentd)
+        .args(["watch-test", "bench", "20000"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "agentd watch-test bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).context("bench output")?;
+    let series = [
+        ("outside_no_programs", "outside, no programs (baseline)"),
+        (
+            "outside_programs_loaded_no_agent",
+            "outside, programs loaded, no agent",
+        ),
+        (
+            "outside_programs_loaded",
+            "outside, programs loaded, one agent",
+        ),
+        ("inside_agent_watched", "inside a watched agent"),
+    ];
+    let base = &doc["ns_per_op"]["outside_no_programs"];
+    let names: Vec<&str> = base
+        .as_array()
+        .context("bench output")?
+        .iter()
+        .filter_map(|l| l["name"].as_str())
+        .collect();
+    eprint!("  {:<38}", "");
+    for n in &names {
+        eprint!(" {n:>22}");
+    }
+    eprintln!();
+    for (key, label) in series {
+        eprint!("  {label:<38}");
+        for (i, _) in names.iter().enumerate() {
+            let ns = doc["ns_per_op"][key][i]["ns_per_op"]
+                .as_f64()
+                .unwrap_or(f64::NAN);
+            let b = base[i]["ns_per_op"].as_f64().unwrap_or(f64::NAN);
+            eprint!(" {:>12.0} ns ({:>4.2}x)", ns, ns / b);
+        }
+        eprintln!();
+    }
+    eprintln!(
+        "  events received {}, lost {}",
+        doc["events_received"], doc["events_lost"]
+    );
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn launch_cost(agentd: &Path, profile: &Path, ws: &Path) -> anyhow::Result<()> {
+    let time = |mut c: Command| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let st = c.status()?;
+        anyhow::ensure!(st.success(), "{c:?} failed: {st}");
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let mut direct = Vec::new();
+    let mut confined = Vec::new();
+    for _ in 0..LAUNCHES {
+        direct.push(time(Command::new("/bin/true"))?);
+        let mut c = agent_command(agentd, profile, ws);
+        c.args(["--", "/bin/true"]);
+        confined.push(time(c)?);
+    }
+    direct.sort_by(f64::total_cmp);
+    confined.sort_by(f64::total_cmp);
+    let (d, c) = (percentile(&direct, 0.5), percentile(&confined, 0.5));
+    eprintln!(
+        "\n[bench] launch, median of {LAUNCHES}: /bin/true {d:.2} ms; agentd run -- /bin/true {c:.1} ms ({:.0}x; includes loading the BPF programs)",
+        c / d
+    );
+    Ok(())
+}
+
+fn breaker_latency(agentd: &Path, profile: &Path, ws: &Path, work: &Path) -> anyhow::Result<()> {
+    let mut contain = Vec::new();
+    for i in 0..TRIPS {
+        let events = work.join("trip.jsonl");
+        let _ = std::fs::remove_file(&events);
+        let mut c = agent_command(agentd, profile, ws);
+        c.arg("--events").arg(&events);
+        c.args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "/bin/cat secrets/key >/dev/null; /bin/sleep 10",
+        ]);
+        let out = c.output()?;
+        anyhow::ensure!(
+            out.status.code() == Some(137),
+            "trip {i}: exit {:?}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(&events)?;
+        let ns = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|e| e["kind"] == "breaker")
+            .and_then(|e| e["detail"]["contain_ns"].as_u64())
+            .with_context(|| format!("trip {i}: no breaker event with contain_ns"))?;
+        contain.push(ns as f64 / 1e6);
+    }
+    contain.sort_by(f64::total_cmp);
+    eprintln!(
+        "\n[bench] breaker, violating syscall -> empty cgroup, {TRIPS} trips: median {:.3} ms, p99 {:.3} ms, min {:.3} ms, max {:.3} ms",
+        percentile(&contain, 0.5),
+        percentile(&contain, 0.99),
+        contain.first().copied().unwrap_or(f64::NAN),
+        contain.last().copied().unwrap_or(f64::NAN),
+    );
+    Ok(())
+}
