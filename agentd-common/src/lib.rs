@@ -37,11 +37,15 @@ pub enum EventKind {
     SocketCreate = 18,
     /// Opening a canary path, in any mode.
     Canary = 19,
+    /// A refused call of the ones watched at their exit only ([`Syscall::exit_only`]):
+    /// `syscall` names it, `ret` is its -errno. No arguments: seccomp refuses before the
+    /// entry tracepoint, and these calls have no entry program.
+    Syscall = 20,
 }
 
 impl EventKind {
     /// Every kind, for exhaustive decoding and tests.
-    pub const ALL: [EventKind; 19] = [
+    pub const ALL: [EventKind; 20] = [
         EventKind::Exec,
         EventKind::Fork,
         EventKind::Exit,
@@ -61,6 +65,7 @@ impl EventKind {
         EventKind::Bind,
         EventKind::SocketCreate,
         EventKind::Canary,
+        EventKind::Syscall,
     ];
 
     pub fn from_raw(raw: u16) -> Option<EventKind> {
@@ -183,9 +188,12 @@ pub const EXEC_ARGS: usize = 4;
 /// Exec events: bytes per argv slot in `path2`, with the NUL.
 pub const EXEC_ARG_LEN: usize = PATH_LEN / EXEC_ARGS;
 
-/// The system calls the file/exec tracepoints cover. The numbering is agentd's own (the
-/// same on every architecture) and ABI: append, never renumber. User space maps the
-/// architecture's syscall numbers to these in the `SYSCALLS` table.
+/// The system calls the tracepoints cover: the file/exec calls, observed at entry and
+/// exit, and the calls watched at their exit only ([`Syscall::exit_only`]), whose refusals
+/// are reported as [`EventKind::Syscall`]. The numbering is agentd's own (the same on every
+/// architecture) and ABI: append, never renumber. This is the one place a call's name is
+/// kept; user space maps the architecture's syscall numbers to these in the `SYSCALLS`
+/// table.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Syscall {
@@ -216,10 +224,69 @@ pub enum Syscall {
     Lsetxattr = 25,
     Execve = 26,
     Execveat = 27,
+    // Watched at their exit only (see `exit_only`): calls the seccomp filter refuses
+    // (profile `DENY_NOTES`) or allows only under argument conditions (socket, socketpair).
+    Ptrace = 28,
+    ProcessVmReadv = 29,
+    ProcessVmWritev = 30,
+    PidfdGetfd = 31,
+    Bpf = 32,
+    PerfEventOpen = 33,
+    Mount = 34,
+    Umount2 = 35,
+    PivotRoot = 36,
+    Chroot = 37,
+    OpenTree = 38,
+    MoveMount = 39,
+    Fsopen = 40,
+    Fsmount = 41,
+    Fsconfig = 42,
+    Fspick = 43,
+    MountSetattr = 44,
+    Unshare = 45,
+    Setns = 46,
+    Keyctl = 47,
+    AddKey = 48,
+    RequestKey = 49,
+    Userfaultfd = 50,
+    IoUringSetup = 51,
+    OpenByHandleAt = 52,
+    NameToHandleAt = 53,
+    KexecLoad = 54,
+    KexecFileLoad = 55,
+    InitModule = 56,
+    FinitModule = 57,
+    DeleteModule = 58,
+    Personality = 59,
+    ModifyLdt = 60,
+    Iopl = 61,
+    Ioperm = 62,
+    Syslog = 63,
+    Acct = 64,
+    Swapon = 65,
+    Swapoff = 66,
+    Reboot = 67,
+    Sethostname = 68,
+    Setdomainname = 69,
+    Settimeofday = 70,
+    ClockSettime = 71,
+    ClockAdjtime = 72,
+    Adjtimex = 73,
+    Quotactl = 74,
+    FanotifyInit = 75,
+    Kcmp = 76,
+    MovePages = 77,
+    MigratePages = 78,
+    MemfdSecret = 79,
+    ProcessMadvise = 80,
+    LsmSetSelfAttr = 81,
+    Vhangup = 82,
+    Socket = 83,
+    Socketpair = 84,
 }
 
 impl Syscall {
-    pub const ALL: [Syscall; 27] = [
+    pub const ALL: [Syscall; 84] = [
         Syscall::Open,
         Syscall::Openat,
         Syscall::Openat2,
@@ -247,6 +314,63 @@ impl Syscall {
         Syscall::Lsetxattr,
         Syscall::Execve,
         Syscall::Execveat,
+        Syscall::Ptrace,
+        Syscall::ProcessVmReadv,
+        Syscall::ProcessVmWritev,
+        Syscall::PidfdGetfd,
+        Syscall::Bpf,
+        Syscall::PerfEventOpen,
+        Syscall::Mount,
+        Syscall::Umount2,
+        Syscall::PivotRoot,
+        Syscall::Chroot,
+        Syscall::OpenTree,
+        Syscall::MoveMount,
+        Syscall::Fsopen,
+        Syscall::Fsmount,
+        Syscall::Fsconfig,
+        Syscall::Fspick,
+        Syscall::MountSetattr,
+        Syscall::Unshare,
+        Syscall::Setns,
+        Syscall::Keyctl,
+        Syscall::AddKey,
+        Syscall::RequestKey,
+        Syscall::Userfaultfd,
+        Syscall::IoUringSetup,
+        Syscall::OpenByHandleAt,
+        Syscall::NameToHandleAt,
+        Syscall::KexecLoad,
+        Syscall::KexecFileLoad,
+        Syscall::InitModule,
+        Syscall::FinitModule,
+        Syscall::DeleteModule,
+        Syscall::Personality,
+        Syscall::ModifyLdt,
+        Syscall::Iopl,
+        Syscall::Ioperm,
+        Syscall::Syslog,
+        Syscall::Acct,
+        Syscall::Swapon,
+        Syscall::Swapoff,
+        Syscall::Reboot,
+        Syscall::Sethostname,
+        Syscall::Setdomainname,
+        Syscall::Settimeofday,
+        Syscall::ClockSettime,
+        Syscall::ClockAdjtime,
+        Syscall::Adjtimex,
+        Syscall::Quotactl,
+        Syscall::FanotifyInit,
+        Syscall::Kcmp,
+        Syscall::MovePages,
+        Syscall::MigratePages,
+        Syscall::MemfdSecret,
+        Syscall::ProcessMadvise,
+        Syscall::LsmSetSelfAttr,
+        Syscall::Vhangup,
+        Syscall::Socket,
+        Syscall::Socketpair,
     ];
 
     pub fn from_raw(raw: u8) -> Option<Syscall> {
@@ -260,7 +384,8 @@ impl Syscall {
         None
     }
 
-    /// The kernel's name, as in `syscalls/sys_enter_<name>`.
+    /// The call's name, as in the seccomp lists and events; the tracepoints are named
+    /// after it except where [`Syscall::tracepoint`] says otherwise.
     pub const fn name(self) -> &'static str {
         match self {
             Syscall::Open => "open",
@@ -290,6 +415,63 @@ impl Syscall {
             Syscall::Lsetxattr => "lsetxattr",
             Syscall::Execve => "execve",
             Syscall::Execveat => "execveat",
+            Syscall::Ptrace => "ptrace",
+            Syscall::ProcessVmReadv => "process_vm_readv",
+            Syscall::ProcessVmWritev => "process_vm_writev",
+            Syscall::PidfdGetfd => "pidfd_getfd",
+            Syscall::Bpf => "bpf",
+            Syscall::PerfEventOpen => "perf_event_open",
+            Syscall::Mount => "mount",
+            Syscall::Umount2 => "umount2",
+            Syscall::PivotRoot => "pivot_root",
+            Syscall::Chroot => "chroot",
+            Syscall::OpenTree => "open_tree",
+            Syscall::MoveMount => "move_mount",
+            Syscall::Fsopen => "fsopen",
+            Syscall::Fsmount => "fsmount",
+            Syscall::Fsconfig => "fsconfig",
+            Syscall::Fspick => "fspick",
+            Syscall::MountSetattr => "mount_setattr",
+            Syscall::Unshare => "unshare",
+            Syscall::Setns => "setns",
+            Syscall::Keyctl => "keyctl",
+            Syscall::AddKey => "add_key",
+            Syscall::RequestKey => "request_key",
+            Syscall::Userfaultfd => "userfaultfd",
+            Syscall::IoUringSetup => "io_uring_setup",
+            Syscall::OpenByHandleAt => "open_by_handle_at",
+            Syscall::NameToHandleAt => "name_to_handle_at",
+            Syscall::KexecLoad => "kexec_load",
+            Syscall::KexecFileLoad => "kexec_file_load",
+            Syscall::InitModule => "init_module",
+            Syscall::FinitModule => "finit_module",
+            Syscall::DeleteModule => "delete_module",
+            Syscall::Personality => "personality",
+            Syscall::ModifyLdt => "modify_ldt",
+            Syscall::Iopl => "iopl",
+            Syscall::Ioperm => "ioperm",
+            Syscall::Syslog => "syslog",
+            Syscall::Acct => "acct",
+            Syscall::Swapon => "swapon",
+            Syscall::Swapoff => "swapoff",
+            Syscall::Reboot => "reboot",
+            Syscall::Sethostname => "sethostname",
+            Syscall::Setdomainname => "setdomainname",
+            Syscall::Settimeofday => "settimeofday",
+            Syscall::ClockSettime => "clock_settime",
+            Syscall::ClockAdjtime => "clock_adjtime",
+            Syscall::Adjtimex => "adjtimex",
+            Syscall::Quotactl => "quotactl",
+            Syscall::FanotifyInit => "fanotify_init",
+            Syscall::Kcmp => "kcmp",
+            Syscall::MovePages => "move_pages",
+            Syscall::MigratePages => "migrate_pages",
+            Syscall::MemfdSecret => "memfd_secret",
+            Syscall::ProcessMadvise => "process_madvise",
+            Syscall::LsmSetSelfAttr => "lsm_set_self_attr",
+            Syscall::Vhangup => "vhangup",
+            Syscall::Socket => "socket",
+            Syscall::Socketpair => "socketpair",
         }
     }
 
@@ -311,6 +493,63 @@ impl Syscall {
             Syscall::Truncate => EventKind::Truncate,
             Syscall::Setxattr | Syscall::Lsetxattr => EventKind::Setxattr,
             Syscall::Execve | Syscall::Execveat => EventKind::Exec,
+            Syscall::Ptrace
+            | Syscall::ProcessVmReadv
+            | Syscall::ProcessVmWritev
+            | Syscall::PidfdGetfd
+            | Syscall::Bpf
+            | Syscall::PerfEventOpen
+            | Syscall::Mount
+            | Syscall::Umount2
+            | Syscall::PivotRoot
+            | Syscall::Chroot
+            | Syscall::OpenTree
+            | Syscall::MoveMount
+            | Syscall::Fsopen
+            | Syscall::Fsmount
+            | Syscall::Fsconfig
+            | Syscall::Fspick
+            | Syscall::MountSetattr
+            | Syscall::Unshare
+            | Syscall::Setns
+            | Syscall::Keyctl
+            | Syscall::AddKey
+            | Syscall::RequestKey
+            | Syscall::Userfaultfd
+            | Syscall::IoUringSetup
+            | Syscall::OpenByHandleAt
+            | Syscall::NameToHandleAt
+            | Syscall::KexecLoad
+            | Syscall::KexecFileLoad
+            | Syscall::InitModule
+            | Syscall::FinitModule
+            | Syscall::DeleteModule
+            | Syscall::Personality
+            | Syscall::ModifyLdt
+            | Syscall::Iopl
+            | Syscall::Ioperm
+            | Syscall::Syslog
+            | Syscall::Acct
+            | Syscall::Swapon
+            | Syscall::Swapoff
+            | Syscall::Reboot
+            | Syscall::Sethostname
+            | Syscall::Setdomainname
+            | Syscall::Settimeofday
+            | Syscall::ClockSettime
+            | Syscall::ClockAdjtime
+            | Syscall::Adjtimex
+            | Syscall::Quotactl
+            | Syscall::FanotifyInit
+            | Syscall::Kcmp
+            | Syscall::MovePages
+            | Syscall::MigratePages
+            | Syscall::MemfdSecret
+            | Syscall::ProcessMadvise
+            | Syscall::LsmSetSelfAttr
+            | Syscall::Vhangup
+            | Syscall::Socket
+            | Syscall::Socketpair => EventKind::Syscall,
         }
     }
 
@@ -321,6 +560,22 @@ impl Syscall {
             self,
             Syscall::Open | Syscall::Openat | Syscall::Openat2 | Syscall::Creat
         )
+    }
+
+    /// Watched at the exit only: no entry program; the shared exit program reports the
+    /// call when it fails with EPERM, EACCES or ENOSYS (what a seccomp filter answers).
+    pub const fn exit_only(self) -> bool {
+        matches!(self.kind(), EventKind::Syscall)
+    }
+
+    /// The kernel's name for the call's tracepoints (`syscalls/sys_exit_<tracepoint>`),
+    /// which is the `SYSCALL_DEFINE` name: `umount2` is defined as `umount`.
+    pub const fn tracepoint(self) -> &'static str {
+        if matches!(self, Syscall::Umount2) {
+            "umount"
+        } else {
+            self.name()
+        }
     }
 }
 
@@ -389,8 +644,12 @@ pub const CONFIG_LEVEL_MAX: u32 = 2;
 pub const CONFIG_LEN: u32 = 4;
 /// Deepest agent cgroup level the programs check.
 pub const MAX_CGROUP_LEVEL: u32 = 31;
-/// Entries of the `SYSCALLS` array (architecture syscall number -> [`Syscall`]).
+/// Entries of the `SYSCALLS` array (architecture syscall number -> [`Syscall`] as u32,
+/// with [`SYSCALL_EXIT_ONLY`] for the calls watched at their exit only).
 pub const SYSCALL_TABLE_LEN: u32 = 1024;
+/// Bit of a `SYSCALLS` value: the call is [`Syscall::exit_only`], so the exit program can
+/// return at once on success without decoding the value or looking the task up.
+pub const SYSCALL_EXIT_ONLY: u32 = 1 << 8;
 
 /// Data part of a network-allow LPM-trie key. The kernel matches the first `prefixlen`
 /// bits of this struct in memory order, so the exact-match fields come first and the
@@ -509,6 +768,24 @@ mod tests {
         assert_eq!(Syscall::Execveat.kind(), EventKind::Exec);
         assert!(!Syscall::Openat2.records_every_call());
         assert!(Syscall::Unlinkat.records_every_call());
+        assert_eq!(Syscall::Unshare.kind(), EventKind::Syscall);
+        assert!(Syscall::Socket.exit_only() && !Syscall::Execve.exit_only());
+        assert_eq!(Syscall::Umount2.name(), "umount2");
+        assert_eq!(Syscall::Umount2.tracepoint(), "umount");
+        assert_eq!(Syscall::Mount.tracepoint(), "mount");
+    }
+
+    #[test]
+    fn syscall_numbering_is_dense_and_fits_the_flag() {
+        for (i, s) in Syscall::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i + 1, "{s:?}");
+            assert!((*s as u32) < SYSCALL_EXIT_ONLY);
+        }
+        // The numbering is ABI: these must never move.
+        assert_eq!(Syscall::Execveat as u8, 27);
+        assert_eq!(Syscall::Ptrace as u8, 28);
+        assert_eq!(Syscall::Socketpair as u8, 84);
+        assert_eq!(EventKind::Syscall as u16, 20);
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //! with the kernel's verdict (the return value) and sends it. Landlock and seccomp decide;
 //! these programs only watch, except that they SIGKILL any process of a killed agent.
 //!
+//! The same exit program also watches calls at their exit only (`Syscall::exit_only`: the
+//! dangerous calls the seccomp filter refuses, and socket/socketpair, which it allows for
+//! some families only). Seccomp refuses before the `sys_enter` tracepoints run, so the exit
+//! is all there is to see: an agent's call failing with EPERM, EACCES or ENOSYS becomes an
+//! `EventKind::Syscall` event, without arguments.
+//!
 //! Tracepoint records of syscalls are `{ common fields: 8 bytes, int __syscall_nr, pad,
 //! unsigned long args[6] }`, so argument `i` is at offset 16 + 8 * i; user space checks
 //! every attached tracepoint's format file against this before attaching, and the exit
@@ -14,9 +20,10 @@ use agentd_common::{
     EVENT_FLAG_CANARY_CANDIDATE, EVENT_FLAG_CANARY_SENT, EVENT_FLAG_NO_ENTER,
     EVENT_FLAG_PATH_TRUNCATED, EVENT_FLAG_PATH_UNREAD, EVENT_FLAG_PATH2_TRUNCATED,
     EVENT_FLAG_WRITE_INTENT, EXEC_ARG_LEN, EXEC_ARGS, EventKind, Layer, MAX_CANARIES, PATH_LEN,
-    RawEvent, Syscall,
+    RawEvent, SYSCALL_EXIT_ONLY, Syscall,
 };
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_user,
         bpf_probe_read_user_str_bytes, bpf_send_signal,
@@ -25,10 +32,14 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::maps::{CANARIES, PENDING, SCRATCH, SYSCALLS, current_agent, fill_header, output};
+use crate::maps::{
+    CANARIES, PENDING, SCRATCH, SOCK_REFUSED, SYSCALLS, current_agent, fill_header, output,
+};
 
 const SIGKILL: u32 = 9;
+const EPERM: i64 = 1;
 const EACCES: i64 = 13;
+const ENOSYS: i64 = 38;
 const AT_FDCWD: i32 = -100;
 const O_WRONLY: u64 = 0o1;
 const O_RDWR: u64 = 0o2;
@@ -137,7 +148,8 @@ enter_programs! {
     sys_enter_execveat => layout(Syscall::Execveat, Some(0), 1, Argv(2), Arg(4));
 }
 
-/// The exit of every covered call (one program, attached to each `sys_exit_<call>`).
+/// The exit of every covered call (one program, attached to each `sys_exit_<call>`, of
+/// the file/exec calls and of the calls watched at their exit only).
 #[tracepoint]
 pub fn sys_exit(ctx: TracePointContext) -> u32 {
     try_exit(&ctx);
@@ -359,20 +371,30 @@ fn prefix_match(path: &[u8; PATH_LEN], canary: &CanaryPath) -> bool {
 
 #[inline(always)]
 fn try_exit(ctx: &TracePointContext) {
+    // Plain loads from the record, no helper call: this runs at every covered exit of
+    // every process on the host.
+    // SAFETY: `ctx` points to the tracepoint record; `__syscall_nr` and `ret` are fixed
+    // fields of every sys_exit record at these offsets (user space checked each format),
+    // and the verifier checks the (constant, aligned) context reads.
+    let (nr, ret) = unsafe {
+        let record = ctx.as_ptr().cast::<u8>();
+        (
+            core::ptr::read_volatile(record.add(NR_OFFSET).cast::<i32>()),
+            core::ptr::read_volatile(record.add(RET_OFFSET).cast::<i64>()),
+        )
+    };
+    // An array lookup, which the verifier inlines: no hashing.
+    let Some(&entry) = SYSCALLS.get(nr as u32) else {
+        return;
+    };
+    if entry & SYSCALL_EXIT_ONLY != 0 {
+        try_exit_only(entry, ret);
+        return;
+    }
     let Some((cgroup, _)) = current_agent() else {
         return;
     };
-    // SAFETY: fixed fields of every sys_exit record (user space checked the format).
-    let (nr, ret) = unsafe {
-        (
-            ctx.read_at::<i32>(NR_OFFSET).unwrap_or(-1),
-            ctx.read_at::<i64>(RET_OFFSET).unwrap_or(0),
-        )
-    };
-    let Some(&sys) = SYSCALLS.get(nr as u32) else {
-        return;
-    };
-    let Some(sys) = Syscall::from_raw(sys as u8) else {
+    let Some(sys) = Syscall::from_raw(entry as u8) else {
         return;
     };
     let tid = bpf_get_current_pid_tgid() as u32;
@@ -419,6 +441,52 @@ fn try_exit(ctx: &TracePointContext) {
     // SAFETY: this CPU's scratch RawEvent in map memory.
     let ev = unsafe {
         fill_header(ev, cgroup, sys.kind() as u16, EVENT_FLAG_NO_ENTER);
+        &mut *ev
+    };
+    ev.syscall = sys as u8;
+    ev.layer = Layer::Observed as u8;
+    ev.ret = ret;
+    ev.dfd = AT_FDCWD;
+    ev.path[0] = 0;
+    ev.path2[0] = 0;
+    output(ev);
+}
+
+/// A call watched at its exit only (no entry program): an agent's call that failed with
+/// what a seccomp filter answers (EPERM, EACCES, ENOSYS) is reported as
+/// [`EventKind::Syscall`]; user space attributes it. Any other result returns before the
+/// agent lookup, so a process outside every agent pays at most that one lookup, and only
+/// for a failed call.
+#[inline(always)]
+fn try_exit_only(entry: u32, ret: i64) {
+    if ret != -EPERM && ret != -EACCES && ret != -ENOSYS {
+        return;
+    }
+    let Some((cgroup, state)) = current_agent() else {
+        return;
+    };
+    // SAFETY: `state` points into the AGENTS map value for the program's run.
+    if unsafe { (*state).flags } & AGENT_FLAG_KILLED != 0 {
+        // The breaker tripped and the agent is being killed: its refusals are not counted
+        // again (and a socket the cgroup program refused as killed was reported there).
+        return;
+    }
+    let Some(sys) = Syscall::from_raw(entry as u8) else {
+        return;
+    };
+    if matches!(sys, Syscall::Socket) {
+        let tid = bpf_get_current_pid_tgid() as u32;
+        if SOCK_REFUSED.remove(&tid).is_ok() {
+            // The sock_create program refused this socket and reported it.
+            return;
+        }
+    }
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch RawEvent in map memory.
+    let ev = unsafe {
+        fill_header(ev, cgroup, EventKind::Syscall as u16, 0);
         &mut *ev
     };
     ev.syscall = sys as u8;

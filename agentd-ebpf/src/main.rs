@@ -4,7 +4,8 @@
 //! - `net`: cgroup programs (connect4/6, sendmsg4/6, bind4/6, sock_create) that decide each
 //!   agent's network access, attached to the agent's own cgroup;
 //! - `file`: per-syscall tracepoints that observe write-side file operations, execs and
-//!   canary opens with the kernel's verdict, and SIGKILL processes of a killed agent;
+//!   canary opens with the kernel's verdict, and the refusals of dangerous calls (at their
+//!   exit only), and SIGKILL processes of a killed agent;
 //! - `proc`: fork and exit of agent processes (`tp_btf`);
 //! - `maps`: the maps they share and the agent lookup each program starts with;
 //! - `probe`: the do-nothing programs `agentd doctor` loads to learn what the kernel allows.

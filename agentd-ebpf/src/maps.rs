@@ -39,7 +39,8 @@ pub static CANARIES: HashMap<CanaryKey, CanaryPath> =
 #[map]
 pub static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_LEN, 0);
 
-/// Architecture syscall number -> `agentd_common::Syscall` (0 = not covered).
+/// Architecture syscall number -> `agentd_common::Syscall` as u32 (0 = not covered), with
+/// `SYSCALL_EXIT_ONLY` set for the calls watched at their exit only.
 #[map]
 pub static SYSCALLS: Array<u32> = Array::with_max_entries(SYSCALL_TABLE_LEN, 0);
 
@@ -47,6 +48,12 @@ pub static SYSCALLS: Array<u32> = Array::with_max_entries(SYSCALL_TABLE_LEN, 0);
 /// with the return value. LRU so a thread that dies inside a call cannot leak its slot.
 #[map]
 pub static PENDING: LruHashMap<u32, RawEvent> = LruHashMap::with_max_entries(4096, 0);
+
+/// Threads whose socket() the `sock_create` program just refused, and reported: the exit
+/// program does not report the same refusal again. LRU: a marker never consumed (the exit
+/// tracepoint missing) cannot fill the map.
+#[map]
+pub static SOCK_REFUSED: LruHashMap<u32, u8> = LruHashMap::with_max_entries(1024, 0);
 
 /// Per-CPU scratch space: a `RawEvent` is larger than the 512-byte BPF stack.
 #[map]

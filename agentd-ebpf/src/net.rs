@@ -9,13 +9,15 @@ use agentd_common::{
     Layer, NET_KEY_FIXED_BITS, NetKey, RawEvent, Verdict,
 };
 use aya_ebpf::{
-    helpers::bpf_get_current_cgroup_id,
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid},
     macros::{cgroup_sock, cgroup_sock_addr},
     maps::lpm_trie::Key,
     programs::{SockAddrContext, SockContext},
 };
 
-use crate::maps::{BIND_ALLOW, EVENTS, NET_ALLOW, count_lost, current_agent, fill_header};
+use crate::maps::{
+    BIND_ALLOW, EVENTS, NET_ALLOW, SOCK_REFUSED, count_lost, current_agent, fill_header,
+};
 
 const AF_UNIX: u32 = 1;
 const AF_INET: u32 = 2;
@@ -216,6 +218,11 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
             _ => false,
         }
     });
+    if ret == REFUSE && matches!(verdict, Verdict::Deny) {
+        // Reported here: the exit of socket() must not report the refusal again.
+        let tid = bpf_get_current_pid_tgid() as u32;
+        let _ = SOCK_REFUSED.insert(&tid, &1, 0);
+    }
     let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
         count_lost(cgroup);
         return ret;

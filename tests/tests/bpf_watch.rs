@@ -2,7 +2,7 @@
 //! a real cgroup, a child under Landlock and seccomp doing allowed and forbidden things,
 //! a process outside the cgroup, the kill flag, removal. The binary prints one JSON
 //! document of named checks; this test fails naming every check that failed.
-#![expect(clippy::expect_used, clippy::unwrap_used, reason = "tests")]
+#![expect(clippy::expect_used, reason = "tests")]
 
 use agentd_tests::{agentd, require_root, stderr, stdout};
 use serde_json::Value;
@@ -52,6 +52,11 @@ fn bpf_watch_enforces_network_and_reports_files_execs_and_canaries() {
         "event: raw socket refused",
         "event: write outside, denied by landlock with EACCES",
         "event: mkdir refused by seccomp is reported (layer seccomp, EPERM)",
+        "event: unshare refused by seccomp (kind syscall, layer seccomp, EPERM)",
+        "event: mount refused by seccomp (kind syscall, layer seccomp, EPERM)",
+        "event: umount2 refused by seccomp (kind syscall, layer seccomp, EPERM)",
+        "no syscall event for a process outside the cgroup",
+        "no syscall event for the socket the cgroup program refused and reported",
         "event: canary open that failed (ENOENT) still reported",
         "no canary event for a sibling sharing the prefix (canaryfoo)",
         "event: canary opened by a relative path, refused, resolved",

@@ -341,3 +341,31 @@ fn breaker_fork_bomb_is_held_by_pids_max_and_killed() {
     );
     assert_eq!(breaker_event(&run)["detail"]["rule"], "trip_on:canary");
 }
+
+/// The incident: an agent asked only to analyze tries to post. Under the built-in
+/// analyze-only profile its first attempt to reach the network stops it.
+#[test]
+fn breaker_analyze_only_stops_an_agent_that_tries_to_post() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace_with_canary();
+    let forum = TcpListener::bind("127.0.0.1:0").unwrap();
+    forum.set_nonblocking(true).unwrap();
+    let port = forum.local_addr().unwrap().port();
+    let run = AgentRun::new("analyze-only", ws.path())
+        .python(&format!(
+            "import socket\nprint('analyzing', flush=True)\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\ns.sendall(b'POST answer')\nprint('posted')"
+        ))
+        .run();
+    assert_eq!(run.code(), 137, "{}", run.explain());
+    assert!(run.stdout().contains("analyzing") && !run.stdout().contains("posted"));
+    assert_eq!(breaker_event(&run)["detail"]["rule"], "trip_on:socket");
+    assert!(
+        run.stderr()
+            .contains("agentd: breaker tripped: trip_on:socket"),
+        "{}",
+        run.explain()
+    );
+    assert!(forum.accept().is_err(), "nothing reached the forum");
+}

@@ -78,6 +78,7 @@ fn kind_of(k: EventKind) -> Kind {
         EventKind::Bind => Kind::Bind,
         EventKind::SocketCreate => Kind::Socket,
         EventKind::Canary => Kind::Canary,
+        EventKind::Syscall => Kind::Syscall,
     }
 }
 
@@ -158,7 +159,8 @@ pub fn attribute(o: &FileOutcome<'_>, policy: Option<&CompiledPolicy>) -> (Layer
                 | EventKind::Connect
                 | EventKind::Sendmsg
                 | EventKind::Bind
-                | EventKind::SocketCreate => return (Layer::Kernel, Verdict::Deny),
+                | EventKind::SocketCreate
+                | EventKind::Syscall => return (Layer::Kernel, Verdict::Deny),
             };
             let want: fn(&crate::profile::FsAccess) -> bool = match need {
                 Need::Read => |a| a.read,
@@ -176,6 +178,50 @@ pub fn attribute(o: &FileOutcome<'_>, policy: Option<&CompiledPolicy>) -> (Layer
             }
         }
         _ => (Layer::Kernel, Verdict::Allow),
+    }
+}
+
+/// The errno a seccomp policy's `default_errno` names.
+fn errno_named(name: &str) -> Option<i32> {
+    match name {
+        "EPERM" => Some(EPERM),
+        "EACCES" => Some(EACCES),
+        "ENOSYS" => Some(ENOSYS),
+        _ => None,
+    }
+}
+
+/// Which layer refused a call watched at its exit only ([`EventKind::Syscall`], reported
+/// when it failed with EPERM, EACCES or ENOSYS). Its arguments are unknown (seccomp
+/// refuses before the entry tracepoint), so the policy decides:
+/// - the call is not allowed unconditionally by the policy's filter (absent from its
+///   lists, on its ENOSYS list, or allowed only when its arguments pass a check) and failed
+///   with the errno the filter answers it with: seccomp. (A socket the `sock_create`
+///   program refused is reported by that program, not here.)
+/// - without the agent's policy: EPERM or ENOSYS is seccomp, as for file calls seen
+///   without their entry;
+/// - otherwise the filter let the call through and the kernel refused it.
+pub fn attribute_call(name: &str, errno: i32, policy: Option<&CompiledPolicy>) -> (Layer, Verdict) {
+    let Some(policy) = policy else {
+        return if errno == EPERM || errno == ENOSYS {
+            (Layer::Seccomp, Verdict::Deny)
+        } else {
+            (Layer::Kernel, Verdict::Deny)
+        };
+    };
+    let s = &policy.seccomp;
+    let filter_answer = if s.enosys.contains(&name) {
+        Some(ENOSYS)
+    } else if s.allow.contains(&name) || s.notify.contains(&name) {
+        // Allowed, or decided by the supervisor: the filter itself answers nothing.
+        None
+    } else {
+        errno_named(s.default_errno)
+    };
+    if filter_answer == Some(errno) {
+        (Layer::Seccomp, Verdict::Deny)
+    } else {
+        (Layer::Kernel, Verdict::Deny)
     }
 }
 
@@ -350,6 +396,26 @@ pub fn decode(
         EventKind::Exit => {
             e = exit_detail(raw.ret, e);
         }
+        EventKind::Syscall => {
+            let errno = (raw.ret < 0).then(|| i32::try_from(-raw.ret).unwrap_or(i32::MAX));
+            e.errno = errno;
+            let policy = agent.map(|a| a.policy.as_ref());
+            (e.layer, e.verdict) = match (Syscall::from_raw(raw.syscall), errno) {
+                (Some(s), Some(errno)) => {
+                    e = e.with("syscall", s.name());
+                    attribute_call(s.name(), errno, policy)
+                }
+                // Never sent by the embedded programs: a success, or an unknown call.
+                (Some(s), None) => {
+                    e = e.with("syscall", s.name());
+                    (Layer::Kernel, Verdict::Allow)
+                }
+                (None, _) => {
+                    e = e.with("syscall", raw.syscall);
+                    (Layer::Kernel, Verdict::Deny)
+                }
+            };
+        }
         EventKind::Exec
         | EventKind::OpenWrite
         | EventKind::Canary
@@ -447,7 +513,8 @@ fn decode_file(
         | EventKind::Connect
         | EventKind::Sendmsg
         | EventKind::Bind
-        | EventKind::SocketCreate => (resolve_path(&path_arg, raw.pid, raw.dfd, resolve), None),
+        | EventKind::SocketCreate
+        | EventKind::Syscall => (resolve_path(&path_arg, raw.pid, raw.dfd, resolve), None),
     };
     // The first path, when known: not when the exit came without its entry; when the
     // entry could not read it, only for a successful open (from the new fd).
@@ -596,7 +663,8 @@ fn aux_detail(kind: EventKind, aux: u64, mut e: Event) -> Event {
         | EventKind::Connect
         | EventKind::Sendmsg
         | EventKind::Bind
-        | EventKind::SocketCreate => {}
+        | EventKind::SocketCreate
+        | EventKind::Syscall => {}
     }
     e
 }
@@ -820,6 +888,58 @@ connect = ["127.0.0.1/32:8080"]
         assert_eq!(e.path, None);
         assert_eq!(e.detail["entry_seen"], false);
         assert!(e.detail.get("mode").is_none(), "no arguments were read");
+    }
+
+    #[test]
+    fn refused_calls_seen_at_exit_only_are_attributed_by_the_policy() {
+        let mut r = raw(EventKind::Syscall);
+        r.syscall = Syscall::Unshare as u8;
+        r.ret = -i64::from(libc::EPERM);
+        let e = dec(&r);
+        assert_eq!(e.kind, Kind::Syscall);
+        assert_eq!((e.layer, e.verdict), (Layer::Seccomp, Verdict::Deny));
+        assert_eq!(e.errno, Some(libc::EPERM));
+        assert_eq!(e.detail["syscall"], "unshare");
+        assert_eq!(e.path, None);
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["kind"], "syscall");
+        // umount2's tracepoint is sys_exit_umount; the event names the call.
+        r.syscall = Syscall::Umount2 as u8;
+        assert_eq!(dec(&r).detail["syscall"], "umount2");
+        // socket is allowed only for some families: EPERM is the filter's answer.
+        r.syscall = Syscall::Socket as u8;
+        assert_eq!(dec(&r).layer, Layer::Seccomp);
+        // EACCES from socket (e.g. ping sockets outside ping_group_range): the kernel.
+        r.ret = -i64::from(libc::EACCES);
+        assert_eq!(
+            (dec(&r).layer, dec(&r).verdict),
+            (Layer::Kernel, Verdict::Deny)
+        );
+        // A call the filter allows, refused with EPERM: the kernel.
+        let mut pol = (*policy()).clone();
+        pol.seccomp.allow.push("personality");
+        assert_eq!(
+            attribute_call("personality", libc::EPERM, Some(&pol)),
+            (Layer::Kernel, Verdict::Deny)
+        );
+        assert_eq!(
+            attribute_call("personality", libc::EPERM, Some(&policy())),
+            (Layer::Seccomp, Verdict::Deny)
+        );
+        // The ENOSYS list is answered ENOSYS.
+        assert_eq!(
+            attribute_call("clone3", libc::ENOSYS, Some(&policy())),
+            (Layer::Seccomp, Verdict::Deny)
+        );
+        // Unknown agent: EPERM and ENOSYS are what seccomp answers.
+        assert_eq!(
+            attribute_call("mount", libc::EPERM, None),
+            (Layer::Seccomp, Verdict::Deny)
+        );
+        assert_eq!(
+            attribute_call("mount", libc::EACCES, None),
+            (Layer::Kernel, Verdict::Deny)
+        );
     }
 
     #[test]

@@ -209,6 +209,35 @@ pub fn syscall_tracepoints() -> [SyscallTracepoint; 27] {
     ]
 }
 
+/// One call watched at its exit only ([`Syscall::exit_only`]): the shared exit program is
+/// attached to its `sys_exit_*` tracepoint and reports its refusals.
+#[derive(Debug, Clone)]
+pub struct ExitOnlyTracepoint {
+    pub syscall: Syscall,
+    /// `sys_exit_<name>`, named as the kernel defines the call (`umount2` is `umount`).
+    pub tracepoint: String,
+    /// Its number on this architecture, from the table the seccomp filter is built with;
+    /// `None` where the call does not exist.
+    pub nr: Option<i64>,
+}
+
+/// The calls watched at their exit only: the dangerous calls the seccomp filter refuses
+/// (the profile's `DENY_NOTES`) and the socket calls it allows only for some families.
+/// io_uring_enter and io_uring_register are left out: without io_uring_setup (watched and
+/// refused) an agent has no ring to use them on, and they are hot paths for io_uring users
+/// elsewhere on the host.
+pub fn exit_only_tracepoints() -> Vec<ExitOnlyTracepoint> {
+    Syscall::ALL
+        .iter()
+        .filter(|s| s.exit_only())
+        .map(|&syscall| ExitOnlyTracepoint {
+            syscall,
+            tracepoint: format!("sys_exit_{}", syscall.tracepoint()),
+            nr: crate::sandbox::syscalls::number(syscall.name()),
+        })
+        .collect()
+}
+
 /// The exit program shared by every covered call.
 pub const SYS_EXIT: &str = "sys_exit";
 /// tp_btf programs: (program, BTF tracepoint).
@@ -236,7 +265,7 @@ mod tests {
     #[test]
     fn every_syscall_has_one_tracepoint_named_after_it() {
         let tps = syscall_tracepoints();
-        for s in Syscall::ALL {
+        for s in Syscall::ALL.into_iter().filter(|s| !s.exit_only()) {
             let t: Vec<_> = tps.iter().filter(|t| t.syscall == s).collect();
             assert_eq!(t.len(), 1, "{s:?}");
             assert_eq!(t[0].program, format!("sys_enter_{}", s.name()));
@@ -245,10 +274,60 @@ mod tests {
 
     #[test]
     fn syscall_numbers_fit_the_table() {
-        for t in syscall_tracepoints() {
-            if let Some(nr) = t.nr {
-                assert!((0..i64::from(agentd_common::SYSCALL_TABLE_LEN)).contains(&nr));
+        let nrs = syscall_tracepoints()
+            .into_iter()
+            .filter_map(|t| t.nr)
+            .chain(exit_only_tracepoints().into_iter().filter_map(|t| t.nr));
+        for nr in nrs {
+            assert!((0..i64::from(agentd_common::SYSCALL_TABLE_LEN)).contains(&nr));
+        }
+    }
+
+    /// The exit-only calls are the profile's documented refusals (but the two io_uring
+    /// calls) and the socket calls with argument rules, and nothing else.
+    #[test]
+    fn exit_only_calls_match_the_seccomp_policy() {
+        let profile =
+            crate::profile::parse("t", "[agent]\nname = \"t\"\n").unwrap_or_else(|e| panic!("{e}"));
+        let policy = crate::profile::compile(
+            &profile,
+            &crate::profile::CompileContext {
+                workspace: "/w".into(),
+                home: "/h".into(),
+            },
+        )
+        .seccomp;
+        let watched: Vec<&str> = exit_only_tracepoints()
+            .iter()
+            .map(|t| t.syscall.name())
+            .collect();
+        for (name, _) in &policy.deny_notes {
+            let left_out = matches!(*name, "io_uring_enter" | "io_uring_register");
+            assert_eq!(watched.contains(name), !left_out, "{name}");
+        }
+        for name in &watched {
+            let documented = policy.deny_notes.iter().any(|(n, _)| n == name);
+            let conditional = policy.allow_if.iter().any(|(n, _)| n == name);
+            assert!(
+                documented || conditional,
+                "{name} is watched but not refused"
+            );
+            assert!(!policy.allow.contains(name), "{name} is allowed outright");
+        }
+        assert!(watched.contains(&"socket") && watched.contains(&"socketpair"));
+        #[cfg(target_arch = "x86_64")]
+        {
+            for t in exit_only_tracepoints() {
+                assert!(t.nr.is_some(), "{} has no number", t.syscall.name());
             }
+            let umount = exit_only_tracepoints()
+                .into_iter()
+                .find(|t| t.syscall == Syscall::Umount2)
+                .map(|t| (t.tracepoint, t.nr));
+            assert_eq!(
+                umount,
+                Some(("sys_exit_umount".into(), Some(libc::SYS_umount2)))
+            );
         }
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! Loads the programs, makes a cgroup, adds it as an agent with a policy compiled from
 //! inline TOML, and runs a child in it (under its own Landlock ruleset and a seccomp
-//! filter that refuses mkdir) that connects, sends, binds, creates sockets, writes,
-//! renames, unlinks, opens canaries and execs. Then checks the events, that a process
-//! outside the cgroup is unaffected, that the kill flag kills and refuses, and that
+//! filter that refuses mkdir, unshare, mount and umount2) that connects, sends, binds,
+//! creates sockets, writes, renames, unlinks, opens canaries, execs and makes the refused
+//! calls. Then checks the events, that a process outside the cgroup is unaffected (and
+//! unreported, its failing mount included), that the kill flag kills and refuses, and that
 //! removing the agent detaches. Prints one JSON document ({ok, checks, facts, ...}) and
 //! exits 0 when every check passed. The cgroup and temp files are always removed.
 //!
@@ -47,6 +48,7 @@ pub fn watch_selftest(args: &[String]) -> anyhow::Result<ExitCode> {
         Some("child") => child(rest),
         Some("child-kill") => child_kill(rest),
         Some("child-connect") => child_connect(rest),
+        Some("child-outside") => child_outside(),
         Some("child-flood") => child_flood(rest),
         Some("bench-loops") => {
             let n: u32 = rest.first().context("bench-loops N DIR")?.parse()?;
@@ -65,6 +67,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 // ------------------------------------------------------------------ fixtures (parent)
+
+/// Capability numbers (linux/capability.h).
+const CAP_NET_RAW: libc::c_ulong = 13;
+const CAP_SYS_ADMIN: libc::c_ulong = 21;
 
 /// A cgroup v2 directory for the test; on drop, kills what is left in it and removes it.
 struct TestCgroup {
@@ -300,6 +306,9 @@ async fn run() -> anyhow::Result<ExitCode> {
         ("unlink", json!("ok")),
         ("unlink_denied", eacces.clone()),
         ("mkdir_seccomp", eperm.clone()),
+        ("unshare_seccomp", eperm.clone()),
+        ("mount_seccomp", eperm.clone()),
+        ("umount2_seccomp", eperm.clone()),
         ("canary_read", json!("ok")),
         ("canary_missing", json!(libc::ENOENT)),
         ("exec_true", json!("ok")),
@@ -334,6 +343,30 @@ async fn run() -> anyhow::Result<ExitCode> {
     );
     std::fs::write(t.join("denied/outside.txt"), "outside\n")?;
     std::fs::remove_file(t.join("denied/outside.txt"))?;
+    let mut outside_cmd = tokio::process::Command::new("/proc/self/exe");
+    outside_cmd.args(["watch-test", "child-outside"]);
+    // SAFETY: runs in the forked child before exec; prctl is async-signal-safe and takes
+    // no pointers. Without CAP_SYS_ADMIN and CAP_NET_RAW in its bounding set, the child
+    // (still root, so it can run this binary wherever it is) fails mount and packet
+    // sockets with EPERM, as a seccomp refusal would.
+    unsafe {
+        outside_cmd.pre_exec(|| {
+            for cap in [CAP_SYS_ADMIN, CAP_NET_RAW] {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let (outside_calls, _) = run_child_json(&mut outside_cmd).await?;
+    checks.check(
+        "outside process (no CAP_SYS_ADMIN, CAP_NET_RAW): mount EPERM, personality ok, packet socket EPERM",
+        outside_calls.get("mount") == Some(&eperm)
+            && outside_calls.get("personality") == Some(&json!("ok"))
+            && outside_calls.get("packet_socket") == Some(&eperm),
+        outside_calls,
+    );
 
     // 2b. Lost events are counted and reported, never silent: flood while nobody reads.
     const FLOOD: u32 = 20_000;
@@ -613,6 +646,39 @@ async fn run() -> anyhow::Result<ExitCode> {
         e.is_some_and(|e| e.errno == Some(libc::EPERM) && e.verdict == Verdict::Deny),
         summary(e),
     );
+    for call in ["unshare", "mount", "umount2"] {
+        let e = find(&mine, |e| {
+            e.kind == Kind::Syscall && e.detail.get("syscall") == Some(&json!(call))
+        });
+        checks.check(
+            &format!("event: {call} refused by seccomp (kind syscall, layer seccomp, EPERM)"),
+            e.is_some_and(|e| {
+                e.layer == Layer::Seccomp
+                    && e.verdict == Verdict::Deny
+                    && e.errno == Some(libc::EPERM)
+            }),
+            summary(e),
+        );
+    }
+    let e = find(&events, |e| {
+        e.kind == Kind::Syscall && e.agent != "selftest"
+    });
+    checks.check(
+        "no syscall event for a process outside the cgroup",
+        e.is_none(),
+        summary(e),
+    );
+    // The raw socket: refused and reported by the cgroup program, not again at its exit.
+    let e = find(&mine, |e| {
+        e.kind == Kind::Syscall
+            && e.detail.get("syscall") == Some(&json!("socket"))
+            && e.errno == Some(libc::EPERM)
+    });
+    checks.check(
+        "no syscall event for the socket the cgroup program refused and reported",
+        e.is_none(),
+        summary(e),
+    );
     // What this kernel does with a call seccomp refuses: the exit tracepoint fires, the
     // entry one does not (the filter runs first in syscall_trace_enter).
     let mkdir_any = find(&mine, |e| e.kind == Kind::Mkdir);
@@ -858,13 +924,17 @@ fn restrict_writes(allowed: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// seccomp: mkdir and mkdirat fail with EPERM, everything else is allowed.
-fn refuse_mkdir() -> anyhow::Result<()> {
+/// seccomp: mkdir, mkdirat, unshare, mount and umount2 fail with EPERM, everything else is
+/// allowed.
+fn refuse_some_calls() -> anyhow::Result<()> {
     use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
     let mut rules = BTreeMap::new();
     #[cfg(target_arch = "x86_64")]
     rules.insert(libc::SYS_mkdir, vec![]);
     rules.insert(libc::SYS_mkdirat, vec![]);
+    rules.insert(libc::SYS_unshare, vec![]);
+    rules.insert(libc::SYS_mount, vec![]);
+    rules.insert(libc::SYS_umount2, vec![]);
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -885,7 +955,7 @@ fn child(args: &[String]) -> anyhow::Result<ExitCode> {
     let (a, b, c, d, d2): (u16, u16, u16, u16, u16) =
         (a.parse()?, b.parse()?, c.parse()?, d.parse()?, d2.parse()?);
     restrict_writes(&t.join("allowed"))?;
-    refuse_mkdir()?;
+    refuse_some_calls()?;
 
     let mut r = serde_json::Map::new();
     let timeout = Duration::from_secs(2);
@@ -1027,6 +1097,32 @@ fn child(args: &[String]) -> anyhow::Result<ExitCode> {
     r.insert(
         "mkdir_seccomp".into(),
         errno_of(std::fs::create_dir(t.join("allowed/d"))),
+    );
+    // Calls the watch sees at their exit only. The child is root: without the filter,
+    // unshare would succeed.
+    // SAFETY: unshare takes no pointer.
+    r.insert(
+        "unshare_seccomp".into(),
+        last_errno(unsafe { libc::unshare(libc::CLONE_NEWUSER) }),
+    );
+    let target = cpath(&t.join("allowed"));
+    // SAFETY: valid NUL-terminated strings; the filter refuses before they are read.
+    r.insert(
+        "mount_seccomp".into(),
+        last_errno(unsafe {
+            libc::mount(
+                c"none".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        }),
+    );
+    // SAFETY: as above.
+    r.insert(
+        "umount2_seccomp".into(),
+        last_errno(unsafe { libc::umount2(target.as_ptr(), 0) }),
     );
     let read = |p: PathBuf| std::fs::File::open(p).map(|_| ());
     r.insert(
@@ -1193,6 +1289,38 @@ fn child_flood(args: &[String]) -> anyhow::Result<ExitCode> {
         }
     }
     println!("{}", json!({"opened": opened}));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// child-outside: outside every agent, without CAP_SYS_ADMIN and CAP_NET_RAW: calls the
+/// watch sees at their exit only, failing the way a seccomp refusal does (EPERM) and
+/// succeeding; prints {call: "ok" | errno}.
+fn child_outside() -> anyhow::Result<ExitCode> {
+    let mut r = serde_json::Map::new();
+    // SAFETY: valid NUL-terminated strings; mount fails (no CAP_SYS_ADMIN) before using
+    // them beyond reading.
+    r.insert(
+        "mount".into(),
+        last_errno(unsafe {
+            libc::mount(
+                c"none".as_ptr(),
+                c"/tmp".as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        }),
+    );
+    // SAFETY: the query form reads and changes nothing.
+    r.insert(
+        "personality".into(),
+        last_errno(unsafe { libc::personality(0xffff_ffff) }),
+    );
+    r.insert(
+        "packet_socket".into(),
+        socket(libc::AF_PACKET, libc::SOCK_RAW, 0),
+    );
+    println!("{}", Value::Object(r));
     Ok(ExitCode::SUCCESS)
 }
 

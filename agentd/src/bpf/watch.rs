@@ -22,15 +22,15 @@ use std::{
 
 use agentd_common::{
     AGENT_FLAG_KILLED, AgentState, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_LEVEL_MAX,
-    CONFIG_LEVEL_MIN, CanaryKey, CanaryPath, NetKey, RawEvent,
+    CONFIG_LEVEL_MIN, CanaryKey, CanaryPath, NetKey, RawEvent, SYSCALL_EXIT_ONLY,
 };
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, TracePoint,
-        trace_point::TracePointLinkId,
         cgroup_sock::CgroupSockLinkId, cgroup_sock_addr::CgroupSockAddrLinkId,
+        trace_point::TracePointLinkId,
     },
 };
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -275,6 +275,39 @@ fn checked_tracepoints() -> Result<Vec<(programs::SyscallTracepoint, i64)>, BpfE
     Ok(out)
 }
 
+/// The calls watched at their exit only whose tracepoint this kernel has, with their
+/// formats checked and their numbers. A call the kernel was built without (no
+/// `sys_exit_*` tracepoint: e.g. init_module without CONFIG_MODULES) is skipped: nothing
+/// can call it, so there is no refusal to report.
+fn checked_exit_only_tracepoints() -> Result<Vec<(programs::ExitOnlyTracepoint, u32)>, BpfError> {
+    let tracefs = Path::new(TRACEFS.1);
+    let mut out = Vec::new();
+    for tp in programs::exit_only_tracepoints() {
+        let Some(nr) = tp.nr else {
+            tracing::debug!(syscall = tp.syscall.name(), "not on this architecture");
+            continue;
+        };
+        let Some(fields) = tracefs::read_format(tracefs, "syscalls", &tp.tracepoint)? else {
+            tracing::debug!(
+                syscall = tp.syscall.name(),
+                tracepoint = tp.tracepoint,
+                "no such tracepoint on this kernel: its refusals are not reported"
+            );
+            continue;
+        };
+        tracefs::check_exit(&fields).map_err(|reason| BpfError::TracepointFormat {
+            tracepoint: format!("syscalls/{}", tp.tracepoint),
+            reason,
+        })?;
+        let nr = u32::try_from(nr).map_err(|_| BpfError::TracepointFormat {
+            tracepoint: format!("syscalls/{}", tp.tracepoint),
+            reason: format!("syscall number {nr} out of range"),
+        })?;
+        out.push((tp, nr));
+    }
+    Ok(out)
+}
+
 impl Watch {
     /// Mounts tracefs and bpffs if needed, loads the BPF object and attaches the
     /// tracepoints. No agent is watched yet: for every process the programs return after
@@ -284,6 +317,7 @@ impl Watch {
         ensure_mounted(BPFFS)?;
         let cgroup_mount = cgroup2_root()?;
         let tracepoints = checked_tracepoints()?;
+        let exit_only = checked_exit_only_tracepoints()?;
         let offsets = task_offsets()?;
 
         let mut loader = EbpfLoader::new();
@@ -305,6 +339,11 @@ impl Watch {
                 })?;
                 table
                     .set(nr, tp.syscall as u32, 0)
+                    .map_err(map_err("SYSCALLS"))?;
+            }
+            for (tp, nr) in &exit_only {
+                table
+                    .set(*nr, tp.syscall as u32 | SYSCALL_EXIT_ONLY, 0)
                     .map_err(map_err("SYSCALLS"))?;
             }
         }
@@ -336,6 +375,18 @@ impl Watch {
                         target: format!("tracepoint syscalls/{name}"),
                         source,
                     })?;
+                tracepoint_links.push((programs::SYS_EXIT, link));
+            }
+            // The calls watched at their exit only: a process outside every agent returns
+            // before any hash lookup on success, after one on failure.
+            for (tp, _) in &exit_only {
+                let link =
+                    p.attach("syscalls", &tp.tracepoint)
+                        .map_err(|source| BpfError::Attach {
+                            program: programs::SYS_EXIT,
+                            target: format!("tracepoint syscalls/{}", tp.tracepoint),
+                            source,
+                        })?;
                 tracepoint_links.push((programs::SYS_EXIT, link));
             }
         }

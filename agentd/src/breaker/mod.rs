@@ -44,7 +44,13 @@ pub fn classify(ev: &Event) -> Option<ViolationKind> {
         return None;
     }
     if ev.layer == Layer::Seccomp {
-        return Some(ViolationKind::Syscall);
+        // The filter refuses socket families the profile does not allow before the cgroup
+        // program sees them: that is the `socket` violation, not just any refused call.
+        let call = ev.detail.get("syscall").and_then(|v| v.as_str());
+        return Some(match call {
+            Some("socket" | "socketpair") => ViolationKind::Socket,
+            _ => ViolationKind::Syscall,
+        });
     }
     match ev.kind {
         Kind::Exec => Some(ViolationKind::Exec),
@@ -235,6 +241,14 @@ mod tests {
             classify(&ev(Kind::Syscall, Verdict::Killed, Layer::Seccomp)),
             None
         );
+    }
+
+    #[test]
+    fn refused_socket_families_are_socket_violations() {
+        let sock = ev(Kind::Syscall, Verdict::Deny, Layer::Seccomp).with("syscall", "socket");
+        assert_eq!(classify(&sock), Some(ViolationKind::Socket));
+        let mount = ev(Kind::Syscall, Verdict::Deny, Layer::Seccomp).with("syscall", "mount");
+        assert_eq!(classify(&mount), Some(ViolationKind::Syscall));
     }
 
     #[test]

@@ -627,7 +627,7 @@ fn bpf_lines(f: &Findings, push: &mut impl FnMut(Mark, &'static str, String)) {
         consequence(
             &f.bpf.cgroup_sock,
             "loads and attaches to a v2 cgroup — socket families are decided per agent",
-            "socket families (raw, packet, netlink) cannot be restricted",
+            "socket creation is not reported per agent (the seccomp filter still restricts families)",
         ),
     );
     push(

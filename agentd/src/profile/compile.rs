@@ -86,10 +86,15 @@ pub struct SeccompPolicy {
     pub notify: Vec<&'static str>,
     /// Notable refusals and why.
     pub deny_notes: Vec<(&'static str, &'static str)>,
+    /// The families `socket` may create (`socketpair`: AF_UNIX only), the same as
+    /// `network.families`: the filter is the only layer that sees the families other than
+    /// AF_INET and AF_INET6 (`cgroup/sock_create` never runs for them).
+    pub socket_families: Vec<SocketFamily>,
 }
 
-/// Socket families an agent may create (`cgroup/sock_create`). Raw and packet sockets are
-/// never allowed.
+/// Socket families an agent may create: decided by the seccomp filter (every family), and
+/// again by `cgroup/sock_create` (AF_INET and AF_INET6, the only families the kernel runs
+/// it for). Inet sockets are TCP or UDP only; raw and packet sockets are never allowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SocketFamily {
@@ -222,6 +227,7 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
             enosys: syscalls::ENOSYS.to_vec(),
             notify: Vec::new(),
             deny_notes: syscalls::DENY_NOTES.to_vec(),
+            socket_families: families.clone(),
         },
         network: NetworkPolicy {
             connect: net.connect.clone(),

@@ -285,9 +285,8 @@ pub const ALLOW: &[&str] = &[
     "mq_timedreceive",
     "mq_notify",
     "mq_getsetattr",
-    // sockets (the cgroup BPF programs and Landlock decide families, addresses and ports)
-    "socket",
-    "socketpair",
+    // sockets (socket and socketpair are checked for their family: see ARG_RULES; the
+    // cgroup BPF programs and Landlock decide addresses and ports)
     "connect",
     "accept",
     "accept4",
@@ -320,6 +319,14 @@ pub const ARG_RULES: &[(&str, &str)] = &[
         "ioctl",
         "allowed except TIOCSTI and TIOCLINUX (pushing input into a terminal)",
     ),
+    (
+        "socket",
+        "allowed for the profile's socket families only: AF_UNIX always; with network rules \
+         also AF_INET and AF_INET6 TCP and UDP sockets, and AF_NETLINK with NETLINK_ROUTE; \
+         never raw, packet or other netlink sockets (the cgroup sock_create program only \
+         sees AF_INET and AF_INET6)",
+    ),
+    ("socketpair", "AF_UNIX only"),
 ];
 
 /// Answered with ENOSYS rather than EPERM, so C libraries fall back to a call the filter

@@ -269,6 +269,7 @@ fn describe_target(ev: &Event) -> String {
         (None, None, _) if ev.kind == Kind::Socket => {
             format!("{} {}", detail("family"), detail("type"))
         }
+        (None, None, _) if ev.kind == Kind::Syscall => detail("syscall").to_owned(),
         (None, None, _) => String::new(),
     }
 }

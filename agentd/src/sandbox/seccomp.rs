@@ -32,7 +32,7 @@ use seccompiler::{
 use serde::Serialize;
 
 use super::syscalls;
-use crate::profile::SeccompPolicy;
+use crate::profile::{SeccompPolicy, SocketFamily};
 
 /// Errno data of block 2's match action before patching: becomes `SECCOMP_RET_USER_NOTIF`.
 const SENTINEL_NOTIFY: u32 = 0xfff;
@@ -57,6 +57,20 @@ const CLONE_NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
 const DENIED_IOCTLS: [(u64, &str); 2] =
     [(libc::TIOCSTI, "TIOCSTI"), (libc::TIOCLINUX, "TIOCLINUX")];
 
+/// `socket`'s `type & SOCK_TYPE_MASK` is the type the kernel creates; the bits above it may
+/// only be SOCK_NONBLOCK and SOCK_CLOEXEC (any other is EINVAL), so they are masked off.
+const SOCK_TYPE_MASK: u64 = 0xf;
+
+/// The (type, protocol) pairs an inet socket may have: TCP and UDP, as `cgroup/sock_create`
+/// allows (protocol 0 is the type's default). An allow-list, not a refusal of SOCK_RAW: the
+/// kernel also turns `socket(AF_INET, SOCK_PACKET, ..)` into a packet socket.
+const INET_SOCKETS: [(i32, i32); 4] = [
+    (libc::SOCK_STREAM, 0),
+    (libc::SOCK_STREAM, libc::IPPROTO_TCP),
+    (libc::SOCK_DGRAM, 0),
+    (libc::SOCK_DGRAM, libc::IPPROTO_UDP),
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
     #[error(
@@ -65,7 +79,9 @@ pub enum SeccompError {
     UnknownSyscall(String),
     #[error("seccomp: agentd has no system call table for this architecture")]
     UnsupportedArch,
-    #[error("seccomp: `{0}` has an argument rule agentd cannot build (known: clone, ioctl)")]
+    #[error(
+        "seccomp: `{0}` has an argument rule agentd cannot build (known: clone, ioctl, socket, socketpair)"
+    )]
     UnknownArgRule(String),
     #[error("seccomp: the default action `{0}` is not an errno agentd knows")]
     UnknownErrno(String),
@@ -128,8 +144,13 @@ pub fn compile(policy: &SeccompPolicy) -> Result<Filter, SeccompError> {
     }
     let mut allowed_if = Vec::new();
     for (name, _) in &policy.allow_if {
-        let (rules, shown) = arg_rules(name)?;
-        allow.insert(nr(name)?, rules);
+        let (rules, shown) = arg_rules(name, policy)?;
+        let nr = nr(name)?;
+        // seccompiler reads an empty rule list as "always": a call whose conditions
+        // cannot hold is left out, i.e. refused.
+        if !rules.is_empty() {
+            allow.insert(nr, rules);
+        }
         allowed_if.push((*name, shown));
     }
 
@@ -179,10 +200,89 @@ pub fn compile(policy: &SeccompPolicy) -> Result<Filter, SeccompError> {
     })
 }
 
-/// The conditions under which `name` is allowed, and how `--dry-run` shows them.
-fn arg_rules(name: &str) -> Result<(Vec<SeccompRule>, String), SeccompError> {
+/// The conditions under which `name` is allowed (any one rule; all conditions of a rule),
+/// and how `--dry-run` shows them. No rule: never allowed.
+fn arg_rules(
+    name: &str,
+    policy: &SeccompPolicy,
+) -> Result<(Vec<SeccompRule>, String), SeccompError> {
     let cond = |arg, len, op, value| SeccompCondition::new(arg, len, op, value);
+    // socket(domain, type, protocol) and socketpair(domain, type, protocol, sv): the three
+    // are ints, so only their low 32 bits are compared (the kernel reads a domain of
+    // 0x1_0000_0002 as AF_INET).
+    let int_arg = |arg, value: i32| {
+        cond(
+            arg,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            u64::from(value.cast_unsigned()),
+        )
+    };
+    let sock_type = |value: i32| {
+        cond(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(SOCK_TYPE_MASK),
+            u64::from(value.cast_unsigned()),
+        )
+    };
+    let unix_allowed = policy.socket_families.contains(&SocketFamily::Unix);
     match name {
+        // Families other than AF_INET and AF_INET6 never reach cgroup/sock_create: this is
+        // the only check of AF_UNIX, AF_NETLINK, AF_PACKET, ...
+        "socket" => {
+            let mut rules = Vec::new();
+            let mut shown = Vec::new();
+            for family in &policy.socket_families {
+                match family {
+                    SocketFamily::Unix => {
+                        rules.push(SeccompRule::new(vec![int_arg(0, libc::AF_UNIX)?])?);
+                        shown.push("AF_UNIX");
+                    }
+                    SocketFamily::Inet => {
+                        for (ty, protocol) in INET_SOCKETS {
+                            rules.push(SeccompRule::new(vec![
+                                int_arg(0, libc::AF_INET)?,
+                                sock_type(ty)?,
+                                int_arg(2, protocol)?,
+                            ])?);
+                        }
+                        shown.push("AF_INET (TCP, UDP)");
+                    }
+                    SocketFamily::Inet6 => {
+                        for (ty, protocol) in INET_SOCKETS {
+                            rules.push(SeccompRule::new(vec![
+                                int_arg(0, libc::AF_INET6)?,
+                                sock_type(ty)?,
+                                int_arg(2, protocol)?,
+                            ])?);
+                        }
+                        shown.push("AF_INET6 (TCP, UDP)");
+                    }
+                    SocketFamily::NetlinkRoute => {
+                        rules.push(SeccompRule::new(vec![
+                            int_arg(0, libc::AF_NETLINK)?,
+                            int_arg(2, libc::NETLINK_ROUTE)?,
+                        ])?);
+                        shown.push("AF_NETLINK (NETLINK_ROUTE)");
+                    }
+                }
+            }
+            let shown = if shown.is_empty() {
+                "never (no socket family allowed)".to_owned()
+            } else {
+                format!(
+                    "domain {}; every other family and type refused",
+                    shown.join(", ")
+                )
+            };
+            Ok((rules, shown))
+        }
+        "socketpair" if unix_allowed => Ok((
+            vec![SeccompRule::new(vec![int_arg(0, libc::AF_UNIX)?])?],
+            "domain AF_UNIX".to_owned(),
+        )),
+        "socketpair" => Ok((Vec::new(), "never (AF_UNIX not allowed)".to_owned())),
         // clone(flags, ...): flags is an unsigned long; all namespace bits must be clear.
         "clone" => Ok((
             vec![SeccompRule::new(vec![cond(
@@ -432,6 +532,131 @@ mod tests {
             EPERM
         );
         assert_eq!(decide(&f, "ioctl", [0, libc::TIOCLINUX, 0, 0, 0, 0]), EPERM);
+    }
+
+    /// The seccomp policy of a profile with a network rule: AF_UNIX, AF_INET, AF_INET6 and
+    /// NETLINK_ROUTE sockets (`policy()`, analyze-only, has AF_UNIX only).
+    fn networked() -> SeccompPolicy {
+        let p = parse(
+            "t",
+            "[agent]\nname = \"t\"\n[network]\nconnect = [\"10.0.0.0/8:443\"]\n",
+        )
+        .unwrap();
+        let ctx = CompileContext {
+            workspace: "/w".into(),
+            home: "/h".into(),
+        };
+        let c = compile_policy(&p, &ctx);
+        assert_eq!(c.seccomp.socket_families, c.network.families);
+        c.seccomp
+    }
+
+    const AF_UNIX: u64 = libc::AF_UNIX as u64;
+    const AF_INET: u64 = libc::AF_INET as u64;
+    const AF_INET6: u64 = libc::AF_INET6 as u64;
+    const AF_NETLINK: u64 = libc::AF_NETLINK as u64;
+    const AF_PACKET: u64 = libc::AF_PACKET as u64;
+    const STREAM: u64 = libc::SOCK_STREAM as u64;
+    const DGRAM: u64 = libc::SOCK_DGRAM as u64;
+    const RAW: u64 = libc::SOCK_RAW as u64;
+    const FLAGS: u64 = (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64;
+    const TCP: u64 = libc::IPPROTO_TCP as u64;
+    const UDP: u64 = libc::IPPROTO_UDP as u64;
+    /// linux/net.h (deprecated in libc, still honoured by the kernel).
+    const SOCK_PACKET: u64 = 10;
+    const NETLINK_KOBJECT_UEVENT: u64 = libc::NETLINK_KOBJECT_UEVENT as u64;
+    const ETH_P_ALL_BE: u64 = (libc::ETH_P_ALL as u16).to_be() as u64;
+
+    fn socket(f: &Filter, domain: u64, ty: u64, protocol: u64) -> u32 {
+        decide(f, "socket", [domain, ty, protocol, 0, 0, 0])
+    }
+
+    #[test]
+    fn socket_families_without_network_rules_are_unix_only() {
+        let f = compile(&policy()).unwrap();
+        assert_eq!(socket(&f, AF_UNIX, STREAM, 0), ALLOW);
+        assert_eq!(socket(&f, AF_UNIX, DGRAM | FLAGS, 0), ALLOW);
+        assert_eq!(socket(&f, AF_PACKET, RAW, ETH_P_ALL_BE), EPERM);
+        assert_eq!(socket(&f, AF_NETLINK, RAW, NETLINK_KOBJECT_UEVENT), EPERM);
+        assert_eq!(socket(&f, AF_NETLINK, RAW, 0), EPERM, "no NETLINK_ROUTE");
+        assert_eq!(socket(&f, AF_INET, STREAM, 0), EPERM);
+        assert_eq!(socket(&f, AF_INET6, DGRAM, 0), EPERM);
+        // The kernel reads the domain as an int: high bits change nothing.
+        assert_eq!(socket(&f, 1 << 32 | AF_INET, STREAM, 0), EPERM);
+        assert_eq!(socket(&f, 1 << 32 | AF_UNIX, STREAM, 0), ALLOW);
+        let pair = |domain| decide(&f, "socketpair", [domain, STREAM, 0, 0, 0, 0]);
+        assert_eq!(pair(AF_UNIX), ALLOW);
+        assert_eq!(pair(AF_INET), EPERM);
+        assert_eq!(pair(AF_NETLINK), EPERM);
+    }
+
+    #[test]
+    fn socket_families_with_network_rules_are_tcp_udp_and_netlink_route() {
+        let f = compile(&networked()).unwrap();
+        assert_eq!(socket(&f, AF_UNIX, STREAM, 0), ALLOW);
+        for af in [AF_INET, AF_INET6] {
+            assert_eq!(socket(&f, af, STREAM, 0), ALLOW, "{af}");
+            assert_eq!(socket(&f, af, STREAM | FLAGS, TCP), ALLOW, "{af}");
+            assert_eq!(socket(&f, af, DGRAM | libc::SOCK_CLOEXEC as u64, 0), ALLOW);
+            assert_eq!(socket(&f, af, DGRAM, UDP), ALLOW, "{af}");
+            // Raw sockets, in every spelling: refused here as by cgroup/sock_create.
+            for protocol in [0, libc::IPPROTO_ICMP as u64, libc::IPPROTO_RAW as u64, TCP] {
+                assert_eq!(socket(&f, af, RAW, protocol), EPERM, "{af} {protocol}");
+                assert_eq!(socket(&f, af, RAW | FLAGS, protocol), EPERM);
+            }
+            // (AF_INET, SOCK_PACKET) is a packet socket to the kernel.
+            assert_eq!(socket(&f, af, SOCK_PACKET, 0), EPERM);
+            // Other protocols (ping sockets, SCTP) and mismatched pairs.
+            assert_eq!(socket(&f, af, DGRAM, libc::IPPROTO_ICMP as u64), EPERM);
+            assert_eq!(socket(&f, af, STREAM, libc::IPPROTO_SCTP as u64), EPERM);
+            assert_eq!(socket(&f, af, STREAM, UDP), EPERM);
+            assert_eq!(socket(&f, af, libc::SOCK_SEQPACKET as u64, 0), EPERM);
+            // Protocol is an int too.
+            assert_eq!(socket(&f, af, STREAM, 1 << 32 | TCP), ALLOW);
+        }
+        assert_eq!(socket(&f, AF_NETLINK, RAW, 0), ALLOW);
+        assert_eq!(socket(&f, AF_NETLINK, DGRAM | FLAGS, 0), ALLOW);
+        assert_eq!(socket(&f, AF_NETLINK, RAW, NETLINK_KOBJECT_UEVENT), EPERM);
+        assert_eq!(socket(&f, AF_PACKET, RAW, ETH_P_ALL_BE), EPERM);
+        assert_eq!(socket(&f, AF_PACKET, DGRAM, 0), EPERM);
+        assert_eq!(socket(&f, libc::AF_BLUETOOTH as u64, STREAM, 0), EPERM);
+        assert_eq!(
+            socket(&f, libc::AF_ALG as u64, libc::SOCK_SEQPACKET as u64, 0),
+            EPERM
+        );
+        let pair = |domain| decide(&f, "socketpair", [domain, STREAM, 0, 0, 0, 0]);
+        assert_eq!(pair(AF_UNIX), ALLOW);
+        assert_eq!(pair(AF_INET), EPERM);
+        // The summary says what is allowed.
+        let shown = |name| {
+            f.summary
+                .allowed_if
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, s)| s.clone())
+                .unwrap()
+        };
+        assert!(
+            shown("socket").contains("AF_NETLINK (NETLINK_ROUTE)"),
+            "{}",
+            shown("socket")
+        );
+        assert_eq!(shown("socketpair"), "domain AF_UNIX");
+    }
+
+    #[test]
+    fn without_any_family_socket_calls_are_refused_not_allowed() {
+        // An empty rule list would mean "always" to seccompiler: compile leaves the call
+        // out instead.
+        let mut p = policy();
+        p.socket_families.clear();
+        let f = compile(&p).unwrap();
+        assert_eq!(socket(&f, AF_UNIX, STREAM, 0), EPERM);
+        assert_eq!(
+            decide(&f, "socketpair", [AF_UNIX, STREAM, 0, 0, 0, 0]),
+            EPERM
+        );
+        assert_eq!(decide(&f, "read", [0; 6]), ALLOW);
     }
 
     #[test]
