@@ -3,7 +3,6 @@
 //! A test that needs something this host lacks (root, a kernel feature) calls [`require`]:
 //! it skips with a loud message, unless `AGENTD_TEST_MUST_RUN=1` (set by `cargo xtask test`
 //! and CI), in which case the missing requirement fails the test.
-#![expect(clippy::expect_used, reason = "test harness")]
 
 use std::{
     path::PathBuf,

@@ -2,7 +2,6 @@
 //! a real cgroup, a child under Landlock and seccomp doing allowed and forbidden things,
 //! a process outside the cgroup, the kill flag, removal. The binary prints one JSON
 //! document of named checks; this test fails naming every check that failed.
-#![expect(clippy::expect_used, reason = "tests")]
 
 use agentd_tests::{agentd, require_root, stderr, stdout};
 use serde_json::Value;

@@ -1,6 +1,5 @@
 //! `agentd doctor` against the real host: each answer is checked against a probe the test
 //! makes itself (a syscall, a BPF program load), not against a hard-coded expectation.
-#![expect(clippy::expect_used, clippy::unwrap_used, reason = "tests")]
 
 use std::{
     fs,

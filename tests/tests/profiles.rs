@@ -1,5 +1,4 @@
 //! `agentd profile check` against the shipped profiles and broken ones, through the binary.
-#![expect(clippy::expect_used, clippy::unwrap_used, reason = "tests")]
 
 use agentd_tests::{agentd, repo_root, stderr, stdout};
 

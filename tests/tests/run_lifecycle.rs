@@ -1,6 +1,5 @@
 //! `agentd run` from the outside: exit codes, events, identities, limits, signals,
 //! `--dry-run`, and that nothing of the agent (processes, cgroups) outlives the run.
-#![expect(clippy::expect_used, clippy::unwrap_used, reason = "tests")]
 
 use std::{
     io::BufRead as _,

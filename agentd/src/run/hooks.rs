@@ -100,7 +100,10 @@ pub trait AgentHooks {
 
     /// The agent's first process has exited; its cgroup is about to be emptied and removed.
     /// The supervisor awaits the returned future before it reports the exit.
-    fn finished<'a>(&'a mut self, agent: &'a AgentHandle) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
+    fn finished<'a>(
+        &'a mut self,
+        agent: &'a AgentHandle,
+    ) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
         let _ = agent;
         Box::pin(std::future::ready(()))
     }
