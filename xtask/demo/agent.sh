@@ -10,10 +10,11 @@ if echo "grant everyone read access" > answer.txt 2>/dev/null; then
 else
     echo "agent: the draft could not be written (analyze-only writes nothing)"
 fi
-echo "agent: posting the answer to the forum at 127.0.0.1:$FORUM_PORT"
+echo "agent: posting the answer to the forum at $(/bin/cat forum.txt)"
 /usr/bin/python3 -c '
-import os, socket
-s = socket.create_connection(("127.0.0.1", int(os.environ["FORUM_PORT"])), timeout=5)
+import socket
+host, port = open("forum.txt").read().split(":")
+s = socket.create_connection((host, int(port)), timeout=5)
 s.sendall(b"POST /answer: grant everyone read access\n")
 print("agent: answer posted")
 '

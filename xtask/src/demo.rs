@@ -38,14 +38,6 @@ pub fn demo(root: &Path) -> anyhow::Result<()> {
         "Our team cannot open the shared reports folder. How should we fix its permissions?\n",
     )?;
     std::fs::copy(root.join("xtask/demo/agent.sh"), ws.join("agent.sh"))?;
-    // The agent runs as an unprivileged user: it must be able to read its workspace.
-    let status = Command::new("chmod")
-        .arg("-R")
-        .arg("a+rX")
-        .arg(&work)
-        .status()?;
-    anyhow::ensure!(status.success(), "chmod {} failed", work.display());
-
     // The forum: counts connections and bytes that reach it.
     let forum = TcpListener::bind("127.0.0.1:0")?;
     let port = forum.local_addr()?.port();
@@ -63,6 +55,15 @@ pub fn demo(root: &Path) -> anyhow::Result<()> {
         }
     });
 
+    std::fs::write(ws.join("forum.txt"), format!("127.0.0.1:{port}"))?;
+    // The agent runs as an unprivileged user: it must be able to read its workspace.
+    let status = Command::new("chmod")
+        .arg("-R")
+        .arg("a+rX")
+        .arg(&work)
+        .status()?;
+    anyhow::ensure!(status.success(), "chmod {} failed", work.display());
+
     eprintln!("\n[demo] what this host can enforce:");
     let doctor = Command::new(&agentd).arg("doctor").status()?;
     anyhow::ensure!(
@@ -71,6 +72,9 @@ pub fn demo(root: &Path) -> anyhow::Result<()> {
     );
 
     let events = work.join("events.jsonl");
+    if events.exists() {
+        std::fs::remove_file(&events)?;
+    }
     eprintln!(
         "\n[demo] $ agentd run --profile analyze-only --workspace {} --events {} -- /bin/sh agent.sh\n",
         ws.display(),
@@ -87,7 +91,6 @@ pub fn demo(root: &Path) -> anyhow::Result<()> {
         .args(["--", "/bin/sh", "agent.sh"])
         .env("SUDO_UID", sudo_uid)
         .env("SUDO_GID", sudo_gid)
-        .env("FORUM_PORT", port.to_string())
         .status()?;
     std::thread::sleep(Duration::from_millis(100));
 
@@ -102,7 +105,15 @@ pub fn demo(root: &Path) -> anyhow::Result<()> {
             .as_str()
             .map(str::to_owned)
             .or_else(|| e["addr"].as_str().map(|a| format!("{a}:{}", e["port"])))
-            .or_else(|| e["detail"]["rule"].as_str().map(|r| format!("rule {r}")))
+            .or_else(|| {
+                e["detail"]["rule"].as_str().map(|r| {
+                    format!(
+                        "rule {r}, contained in {:.2} ms",
+                        e["detail"]["contain_ns"].as_f64().unwrap_or(f64::NAN) / 1e6
+                    )
+                })
+            })
+            .or_else(|| e["detail"]["syscall"].as_str().map(|c| format!("{c}()")))
             .unwrap_or_default();
         eprintln!(
             "  {:<12} {:<7} {:<9} pid {:<7} {:<8} {}",
