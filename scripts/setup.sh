@@ -49,8 +49,9 @@ apt_install() {
 apt_install rustc-web cargo-web libstd-rust-web-dev-bpf
 LLVM_MAJOR=$(/usr/bin/rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 say "Debian rustc for BPF: $(/usr/bin/rustc -V), LLVM $LLVM_MAJOR"
-# llvm-N-dev: what bpf-linker links against. iproute2: network namespaces in tests.
-apt_install "llvm-$LLVM_MAJOR-dev" iproute2
+# llvm-N-dev: what bpf-linker links against. The privileged tests run agents that are
+# shell scripts and python3 programs, with util-linux tools (setsid, unshare).
+apt_install "llvm-$LLVM_MAJOR-dev" python3-minimal python3 util-linux
 
 if rustup toolchain list | grep -q "^$TOOLCHAIN_NAME"; then
     say "rustup toolchain $TOOLCHAIN_NAME present"
