@@ -165,7 +165,7 @@ fn breaker_latency(agentd: &Path, profile: &Path, ws: &Path, work: &Path) -> any
             "--",
             "/bin/sh",
             "-c",
-            "/bin/cat secrets/key >/dev/null; /bin/sleep 10",
+            "/bin/cat \"$PWD/secrets/key\" >/dev/null; /bin/sleep 10",
         ]);
         let out = c.output()?;
         anyhow::ensure!(
