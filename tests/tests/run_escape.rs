@@ -1,0 +1,175 @@
+//! Attempts to reach outside the workspace by indirection, under a profile that lets the
+//! agent write its workspace: the kernel must say no and nothing outside may change.
+
+use std::{os::unix::fs::PermissionsExt as _, path::Path};
+
+use agentd_tests::{AgentRun, DEFAULT_LIMITS, agent_dir, profile_file, require_root, test_profile};
+
+/// Runs `script` (python3) under a workspace-writable profile and returns its JSON output.
+fn attempt(ws: &Path, script: &str) -> serde_json::Value {
+    // No breaker: the refusals themselves are under test.
+    let text = test_profile(
+        "escape",
+        "invoker",
+        DEFAULT_LIMITS,
+        "[breaker]\ntrip_on = [\"canary\"]\n",
+    );
+    let (_p, profile) = profile_file(&text);
+    let run = AgentRun::new(profile.to_str().unwrap(), ws)
+        .python(script)
+        .run();
+    assert_eq!(run.code(), 0, "{}", run.explain());
+    serde_json::from_str(run.stdout().trim()).unwrap_or_else(|e| panic!("{e}: {}", run.explain()))
+}
+
+/// A world-writable directory outside the workspace with one world-writable file, so that
+/// only agentd's confinement can refuse changes to it.
+fn outside() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = agent_dir(true);
+    let file = dir.path().join("precious.txt");
+    std::fs::write(&file, "original\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    (dir, file)
+}
+
+fn unchanged(file: &Path) {
+    assert_eq!(
+        std::fs::read_to_string(file).unwrap(),
+        "original\n",
+        "{} changed",
+        file.display()
+    );
+}
+
+const PRELUDE: &str = r#"
+import errno, json, os
+out = {}
+def attempt(name, f):
+    try:
+        f()
+        out[name] = 0
+    except OSError as e:
+        out[name] = e.errno
+"#;
+
+#[test]
+fn run_escape_through_a_planted_symlink_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let ws = agent_dir(true);
+    let (_o, target) = outside();
+    std::os::unix::fs::symlink(&target, ws.path().join("link")).unwrap();
+    let r = attempt(
+        ws.path(),
+        &format!(
+            "{PRELUDE}\nattempt('write', lambda: open('link', 'w').write('pwned'))\nattempt('append', lambda: open('link', 'a').write('pwned'))\nprint(json.dumps(out))"
+        ),
+    );
+    assert_eq!(r["write"], libc::EACCES, "{r}");
+    assert_eq!(r["append"], libc::EACCES, "{r}");
+    unchanged(&target);
+}
+
+#[test]
+fn run_escape_by_hardlink_rename_truncate_chmod_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let ws = agent_dir(true);
+    let (_o, target) = outside();
+    let mine = ws.path().join("mine.txt");
+    std::fs::write(&mine, "agent's\n").unwrap();
+    std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let outside_dir = target.parent().unwrap();
+    let script = format!(
+        "{PRELUDE}\n\
+         attempt('hardlink', lambda: os.link({t:?}, 'hl'))\n\
+         attempt('rename_out', lambda: os.rename('mine.txt', {dest:?}))\n\
+         attempt('rename_in', lambda: os.rename({t:?}, 'stolen.txt'))\n\
+         attempt('truncate', lambda: os.truncate({t:?}, 0))\n\
+         attempt('chmod', lambda: os.chmod({t:?}, 0o777))\n\
+         attempt('unlink', lambda: os.unlink({t:?}))\n\
+         print(json.dumps(out))",
+        t = target.display().to_string(),
+        dest = outside_dir.join("moved.txt").display().to_string(),
+    );
+    let r = attempt(ws.path(), &script);
+    // Landlock: linking and renaming across the workspace boundary need rights on both
+    // sides (REFER), truncate needs TRUNCATE; chmod is refused by ownership (root's file).
+    for (op, want) in [
+        ("hardlink", libc::EXDEV),
+        ("rename_out", libc::EXDEV),
+        ("rename_in", libc::EXDEV),
+        ("truncate", libc::EACCES),
+        ("unlink", libc::EACCES),
+    ] {
+        let got = r[op].as_i64().unwrap();
+        assert!(
+            got == i64::from(want) || got == i64::from(libc::EACCES),
+            "{op}: {r}"
+        );
+    }
+    assert_eq!(r["chmod"], libc::EPERM, "{r}");
+    unchanged(&target);
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+        0o666
+    );
+    assert!(mine.exists(), "the workspace file was not moved out");
+    assert!(!outside_dir.join("moved.txt").exists());
+    assert!(!ws.path().join("hl").exists() && !ws.path().join("stolen.txt").exists());
+}
+
+#[test]
+fn run_escape_device_nodes_and_fifos_outside() {
+    if !require_root() {
+        return;
+    }
+    let ws = agent_dir(true);
+    let (_o, target) = outside();
+    let outside_fifo = target.parent().unwrap().join("fifo");
+    let script = format!(
+        "{PRELUDE}\nimport stat\n\
+         attempt('chardev', lambda: os.mknod('null2', 0o666 | stat.S_IFCHR, os.makedev(1, 3)))\n\
+         attempt('blockdev', lambda: os.mknod('sda2', 0o666 | stat.S_IFBLK, os.makedev(8, 0)))\n\
+         attempt('fifo_outside', lambda: os.mkfifo({f:?}))\n\
+         print(json.dumps(out))",
+        f = outside_fifo.display().to_string()
+    );
+    let r = attempt(ws.path(), &script);
+    for op in ["chardev", "blockdev"] {
+        let got = r[op].as_i64().unwrap();
+        assert!(
+            got == i64::from(libc::EPERM) || got == i64::from(libc::EACCES),
+            "{op}: {r}"
+        );
+    }
+    assert_eq!(r["fifo_outside"], libc::EACCES, "{r}");
+    assert!(!ws.path().join("null2").exists() && !ws.path().join("sda2").exists());
+    assert!(!outside_fifo.exists());
+}
+
+#[test]
+fn run_escape_from_the_cgroup_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let ws = agent_dir(true);
+    let script = format!(
+        "{PRELUDE}\n\
+         before = open('/proc/self/cgroup').read()\n\
+         for root in ['/sys/fs/cgroup/unified', '/sys/fs/cgroup']:\n\
+         \x20   attempt('join_' + root, lambda: open(root + '/cgroup.procs', 'w').write(str(os.getpid())))\n\
+         out['after_same'] = open('/proc/self/cgroup').read() == before\n\
+         out['in_agent'] = '/agentd/' in before\n\
+         print(json.dumps(out))"
+    );
+    let r = attempt(ws.path(), &script);
+    for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let got = &r[format!("join_{root}")];
+        assert!(got.as_i64().is_some_and(|e| e != 0), "{root}: {r}");
+    }
+    assert_eq!(r["in_agent"], true, "{r}");
+    assert_eq!(r["after_same"], true, "{r}");
+}
