@@ -121,6 +121,14 @@ fn watch_costs(agentd: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -136,19 +144,73 @@ fn launch_cost(agentd: &Path, profile: &Path, ws: &Path) -> anyhow::Result<()> {
         anyhow::ensure!(st.success(), "{c:?} failed: {st}");
         Ok(t.elapsed().as_secs_f64() * 1e3)
     };
+    // bubblewrap with comparable isolation: new namespaces (mount, pid, net, ipc, uts,
+    // user, cgroup), a read-only system, no capabilities, a new session.
+    let bwrap = which("bwrap").or_else(|| {
+        let st = Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "bubblewrap",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .ok()?;
+        st.success().then(|| which("bwrap")).flatten()
+    });
     let mut direct = Vec::new();
     let mut confined = Vec::new();
+    let mut bubblewrap = Vec::new();
     for _ in 0..LAUNCHES {
         direct.push(time(Command::new("/bin/true"))?);
         let mut c = agent_command(agentd, profile, ws);
         c.args(["--", "/bin/true"]);
         confined.push(time(c)?);
+        if let Some(b) = &bwrap {
+            let mut c = Command::new(b);
+            c.args([
+                "--ro-bind",
+                "/usr",
+                "/usr",
+                "--symlink",
+                "usr/bin",
+                "/bin",
+                "--symlink",
+                "usr/lib",
+                "/lib",
+                "--symlink",
+                "usr/lib64",
+                "/lib64",
+                "--proc",
+                "/proc",
+                "--dev",
+                "/dev",
+                "--unshare-all",
+                "--new-session",
+                "--die-with-parent",
+                "--cap-drop",
+                "ALL",
+                "/bin/true",
+            ]);
+            bubblewrap.push(time(c)?);
+        }
     }
-    direct.sort_by(f64::total_cmp);
-    confined.sort_by(f64::total_cmp);
+    for v in [&mut direct, &mut confined, &mut bubblewrap] {
+        v.sort_by(f64::total_cmp);
+    }
     let (d, c) = (percentile(&direct, 0.5), percentile(&confined, 0.5));
+    eprintln!("\n[bench] launch, median of {LAUNCHES}:");
+    eprintln!("  /bin/true                    {d:>8.2} ms (1x)");
+    if !bubblewrap.is_empty() {
+        let b = percentile(&bubblewrap, 0.5);
+        eprintln!("  bwrap ... /bin/true          {b:>8.2} ms ({:.0}x)", b / d);
+    } else {
+        eprintln!("  bwrap: not available (apt-get install bubblewrap failed)");
+    }
     eprintln!(
-        "\n[bench] launch, median of {LAUNCHES}: /bin/true {d:.2} ms; agentd run -- /bin/true {c:.1} ms ({:.0}x; includes loading the BPF programs)",
+        "  agentd run -- /bin/true      {c:>8.2} ms ({:.0}x; includes loading and attaching the BPF programs)",
         c / d
     );
     Ok(())
