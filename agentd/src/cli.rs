@@ -49,6 +49,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Kill an agent now: the manual kill switch
+    ///
+    /// Asks the agent's supervisor to stop it the way the breaker does (kill flag: no more
+    /// network, SIGKILL at the next syscall; then every process of its cgroup), and kills
+    /// the cgroup directly if the supervisor does not answer within 3 s. ID is the `agent`
+    /// field of the agent's events (e.g. `analyze-only-1a2b3c4d`). Pressing Ctrl-C twice
+    /// within 2 s in `agentd run` does the same. Root only.
+    Kill {
+        #[arg(value_name = "ID")]
+        id: String,
+    },
     /// Validate, list and show profiles
     #[command(subcommand)]
     Profile(ProfileCommand),
@@ -90,6 +101,9 @@ agentd run --dry-run -- python3 agent.py               print the plan; change no
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<std::ffi::OsString>,
     },
+    /// Verify the tamper-evident audit log
+    #[command(subcommand)]
+    Audit(crate::audit::AuditCommand),
     /// Internal: end-to-end self-test of the kernel watch (root); see tests/tests/bpf_watch.rs
     #[command(hide = true)]
     WatchTest {
@@ -141,6 +155,7 @@ pub fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Doctor { json } => doctor::run(json),
+        Command::Kill { id } => crate::run::control::kill(&id),
         Command::Profile(ProfileCommand::Check {
             profiles,
             workspace,
@@ -148,6 +163,7 @@ pub fn main() -> ExitCode {
         }) => profile_check(&profiles, workspace, json),
         Command::Profile(ProfileCommand::List { json }) => profile_list(json),
         Command::Profile(ProfileCommand::Show { name }) => profile_show(&name),
+        Command::Audit(cmd) => crate::audit::command(cmd),
         Command::WatchTest { args } => crate::bpf::selftest::watch_selftest(&args),
         Command::Run {
             profile,

@@ -369,3 +369,107 @@ fn breaker_analyze_only_stops_an_agent_that_tries_to_post() {
     );
     assert!(forum.accept().is_err(), "nothing reached the forum");
 }
+
+/// Starts `agentd run` in the background and returns it with its agent id, once started.
+fn spawn_agent(
+    script: &str,
+) -> (
+    std::process::Child,
+    String,
+    tempfile::TempDir,
+    tempfile::TempDir,
+    tempfile::TempDir,
+) {
+    let ws = workspace_with_canary();
+    let (pdir, path) = profile_file(&profile("switch", DEFAULT_LIMITS, "trip_on = [\"canary\"]"));
+    let edir = tempfile::tempdir().unwrap();
+    let events = edir.path().join("events.jsonl");
+    let child = AgentRun::new(path.to_str().unwrap(), ws.path())
+        .sh(script)
+        .command(&events)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let id = loop {
+        let start = agentd_tests::read_events(&events)
+            .into_iter()
+            .find(|e| e["kind"] == "start")
+            .and_then(|e| e["agent"].as_str().map(str::to_owned));
+        // The registration is written right after the start event.
+        if let Some(id) =
+            start.filter(|id| Path::new(&format!("/run/agentd/agents/{id}.pid")).exists())
+        {
+            break id;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    (child, id, ws, pdir, edir)
+}
+
+#[test]
+fn breaker_agentd_kill_is_the_manual_kill_switch() {
+    if !require_root() {
+        return;
+    }
+    let (child, id, ws, _p, edir) = spawn_agent(
+        "/usr/bin/setsid /bin/sh -c 'echo $$ > grandchild.pid; exec /bin/sleep 300' & /bin/sleep 300",
+    );
+    let p = ws.path().join("grandchild.pid");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::read_to_string(&p).map_or(true, |s| s.trim().is_empty()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the grandchild did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = agentd_tests::agentd(&["kill", &id]);
+    assert_eq!(out.status.code(), Some(0), "{}", agentd_tests::stderr(&out));
+    let run = child.wait_with_output().unwrap();
+    assert_eq!(run.status.code(), Some(137));
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("killed by the kill switch (agentd kill)")
+    );
+    let grandchild: u32 = std::fs::read_to_string(&p).unwrap().trim().parse().unwrap();
+    assert!(process_gone(grandchild), "setsid grandchild survived");
+    let events = agentd_tests::read_events(&edir.path().join("events.jsonl"));
+    let b = events
+        .iter()
+        .find(|e| e["kind"] == "breaker")
+        .expect("breaker event");
+    assert_eq!(b["detail"]["rule"], "manual");
+    agentd_tests::assert_no_cgroup(&id);
+    assert!(!Path::new(&format!("/run/agentd/agents/{id}.pid")).exists());
+    let again = agentd_tests::agentd(&["kill", &id]);
+    assert_eq!(again.status.code(), Some(1), "no such agent any more");
+}
+
+#[test]
+fn breaker_interrupt_twice_kills_an_agent_that_ignores_sigint() {
+    if !require_root() {
+        return;
+    }
+    let (child, id, _ws, _p, _e) =
+        spawn_agent("trap '' INT; /bin/sleep 300 & wait; /bin/sleep 300");
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill on our own child's pid.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let run = child.wait_with_output().unwrap();
+    assert_eq!(
+        run.status.code(),
+        Some(137),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(String::from_utf8_lossy(&run.stderr).contains("interrupted twice"));
+    agentd_tests::assert_no_cgroup(&id);
+}

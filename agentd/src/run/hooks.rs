@@ -49,10 +49,6 @@ pub struct AgentInfo<'a> {
 /// A running agent, shared with whatever needs to act on it.
 #[derive(Debug, Clone)]
 pub struct AgentHandle {
-    #[expect(
-        dead_code,
-        reason = "read by AgentHooks implementations (eBPF watch, breaker)"
-    )]
     pub agent_id: Arc<str>,
     /// The agent's first process.
     pub pid: u32,
@@ -106,6 +102,25 @@ pub trait AgentHooks {
     ) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
         let _ = agent;
         Box::pin(std::future::ready(()))
+    }
+
+    /// The manual kill switch (`agentd kill ID`, Ctrl-C twice): stop the agent now. The
+    /// default empties its cgroup; the kernel hooks first set the kill flag, as the breaker
+    /// does, and report it.
+    fn kill_switch<'a>(
+        &'a mut self,
+        agent: &'a AgentHandle,
+        reason: &'a str,
+    ) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
+        let _ = reason;
+        let agent = agent.clone();
+        Box::pin(async move {
+            match tokio::task::spawn_blocking(move || agent.kill()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => eprintln!("agentd: kill switch: {e}"),
+                Err(e) => eprintln!("agentd: kill switch: {e}"),
+            }
+        })
     }
 
     /// An exit status that replaces the agent's, with the one line `agentd run` prints

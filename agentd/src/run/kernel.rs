@@ -61,6 +61,8 @@ pub struct KernelHooks {
     /// Set by the event task once it has handled the first process's exit event.
     drained: Option<watch::Receiver<bool>>,
     task: Option<JoinHandle<()>>,
+    /// The `--events` channel, for the kill switch's report.
+    events: Option<mpsc::Sender<Event>>,
 }
 
 impl KernelHooks {
@@ -117,6 +119,7 @@ impl AgentHooks for KernelHooks {
         };
         let (done_tx, done_rx) = watch::channel(false);
         self.drained = Some(done_rx);
+        self.events = Some(events.clone());
         let task = EventTask {
             watch,
             cgroup_id,
@@ -142,7 +145,9 @@ impl AgentHooks for KernelHooks {
                     );
                 }
             }
-            // Stop reading (the task holds a sender of the --events writer), then detach.
+            // Stop reading (the task and `events` hold senders of the --events writer),
+            // then detach.
+            self.events = None;
             if let Some(task) = self.task.take() {
                 task.abort();
                 let _ = task.await;
@@ -151,6 +156,48 @@ impl AgentHooks for KernelHooks {
                 && let Err(e) = lock(watch).remove_agent(agent)
             {
                 eprintln!("agentd: detaching the kernel watch: {e}");
+            }
+        })
+    }
+
+    fn kill_switch<'a>(
+        &'a mut self,
+        agent: &'a AgentHandle,
+        reason: &'a str,
+    ) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
+        Box::pin(async move {
+            let asked = monotonic_ns();
+            // The breaker's path: kill flag first, then the cgroup.
+            if let (Some(watch), Some(bpf_agent)) = (self.watch.as_ref(), self.agent.as_ref())
+                && let Err(e) = lock(watch).set_killed(bpf_agent.cgroup_id())
+            {
+                eprintln!(
+                    "agentd: kill switch: setting the kill flag: {e}; killing the cgroup anyway"
+                );
+            }
+            let a = agent.clone();
+            match tokio::task::spawn_blocking(move || a.kill()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => eprintln!("agentd: kill switch: {e}"),
+                Err(e) => eprintln!("agentd: kill switch: {e}"),
+            }
+            let contain_ns = monotonic_ns().saturating_sub(asked);
+            *lock(&self.killed_by) = Some(format!("killed by the kill switch ({reason})"));
+            if let Some(out) = &self.events {
+                let ev = Event::new(
+                    &agent.agent_id,
+                    agent.pid,
+                    "",
+                    Kind::Breaker,
+                    Verdict::Killed,
+                    Layer::Agentd,
+                )
+                .with("rule", "manual")
+                .with("reason", reason)
+                .with("action", "kill")
+                .with("enforced", true)
+                .with("contain_ns", contain_ns);
+                let _ = out.send(ev).await;
             }
         })
     }

@@ -235,6 +235,20 @@ pub async fn supervise(s: Supervision<'_>) -> u8 {
         }
     }
 
+    // The kill switch: `agentd kill ID` (SIGUSR1 through the registration) and a second
+    // Ctrl-C within DOUBLE_INTERRUPT of the first.
+    let mut kill_requests = match signal(SignalKind::user_defined1()) {
+        Ok(st) => Some(st),
+        Err(e) => {
+            eprintln!("agentd: warning: `agentd kill` cannot reach this supervisor: {e}");
+            None
+        }
+    };
+    let _registration = kill_requests
+        .as_ref()
+        .and_then(|_| super::control::register(&plan.agent_id));
+    let mut last_interrupt: Option<Instant> = None;
+
     if spawned.landlock == Enforcement::Partial {
         eprintln!(
             "agentd: warning: landlock is only partially enforced: this kernel (ABI {}) lacks {}",
@@ -281,7 +295,19 @@ pub async fn supervise(s: Supervision<'_>) -> u8 {
                     }
                 }
             }
-            Some(sig) = next(&mut int) => forward(pid, exited.get_ref(), sig),
+            Some(sig) = next(&mut int) => {
+                let now = Instant::now();
+                if last_interrupt.is_some_and(|t| now.duration_since(t) < DOUBLE_INTERRUPT) {
+                    eprintln!("agentd: second interrupt: killing the agent");
+                    hooks.kill_switch(&handle, "interrupted twice").await;
+                } else {
+                    last_interrupt = Some(now);
+                    forward(pid, exited.get_ref(), sig);
+                }
+            }
+            Some(()) = recv_opt(&mut kill_requests) => {
+                hooks.kill_switch(&handle, "agentd kill").await;
+            }
             Some(sig) = next(&mut term) => forward(pid, exited.get_ref(), sig),
             Some(sig) = next(&mut hup) => forward(pid, exited.get_ref(), sig),
             Some(sig) = next(&mut quit) => forward(pid, exited.get_ref(), sig),
@@ -331,6 +357,16 @@ fn split(
 async fn next(stream: &mut Stream) -> Option<Signal> {
     match stream {
         Some((sig, st)) => st.recv().await.map(|()| *sig),
+        None => std::future::pending().await,
+    }
+}
+
+/// A second SIGINT within this long of the first is the kill switch.
+const DOUBLE_INTERRUPT: Duration = Duration::from_secs(2);
+
+async fn recv_opt(stream: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match stream {
+        Some(st) => st.recv().await,
         None => std::future::pending().await,
     }
 }

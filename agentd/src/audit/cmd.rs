@@ -1,0 +1,288 @@
+//! `agentd audit ...`: argument parsing and output. Exit status of `verify`: 0 intact, 1
+//! tampered, 2 unreadable or bad usage, 3 intact up to an incomplete final record.
+
+use std::{
+    num::{NonZeroU64, NonZeroUsize},
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::Subcommand;
+use serde::Serialize;
+
+use super::{
+    record::{Action, Control, Head, RecordHash},
+    verify::{self, FileSummary, Incomplete, Outcome, Remnant, Report},
+    writer::{self, AuditLog, Options},
+};
+use crate::event::{Event, Kind, Layer, Verdict};
+
+/// Where the daemon keeps its audit log.
+pub const DEFAULT_PATH: &str = "/var/log/agentd/audit.log";
+
+pub const EXIT_TAMPERED: u8 = 1;
+pub const EXIT_UNREADABLE: u8 = 2;
+pub const EXIT_INCOMPLETE: u8 = 3;
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the audit log's hash chain; name the first bad record
+    ///
+    /// Each record holds the SHA-256 of its own line and the hash of the record before it:
+    /// an edited, removed, inserted or reordered record breaks the chain, and the first
+    /// bad record is named with its line. With --all the rotated files PATH.N ... PATH.1
+    /// are verified too, with the links between them. The head printed (the last record's
+    /// hash) can be kept elsewhere: --expect-head HASH later fails if the log no longer
+    /// contains it (rolled back, replaced, or rewritten from before it).
+    ///
+    /// Exit status: 0 intact; 1 tampered, or the expected head is missing; 2 unreadable,
+    /// or bad usage; 3 intact up to an incomplete final record or empty (a write was
+    /// interrupted: agentd notes it and continues the chain when it next opens the log).
+    #[command(after_help = "Examples:\n  \
+agentd audit verify                                  /var/log/agentd/audit.log\n  \
+agentd audit verify --all /var/log/agentd/audit.log  with its rotated files\n  \
+agentd audit verify --all --expect-head 3b1f...      fails if the log was rolled back")]
+    Verify {
+        /// The log
+        #[arg(value_name = "PATH", default_value = DEFAULT_PATH)]
+        path: PathBuf,
+        /// Verify the rotated files (PATH.N ... PATH.1) and the links between them too
+        #[arg(long)]
+        all: bool,
+        /// Print one JSON object: status, records, head, files, remnants, problem
+        #[arg(long)]
+        json: bool,
+        /// Fail unless the record with this hash (a head printed earlier) is in the log
+        #[arg(long, value_name = "HASH")]
+        expect_head: Option<RecordHash>,
+    },
+    /// Internal: writes a sample log for tests/tests/audit.rs (refuses existing files)
+    #[command(hide = true)]
+    Sample {
+        path: PathBuf,
+        /// Event and control records to write
+        #[arg(long, default_value_t = 10)]
+        records: u64,
+        /// Rotate after every N of them
+        #[arg(long)]
+        rotate_every: Option<NonZeroU64>,
+        /// Rotated files to keep
+        #[arg(long, default_value = "10")]
+        keep: NonZeroUsize,
+    },
+}
+
+/// Runs an `agentd audit` command.
+pub fn command(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AuditCommand::Verify {
+            path,
+            all,
+            json,
+            expect_head,
+        } => Ok(verify(&path, all, json, expect_head)),
+        AuditCommand::Sample {
+            path,
+            records,
+            rotate_every,
+            keep,
+        } => sample(&path, records, rotate_every, keep),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct JsonReport<'a> {
+    path: &'a Path,
+    /// `ok`, `incomplete`, `tampered` or `unreadable`.
+    status: &'static str,
+    records: u64,
+    head: Option<Head>,
+    continues_from: Option<u64>,
+    files: &'a [FileSummary],
+    remnants: &'a [Remnant],
+    problem: Option<JsonProblem<'a>>,
+    incomplete: Option<&'a Incomplete>,
+    message: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct JsonProblem<'a> {
+    path: &'a Path,
+    record: Option<u64>,
+    line: Option<u64>,
+    message: String,
+}
+
+fn verify(path: &Path, all: bool, json: bool, expect_head: Option<RecordHash>) -> ExitCode {
+    let result = if all {
+        verify::verify_all(path, expect_head)
+    } else {
+        verify::verify_file(path, expect_head)
+    };
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if json {
+                print_json(&serde_json::json!({
+                    "path": path,
+                    "status": "unreadable",
+                    "message": e.to_string(),
+                }));
+            } else {
+                eprintln!("agentd: {e}");
+            }
+            return ExitCode::from(EXIT_UNREADABLE);
+        }
+    };
+    let (status, code) = match &report.outcome {
+        Outcome::Intact => ("ok", ExitCode::SUCCESS),
+        Outcome::Incomplete(_) => ("incomplete", ExitCode::from(EXIT_INCOMPLETE)),
+        Outcome::Tampered(_) => ("tampered", ExitCode::from(EXIT_TAMPERED)),
+    };
+    if json {
+        let (problem, incomplete, message) = match &report.outcome {
+            Outcome::Intact => (None, None, None),
+            Outcome::Incomplete(i) => (None, Some(i), Some(i.to_string())),
+            Outcome::Tampered(p) => (
+                Some(JsonProblem {
+                    path: &p.path,
+                    record: p.record,
+                    line: p.line,
+                    message: p.fault.to_string(),
+                }),
+                None,
+                Some(p.to_string()),
+            ),
+        };
+        print_json(&JsonReport {
+            path,
+            status,
+            records: report.records,
+            head: report.head,
+            continues_from: report.continues_from,
+            files: &report.files,
+            remnants: &report.remnants,
+            problem,
+            incomplete,
+            message,
+        });
+        return code;
+    }
+    print_text(&report, all);
+    code
+}
+
+fn print_text(report: &Report, all: bool) {
+    for r in &report.remnants {
+        eprintln!(
+            "agentd: audit log {}: line {}: note: {} bytes of an interrupted write, noted by record {}",
+            r.path.display(),
+            r.line,
+            r.bytes,
+            r.noted_by
+        );
+    }
+    if let (Some(seq), Some(first)) = (report.continues_from, report.files.first()) {
+        let how = if all {
+            "the files before it were rotated away"
+        } else {
+            "--all verifies the link"
+        };
+        eprintln!(
+            "agentd: audit log {}: note: the chain continues from record {seq} in a rotated file; {how}",
+            first.path.display()
+        );
+    }
+    let summary = match report.head {
+        Some(h) => format!(
+            "{} records, head {} (seq {})",
+            report.records, h.hash, h.seq
+        ),
+        None => "0 records".to_owned(),
+    };
+    let files = if all {
+        format!(" across {} files", report.files.len())
+    } else {
+        String::new()
+    };
+    match &report.outcome {
+        Outcome::Intact => println!("ok: {summary}{files}"),
+        Outcome::Incomplete(i) => {
+            println!("incomplete: {summary}{files}");
+            eprintln!("agentd: {i}");
+        }
+        Outcome::Tampered(p) => eprintln!("agentd: {p}"),
+    }
+}
+
+fn print_json(value: &impl Serialize) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("agentd: cannot print JSON: {e}"),
+    }
+}
+
+/// Writes a log of `records` synthetic event and control records, rotating every
+/// `rotate_every`. Refuses to touch an existing log: it is for tests and demonstrations.
+fn sample(
+    path: &Path,
+    records: u64,
+    rotate_every: Option<NonZeroU64>,
+    keep: NonZeroUsize,
+) -> anyhow::Result<ExitCode> {
+    if let Some(existing) = [path.to_path_buf(), writer::rotated(path, 1)]
+        .into_iter()
+        .find(|p| p.symlink_metadata().is_ok())
+    {
+        eprintln!(
+            "agentd: {} exists: `audit sample` only writes new logs",
+            existing.display()
+        );
+        return Ok(ExitCode::from(EXIT_UNREADABLE));
+    }
+    let mut log = AuditLog::open_with(
+        path,
+        Options {
+            keep,
+            ..Options::default()
+        },
+    )?;
+    for i in 1..=records {
+        if i % 4 == 0 {
+            let action = if i % 8 == 0 {
+                Action::Kill
+            } else {
+                Action::Launch
+            };
+            log.append_control(&Control {
+                action,
+                agent: Some(format!("sample-{}", i / 8)),
+                by: writer::this_process(),
+                detail: serde_json::Map::new(),
+            })?;
+        } else {
+            let pid = u32::try_from(1000 + i).unwrap_or(u32::MAX);
+            let event = Event::new(
+                &format!("sample-{}", i / 8),
+                pid,
+                "sh",
+                Kind::Exec,
+                Verdict::Allow,
+                Layer::Kernel,
+            )
+            .with("argv", format!("sh -c 'step {i}'"));
+            log.append_event(&event)?;
+        }
+        if rotate_every.is_some_and(|n| i % n.get() == 0) && i < records {
+            log.rotate()?;
+        }
+    }
+    let head = log.head();
+    println!(
+        "wrote {records} records to {}, head {} (seq {})",
+        path.display(),
+        head.hash,
+        head.seq
+    );
+    Ok(ExitCode::SUCCESS)
+}
