@@ -118,7 +118,9 @@ pub struct RawEvent {
     pub agent_cgroup: u64,
     /// Kind-specific: the syscall's return value (fd, 0 or -errno) for file and exec events,
     /// the child's pid for fork, the raw `task_struct.exit_code` (status << 8 | signal) for
-    /// exit, the protocol for socket creation; 0 for the other network events.
+    /// exit, the protocol for socket creation, the call's -errno (EACCES) for a connect or
+    /// bind Landlock refused (reported at the call's exit, `layer` Landlock); 0 for the
+    /// other network events.
     pub ret: i64,
     /// Kind-specific extra: open flags (open, openat, openat2's `open_how.flags`; creat is
     /// `O_CREAT|O_WRONLY|O_TRUNC`), mode for chmod and mkdir, `uid | gid << 32` for chown
@@ -147,7 +149,8 @@ pub struct RawEvent {
     /// Network and socket events: AF_INET / AF_INET6 as the program saw it.
     pub family: u16,
     /// File events: the directory fd a relative `path` is resolved against (`AT_FDCWD` =
-    /// -100 for the working directory), so user space can resolve it while the process lives.
+    /// -100 for the working directory). The kernel reads that directory into `dir`; when
+    /// it could not, user space resolves the path through /proc while the process lives.
     pub dfd: i32,
     pub comm: [u8; COMM_LEN],
     /// NUL-terminated: the file, the source of a rename or link, the target (contents) of
@@ -157,6 +160,16 @@ pub struct RawEvent {
     /// attribute name of setxattr; for exec, [`EXEC_ARGS`] slots of [`EXEC_ARG_LEN`] bytes,
     /// each a NUL-terminated argv entry (argv[0], argv[1], ...); else empty.
     pub path2: [u8; PATH_LEN],
+    /// Canary events the kernel matched by inode (the opened file is a canary or beneath
+    /// one, whatever path led there): 1 + the canary's `CanaryKey::index`; else 0.
+    pub canary: u32,
+    /// Components in `dir` when [`EVENT_FLAG_DIR`] is set, else 0.
+    pub dir_parts: u32,
+    /// With [`EVENT_FLAG_DIR`]: the directory a relative path argument is resolved against
+    /// (the working directory for `AT_FDCWD`, else the directory of `dfd`), read by the
+    /// kernel at the call's entry, as its components from the innermost outwards, each
+    /// NUL-terminated: `/home/u` is `u\0home\0`, `/` is empty. Else empty.
+    pub dir: [u8; PATH_LEN],
 }
 
 /// An open with write, create or truncate intent (set on OpenWrite and Canary events).
@@ -171,7 +184,8 @@ pub const EVENT_FLAG_PATH2_TRUNCATED: u16 = 1 << 4;
 /// A Canary event the kernel could not decide: a read-only open of an agent with
 /// canaries, whose path did not match as written (relative, or spelt with `//`, `.` or
 /// `..`), refused with EACCES (Landlock refuses reads of canaries outside the read
-/// rules). User space resolves the path and keeps the event only if it is a canary.
+/// rules), or successful but deeper than the inode walk goes ([`MAX_WALK_DEPTH`]). User
+/// space resolves the path and keeps the event only if it is a canary.
 pub const EVENT_FLAG_CANARY_CANDIDATE: u16 = 1 << 5;
 
 /// The first path could not be read from the process's memory (a page not resident:
@@ -182,6 +196,12 @@ pub const EVENT_FLAG_PATH_UNREAD: u16 = 1 << 6;
 /// An OpenWrite event whose Canary event the kernel sent just before (the same open):
 /// user space must not report the canary twice.
 pub const EVENT_FLAG_CANARY_SENT: u16 = 1 << 7;
+
+/// `RawEvent::dir` holds the directory a relative path argument is resolved against,
+/// complete (every component up to the process's root, each one whole). Without it the
+/// directory was not needed (absolute path) or could not be read (deeper than the
+/// kernel walks, longer than [`PATH_LEN`], or not under the process's root).
+pub const EVENT_FLAG_DIR: u16 = 1 << 8;
 
 /// Exec events: argv entries carried in `path2`.
 pub const EXEC_ARGS: usize = 4;
@@ -632,6 +652,33 @@ pub struct CanaryPath {
     pub words: [u64; PATH_LEN / 8],
 }
 
+/// Key of the `CANARY_INODES` map (value: the canary's `CanaryKey::index`): one inode of
+/// a canary that existed when the agent was added. The exit of a successful open walks
+/// from the opened dentry up its parents and looks each one up, so a canary is found
+/// whatever path (relative, `..`, symlink, bind mount) the process opened it by.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CanaryInode {
+    /// `inode.i_ino`.
+    pub ino: u64,
+    /// `inode.i_sb->s_dev`, in the kernel's internal encoding `major << 20 | minor`
+    /// (not the `st_dev` encoding of stat(2)).
+    pub dev: u32,
+    /// [`AgentState::policy_id`].
+    pub policy_id: u32,
+}
+
+/// Words (u64) the kernel reads at once from a struct whose neighbouring fields it needs
+/// (a "window", see agentd-ebpf `vfs`): user space places each window and tells the
+/// program which word holds which field.
+pub const WINDOW_WORDS: usize = 4;
+
+/// Levels the kernel walks up from a dentry: to match an opened file against
+/// `CANARY_INODES`, and to read a relative path's directory into `RawEvent::dir`
+/// (crossing a mount takes one level too). Deeper paths are not matched by inode, and
+/// their directory is not captured.
+pub const MAX_WALK_DEPTH: u32 = 32;
+
 /// Index in the `CONFIG` array: bit `n` set = some agent's cgroup is at level `n` of the
 /// cgroup v2 hierarchy (the root is level 0). The programs look up the current task's
 /// ancestor at each such level, normally exactly one.
@@ -701,6 +748,8 @@ mod pod {
     unsafe impl aya::Pod for super::CanaryKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CanaryPath {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CanaryInode {}
 }
 
 #[cfg(test)]
@@ -727,7 +776,10 @@ mod tests {
         assert_eq!(offset_of!(RawEvent, comm), 72);
         assert_eq!(offset_of!(RawEvent, path), 88);
         assert_eq!(offset_of!(RawEvent, path2), 88 + PATH_LEN);
-        assert_eq!(size_of::<RawEvent>(), 88 + 2 * PATH_LEN);
+        assert_eq!(offset_of!(RawEvent, canary), 88 + 2 * PATH_LEN);
+        assert_eq!(offset_of!(RawEvent, dir_parts), 92 + 2 * PATH_LEN);
+        assert_eq!(offset_of!(RawEvent, dir), 96 + 2 * PATH_LEN);
+        assert_eq!(size_of::<RawEvent>(), 96 + 3 * PATH_LEN);
     }
 
     #[test]
@@ -743,6 +795,9 @@ mod tests {
         assert_eq!(size_of::<CanaryKey>(), 8);
         assert_eq!(offset_of!(CanaryPath, words), 8);
         assert_eq!(size_of::<CanaryPath>(), 8 + PATH_LEN);
+        assert_eq!(offset_of!(CanaryInode, dev), 8);
+        assert_eq!(offset_of!(CanaryInode, policy_id), 12);
+        assert_eq!(size_of::<CanaryInode>(), 16);
     }
 
     #[test]

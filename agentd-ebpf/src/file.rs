@@ -10,6 +10,15 @@
 //! is all there is to see: an agent's call failing with EPERM, EACCES or ENOSYS becomes an
 //! `EventKind::Syscall` event, without arguments.
 //!
+//! Canaries: the entry matches an absolute path against the canary paths as written; the
+//! exit of a successful open of an agent with canaries matches the opened file by inode
+//! (`vfs::canary_walk`), whatever path led there. A refused open keeps the path-string
+//! route (user space resolves a relative or oddly spelt one). For a relative path of an
+//! event that is sent, the exit also reads the directory it resolves against
+//! (`vfs::read_dir`) into `RawEvent::dir`, so user space can attribute the refusal after
+//! the process is gone. Processes outside every agent pay none of this: they return at
+//! the agent lookup, as before.
+//!
 //! Tracepoint records of syscalls are `{ common fields: 8 bytes, int __syscall_nr, pad,
 //! unsigned long args[6] }`, so argument `i` is at offset 16 + 8 * i; user space checks
 //! every attached tracepoint's format file against this before attaching, and the exit
@@ -17,7 +26,7 @@
 
 use agentd_common::{
     AGENT_FLAG_CANARIES, AGENT_FLAG_KILLED, AT_REMOVEDIR, CanaryKey, CanaryPath,
-    EVENT_FLAG_CANARY_CANDIDATE, EVENT_FLAG_CANARY_SENT, EVENT_FLAG_NO_ENTER,
+    EVENT_FLAG_CANARY_CANDIDATE, EVENT_FLAG_CANARY_SENT, EVENT_FLAG_DIR, EVENT_FLAG_NO_ENTER,
     EVENT_FLAG_PATH_TRUNCATED, EVENT_FLAG_PATH_UNREAD, EVENT_FLAG_PATH2_TRUNCATED,
     EVENT_FLAG_WRITE_INTENT, EXEC_ARG_LEN, EXEC_ARGS, EventKind, Layer, MAX_CANARIES, PATH_LEN,
     RawEvent, SYSCALL_EXIT_ONLY, Syscall,
@@ -32,8 +41,11 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::maps::{
-    CANARIES, PENDING, SCRATCH, SOCK_REFUSED, SYSCALLS, current_agent, fill_header, output,
+use crate::{
+    maps::{
+        CANARIES, PENDING, SCRATCH, SOCK_REFUSED, SYSCALLS, current_agent, fill_header, output,
+    },
+    vfs::{self, Walk},
 };
 
 const SIGKILL: u32 = 9;
@@ -278,8 +290,9 @@ fn try_enter(ctx: &TracePointContext, l: Layout) {
             ev.kind = EventKind::Canary as u16;
         } else if !write_intent {
             // A read-only open that did not match as written. Kept until the exit: if
-            // it is refused with EACCES, user space resolves the path (relative, or
-            // spelt with `//`, `.`, `..`) and decides whether it was a canary.
+            // it succeeds, the opened file's inode decides; if it is refused with
+            // EACCES, user space resolves the path (relative, or spelt with `//`, `.`,
+            // `..`) and decides whether it was a canary.
             ev.kind = EventKind::Canary as u16;
             ev.flags |= EVENT_FLAG_CANARY_CANDIDATE;
         }
@@ -391,7 +404,7 @@ fn try_exit(ctx: &TracePointContext) {
         try_exit_only(entry, ret);
         return;
     }
-    let Some((cgroup, _)) = current_agent() else {
+    let Some((cgroup, state)) = current_agent() else {
         return;
     };
     let Some(sys) = Syscall::from_raw(entry as u8) else {
@@ -403,14 +416,49 @@ fn try_exit(ctx: &TracePointContext) {
         // that reads or writes its own entry.
         let ev = unsafe { &mut *ev };
         if ev.syscall == sys as u8 {
-            let unread_ok = ev.flags & EVENT_FLAG_PATH_UNREAD != 0 && ret >= 0;
-            if ev.flags & EVENT_FLAG_CANARY_CANDIDATE != 0 && ret != -EACCES && !unread_ok {
-                // An ordinary read-only open. (One whose path could not be read is kept
-                // when it succeeded: user space resolves it from the new fd.)
+            // SAFETY: `state` points into the AGENTS map value for the program's run.
+            let state = unsafe { *state };
+            let walk = if !sys.records_every_call()
+                && ret >= 0
+                && state.flags & AGENT_FLAG_CANARIES != 0
+                && (ev.kind != EventKind::Canary as u16
+                    || ev.flags & EVENT_FLAG_CANARY_CANDIDATE != 0)
+            {
+                // A successful open the path string did not show to be a canary: the file
+                // it opened decides, whatever path led there.
+                vfs::fd_path(ret, true)
+                    .map_or(Walk::Unknown, |p| vfs::canary_walk(state.policy_id, p))
+            } else {
+                Walk::Miss
+            };
+            if let Walk::Hit(index) = walk {
+                ev.kind = EventKind::Canary as u16;
+                ev.flags &= !EVENT_FLAG_CANARY_CANDIDATE;
+                ev.canary = index + 1;
+            }
+            if ev.flags & EVENT_FLAG_CANARY_CANDIDATE != 0
+                && ret != -EACCES
+                && !(ret >= 0 && walk == Walk::Unknown)
+            {
+                // An ordinary read-only open. Kept for user space to decide: a refusal
+                // (the path string is all there is), and a success the inode walk could
+                // not decide (user space resolves the path, or reads it from the new fd).
                 let _ = PENDING.remove(&tid);
                 return;
             }
             ev.ret = ret;
+            if needs_dir(sys, ev) {
+                // Read now rather than at the entry: only for events that are sent. The
+                // directory is the same (the call is still in flight in this thread).
+                let dir = if ev.dfd == AT_FDCWD {
+                    vfs::cwd()
+                } else {
+                    vfs::fd_path(i64::from(ev.dfd), false)
+                };
+                if dir.is_some_and(|d| vfs::read_dir(d, ev)) {
+                    ev.flags |= EVENT_FLAG_DIR;
+                }
+            }
             if matches!(sys.kind(), EventKind::Exec) && ret == 0 {
                 // The new program's name.
                 ev.comm = bpf_get_current_comm().unwrap_or(ev.comm);
@@ -450,6 +498,20 @@ fn try_exit(ctx: &TracePointContext) {
     ev.path[0] = 0;
     ev.path2[0] = 0;
     output(ev);
+}
+
+/// Whether the event has a relative path argument that `dfd` (or the working directory)
+/// resolves: the first path, except for symlinks (whose first path is the link's contents
+/// and whose `dfd` is the link's); for rename and link, also their second path (both are
+/// relative to the working directory).
+#[inline(always)]
+fn needs_dir(sys: Syscall, ev: &RawEvent) -> bool {
+    let relative = |p: &[u8; PATH_LEN]| p[0] != 0 && p[0] != b'/';
+    match sys {
+        Syscall::Symlink | Syscall::Symlinkat => relative(&ev.path2),
+        Syscall::Rename | Syscall::Link => relative(&ev.path) || relative(&ev.path2),
+        _ => ev.flags & EVENT_FLAG_PATH_UNREAD == 0 && relative(&ev.path),
+    }
 }
 
 /// A call watched at its exit only (no entry program): an agent's call that failed with

@@ -8,6 +8,8 @@
 //!   exit only), and SIGKILL processes of a killed agent;
 //! - `proc`: fork and exit of agent processes (`tp_btf`);
 //! - `maps`: the maps they share and the agent lookup each program starts with;
+//! - `vfs`: the current task's open files and working directory, dentry walks (canary
+//!   inodes, the directory of a relative path), with struct offsets from BTF;
 //! - `probe`: the do-nothing programs `agentd doctor` loads to learn what the kernel allows.
 #![no_std]
 #![no_main]
@@ -17,6 +19,7 @@ mod maps;
 mod net;
 mod probe;
 mod proc;
+mod vfs;
 
 #[cfg(not(test))]
 #[panic_handler]

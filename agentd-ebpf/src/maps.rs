@@ -1,10 +1,11 @@
 //! Maps shared by every hook family, the agent lookup every program starts with, and the
 //! ring-buffer helpers. User space writes the policy maps (`AGENTS`, `NET_ALLOW`,
-//! `BIND_ALLOW`, `CANARIES`, `CONFIG`, `SYSCALLS`); the programs only read them.
+//! `BIND_ALLOW`, `CANARIES`, `CANARY_INODES`, `CONFIG`, `SYSCALLS`); the programs only
+//! read them.
 
 use agentd_common::{
-    AgentState, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_LEN, CONFIG_LEVEL_MAX, CONFIG_LEVEL_MIN,
-    CanaryKey, CanaryPath, MAX_CGROUP_LEVEL, NetKey, RawEvent, SYSCALL_TABLE_LEN,
+    AgentState, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_LEN, CONFIG_LEVEL_MAX, CanaryInode,
+    CanaryKey, CanaryPath, MAX_CGROUP_LEVEL, NetKey, PATH_LEN, RawEvent, SYSCALL_TABLE_LEN,
 };
 use aya_ebpf::{
     helpers::{
@@ -14,6 +15,8 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
+
+use crate::net::NetCall;
 
 /// Agents running at once.
 const MAX_AGENTS: u32 = 1024;
@@ -35,6 +38,12 @@ pub static BIND_ALLOW: HashMap<BindKey, u8> = HashMap::with_max_entries(16 * 102
 pub static CANARIES: HashMap<CanaryKey, CanaryPath> =
     HashMap::with_max_entries(MAX_AGENTS * agentd_common::MAX_CANARIES, 0);
 
+/// Canary inodes of every agent -> the canary's `CanaryKey::index`. Up to two keys per
+/// canary (see `agentd bpf::encode::canary_inode_keys`).
+#[map]
+pub static CANARY_INODES: HashMap<CanaryInode, u32> =
+    HashMap::with_max_entries(2 * MAX_AGENTS * agentd_common::MAX_CANARIES, 0);
+
 /// Global settings, indexed by `CONFIG_*`.
 #[map]
 pub static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_LEN, 0);
@@ -55,11 +64,21 @@ pub static PENDING: LruHashMap<u32, RawEvent> = LruHashMap::with_max_entries(409
 #[map]
 pub static SOCK_REFUSED: LruHashMap<u32, u8> = LruHashMap::with_max_entries(1024, 0);
 
+/// connect() and bind() calls of agents in flight: the sockaddr their entry program read,
+/// by thread id, for their exit program (see `net::NetCall`). LRU, like `PENDING`.
+#[map]
+pub static NET_PENDING: LruHashMap<u32, NetCall> = LruHashMap::with_max_entries(4096, 0);
+
 /// Per-CPU scratch space: a `RawEvent` is larger than the 512-byte BPF stack.
 #[map]
 pub static SCRATCH: PerCpuArray<RawEvent> = PerCpuArray::with_max_entries(1, 0);
 
-/// Every decision and observation, one `RawEvent` per record. 4 MiB holds about 6 800
+/// Per-CPU scratch space where `vfs::read_dir` assembles a directory's components: twice
+/// `PATH_LEN`, so a whole component written at any offset below `PATH_LEN` fits.
+#[map]
+pub static NAMES: PerCpuArray<[u8; 2 * PATH_LEN]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Every decision and observation, one `RawEvent` per record. 4 MiB holds about 4 800
 /// events: a burst of that many between two reads of user space is lost and counted.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
@@ -79,9 +98,16 @@ pub fn current_agent() -> Option<(u64, *mut AgentState)> {
     if levels == 0 {
         return None;
     }
-    let mut level = *CONFIG.get(CONFIG_LEVEL_MIN)? as u32;
-    let max = *CONFIG.get(CONFIG_LEVEL_MAX)? as u32;
-    while level <= max && level <= MAX_CGROUP_LEVEL {
+    let max = *CONFIG.get(CONFIG_LEVEL_MAX)?;
+    // The scan starts at the constant 0, not at CONFIG_LEVEL_MIN (the mask has no bit
+    // below it anyway): with a start loaded from a map, the verifier of older kernels
+    // (6.1) loses the bound of `level + 1` and fails every program ("the sequence of 8193
+    // jumps is too complex"). From a constant it walks at most 32 known iterations.
+    let mut level: u32 = 0;
+    while level <= MAX_CGROUP_LEVEL {
+        if u64::from(level) > max {
+            break;
+        }
         if levels & (1u64 << level) != 0 {
             // SAFETY: the helper has no preconditions; it returns 0 when the task's cgroup
             // is shallower than `level`.
@@ -137,6 +163,9 @@ pub unsafe fn fill_header(ev: *mut RawEvent, cgroup: u64, kind: u16, flags: u16)
         (*ev).port = 0;
         (*ev).family = 0;
         (*ev).dfd = 0;
+        (*ev).canary = 0;
+        (*ev).dir_parts = 0;
+        (*ev).dir[0] = 0;
         (*ev).comm = bpf_get_current_comm().unwrap_or([0; agentd_common::COMM_LEN]);
     }
 }

@@ -2,6 +2,14 @@
 //! They run for the sockets of that cgroup's processes only, so the rest of the host pays
 //! nothing. Return 1 to allow, 0 to refuse (the syscall fails with EPERM). Every decision
 //! is an event.
+//!
+//! Landlock (ABI >= 4) decides TCP connect and bind in its socket hooks, which run before
+//! the cgroup programs: a port outside the profile fails with EACCES and no cgroup
+//! program ever sees it. The `sys_enter_connect`/`sys_enter_bind` tracepoints record the
+//! agent's sockaddr ([`NetCall`]); the cgroup programs mark the call as seen (they report
+//! it themselves, allowed or not); `sys_exit_sockaddr` reports the call that failed with
+//! EACCES without being seen, which only an LSM refusing before the cgroup hook can do:
+//! Landlock, in agentd's sandbox. Successful calls and EPERM are the cgroup programs'.
 
 use agentd_common::{
     AGENT_FLAG_INET, AGENT_FLAG_INET6, AGENT_FLAG_KILLED, AGENT_FLAG_MONITOR,
@@ -9,14 +17,18 @@ use agentd_common::{
     Layer, NET_KEY_FIXED_BITS, NetKey, RawEvent, Verdict,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid},
-    macros::{cgroup_sock, cgroup_sock_addr},
+    EbpfContext as _,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_send_signal,
+    },
+    macros::{cgroup_sock, cgroup_sock_addr, tracepoint},
     maps::lpm_trie::Key,
-    programs::{SockAddrContext, SockContext},
+    programs::{SockAddrContext, SockContext, TracePointContext},
 };
 
 use crate::maps::{
-    BIND_ALLOW, EVENTS, NET_ALLOW, SOCK_REFUSED, count_lost, current_agent, fill_header,
+    BIND_ALLOW, EVENTS, NET_ALLOW, NET_PENDING, SOCK_REFUSED, count_lost, current_agent,
+    fill_header,
 };
 
 const AF_UNIX: u32 = 1;
@@ -29,6 +41,14 @@ const NETLINK_ROUTE: u32 = 0;
 
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
+
+const SIGKILL: u32 = 9;
+const EACCES: i64 = 13;
+/// Offsets in a `sys_enter_*`/`sys_exit_*` record (user space checks both formats):
+/// `__syscall_nr`, then argument 0 of the entry or `ret` of the exit.
+const NR_OFFSET: usize = 8;
+const ARGS_OFFSET: usize = 16;
+const RET_OFFSET: usize = 16;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -156,6 +176,9 @@ fn try_sock_addr(ctx: &SockAddrContext, kind: EventKind, v6: bool) -> i32 {
     let port_be = user_port as u16;
     let port = u16::from_be(port_be);
     let proto = if protocol < 256 { protocol as u8 } else { 0 };
+    if matches!(kind, EventKind::Connect | EventKind::Bind) {
+        mark_seen(kind);
+    }
     let (ret, verdict, flags, cgroup) = decide(|policy_id, _| match kind {
         // Port 0 picks an ephemeral port: what UDP clients do before sending (and cannot
         // receive unsolicited traffic on a port nobody knows). A TCP socket could listen
@@ -242,4 +265,185 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
     }
     entry.submit(0);
     ret
+}
+
+/// A connect() or bind() of an agent between its entry and exit tracepoints. Kept in
+/// `NET_PENDING` by thread id; local to the programs (user space never reads it).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NetCall {
+    /// The address as the call gave it: IPv6, IPv4 as ::ffff:a.b.c.d.
+    pub addr: [u8; 16],
+    /// `__syscall_nr` of the entry: the exit of another call never completes it.
+    pub nr: i32,
+    /// Host byte order.
+    pub port: u16,
+    /// `sa_family` as the call gave it (0 when unreadable).
+    pub family: u16,
+    /// [`EventKind::Connect`] or [`EventKind::Bind`] as u16.
+    pub kind: u16,
+    /// Set by the cgroup program that decided this call (and reported it).
+    pub seen: u8,
+    pub _pad: u8,
+}
+
+/// connect(fd, uservaddr, addrlen); attached to `syscalls/sys_enter_connect`.
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    try_enter_sockaddr(&ctx, EventKind::Connect);
+    0
+}
+
+/// bind(fd, umyaddr, addrlen); attached to `syscalls/sys_enter_bind`.
+#[tracepoint]
+pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
+    try_enter_sockaddr(&ctx, EventKind::Bind);
+    0
+}
+
+/// The exit of connect() and bind(); attached to `sys_exit_connect` and `sys_exit_bind`.
+#[tracepoint]
+pub fn sys_exit_sockaddr(ctx: TracePointContext) -> u32 {
+    try_exit_sockaddr(&ctx);
+    0
+}
+
+/// Marks the calling thread's connect()/bind() in flight (if any) as decided by a cgroup
+/// program, which reports it: its exit must not report it again.
+#[inline(always)]
+fn mark_seen(kind: EventKind) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if let Some(call) = NET_PENDING.get_ptr_mut(&tid) {
+        // SAFETY: `call` points into the NET_PENDING map value; only this thread reads or
+        // writes its own entry.
+        unsafe {
+            if (*call).kind == kind as u16 {
+                (*call).seen = 1;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn try_enter_sockaddr(ctx: &TracePointContext, kind: EventKind) {
+    let Some((_, state)) = current_agent() else {
+        return;
+    };
+    // SAFETY: `state` points into the AGENTS map value for the program's run.
+    if unsafe { (*state).flags } & AGENT_FLAG_KILLED != 0 {
+        // The breaker tripped: this process dies on its way back to user space.
+        // SAFETY: the helper has no memory preconditions.
+        unsafe { bpf_send_signal(SIGKILL) };
+        return;
+    }
+    // SAFETY: reads of the tracepoint record through bpf_probe_read_kernel, at offsets
+    // user space checked against the format (`__syscall_nr`, arguments 1 and 2).
+    let (nr, uaddr, addrlen) = unsafe {
+        (
+            ctx.read_at::<i32>(NR_OFFSET).unwrap_or(-1),
+            ctx.read_at::<u64>(ARGS_OFFSET + 8).unwrap_or(0),
+            ctx.read_at::<u64>(ARGS_OFFSET + 16).unwrap_or(0) as u32 as i32,
+        )
+    };
+    let mut call = NetCall {
+        addr: [0; 16],
+        nr,
+        port: 0,
+        family: 0,
+        kind: kind as u16,
+        seen: 0,
+        _pad: 0,
+    };
+    // sockaddr_in: family, port (big-endian), address; sockaddr_in6: family, port,
+    // flowinfo, address. Read only as much as the call passed (the kernel copies
+    // `addrlen` bytes); a fault leaves the family 0 and the exit reports nothing.
+    if uaddr != 0 && addrlen >= 2 {
+        // SAFETY: a user-memory read that faults safely.
+        call.family = unsafe { bpf_probe_read_user(uaddr as *const u16) }.unwrap_or(0);
+    }
+    if u32::from(call.family) == AF_INET && addrlen >= 8 {
+        // SAFETY: as above; 8 bytes the call passed.
+        if let Ok(b) = unsafe { bpf_probe_read_user(uaddr as *const [u8; 8]) } {
+            call.port = u16::from_be_bytes([b[2], b[3]]);
+            call.addr[10] = 0xff;
+            call.addr[11] = 0xff;
+            call.addr[12] = b[4];
+            call.addr[13] = b[5];
+            call.addr[14] = b[6];
+            call.addr[15] = b[7];
+        }
+    } else if u32::from(call.family) == AF_INET6 && addrlen >= 24 {
+        // SAFETY: as above; 24 bytes the call passed (SIN6_LEN_RFC2133).
+        if let Ok(b) = unsafe { bpf_probe_read_user(uaddr as *const [u8; 24]) } {
+            call.port = u16::from_be_bytes([b[2], b[3]]);
+            let mut i = 0;
+            while i < 16 {
+                call.addr[i] = b[8 + i];
+                i += 1;
+            }
+        }
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // Recorded whatever the family: a stale entry of an earlier call is replaced.
+    let _ = NET_PENDING.insert(&tid, &call, 0);
+}
+
+#[inline(always)]
+fn try_exit_sockaddr(ctx: &TracePointContext) {
+    let Some((cgroup, state)) = current_agent() else {
+        return;
+    };
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(call) = (unsafe { NET_PENDING.get(&tid) }).copied() else {
+        return;
+    };
+    let _ = NET_PENDING.remove(&tid);
+    // SAFETY: `ctx` points to the tracepoint record; `__syscall_nr` and `ret` are fixed
+    // fields of every sys_exit record at these offsets (user space checked the formats),
+    // and the verifier checks the (constant, aligned) context reads.
+    let (nr, ret) = unsafe {
+        let record = ctx.as_ptr().cast::<u8>();
+        (
+            core::ptr::read_volatile(record.add(NR_OFFSET).cast::<i32>()),
+            core::ptr::read_volatile(record.add(RET_OFFSET).cast::<i64>()),
+        )
+    };
+    // Only EACCES that no cgroup program saw: allowed calls, EPERM (the cgroup programs'
+    // answer) and EACCES after the cgroup hook (bind to a privileged port without the
+    // capability, a UDP connect to a broadcast address) are the cgroup programs' events.
+    if ret != -EACCES || call.seen != 0 || call.nr != nr {
+        return;
+    }
+    let family = u32::from(call.family);
+    if family != AF_INET && family != AF_INET6 {
+        return;
+    }
+    // SAFETY: `state` points into the AGENTS map value for the program's run.
+    if unsafe { (*state).flags } & AGENT_FLAG_KILLED != 0 {
+        // Being killed: its refusals are not counted again.
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count_lost(cgroup);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is the reserved ring-buffer record, writable and RawEvent-sized.
+    unsafe {
+        fill_header(ev, cgroup, call.kind, 0);
+        (*ev).layer = Layer::Landlock as u8;
+        (*ev).verdict = Verdict::Deny as u8;
+        // Landlock decides TCP sockets only (and UDP ones from ABI 10, which agentd does
+        // not handle): what it refused was a stream socket.
+        (*ev).proto = IPPROTO_TCP;
+        (*ev).aux = u64::from(SOCK_STREAM);
+        (*ev).ret = ret;
+        (*ev).addr = call.addr;
+        (*ev).port = call.port;
+        (*ev).family = call.family;
+        (*ev).path[0] = 0;
+        (*ev).path2[0] = 0;
+    }
+    entry.submit(0);
 }

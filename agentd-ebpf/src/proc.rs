@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 
-use crate::maps::{EVENTS, PENDING, count_lost, current_agent, fill_header};
+use crate::maps::{EVENTS, NET_PENDING, PENDING, count_lost, current_agent, fill_header};
 
 /// `offsetof(struct task_struct, pid)`, from BTF.
 #[unsafe(no_mangle)]
@@ -44,10 +44,25 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// TP_PROTO(struct task_struct *p, bool group_dead); runs in the exiting task.
+/// TP_PROTO(struct task_struct *p, bool group_dead); runs in the exiting task. Kernels
+/// from 6.16 pass `group_dead` (the last thread of the process exits).
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
-    try_process_exit(&ctx);
+    let group_dead: u64 = ctx.arg(1);
+    try_process_exit(&ctx, group_dead & 0xff != 0);
+    0
+}
+
+/// TP_PROTO(struct task_struct *p): the same tracepoint on kernels before 6.16, which do
+/// not pass `group_dead` (the verifier refuses a program reading it). User space loads
+/// this variant when the kernel's BTF prototype has one argument. The process's exit is
+/// taken to be its thread-group leader's: exact for single-threaded processes and for
+/// every exit_group(); a leader that ends before its other threads (pthread_exit in
+/// main) is reported then, and an exec from a non-leader thread reports the old leader.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit_leader(ctx: BtfTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    try_process_exit(&ctx, pid_tgid >> 32 == pid_tgid & 0xffff_ffff);
     0
 }
 
@@ -76,16 +91,17 @@ fn try_fork(ctx: &BtfTracePointContext) {
     emit(cgroup, EventKind::Fork, i64::from(tgid));
 }
 
+/// `process_ends`: this thread's exit is its process's (see the two entry points).
 #[inline(always)]
-fn try_process_exit(ctx: &BtfTracePointContext) {
+fn try_process_exit(ctx: &BtfTracePointContext, process_ends: bool) {
     let Some((cgroup, _)) = current_agent() else {
         return;
     };
     // The thread's in-flight call (if any) never returns.
     let tid = bpf_get_current_pid_tgid() as u32;
     let _ = PENDING.remove(&tid);
-    let group_dead: u64 = ctx.arg(1);
-    if group_dead & 0xff == 0 {
+    let _ = NET_PENDING.remove(&tid);
+    if !process_ends {
         // Not the last thread of the process.
         return;
     }

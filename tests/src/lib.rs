@@ -57,6 +57,39 @@ pub fn require_root() -> bool {
     require(euid == 0, "running as root")
 }
 
+/// The running kernel's Landlock ABI (0 or negative: none). Tests of what Landlock
+/// enforces compare with it: each feature exists from one ABI on, and below it the test
+/// asserts the degradation agentd documents (SECURITY.md, "Older kernels") instead.
+pub fn landlock_abi() -> i64 {
+    // SAFETY: landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION) reads no
+    // memory and returns the ABI version or an error.
+    unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32,
+        )
+    }
+}
+
+/// What agentd reports missing on a kernel of Landlock ABI `abi`, for a profile that
+/// scopes signals and abstract unix sockets (every profile does): the start event's
+/// `landlock_missing`, in this order.
+pub fn landlock_missing_below(abi: i64) -> Vec<&'static str> {
+    [
+        ("refer (cross-directory rename and link)", 2),
+        ("truncate", 3),
+        ("tcp bind/connect", 4),
+        ("device ioctl", 5),
+        ("signal and abstract-unix-socket scoping", 6),
+    ]
+    .into_iter()
+    .filter(|(_, from)| abi < *from)
+    .map(|(name, _)| name)
+    .collect()
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

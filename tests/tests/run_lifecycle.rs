@@ -8,8 +8,9 @@ use std::{
 };
 
 use agentd_tests::{
-    AgentRun, DEFAULT_LIMITS, agent_dir, agentd, assert_no_cgroup, cgroups_named, process_gone,
-    profile_file, read_events, require_root, stderr, stdout, test_profile,
+    AgentRun, DEFAULT_LIMITS, agent_dir, agentd, assert_no_cgroup, cgroups_named, landlock_abi,
+    landlock_missing_below, process_gone, profile_file, read_events, require_root, stderr, stdout,
+    test_profile,
 };
 
 #[test]
@@ -88,8 +89,22 @@ fn run_events_have_start_and_exit() {
     let d = &start["detail"];
     assert_eq!(d["profile"], "builtin:analyze-only");
     assert_eq!(d["uid"], 65534);
-    assert_eq!(d["landlock"], "full");
-    assert!(d["landlock_abi"].as_i64().unwrap() >= 6);
+    // Landlock as this kernel enforces it: fully from ABI 6 (every feature the profile
+    // uses), partially below, naming what is missing, with a warning on stderr.
+    let abi = landlock_abi();
+    let missing = landlock_missing_below(abi);
+    assert_eq!(d["landlock_abi"], abi, "{d}");
+    assert_eq!(d["landlock_missing"], serde_json::json!(missing), "{d}");
+    let warned = run
+        .stderr()
+        .contains("agentd: warning: landlock is only partially enforced");
+    if missing.is_empty() {
+        assert_eq!(d["landlock"], "full", "{d}");
+        assert!(!warned, "{}", run.explain());
+    } else {
+        assert_eq!(d["landlock"], "partial", "{d}");
+        assert!(warned, "{}", run.explain());
+    }
     assert!(
         d["cgroup"]
             .as_str()

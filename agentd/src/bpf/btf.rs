@@ -7,9 +7,129 @@
 
 use std::collections::HashMap;
 
+use agentd_common::WINDOW_WORDS;
+
 const MAGIC: u16 = 0xeb9f;
 
+/// The struct members the file programs' dentry walks read (agentd-ebpf `vfs`): (the
+/// program global the offset is loaded into, struct, member). Resolved by [`Btf::offsets`]
+/// at load; a kernel missing one fails the load rather than walking garbage.
+pub const VFS_MEMBERS: [(&str, &str, &str); 21] = [
+    ("TASK_FILES_OFFSET", "task_struct", "files"),
+    ("TASK_FS_OFFSET", "task_struct", "fs"),
+    ("FILES_FDT_OFFSET", "files_struct", "fdt"),
+    ("FDT_MAX_FDS_OFFSET", "fdtable", "max_fds"),
+    ("FDT_FD_OFFSET", "fdtable", "fd"),
+    ("FILE_F_PATH_OFFSET", "file", "f_path"),
+    ("FS_ROOT_OFFSET", "fs_struct", "root"),
+    ("FS_PWD_OFFSET", "fs_struct", "pwd"),
+    ("PATH_MNT_OFFSET", "path", "mnt"),
+    ("PATH_DENTRY_OFFSET", "path", "dentry"),
+    ("DENTRY_D_PARENT_OFFSET", "dentry", "d_parent"),
+    ("DENTRY_D_NAME_OFFSET", "dentry", "d_name"),
+    ("DENTRY_D_INODE_OFFSET", "dentry", "d_inode"),
+    ("QSTR_NAME_OFFSET", "qstr", "name"),
+    ("INODE_I_INO_OFFSET", "inode", "i_ino"),
+    ("INODE_I_SB_OFFSET", "inode", "i_sb"),
+    ("SB_S_DEV_OFFSET", "super_block", "s_dev"),
+    ("MOUNT_MNT_OFFSET", "mount", "mnt"),
+    ("MOUNT_MNT_PARENT_OFFSET", "mount", "mnt_parent"),
+    ("MOUNT_MNT_MOUNTPOINT_OFFSET", "mount", "mnt_mountpoint"),
+    ("VFSMOUNT_MNT_ROOT_OFFSET", "vfsmount", "mnt_root"),
+];
+
+/// Fields the programs read together, one probe read per struct (agentd-ebpf `vfs`): per
+/// struct, the global of the window's offset and, per field, the global of its word in
+/// the window and the [`VFS_MEMBERS`] globals whose offsets add up to the field's.
+type Window = (
+    &'static str,
+    &'static [(&'static str, &'static [&'static str])],
+);
+
+pub const VFS_WINDOWS: [Window; 3] = [
+    (
+        "PATH_WINDOW",
+        &[
+            ("PATH_MNT_WORD", &["PATH_MNT_OFFSET"]),
+            ("PATH_DENTRY_WORD", &["PATH_DENTRY_OFFSET"]),
+        ],
+    ),
+    (
+        "DENTRY_WINDOW",
+        &[
+            ("DENTRY_PARENT_WORD", &["DENTRY_D_PARENT_OFFSET"]),
+            ("DENTRY_INODE_WORD", &["DENTRY_D_INODE_OFFSET"]),
+            (
+                "DENTRY_NAME_WORD",
+                &["DENTRY_D_NAME_OFFSET", "QSTR_NAME_OFFSET"],
+            ),
+        ],
+    ),
+    (
+        "INODE_WINDOW",
+        &[
+            ("INODE_INO_WORD", &["INODE_I_INO_OFFSET"]),
+            ("INODE_SB_WORD", &["INODE_I_SB_OFFSET"]),
+        ],
+    ),
+];
+
+/// Where to read a window of [`WINDOW_WORDS`] words holding as many of the fields at
+/// `offsets` as one read can (each 8 bytes, at a multiple of 8 from the window's start):
+/// the window's offset and each field's word, `WINDOW_WORDS` for a field outside it (the
+/// program reads that one on its own). The window starts at one of the fields.
+pub fn place_window(offsets: &[u64]) -> (u64, Vec<u64>) {
+    let word = |start: u64, off: u64| {
+        let rel = off.checked_sub(start)?;
+        (rel % 8 == 0 && rel / 8 < WINDOW_WORDS as u64).then_some(rel / 8)
+    };
+    let start = offsets
+        .iter()
+        .copied()
+        .max_by_key(|&start| {
+            let inside = offsets
+                .iter()
+                .filter(|&&o| word(start, o).is_some())
+                .count();
+            // Most fields inside; among equals, the lowest start.
+            (inside, std::cmp::Reverse(start))
+        })
+        .unwrap_or(0);
+    let words = offsets
+        .iter()
+        .map(|&o| word(start, o).unwrap_or(WINDOW_WORDS as u64))
+        .collect();
+    (start, words)
+}
+
+/// Every global the `vfs` programs need: the [`VFS_MEMBERS`] offsets and the
+/// [`VFS_WINDOWS`] placements, from this kernel's BTF.
+pub fn vfs_globals(btf: &Btf<'_>) -> Result<Vec<(&'static str, u64)>, String> {
+    let mut out = btf.offsets(&VFS_MEMBERS)?;
+    for (window, fields) in VFS_WINDOWS {
+        let offsets = fields
+            .iter()
+            .map(|(_, parts)| {
+                parts
+                    .iter()
+                    .map(|p| {
+                        out.iter()
+                            .find(|(g, _)| g == p)
+                            .map(|(_, o)| *o)
+                            .ok_or_else(|| format!("{p} is not among the resolved offsets"))
+                    })
+                    .sum::<Result<u64, String>>()
+            })
+            .collect::<Result<Vec<u64>, String>>()?;
+        let (start, words) = place_window(&offsets);
+        out.push((window, start));
+        out.extend(fields.iter().map(|(g, _)| *g).zip(words));
+    }
+    Ok(out)
+}
+
 const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
 const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
@@ -100,7 +220,7 @@ impl<'a> Btf<'a> {
                 KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
                 KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
                 // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
-                2 | 7..=12 | 16 | KIND_TYPE_TAG => 0,
+                KIND_PTR | 7..=12 | 16 | KIND_TYPE_TAG => 0,
                 other => return Err(format!("unknown BTF kind {other} at byte {pos}")),
             };
             let id = btf.types.len() as u32;
@@ -199,6 +319,45 @@ impl<'a> Btf<'a> {
         }
         Err(format!("struct {sname} has no member {member}"))
     }
+
+    /// The offsets of `members` ((global, struct, member), as [`VFS_MEMBERS`]), as
+    /// (global, offset) for `EbpfLoader::override_global`.
+    pub fn offsets(
+        &self,
+        members: &[(&'static str, &str, &str)],
+    ) -> Result<Vec<(&'static str, u64)>, String> {
+        members
+            .iter()
+            .map(|&(global, sname, member)| {
+                self.member_offset(sname, member)
+                    .map(|off| (global, u64::from(off)))
+            })
+            .collect()
+    }
+
+    /// How many arguments the kernel passes to the BTF tracepoint `tp`: its
+    /// `btf_trace_<tp>` typedef is a pointer to a prototype whose first parameter is the
+    /// probe's `void *` data, followed by the `TP_PROTO` arguments.
+    pub fn tracepoint_args(&self, tp: &str) -> Result<usize, String> {
+        let want = format!("btf_trace_{tp}");
+        for t in self.types.iter().skip(1) {
+            // A record's name offset is the first word of its 12-byte header, which ends
+            // where its kind-specific data starts.
+            if t.kind != KIND_TYPEDEF || self.name(u32_at(self.raw, t.data - 12)?)? != want {
+                continue;
+            }
+            let ptr = self.resolve(t.size_type)?;
+            if ptr.kind != KIND_PTR {
+                return Err(format!("{want} is not a pointer"));
+            }
+            let proto = self.resolve(ptr.size_type)?;
+            if proto.kind != KIND_FUNC_PROTO || proto.vlen == 0 {
+                return Err(format!("{want} does not point to a tracepoint prototype"));
+            }
+            return Ok(proto.vlen - 1);
+        }
+        Err(format!("no BTF tracepoint {tp} ({want} not found)"))
+    }
 }
 
 #[cfg(test)]
@@ -284,6 +443,96 @@ pub(crate) mod tests {
             Btf::parse(&raw).unwrap().member_offset("s", "a").unwrap(),
             4
         );
+    }
+
+    #[test]
+    fn counts_tracepoint_arguments_from_the_prototype() {
+        // strings: 0 "", 1 "btf_trace_sched_process_exit", 30 "btf_trace_old"
+        let strings = b"\0btf_trace_sched_process_exit\0btf_trace_old\0";
+        let types = vec![
+            // 1: int
+            (0, info(KIND_INT, 0, false), 4, vec![32]),
+            // 2: void (*)(void *, int, int): params (name, type) x 3
+            (
+                0,
+                info(KIND_FUNC_PROTO, 3, false),
+                0,
+                vec![0, 0, 0, 1, 0, 1],
+            ),
+            // 3: pointer to 2
+            (0, info(KIND_PTR, 0, false), 2, vec![]),
+            // 4: typedef btf_trace_sched_process_exit -> 3
+            (1, info(KIND_TYPEDEF, 0, false), 3, vec![]),
+            // 5: typedef btf_trace_old -> int (not a pointer)
+            (30, info(KIND_TYPEDEF, 0, false), 1, vec![]),
+        ];
+        let raw = blob(strings, &types);
+        let btf = Btf::parse(&raw).unwrap();
+        assert_eq!(btf.tracepoint_args("sched_process_exit").unwrap(), 2);
+        assert!(btf.tracepoint_args("old").unwrap_err().contains("pointer"));
+        assert!(
+            btf.tracepoint_args("nope")
+                .unwrap_err()
+                .contains("not found")
+        );
+    }
+
+    #[test]
+    fn offsets_name_their_globals_and_fail_on_a_missing_member() {
+        // strings: 0 "", 1 "long", 6 "path", 11 "mnt", 15 "dentry"
+        let strings = b"\0long\0path\0mnt\0dentry\0";
+        let types = vec![
+            // 1: long
+            (1, info(KIND_INT, 0, false), 8, vec![64]),
+            // 2: struct path { long mnt @0; long dentry @64 bits }
+            (
+                6,
+                info(KIND_STRUCT, 2, false),
+                16,
+                vec![11, 1, 0, 15, 1, 64],
+            ),
+        ];
+        let raw = blob(strings, &types);
+        let btf = Btf::parse(&raw).unwrap();
+        let members = [("A", "path", "mnt"), ("B", "path", "dentry")];
+        assert_eq!(btf.offsets(&members).unwrap(), [("A", 0), ("B", 8)]);
+        assert!(
+            btf.offsets(&[("C", "path", "nope")])
+                .unwrap_err()
+                .contains("no member nope")
+        );
+        // Every global is named once: each is a distinct program global.
+        let mut globals: Vec<&str> = VFS_MEMBERS.iter().map(|m| m.0).collect();
+        globals.sort_unstable();
+        globals.dedup();
+        assert_eq!(globals.len(), VFS_MEMBERS.len());
+    }
+
+    #[test]
+    fn windows_cover_neighbouring_fields() {
+        // 6.18's dentry: d_parent @24, d_inode @48, d_name @32 (qstr.name @8): one read.
+        assert_eq!(place_window(&[24, 48, 40]), (24, vec![0, 3, 2]));
+        // inode: i_ino @64, i_sb @40.
+        assert_eq!(place_window(&[64, 40]), (40, vec![3, 0]));
+        // struct path.
+        assert_eq!(place_window(&[0, 8]), (0, vec![0, 1]));
+        // A layout that spreads them (randomised): the most that fit, the rest alone.
+        let (start, words) = place_window(&[0, 200, 216]);
+        assert_eq!((start, &words[..]), (200, &[WINDOW_WORDS as u64, 0, 2][..]));
+        // Misaligned relative to every start: each read alone but the start's.
+        let (_, words) = place_window(&[0, 4]);
+        assert_eq!(
+            words.iter().filter(|&&w| w < WINDOW_WORDS as u64).count(),
+            1
+        );
+        // Every window field names offsets that VFS_MEMBERS resolves.
+        for (_, fields) in VFS_WINDOWS {
+            for (_, parts) in fields {
+                for p in *parts {
+                    assert!(VFS_MEMBERS.iter().any(|m| m.0 == *p), "{p}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -5,14 +5,15 @@
 
 use std::{
     net::{IpAddr, Ipv6Addr},
+    os::unix::ffi::OsStrExt as _,
     path::{Component, Path, PathBuf},
 };
 
 use agentd_common::{
-    EVENT_FLAG_CANARY_CANDIDATE, EVENT_FLAG_CANARY_SENT, EVENT_FLAG_MONITOR, EVENT_FLAG_NO_ENTER,
-    EVENT_FLAG_PATH_TRUNCATED, EVENT_FLAG_PATH_UNREAD, EVENT_FLAG_PATH2_TRUNCATED,
-    EVENT_FLAG_WRITE_INTENT, EXEC_ARG_LEN, EXEC_ARGS, EventKind, IPPROTO_TCP, IPPROTO_UDP,
-    RawEvent, Syscall,
+    EVENT_FLAG_CANARY_CANDIDATE, EVENT_FLAG_CANARY_SENT, EVENT_FLAG_DIR, EVENT_FLAG_MONITOR,
+    EVENT_FLAG_NO_ENTER, EVENT_FLAG_PATH_TRUNCATED, EVENT_FLAG_PATH_UNREAD,
+    EVENT_FLAG_PATH2_TRUNCATED, EVENT_FLAG_WRITE_INTENT, EXEC_ARG_LEN, EXEC_ARGS, EventKind,
+    IPPROTO_TCP, IPPROTO_UDP, RawEvent, Syscall,
 };
 
 use crate::{
@@ -318,12 +319,37 @@ fn exit_detail(code: i64, e: Event) -> Event {
     }
 }
 
-/// The absolute form of `raw` (a path argument of process `pid`), or `raw` itself.
+/// The absolute form of `raw` (a path argument of process `pid`, `.` and `..` resolved
+/// lexically), or `raw` itself.
 fn resolve_path(raw: &str, pid: u32, dfd: i32, resolve: Resolver<'_>) -> PathBuf {
     if raw.starts_with('/') || raw.is_empty() {
         return PathBuf::from(raw);
     }
-    resolve(pid, dfd, raw).unwrap_or_else(|| PathBuf::from(raw))
+    resolve(pid, dfd, raw).map_or_else(|| PathBuf::from(raw), |p| normalize(&p))
+}
+
+/// The directory the kernel read for a relative path of this event ([`EVENT_FLAG_DIR`]:
+/// `RawEvent::dir`, components innermost first), as an absolute path. `None` without the
+/// flag, or when the record does not hold `dir_parts` plain components.
+pub fn kernel_dir(raw: &RawEvent) -> Option<PathBuf> {
+    if raw.flags & EVENT_FLAG_DIR == 0 {
+        return None;
+    }
+    let mut parts: Vec<&[u8]> = raw.dir.split(|&b| b == 0).collect();
+    let n = usize::try_from(raw.dir_parts).ok()?;
+    // n components, then what follows the last NUL (at least an empty piece).
+    if parts.len() <= n {
+        return None;
+    }
+    parts.truncate(n);
+    let mut dir = PathBuf::from("/");
+    for part in parts.iter().rev() {
+        if part.is_empty() || *part == b"." || *part == b".." || part.contains(&b'/') {
+            return None;
+        }
+        dir.push(std::ffi::OsStr::from_bytes(part));
+    }
+    Some(dir)
 }
 
 /// Decodes one ring-buffer record. `None` for a record of an unknown kind (a newer BPF
@@ -374,7 +400,21 @@ pub fn decode(
             e.port = Some(raw.port);
             e.proto = proto_name(raw.proto);
             if e.verdict != Verdict::Allow && !monitor {
-                e.errno = Some(EPERM);
+                // The call's -errno when the connect/bind exit reported it (what Landlock
+                // refused, EACCES), else the cgroup programs' EPERM.
+                e.errno = Some(if raw.ret < 0 {
+                    i32::try_from(-raw.ret).unwrap_or(i32::MAX)
+                } else {
+                    EPERM
+                });
+            }
+            if e.layer == Layer::Landlock
+                && raw_kind == EventKind::Connect
+                && agent.is_some_and(|a| a.policy.landlock.connect_tcp.is_none())
+            {
+                // The agent's ruleset does not handle TCP connect (a rule allows every
+                // port): Landlock did not refuse it, another LSM of the host did.
+                e.layer = Layer::Kernel;
             }
             e = e.with("family", family_name(raw.family));
         }
@@ -446,6 +486,15 @@ fn decode_file(
     if let Some(s) = syscall {
         e = e.with("syscall", s.name());
     }
+    // A relative path resolves against the directory the kernel read during the call
+    // (exact, and there after the process is gone); without it, through /proc while the
+    // process lives.
+    let dir = kernel_dir(raw);
+    let with_dir = |pid: u32, dfd: i32, rel: &str| match &dir {
+        Some(d) if dfd == raw.dfd && !rel.is_empty() => Some(d.join(rel)),
+        _ => resolve(pid, dfd, rel),
+    };
+    let resolve: Resolver<'_> = &with_dir;
     let no_enter = raw.flags & EVENT_FLAG_NO_ENTER != 0;
     if no_enter {
         // Refused before the entry tracepoint: the arguments were never read.
@@ -556,11 +605,21 @@ fn decode_file(
         e.kind = Kind::Canary;
     }
     if kind == EventKind::Canary {
-        // Which canary: the kernel matched the path as written; a candidate (relative or
-        // spelt oddly) is matched here, after resolving, and dropped if it is none.
-        let canary = agent
-            .zip(path.as_deref())
-            .and_then(|(a, p)| canary_of(&a.policy, p));
+        // Which canary: the kernel names it when it matched the opened file by inode
+        // (the path may be a symlink or a hard link to it); else it matched the path as
+        // written; a candidate (relative or spelt oddly) is matched here, after
+        // resolving, and dropped if it is none.
+        let by_inode = usize::try_from(raw.canary)
+            .ok()
+            .and_then(|i| i.checked_sub(1))
+            .zip(agent)
+            .and_then(|(i, a)| a.policy.canaries.get(i))
+            .map(PathBuf::as_path);
+        let canary = by_inode.or_else(|| {
+            agent
+                .zip(path.as_deref())
+                .and_then(|(a, p)| canary_of(&a.policy, p))
+        });
         match canary {
             Some(c) => e = e.with("canary", c.to_string_lossy()),
             None if raw.flags & EVENT_FLAG_CANARY_CANDIDATE != 0 => return None,
@@ -731,6 +790,9 @@ connect = ["127.0.0.1/32:8080"]
             comm,
             path: [0; PATH_LEN],
             path2: [0; PATH_LEN],
+            canary: 0,
+            dir_parts: 0,
+            dir: [0; PATH_LEN],
         }
     }
 
@@ -770,6 +832,41 @@ connect = ["127.0.0.1/32:8080"]
         assert_eq!(e.comm, "bash");
         assert_eq!(e.ts, "2001-09-09T01:46:45.000000123Z");
         assert_eq!(e.ktime_ns, Some(5_000_000_123));
+    }
+
+    /// The connect/bind exit's report of what Landlock refused before the cgroup programs.
+    #[test]
+    fn connect_refused_by_landlock_carries_eacces() {
+        let mut r = raw(EventKind::Connect);
+        r.layer = agentd_common::Layer::Landlock as u8;
+        r.verdict = agentd_common::Verdict::Deny as u8;
+        r.proto = IPPROTO_TCP;
+        r.ret = -i64::from(libc::EACCES);
+        r.addr = Ipv6Addr::from([0, 0, 0, 0, 0, 0xffff, 0x7f00, 1]).octets();
+        r.port = 8081;
+        r.family = libc::AF_INET as u16;
+        let e = dec(&r);
+        assert_eq!(
+            (e.kind, e.layer, e.verdict),
+            (Kind::Connect, Layer::Landlock, Verdict::Deny)
+        );
+        assert_eq!(e.errno, Some(libc::EACCES));
+        assert_eq!(e.addr, Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(e.port, Some(8081));
+        assert_eq!(e.proto.as_deref(), Some("tcp"));
+        r.kind = EventKind::Bind as u16;
+        assert_eq!(dec(&r).layer, Layer::Landlock);
+        // A ruleset that does not handle TCP connect (a rule allows every port): not
+        // Landlock's refusal.
+        let mut pol = (*policy()).clone();
+        pol.landlock.connect_tcp = None;
+        let open = AgentInfo {
+            id: "agent-1".into(),
+            policy: Arc::new(pol),
+        };
+        r.kind = EventKind::Connect as u16;
+        let e = decode(&r, Some(&open), CLOCK, &no_resolve).unwrap();
+        assert_eq!((e.layer, e.errno), (Layer::Kernel, Some(libc::EACCES)));
     }
 
     #[test]
@@ -875,6 +972,95 @@ connect = ["127.0.0.1/32:8080"]
         let e = dec(&r);
         assert_eq!(e.path.as_deref(), Some("sub/dir"));
         assert_eq!((e.layer, e.verdict), (Layer::Kernel, Verdict::Deny));
+    }
+
+    /// `RawEvent::dir` as the kernel writes it: components innermost first.
+    fn set_dir(r: &mut RawEvent, dir: &str) {
+        let mut at = 0;
+        let parts: Vec<&str> = dir.split('/').filter(|p| !p.is_empty()).rev().collect();
+        for p in &parts {
+            set(&mut r.dir[at..], p);
+            at += p.len() + 1;
+        }
+        r.dir_parts = parts.len() as u32;
+        r.flags |= EVENT_FLAG_DIR;
+    }
+
+    #[test]
+    fn kernel_dir_reverses_the_components() {
+        let mut r = raw(EventKind::Exec);
+        assert_eq!(kernel_dir(&r), None);
+        set_dir(&mut r, "/home/u/project");
+        assert_eq!(kernel_dir(&r), Some(PathBuf::from("/home/u/project")));
+        // Stale bytes after the last component are ignored.
+        r.dir[20] = b'x';
+        assert_eq!(kernel_dir(&r), Some(PathBuf::from("/home/u/project")));
+        let mut root = raw(EventKind::Exec);
+        set_dir(&mut root, "/");
+        assert_eq!(kernel_dir(&root), Some(PathBuf::from("/")));
+        // More components claimed than the buffer holds, or odd ones: not trusted.
+        r.dir_parts = 200;
+        assert_eq!(kernel_dir(&r), None);
+        let mut dots = raw(EventKind::Exec);
+        set_dir(&mut dots, "/a/../b");
+        assert_eq!(kernel_dir(&dots), None);
+    }
+
+    #[test]
+    fn relative_exec_of_a_gone_process_resolves_from_the_kernel_dir() {
+        // `./tool` refused with EACCES, the process already gone (no /proc): the
+        // directory the kernel read decides, so Landlock is blamed (exec only in
+        // /usr/bin).
+        let mut r = raw(EventKind::Exec);
+        r.syscall = Syscall::Execve as u8;
+        r.ret = -i64::from(libc::EACCES);
+        set(&mut r.path, "./tool");
+        set_dir(&mut r, "/home/u/project");
+        let e = dec(&r);
+        assert_eq!(e.path.as_deref(), Some("/home/u/project/tool"));
+        assert_eq!(e.detail["path_arg"], "./tool");
+        assert_eq!((e.layer, e.verdict), (Layer::Landlock, Verdict::Deny));
+        // The kernel's directory wins over /proc (the process may have moved since).
+        let elsewhere = |_: u32, _: i32, p: &str| Some(PathBuf::from("/usr/bin").join(p));
+        let e = decode(&r, Some(&agent()), CLOCK, &elsewhere).unwrap();
+        assert_eq!(e.path.as_deref(), Some("/home/u/project/tool"));
+        // `..` is resolved lexically against it.
+        set(&mut r.path, "../../../usr/bin/x");
+        let e = dec(&r);
+        assert_eq!(e.path.as_deref(), Some("/usr/bin/x"));
+        assert_eq!(e.layer, Layer::Kernel);
+        // A write-side call with a directory fd: the kernel read that fd's directory.
+        let mut r = raw(EventKind::Unlink);
+        r.syscall = Syscall::Unlinkat as u8;
+        r.ret = -i64::from(libc::EACCES);
+        r.dfd = 5;
+        set(&mut r.path, "passwd");
+        set_dir(&mut r, "/etc");
+        let e = dec(&r);
+        assert_eq!(e.path.as_deref(), Some("/etc/passwd"));
+        assert_eq!(e.layer, Layer::Landlock);
+    }
+
+    #[test]
+    fn canary_matched_by_inode_names_it_whatever_the_path() {
+        // `cat link` where link -> .ssh/id_rsa: the kernel found the canary by inode.
+        let mut r = raw(EventKind::Canary);
+        r.syscall = Syscall::Openat as u8;
+        r.ret = 3;
+        r.canary = 1;
+        set(&mut r.path, "link");
+        set_dir(&mut r, "/home/u/project");
+        let e = dec(&r);
+        assert_eq!(e.kind, Kind::Canary);
+        assert_eq!(e.path.as_deref(), Some("/home/u/project/link"));
+        assert_eq!(e.detail["canary"], "/home/u/.ssh");
+        assert_eq!((e.layer, e.verdict), (Layer::Kernel, Verdict::Allow));
+        // An index the policy does not have: still a canary event (the kernel said so),
+        // without the name.
+        r.canary = 9;
+        let e = dec(&r);
+        assert_eq!(e.kind, Kind::Canary);
+        assert!(e.detail.get("canary").is_none());
     }
 
     #[test]

@@ -9,8 +9,8 @@ use std::{
 
 use agentd_common::{
     AGENT_FLAG_CANARIES, AGENT_FLAG_INET, AGENT_FLAG_INET6, AGENT_FLAG_MONITOR,
-    AGENT_FLAG_NETLINK_ROUTE, AgentState, BindKey, CanaryKey, CanaryPath, MAX_CANARIES,
-    MAX_CGROUP_LEVEL, NET_KEY_FIXED_BITS, NetKey, PATH_LEN,
+    AGENT_FLAG_NETLINK_ROUTE, AgentState, BindKey, CanaryInode, CanaryKey, CanaryPath,
+    MAX_CANARIES, MAX_CGROUP_LEVEL, NET_KEY_FIXED_BITS, NetKey, PATH_LEN,
 };
 
 use crate::profile::{BindRule, CompiledPolicy, Mode, NetEntry, SocketFamily};
@@ -23,6 +23,9 @@ pub struct AgentEntries {
     pub net: Vec<(u32, NetKey)>,
     pub bind: Vec<BindKey>,
     pub canaries: Vec<(CanaryKey, CanaryPath)>,
+    /// `CANARY_INODES` entries (key, canary index): filled by `Watch::add_agent`, which
+    /// stats the canaries (see [`canary_inode_keys`]).
+    pub canary_inodes: Vec<(CanaryInode, u32)>,
 }
 
 /// A `NET_ALLOW` key for one connect rule.
@@ -95,6 +98,101 @@ pub fn canary_path(path: &Path) -> Result<CanaryPath, String> {
     })
 }
 
+/// The kernel's internal `dev_t`, which `super_block.s_dev` holds: `MKDEV(major, minor)`
+/// = `major << 20 | minor` (12 bits of major, 20 of minor). stat(2)'s `st_dev` encodes the
+/// same numbers differently (glibc: `minor & 0xff | major << 8 | (minor & !0xff) << 12`,
+/// more bits); `libc::major`/`libc::minor` split it. So device 254:0 is `st_dev` 0xfe00
+/// and kernel 0x0fe0_0000. `None` when the numbers do not fit the kernel's encoding.
+pub fn kernel_dev(major: u64, minor: u64) -> Option<u32> {
+    if major >= 1 << 12 || minor >= 1 << 20 {
+        return None;
+    }
+    Some(((major << 20) | minor) as u32)
+}
+
+/// [`kernel_dev`] of a stat(2) `st_dev`.
+pub fn kernel_dev_of_st_dev(st_dev: u64) -> Option<u32> {
+    kernel_dev(
+        u64::from(libc::major(st_dev)),
+        u64::from(libc::minor(st_dev)),
+    )
+}
+
+/// Filesystems whose inode numbers repeat under one superblock (one per subvolume), and
+/// whose stat(2) reports a per-subvolume `st_dev` instead of the superblock's: a key
+/// with the superblock's device could match another subvolume's inode, so only the
+/// `st_dev` one is kept, which the kernel never sees. Canaries on them are matched by
+/// path string only.
+const PER_SUBVOLUME_INODES: [&str; 2] = ["btrfs", "bcachefs"];
+
+/// A canary as found on disk when its agent was added, for [`canary_inode_keys`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanaryStat {
+    /// Its `CanaryKey::index`.
+    pub index: u32,
+    /// stat(2) of the path (symlinks followed: what an open reaches).
+    pub st_dev: u64,
+    pub st_ino: u64,
+    /// Its mount's superblock device, `(major, minor)` as /proc/self/mountinfo shows it
+    /// (that is `s_dev`), and the filesystem type; `None` when unknown.
+    pub mount: Option<((u64, u64), String)>,
+}
+
+/// `CANARY_INODES` entries for one canary: `(st_dev, st_ino)` in the kernel's encoding,
+/// and, where the mount's superblock device differs from `st_dev` (overlayfs reports the
+/// underlying filesystem's device for files), `(s_dev, st_ino)` too: the program reads
+/// `i_sb->s_dev`. The value is the canary's index, for the event. Empty when the device
+/// does not fit the kernel encoding.
+pub fn canary_inode_keys(policy_id: u32, c: &CanaryStat) -> Vec<(CanaryInode, u32)> {
+    let key = |dev| CanaryInode {
+        ino: c.st_ino,
+        dev,
+        policy_id,
+    };
+    let mut out: Vec<(CanaryInode, u32)> = kernel_dev_of_st_dev(c.st_dev)
+        .map(|d| (key(d), c.index))
+        .into_iter()
+        .collect();
+    if let Some(((major, minor), fstype)) = &c.mount
+        && !PER_SUBVOLUME_INODES.contains(&fstype.as_str())
+        && let Some(sb) = kernel_dev(*major, *minor)
+        && out.iter().all(|(k, _)| k.dev != sb)
+    {
+        out.push((key(sb), c.index));
+    }
+    out
+}
+
+/// Whether the kernel can match canary `c` by inode: some key of it carries the device
+/// `i_sb->s_dev` will show (the mount's superblock device, when known).
+pub fn inode_matchable(c: &CanaryStat, keys: &[(CanaryInode, u32)]) -> bool {
+    match &c.mount {
+        Some(((major, minor), _)) => {
+            kernel_dev(*major, *minor).is_some_and(|sb| keys.iter().any(|(k, _)| k.dev == sb))
+        }
+        None => !keys.is_empty(),
+    }
+}
+
+/// The superblock device `(major, minor)` and filesystem type of mount `mnt_id` in
+/// /proc/self/mountinfo text (see proc(5): `id parent major:minor root mountpoint ... -
+/// fstype source options`).
+pub fn mountinfo_dev(mountinfo: &str, mnt_id: u64) -> Option<((u64, u64), String)> {
+    mountinfo.lines().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        let mut f = pre.split(' ');
+        if f.next()?.parse::<u64>().ok()? != mnt_id {
+            return None;
+        }
+        let (major, minor) = f.nth(1)?.split_once(':')?;
+        let fstype = post.split(' ').next()?;
+        Some((
+            (major.parse().ok()?, minor.parse().ok()?),
+            fstype.to_owned(),
+        ))
+    })
+}
+
 /// `AGENT_FLAG_*` for a policy: monitor mode, the socket families it may create, whether
 /// it has canaries.
 pub fn agent_flags(policy: &CompiledPolicy) -> u32 {
@@ -157,6 +255,7 @@ pub fn agent_entries(policy_id: u32, policy: &CompiledPolicy) -> Result<AgentEnt
             .collect(),
         bind,
         canaries,
+        canary_inodes: Vec::new(),
     })
 }
 
@@ -299,6 +398,65 @@ bind = [9000, "5353/udp"]
         let e = agent_entries(1, &p).unwrap();
         assert_eq!(e.state.flags, 0);
         assert!(e.net.is_empty() && e.bind.is_empty() && e.canaries.is_empty());
+    }
+
+    #[test]
+    fn kernel_dev_is_mkdev_not_st_dev() {
+        // 254:0 (virtio disk): st_dev 0xfe00.
+        assert_eq!(kernel_dev_of_st_dev(libc::makedev(254, 0)), Some(254 << 20));
+        assert_eq!(kernel_dev_of_st_dev(0xfe00), Some(0x0fe0_0000));
+        // Anonymous devices (tmpfs, overlayfs): major 0.
+        assert_eq!(kernel_dev_of_st_dev(libc::makedev(0, 27)), Some(27));
+        // Minor numbers above 255 use the high st_dev bits.
+        assert_eq!(
+            kernel_dev_of_st_dev(libc::makedev(8, 0x12345)),
+            Some((8 << 20) | 0x12345)
+        );
+        assert_eq!(kernel_dev(1 << 12, 0), None);
+        assert_eq!(kernel_dev(0, 1 << 20), None);
+    }
+
+    #[test]
+    fn canary_inode_keys_by_filesystem() {
+        let stat = |mount: Option<((u64, u64), &str)>| CanaryStat {
+            index: 3,
+            st_dev: libc::makedev(254, 0),
+            st_ino: 1234,
+            mount: mount.map(|(d, t)| (d, t.to_owned())),
+        };
+        let k = |dev| CanaryInode {
+            ino: 1234,
+            dev,
+            policy_id: 9,
+        };
+        // ext4: stat and the superblock agree, one key.
+        let c = stat(Some(((254, 0), "ext4")));
+        let keys = canary_inode_keys(9, &c);
+        assert_eq!(keys, [(k(254 << 20), 3)]);
+        assert!(inode_matchable(&c, &keys));
+        // overlayfs file: stat shows the lower filesystem, the superblock is overlay's.
+        let c = stat(Some(((0, 51), "overlay")));
+        let keys = canary_inode_keys(9, &c);
+        assert_eq!(keys, [(k(254 << 20), 3), (k(51), 3)]);
+        assert!(inode_matchable(&c, &keys));
+        // btrfs: inode numbers repeat across subvolumes under one superblock; only the
+        // stat key, which the kernel never sees.
+        let c = stat(Some(((0, 40), "btrfs")));
+        let keys = canary_inode_keys(9, &c);
+        assert_eq!(keys, [(k(254 << 20), 3)]);
+        assert!(!inode_matchable(&c, &keys));
+        // Mount unknown: the stat key, assumed right.
+        let c = stat(None);
+        assert!(inode_matchable(&c, &canary_inode_keys(9, &c)));
+    }
+
+    #[test]
+    fn mountinfo_dev_finds_the_mount() {
+        let text = "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
+                    41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(mountinfo_dev(text, 27), Some(((254, 0), "ext4".into())));
+        assert_eq!(mountinfo_dev(text, 41), Some(((0, 38), "cgroup2".into())));
+        assert_eq!(mountinfo_dev(text, 4), None);
     }
 
     #[test]

@@ -240,11 +240,34 @@ pub fn exit_only_tracepoints() -> Vec<ExitOnlyTracepoint> {
 
 /// The exit program shared by every covered call.
 pub const SYS_EXIT: &str = "sys_exit";
-/// tp_btf programs: (program, BTF tracepoint).
-pub const PROCESS_TRACEPOINTS: [(&str, &str); 2] = [
-    ("sched_process_fork", "sched_process_fork"),
-    ("sched_process_exit", "sched_process_exit"),
+/// tp_btf programs: (program, BTF tracepoint). The exit program is one of
+/// [`PROCESS_EXIT_PROGRAMS`], chosen by the tracepoint's prototype.
+pub const PROCESS_TRACEPOINTS: [(&str, &str); 1] = [("sched_process_fork", "sched_process_fork")];
+/// The BTF tracepoint of process exits.
+pub const PROCESS_EXIT: &str = "sched_process_exit";
+/// Its programs: (program, arguments of the tracepoint it reads). Kernels from 6.16 pass
+/// `(p, group_dead)`, older ones `(p)`; the verifier refuses a program that reads an
+/// argument the prototype lacks, so the loader picks the one the kernel's BTF matches.
+pub const PROCESS_EXIT_PROGRAMS: [(&str, usize); 2] =
+    [("sched_process_exit", 2), ("sched_process_exit_leader", 1)];
+
+/// connect() and bind(), watched for what Landlock refuses before the cgroup programs
+/// run (see agentd-ebpf's `net`): (call, entry program attached to `sys_enter_<call>`,
+/// the argument names its format must list in order). Their exit program is
+/// [`SYS_EXIT_SOCKADDR`], attached to `sys_exit_<call>`.
+pub const SOCKADDR_TRACEPOINTS: [(&str, &str, &[&str]); 2] = [
+    (
+        "connect",
+        "sys_enter_connect",
+        &["fd", "uservaddr", "addrlen"],
+    ),
+    ("bind", "sys_enter_bind", &["fd", "umyaddr", "addrlen"]),
 ];
+/// The exit program of [`SOCKADDR_TRACEPOINTS`].
+pub const SYS_EXIT_SOCKADDR: &str = "sys_exit_sockaddr";
+/// The Landlock ABI from which Landlock decides TCP connect and bind (and can refuse them
+/// before the cgroup programs): below it the connect/bind tracepoints are not attached.
+pub const LANDLOCK_NET_ABI: i32 = 4;
 
 /// cgroup/sock_addr programs attached to each agent's cgroup.
 pub const SOCK_ADDR_PROGRAMS: [(&str, CgroupSockAddrAttachType); 6] = [

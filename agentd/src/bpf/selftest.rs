@@ -312,6 +312,10 @@ async fn run() -> anyhow::Result<ExitCode> {
         ("canary_read", json!("ok")),
         ("canary_missing", json!(libc::ENOENT)),
         ("exec_true", json!("ok")),
+        ("canary_relative_read", json!("ok")),
+        ("canary_symlink_read", json!("ok")),
+        ("not_canary_relative", json!("ok")),
+        ("exec_relative_noexec", eacces.clone()),
     ] {
         let got = r(name);
         checks.check(&format!("child: {name} -> {want}"), got == want, got);
@@ -740,6 +744,38 @@ async fn run() -> anyhow::Result<ExitCode> {
             json!(hits),
         );
     }
+    for (name, path, arg) in [
+        ("relative path", "canary/secret", "./secret"),
+        ("symlink", "allowed/canary-link", "allowed/canary-link"),
+    ] {
+        let p = under(path);
+        let e = find(&mine, |e| {
+            e.kind == Kind::Canary
+                && e.path.as_deref() == Some(p.as_str())
+                && e.detail.get("path_arg") == Some(&json!(arg))
+        });
+        checks.check(
+            &format!("event: canary opened by a {name}, allowed, matched by inode"),
+            e.is_some_and(|e| {
+                e.errno.is_none()
+                    && e.verdict == Verdict::Allow
+                    && e.detail.get("canary") == Some(&json!(under("canary")))
+            }),
+            summary(e),
+        );
+    }
+    let p = under("allowed/noexec");
+    let e = find(&mine, |e| {
+        e.kind == Kind::Exec && e.errno == Some(libc::EACCES) && e.detail.get("path_arg").is_some()
+    });
+    checks.check(
+        "event: relative exec refused by a process gone at once, path from the kernel's cwd",
+        e.is_some_and(|e| {
+            e.path.as_deref() == Some(p.as_str())
+                && e.detail.get("path_arg") == Some(&json!("./allowed/noexec"))
+        }),
+        summary(e),
+    );
     let p = under("canary/secret");
     let e = find(&mine, |e| {
         e.kind == Kind::Canary
@@ -912,7 +948,9 @@ fn restrict_writes(allowed: &Path) -> anyhow::Result<()> {
         ABI, AccessFs, Ruleset, RulesetAttr as _, RulesetCreatedAttr as _, RulesetStatus,
         path_beneath_rules,
     };
-    let abi = ABI::V3;
+    // The write rights of ABI 3 (truncate), or of the kernel's older ABI: every kernel
+    // then enforces the ruleset fully (the checks need no right newer than ABI 1).
+    let abi = ABI::from(crate::sandbox::landlock::kernel_abi().clamp(1, 3));
     let status = Ruleset::default()
         .handle_access(AccessFs::from_write(abi))?
         .create()?
@@ -1158,6 +1196,33 @@ fn child(args: &[String]) -> anyhow::Result<ExitCode> {
     // the fd.
     let unread_fd = open_untouched(&t.join("allowed/pathbuf"), &t.join("canary/secret"))?;
     r.insert("canary_unread_path".into(), last_errno(unread_fd));
+    // Allowed opens of the canary by paths that do not start with it: the kernel matches
+    // the opened file by inode. Then a relative exec refused by a process that is gone at
+    // once: its path resolves from the directory the kernel read, not from /proc.
+    std::env::set_current_dir(t.join("canary"))?;
+    r.insert(
+        "canary_relative_read".into(),
+        errno_of(read(PathBuf::from("./secret"))),
+    );
+    std::env::set_current_dir(&t)?;
+    std::os::unix::fs::symlink(t.join("canary/secret"), t.join("allowed/canary-link"))?;
+    r.insert(
+        "canary_symlink_read".into(),
+        errno_of(read(PathBuf::from("allowed/canary-link"))),
+    );
+    r.insert(
+        "not_canary_relative".into(),
+        errno_of(read(PathBuf::from("canaryfoo/file"))),
+    );
+    std::fs::write(t.join("allowed/noexec"), "#!/bin/sh\n")?;
+    r.insert(
+        "exec_relative_noexec".into(),
+        errno_of(
+            std::process::Command::new("./allowed/noexec")
+                .status()
+                .map(|_| ()),
+        ),
+    );
 
     // Last, since it also restricts reads: canaries opened by paths the kernel cannot
     // match as written, refused by Landlock. User space resolves them (while this

@@ -22,7 +22,7 @@ use std::{
 
 use agentd_common::{
     AGENT_FLAG_KILLED, AgentState, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_LEVEL_MAX,
-    CONFIG_LEVEL_MIN, CanaryKey, CanaryPath, NetKey, RawEvent, SYSCALL_EXIT_ONLY,
+    CONFIG_LEVEL_MIN, CanaryInode, CanaryKey, CanaryPath, NetKey, RawEvent, SYSCALL_EXIT_ONLY,
 };
 use aya::{
     Btf, Ebpf, EbpfLoader,
@@ -37,9 +37,12 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use super::{
     BPFFS, BpfError, EBPF_OBJECT, TRACEFS,
-    btf::Btf as KernelBtf,
+    btf::{self, Btf as KernelBtf},
     decode::{AT_FDCWD, AgentInfo, ClockOffset, decode},
-    encode::{AgentEntries, agent_entries, cgroup_level},
+    encode::{
+        AgentEntries, CanaryStat, agent_entries, canary_inode_keys, cgroup_level, inode_matchable,
+        mountinfo_dev,
+    },
     ensure_mounted, programs, tracefs,
 };
 use crate::{
@@ -119,6 +122,7 @@ pub struct Watch {
     net_allow: LpmTrie<MapData, NetKey, u8>,
     bind_allow: HashMap<MapData, BindKey, u8>,
     canaries: HashMap<MapData, CanaryKey, CanaryPath>,
+    canary_inodes: HashMap<MapData, CanaryInode, u32>,
     config: Array<MapData, u64>,
     /// The ring buffer and lost-event counters, until `events()` hands them to its task.
     stream: Option<(RingBuf<MapData>, PerCpuHashMap<MapData, u64, u64>)>,
@@ -220,6 +224,21 @@ fn load_err(program: &'static str) -> impl FnOnce(ProgramError) -> BpfError {
     move |source| BpfError::LoadProgram { program, source }
 }
 
+/// Struct offsets the file programs' dentry walks read (`btf::VFS_MEMBERS`) and where
+/// they read neighbouring fields at once (`btf::VFS_WINDOWS`), from the running kernel's
+/// BTF.
+fn vfs_offsets() -> Result<Vec<(&'static str, u64)>, BpfError> {
+    let raw = std::fs::read(VMLINUX_BTF).map_err(|source| BpfError::Read {
+        path: VMLINUX_BTF.into(),
+        source,
+    })?;
+    let globals = KernelBtf::parse(&raw)
+        .and_then(|btf| btf::vfs_globals(&btf))
+        .map_err(|e| BpfError::Btf(format!("{VMLINUX_BTF}: {e}")))?;
+    tracing::debug!(?globals, "vfs struct offsets");
+    Ok(globals)
+}
+
 /// Struct offsets the process programs read, from the running kernel's BTF.
 fn task_offsets() -> Result<[(&'static str, u64); 3], BpfError> {
     let raw = std::fs::read(VMLINUX_BTF).map_err(|source| BpfError::Read {
@@ -239,7 +258,40 @@ fn task_offsets() -> Result<[(&'static str, u64); 3], BpfError> {
     ])
 }
 
-/// The covered syscalls this kernel has, with their formats checked.
+/// A tracepoint every kernel with syscall tracepoints has (openat exists on every
+/// architecture): when it is missing, so are all the others.
+const ANY_SYSCALL_TRACEPOINT: &str = "sys_enter_openat";
+
+/// Whether the entry tracepoint `enter` of a covered call is missing because the kernel
+/// does not have the call (e.g. fchmodat2 before 6.6): then it is skipped. Syscall
+/// tracepoints exist for every call a kernel defines, so with syscall tracepoints present
+/// and neither of the call's two, the call is not there. Anything else is an error:
+/// no syscall tracepoints at all (CONFIG_FTRACE_SYSCALLS off), or one of the two
+/// without the other.
+fn missing_syscall(
+    tracefs: &Path,
+    enter: &str,
+    exit: &str,
+    has_exit: bool,
+) -> Result<(), BpfError> {
+    let err = |tracepoint: &str, reason: &str| BpfError::TracepointFormat {
+        tracepoint: format!("syscalls/{tracepoint}"),
+        reason: reason.into(),
+    };
+    if tracefs::read_format(tracefs, "syscalls", ANY_SYSCALL_TRACEPOINT)?.is_none() {
+        return Err(err(
+            enter,
+            "does not exist, nor does any syscall tracepoint (kernel without CONFIG_FTRACE_SYSCALLS?)",
+        ));
+    }
+    if has_exit {
+        return Err(err(enter, &format!("does not exist, but {exit} does")));
+    }
+    Ok(())
+}
+
+/// The covered syscalls this kernel has, with their formats checked. A call the kernel
+/// does not have (neither tracepoint exists) is skipped: nothing can make it.
 fn checked_tracepoints() -> Result<Vec<(programs::SyscallTracepoint, i64)>, BpfError> {
     let tracefs = Path::new(TRACEFS.1);
     let mut out = Vec::new();
@@ -251,10 +303,13 @@ fn checked_tracepoints() -> Result<Vec<(programs::SyscallTracepoint, i64)>, BpfE
         let enter = tp.program;
         let exit = format!("sys_exit_{}", tp.syscall.name());
         let Some(fields) = tracefs::read_format(tracefs, "syscalls", enter)? else {
-            return Err(BpfError::TracepointFormat {
-                tracepoint: format!("syscalls/{enter}"),
-                reason: "does not exist (kernel without CONFIG_FTRACE_SYSCALLS?)".into(),
-            });
+            let has_exit = tracefs::read_format(tracefs, "syscalls", &exit)?.is_some();
+            missing_syscall(tracefs, enter, &exit, has_exit)?;
+            tracing::debug!(
+                syscall = tp.syscall.name(),
+                "no such syscall on this kernel: its tracepoints are skipped"
+            );
+            continue;
         };
         tracefs::check_enter(&fields, tp.args).map_err(|reason| BpfError::TracepointFormat {
             tracepoint: format!("syscalls/{enter}"),
@@ -308,6 +363,76 @@ fn checked_exit_only_tracepoints() -> Result<Vec<(programs::ExitOnlyTracepoint, 
     Ok(out)
 }
 
+/// The connect/bind tracepoints to attach, as (call, entry program), with their formats
+/// checked: none below Landlock ABI 4, where Landlock does not decide TCP ports and the
+/// cgroup programs see (and report) every connect and bind.
+fn checked_sockaddr_tracepoints() -> Result<Vec<(&'static str, &'static str)>, BpfError> {
+    let abi = crate::sandbox::landlock::kernel_abi();
+    if abi < programs::LANDLOCK_NET_ABI {
+        tracing::debug!(
+            landlock_abi = abi,
+            "landlock does not decide TCP ports here: connect/bind tracepoints not attached"
+        );
+        return Ok(Vec::new());
+    }
+    let tracefs = Path::new(TRACEFS.1);
+    let mut out = Vec::new();
+    for (call, enter, args) in programs::SOCKADDR_TRACEPOINTS {
+        let exit = format!("sys_exit_{call}");
+        let fields = tracefs::read_format(tracefs, "syscalls", enter)?.ok_or_else(|| {
+            BpfError::TracepointFormat {
+                tracepoint: format!("syscalls/{enter}"),
+                reason: "does not exist (kernel without CONFIG_FTRACE_SYSCALLS?)".into(),
+            }
+        })?;
+        tracefs::check_enter(&fields, args).map_err(|reason| BpfError::TracepointFormat {
+            tracepoint: format!("syscalls/{enter}"),
+            reason,
+        })?;
+        let fields = tracefs::read_format(tracefs, "syscalls", &exit)?.ok_or_else(|| {
+            BpfError::TracepointFormat {
+                tracepoint: format!("syscalls/{exit}"),
+                reason: "does not exist".into(),
+            }
+        })?;
+        tracefs::check_exit(&fields).map_err(|reason| BpfError::TracepointFormat {
+            tracepoint: format!("syscalls/{exit}"),
+            reason,
+        })?;
+        out.push((call, enter));
+    }
+    Ok(out)
+}
+
+/// The process-exit program whose reads the kernel's `sched_process_exit` prototype
+/// allows (see [`programs::PROCESS_EXIT_PROGRAMS`]).
+fn process_exit_program() -> Result<&'static str, BpfError> {
+    let raw = std::fs::read(VMLINUX_BTF).map_err(|source| BpfError::Read {
+        path: VMLINUX_BTF.into(),
+        source,
+    })?;
+    let btf = KernelBtf::parse(&raw).map_err(|e| BpfError::Btf(format!("{VMLINUX_BTF}: {e}")))?;
+    let args = btf
+        .tracepoint_args(programs::PROCESS_EXIT)
+        .map_err(|e| BpfError::Btf(format!("{VMLINUX_BTF}: {e}")))?;
+    exit_program_for(args).ok_or_else(|| {
+        BpfError::Btf(format!(
+            "{VMLINUX_BTF}: tracepoint {} has {args} arguments, agentd knows 1 or 2",
+            programs::PROCESS_EXIT
+        ))
+    })
+}
+
+/// The program of [`programs::PROCESS_EXIT_PROGRAMS`] for a prototype of `args` arguments:
+/// the one reading the most arguments the kernel passes.
+fn exit_program_for(args: usize) -> Option<&'static str> {
+    programs::PROCESS_EXIT_PROGRAMS
+        .iter()
+        .filter(|(_, reads)| *reads <= args)
+        .max_by_key(|(_, reads)| *reads)
+        .map(|(name, _)| *name)
+}
+
 impl Watch {
     /// Mounts tracefs and bpffs if needed, loads the BPF object and attaches the
     /// tracepoints. No agent is watched yet: for every process the programs return after
@@ -318,10 +443,16 @@ impl Watch {
         let cgroup_mount = cgroup2_root()?;
         let tracepoints = checked_tracepoints()?;
         let exit_only = checked_exit_only_tracepoints()?;
+        let sockaddr = checked_sockaddr_tracepoints()?;
         let offsets = task_offsets()?;
+        let vfs = vfs_offsets()?;
+        let exit_program = process_exit_program()?;
 
         let mut loader = EbpfLoader::new();
         for (name, value) in &offsets {
+            loader.override_global(name, value, true);
+        }
+        for (name, value) in &vfs {
             loader.override_global(name, value, true);
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(BpfError::Load)?;
@@ -390,8 +521,40 @@ impl Watch {
                 tracepoint_links.push((programs::SYS_EXIT, link));
             }
         }
+        // connect/bind: what Landlock refuses before the cgroup programs run.
+        for (_, enter) in &sockaddr {
+            let p: &mut TracePoint = program(&mut ebpf, enter)?;
+            p.load().map_err(load_err(enter))?;
+            let link = p
+                .attach("syscalls", enter)
+                .map_err(|source| BpfError::Attach {
+                    program: enter,
+                    target: format!("tracepoint syscalls/{enter}"),
+                    source,
+                })?;
+            tracepoint_links.push((*enter, link));
+        }
+        if !sockaddr.is_empty() {
+            let p: &mut TracePoint = program(&mut ebpf, programs::SYS_EXIT_SOCKADDR)?;
+            p.load().map_err(load_err(programs::SYS_EXIT_SOCKADDR))?;
+            for (call, _) in &sockaddr {
+                let name = format!("sys_exit_{call}");
+                let link = p
+                    .attach("syscalls", &name)
+                    .map_err(|source| BpfError::Attach {
+                        program: programs::SYS_EXIT_SOCKADDR,
+                        target: format!("tracepoint syscalls/{name}"),
+                        source,
+                    })?;
+                tracepoint_links.push((programs::SYS_EXIT_SOCKADDR, link));
+            }
+        }
         let btf = Btf::from_sys_fs().map_err(|e| BpfError::Btf(e.to_string()))?;
-        for (name, tp) in programs::PROCESS_TRACEPOINTS {
+        tracing::debug!(program = exit_program, "process exit program");
+        for (name, tp) in programs::PROCESS_TRACEPOINTS
+            .into_iter()
+            .chain([(exit_program, programs::PROCESS_EXIT)])
+        {
             let p: &mut BtfTracePoint = program(&mut ebpf, name)?;
             p.load(tp, &btf).map_err(load_err(name))?;
             p.attach().map_err(|source| BpfError::Attach {
@@ -414,6 +577,7 @@ impl Watch {
         let net_allow = take_map(&mut ebpf, "NET_ALLOW", LpmTrie::try_from)?;
         let bind_allow = take_map(&mut ebpf, "BIND_ALLOW", HashMap::try_from)?;
         let canaries = take_map(&mut ebpf, "CANARIES", HashMap::try_from)?;
+        let canary_inodes = take_map(&mut ebpf, "CANARY_INODES", HashMap::try_from)?;
         let config = take_map(&mut ebpf, "CONFIG", Array::try_from)?;
         let ring = take_map(&mut ebpf, "EVENTS", RingBuf::try_from)?;
         let lost = take_map(&mut ebpf, "LOST", PerCpuHashMap::try_from)?;
@@ -423,6 +587,7 @@ impl Watch {
             net_allow,
             bind_allow,
             canaries,
+            canary_inodes,
             config,
             stream: Some((ring, lost)),
             registry: Arc::default(),
@@ -466,10 +631,11 @@ impl Watch {
         }
         let policy_id = self.next_policy_id;
         self.next_policy_id = self.next_policy_id.checked_add(1).unwrap_or(1);
-        let entries = agent_entries(policy_id, policy).map_err(|reason| BpfError::Policy {
+        let mut entries = agent_entries(policy_id, policy).map_err(|reason| BpfError::Policy {
             agent: agent_id.to_owned(),
             reason,
         })?;
+        entries.canary_inodes = canary_inodes(agent_id, policy_id, &policy.canaries);
 
         let mut handle = AgentHandle {
             agent_id: agent_id.to_owned(),
@@ -517,6 +683,11 @@ impl Watch {
             self.canaries
                 .insert(key, path, 0)
                 .map_err(map_err("CANARIES"))?;
+        }
+        for (key, index) in &h.entries.canary_inodes {
+            self.canary_inodes
+                .insert(key, index, 0)
+                .map_err(map_err("CANARY_INODES"))?;
         }
         lock(&self.agents)
             .insert(h.cgroup_id, h.entries.state, 0)
@@ -646,6 +817,9 @@ impl Watch {
         for (key, _) in &handle.entries.canaries {
             keep(absent_ok("CANARIES", self.canaries.remove(key)));
         }
+        for (key, _) in &handle.entries.canary_inodes {
+            keep(absent_ok("CANARY_INODES", self.canary_inodes.remove(key)));
+        }
         if was_present && let Some(n) = self.levels.get_mut(&handle.level) {
             *n -= 1;
             if *n == 0 {
@@ -758,6 +932,58 @@ fn cgroup2_root() -> Result<PathBuf, BpfError> {
         });
     }
     Ok(mount)
+}
+
+/// `CANARY_INODES` entries for an agent's canaries, from their inodes now. A canary that
+/// does not exist yet is matched by path string only (and so is one made later, or
+/// replaced by another file). One the kernel cannot match by inode (btrfs) is reported.
+fn canary_inodes(agent_id: &str, policy_id: u32, canaries: &[PathBuf]) -> Vec<(CanaryInode, u32)> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok();
+    let mut out = Vec::new();
+    for (index, path) in (0u32..).zip(canaries) {
+        let md = match std::fs::metadata(path) {
+            Ok(md) => md,
+            Err(e) => {
+                tracing::debug!(
+                    agent = agent_id,
+                    canary = %path.display(),
+                    "canary not matched by inode (stat: {e}): by path only"
+                );
+                continue;
+            }
+        };
+        let mount = mount_id(path)
+            .zip(mountinfo.as_deref())
+            .and_then(|(id, text)| mountinfo_dev(text, id));
+        let stat = CanaryStat {
+            index,
+            st_dev: md.dev(),
+            st_ino: md.ino(),
+            mount,
+        };
+        let keys = canary_inode_keys(policy_id, &stat);
+        if !inode_matchable(&stat, &keys) {
+            tracing::warn!(
+                agent = agent_id,
+                canary = %path.display(),
+                fstype = stat.mount.as_ref().map(|(_, t)| t.as_str()),
+                "canary on a filesystem whose inodes the kernel cannot match: it is caught \
+                 only when opened by a path that starts with it"
+            );
+        }
+        out.extend(keys);
+    }
+    out
+}
+
+/// The mount id of the mount `path` is on (statx `STATX_MNT_ID`, Linux 5.8).
+fn mount_id(path: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statx is plain data; all-zero is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `stx` a writable statx.
+    let rc = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, libc::STATX_MNT_ID, &mut stx) };
+    (rc == 0 && stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
 }
 
 /// Resolves a relative path argument through /proc while the process lives (`rel`
@@ -902,6 +1128,66 @@ mod tests {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<Watch>();
         send_sync::<AgentHandle>();
+    }
+
+    #[test]
+    fn process_exit_program_follows_the_prototype() {
+        // 6.16 and later: (p, group_dead); before: (p).
+        assert_eq!(exit_program_for(2), Some("sched_process_exit"));
+        assert_eq!(exit_program_for(1), Some("sched_process_exit_leader"));
+        assert_eq!(exit_program_for(3), Some("sched_process_exit"));
+        assert_eq!(exit_program_for(0), None);
+    }
+
+    /// A covered call the kernel does not have is skipped; missing syscall tracepoints
+    /// altogether, or half of a call's pair, stay fatal.
+    #[test]
+    fn only_a_syscall_the_kernel_lacks_is_skipped() {
+        let root = std::env::temp_dir().join(format!("agentd-tracefs-{}", std::process::id()));
+        let events = root.join("events/syscalls");
+        let add = |name: &str| {
+            let dir = events.join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("format"), "").unwrap();
+        };
+        std::fs::create_dir_all(&events).unwrap();
+        let skip = |has_exit| {
+            missing_syscall(&root, "sys_enter_fchmodat2", "sys_exit_fchmodat2", has_exit)
+        };
+        let e = skip(false).unwrap_err().to_string();
+        assert!(e.contains("CONFIG_FTRACE_SYSCALLS"), "{e}");
+        add(ANY_SYSCALL_TRACEPOINT);
+        assert!(skip(false).is_ok());
+        let e = skip(true).unwrap_err().to_string();
+        assert!(e.contains("sys_exit_fchmodat2 does"), "{e}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn canary_inodes_stat_what_exists_in_the_kernel_encoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let present = dir.path().join("secrets");
+        std::fs::create_dir(&present).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&present, &link).unwrap();
+        let missing = dir.path().join("nope");
+        let keys = canary_inodes("t", 7, &[missing, present.clone(), link]);
+        let md = std::fs::metadata(&present).unwrap();
+        let dev = super::super::encode::kernel_dev_of_st_dev(md.dev()).unwrap();
+        // The missing canary is skipped; the symlink is followed to the same inode.
+        assert!(!keys.is_empty());
+        for (k, index) in &keys {
+            assert_eq!((k.ino, k.policy_id), (md.ino(), 7));
+            assert!(*index == 1 || *index == 2, "{index}");
+        }
+        assert!(keys.contains(&(
+            CanaryInode {
+                ino: md.ino(),
+                dev,
+                policy_id: 7
+            },
+            1
+        )));
     }
 
     #[test]

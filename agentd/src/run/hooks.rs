@@ -73,6 +73,12 @@ impl AgentHandle {
         self.cgroup.dir()
     }
 
+    /// Sends SIGKILL to every process of the agent (`cgroup.kill`) and returns at once; a
+    /// single write to cgroupfs, fine to call from async code.
+    pub fn signal_kill(&self) -> Result<(), CgroupError> {
+        self.cgroup.signal_kill()
+    }
+
     /// Kills every process of the agent (`cgroup.kill`) and waits until the cgroup is
     /// empty. Blocks (typically well under a millisecond, at most a few seconds): call it
     /// from `tokio::task::spawn_blocking` in async code.

@@ -175,6 +175,9 @@ impl AgentHooks for KernelHooks {
                     "agentd: kill switch: setting the kill flag: {e}; killing the cgroup anyway"
                 );
             }
+            if let Err(e) = agent.signal_kill() {
+                eprintln!("agentd: kill switch: {e}");
+            }
             let a = agent.clone();
             match tokio::task::spawn_blocking(move || a.kill()).await {
                 Ok(Ok(())) => {}
@@ -250,6 +253,11 @@ impl EventTask {
             // its next syscall kills the process making it.
             if let Err(e) = lock(&self.watch).set_killed(self.cgroup_id) {
                 eprintln!("agentd: breaker: setting the kill flag: {e}; killing the cgroup anyway");
+            }
+            // cgroup.kill at once (the flag only catches processes at their next traced
+            // syscall), then wait for the cgroup to empty off the runtime's thread.
+            if let Err(e) = self.agent.signal_kill() {
+                eprintln!("agentd: breaker: {e}");
             }
             let agent = self.agent.clone();
             match tokio::task::spawn_blocking(move || agent.kill()).await {

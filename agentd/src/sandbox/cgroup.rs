@@ -281,6 +281,16 @@ impl AgentCgroup {
     /// double-forked and `setsid` children), and waits until the cgroup is empty. Where
     /// the kernel has no `cgroup.kill` (before 5.14), SIGKILLs the listed pids until none
     /// is left. For the supervisor's exit path, the wall-time limit and the breaker.
+    /// Writes `cgroup.kill` (when the kernel has it) and returns at once: every process
+    /// of the cgroup has been sent SIGKILL. [`AgentCgroup::kill`] also waits for them.
+    pub fn signal_kill(&self) -> Result<(), CgroupError> {
+        let kill_file = self.plan.dir.join("cgroup.kill");
+        if kill_file.exists() {
+            write_file(&kill_file, "1")?;
+        }
+        Ok(())
+    }
+
     pub fn kill(&self) -> Result<(), CgroupError> {
         let kill_file = self.plan.dir.join("cgroup.kill");
         let has_kill = kill_file.exists();

@@ -1,0 +1,381 @@
+//! Reading the current task's files, working directory and dentries: what the file
+//! programs need to match an opened file against the canaries by inode, and to capture the
+//! directory a relative path is resolved against while the call is in flight.
+//!
+//! Tracepoints cannot call `bpf_d_path`, so both walk the dentry tree themselves with
+//! `bpf_probe_read_kernel` (faults are safe and reported as `None`), at most
+//! `MAX_WALK_DEPTH` levels. Rust BPF has no CO-RE relocations: every struct offset is a
+//! global user space sets from the running kernel's BTF before loading (`agentd
+//! bpf::watch::vfs_offsets`); nothing here assumes a layout.
+//!
+//! Each probe read costs about 50 ns here (a helper call with fault handling), far more
+//! than the bytes it copies, so fields that sit close together are read at once: a
+//! "window" of `WINDOW_WORDS` words at an offset user space chose, each field then taken
+//! from its word (`*_WORD`), or read on its own where the layout put it outside
+//! (`*_WORD` >= `WINDOW_WORDS`). Reads race with the process's
+//! other threads (a close or dup2 of the fd, a chdir through a shared `fs_struct`) exactly
+//! as any tracer's do: the result is the state at the moment of the read.
+
+use agentd_common::{CanaryInode, MAX_WALK_DEPTH, PATH_LEN, RawEvent};
+use aya_ebpf::helpers::{
+    bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+    generated::bpf_probe_read_kernel_str,
+};
+
+use crate::maps::{CANARY_INODES, NAMES};
+
+macro_rules! offsets {
+    ($($name:ident: $what:literal;)*) => {
+        $(
+            #[doc = concat!("`offsetof(", $what, ")`, from BTF.")]
+            #[unsafe(no_mangle)]
+            static $name: u64 = 0;
+        )*
+    };
+}
+
+offsets! {
+    TASK_FILES_OFFSET: "struct task_struct, files";
+    TASK_FS_OFFSET: "struct task_struct, fs";
+    FILES_FDT_OFFSET: "struct files_struct, fdt";
+    FDT_MAX_FDS_OFFSET: "struct fdtable, max_fds";
+    FDT_FD_OFFSET: "struct fdtable, fd";
+    FILE_F_PATH_OFFSET: "struct file, f_path";
+    FS_ROOT_OFFSET: "struct fs_struct, root";
+    FS_PWD_OFFSET: "struct fs_struct, pwd";
+    PATH_MNT_OFFSET: "struct path, mnt";
+    PATH_DENTRY_OFFSET: "struct path, dentry";
+    DENTRY_D_PARENT_OFFSET: "struct dentry, d_parent";
+    DENTRY_D_NAME_OFFSET: "struct dentry, d_name";
+    DENTRY_D_INODE_OFFSET: "struct dentry, d_inode";
+    QSTR_NAME_OFFSET: "struct qstr, name";
+    INODE_I_INO_OFFSET: "struct inode, i_ino";
+    INODE_I_SB_OFFSET: "struct inode, i_sb";
+    SB_S_DEV_OFFSET: "struct super_block, s_dev";
+    MOUNT_MNT_OFFSET: "struct mount, mnt";
+    MOUNT_MNT_PARENT_OFFSET: "struct mount, mnt_parent";
+    MOUNT_MNT_MOUNTPOINT_OFFSET: "struct mount, mnt_mountpoint";
+    VFSMOUNT_MNT_ROOT_OFFSET: "struct vfsmount, mnt_root";
+}
+
+macro_rules! windows {
+    ($($name:ident: $what:literal;)*) => {
+        $(
+            #[doc = $what]
+            #[unsafe(no_mangle)]
+            static $name: u64 = 0;
+        )*
+    };
+}
+
+windows! {
+    PATH_WINDOW: "Window offset in `struct path` for `mnt` and `dentry`.";
+    PATH_MNT_WORD: "Word of `path.mnt` in its window.";
+    PATH_DENTRY_WORD: "Word of `path.dentry` in its window.";
+    DENTRY_WINDOW: "Window offset in `struct dentry` for `d_parent`, `d_inode`, `d_name.name`.";
+    DENTRY_PARENT_WORD: "Word of `dentry.d_parent` in its window.";
+    DENTRY_INODE_WORD: "Word of `dentry.d_inode` in its window.";
+    DENTRY_NAME_WORD: "Word of `dentry.d_name.name` in its window.";
+    INODE_WINDOW: "Window offset in `struct inode` for `i_ino` and `i_sb`.";
+    INODE_INO_WORD: "Word of `inode.i_ino` in its window.";
+    INODE_SB_WORD: "Word of `inode.i_sb` in its window.";
+}
+
+/// Words read at once (see the module documentation); `agentd_common::WINDOW_WORDS`.
+const WINDOW_WORDS: usize = agentd_common::WINDOW_WORDS;
+
+/// One read of the window at `base + off(window)`.
+#[inline(always)]
+fn window(base: u64, window: &u64) -> Option<[u64; WINDOW_WORDS]> {
+    // SAFETY: bpf_probe_read_kernel faults safely on any address.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(off(window)) as *const [u64; WINDOW_WORDS]) }
+        .ok()
+}
+
+/// A field from its window `w` when it is in it, else read on its own at `base +
+/// off(offset)`; `None` if 0 (a NULL pointer, or inode number 0, which no inode has).
+#[inline(always)]
+fn field(base: u64, w: &[u64; WINDOW_WORDS], word: &u64, offset: &u64) -> Option<u64> {
+    let v = match w.get(off(word) as usize) {
+        Some(&v) => v,
+        None => return ptr_at(base, off(offset)),
+    };
+    (v != 0).then_some(v)
+}
+
+#[inline(always)]
+fn off(g: &u64) -> u64 {
+    // SAFETY: a read of a global in .rodata; volatile so the compiler does not fold the
+    // build-time value 0 (user space overrides it at load).
+    unsafe { core::ptr::read_volatile(g) }
+}
+
+/// The kernel pointer at `base + offset`; `None` if the read faults or the pointer is NULL.
+#[inline(always)]
+fn ptr_at(base: u64, offset: u64) -> Option<u64> {
+    // SAFETY: bpf_probe_read_kernel faults safely on any address.
+    let p = unsafe { bpf_probe_read_kernel(base.wrapping_add(offset) as *const u64) }.ok()?;
+    (p != 0).then_some(p)
+}
+
+/// A `struct path`: the `struct vfsmount *` and the `struct dentry *`.
+#[derive(Clone, Copy)]
+pub struct KPath {
+    mnt: u64,
+    dentry: u64,
+}
+
+#[inline(always)]
+fn path_at(p: u64) -> Option<KPath> {
+    let w = window(p, &PATH_WINDOW)?;
+    Some(KPath {
+        mnt: field(p, &w, &PATH_MNT_WORD, &PATH_MNT_OFFSET)?,
+        dentry: field(p, &w, &PATH_DENTRY_WORD, &PATH_DENTRY_OFFSET)?,
+    })
+}
+
+/// The fields of a dentry the walks read.
+struct Dentry {
+    parent: u64,
+    inode: u64,
+    name: u64,
+}
+
+#[inline(always)]
+fn dentry_at(d: u64) -> Option<Dentry> {
+    let w = window(d, &DENTRY_WINDOW)?;
+    Some(Dentry {
+        parent: field(d, &w, &DENTRY_PARENT_WORD, &DENTRY_D_PARENT_OFFSET)?,
+        inode: field(d, &w, &DENTRY_INODE_WORD, &DENTRY_D_INODE_OFFSET)?,
+        name: field(
+            d,
+            &w,
+            &DENTRY_NAME_WORD,
+            &(off(&DENTRY_D_NAME_OFFSET) + off(&QSTR_NAME_OFFSET)),
+        )?,
+    })
+}
+
+#[inline(always)]
+fn current_task() -> u64 {
+    // SAFETY: the helper has no preconditions.
+    unsafe { bpf_get_current_task() }
+}
+
+/// `current->fs`, the `struct fs_struct *` (NULL for a task that is exiting).
+#[inline(always)]
+fn current_fs() -> Option<u64> {
+    ptr_at(current_task(), off(&TASK_FS_OFFSET))
+}
+
+/// The path of the current task's open file `fd`: `current->files->fdt->fd[fd]->f_path`.
+/// `opened`: `fd` was just returned by this thread's open, so it is within the table (the
+/// table only grows) and the bound is not read; else (a directory fd argument, any
+/// number) it is checked against `max_fds`.
+#[inline(always)]
+pub fn fd_path(fd: i64, opened: bool) -> Option<KPath> {
+    if fd < 0 {
+        return None;
+    }
+    let files = ptr_at(current_task(), off(&TASK_FILES_OFFSET))?;
+    let fdt = ptr_at(files, off(&FILES_FDT_OFFSET))?;
+    if !opened {
+        // SAFETY: as in `ptr_at`.
+        let max_fds = unsafe {
+            bpf_probe_read_kernel(fdt.wrapping_add(off(&FDT_MAX_FDS_OFFSET)) as *const u32)
+        }
+        .ok()?;
+        if fd as u64 >= u64::from(max_fds) {
+            return None;
+        }
+    }
+    let fds = ptr_at(fdt, off(&FDT_FD_OFFSET))?;
+    let file = ptr_at(fds, 8 * fd as u64)?;
+    path_at(file.wrapping_add(off(&FILE_F_PATH_OFFSET)))
+}
+
+/// The current task's working directory, `current->fs->pwd`.
+#[inline(always)]
+pub fn cwd() -> Option<KPath> {
+    path_at(current_fs()?.wrapping_add(off(&FS_PWD_OFFSET)))
+}
+
+/// `sb->s_dev` (kernel encoding, `major << 20 | minor`).
+#[inline(always)]
+fn sb_dev(sb: u64) -> Option<u32> {
+    // SAFETY: as in `ptr_at`.
+    unsafe { bpf_probe_read_kernel(sb.wrapping_add(off(&SB_S_DEV_OFFSET)) as *const u32) }.ok()
+}
+
+/// The `struct mount` a `struct vfsmount *` is embedded in (`real_mount()`).
+#[inline(always)]
+fn real_mount(mnt: u64) -> u64 {
+    mnt.wrapping_sub(off(&MOUNT_MNT_OFFSET))
+}
+
+/// Where the mount of `mnt` is mounted: the parent mount's vfsmount and the mountpoint
+/// dentry. `None` at the top of the mount tree (the mount is its own parent).
+#[inline(always)]
+fn mounted_on(mnt: u64) -> Option<KPath> {
+    let m = real_mount(mnt);
+    let parent = ptr_at(m, off(&MOUNT_MNT_PARENT_OFFSET))?;
+    if parent == m {
+        return None;
+    }
+    Some(KPath {
+        mnt: parent.wrapping_add(off(&MOUNT_MNT_OFFSET)),
+        dentry: ptr_at(m, off(&MOUNT_MNT_MOUNTPOINT_OFFSET))?,
+    })
+}
+
+/// What the canary walk found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Walk {
+    /// The file or one of its ancestors is the canary of this `CanaryKey::index`.
+    Hit(u32),
+    /// Walked to the top of the mount tree: no canary.
+    Miss,
+    /// A read failed or the walk was deeper than `MAX_WALK_DEPTH`: undecided.
+    Unknown,
+}
+
+/// Matches the opened file `p` against the agent's canary inodes: looks up
+/// `(i_sb->s_dev, i_ino)` of the file, then of each `d_parent` up to its filesystem's root,
+/// then on from the mountpoint its mount sits on (so a canary above a mountpoint covers
+/// the mounted files too). Walking `d_parent` rather than the path the process used means
+/// a bind mount or symlink into a canary still finds it. One hash lookup per level.
+#[inline(always)]
+pub fn canary_walk(policy_id: u32, p: KPath) -> Walk {
+    let KPath {
+        mut mnt,
+        mut dentry,
+    } = p;
+    // The device is the same for every dentry up to the filesystem's root: read once
+    // per filesystem.
+    let mut dev: Option<u32> = None;
+    let mut level = 0;
+    while level < MAX_WALK_DEPTH {
+        let Some(d) = dentry_at(dentry) else {
+            return Walk::Unknown;
+        };
+        let Some(w) = window(d.inode, &INODE_WINDOW) else {
+            return Walk::Unknown;
+        };
+        let Some(ino) = field(d.inode, &w, &INODE_INO_WORD, &INODE_I_INO_OFFSET) else {
+            return Walk::Unknown;
+        };
+        let s_dev = match dev {
+            Some(s_dev) => s_dev,
+            None => {
+                let Some(sb) = field(d.inode, &w, &INODE_SB_WORD, &INODE_I_SB_OFFSET) else {
+                    return Walk::Unknown;
+                };
+                let Some(s_dev) = sb_dev(sb) else {
+                    return Walk::Unknown;
+                };
+                dev = Some(s_dev);
+                s_dev
+            }
+        };
+        let key = CanaryInode {
+            ino,
+            dev: s_dev,
+            policy_id,
+        };
+        // SAFETY: the value is copied out at once.
+        if let Some(index) = unsafe { CANARY_INODES.get(&key) } {
+            return Walk::Hit(*index);
+        }
+        if d.parent == dentry {
+            // The root of this filesystem: go on from the mountpoint.
+            let Some(up) = mounted_on(mnt) else {
+                return Walk::Miss;
+            };
+            (mnt, dentry, dev) = (up.mnt, up.dentry, None);
+        } else {
+            dentry = d.parent;
+        }
+        level += 1;
+    }
+    Walk::Unknown
+}
+
+/// Reads directory `dir` into `ev.dir` (its components innermost first, each
+/// NUL-terminated; see `RawEvent::dir`) and sets `ev.dir_parts`. Walks the way `d_path`
+/// does: up `d_parent` to the mount's root, across to the mountpoint in the parent mount,
+/// until the task's root (`current->fs->root`). Returns false, leaving `ev.dir` unset,
+/// when the directory is not under that root (a detached mount, a disconnected dentry),
+/// is deeper than `MAX_WALK_DEPTH` levels, or does not fit in `PATH_LEN` bytes.
+#[inline(always)]
+pub fn read_dir(dir: KPath, ev: &mut RawEvent) -> bool {
+    let Some(fs) = current_fs() else {
+        return false;
+    };
+    let Some(root) = path_at(fs.wrapping_add(off(&FS_ROOT_OFFSET))) else {
+        return false;
+    };
+    let Some(buf) = NAMES.get_ptr_mut(0) else {
+        return false;
+    };
+    let buf = buf.cast::<u8>();
+    let KPath {
+        mut mnt,
+        mut dentry,
+    } = dir;
+    let mut len: usize = 0;
+    let mut parts: u32 = 0;
+    let mut level = 0;
+    let mut complete = false;
+    while level < MAX_WALK_DEPTH {
+        if dentry == root.dentry && mnt == root.mnt {
+            complete = true;
+            break;
+        }
+        let Some(mnt_root) = ptr_at(mnt, off(&VFSMOUNT_MNT_ROOT_OFFSET)) else {
+            return false;
+        };
+        if dentry == mnt_root {
+            let Some(up) = mounted_on(mnt) else {
+                // The top of the mount tree without passing the task's root.
+                return false;
+            };
+            (mnt, dentry) = (up.mnt, up.dentry);
+        } else {
+            let Some(Dentry { parent, name, .. }) = dentry_at(dentry) else {
+                return false;
+            };
+            if parent == dentry || len >= PATH_LEN {
+                return false;
+            }
+            // The buffer holds 2 * PATH_LEN bytes: a name of up to PATH_LEN bytes (a
+            // component is at most NAME_MAX = 255 plus the NUL) written at an offset
+            // below PATH_LEN stays inside it; the mask shows the verifier that bound.
+            // SAFETY: `buf` is this CPU's NAMES entry; the destination range is inside
+            // it (see above); the helper faults safely on `name`.
+            let n = unsafe {
+                bpf_probe_read_kernel_str(
+                    buf.add(len & (PATH_LEN - 1)).cast(),
+                    PATH_LEN as u32,
+                    name as *const _,
+                )
+            };
+            if n <= 1 || n > PATH_LEN as i64 {
+                return false;
+            }
+            len += n as usize;
+            parts += 1;
+            dentry = parent;
+        }
+        level += 1;
+    }
+    if !complete || len > PATH_LEN {
+        return false;
+    }
+    // SAFETY: `buf` holds at least PATH_LEN bytes; `ev.dir` is PATH_LEN bytes of map
+    // memory.
+    if unsafe { bpf_probe_read_kernel_buf(buf, &mut ev.dir) }.is_err() {
+        return false;
+    }
+    ev.dir_parts = parts;
+    true
+}
