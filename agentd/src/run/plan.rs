@@ -268,13 +268,7 @@ impl Plan {
                 ),
             );
         }
-        let ports = |v: &[u16]| {
-            if v.is_empty() {
-                "none".to_owned()
-            } else {
-                v.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
-            }
-        };
+        let ports = crate::report::format_ports;
         line(
             "",
             format!(
