@@ -407,7 +407,7 @@ fn try_exit(ctx: &TracePointContext) {
     let Some((cgroup, state)) = current_agent() else {
         return;
     };
-    let Some(sys) = Syscall::from_raw(entry as u8) else {
+    let Some(sys) = syscall_of(entry as u8) else {
         return;
     };
     let tid = bpf_get_current_pid_tgid() as u32;
@@ -498,6 +498,21 @@ fn try_exit(ctx: &TracePointContext) {
     ev.path[0] = 0;
     ev.path2[0] = 0;
     output(ev);
+}
+
+/// `Syscall::from_raw` without its search loop. Each iteration of that loop returns its
+/// own constant, and the verifier follows each return through the rest of the program
+/// separately: with the dentry walks after it, that is more than the million instructions
+/// older verifiers (6.1) check. Here the value stays one bounded scalar.
+#[inline(always)]
+fn syscall_of(raw: u8) -> Option<Syscall> {
+    if raw == 0 || usize::from(raw) > Syscall::ALL.len() {
+        return None;
+    }
+    // SAFETY: `Syscall` is `repr(u8)` and numbered densely from 1 to `Syscall::ALL.len()`
+    // (agentd-common asserts it: `syscall_numbering_is_dense_and_fits_the_flag`), so every
+    // value in that range is a variant.
+    Some(unsafe { core::mem::transmute::<u8, Syscall>(raw) })
 }
 
 /// Whether the event has a relative path argument that `dfd` (or the working directory)

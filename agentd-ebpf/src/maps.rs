@@ -74,9 +74,13 @@ pub static NET_PENDING: LruHashMap<u32, NetCall> = LruHashMap::with_max_entries(
 pub static SCRATCH: PerCpuArray<RawEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU scratch space where `vfs::read_dir` assembles a directory's components: twice
-/// `PATH_LEN`, so a whole component written at any offset below `PATH_LEN` fits.
+/// `PATH_LEN`, so a whole component written at any offset below `PATH_LEN` fits, then the
+/// bytes written so far as a u64 (see `vfs::read_dir` for why it lives here).
 #[map]
-pub static NAMES: PerCpuArray<[u8; 2 * PATH_LEN]> = PerCpuArray::with_max_entries(1, 0);
+pub static NAMES: PerCpuArray<[u8; NAMES_LEN]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Size of a `NAMES` entry.
+pub const NAMES_LEN: usize = 2 * PATH_LEN + 8;
 
 /// Every decision and observation, one `RawEvent` per record. 4 MiB holds about 4 800
 /// events: a burst of that many between two reads of user space is lost and counted.

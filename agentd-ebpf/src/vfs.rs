@@ -318,11 +318,19 @@ pub fn read_dir(dir: KPath, ev: &mut RawEvent) -> bool {
         return false;
     };
     let buf = buf.cast::<u8>();
+    // The bytes written so far are kept in the map, not in a register, and read back each
+    // time (volatile, so LLVM does not keep a copy): the verifier tracks a register's
+    // range through every iteration and checks the loop again for each range it meets
+    // (over a million instructions for 6.1's verifier), while a value loaded from a map
+    // is simply unknown. The mask below bounds it where it is used.
+    // SAFETY: the entry is NAMES_LEN bytes; the slot is its last, 8-aligned, u64.
+    let len_slot = unsafe { buf.add(2 * PATH_LEN) }.cast::<u64>();
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(len_slot, 0) };
     let KPath {
         mut mnt,
         mut dentry,
     } = dir;
-    let mut len: usize = 0;
     let mut parts: u32 = 0;
     let mut level = 0;
     let mut complete = false;
@@ -344,31 +352,32 @@ pub fn read_dir(dir: KPath, ev: &mut RawEvent) -> bool {
             let Some(Dentry { parent, name, .. }) = dentry_at(dentry) else {
                 return false;
             };
-            if parent == dentry || len >= PATH_LEN {
+            // SAFETY: as above.
+            let len = unsafe { core::ptr::read_volatile(len_slot) };
+            if parent == dentry || len >= PATH_LEN as u64 {
                 return false;
             }
             // The buffer holds 2 * PATH_LEN bytes: a name of up to PATH_LEN bytes (a
             // component is at most NAME_MAX = 255 plus the NUL) written at an offset
             // below PATH_LEN stays inside it; the mask shows the verifier that bound.
+            let at = len as usize & (PATH_LEN - 1);
             // SAFETY: `buf` is this CPU's NAMES entry; the destination range is inside
             // it (see above); the helper faults safely on `name`.
             let n = unsafe {
-                bpf_probe_read_kernel_str(
-                    buf.add(len & (PATH_LEN - 1)).cast(),
-                    PATH_LEN as u32,
-                    name as *const _,
-                )
+                bpf_probe_read_kernel_str(buf.add(at).cast(), PATH_LEN as u32, name as *const _)
             };
             if n <= 1 || n > PATH_LEN as i64 {
                 return false;
             }
-            len += n as usize;
+            // SAFETY: as above.
+            unsafe { core::ptr::write_volatile(len_slot, len + n as u64) };
             parts += 1;
             dentry = parent;
         }
         level += 1;
     }
-    if !complete || len > PATH_LEN {
+    // SAFETY: as above.
+    if !complete || unsafe { core::ptr::read_volatile(len_slot) } > PATH_LEN as u64 {
         return false;
     }
     // SAFETY: `buf` holds at least PATH_LEN bytes; `ev.dir` is PATH_LEN bytes of map
