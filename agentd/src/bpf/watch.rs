@@ -311,20 +311,7 @@ fn checked_tracepoints() -> Result<Vec<(programs::SyscallTracepoint, i64)>, BpfE
             );
             continue;
         };
-        tracefs::check_enter(&fields, tp.args).map_err(|reason| BpfError::TracepointFormat {
-            tracepoint: format!("syscalls/{enter}"),
-            reason,
-        })?;
-        let fields = tracefs::read_format(tracefs, "syscalls", &exit)?.ok_or_else(|| {
-            BpfError::TracepointFormat {
-                tracepoint: format!("syscalls/{exit}"),
-                reason: "does not exist".into(),
-            }
-        })?;
-        tracefs::check_exit(&fields).map_err(|reason| BpfError::TracepointFormat {
-            tracepoint: format!("syscalls/{exit}"),
-            reason,
-        })?;
+        check_syscall_pair(tracefs, enter, &fields, tp.args, &exit)?;
         out.push((tp, nr));
     }
     Ok(out)
@@ -385,23 +372,35 @@ fn checked_sockaddr_tracepoints() -> Result<Vec<(&'static str, &'static str)>, B
                 reason: "does not exist (kernel without CONFIG_FTRACE_SYSCALLS?)".into(),
             }
         })?;
-        tracefs::check_enter(&fields, args).map_err(|reason| BpfError::TracepointFormat {
-            tracepoint: format!("syscalls/{enter}"),
-            reason,
-        })?;
-        let fields = tracefs::read_format(tracefs, "syscalls", &exit)?.ok_or_else(|| {
-            BpfError::TracepointFormat {
-                tracepoint: format!("syscalls/{exit}"),
-                reason: "does not exist".into(),
-            }
-        })?;
-        tracefs::check_exit(&fields).map_err(|reason| BpfError::TracepointFormat {
-            tracepoint: format!("syscalls/{exit}"),
-            reason,
-        })?;
+        check_syscall_pair(tracefs, enter, &fields, args, &exit)?;
         out.push((call, enter));
     }
     Ok(out)
+}
+
+/// Checks a syscall's entry tracepoint (its format already read) and its exit tracepoint
+/// against the layouts the programs read; the exit must exist.
+fn check_syscall_pair(
+    tracefs: &Path,
+    enter: &str,
+    enter_fields: &[tracefs::Field],
+    args: &[&str],
+    exit: &str,
+) -> Result<(), BpfError> {
+    tracefs::check_enter(enter_fields, args).map_err(|reason| BpfError::TracepointFormat {
+        tracepoint: format!("syscalls/{enter}"),
+        reason,
+    })?;
+    let fields = tracefs::read_format(tracefs, "syscalls", exit)?.ok_or_else(|| {
+        BpfError::TracepointFormat {
+            tracepoint: format!("syscalls/{exit}"),
+            reason: "does not exist".into(),
+        }
+    })?;
+    tracefs::check_exit(&fields).map_err(|reason| BpfError::TracepointFormat {
+        tracepoint: format!("syscalls/{exit}"),
+        reason,
+    })
 }
 
 /// The process-exit program whose reads the kernel's `sched_process_exit` prototype
