@@ -9,6 +9,10 @@
 /// Longest path (with its NUL) carried in an event. Longer paths are truncated and flagged
 /// with [`EVENT_FLAG_PATH_TRUNCATED`].
 pub const PATH_LEN: usize = 256;
+/// `sizeof(sockaddr_un.sun_path)`: a unix-socket connect or bind event carries this much
+/// of the name in `path` (length in `aux`; abstract names start with a NUL).
+pub const UNIX_PATH_MAX: usize = 108;
+const _: () = assert!(UNIX_PATH_MAX < PATH_LEN);
 /// `TASK_COMM_LEN` in the kernel.
 pub const COMM_LEN: usize = 16;
 
@@ -41,11 +45,15 @@ pub enum EventKind {
     /// `syscall` names it, `ret` is its -errno. No arguments: seccomp refuses before the
     /// entry tracepoint, and these calls have no entry program.
     Syscall = 20,
+    /// An inbound TCP connection (a SYN) to an agent's socket on a port its policy does not
+    /// let it bind, dropped by the cgroup ingress program. `port` is the local port, `addr`
+    /// the peer; no process context (`pid` 0).
+    Inbound = 21,
 }
 
 impl EventKind {
     /// Every kind, for exhaustive decoding and tests.
-    pub const ALL: [EventKind; 20] = [
+    pub const ALL: [EventKind; 21] = [
         EventKind::Exec,
         EventKind::Fork,
         EventKind::Exit,
@@ -66,6 +74,7 @@ impl EventKind {
         EventKind::SocketCreate,
         EventKind::Canary,
         EventKind::Syscall,
+        EventKind::Inbound,
     ];
 
     pub fn from_raw(raw: u16) -> Option<EventKind> {
@@ -118,14 +127,15 @@ pub struct RawEvent {
     pub agent_cgroup: u64,
     /// Kind-specific: the syscall's return value (fd, 0 or -errno) for file and exec events,
     /// the child's pid for fork, the raw `task_struct.exit_code` (status << 8 | signal) for
-    /// exit, the protocol for socket creation, the call's -errno (EACCES) for a connect or
-    /// bind Landlock refused (reported at the call's exit, `layer` Landlock); 0 for the
-    /// other network events.
+    /// exit, the protocol for socket creation, the call's result for a connect or bind
+    /// reported at its exit (unix sockets; inet calls a host security module refused before
+    /// the cgroup programs); 0 for the other network events.
     pub ret: i64,
     /// Kind-specific extra: open flags (open, openat, openat2's `open_how.flags`; creat is
     /// `O_CREAT|O_WRONLY|O_TRUNC`), mode for chmod and mkdir, `uid | gid << 32` for chown
     /// (`u32::MAX` = unchanged), length for truncate, flags for unlinkat, renameat2, linkat,
-    /// execveat and setxattr, the socket type for network events.
+    /// execveat and setxattr, the socket type for network events, the length of the name in
+    /// `path` for unix-socket connect and bind.
     pub aux: u64,
     /// Thread group id (the user-visible pid).
     pub pid: u32,
@@ -146,7 +156,7 @@ pub struct RawEvent {
     pub addr: [u8; 16],
     /// Network events: port in host byte order.
     pub port: u16,
-    /// Network and socket events: AF_INET / AF_INET6 as the program saw it.
+    /// Network and socket events: AF_INET, AF_INET6 or AF_UNIX as the program saw it.
     pub family: u16,
     /// File events: the directory fd a relative `path` is resolved against (`AT_FDCWD` =
     /// -100 for the working directory). The kernel reads that directory into `dir`; when

@@ -98,6 +98,15 @@ pub static LOST: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(MAX_A
 /// lookup that misses.
 #[inline(always)]
 pub fn current_agent() -> Option<(u64, *mut AgentState)> {
+    // SAFETY: the helper has no preconditions; it returns 0 when the task's cgroup is
+    // shallower than `level`.
+    agent_by_ancestor(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
+}
+
+/// The agent whose cgroup is the ancestor `ancestor(level)` returns (0: none at that
+/// level), scanning the levels where agents live.
+#[inline(always)]
+pub fn agent_by_ancestor(ancestor: impl Fn(i32) -> u64) -> Option<(u64, *mut AgentState)> {
     let levels = *CONFIG.get(CONFIG_CGROUP_LEVELS)?;
     if levels == 0 {
         return None;
@@ -113,9 +122,7 @@ pub fn current_agent() -> Option<(u64, *mut AgentState)> {
             break;
         }
         if levels & (1u64 << level) != 0 {
-            // SAFETY: the helper has no preconditions; it returns 0 when the task's cgroup
-            // is shallower than `level`.
-            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            let id = ancestor(level as i32);
             if id != 0
                 && let Some(state) = AGENTS.get_ptr_mut(&id)
             {

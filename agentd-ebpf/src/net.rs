@@ -3,32 +3,36 @@
 //! nothing. Return 1 to allow, 0 to refuse (the syscall fails with EPERM). Every decision
 //! is an event.
 //!
-//! Landlock (ABI >= 4) decides TCP connect and bind in its socket hooks, which run before
-//! the cgroup programs: a port outside the profile fails with EACCES and no cgroup
-//! program ever sees it. The `sys_enter_connect`/`sys_enter_bind` tracepoints record the
-//! agent's sockaddr ([`NetCall`]); the cgroup programs mark the call as seen (they report
-//! it themselves, allowed or not); `sys_exit_sockaddr` reports the call that failed with
-//! EACCES without being seen, which only an LSM refusing before the cgroup hook can do:
-//! Landlock, in agentd's sandbox. Successful calls and EPERM are the cgroup programs'.
+//! agentd leaves the network rights of Landlock unhandled, so these programs decide every
+//! inet connect, datagram and bind. The `sys_enter_connect`/`sys_enter_bind` tracepoints
+//! record the agent's sockaddr ([`NetCall`]); the cgroup programs mark the call as seen
+//! (they report it themselves, allowed or not); `sys_exit_sockaddr` reports
+//! - an inet call refused without being seen: a security module of the host (AppArmor,
+//!   SELinux) refused it before the cgroup hook;
+//! - every unix-socket connect and bind, pathname or abstract, with its result: no cgroup
+//!   hook of the kernels agentd supports decides them (Landlock's scoping refuses abstract
+//!   sockets outside the agent's domain, its filesystem rules the creation of pathname
+//!   sockets outside writable paths).
 
 use agentd_common::{
     AGENT_FLAG_INET, AGENT_FLAG_INET6, AGENT_FLAG_KILLED, AGENT_FLAG_MONITOR,
-    AGENT_FLAG_NETLINK_ROUTE, BindKey, EVENT_FLAG_MONITOR, EventKind, IPPROTO_TCP, IPPROTO_UDP,
-    Layer, NET_KEY_FIXED_BITS, NetKey, RawEvent, Verdict,
+    AGENT_FLAG_NETLINK_ROUTE, AgentState, BindKey, EVENT_FLAG_MONITOR, EventKind, IPPROTO_TCP,
+    IPPROTO_UDP, Layer, NET_KEY_FIXED_BITS, NetKey, RawEvent, UNIX_PATH_MAX, Verdict,
 };
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_send_signal,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_probe_read_user,
+        bpf_probe_read_user_buf, bpf_send_signal, bpf_skb_ancestor_cgroup_id,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, tracepoint},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, tracepoint},
     maps::lpm_trie::Key,
-    programs::{SockAddrContext, SockContext, TracePointContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext, TracePointContext},
 };
 
 use crate::maps::{
-    BIND_ALLOW, EVENTS, NET_ALLOW, NET_PENDING, SOCK_REFUSED, count_lost, current_agent,
-    fill_header,
+    BIND_ALLOW, EVENTS, NET_ALLOW, NET_PENDING, SOCK_REFUSED, agent_by_ancestor, count_lost,
+    current_agent, fill_header,
 };
 
 const AF_UNIX: u32 = 1;
@@ -43,6 +47,7 @@ const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
 
 const SIGKILL: u32 = 9;
+const EPERM: i64 = 1;
 const EACCES: i64 = 13;
 /// Offsets in a `sys_enter_*`/`sys_exit_*` record (user space checks both formats):
 /// `__syscall_nr`, then argument 0 of the entry or `ret` of the exit.
@@ -88,6 +93,129 @@ pub fn bind6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock(sock_create)]
 pub fn sock_create(ctx: SockContext) -> i32 {
     try_sock_create(&ctx)
+}
+
+/// Inbound TCP connections. A socket that listens without bind() gets an ephemeral port
+/// from the kernel (autobind), and no cgroup hook decides that: the bind programs never
+/// run. So every connection request (SYN without ACK) addressed to a socket of the agent
+/// is checked here against the bind allow-list, whatever bound its port; the others are
+/// dropped (the peer sees a timeout) and reported. Replies to the agent's own connections
+/// carry ACK and pass. Runs in the receive path, for the agent's sockets only.
+#[cgroup_skb(ingress)]
+pub fn inbound(ctx: SkBuffContext) -> i32 {
+    try_inbound(&ctx)
+}
+
+/// The agent whose cgroup (or a cgroup below it) owns the packet's socket.
+#[inline(always)]
+fn skb_agent(ctx: &SkBuffContext) -> Option<(u64, *mut AgentState)> {
+    // SAFETY: `skb` is the program's context; the helper returns 0 when the socket's
+    // cgroup is shallower than `level`.
+    agent_by_ancestor(|level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level) })
+}
+
+#[inline(always)]
+fn try_inbound(ctx: &SkBuffContext) -> i32 {
+    const PASS: i32 = 1;
+    const DROP: i32 = 0;
+    const TCP_SYN: u8 = 0x02;
+    const TCP_ACK: u8 = 0x10;
+    // The program sees the packet from its network header.
+    let Ok(first) = ctx.load::<u8>(0) else {
+        return PASS;
+    };
+    let mut addr = [0u8; 16];
+    let (proto, l4) = match first >> 4 {
+        4 => {
+            let Ok(h) = ctx.load::<[u8; 20]>(0) else {
+                return PASS;
+            };
+            addr[10] = 0xff;
+            addr[11] = 0xff;
+            addr[12] = h[12];
+            addr[13] = h[13];
+            addr[14] = h[14];
+            addr[15] = h[15];
+            (h[9], usize::from(h[0] & 0x0f) * 4)
+        }
+        6 => {
+            let Ok(h) = ctx.load::<[u8; 40]>(0) else {
+                return PASS;
+            };
+            let mut i = 0;
+            while i < 16 {
+                addr[i] = h[8 + i];
+                i += 1;
+            }
+            (h[6], 40)
+        }
+        _ => return PASS,
+    };
+    if proto != IPPROTO_TCP {
+        // IPv6 extension headers before TCP (reassembly has removed fragment headers by
+        // now; hop-by-hop and destination options are rare on connection requests) are
+        // not walked: such a packet is dropped below if it is TCP at all, which the kernel
+        // only tells here by the socket, so it is let through only when not TCP.
+        return PASS;
+    }
+    let Ok(tcp) = ctx.load::<[u8; 14]>(l4) else {
+        return PASS;
+    };
+    let flags = tcp[13];
+    if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
+        return PASS;
+    }
+    let port = u16::from_be_bytes([tcp[2], tcp[3]]);
+    let peer_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+    let Some((cgroup, state)) = skb_agent(ctx) else {
+        // The socket is in the agent's cgroup subtree (that is why the program runs) but no
+        // agent is registered for it any more: refuse.
+        return DROP;
+    };
+    // SAFETY: `state` points into the AGENTS map value for the program's run.
+    let state = unsafe { *state };
+    let key = BindKey {
+        policy_id: state.policy_id,
+        proto: IPPROTO_TCP,
+        _pad: 0,
+        port,
+    };
+    let killed = state.flags & AGENT_FLAG_KILLED != 0;
+    // SAFETY: the value is only tested for presence.
+    if !killed && unsafe { BIND_ALLOW.get(&key) }.is_some() {
+        return PASS;
+    }
+    let monitor = !killed && state.flags & AGENT_FLAG_MONITOR != 0;
+    if let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) {
+        let ev = entry.as_mut_ptr();
+        // SAFETY: `ev` is the reserved ring-buffer record, writable and RawEvent-sized.
+        unsafe {
+            fill_header(ev, cgroup, EventKind::Inbound as u16, 0);
+            // Softirq context: the current task is whoever was interrupted.
+            (*ev).pid = 0;
+            (*ev).tid = 0;
+            (*ev).comm = [0; agentd_common::COMM_LEN];
+            if monitor {
+                (*ev).flags = EVENT_FLAG_MONITOR;
+            }
+            (*ev).layer = Layer::Bpf as u8;
+            (*ev).verdict = if killed {
+                Verdict::Killed as u8
+            } else {
+                Verdict::Deny as u8
+            };
+            (*ev).proto = IPPROTO_TCP;
+            (*ev).addr = addr;
+            (*ev).port = port;
+            (*ev).aux = u64::from(peer_port);
+            (*ev).path[0] = 0;
+            (*ev).path2[0] = 0;
+        }
+        entry.submit(0);
+    } else {
+        count_lost(cgroup);
+    }
+    if monitor { PASS } else { DROP }
 }
 
 /// The agent's verdict on an operation the policy allows or not: (return value, verdict,
@@ -272,6 +400,10 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct NetCall {
+    /// AF_UNIX: `sun_path` as the call gave it (`path_len` bytes; abstract names start
+    /// with a NUL).
+    pub path: [u8; UNIX_PATH_MAX],
+    pub path_len: u32,
     /// The address as the call gave it: IPv6, IPv4 as ::ffff:a.b.c.d.
     pub addr: [u8; 16],
     /// `__syscall_nr` of the entry: the exit of another call never completes it.
@@ -346,6 +478,8 @@ fn try_enter_sockaddr(ctx: &TracePointContext, kind: EventKind) {
         )
     };
     let mut call = NetCall {
+        path: [0; UNIX_PATH_MAX],
+        path_len: 0,
         addr: [0; 16],
         nr,
         port: 0,
@@ -382,6 +516,14 @@ fn try_enter_sockaddr(ctx: &TracePointContext, kind: EventKind) {
                 i += 1;
             }
         }
+    } else if u32::from(call.family) == AF_UNIX && addrlen > 2 {
+        let len = (addrlen as usize - 2).min(UNIX_PATH_MAX);
+        // SAFETY: as above; `len` bytes of `sun_path` the call passed.
+        if unsafe { bpf_probe_read_user_buf((uaddr + 2) as *const u8, &mut call.path[..len]) }
+            .is_ok()
+        {
+            call.path_len = len as u32;
+        }
     }
     let tid = bpf_get_current_pid_tgid() as u32;
     // Recorded whatever the family: a stale entry of an earlier call is replaced.
@@ -409,14 +551,17 @@ fn try_exit_sockaddr(ctx: &TracePointContext) {
             core::ptr::read_volatile(record.add(RET_OFFSET).cast::<i64>()),
         )
     };
-    // Only EACCES that no cgroup program saw: allowed calls, EPERM (the cgroup programs'
-    // answer) and EACCES after the cgroup hook (bind to a privileged port without the
-    // capability, a UDP connect to a broadcast address) are the cgroup programs' events.
-    if ret != -EACCES || call.seen != 0 || call.nr != nr {
+    if call.nr != nr {
         return;
     }
     let family = u32::from(call.family);
-    if family != AF_INET && family != AF_INET6 {
+    let report = match family {
+        // A refusal no cgroup program saw (theirs is EPERM, reported by them).
+        AF_INET | AF_INET6 => call.seen == 0 && (ret == -EACCES || ret == -EPERM),
+        AF_UNIX => call.path_len > 0,
+        _ => false,
+    };
+    if !report {
         return;
     }
     // SAFETY: `state` points into the AGENTS map value for the program's run.
@@ -432,17 +577,19 @@ fn try_exit_sockaddr(ctx: &TracePointContext) {
     // SAFETY: `ev` is the reserved ring-buffer record, writable and RawEvent-sized.
     unsafe {
         fill_header(ev, cgroup, call.kind, 0);
-        (*ev).layer = Layer::Landlock as u8;
-        (*ev).verdict = Verdict::Deny as u8;
-        // Landlock decides TCP sockets only (and UDP ones from ABI 10, which agentd does
-        // not handle): what it refused was a stream socket.
-        (*ev).proto = IPPROTO_TCP;
-        (*ev).aux = u64::from(SOCK_STREAM);
+        // The verdict is the call's result; user space attributes a refusal.
+        (*ev).layer = Layer::Observed as u8;
         (*ev).ret = ret;
         (*ev).addr = call.addr;
         (*ev).port = call.port;
         (*ev).family = call.family;
-        (*ev).path[0] = 0;
+        (*ev).aux = u64::from(call.path_len);
+        let mut i = 0;
+        while i < UNIX_PATH_MAX {
+            (*ev).path[i] = call.path[i];
+            i += 1;
+        }
+        (*ev).path[UNIX_PATH_MAX] = 0;
         (*ev).path2[0] = 0;
     }
     entry.submit(0);

@@ -55,27 +55,48 @@ pub enum Kind {
     /// A limit was reached (`detail.limit`: wall_time, pids, memory).
     Limit,
     Exec,
+    #[serde(rename = "process_start")]
     Fork,
+    #[serde(rename = "process_exit")]
     ProcessExit,
+    #[serde(rename = "file_write")]
     OpenWrite,
+    #[serde(rename = "file_unlink")]
     Unlink,
+    #[serde(rename = "file_rename")]
     Rename,
+    #[serde(rename = "file_mkdir")]
     Mkdir,
+    #[serde(rename = "file_rmdir")]
     Rmdir,
+    #[serde(rename = "file_link")]
     Link,
+    #[serde(rename = "file_symlink")]
     Symlink,
+    #[serde(rename = "file_chmod")]
     Chmod,
+    #[serde(rename = "file_chown")]
     Chown,
+    #[serde(rename = "file_truncate")]
     Truncate,
+    #[serde(rename = "file_setxattr")]
     Setxattr,
+    #[serde(rename = "net_connect")]
     Connect,
+    #[serde(rename = "net_send")]
     Sendmsg,
+    #[serde(rename = "net_bind")]
     Bind,
+    #[serde(rename = "net_socket")]
     Socket,
     /// A canary was opened, in any mode.
     Canary,
     /// The circuit breaker tripped (`detail.rule`, `detail.trigger`, `detail.contain_ns`).
     Breaker,
+    /// An inbound TCP connection to a port the profile does not let the agent bind,
+    /// dropped by the cgroup ingress program (`port` local, `addr` the peer's).
+    #[serde(rename = "net_accept")]
+    Accept,
     /// Events the kernel could not deliver (`detail.count`).
     Lost,
     /// A refused call of the ones the watch sees at their exit only (`detail.syscall`;

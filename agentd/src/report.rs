@@ -13,19 +13,6 @@ use std::fmt::Write as _;
 
 use crate::profile::{CompiledPolicy, format_bytes, format_duration};
 
-/// A port list for people: `443, 8080`, or `none`.
-pub fn format_ports(ports: &[u16]) -> String {
-    if ports.is_empty() {
-        "none".to_owned()
-    } else {
-        ports
-            .iter()
-            .map(u16::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-}
-
 /// The compiled policy as `profile check` and `run --dry-run` show it.
 pub fn render_policy(origin: &str, p: &CompiledPolicy) -> String {
     let mut s = String::new();
@@ -61,18 +48,6 @@ pub fn render_policy(origin: &str, p: &CompiledPolicy) -> String {
     if p.landlock.rules.is_empty() {
         line("landlock", "no path is accessible".into());
     }
-    let ports = format_ports;
-    line(
-        "tcp",
-        format!(
-            "connect ports: {}; bind ports: {}",
-            match &p.landlock.connect_tcp {
-                Some(v) => ports(v),
-                None => "any (a rule allows every port; the BPF programs decide)".into(),
-            },
-            ports(&p.landlock.bind_tcp)
-        ),
-    );
     let list = |v: Vec<String>| {
         if v.is_empty() {
             "none".to_owned()

@@ -161,8 +161,7 @@ fn breaker_connect_outside_scope_trips() {
     let ws = workspace_with_canary();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    // One rule (port 1), so the agent may create inet sockets; the connect itself is out
-    // of scope.
+    // One rule (port 1); the connect is out of scope.
     let text = profile("connect", DEFAULT_LIMITS, "").replacen(
         "connect = []",
         "connect = [\"127.0.0.1/32:1\"]",
@@ -178,10 +177,8 @@ fn breaker_connect_outside_scope_trips() {
     assert!(!run.stdout().contains("survived"), "{}", run.explain());
     let b = breaker_event(&run);
     assert_eq!(b["detail"]["rule"], "trip_on:connect");
-    // Landlock refuses TCP ports first where it can (ABI >= 4), else the cgroup program.
-    let layer = b["detail"]["trigger"]["layer"].as_str().unwrap();
-    assert!(layer == "landlock" || layer == "bpf", "{b}");
-    assert_eq!(b["detail"]["trigger"]["kind"], "connect");
+    assert_eq!(b["detail"]["trigger"]["layer"], "bpf", "{b}");
+    assert_eq!(b["detail"]["trigger"]["kind"], "net_connect");
 }
 
 /// Denied writes (outside `write`) are lesser violations: N-1 of them do nothing, the Nth
@@ -210,7 +207,7 @@ fn breaker_threshold_trips_at_n_and_not_before() {
     let denied = below
         .events
         .iter()
-        .filter(|e| e["kind"] == "open_write" && e["verdict"] == "deny")
+        .filter(|e| e["kind"] == "file_write" && e["verdict"] == "deny")
         .count();
     assert_eq!(
         denied,
@@ -230,7 +227,7 @@ fn breaker_threshold_trips_at_n_and_not_before() {
         .events
         .iter()
         .take_while(|e| e["kind"] != "breaker")
-        .filter(|e| e["kind"] == "open_write" && e["verdict"] == "deny")
+        .filter(|e| e["kind"] == "file_write" && e["verdict"] == "deny")
         .count();
     assert_eq!(
         before,
@@ -343,7 +340,8 @@ fn breaker_fork_bomb_is_held_by_pids_max_and_killed() {
 }
 
 /// The incident: an agent asked only to analyze tries to post. Under the built-in
-/// analyze-only profile its first attempt to reach the network stops it.
+/// analyze-only profile its first attempt to reach the network stops it: the cgroup
+/// program refuses the connect, and the breaker kills the agent for it.
 #[test]
 fn breaker_analyze_only_stops_an_agent_that_tries_to_post() {
     if !require_root() {
@@ -360,10 +358,14 @@ fn breaker_analyze_only_stops_an_agent_that_tries_to_post() {
         .run();
     assert_eq!(run.code(), 137, "{}", run.explain());
     assert!(run.stdout().contains("analyzing") && !run.stdout().contains("posted"));
-    assert_eq!(breaker_event(&run)["detail"]["rule"], "trip_on:socket");
+    let b = breaker_event(&run);
+    assert_eq!(b["detail"]["rule"], "trip_on:connect");
+    assert_eq!(b["detail"]["trigger"]["kind"], "net_connect", "{b}");
+    assert_eq!(b["detail"]["trigger"]["layer"], "bpf", "{b}");
+    assert_eq!(b["detail"]["trigger"]["port"], port, "{b}");
     assert!(
         run.stderr()
-            .contains("agentd: breaker tripped: trip_on:socket"),
+            .contains("agentd: breaker tripped: trip_on:connect"),
         "{}",
         run.explain()
     );

@@ -4,11 +4,17 @@
 use std::{os::unix::fs::PermissionsExt as _, path::Path};
 
 use agentd_tests::{
-    AgentRun, DEFAULT_LIMITS, agent_dir, landlock_abi, profile_file, require_root, test_profile,
+    AgentRun, DEFAULT_LIMITS, Run, agent_dir, landlock_abi, profile_file, require_root,
+    test_profile,
 };
 
 /// Runs `script` (python3) under a workspace-writable profile and returns its JSON output.
 fn attempt(ws: &Path, script: &str) -> serde_json::Value {
+    attempt_run(ws, script).0
+}
+
+/// [`attempt`], with the run (its events).
+fn attempt_run(ws: &Path, script: &str) -> (serde_json::Value, Run) {
     // No breaker: the refusals themselves are under test.
     let text = test_profile(
         "escape",
@@ -21,7 +27,25 @@ fn attempt(ws: &Path, script: &str) -> serde_json::Value {
         .python(script)
         .run();
     assert_eq!(run.code(), 0, "{}", run.explain());
-    serde_json::from_str(run.stdout().trim()).unwrap_or_else(|e| panic!("{e}: {}", run.explain()))
+    let out = serde_json::from_str(run.stdout().trim())
+        .unwrap_or_else(|e| panic!("{e}: {}", run.explain()));
+    (out, run)
+}
+
+/// The refused file event of `kind` on `path` (absolute, as the kernel resolved it):
+/// Landlock's, with EACCES (or EXDEV, Landlock's answer to some renames and links).
+fn assert_refused_by_landlock(run: &Run, kind: &str, field: &str, path: &Path) {
+    let path = path.to_str().unwrap();
+    let e = run
+        .events
+        .iter()
+        .find(|e| e["kind"] == kind && e[field] == path && e["verdict"] == "deny")
+        .unwrap_or_else(|| panic!("no refused {kind} with {field} {path}\n{}", run.explain()));
+    assert_eq!(e["layer"], "landlock", "{e}");
+    assert!(
+        e["errno"] == libc::EACCES || (kind == "file_rename" && e["errno"] == libc::EXDEV),
+        "{e}"
+    );
 }
 
 /// A world-writable directory outside the workspace with one world-writable file, so that
@@ -61,16 +85,29 @@ fn run_escape_through_a_planted_symlink_is_refused() {
     }
     let ws = agent_dir(true);
     let (_o, target) = outside();
+    let outside_dir = target.parent().unwrap().canonicalize().unwrap();
     std::os::unix::fs::symlink(&target, ws.path().join("link")).unwrap();
-    let r = attempt(
+    std::os::unix::fs::symlink(&outside_dir, ws.path().join("dirlink")).unwrap();
+    let up = format!(
+        "../{}/dotdot.txt",
+        outside_dir.file_name().unwrap().to_str().unwrap()
+    );
+    let (r, run) = attempt_run(
         ws.path(),
         &format!(
-            "{PRELUDE}\nattempt('write', lambda: open('link', 'w').write('pwned'))\nattempt('append', lambda: open('link', 'a').write('pwned'))\nprint(json.dumps(out))"
+            "{PRELUDE}\nattempt('write', lambda: open('link', 'w').write('pwned'))\nattempt('append', lambda: open('link', 'a').write('pwned'))\nattempt('dir', lambda: open('dirlink/new.txt', 'w').write('pwned'))\nattempt('dotdot', lambda: open({up:?}, 'w').write('pwned'))\nprint(json.dumps(out))"
         ),
     );
-    assert_eq!(r["write"], libc::EACCES, "{r}");
-    assert_eq!(r["append"], libc::EACCES, "{r}");
+    for op in ["write", "append", "dir", "dotdot"] {
+        assert_eq!(r[op], libc::EACCES, "{op}: {r}");
+    }
     unchanged(&target);
+    assert!(!outside_dir.join("new.txt").exists() && !outside_dir.join("dotdot.txt").exists());
+    // Each refusal names the file the kernel would have written, not the spelling.
+    let target = target.canonicalize().unwrap();
+    assert_refused_by_landlock(&run, "file_write", "path", &target);
+    assert_refused_by_landlock(&run, "file_write", "path", &outside_dir.join("new.txt"));
+    assert_refused_by_landlock(&run, "file_write", "path", &outside_dir.join("dotdot.txt"));
 }
 
 #[test]
@@ -96,7 +133,10 @@ fn run_escape_by_hardlink_rename_truncate_chmod_is_refused() {
         t = target.display().to_string(),
         dest = outside_dir.join("moved.txt").display().to_string(),
     );
-    let r = attempt(ws.path(), &script);
+    let (r, run) = attempt_run(ws.path(), &script);
+    // The rename out of the workspace, as an event naming both ends.
+    let dest = outside_dir.canonicalize().unwrap().join("moved.txt");
+    assert_refused_by_landlock(&run, "file_rename", "path2", &dest);
     // Landlock: linking and renaming across the workspace boundary need rights on both
     // sides (REFER), truncate needs TRUNCATE; chmod is refused by ownership (root's file).
     // Landlock confines truncate from ABI 3 (SECURITY.md, "Older kernels"): below it file

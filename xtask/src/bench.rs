@@ -118,6 +118,35 @@ fn watch_costs(agentd: &Path) -> anyhow::Result<()> {
         "  events received {}, lost {}",
         doc["events_received"], doc["events_lost"]
     );
+    eprintln!("  event pipeline (open-for-write calls of agent processes -> decoded events):");
+    let mut sustained = None;
+    for t in doc["throughput"]
+        .as_array()
+        .context("bench output: throughput")?
+    {
+        let lost = t["events_lost"].as_u64().unwrap_or(u64::MAX);
+        // Each process's start and exit are events too: at least one per call.
+        let whole = t["events_received"].as_u64() >= t["calls"].as_u64() && lost == 0;
+        let rate = t["events_per_s"].as_f64().unwrap_or(f64::NAN);
+        if whole {
+            sustained = Some(rate);
+        }
+        eprintln!(
+            "    {} process(es) at {:>9}: {:>7} calls, {:>7} decoded, {:>7} lost, {:>9.0} events/s",
+            t["processes"],
+            t["target_per_s"]
+                .as_u64()
+                .map_or("full speed".to_owned(), |r| format!("{r}/s")),
+            t["calls"],
+            t["events_received"],
+            lost,
+            rate
+        );
+    }
+    match sustained {
+        Some(r) => eprintln!("  sustained without loss: {r:.0} events/s"),
+        None => eprintln!("  sustained without loss: none of the rates (every step lost events)"),
+    }
     Ok(())
 }
 

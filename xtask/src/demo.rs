@@ -116,7 +116,7 @@ pub fn demo(root: &Path) -> anyhow::Result<()> {
             .or_else(|| e["detail"]["syscall"].as_str().map(|c| format!("{c}()")))
             .unwrap_or_default();
         eprintln!(
-            "  {:<12} {:<7} {:<9} pid {:<7} {:<8} {}",
+            "  {:<14} {:<7} {:<9} pid {:<7} {:<8} {}",
             e["kind"].as_str().unwrap_or("?"),
             e["verdict"].as_str().unwrap_or("?"),
             e["layer"].as_str().unwrap_or("?"),

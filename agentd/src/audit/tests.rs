@@ -174,7 +174,7 @@ fn intact_log_verifies_and_reports_its_head() {
     assert_eq!(values[0]["prev"], RecordHash::GENESIS.to_string());
     assert_eq!(values[0]["open"]["pid"], std::process::id());
     assert_eq!(values[1]["kind"], "event");
-    assert_eq!(values[1]["event"]["kind"], "open_write");
+    assert_eq!(values[1]["event"]["kind"], "file_write");
     assert_eq!(values[5]["kind"], "control");
     assert_eq!(values[5]["control"]["action"], "launch");
     assert_eq!(values[5]["control"]["by"]["pid"], std::process::id());

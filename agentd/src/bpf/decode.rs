@@ -24,6 +24,8 @@ use crate::{
 const EPERM: i32 = libc::EPERM;
 const EACCES: i32 = libc::EACCES;
 const ENOSYS: i32 = libc::ENOSYS;
+const EXDEV: i32 = libc::EXDEV;
+const AF_UNIX: u32 = libc::AF_UNIX as u32;
 /// `AT_FDCWD`: a relative path is resolved against the working directory.
 pub const AT_FDCWD: i32 = -100;
 
@@ -34,9 +36,12 @@ pub struct AgentInfo {
     pub policy: std::sync::Arc<CompiledPolicy>,
 }
 
-/// Resolves a relative path of process `pid` against directory fd `dfd` (`AT_FDCWD` =
-/// its working directory). Returns `None` when it cannot (the process is gone).
-pub type Resolver<'a> = &'a dyn Fn(u32, i32, &str) -> Option<PathBuf>;
+/// Resolves a path argument of process `pid` as the kernel did: a relative one against
+/// directory fd `dfd` (`AT_FDCWD` = its working directory; an empty path: the path of
+/// `dfd` itself), then the symbolic links of its directories, and of its last component
+/// too when the call follows it (`follow`). Returns `None` when it cannot (the process is
+/// gone).
+pub type Resolver<'a> = &'a dyn Fn(u32, i32, &str, bool) -> Option<PathBuf>;
 
 /// CLOCK_REALTIME minus CLOCK_MONOTONIC, in nanoseconds: turns a `bpf_ktime_get_ns()`
 /// stamp into wall-clock time.
@@ -77,6 +82,7 @@ fn kind_of(k: EventKind) -> Kind {
         EventKind::Connect => Kind::Connect,
         EventKind::Sendmsg => Kind::Sendmsg,
         EventKind::Bind => Kind::Bind,
+        EventKind::Inbound => Kind::Accept,
         EventKind::SocketCreate => Kind::Socket,
         EventKind::Canary => Kind::Canary,
         EventKind::Syscall => Kind::Syscall,
@@ -111,8 +117,9 @@ pub struct FileOutcome<'a> {
 /// - exit without entry, EPERM or ENOSYS: seccomp (its filter runs before the `sys_enter`
 ///   tracepoints; the `sys_exit` ones still fire);
 /// - EPERM on a call the policy's seccomp allow-list lacks: seccomp;
-/// - EACCES on a path the policy's Landlock rules do not grant the needed access to:
-///   Landlock; on a granted path: the kernel's own permission checks;
+/// - EACCES on a path the policy's Landlock rules do not grant the needed access to (or
+///   EXDEV on a rename or link): Landlock; on a granted path: the kernel's own checks (a
+///   real cross-filesystem EXDEV included);
 /// - anything else (ENOENT, EEXIST, ...): the call was allowed and failed on its own.
 pub fn attribute(o: &FileOutcome<'_>, policy: Option<&CompiledPolicy>) -> (Layer, Verdict) {
     let Some(errno) = o.errno else {
@@ -136,7 +143,10 @@ pub fn attribute(o: &FileOutcome<'_>, policy: Option<&CompiledPolicy>) -> (Layer
                 (Layer::Kernel, Verdict::Deny)
             }
         }
-        EACCES => {
+        // Landlock answers EXDEV to a rename or link whose ends it cannot both grant.
+        EACCES | EXDEV
+            if errno == EACCES || matches!(o.kind, EventKind::Rename | EventKind::Link) =>
+        {
             let Some(policy) = policy else {
                 return (Layer::Kernel, Verdict::Deny);
             };
@@ -160,6 +170,7 @@ pub fn attribute(o: &FileOutcome<'_>, policy: Option<&CompiledPolicy>) -> (Layer
                 | EventKind::Connect
                 | EventKind::Sendmsg
                 | EventKind::Bind
+                | EventKind::Inbound
                 | EventKind::SocketCreate
                 | EventKind::Syscall => return (Layer::Kernel, Verdict::Deny),
             };
@@ -223,6 +234,15 @@ pub fn attribute_call(name: &str, errno: i32, policy: Option<&CompiledPolicy>) -
         (Layer::Seccomp, Verdict::Deny)
     } else {
         (Layer::Kernel, Verdict::Deny)
+    }
+}
+
+/// An event's address: IPv4-mapped IPv6 shown as IPv4.
+fn ip_of(raw: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(raw);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
     }
 }
 
@@ -319,13 +339,42 @@ fn exit_detail(code: i64, e: Event) -> Event {
     }
 }
 
-/// The absolute form of `raw` (a path argument of process `pid`, `.` and `..` resolved
-/// lexically), or `raw` itself.
-fn resolve_path(raw: &str, pid: u32, dfd: i32, resolve: Resolver<'_>) -> PathBuf {
-    if raw.starts_with('/') || raw.is_empty() {
-        return PathBuf::from(raw);
+/// The path `raw` (an argument of process `pid`) names, as the resolver finds it (see
+/// [`Resolver`]), or `raw` itself.
+fn resolve_path(raw: &str, pid: u32, dfd: i32, follow: bool, resolve: Resolver<'_>) -> PathBuf {
+    if raw.is_empty() {
+        return PathBuf::new();
     }
-    resolve(pid, dfd, raw).map_or_else(|| PathBuf::from(raw), |p| normalize(&p))
+    resolve(pid, dfd, raw, follow).map_or_else(|| PathBuf::from(raw), |p| normalize(&p))
+}
+
+/// Whether the call follows a symbolic link in the last component of its (first) path.
+fn follows_last(kind: EventKind, syscall: Option<Syscall>, aux: u64) -> bool {
+    match kind {
+        EventKind::OpenWrite | EventKind::Canary => {
+            let flags = aux as i32;
+            let excl = libc::O_CREAT | libc::O_EXCL;
+            flags & libc::O_NOFOLLOW == 0 && flags & excl != excl
+        }
+        EventKind::Chown => syscall != Some(Syscall::Lchown),
+        EventKind::Setxattr => syscall != Some(Syscall::Lsetxattr),
+        EventKind::Exec | EventKind::Chmod | EventKind::Truncate => true,
+        // These act on the link itself (or have no path).
+        EventKind::Unlink
+        | EventKind::Rename
+        | EventKind::Mkdir
+        | EventKind::Rmdir
+        | EventKind::Link
+        | EventKind::Symlink
+        | EventKind::Fork
+        | EventKind::Exit
+        | EventKind::Connect
+        | EventKind::Sendmsg
+        | EventKind::Bind
+        | EventKind::Inbound
+        | EventKind::SocketCreate
+        | EventKind::Syscall => false,
+    }
 }
 
 /// The directory the kernel read for a relative path of this event ([`EVENT_FLAG_DIR`]:
@@ -389,34 +438,44 @@ pub fn decode(
     }
 
     match raw_kind {
+        EventKind::Connect | EventKind::Sendmsg | EventKind::Bind
+            if u32::from(raw.family) == AF_UNIX =>
+        {
+            e = unix_socket_event(raw, raw_kind, e, agent, resolve);
+        }
         EventKind::Connect | EventKind::Sendmsg | EventKind::Bind => {
-            e.layer = layer_of_raw(raw.layer).unwrap_or(Layer::Bpf);
-            e.verdict = verdict_of_raw(raw.verdict);
-            let v6 = Ipv6Addr::from(raw.addr);
-            e.addr = Some(match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => IpAddr::V6(v6),
-            });
+            e.addr = Some(ip_of(raw.addr));
             e.port = Some(raw.port);
-            e.proto = proto_name(raw.proto);
-            if e.verdict != Verdict::Allow && !monitor {
-                // The call's -errno when the connect/bind exit reported it (what Landlock
-                // refused, EACCES), else the cgroup programs' EPERM.
-                e.errno = Some(if raw.ret < 0 {
-                    i32::try_from(-raw.ret).unwrap_or(i32::MAX)
-                } else {
-                    EPERM
-                });
-            }
-            if e.layer == Layer::Landlock
-                && raw_kind == EventKind::Connect
-                && agent.is_some_and(|a| a.policy.landlock.connect_tcp.is_none())
-            {
-                // The agent's ruleset does not handle TCP connect (a rule allows every
-                // port): Landlock did not refuse it, another LSM of the host did.
-                e.layer = Layer::Kernel;
+            match layer_of_raw(raw.layer) {
+                Some(layer) => {
+                    // A cgroup program's decision: EPERM when it refused.
+                    e.layer = layer;
+                    e.verdict = verdict_of_raw(raw.verdict);
+                    e.proto = proto_name(raw.proto);
+                    if e.verdict != Verdict::Allow && !monitor {
+                        e.errno = Some(EPERM);
+                    }
+                }
+                None => {
+                    // Reported at the call's exit: refused before any cgroup program saw
+                    // it, by a security module of the host (agentd's Landlock ruleset
+                    // handles no network right).
+                    e.layer = Layer::Kernel;
+                    e.verdict = Verdict::Deny;
+                    e.errno = Some(i32::try_from(-raw.ret).unwrap_or(i32::MAX));
+                }
             }
             e = e.with("family", family_name(raw.family));
+        }
+        EventKind::Inbound => {
+            // Dropped in the receive path: the peer's connection request never reached the
+            // agent, so the agent saw no errno.
+            e.layer = Layer::Bpf;
+            e.verdict = verdict_of_raw(raw.verdict);
+            e.addr = Some(ip_of(raw.addr));
+            e.port = Some(raw.port);
+            e.proto = proto_name(raw.proto);
+            e = e.with("peer_port", raw.aux);
         }
         EventKind::SocketCreate => {
             e.layer = layer_of_raw(raw.layer).unwrap_or(Layer::Bpf);
@@ -490,9 +549,12 @@ fn decode_file(
     // (exact, and there after the process is gone); without it, through /proc while the
     // process lives.
     let dir = kernel_dir(raw);
-    let with_dir = |pid: u32, dfd: i32, rel: &str| match &dir {
-        Some(d) if dfd == raw.dfd && !rel.is_empty() => Some(d.join(rel)),
-        _ => resolve(pid, dfd, rel),
+    let with_dir = |pid: u32, dfd: i32, rel: &str, follow: bool| match &dir {
+        Some(d) if dfd == raw.dfd && !rel.is_empty() && !rel.starts_with('/') => {
+            let abs = d.join(rel);
+            resolve(pid, AT_FDCWD, &abs.to_string_lossy(), follow).or(Some(abs))
+        }
+        _ => resolve(pid, dfd, rel, follow),
     };
     let resolve: Resolver<'_> = &with_dir;
     let no_enter = raw.flags & EVENT_FLAG_NO_ENTER != 0;
@@ -505,6 +567,7 @@ fn decode_file(
     e.errno = errno;
 
     let path_arg = cstr(&raw.path);
+    let follow = follows_last(kind, syscall, raw.aux);
     let (path, path2) = match kind {
         EventKind::Exec => {
             let argv: Vec<String> = (0..EXEC_ARGS)
@@ -514,21 +577,27 @@ fn decode_file(
             if !argv.is_empty() {
                 e = e.with("argv", argv);
             }
-            (resolve_path(&path_arg, raw.pid, raw.dfd, resolve), None)
+            (
+                resolve_path(&path_arg, raw.pid, raw.dfd, follow, resolve),
+                None,
+            )
         }
         EventKind::Setxattr => {
             let name = cstr(&raw.path2);
             if !name.is_empty() {
                 e = e.with("xattr", name);
             }
-            (resolve_path(&path_arg, raw.pid, raw.dfd, resolve), None)
+            (
+                resolve_path(&path_arg, raw.pid, raw.dfd, follow, resolve),
+                None,
+            )
         }
         EventKind::Symlink => {
             // path is the link's contents, never resolved; dfd belongs to path2.
             let link = cstr(&raw.path2);
             (
                 PathBuf::from(&path_arg),
-                Some(resolve_path(&link, raw.pid, raw.dfd, resolve)),
+                Some(resolve_path(&link, raw.pid, raw.dfd, false, resolve)),
             )
         }
         EventKind::Rename | EventKind::Link => {
@@ -539,13 +608,13 @@ fn decode_file(
                 Some(Syscall::Rename | Syscall::Link) => AT_FDCWD,
                 _ => i32::MIN,
             };
-            let second = if dfd2 == AT_FDCWD {
-                resolve_path(&second, raw.pid, AT_FDCWD, resolve)
+            let second = if dfd2 == AT_FDCWD || second.starts_with('/') {
+                resolve_path(&second, raw.pid, AT_FDCWD, false, resolve)
             } else {
                 PathBuf::from(second)
             };
             (
-                resolve_path(&path_arg, raw.pid, raw.dfd, resolve),
+                resolve_path(&path_arg, raw.pid, raw.dfd, false, resolve),
                 Some(second),
             )
         }
@@ -562,8 +631,12 @@ fn decode_file(
         | EventKind::Connect
         | EventKind::Sendmsg
         | EventKind::Bind
+        | EventKind::Inbound
         | EventKind::SocketCreate
-        | EventKind::Syscall => (resolve_path(&path_arg, raw.pid, raw.dfd, resolve), None),
+        | EventKind::Syscall => (
+            resolve_path(&path_arg, raw.pid, raw.dfd, follow, resolve),
+            None,
+        ),
     };
     // The first path, when known: not when the exit came without its entry; when the
     // entry could not read it, only for a successful open (from the new fd).
@@ -577,7 +650,7 @@ fn decode_file(
             Some(Syscall::Open | Syscall::Openat | Syscall::Openat2 | Syscall::Creat)
         );
         match i32::try_from(raw.ret) {
-            Ok(fd) if opened && fd >= 0 => resolve(raw.pid, fd, ""),
+            Ok(fd) if opened && fd >= 0 => resolve(raw.pid, fd, "", false),
             Ok(_) | Err(_) => None,
         }
     } else {
@@ -648,6 +721,64 @@ fn decode_file(
         e.path2 = path2.map(|p| p.to_string_lossy().into_owned());
     }
     Some(e)
+}
+
+/// A unix-socket connect or bind, reported at its exit with the call's result. The
+/// socket's name is `path` (absolute, as resolved) or, for an abstract socket, `@name`
+/// (`abstract: true`). A refusal is Landlock's when its rules explain it: an abstract
+/// socket outside the agent's domain (EPERM, scoping), a pathname socket created where
+/// the agent may not write (EACCES); else the kernel's own (file permissions, no
+/// listener).
+fn unix_socket_event(
+    raw: &RawEvent,
+    kind: EventKind,
+    mut e: Event,
+    agent: Option<&AgentInfo>,
+    resolve: Resolver<'_>,
+) -> Event {
+    let len = usize::try_from(raw.aux)
+        .unwrap_or(0)
+        .min(agentd_common::UNIX_PATH_MAX);
+    let name = &raw.path[..len];
+    let abstract_name = name.first() == Some(&0);
+    let path = if abstract_name {
+        let rest = &name[1..];
+        // Abstract names are bytes; NULs are shown escaped.
+        format!("@{}", String::from_utf8_lossy(rest).replace('\0', "\\0"))
+    } else {
+        let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        let text = String::from_utf8_lossy(&name[..end]).into_owned();
+        resolve_path(&text, raw.pid, AT_FDCWD, false, resolve)
+            .to_string_lossy()
+            .into_owned()
+    };
+    let errno = (raw.ret < 0).then(|| i32::try_from(-raw.ret).unwrap_or(i32::MAX));
+    let policy = agent.map(|a| a.policy.as_ref());
+    let landlock = match (errno, kind) {
+        (Some(EPERM), EventKind::Connect) => abstract_name,
+        (Some(EACCES), EventKind::Bind) => {
+            !abstract_name
+                && policy.is_some_and(|p| {
+                    let path = Path::new(&path);
+                    path.is_absolute() && !p.fs_allows(path, |a| a.write)
+                })
+        }
+        _ => false,
+    };
+    (e.layer, e.verdict) = match errno {
+        None => (Layer::Kernel, Verdict::Allow),
+        Some(_) if landlock => (Layer::Landlock, Verdict::Deny),
+        Some(EPERM | EACCES) => (Layer::Kernel, Verdict::Deny),
+        // ENOENT, ECONNREFUSED, EADDRINUSE: allowed, and failed on its own.
+        Some(_) => (Layer::Kernel, Verdict::Allow),
+    };
+    e.errno = errno;
+    e.path = Some(path);
+    e = e.with("family", "unix");
+    if abstract_name {
+        e = e.with("abstract", true);
+    }
+    e
 }
 
 /// `p` with `.`, `..` and repeated `/` resolved lexically (symlinks are not followed).
@@ -722,6 +853,7 @@ fn aux_detail(kind: EventKind, aux: u64, mut e: Event) -> Event {
         | EventKind::Connect
         | EventKind::Sendmsg
         | EventKind::Bind
+        | EventKind::Inbound
         | EventKind::SocketCreate
         | EventKind::Syscall => {}
     }
@@ -801,7 +933,7 @@ connect = ["127.0.0.1/32:8080"]
         buf[s.len()] = 0;
     }
 
-    fn no_resolve(_: u32, _: i32, _: &str) -> Option<PathBuf> {
+    fn no_resolve(_: u32, _: i32, _: &str, _: bool) -> Option<PathBuf> {
         None
     }
 
@@ -834,39 +966,112 @@ connect = ["127.0.0.1/32:8080"]
         assert_eq!(e.ktime_ns, Some(5_000_000_123));
     }
 
-    /// The connect/bind exit's report of what Landlock refused before the cgroup programs.
+    /// The connect/bind exit's report of an inet call refused before the cgroup programs:
+    /// agentd's Landlock handles no network right, so a security module of the host did.
     #[test]
-    fn connect_refused_by_landlock_carries_eacces() {
+    fn inet_call_refused_before_the_cgroup_programs_is_the_kernels() {
         let mut r = raw(EventKind::Connect);
-        r.layer = agentd_common::Layer::Landlock as u8;
-        r.verdict = agentd_common::Verdict::Deny as u8;
-        r.proto = IPPROTO_TCP;
         r.ret = -i64::from(libc::EACCES);
         r.addr = Ipv6Addr::from([0, 0, 0, 0, 0, 0xffff, 0x7f00, 1]).octets();
         r.port = 8081;
         r.family = libc::AF_INET as u16;
         let e = dec(&r);
         assert_eq!(
-            (e.kind, e.layer, e.verdict),
-            (Kind::Connect, Layer::Landlock, Verdict::Deny)
+            (e.kind, e.layer, e.verdict, e.errno),
+            (
+                Kind::Connect,
+                Layer::Kernel,
+                Verdict::Deny,
+                Some(libc::EACCES)
+            )
         );
-        assert_eq!(e.errno, Some(libc::EACCES));
         assert_eq!(e.addr, Some("127.0.0.1".parse().unwrap()));
         assert_eq!(e.port, Some(8081));
-        assert_eq!(e.proto.as_deref(), Some("tcp"));
-        r.kind = EventKind::Bind as u16;
-        assert_eq!(dec(&r).layer, Layer::Landlock);
-        // A ruleset that does not handle TCP connect (a rule allows every port): not
-        // Landlock's refusal.
-        let mut pol = (*policy()).clone();
-        pol.landlock.connect_tcp = None;
-        let open = AgentInfo {
-            id: "agent-1".into(),
-            policy: Arc::new(pol),
+    }
+
+    fn unix_raw(kind: EventKind, name: &[u8], ret: i32) -> RawEvent {
+        let mut r = raw(kind);
+        r.family = libc::AF_UNIX as u16;
+        r.ret = i64::from(ret);
+        r.path[..name.len()].copy_from_slice(name);
+        r.aux = name.len() as u64;
+        r
+    }
+
+    #[test]
+    fn unix_socket_calls_name_the_socket_and_the_layer() {
+        // Abstract, refused by Landlock's scoping.
+        let e = dec(&unix_raw(EventKind::Connect, b"\0bus\0x", -libc::EPERM));
+        assert_eq!(
+            (e.kind, e.layer, e.verdict, e.errno),
+            (
+                Kind::Connect,
+                Layer::Landlock,
+                Verdict::Deny,
+                Some(libc::EPERM)
+            )
+        );
+        assert_eq!(e.path.as_deref(), Some("@bus\\0x"));
+        assert_eq!(e.detail.get("abstract"), Some(&serde_json::json!(true)));
+        assert_eq!(e.addr, None);
+        // A pathname socket created where the agent may not write: Landlock's.
+        let e = dec(&unix_raw(EventKind::Bind, b"/etc/s.sock\0", -libc::EACCES));
+        assert_eq!((e.layer, e.verdict), (Layer::Landlock, Verdict::Deny));
+        assert_eq!(e.path.as_deref(), Some("/etc/s.sock"));
+        // Where it may: the kernel's own permission check.
+        let e = dec(&unix_raw(EventKind::Bind, b"/tmp/s.sock", -libc::EACCES));
+        assert_eq!((e.layer, e.verdict), (Layer::Kernel, Verdict::Deny));
+        // Connected; and allowed but nobody listening.
+        let e = dec(&unix_raw(EventKind::Connect, b"/run/x.sock\0", 0));
+        assert_eq!(
+            (e.layer, e.verdict, e.errno),
+            (Layer::Kernel, Verdict::Allow, None)
+        );
+        let e = dec(&unix_raw(
+            EventKind::Connect,
+            b"/run/x.sock",
+            -libc::ECONNREFUSED,
+        ));
+        assert_eq!(
+            (e.verdict, e.errno),
+            (Verdict::Allow, Some(libc::ECONNREFUSED))
+        );
+        // A relative name is resolved against the process's working directory.
+        let cwd = |_pid: u32, dfd: i32, p: &str, _follow: bool| {
+            (dfd == AT_FDCWD).then(|| PathBuf::from("/home/u/project").join(p))
         };
-        r.kind = EventKind::Connect as u16;
-        let e = decode(&r, Some(&open), CLOCK, &no_resolve).unwrap();
-        assert_eq!((e.layer, e.errno), (Layer::Kernel, Some(libc::EACCES)));
+        let e = decode(
+            &unix_raw(EventKind::Bind, b"../s.sock", -libc::EACCES),
+            Some(&agent()),
+            CLOCK,
+            &cwd,
+        )
+        .unwrap();
+        assert_eq!(e.path.as_deref(), Some("/home/u/s.sock"));
+        assert_eq!(e.layer, Layer::Landlock);
+    }
+
+    #[test]
+    fn inbound_connection_dropped_has_the_local_port_and_the_peer() {
+        let mut r = raw(EventKind::Inbound);
+        r.layer = agentd_common::Layer::Bpf as u8;
+        r.verdict = agentd_common::Verdict::Deny as u8;
+        r.proto = IPPROTO_TCP;
+        r.addr = Ipv6Addr::LOCALHOST.octets();
+        r.port = 41000;
+        r.aux = 55555;
+        let e = dec(&r);
+        assert_eq!(
+            (e.kind, e.layer, e.verdict, e.errno),
+            (Kind::Accept, Layer::Bpf, Verdict::Deny, None)
+        );
+        assert_eq!(e.addr, Some("::1".parse().unwrap()));
+        assert_eq!(e.port, Some(41000));
+        assert_eq!(e.detail.get("peer_port"), Some(&serde_json::json!(55555)));
+        assert_eq!(
+            serde_json::to_value(&e).unwrap()["kind"],
+            serde_json::json!("net_accept")
+        );
     }
 
     #[test]
@@ -959,7 +1164,7 @@ connect = ["127.0.0.1/32:8080"]
         r.dfd = 7;
         r.aux = 0o755;
         set(&mut r.path, "sub/dir");
-        let resolver = |pid: u32, dfd: i32, p: &str| {
+        let resolver = |pid: u32, dfd: i32, p: &str, _: bool| {
             assert_eq!((pid, dfd), (100, 7));
             Some(PathBuf::from("/etc").join(p))
         };
@@ -1021,7 +1226,7 @@ connect = ["127.0.0.1/32:8080"]
         assert_eq!(e.detail["path_arg"], "./tool");
         assert_eq!((e.layer, e.verdict), (Layer::Landlock, Verdict::Deny));
         // The kernel's directory wins over /proc (the process may have moved since).
-        let elsewhere = |_: u32, _: i32, p: &str| Some(PathBuf::from("/usr/bin").join(p));
+        let elsewhere = |_: u32, _: i32, p: &str, _: bool| Some(PathBuf::from("/usr/bin").join(p));
         let e = decode(&r, Some(&agent()), CLOCK, &elsewhere).unwrap();
         assert_eq!(e.path.as_deref(), Some("/home/u/project/tool"));
         // `..` is resolved lexically against it.
@@ -1240,7 +1445,7 @@ connect = ["127.0.0.1/32:8080"]
         r.flags = EVENT_FLAG_CANARY_CANDIDATE;
         r.ret = -i64::from(libc::EACCES);
         set(&mut r.path, ".ssh/id_rsa");
-        let in_home = |_: u32, dfd: i32, p: &str| {
+        let in_home = |_: u32, dfd: i32, p: &str, _: bool| {
             assert_eq!(dfd, AT_FDCWD);
             Some(PathBuf::from("/home/u").join(p))
         };
@@ -1268,7 +1473,7 @@ connect = ["127.0.0.1/32:8080"]
         r.flags = EVENT_FLAG_CANARY_CANDIDATE | EVENT_FLAG_PATH_UNREAD;
         r.ret = 5;
         let by_fd = |target: &'static str| {
-            move |pid: u32, fd: i32, rel: &str| {
+            move |pid: u32, fd: i32, rel: &str, _: bool| {
                 assert_eq!((pid, fd, rel), (100, 5, ""));
                 Some(PathBuf::from(target))
             }
@@ -1296,7 +1501,7 @@ connect = ["127.0.0.1/32:8080"]
         r.aux = (libc::O_WRONLY | libc::O_APPEND) as u64;
         r.ret = -i64::from(libc::EACCES);
         set(&mut r.path, ".ssh/authorized_keys");
-        let home = |_: u32, _: i32, p: &str| Some(PathBuf::from("/home/u").join(p));
+        let home = |_: u32, _: i32, p: &str, _: bool| Some(PathBuf::from("/home/u").join(p));
         let e = decode(&r, Some(&agent()), CLOCK, &home).unwrap();
         assert_eq!(e.kind, Kind::Canary);
         assert_eq!(e.detail["canary"], "/home/u/.ssh");

@@ -393,10 +393,10 @@ bind = [9000, "5353/udp"]
     }
 
     #[test]
-    fn no_network_rules_no_inet_sockets() {
+    fn no_network_rules_inet_sockets_and_empty_allow_lists() {
         let p = compiled("[agent]\nname = \"t\"\n");
         let e = agent_entries(1, &p).unwrap();
-        assert_eq!(e.state.flags, 0);
+        assert_eq!(e.state.flags, AGENT_FLAG_INET | AGENT_FLAG_INET6);
         assert!(e.net.is_empty() && e.bind.is_empty() && e.canaries.is_empty());
     }
 

@@ -280,6 +280,9 @@ pub const SOCK_ADDR_PROGRAMS: [(&str, CgroupSockAddrAttachType); 6] = [
 ];
 /// cgroup/sock_create, attached to each agent's cgroup.
 pub const SOCK_CREATE: &str = "sock_create";
+/// The `cgroup_skb/ingress` program that drops inbound TCP connection requests to ports
+/// the agent may not bind (attached per agent, like the others).
+pub const INBOUND: &str = "inbound";
 
 #[cfg(test)]
 mod tests {

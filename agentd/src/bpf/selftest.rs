@@ -746,7 +746,8 @@ async fn run() -> anyhow::Result<ExitCode> {
     }
     for (name, path, arg) in [
         ("relative path", "canary/secret", "./secret"),
-        ("symlink", "allowed/canary-link", "allowed/canary-link"),
+        // The event names the file the kernel opened, the spelling is `path_arg`.
+        ("symlink", "canary/secret", "allowed/canary-link"),
     ] {
         let p = under(path);
         let e = find(&mine, |e| {
@@ -823,8 +824,10 @@ async fn run() -> anyhow::Result<ExitCode> {
         e.is_none() && r("read_refused_not_canary") == eacces,
         summary(e),
     );
+    // As the kernel resolved it: /usr/bin/true where /bin is a link to usr/bin.
+    let true_path = std::fs::canonicalize("/bin/true")?;
     let e = find(&mine, |e| {
-        e.kind == Kind::Exec && e.path.as_deref() == Some("/bin/true")
+        e.kind == Kind::Exec && e.path.as_deref() == true_path.to_str()
     });
     checks.check(
         "event: exec /bin/true with argv and the new comm",
@@ -1337,14 +1340,27 @@ fn child_kill(args: &[String]) -> anyhow::Result<ExitCode> {
 }
 
 /// child-flood TMP N: N write-opens as fast as possible; prints {opened: N}.
+/// `child-flood TMP N [RATE]`: N opens for write of TMP/allowed/flood, at RATE per second
+/// (paced every 100 calls) or as fast as it can.
 fn child_flood(args: &[String]) -> anyhow::Result<ExitCode> {
-    let [tmp, n] = args else {
-        bail!("child-flood TMP N");
+    let (tmp, n, rate) = match args {
+        [tmp, n] => (tmp, n, None),
+        [tmp, n, rate] => (tmp, n, Some(rate.parse::<f64>()?)),
+        _ => bail!("child-flood TMP N [RATE]"),
     };
     let n: u32 = n.parse()?;
     let path = cpath(&Path::new(tmp).join("allowed/flood"));
     let mut opened = 0u32;
-    for _ in 0..n {
+    let start = Instant::now();
+    for i in 0..n {
+        if let Some(rate) = rate
+            && i % 100 == 0
+        {
+            let due = Duration::from_secs_f64(f64::from(i) / rate);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
         // SAFETY: valid NUL-terminated path; the fd is closed at once.
         let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CREAT, 0o600) };
         if fd >= 0 {
@@ -1442,28 +1458,90 @@ connect = ["127.0.0.1/32:9/udp"]
     let mut watch = Watch::load().map_err(|e| anyhow::anyhow!("Watch::load: {e:#}"))?;
     let outside_loaded_no_agent = bench::run_loops(n, &tmp.0)?;
     let mut rx = watch.events();
+    // Counts what reaches user space, decoded: (events, lost, last arrival).
+    let seen = std::sync::Arc::new(std::sync::Mutex::new((0u64, 0u64, Instant::now())));
+    let tally = std::sync::Arc::clone(&seen);
     let drain = tokio::spawn(async move {
-        let mut n = 0u64;
-        let mut lost = 0u64;
         while let Some(e) = rx.recv().await {
-            n += 1;
-            if e.kind == Kind::Lost {
-                lost += e.detail.get("count").and_then(Value::as_u64).unwrap_or(0);
+            let lost = if e.kind == Kind::Lost {
+                e.detail.get("count").and_then(Value::as_u64).unwrap_or(0)
+            } else {
+                0
+            };
+            if let Ok(mut t) = tally.lock() {
+                t.0 += 1;
+                t.1 += lost;
+                t.2 = Instant::now();
             }
         }
-        (n, lost)
     });
+    let snapshot = || seen.lock().map(|t| *t).unwrap_or((0, 0, Instant::now()));
     let handle = watch
         .add_agent("bench", &cgroup.dir, &policy)
         .map_err(|e| anyhow::anyhow!("add_agent: {e:#}"))?;
     let outside_after = bench::run_loops(n, &tmp.0)?;
     let (inside_after, _) = run_child_json(&mut inside(&cgroup.dir)?).await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Throughput: an agent process opening a file for write, each call one event through
+    // the ring buffer, the reader and the decoder; one second at each rate, then as fast
+    // as two processes can. What reaches user space and what is lost are counted.
+    std::fs::create_dir_all(tmp.0.join("allowed"))?;
+    let mut steps = Vec::new();
+    for (procs, rate) in [
+        (1u32, Some(25_000u32)),
+        (1, Some(50_000)),
+        (1, Some(100_000)),
+        (1, Some(200_000)),
+        (2, None),
+    ] {
+        let calls = rate.unwrap_or(n.saturating_mul(10));
+        let (before, lost_before, _) = snapshot();
+        let t0 = Instant::now();
+        let mut floods = Vec::new();
+        for _ in 0..procs {
+            let mut args = vec!["child-flood".into(), t.to_string(), calls.to_string()];
+            args.extend(rate.map(|r| r.to_string()));
+            floods.push(
+                in_cgroup(&cgroup.dir, &args)?
+                    .stdout(Stdio::null())
+                    .spawn()?,
+            );
+        }
+        for mut f in floods {
+            f.wait().await?;
+        }
+        let producing_s = t0.elapsed().as_secs_f64();
+        // Until the reader has caught up (nothing new for half a second).
+        let mut last = snapshot();
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = snapshot();
+            if now.0 == last.0 {
+                break;
+            }
+            last = now;
+        }
+        let (after, lost_after, last_arrival) = last;
+        let received = after - before;
+        let delivered_s = last_arrival.duration_since(t0).as_secs_f64();
+        steps.push(json!({
+            "processes": procs,
+            "target_per_s": rate,
+            "calls": u64::from(calls) * u64::from(procs),
+            "events_received": received,
+            "events_lost": lost_after - lost_before,
+            "producing_s": producing_s,
+            "events_per_s": received as f64 / delivered_s,
+        }));
+    }
+
     watch
         .remove_agent(handle)
         .map_err(|e| anyhow::anyhow!("remove_agent: {e:#}"))?;
     drop(watch);
-    let (events, lost) = drain.await?;
+    let (events, lost, _) = snapshot();
+    drain.abort();
 
     let doc = json!({
         "iterations": n,
@@ -1476,6 +1554,7 @@ connect = ["127.0.0.1/32:9/udp"]
         },
         "events_received": events,
         "events_lost": lost,
+        "throughput": steps,
     });
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(ExitCode::SUCCESS)

@@ -28,7 +28,8 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, TracePoint,
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
+        CgroupSockAddr, ProgramError, TracePoint, cgroup_skb::CgroupSkbLinkId,
         cgroup_sock::CgroupSockLinkId, cgroup_sock_addr::CgroupSockAddrLinkId,
         trace_point::TracePointLinkId,
     },
@@ -38,7 +39,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 use super::{
     BPFFS, BpfError, EBPF_OBJECT, TRACEFS,
     btf::{self, Btf as KernelBtf},
-    decode::{AT_FDCWD, AgentInfo, ClockOffset, decode},
+    decode::{AT_FDCWD, AgentInfo, ClockOffset, decode, normalize},
     encode::{
         AgentEntries, CanaryStat, agent_entries, canary_inode_keys, cgroup_level, inode_matchable,
         mountinfo_dev,
@@ -93,6 +94,7 @@ enum CgroupLink {
         id: CgroupSockAddrLinkId,
     },
     SockCreate(CgroupSockLinkId),
+    Inbound(CgroupSkbLinkId),
 }
 
 /// What the event reader knows about agents, shared with the `Watch`.
@@ -570,6 +572,8 @@ impl Watch {
         {
             let p: &mut CgroupSock = program(&mut ebpf, programs::SOCK_CREATE)?;
             p.load().map_err(load_err(programs::SOCK_CREATE))?;
+            let p: &mut CgroupSkb = program(&mut ebpf, programs::INBOUND)?;
+            p.load().map_err(load_err(programs::INBOUND))?;
         }
 
         let agents = take_map(&mut ebpf, "AGENTS", HashMap::try_from)?;
@@ -649,7 +653,7 @@ impl Watch {
             (
                 AgentInfo {
                     id: agent_id.to_owned(),
-                    policy: Arc::new(policy.clone()),
+                    policy: Arc::new(policy.with_real_paths()),
                 },
                 None,
             ),
@@ -751,10 +755,23 @@ impl Watch {
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|source| BpfError::Attach {
                 program: programs::SOCK_CREATE,
-                target,
+                target: target.clone(),
                 source,
             })?;
         h.links.push(CgroupLink::SockCreate(id));
+        let p: &mut CgroupSkb = program(&mut self.ebpf, programs::INBOUND)?;
+        let id = p
+            .attach(
+                &cgroup,
+                CgroupSkbAttachType::Ingress,
+                CgroupAttachMode::Single,
+            )
+            .map_err(|source| BpfError::Attach {
+                program: programs::INBOUND,
+                target,
+                source,
+            })?;
+        h.links.push(CgroupLink::Inbound(id));
         Ok(())
     }
 
@@ -790,6 +807,14 @@ impl Watch {
                         })
                     })
                 }
+                CgroupLink::Inbound(id) => program::<CgroupSkb>(&mut self.ebpf, programs::INBOUND)
+                    .and_then(|p| {
+                        p.detach(id).map_err(|source| BpfError::Detach {
+                            program: programs::INBOUND,
+                            target: target.clone(),
+                            source,
+                        })
+                    }),
             });
         }
         // Entries that were never written (a failed add_agent) are not errors.
@@ -985,20 +1010,47 @@ fn mount_id(path: &Path) -> Option<u64> {
     (rc == 0 && stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
 }
 
-/// Resolves a relative path argument through /proc while the process lives (`rel`
-/// empty: the path of fd `dfd` itself).
-fn proc_resolve(pid: u32, dfd: i32, rel: &str) -> Option<PathBuf> {
-    let base = if dfd == AT_FDCWD {
-        format!("/proc/{pid}/cwd")
+/// Resolves a path argument as the kernel did (see [`crate::bpf::decode::Resolver`]):
+/// a relative one through /proc while the process lives (`path` empty: the path of fd
+/// `dfd` itself), then its symbolic links, on the host's view of the filesystem (the
+/// agent shares it). A link changed since the call is resolved as it is now.
+fn proc_resolve(pid: u32, dfd: i32, path: &str, follow: bool) -> Option<PathBuf> {
+    let joined = if path.starts_with('/') {
+        PathBuf::from(path)
     } else {
-        format!("/proc/{pid}/fd/{dfd}")
+        let base = if dfd == AT_FDCWD {
+            format!("/proc/{pid}/cwd")
+        } else {
+            format!("/proc/{pid}/fd/{dfd}")
+        };
+        let dir = std::fs::read_link(base).ok()?;
+        if !dir.is_absolute() {
+            // "socket:[..]", "pipe:[..]", "anon_inode:..": no path.
+            return None;
+        }
+        if path.is_empty() {
+            return Some(dir);
+        }
+        dir.join(path)
     };
-    let dir = std::fs::read_link(base).ok()?;
-    if !dir.is_absolute() {
-        // "socket:[..]", "pipe:[..]", "anon_inode:..": no path.
-        return None;
+    Some(real_path(&joined, follow))
+}
+
+/// `path` with the symbolic links of its directories resolved (and `..` after them, as
+/// the kernel walks), and of its last component when `follow`; lexically where a
+/// directory does not exist.
+fn real_path(path: &Path, follow: bool) -> PathBuf {
+    if follow && let Ok(p) = std::fs::canonicalize(path) {
+        return p;
     }
-    Some(if rel.is_empty() { dir } else { dir.join(rel) })
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => match std::fs::canonicalize(dir) {
+            Ok(dir) => dir.join(name),
+            Err(_) => normalize(path),
+        },
+        // "/", or a last component of ".." or ".": the whole path is a directory.
+        _ => std::fs::canonicalize(path).unwrap_or_else(|_| normalize(path)),
+    }
 }
 
 fn clock_offset() -> ClockOffset {

@@ -55,7 +55,7 @@ pub fn classify(ev: &Event) -> Option<ViolationKind> {
     match ev.kind {
         Kind::Exec => Some(ViolationKind::Exec),
         Kind::Connect | Kind::Sendmsg => Some(ViolationKind::Connect),
-        Kind::Bind => Some(ViolationKind::Bind),
+        Kind::Bind | Kind::Accept => Some(ViolationKind::Bind),
         Kind::Socket => Some(ViolationKind::Socket),
         Kind::OpenWrite
         | Kind::Unlink

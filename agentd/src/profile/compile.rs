@@ -10,8 +10,8 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    Action, BindRule, ConnectRule, Identity, Limits, Mode, Profile, Protocol, Threshold,
-    ViolationKind, syscalls, values::mapped_v6,
+    Action, BindRule, ConnectRule, Identity, Limits, Mode, Profile, Threshold, ViolationKind,
+    syscalls, values::mapped_v6,
 };
 
 /// What `{workspace}` and `{home}` stand for in this launch.
@@ -60,12 +60,6 @@ pub struct FsRule {
 pub struct LandlockPolicy {
     /// One rule per path, rights merged, sorted by path.
     pub rules: Vec<FsRule>,
-    /// TCP ports connect() may reach (any address: the BPF programs narrow the address).
-    /// `None` when some rule allows every port, so Landlock leaves TCP connect to the BPF
-    /// programs alone.
-    pub connect_tcp: Option<Vec<u16>>,
-    /// TCP ports bind() may use.
-    pub bind_tcp: Vec<u16>,
     /// Signals only to processes of the agent's own Landlock domain (ABI 6).
     pub scope_signals: bool,
     /// Abstract unix sockets only within the agent's own domain (ABI 6).
@@ -159,36 +153,12 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
         .collect();
 
     let net = &profile.network;
-    let tcp = |r: &&ConnectRule| r.proto == Protocol::Tcp;
-    let connect_tcp = if net.connect.iter().filter(tcp).any(|r| r.port.is_none()) {
-        None
-    } else {
-        let mut ports: Vec<u16> = net
-            .connect
-            .iter()
-            .filter(tcp)
-            .filter_map(|r| r.port)
-            .collect();
-        ports.sort_unstable();
-        ports.dedup();
-        Some(ports)
-    };
-    let mut bind_tcp: Vec<u16> = net
-        .bind
-        .iter()
-        .filter(|b| b.proto == Protocol::Tcp)
-        .map(|b| b.port)
-        .collect();
-    bind_tcp.sort_unstable();
-    bind_tcp.dedup();
-
-    let mut families = vec![SocketFamily::Unix];
+    // TCP and UDP sockets for every agent: what they may reach is decided, address by
+    // address, by the cgroup programs at connect, sendmsg and bind (and reported with the
+    // address); a socket alone reaches nothing. NETLINK_ROUTE only with network rules.
+    let mut families = vec![SocketFamily::Unix, SocketFamily::Inet, SocketFamily::Inet6];
     if !net.connect.is_empty() || !net.bind.is_empty() {
-        families.extend([
-            SocketFamily::Inet,
-            SocketFamily::Inet6,
-            SocketFamily::NetlinkRoute,
-        ]);
+        families.push(SocketFamily::NetlinkRoute);
     }
     let mut connect_entries: Vec<NetEntry> = net
         .connect
@@ -215,8 +185,6 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
         workspace: ctx.workspace.clone(),
         landlock: LandlockPolicy {
             rules,
-            connect_tcp,
-            bind_tcp,
             scope_signals: true,
             scope_abstract_unix: true,
         },
@@ -253,6 +221,30 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
 impl CompiledPolicy {
     /// The rule granting `access` to `path`, if any (Landlock semantics: a rule covers
     /// everything beneath its path).
+    /// This policy with its rule and canary paths as the kernel finds them (symbolic
+    /// links resolved, where they exist) added: what events, whose paths are resolved the
+    /// same way, are matched against. Landlock opens rule paths, following links, so a
+    /// rule for `/bin` is a rule for `/usr/bin` where one links to the other.
+    pub fn with_real_paths(&self) -> CompiledPolicy {
+        let mut p = self.clone();
+        let real = |path: &Path| std::fs::canonicalize(path).ok().filter(|r| r != path);
+        let extra: Vec<FsRule> = p
+            .landlock
+            .rules
+            .iter()
+            .filter_map(|r| {
+                real(&r.path).map(|path| FsRule {
+                    path,
+                    access: r.access,
+                })
+            })
+            .collect();
+        p.landlock.rules.extend(extra);
+        let canaries: Vec<PathBuf> = p.canaries.iter().filter_map(|c| real(c)).collect();
+        p.canaries.extend(canaries);
+        p
+    }
+
     pub fn fs_allows(&self, path: &Path, want: fn(&FsAccess) -> bool) -> bool {
         self.landlock
             .rules

@@ -35,7 +35,7 @@ pub use compile::{
     SeccompPolicy, SocketFamily, compile,
 };
 pub use error::{LoadError, ProfileError, ProfileErrors};
-pub use values::{BindRule, ConnectRule, Protocol, format_bytes, format_duration};
+pub use values::{BindRule, ConnectRule, format_bytes, format_duration};
 
 /// Where installed profiles live; a name given to `--profile` is looked up here first.
 pub const SYSTEM_PROFILE_DIR: &str = "/etc/agentd/profiles";

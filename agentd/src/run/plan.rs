@@ -268,16 +268,10 @@ impl Plan {
                 ),
             );
         }
-        let ports = crate::report::format_ports;
         line(
             "",
             format!(
-                "tcp connect: {}; tcp bind: {}; scoped: {}",
-                ll.connect_tcp.as_deref().map_or(
-                    "not handled (any port; the BPF programs decide)".into(),
-                    ports
-                ),
-                ports(&ll.bind_tcp),
+                "network: not Landlock's (the cgroup programs decide); scoped: {}",
                 match (ll.scope_signals, ll.scope_abstract_unix) {
                     (true, true) => "signals, abstract unix sockets",
                     (true, false) => "signals",

@@ -8,17 +8,21 @@
 //! - exec  = EXECUTE | READ_FILE
 //!
 //! Every filesystem right up to [`TARGET_ABI`] is handled (denied unless a rule grants it),
-//! so MAKE_CHAR and MAKE_BLOCK are never granted. TCP bind is always handled (only the
-//! profile's `network.bind` ports may be bound); TCP connect is handled unless some
-//! `network.connect` rule allows every port (then the BPF programs alone decide).
-//! Signals and abstract unix sockets are scoped to the agent's own domain.
+//! so MAKE_CHAR and MAKE_BLOCK are never granted. Signals and abstract unix sockets are
+//! scoped to the agent's own domain.
+//!
+//! The network rights (TCP bind and connect, ABI 4) are not handled: the cgroup programs
+//! decide every connect, datagram and bind by address, port and protocol, on every ABI
+//! alike, and report each decision. Landlock's socket hooks run before the cgroup hooks
+//! and know TCP ports only; handling them would take those decisions first, with less
+//! to go on and no address in the event.
 
 use std::path::{Path, PathBuf};
 
 use landlock::{
-    ABI, Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath,
-    PathFd, PathFdError, RestrictionStatus, Ruleset, RulesetAttr, RulesetCreated,
-    RulesetCreatedAttr, RulesetError, RulesetStatus, Scope, make_bitflags,
+    ABI, Access, AccessFs, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd, PathFdError,
+    RestrictionStatus, Ruleset, RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetError,
+    RulesetStatus, Scope, make_bitflags,
 };
 use serde::Serialize;
 
@@ -31,10 +35,9 @@ use crate::profile::{FsAccess, LandlockPolicy};
 pub const TARGET_ABI: ABI = ABI::V8;
 
 /// Landlock features by the ABI that introduced them, for reporting what a kernel lacks.
-const FEATURES: [(&str, i32); 5] = [
+const FEATURES: [(&str, i32); 4] = [
     ("refer (cross-directory rename and link)", 2),
     ("truncate", 3),
-    ("tcp bind/connect", 4),
     ("device ioctl", 5),
     ("signal and abstract-unix-socket scoping", 6),
 ];
@@ -77,8 +80,6 @@ pub struct Plan {
     /// Features the policy uses that this kernel lacks (enforcement is partial).
     pub missing: Vec<&'static str>,
     pub rules: Vec<RulePlan>,
-    pub connect_tcp: Option<Vec<u16>>,
-    pub bind_tcp: Vec<u16>,
     pub scope_signals: bool,
     pub scope_abstract_unix: bool,
 }
@@ -152,8 +153,8 @@ fn rights_words(r: BitFlags<AccessFs>) -> String {
         .join("|")
 }
 
-/// Features of [`FEATURES`] newer than `kernel_abi` that the policy uses (TCP bind is
-/// always handled; scoping only when asked for).
+/// Features of [`FEATURES`] newer than `kernel_abi` that the policy uses (scoping only
+/// when asked for).
 pub fn missing_features(kernel_abi: i32, policy: &LandlockPolicy) -> Vec<&'static str> {
     let scoped = policy.scope_signals || policy.scope_abstract_unix;
     FEATURES
@@ -194,8 +195,6 @@ pub fn plan_with(
         target_abi: TARGET_ABI as i32,
         missing: missing_features(kernel_abi, policy),
         rules,
-        connect_tcp: policy.connect_tcp.clone(),
-        bind_tcp: policy.bind_tcp.clone(),
         scope_signals: policy.scope_signals,
         scope_abstract_unix: policy.scope_abstract_unix,
     }
@@ -210,11 +209,7 @@ pub fn prepare(policy: &LandlockPolicy) -> Result<RulesetCreated, LandlockError>
     }
     let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
-        .handle_access(AccessFs::from_all(TARGET_ABI))?
-        .handle_access(AccessNet::BindTcp)?;
-    if policy.connect_tcp.is_some() {
-        ruleset = ruleset.handle_access(AccessNet::ConnectTcp)?;
-    }
+        .handle_access(AccessFs::from_all(TARGET_ABI))?;
     let mut scopes = BitFlags::<Scope>::EMPTY;
     if policy.scope_signals {
         scopes |= Scope::Signal;
@@ -246,12 +241,6 @@ pub fn prepare(policy: &LandlockPolicy) -> Result<RulesetCreated, LandlockError>
             continue;
         }
         created = created.add_rule(PathBeneath::new(fd, r))?;
-    }
-    for port in policy.connect_tcp.iter().flatten() {
-        created = created.add_rule(NetPort::new(*port, AccessNet::ConnectTcp))?;
-    }
-    for port in &policy.bind_tcp {
-        created = created.add_rule(NetPort::new(*port, AccessNet::BindTcp))?;
     }
     Ok(created)
 }
@@ -347,10 +336,6 @@ mod tests {
     fn target_abi_handles_no_right_the_policy_cannot_express() {
         // V9 adds RESOLVE_UNIX: handling it would refuse every pathname unix socket.
         assert_eq!(AccessFs::from_all(TARGET_ABI), AccessFs::from_all(ABI::V6));
-        assert_eq!(
-            AccessNet::from_all(TARGET_ABI),
-            AccessNet::from_all(ABI::V4)
-        );
     }
 
     #[test]
@@ -366,8 +351,6 @@ mod tests {
                     access: a(true, false, false),
                 },
             ],
-            connect_tcp: Some(vec![]),
-            bind_tcp: vec![],
             scope_signals: true,
             scope_abstract_unix: true,
         };
@@ -379,11 +362,7 @@ mod tests {
         let old = plan_with(&policy, 3, |_| Some(true));
         assert_eq!(
             old.missing,
-            vec![
-                "tcp bind/connect",
-                "device ioctl",
-                "signal and abstract-unix-socket scoping"
-            ]
+            vec!["device ioctl", "signal and abstract-unix-socket scoping"]
         );
     }
 }
