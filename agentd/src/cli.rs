@@ -59,6 +59,74 @@ enum Command {
     Kill {
         #[arg(value_name = "ID")]
         id: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Run the privileged service: one eBPF watch for many agents, a control socket
+    ///
+    /// Loads and attaches the BPF programs once, serves `agentd run`, `ps`, `events`,
+    /// `kill` and `stats` on a Unix socket (peer credentials checked: root and members of
+    /// --group may launch and watch; only root and an agent's owner may kill it), runs a
+    /// breaker per agent, and appends every event and control action to a hash-chained
+    /// audit log. Runs until SIGTERM, which kills the agents it supervises. If it dies,
+    /// each agent's supervisor kills its agent, and the next daemon reaps what is left
+    /// (docs/daemon.md). A systemd unit is in dist/agentd.service.
+    #[command(after_help = "Examples:\n  \
+sudo agentd daemon\n  \
+sudo agentd daemon --socket /tmp/a.sock --state-dir /tmp/a --audit-log /tmp/a/audit.jsonl")]
+    Daemon {
+        /// The control socket
+        #[arg(long, value_name = "PATH", default_value = crate::daemon::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Where the daemon records running agents (to reap them after a crash)
+        #[arg(long, value_name = "DIR", default_value = crate::daemon::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// The append-only, hash-chained audit log (`agentd audit verify PATH`)
+        #[arg(long, value_name = "PATH", default_value = crate::daemon::DEFAULT_AUDIT_LOG)]
+        audit_log: PathBuf,
+        /// Members of this group may launch and watch agents (root always may)
+        #[arg(long, value_name = "NAME", default_value = crate::daemon::DEFAULT_GROUP)]
+        group: String,
+    },
+    /// List the agents a daemon supervises
+    ///
+    /// Columns: id, profile, first process, state (starting, running, tripped, exited),
+    /// uptime, events, denials, owner uid, cgroup.
+    Ps {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Show events across a daemon's agents: the recent ones, then (--follow) live
+    ///
+    /// On a terminal each event is one line, refusals in red and breaker trips in bold.
+    #[command(after_help = "Examples:\n  \
+agentd events --follow                         everything, live\n  \
+agentd events --follow --agent coding-agent-1a2b3c4d --kind net_connect\n  \
+agentd events --json | jq 'select(.verdict == \"deny\")'")]
+    Events {
+        /// Keep streaming until interrupted
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only this agent's events
+        #[arg(long, value_name = "ID")]
+        agent: Option<String>,
+        /// Only events of this kind (file_write, net_connect, exec, breaker, ...)
+        #[arg(long, value_name = "KIND")]
+        kind: Option<String>,
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// A daemon's counters: agents, events and events/s, lost events, denials, trips
+    Stats {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
     },
     /// Validate, list and show profiles
     #[command(subcommand)]
@@ -100,6 +168,8 @@ agentd run --dry-run -- python3 agent.py               print the plan; change no
         /// The program and its arguments, after `--`
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<std::ffi::OsString>,
+        #[command(flatten)]
+        socket: SocketArg,
     },
     /// Verify the tamper-evident audit log
     #[command(subcommand)]
@@ -110,6 +180,14 @@ agentd run --dry-run -- python3 agent.py               print the plan; change no
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+/// The daemon's control socket, for the client commands.
+#[derive(Debug, clap::Args)]
+struct SocketArg {
+    /// The daemon's control socket (default: $AGENTD_SOCKET, else /run/agentd/agentd.sock)
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -155,7 +233,31 @@ pub fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Doctor { json } => doctor::run(json),
-        Command::Kill { id } => crate::run::control::kill(&id),
+        Command::Kill { id, socket } => match crate::daemon::client::kill(socket.socket, &id) {
+            Ok(Some(code)) => Ok(code),
+            Ok(None) => crate::run::control::kill(&id),
+            Err(e) => Err(e),
+        },
+        Command::Daemon {
+            socket,
+            state_dir,
+            audit_log,
+            group,
+        } => crate::daemon::daemon(crate::daemon::DaemonArgs {
+            socket,
+            state_dir,
+            audit_log,
+            group,
+        }),
+        Command::Ps { json, socket } => crate::daemon::client::ps(socket.socket, json),
+        Command::Events {
+            follow,
+            agent,
+            kind,
+            json,
+            socket,
+        } => crate::daemon::client::events(socket.socket, follow, agent, kind, json),
+        Command::Stats { json, socket } => crate::daemon::client::stats(socket.socket, json),
         Command::Profile(ProfileCommand::Check {
             profiles,
             workspace,
@@ -172,9 +274,28 @@ pub fn main() -> ExitCode {
             dry_run,
             json,
             command,
-        } => Ok(crate::run::run(crate::run::args(
-            profile, workspace, events, dry_run, json, command,
-        ))),
+            socket,
+        } => {
+            if !dry_run && !crate::run::supervised::is_supervised() {
+                match daemon_run(
+                    socket.socket,
+                    &profile,
+                    workspace.clone(),
+                    events.clone(),
+                    &command,
+                ) {
+                    Ok(Some(code)) => return code,
+                    Ok(None) => {}
+                    Err(e) => {
+                        eprintln!("agentd: cannot launch: {e:#}");
+                        return ExitCode::from(crate::run::EXIT_CANNOT_LAUNCH);
+                    }
+                }
+            }
+            Ok(crate::run::run(crate::run::args(
+                profile, workspace, events, dry_run, json, command,
+            )))
+        }
     };
     match result {
         Ok(code) => code,
@@ -183,6 +304,39 @@ pub fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `agentd run` through a daemon, when one answers (`None`: run embedded).
+fn daemon_run(
+    socket: Option<PathBuf>,
+    profile: &str,
+    workspace: Option<PathBuf>,
+    events: Option<String>,
+    command: &[std::ffi::OsString],
+) -> anyhow::Result<Option<ExitCode>> {
+    let (path, explicit) = crate::daemon::client::socket_path(socket.clone());
+    if !explicit && !path.exists() {
+        return Ok(None);
+    }
+    let command = command
+        .iter()
+        .map(|a| {
+            a.to_str()
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow::anyhow!("the command line is not UTF-8: {a:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let env = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    let request = crate::daemon::proto::RunRequest {
+        profile: profile.to_owned(),
+        workspace: host::workspace_dir(workspace)?,
+        command,
+        env,
+        events: events.is_some(),
+    };
+    Ok(crate::daemon::client::run(socket, request, events))
 }
 
 #[derive(Debug, Serialize)]

@@ -164,6 +164,78 @@ impl Event {
         self.detail.insert(key.to_owned(), value.into());
         self
     }
+
+    /// The kind as in the JSON (`net_connect`, `file_write`, ...).
+    pub fn kind_name(&self) -> String {
+        serde_json::to_value(self.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    /// Whether a person watching should see it: a refusal, a kill or a breaker trip.
+    pub fn stands_out(&self) -> bool {
+        matches!(self.verdict, Verdict::Deny | Verdict::Killed) || self.kind == Kind::Breaker
+    }
+
+    /// One readable line: time, verdict, kind, target, process, layer and errno, agent.
+    /// With `color`, refusals are red and breaker trips bold red on a terminal.
+    pub fn line(&self, color: bool) -> String {
+        let time = self.ts.get(11..23).unwrap_or(&self.ts);
+        let verdict = match self.verdict {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "DENY",
+            Verdict::Killed => "KILLED",
+            Verdict::None => "-",
+        };
+        let target = match (&self.path, self.addr, self.port) {
+            (Some(p), _, _) => match &self.path2 {
+                Some(p2) => format!("{p} -> {p2}"),
+                None => p.clone(),
+            },
+            (None, Some(a), Some(port)) => format!(
+                "{a}:{port}{}",
+                self.proto
+                    .as_deref()
+                    .map(|p| format!("/{p}"))
+                    .unwrap_or_default()
+            ),
+            (None, Some(a), None) => a.to_string(),
+            (None, None, _) => self
+                .detail
+                .get("rule")
+                .or_else(|| self.detail.get("syscall"))
+                .or_else(|| self.detail.get("reason"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_owned(),
+        };
+        let layer = serde_json::to_value(self.layer)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let errno = self
+            .errno
+            .map(|e| format!(" {:?}", nix::errno::Errno::from_raw(e)))
+            .unwrap_or_default();
+        let text = format!(
+            "{time} {verdict:<6} {:<13} {target}  {}[{}]  {layer}{errno}  {}",
+            self.kind_name(),
+            self.comm,
+            self.pid,
+            self.agent
+        );
+        if !color {
+            return text;
+        }
+        if self.kind == Kind::Breaker {
+            format!("\x1b[1;31m{text}\x1b[0m")
+        } else if self.stands_out() {
+            format!("\x1b[31m{text}\x1b[0m")
+        } else {
+            format!("\x1b[2m{text}\x1b[0m")
+        }
+    }
 }
 
 /// Now, as RFC 3339 UTC with nanoseconds.
@@ -217,6 +289,7 @@ mod tests {
     fn events_serialise_as_flat_json() {
         let e =
             Event::new("a1", 42, "sh", Kind::Exit, Verdict::None, Layer::Agentd).with("code", 3);
+        assert!(!e.stands_out());
         let v: serde_json::Value = serde_json::to_value(&e).unwrap();
         assert_eq!(v["kind"], "exit");
         assert_eq!(v["layer"], "agentd");
@@ -235,5 +308,28 @@ mod tests {
         .unwrap();
         assert_eq!(v["kind"], "syscall");
         assert_eq!(v["layer"], "seccomp");
+    }
+
+    #[test]
+    fn a_denial_is_one_readable_line() {
+        let mut e = Event::new(
+            "analyze-only-1",
+            42,
+            "python3",
+            Kind::Connect,
+            Verdict::Deny,
+            Layer::Bpf,
+        );
+        e.ts = "2026-11-23T21:41:21.362675057Z".into();
+        e.addr = Some("127.0.0.1".parse().unwrap());
+        e.port = Some(8080);
+        e.proto = Some("tcp".into());
+        e.errno = Some(libc::EPERM);
+        assert!(e.stands_out());
+        assert_eq!(
+            e.line(false),
+            "21:41:21.362 DENY   net_connect   127.0.0.1:8080/tcp  python3[42]  bpf EPERM  analyze-only-1"
+        );
+        assert!(e.line(true).starts_with("\x1b[31m"));
     }
 }

@@ -4,6 +4,7 @@ mod audit;
 mod bpf;
 mod breaker;
 mod cli;
+mod daemon;
 mod doctor;
 mod event;
 mod host;

@@ -113,6 +113,11 @@ pub enum BpfError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("cannot pin a BPF link at {path}: {reason}")]
+    Pin {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("BPF map {0} is missing from the object or has the wrong type")]
     MissingMap(&'static str),
     #[error("BPF map {map}: {source}")]

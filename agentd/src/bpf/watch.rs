@@ -29,8 +29,8 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
-        CgroupSockAddr, ProgramError, TracePoint, cgroup_skb::CgroupSkbLinkId,
-        cgroup_sock::CgroupSockLinkId, cgroup_sock_addr::CgroupSockAddrLinkId,
+        CgroupSockAddr, ProgramError, TracePoint,
+        links::{FdLink, PinnedLink},
         trace_point::TracePointLinkId,
     },
 };
@@ -87,14 +87,19 @@ impl AgentHandle {
     }
 }
 
+/// One cgroup program attached to an agent's cgroup: a BPF link, held by this process
+/// (detached when dropped) or pinned in bpffs (attached until unpinned, whatever happens
+/// to this process).
 #[derive(Debug)]
-enum CgroupLink {
-    SockAddr {
-        program: &'static str,
-        id: CgroupSockAddrLinkId,
-    },
-    SockCreate(CgroupSockLinkId),
-    Inbound(CgroupSkbLinkId),
+struct CgroupLink {
+    program: &'static str,
+    link: HeldLink,
+}
+
+#[derive(Debug)]
+enum HeldLink {
+    Fd(FdLink),
+    Pinned(PinnedLink),
 }
 
 /// What the event reader knows about agents, shared with the `Watch`.
@@ -137,6 +142,8 @@ pub struct Watch {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     /// Syscall tracepoint attachments, detached together when the Watch is dropped.
     tracepoint_links: Vec<(&'static str, TracePointLinkId)>,
+    /// Where agents' cgroup links are pinned (the daemon), if anywhere.
+    pin_dir: Option<PathBuf>,
 }
 
 impl Drop for Watch {
@@ -599,6 +606,7 @@ impl Watch {
             next_policy_id: 1,
             shutdown: None,
             tracepoint_links,
+            pin_dir: None,
         })
     }
 
@@ -734,45 +742,74 @@ impl Watch {
 
     fn attach(&mut self, h: &mut AgentHandle) -> Result<(), BpfError> {
         let target = format!("cgroup {}", h.cgroup_dir.display());
+        let attach_err = |program: &'static str| {
+            let target = target.clone();
+            move |source| BpfError::Attach {
+                program,
+                target,
+                source,
+            }
+        };
         let cgroup = File::open(&h.cgroup_dir).map_err(|source| BpfError::Read {
             path: h.cgroup_dir.clone(),
             source,
         })?;
+        // Single: a process of the agent cannot attach a program that overrides ours.
+        let mode = CgroupAttachMode::Single;
+        let mut links: Vec<(&'static str, FdLink)> = Vec::new();
+        // A link aya made with BPF_PROG_ATTACH (kernels before 5.7) has no fd to hold.
+        let fd_err = |program: &'static str| {
+            let target = target.clone();
+            move |e: aya::programs::links::LinkError| BpfError::Pin {
+                path: PathBuf::from(&target),
+                reason: format!("{program}: not a BPF link: {e}"),
+            }
+        };
         for (name, _) in programs::SOCK_ADDR_PROGRAMS {
             let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            // Single: a process of the agent cannot attach a program that overrides ours.
-            let id = p
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| BpfError::Attach {
-                    program: name,
-                    target: target.clone(),
-                    source,
-                })?;
-            h.links.push(CgroupLink::SockAddr { program: name, id });
+            let id = p.attach(&cgroup, mode).map_err(attach_err(name))?;
+            let link = p.take_link(id).map_err(attach_err(name))?;
+            links.push((name, FdLink::try_from(link).map_err(fd_err(name))?));
         }
-        let p: &mut CgroupSock = program(&mut self.ebpf, programs::SOCK_CREATE)?;
+        let name = programs::SOCK_CREATE;
+        let p: &mut CgroupSock = program(&mut self.ebpf, name)?;
+        let id = p.attach(&cgroup, mode).map_err(attach_err(name))?;
+        let link = p.take_link(id).map_err(attach_err(name))?;
+        links.push((name, FdLink::try_from(link).map_err(fd_err(name))?));
+        let name = programs::INBOUND;
+        let p: &mut CgroupSkb = program(&mut self.ebpf, name)?;
         let id = p
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|source| BpfError::Attach {
-                program: programs::SOCK_CREATE,
-                target: target.clone(),
-                source,
-            })?;
-        h.links.push(CgroupLink::SockCreate(id));
-        let p: &mut CgroupSkb = program(&mut self.ebpf, programs::INBOUND)?;
-        let id = p
-            .attach(
-                &cgroup,
-                CgroupSkbAttachType::Ingress,
-                CgroupAttachMode::Single,
-            )
-            .map_err(|source| BpfError::Attach {
-                program: programs::INBOUND,
-                target,
-                source,
-            })?;
-        h.links.push(CgroupLink::Inbound(id));
+            .attach(&cgroup, CgroupSkbAttachType::Ingress, mode)
+            .map_err(attach_err(name))?;
+        let link = p.take_link(id).map_err(attach_err(name))?;
+        links.push((name, FdLink::try_from(link).map_err(fd_err(name))?));
+
+        for (program, link) in links {
+            let link = match &self.pin_dir {
+                None => HeldLink::Fd(link),
+                Some(dir) => {
+                    let dir = dir.join(h.cgroup_id.to_string());
+                    std::fs::create_dir_all(&dir).map_err(|source| BpfError::Pin {
+                        path: dir.clone(),
+                        reason: source.to_string(),
+                    })?;
+                    let path = dir.join(program);
+                    HeldLink::Pinned(link.pin(&path).map_err(|e| BpfError::Pin {
+                        path,
+                        reason: e.to_string(),
+                    })?)
+                }
+            };
+            h.links.push(CgroupLink { program, link });
+        }
         Ok(())
+    }
+
+    /// Pins the cgroup programs of every agent added from now on under `dir` (on bpffs),
+    /// one directory per agent named by its cgroup id: they stay attached if this process
+    /// dies, until [`Watch::remove_agent`] or [`unpin_stale`] removes them.
+    pub fn pin_links_under(&mut self, dir: &Path) {
+        self.pin_dir = Some(dir.to_path_buf());
     }
 
     /// Stops watching an agent: detaches its network programs, deletes its map entries.
@@ -786,36 +823,21 @@ impl Watch {
                 first_err = Some(e);
             }
         };
-        let target = format!("cgroup {}", handle.cgroup_dir.display());
-        for link in handle.links {
-            keep(match link {
-                CgroupLink::SockAddr { program: name, id } => {
-                    program::<CgroupSockAddr>(&mut self.ebpf, name).and_then(|p| {
-                        p.detach(id).map_err(|source| BpfError::Detach {
-                            program: name,
-                            target: target.clone(),
-                            source,
-                        })
-                    })
+        for CgroupLink { program, link } in handle.links {
+            // Dropping the link's fd detaches the program.
+            match link {
+                HeldLink::Fd(link) => drop(link),
+                HeldLink::Pinned(link) => {
+                    keep(link.unpin().map(drop).map_err(|e| BpfError::Detach {
+                        program,
+                        target: format!("cgroup {}", handle.cgroup_dir.display()),
+                        source: ProgramError::IOError(e),
+                    }))
                 }
-                CgroupLink::SockCreate(id) => {
-                    program::<CgroupSock>(&mut self.ebpf, programs::SOCK_CREATE).and_then(|p| {
-                        p.detach(id).map_err(|source| BpfError::Detach {
-                            program: programs::SOCK_CREATE,
-                            target: target.clone(),
-                            source,
-                        })
-                    })
-                }
-                CgroupLink::Inbound(id) => program::<CgroupSkb>(&mut self.ebpf, programs::INBOUND)
-                    .and_then(|p| {
-                        p.detach(id).map_err(|source| BpfError::Detach {
-                            program: programs::INBOUND,
-                            target: target.clone(),
-                            source,
-                        })
-                    }),
-            });
+            }
+        }
+        if let Some(dir) = &self.pin_dir {
+            let _ = std::fs::remove_dir(dir.join(handle.cgroup_id.to_string()));
         }
         // Entries that were never written (a failed add_agent) are not errors.
         let absent_ok = |map: &'static str, r: Result<(), MapError>| match r {

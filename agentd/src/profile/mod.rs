@@ -237,6 +237,11 @@ pub fn parse(origin: &str, text: &str) -> Result<Profile, ProfileErrors> {
     validate::parse_and_validate(origin, text)
 }
 
+/// Whether `--profile SPEC` names a file (contains `/` or ends in `.toml`), not a name.
+pub fn is_path(spec: &str) -> bool {
+    spec.contains('/') || spec.ends_with(".toml")
+}
+
 /// Loads a profile given as `--profile`: a path (contains `/` or ends in `.toml`), else a
 /// name looked up in [`SYSTEM_PROFILE_DIR`], then among the built-in profiles.
 pub fn load(spec: &str) -> Result<(Profile, String), LoadError> {
@@ -251,7 +256,7 @@ pub fn load_from(spec: &str, system_dir: &Path) -> Result<(Profile, String), Loa
             source,
         })
     };
-    if spec.contains('/') || spec.ends_with(".toml") {
+    if is_path(spec) {
         let path = Path::new(spec);
         let origin = path.display().to_string();
         let profile = parse(&origin, &read(path)?)?;

@@ -64,11 +64,19 @@ impl Sink {
 
 /// Starts the writer task (inside a tokio runtime). Events sent on the returned channel are
 /// written in order; the task ends when every sender is dropped.
+///
+/// On a terminal (stderr), each refusal, kill and breaker trip is also printed as one
+/// readable line as it happens (unless the events themselves go to stderr).
 pub fn start_writer(mut sink: Option<Sink>) -> (mpsc::Sender<Event>, JoinHandle<()>) {
+    use std::io::IsTerminal as _;
     let (tx, mut rx) = mpsc::channel::<Event>(CHANNEL_CAPACITY);
+    let show = io::stderr().is_terminal() && !matches!(sink, Some(Sink::Stderr));
     let task = tokio::spawn(async move {
         let mut failed = false;
         while let Some(event) = rx.recv().await {
+            if show && event.stands_out() {
+                eprintln!("agentd: {}", event.line(true));
+            }
             if let Some(s) = sink.as_mut() {
                 if let Err(e) = s.write(&event) {
                     if !failed {

@@ -76,7 +76,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// CLOCK_MONOTONIC now, in nanoseconds: the clock of `bpf_ktime_get_ns()`.
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| {
             u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
@@ -266,52 +266,66 @@ impl EventTask {
                 Err(e) => eprintln!("agentd: breaker: {e}"),
             }
             contain_ns = trigger.ktime_ns.map(|t| monotonic_ns().saturating_sub(t));
-            *lock(&self.killed_by) = Some(format!(
-                "breaker tripped: {} ({} {}) by pid {} ({}); the agent's processes were killed",
-                trip.rule,
-                serde_json::to_value(trigger.kind)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-                describe_target(trigger),
-                trigger.pid,
-                trigger.comm,
-            ));
+            *lock(&self.killed_by) = Some(trip_line(trip, trigger));
         }
-        let verdict = match (kill, trip.enforced) {
-            (true, _) => Verdict::Killed,
-            (false, true) => Verdict::Deny,
-            (false, false) => Verdict::None,
-        };
-        let mut ev = Event::new(
-            &trigger.agent,
-            trigger.pid,
-            &trigger.comm,
-            Kind::Breaker,
-            verdict,
-            Layer::Agentd,
-        )
-        .with("rule", trip.rule.clone())
-        .with("violation", trip.violation.as_str())
-        .with(
-            "action",
-            if kill {
-                "kill"
-            } else if trip.enforced {
-                "deny"
-            } else {
-                "none (monitor mode)"
-            },
-        )
-        .with("enforced", trip.enforced)
-        .with("violations", self.breaker.violations())
-        .with("trigger", serde_json::to_value(trigger).unwrap_or_default());
-        ev.ktime_ns = trigger.ktime_ns;
-        if let Some(ns) = contain_ns {
-            ev = ev.with("contain_ns", ns);
-        }
-        ev
+        trip_event(trip, trigger, kill, self.breaker.violations(), contain_ns)
     }
+}
+
+/// The line `agentd run` prints when the breaker killed the agent.
+pub fn trip_line(trip: &Trip, trigger: &Event) -> String {
+    format!(
+        "breaker tripped: {} ({} {}) by pid {} ({}); the agent's processes were killed",
+        trip.rule,
+        trigger.kind_name(),
+        describe_target(trigger),
+        trigger.pid,
+        trigger.comm,
+    )
+}
+
+/// The `breaker` event of a trip (`kill`: the agent was killed; `contain_ns`: from the
+/// violating call to an empty cgroup).
+pub fn trip_event(
+    trip: &Trip,
+    trigger: &Event,
+    kill: bool,
+    violations: u64,
+    contain_ns: Option<u64>,
+) -> Event {
+    let verdict = match (kill, trip.enforced) {
+        (true, _) => Verdict::Killed,
+        (false, true) => Verdict::Deny,
+        (false, false) => Verdict::None,
+    };
+    let mut ev = Event::new(
+        &trigger.agent,
+        trigger.pid,
+        &trigger.comm,
+        Kind::Breaker,
+        verdict,
+        Layer::Agentd,
+    )
+    .with("rule", trip.rule.clone())
+    .with("violation", trip.violation.as_str())
+    .with(
+        "action",
+        if kill {
+            "kill"
+        } else if trip.enforced {
+            "deny"
+        } else {
+            "none (monitor mode)"
+        },
+    )
+    .with("enforced", trip.enforced)
+    .with("violations", violations)
+    .with("trigger", serde_json::to_value(trigger).unwrap_or_default());
+    ev.ktime_ns = trigger.ktime_ns;
+    if let Some(ns) = contain_ns {
+        ev = ev.with("contain_ns", ns);
+    }
+    ev
 }
 
 /// What an event was about, for the one-line trip report.

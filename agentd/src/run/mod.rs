@@ -22,6 +22,7 @@ pub mod hooks;
 pub mod kernel;
 pub mod plan;
 pub mod supervise;
+pub mod supervised;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
@@ -149,6 +150,13 @@ pub fn run(args: RunArgs) -> ExitCode {
     // The eBPF watch and the circuit breaker (`--dry-run` loads nothing).
     if args.dry_run {
         return run_with_hooks(args, &mut NoHooks);
+    }
+    if supervised::is_supervised() {
+        // Started by a daemon, which owns the kernel watch and the breaker.
+        return match supervised::DaemonHooks::from_env() {
+            Ok(mut hooks) => run_with_hooks(args, &mut hooks),
+            Err(e) => failed(&mut None, &RunError::Hook(e), None, ""),
+        };
     }
     run_with_hooks(args, &mut kernel::KernelHooks::new())
 }

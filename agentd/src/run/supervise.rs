@@ -57,7 +57,7 @@ pub fn block_forwarded() -> nix::Result<()> {
     pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&forwarded_set()), None)
 }
 
-fn unblock_forwarded() -> nix::Result<()> {
+pub fn unblock_forwarded() -> nix::Result<()> {
     pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&forwarded_set()), None)
 }
 

@@ -245,6 +245,43 @@ impl AgentCgroup {
         Ok(cg)
     }
 
+    /// The cgroups a previous agentd left behind for `agent_id` (it died before cleaning
+    /// up), to kill and remove with [`AgentCgroup::destroy`] (or by dropping it); `None`
+    /// when there are none.
+    pub fn leftover(agent_id: &str) -> Result<Option<AgentCgroup>, CgroupError> {
+        if agent_id.is_empty() || agent_id.contains('/') || agent_id.starts_with('.') {
+            return Ok(None);
+        }
+        let mounts = host::mounts().map_err(CgroupError::Mounts)?;
+        let v2 = host::cgroup2_mount(&mounts).ok_or(CgroupError::NoCgroup2)?;
+        let dir = v2.join(PARENT).join(agent_id);
+        let v1_dirs: Vec<PathBuf> = ["pids", "memory"]
+            .iter()
+            .filter_map(|c| host::cgroup1_mount(&mounts, c))
+            .map(|m| m.join(PARENT).join(agent_id))
+            .filter(|d| d.is_dir())
+            .collect();
+        let mut created: Vec<PathBuf> = Vec::new();
+        if dir.is_dir() {
+            created.push(dir.clone());
+        }
+        created.extend(v1_dirs.iter().cloned());
+        if created.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(AgentCgroup {
+            plan: Plan {
+                dir,
+                v1_dirs,
+                enable_v2: Vec::new(),
+                limits: Vec::new(),
+                wall_time: None,
+            },
+            created,
+            destroyed: AtomicBool::new(false),
+        }))
+    }
+
     /// The agent's cgroup v2 directory.
     pub fn dir(&self) -> &Path {
         &self.plan.dir

@@ -1,0 +1,1231 @@
+//! `agentd daemon`: the privileged service. It loads and attaches the eBPF programs once,
+//! serves the control socket, runs one breaker per agent, fans events out to clients and
+//! appends every event and control action to the audit log.
+//!
+//! Each agent is launched and supervised by an `agentd run` process the daemon starts
+//! ([`crate::run::supervised`]): the client's stdio file descriptors (passed over the
+//! socket) become its stdio, the client's uid its invoking user, and it runs the same
+//! launch sequence as the embedded mode. It asks the daemon to attach the watch before
+//! the agent's first process exists ([`proto::SupervisorLine::Attach`]), writes its own
+//! events (start, exit, limits) to a pipe the daemon reads, and exits with the agent's
+//! status, which the daemon relays to the client.
+//!
+//! # Faults (docs/daemon.md)
+//! The agents' cgroup programs are pinned in bpffs, so their network stays decided if the
+//! daemon dies. Every supervisor watches its socket to the daemon and kills its agent the
+//! moment it closes. A daemon that starts finds the agents a previous instance recorded in
+//! its state directory, kills and removes whatever is left of them, unpins their
+//! programs, and records that in the audit log.
+
+pub mod client;
+pub mod proto;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    io::IoSliceMut,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        unix::fs::PermissionsExt as _,
+    },
+    path::{Path, PathBuf},
+    process::{ExitCode, Stdio},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream, unix::OwnedWriteHalf},
+    sync::{broadcast, watch},
+};
+
+use self::proto::{
+    AgentRow, AgentState, ClientLine, MAX_LINE, Reply, Request, RunRequest, SUPERVISOR_ENV,
+    SUPERVISOR_FD, Stats, SupervisorLine, ToSupervisor,
+};
+use crate::{
+    audit::{
+        AuditLog,
+        record::{Action, Actor, Control},
+    },
+    bpf::{self, Watch},
+    breaker::Breaker,
+    event::{Event, Kind, Layer, Verdict},
+    profile::{self, CompileContext, CompiledPolicy},
+    run::kernel::{monotonic_ns, trip_event, trip_line},
+    sandbox::cgroup::AgentCgroup,
+};
+
+/// Defaults (the systemd unit in dist/ uses them).
+pub const DEFAULT_SOCKET: &str = "/run/agentd/agentd.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/agentd";
+pub const DEFAULT_AUDIT_LOG: &str = "/var/log/agentd/audit.jsonl";
+/// Members of this group (when it exists) may launch and watch agents.
+pub const DEFAULT_GROUP: &str = "agentd";
+/// Where agents' cgroup programs are pinned: one directory per daemon (by state
+/// directory), one per agent below it.
+const PIN_ROOT: &str = "/sys/fs/bpf/agentd";
+/// Events kept for `agentd events` without `--follow`.
+const RECENT: usize = 1000;
+/// Exited agents kept for `agentd ps`.
+const EXITED_KEPT: usize = 100;
+/// How long `finished` waits for the first process's exit event.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Signals a `run` client may forward to its agent (as `agentd run` forwards them).
+const FORWARDABLE: [i32; 5] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGWINCH,
+];
+
+#[derive(Debug, Clone)]
+pub struct DaemonArgs {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub audit_log: PathBuf,
+    /// Group whose members may launch and watch (besides root).
+    pub group: String,
+}
+
+/// One agent the daemon knows.
+struct Agent {
+    id: String,
+    profile: String,
+    owner: Actor,
+    pid: u32,
+    state: AgentState,
+    started: Instant,
+    events: u64,
+    denials: u64,
+    cgroup: PathBuf,
+    cgroup_id: u64,
+    bpf: Option<bpf::AgentHandle>,
+    breaker: Breaker,
+    killed_by: Option<String>,
+    /// Set once the first process's exit event was handled.
+    drained: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct Counters {
+    events: u64,
+    lost: u64,
+    denials: u64,
+    trips: u64,
+    agents_total: u64,
+    /// (second, events in it) for the last seconds.
+    per_second: VecDeque<(u64, u64)>,
+}
+
+struct Shared {
+    watch: Mutex<Watch>,
+    agents: Mutex<HashMap<String, Agent>>,
+    /// Agent ids by cgroup id, for events.
+    exited: Mutex<VecDeque<AgentRow>>,
+    events: broadcast::Sender<Arc<Event>>,
+    recent: Mutex<VecDeque<Arc<Event>>>,
+    audit: Mutex<AuditLog>,
+    counters: Mutex<Counters>,
+    started: Instant,
+    group_gid: Option<u32>,
+    state_dir: PathBuf,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the daemon records about a running agent in its state directory, for the next
+/// instance to reap if this one dies.
+#[derive(Debug, Serialize, Deserialize)]
+struct AgentRecord {
+    id: String,
+    cgroup: PathBuf,
+    cgroup_id: u64,
+}
+
+/// `agentd daemon`.
+pub fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
+    sanitize_self()?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!("agentd daemon must run as root (it loads BPF programs and creates cgroups)");
+    }
+    for fs in [bpf::TRACEFS, bpf::BPFFS] {
+        bpf::ensure_mounted(fs).with_context(|| format!("mounting {}", fs.1))?;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(serve(args))
+}
+
+/// Closes inherited descriptors, makes the process non-dumpable and core-less, and sets a
+/// strict umask: what a privileged service owes its host.
+fn sanitize_self() -> anyhow::Result<()> {
+    // SAFETY: close_range only closes descriptors; none above 2 is owned by Rust code yet
+    // (main has opened nothing but stdio).
+    if unsafe { libc::close_range(3, u32::MAX, 0) } != 0 {
+        bail!("close_range: {}", std::io::Error::last_os_error());
+    }
+    nix::sys::prctl::set_dumpable(false).context("prctl(PR_SET_DUMPABLE)")?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
+        .context("setrlimit(RLIMIT_CORE)")?;
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    Ok(())
+}
+
+/// Opens the audit log, waiting for a previous daemon that still holds it: a daemon killed
+/// with SIGKILL keeps its descriptors until the kernel has detached its tracepoints, which
+/// takes seconds.
+async fn open_audit(path: &Path) -> anyhow::Result<AuditLog> {
+    let waited = Instant::now();
+    let mut said = false;
+    loop {
+        match AuditLog::open(path) {
+            Err(crate::audit::AuditError::Locked { .. })
+                if waited.elapsed() < Duration::from_secs(60) =>
+            {
+                if !said {
+                    eprintln!(
+                        "agentd daemon: {} is locked by another process (a previous daemon still exiting?): waiting up to 60 s",
+                        path.display()
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            r => return r.with_context(|| format!("audit log {}", path.display())),
+        }
+    }
+}
+
+fn pin_dir(state_dir: &Path) -> PathBuf {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(state_dir.as_os_str().as_encoded_bytes());
+    let tag: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    Path::new(PIN_ROOT).join(tag)
+}
+
+async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
+    for dir in [
+        args.state_dir.join("agents"),
+        args.audit_log
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+        args.socket
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+    ] {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut audit = open_audit(&args.audit_log).await?;
+    let pins = pin_dir(&args.state_dir);
+    reap_previous(&args.state_dir, &pins, &mut audit);
+
+    let mut watch = Watch::load().context("loading the kernel watch")?;
+    std::fs::create_dir_all(&pins).with_context(|| format!("creating {}", pins.display()))?;
+    watch.pin_links_under(&pins);
+    let rx = watch.try_events().context("the kernel watch's events")?;
+
+    let listener = bind_socket(&args.socket)?;
+    let group_gid = nix::unistd::Group::from_name(&args.group)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw());
+    let (events, _) = broadcast::channel(4096);
+    let shared = Arc::new(Shared {
+        watch: Mutex::new(watch),
+        agents: Mutex::new(HashMap::new()),
+        exited: Mutex::new(VecDeque::new()),
+        events,
+        recent: Mutex::new(VecDeque::new()),
+        audit: Mutex::new(audit),
+        counters: Mutex::new(Counters::default()),
+        started: Instant::now(),
+        group_gid,
+        state_dir: args.state_dir.clone(),
+    });
+    tokio::spawn(kernel_events(Arc::clone(&shared), rx));
+    eprintln!(
+        "agentd daemon: listening on {} (group {}: {}), audit log {}",
+        args.socket.display(),
+        args.group,
+        group_gid.map_or_else(|| "absent: root only".to_owned(), |g| format!("gid {g}")),
+        args.audit_log.display()
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    let shared = Arc::clone(&shared);
+                    tokio::spawn(async move {
+                        if let Err(e) = connection(shared, stream).await {
+                            tracing::info!("connection: {e:#}");
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!("accept: {e}"),
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    shutdown(&shared, &args.socket);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM: every agent is killed (no agent outlives its watch), its programs detached,
+/// the socket removed.
+fn shutdown(shared: &Shared, socket: &Path) {
+    let _ = std::fs::remove_file(socket);
+    let ids: Vec<String> = lock(&shared.agents).keys().cloned().collect();
+    for id in ids {
+        let by = this_actor();
+        kill_agent(shared, &id, "the daemon is stopping", by);
+        if let Some(a) = lock(&shared.agents).get_mut(&id)
+            && let Some(h) = a.bpf.take()
+            && let Err(e) = lock(&shared.watch).remove_agent(h)
+        {
+            eprintln!("agentd daemon: detaching {id}: {e}");
+        }
+        forget_record(&shared.state_dir, &id);
+    }
+    if let Err(e) = lock(&shared.audit).sync() {
+        eprintln!("agentd daemon: audit log: {e}");
+    }
+    eprintln!("agentd daemon: stopped");
+}
+
+fn this_actor() -> Actor {
+    crate::audit::writer::this_process()
+}
+
+/// Binds the control socket: a stale socket file (nobody listening) is replaced, a live
+/// one is an error (another daemon). Mode 0666: every local user may connect and is told,
+/// by peer credentials, what it may do.
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "{} is in use: another agentd daemon is running (stop it, or give --socket)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+/// What a previous instance left: its recorded agents are killed, their cgroups removed,
+/// their pinned programs unpinned; each reaped agent is a control record.
+fn reap_previous(state_dir: &Path, pins: &Path, audit: &mut AuditLog) {
+    let dir = state_dir.join("agents");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let record: Option<AgentRecord> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let Some(record) = record else {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        };
+        let mut found = false;
+        match AgentCgroup::leftover(&record.id) {
+            Ok(Some(cg)) => {
+                found = true;
+                if let Err(e) = cg.destroy() {
+                    eprintln!("agentd daemon: reaping {}: {e}", record.id);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => eprintln!("agentd daemon: reaping {}: {e}", record.id),
+        }
+        let agent_pins = pins.join(record.cgroup_id.to_string());
+        let unpinned = std::fs::remove_dir_all(&agent_pins).is_ok();
+        let mut detail = serde_json::Map::new();
+        detail.insert("reason".into(), "left by a daemon that died".into());
+        detail.insert("cgroup_left".into(), found.into());
+        detail.insert("pins_removed".into(), unpinned.into());
+        let control = Control {
+            action: Action::Kill,
+            agent: Some(record.id.clone()),
+            by: this_actor(),
+            detail,
+        };
+        if let Err(e) = audit.append_control(&control) {
+            eprintln!("agentd daemon: audit log: {e}");
+        }
+        eprintln!(
+            "agentd daemon: reaped {} (left by a daemon that died; cgroup {}, programs {})",
+            record.id,
+            if found {
+                "killed and removed"
+            } else {
+                "already gone"
+            },
+            if unpinned { "unpinned" } else { "already gone" }
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+    // Pins of agents no record names (a crash between pinning and recording).
+    if let Ok(stale) = std::fs::read_dir(pins) {
+        for e in stale.flatten() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn record_path(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join("agents").join(format!("{id}.json"))
+}
+
+fn forget_record(state_dir: &Path, id: &str) {
+    let _ = std::fs::remove_file(record_path(state_dir, id));
+}
+
+// ---- events -----------------------------------------------------------------------------
+
+async fn kernel_events(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::Receiver<Event>) {
+    while let Some(ev) = rx.recv().await {
+        handle_event(&shared, ev);
+    }
+    eprintln!("agentd daemon: the kernel event stream ended");
+}
+
+/// Every event, whatever its source: counted, fed to its agent's breaker, audited, kept
+/// for `agentd events`, broadcast.
+fn handle_event(shared: &Shared, ev: Event) {
+    let now_ns = ev.ktime_ns.unwrap_or_else(monotonic_ns);
+    let mut extra = None;
+    {
+        let mut agents = lock(&shared.agents);
+        if let Some(a) = agents.get_mut(&ev.agent) {
+            a.events += 1;
+            if matches!(ev.verdict, Verdict::Deny | Verdict::Killed) {
+                a.denials += 1;
+            }
+            if let Some(trip) = a.breaker.observe(&ev, now_ns) {
+                let kill = trip.enforced && trip.action == crate::profile::Action::Kill;
+                let mut contain_ns = None;
+                if kill {
+                    if let Err(e) = lock(&shared.watch).set_killed(a.cgroup_id) {
+                        eprintln!("agentd daemon: breaker: kill flag of {}: {e}", a.id);
+                    }
+                    kill_cgroup(&a.cgroup);
+                    contain_ns = Some(monotonic_ns().saturating_sub(now_ns));
+                    a.killed_by = Some(trip_line(&trip, &ev));
+                    a.state = AgentState::Tripped;
+                }
+                lock(&shared.counters).trips += 1;
+                extra = Some(trip_event(
+                    &trip,
+                    &ev,
+                    kill,
+                    a.breaker.violations(),
+                    contain_ns,
+                ));
+            }
+            if ev.kind == Kind::ProcessExit && ev.pid == a.pid && a.pid != 0 {
+                let _ = a.drained.send(true);
+            }
+        }
+    }
+    publish(shared, ev);
+    if let Some(e) = extra {
+        publish(shared, e);
+    }
+}
+
+/// Audits, counts, keeps and broadcasts one event.
+fn publish(shared: &Shared, ev: Event) {
+    if let Err(e) = lock(&shared.audit).append_event(&ev) {
+        eprintln!("agentd daemon: audit log: {e}");
+    }
+    {
+        let mut c = lock(&shared.counters);
+        c.events += 1;
+        if ev.kind == Kind::Lost {
+            c.lost += ev
+                .detail
+                .get("count")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0);
+        }
+        if matches!(ev.verdict, Verdict::Deny | Verdict::Killed) {
+            c.denials += 1;
+        }
+        let sec = shared.started.elapsed().as_secs();
+        match c.per_second.back_mut() {
+            Some((s, n)) if *s == sec => *n += 1,
+            _ => c.per_second.push_back((sec, 1)),
+        }
+        while c.per_second.front().is_some_and(|(s, _)| *s + 10 < sec) {
+            c.per_second.pop_front();
+        }
+    }
+    let ev = Arc::new(ev);
+    {
+        let mut r = lock(&shared.recent);
+        if r.len() == RECENT {
+            r.pop_front();
+        }
+        r.push_back(Arc::clone(&ev));
+    }
+    // No subscriber is not an error.
+    let _ = shared.events.send(ev);
+}
+
+/// `cgroup.kill`, returning at once (the supervisor waits for the cgroup to empty).
+fn kill_cgroup(dir: &Path) {
+    if let Err(e) = std::fs::write(dir.join("cgroup.kill"), "1") {
+        eprintln!("agentd daemon: cgroup.kill in {}: {e}", dir.display());
+    }
+}
+
+/// The kill switch: kill flag, then the cgroup; reported as a `breaker` event with rule
+/// `manual` and recorded. Returns false when no such running agent exists.
+fn kill_agent(shared: &Shared, id: &str, reason: &str, by: Actor) -> bool {
+    let asked = monotonic_ns();
+    let (pid, comm_agent) = {
+        let mut agents = lock(&shared.agents);
+        let Some(a) = agents.get_mut(id) else {
+            return false;
+        };
+        if let Err(e) = lock(&shared.watch).set_killed(a.cgroup_id) {
+            eprintln!("agentd daemon: kill switch: kill flag of {id}: {e}");
+        }
+        kill_cgroup(&a.cgroup);
+        a.killed_by = Some(format!("killed by the kill switch ({reason})"));
+        a.state = AgentState::Tripped;
+        (a.pid, a.id.clone())
+    };
+    let mut detail = serde_json::Map::new();
+    detail.insert("reason".into(), reason.into());
+    let control = Control {
+        action: Action::Kill,
+        agent: Some(id.to_owned()),
+        by,
+        detail,
+    };
+    if let Err(e) = lock(&shared.audit).append_control(&control) {
+        eprintln!("agentd daemon: audit log: {e}");
+    }
+    let ev = Event::new(
+        &comm_agent,
+        pid,
+        "",
+        Kind::Breaker,
+        Verdict::Killed,
+        Layer::Agentd,
+    )
+    .with("rule", "manual")
+    .with("reason", reason)
+    .with("action", "kill")
+    .with("enforced", true)
+    .with("by_uid", by.uid)
+    .with("contain_ns", monotonic_ns().saturating_sub(asked));
+    publish(shared, ev);
+    true
+}
+
+// ---- connections ---------------------------------------------------------------------
+
+/// Reads the first line of a connection with the descriptors that came with it.
+async fn read_request(stream: &UnixStream) -> anyhow::Result<(Vec<u8>, Vec<OwnedFd>, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut fds = Vec::new();
+    loop {
+        stream.readable().await?;
+        let mut chunk = [0u8; 8192];
+        let got = stream.try_io(tokio::io::Interest::READABLE, || {
+            recv_with_fds(stream.as_raw_fd(), &mut chunk, &mut fds).map_err(std::io::Error::from)
+        });
+        match got {
+            Ok(0) => bail!("the client closed the connection before a request"),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(i) = buf.iter().position(|&b| b == b'\n') {
+                    let rest = buf.split_off(i + 1);
+                    buf.pop();
+                    return Ok((buf, fds, rest));
+                }
+                if buf.len() > MAX_LINE {
+                    return Ok((buf, fds, Vec::new()));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// One recvmsg: bytes into `buf`, SCM_RIGHTS descriptors appended to `fds` (owned from
+/// here: closed if unused).
+fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> nix::Result<usize> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; 8]);
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = c {
+            for r in received {
+                // SAFETY: the kernel installed these descriptors in this process for this
+                // message; nothing else refers to them.
+                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+            }
+        }
+    }
+    Ok(msg.bytes)
+}
+
+async fn send(w: &mut OwnedWriteHalf, reply: &Reply) -> std::io::Result<()> {
+    w.write_all(&proto::encode(reply)).await
+}
+
+fn may_watch(shared: &Shared, who: &Actor) -> bool {
+    if who.uid == 0 {
+        return true;
+    }
+    let Some(gid) = shared.group_gid else {
+        return false;
+    };
+    if who.gid == gid {
+        return true;
+    }
+    // Supplementary groups of the peer's process.
+    std::fs::read_to_string(format!("/proc/{}/status", who.pid))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:").map(str::to_owned))
+        })
+        .is_some_and(|g| g.split_whitespace().any(|x| x == gid.to_string()))
+}
+
+async fn connection(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
+    let cred = stream.peer_cred()?;
+    let who = Actor {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
+    };
+    let (line, fds, rest) = read_request(&stream).await?;
+    let (read, mut write) = stream.into_split();
+    let request: Request = match proto::decode(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            send(&mut write, &Reply::Error(e.to_string())).await?;
+            return Ok(());
+        }
+    };
+    if !may_watch(&shared, &who) {
+        let group =
+            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(shared.group_gid.unwrap_or(0)))
+                .ok()
+                .flatten()
+                .map_or_else(
+                    || "the agentd group".to_owned(),
+                    |g| format!("group `{}`", g.name),
+                );
+        send(
+            &mut write,
+            &Reply::Error(format!(
+                "permission denied: uid {} is neither root nor in {group}; ask an administrator to add you (usermod -aG {} USER)",
+                who.uid,
+                group.trim_start_matches("group `").trim_end_matches('`'),
+            )),
+        )
+        .await?;
+        return Ok(());
+    }
+    match request {
+        Request::Ps => {
+            let rows = ps_rows(&shared);
+            send(&mut write, &Reply::Agents(rows)).await?;
+        }
+        Request::Stats => {
+            let stats = stats(&shared);
+            send(&mut write, &Reply::Stats(stats)).await?;
+        }
+        Request::Kill { id } => {
+            let owner = lock(&shared.agents).get(&id).map(|a| a.owner.uid);
+            let reply = match owner {
+                None => Reply::Error(format!("no running agent {id} (see `agentd ps`)")),
+                Some(owner) if who.uid != 0 && who.uid != owner => Reply::Error(format!(
+                    "permission denied: agent {id} belongs to uid {owner}; only it and root may kill it"
+                )),
+                Some(_) => {
+                    if kill_agent(
+                        &shared,
+                        &id,
+                        &format!("agentd kill by uid {}", who.uid),
+                        who,
+                    ) {
+                        Reply::Ok(format!("{id} killed"))
+                    } else {
+                        Reply::Error(format!("no running agent {id}"))
+                    }
+                }
+            };
+            send(&mut write, &reply).await?;
+        }
+        Request::Events {
+            follow,
+            agent,
+            kind,
+        } => events(&shared, &mut write, read, follow, agent, kind).await?,
+        Request::Run(req) => run(shared, who, req, fds, read, rest, write).await?,
+    }
+    Ok(())
+}
+
+fn ps_rows(shared: &Shared) -> Vec<AgentRow> {
+    let mut rows: Vec<AgentRow> = lock(&shared.exited).iter().cloned().collect();
+    rows.extend(lock(&shared.agents).values().map(row));
+    rows
+}
+
+fn row(a: &Agent) -> AgentRow {
+    AgentRow {
+        id: a.id.clone(),
+        profile: a.profile.clone(),
+        pid: a.pid,
+        state: a.state,
+        uptime_s: a.started.elapsed().as_secs(),
+        events: a.events,
+        denials: a.denials,
+        cgroup: a.cgroup.clone(),
+        owner_uid: a.owner.uid,
+    }
+}
+
+fn stats(shared: &Shared) -> Stats {
+    let c = lock(&shared.counters);
+    let window: u64 = c.per_second.iter().map(|(_, n)| n).sum();
+    let secs = shared.started.elapsed().as_secs_f64().clamp(1.0, 10.0);
+    Stats {
+        agents_running: lock(&shared.agents).len() as u64,
+        agents_total: c.agents_total,
+        events: c.events,
+        events_per_s: window as f64 / secs,
+        lost: c.lost,
+        denials: c.denials,
+        trips: c.trips,
+        uptime_s: shared.started.elapsed().as_secs(),
+    }
+}
+
+fn wanted(ev: &Event, agent: Option<&str>, kind: Option<&str>) -> bool {
+    agent.is_none_or(|a| ev.agent == a) && kind.is_none_or(|k| ev.kind_name() == k)
+}
+
+async fn events(
+    shared: &Shared,
+    write: &mut OwnedWriteHalf,
+    read: tokio::net::unix::OwnedReadHalf,
+    follow: bool,
+    agent: Option<String>,
+    kind: Option<String>,
+) -> anyhow::Result<()> {
+    // Subscribe first, so nothing falls between the backlog and the stream.
+    let mut rx = shared.events.subscribe();
+    let backlog: Vec<Arc<Event>> = lock(&shared.recent).iter().cloned().collect();
+    for ev in backlog {
+        if wanted(&ev, agent.as_deref(), kind.as_deref()) {
+            send(write, &Reply::Event(Box::new((*ev).clone()))).await?;
+        }
+    }
+    if !follow {
+        return Ok(());
+    }
+    let mut gone = BufReader::new(read).lines();
+    loop {
+        tokio::select! {
+            r = rx.recv() => match r {
+                Ok(ev) => {
+                    if wanted(&ev, agent.as_deref(), kind.as_deref()) {
+                        send(write, &Reply::Event(Box::new((*ev).clone()))).await?;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    // The subscriber fell behind: say so, never skip silently.
+                    let ev = Event::new("", 0, "", Kind::Lost, Verdict::None, Layer::Agentd)
+                        .with("count", n)
+                        .with("reason", "this subscriber fell behind the event stream");
+                    send(write, &Reply::Event(Box::new(ev))).await?;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+            l = gone.next_line() => {
+                if !matches!(l, Ok(Some(_))) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+// ---- run ----------------------------------------------------------------------------------
+
+/// The client may name a profile file only if it can read it itself: the daemon reads it
+/// as root, and its errors quote it.
+fn check_profile_access(spec: &str, who: &Actor) -> Result<(), String> {
+    if !profile::is_path(spec) || who.uid == 0 {
+        return Ok(());
+    }
+    let meta = std::fs::metadata(spec).map_err(|e| format!("profile {spec}: {e}"))?;
+    let mode = meta.permissions().mode();
+    use std::os::unix::fs::MetadataExt as _;
+    let readable = (meta.uid() == who.uid && mode & 0o400 != 0)
+        || (meta.gid() == who.gid && mode & 0o040 != 0)
+        || mode & 0o004 != 0;
+    if readable {
+        Ok(())
+    } else {
+        Err(format!(
+            "profile {spec}: uid {} cannot read it (the daemon only uses profiles their requester can read)",
+            who.uid
+        ))
+    }
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one linear conversation with a client and a supervisor"
+)]
+async fn run(
+    shared: Arc<Shared>,
+    who: Actor,
+    req: RunRequest,
+    fds: Vec<OwnedFd>,
+    read: tokio::net::unix::OwnedReadHalf,
+    rest: Vec<u8>,
+    mut write: OwnedWriteHalf,
+) -> anyhow::Result<()> {
+    let refuse = |msg: String| Reply::Error(msg);
+    if fds.len() != 3 {
+        send(
+            &mut write,
+            &refuse(format!(
+                "run needs the client's stdin, stdout and stderr with the request ({} descriptors came)",
+                fds.len()
+            )),
+        )
+        .await?;
+        return Ok(());
+    }
+    if req.command.is_empty() || !req.workspace.is_absolute() {
+        send(
+            &mut write,
+            &refuse("run needs a command and an absolute workspace".into()),
+        )
+        .await?;
+        return Ok(());
+    }
+    if let Err(e) = check_profile_access(&req.profile, &who) {
+        send(&mut write, &refuse(e)).await?;
+        return Ok(());
+    }
+    let policy = match compile_for(&req, who.uid) {
+        Ok(p) => p,
+        Err(e) => {
+            send(&mut write, &refuse(e)).await?;
+            return Ok(());
+        }
+    };
+
+    // The supervisor: this binary's `run`, with the client's stdio and environment, the
+    // client as its invoking user, a socketpair to us and a pipe for its own events.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    let (events_r, events_w) = nix::unistd::pipe()?;
+    let exe = std::env::current_exe().context("locating agentd")?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("run")
+        .arg("--profile")
+        .arg(&req.profile)
+        .arg("--workspace")
+        .arg(&req.workspace)
+        .arg("--events")
+        .arg("/dev/fd/4")
+        .arg("--")
+        .args(&req.command)
+        .current_dir(&req.workspace)
+        .env_clear();
+    for (k, v) in &req.env {
+        if !k.starts_with("AGENTD_") && !k.starts_with("SUDO_") && !k.is_empty() && !k.contains('=')
+        {
+            cmd.env(k, v);
+        }
+    }
+    // The invoking user is who connected; root may run as someone else through sudo's
+    // variables, as with `sudo agentd run`.
+    let (uid, gid) = if who.uid == 0 {
+        let var = |k: &str| req.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        match (var("SUDO_UID"), var("SUDO_GID")) {
+            (Some(u), Some(g)) => (u, g),
+            _ => ("0".into(), "0".into()),
+        }
+    } else {
+        (who.uid.to_string(), who.gid.to_string())
+    };
+    cmd.env("SUDO_UID", uid).env("SUDO_GID", gid);
+    cmd.env(SUPERVISOR_ENV, SUPERVISOR_FD.to_string());
+    let mut fds = fds.into_iter();
+    let (Some(stdin), Some(stdout), Some(stderr)) = (fds.next(), fds.next(), fds.next()) else {
+        bail!("descriptors vanished");
+    };
+    cmd.stdin(Stdio::from(stdin))
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr));
+    let sock_fd = theirs.as_raw_fd();
+    let pipe_fd = events_w.as_raw_fd();
+    // SAFETY: runs in the forked child before exec and only calls dup2 and fcntl, which
+    // are async-signal-safe, on descriptors that are open in the child (inherited copies
+    // of `theirs` and `events_w`, alive in the parent until spawn returns).
+    unsafe {
+        cmd.pre_exec(move || {
+            // Out of the way of 3 and 4 first, then into place (dup2 clears CLOEXEC).
+            let s = libc::fcntl(sock_fd, libc::F_DUPFD_CLOEXEC, 10);
+            let p = libc::fcntl(pipe_fd, libc::F_DUPFD_CLOEXEC, 10);
+            if s < 0
+                || p < 0
+                || libc::dup2(s, SUPERVISOR_FD) < 0
+                || libc::dup2(p, SUPERVISOR_FD + 1) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            send(
+                &mut write,
+                &refuse(format!("cannot start the supervisor: {e}")),
+            )
+            .await?;
+            return Ok(());
+        }
+    };
+    drop(theirs);
+    drop(events_w);
+    let supervisor_pid = child.id().unwrap_or(0);
+
+    ours.set_nonblocking(true)?;
+    let ours = UnixStream::from_std(ours)?;
+    let (sup_read, mut sup_write) = ours.into_split();
+    let mut sup_lines = BufReader::new(sup_read).lines();
+    let events_file = tokio::fs::File::from_std(std::fs::File::from(events_r));
+    let mut sup_events = BufReader::new(events_file).lines();
+    let mut client_lines = BufReader::new(std::io::Cursor::new(rest).chain(read)).lines();
+    let mut client_open = true;
+    let mut agent_id: Option<String> = None;
+    let mut agent_events: Option<broadcast::Receiver<Arc<Event>>> = None;
+    let mut sup_events_open = true;
+    let mut sup_open = true;
+
+    let status = loop {
+        tokio::select! {
+            line = sup_lines.next_line(), if sup_open => match line {
+                Ok(Some(line)) => {
+                    let reply = supervisor_line(&shared, &who, &req, &policy, &line, &mut agent_id).await;
+                    if let Some(reply) = reply {
+                        if matches!(reply, ToSupervisor::Attached)
+                            && let Some(id) = &agent_id
+                        {
+                            if req.events {
+                                agent_events = Some(shared.events.subscribe());
+                            }
+                            send(&mut write, &Reply::Started { agent: id.clone() }).await.ok();
+                        }
+                        if sup_write.write_all(&proto::encode(&reply)).await.is_err() {
+                            sup_open = false;
+                        }
+                    }
+                }
+                Ok(None) | Err(_) => sup_open = false,
+            },
+            line = sup_events.next_line(), if sup_events_open => match line {
+                Ok(Some(line)) => match serde_json::from_str::<Event>(&line) {
+                    Ok(ev) => handle_event(&shared, ev),
+                    Err(e) => tracing::warn!("bad event line from the supervisor: {e}"),
+                },
+                Ok(None) | Err(_) => sup_events_open = false,
+            },
+            ev = async { match agent_events.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                match ev {
+                    Ok(ev) if Some(&ev.agent) == agent_id.as_ref() => {
+                        if send(&mut write, &Reply::Event(Box::new((*ev).clone()))).await.is_err() {
+                            agent_events = None;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let ev = Event::new(agent_id.as_deref().unwrap_or(""), 0, "", Kind::Lost, Verdict::None, Layer::Agentd)
+                            .with("count", n)
+                            .with("reason", "the client fell behind the event stream");
+                        let _ = send(&mut write, &Reply::Event(Box::new(ev))).await;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => agent_events = None,
+                }
+            },
+            line = client_lines.next_line(), if client_open => match line {
+                Ok(Some(line)) => match proto::decode::<ClientLine>(line.as_bytes()) {
+                    Ok(ClientLine::Signal(sig)) if FORWARDABLE.contains(&sig) && supervisor_pid != 0 => {
+                        // SAFETY: kill takes a pid and a signal number, no pointers.
+                        unsafe { libc::kill(supervisor_pid as i32, sig) };
+                    }
+                    Ok(ClientLine::Signal(sig)) => {
+                        let _ = send(&mut write, &Reply::Error(format!("signal {sig} is not forwarded"))).await;
+                    }
+                    Err(e) => {
+                        let _ = send(&mut write, &Reply::Error(e.to_string())).await;
+                    }
+                },
+                Ok(None) | Err(_) => {
+                    // The client went away: its terminal hung up.
+                    client_open = false;
+                    if supervisor_pid != 0 {
+                        // SAFETY: as above.
+                        unsafe { libc::kill(supervisor_pid as i32, libc::SIGHUP) };
+                    }
+                }
+            },
+            st = child.wait() => break st,
+        }
+    };
+    // The supervisor's last events (exit) are in the pipe.
+    while sup_events_open {
+        match tokio::time::timeout(Duration::from_secs(2), sup_events.next_line()).await {
+            Ok(Ok(Some(line))) => {
+                if let Ok(ev) = serde_json::from_str::<Event>(&line) {
+                    if req.events && Some(&ev.agent) == agent_id.as_ref() {
+                        let _ = send(&mut write, &Reply::Event(Box::new(ev.clone()))).await;
+                    }
+                    handle_event(&shared, ev);
+                }
+            }
+            _ => sup_events_open = false,
+        }
+    }
+    let code = match status {
+        Ok(st) => st
+            .code()
+            .and_then(|c| u8::try_from(c).ok())
+            .unwrap_or_else(|| {
+                st.signal_code()
+                    .map_or(125, |s| 128u8.saturating_add(s as u8))
+            }),
+        Err(_) => 125,
+    };
+    if let Some(id) = agent_id {
+        retire(&shared, &id);
+    }
+    let _ = send(&mut write, &Reply::Exit { code }).await;
+    Ok(())
+}
+
+trait SignalCode {
+    fn signal_code(&self) -> Option<i32>;
+}
+
+impl SignalCode for std::process::ExitStatus {
+    fn signal_code(&self) -> Option<i32> {
+        std::os::unix::process::ExitStatusExt::signal(self)
+    }
+}
+
+/// The agent's policy as its supervisor will compile it (same profile, workspace and
+/// invoking user's home).
+fn compile_for(req: &RunRequest, uid: u32) -> Result<Arc<CompiledPolicy>, String> {
+    let (p, _origin) = profile::load(&req.profile).map_err(|e| format!("profile: {e}"))?;
+    let home = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map_or_else(|| PathBuf::from("/nonexistent"), |u| u.dir);
+    Ok(Arc::new(profile::compile(
+        &p,
+        &CompileContext {
+            workspace: req.workspace.clone(),
+            home,
+        },
+    )))
+}
+
+/// One line from a supervisor; the reply to send back, if any.
+async fn supervisor_line(
+    shared: &Arc<Shared>,
+    who: &Actor,
+    req: &RunRequest,
+    policy: &Arc<CompiledPolicy>,
+    line: &str,
+    agent_id: &mut Option<String>,
+) -> Option<ToSupervisor> {
+    let msg = match proto::decode::<SupervisorLine>(line.as_bytes()) {
+        Ok(m) => m,
+        Err(e) => return Some(ToSupervisor::Refused(e.to_string())),
+    };
+    match msg {
+        SupervisorLine::Attach { agent, cgroup } => {
+            if agent_id.is_some() {
+                return Some(ToSupervisor::Refused("already attached".into()));
+            }
+            Some(match attach(shared, who, req, policy, &agent, &cgroup) {
+                Ok(()) => {
+                    *agent_id = Some(agent);
+                    ToSupervisor::Attached
+                }
+                Err(e) => ToSupervisor::Refused(e),
+            })
+        }
+        SupervisorLine::Started { pid } => {
+            if let Some(id) = agent_id.as_ref()
+                && let Some(a) = lock(&shared.agents).get_mut(id)
+            {
+                a.pid = pid;
+                if a.state == AgentState::Starting {
+                    a.state = AgentState::Running;
+                }
+            }
+            None
+        }
+        SupervisorLine::KillSwitch { reason } => {
+            if let Some(id) = agent_id.as_ref() {
+                kill_agent(shared, id, &reason, *who);
+            }
+            None
+        }
+        SupervisorLine::Finished => {
+            let Some(id) = agent_id.clone() else {
+                return Some(ToSupervisor::Verdict(None));
+            };
+            let drained = lock(&shared.agents).get(&id).map(|a| a.drained.subscribe());
+            if let Some(mut d) = drained
+                && tokio::time::timeout(DRAIN_TIMEOUT, d.wait_for(|done| *done))
+                    .await
+                    .is_err()
+            {
+                tracing::warn!(agent = %id, "the first process's exit event did not arrive");
+            }
+            let verdict = {
+                let mut agents = lock(&shared.agents);
+                agents.get_mut(&id).and_then(|a| {
+                    if let Some(h) = a.bpf.take()
+                        && let Err(e) = lock(&shared.watch).remove_agent(h)
+                    {
+                        eprintln!("agentd daemon: detaching {id}: {e}");
+                    }
+                    a.killed_by.clone()
+                })
+            };
+            forget_record(&shared.state_dir, &id);
+            Some(ToSupervisor::Verdict(verdict))
+        }
+    }
+}
+
+/// Attaches the watch to the agent's cgroup and registers it (state file first: if the
+/// daemon dies from here on, the next one reaps the agent).
+fn attach(
+    shared: &Shared,
+    who: &Actor,
+    req: &RunRequest,
+    policy: &CompiledPolicy,
+    agent: &str,
+    cgroup: &Path,
+) -> Result<(), String> {
+    if agent.is_empty() || agent.contains('/') || lock(&shared.agents).contains_key(agent) {
+        return Err(format!("bad or duplicate agent id {agent:?}"));
+    }
+    let handle = lock(&shared.watch)
+        .add_agent(agent, cgroup, policy)
+        .map_err(|e| format!("kernel watch: {e}"))?;
+    let record = AgentRecord {
+        id: agent.to_owned(),
+        cgroup: cgroup.to_path_buf(),
+        cgroup_id: handle.cgroup_id(),
+    };
+    if let Err(e) = serde_json::to_vec(&record)
+        .map_err(std::io::Error::other)
+        .and_then(|b| std::fs::write(record_path(&shared.state_dir, agent), b))
+    {
+        let _ = lock(&shared.watch).remove_agent(handle);
+        return Err(format!("state directory: {e}"));
+    }
+    let (drained, _) = watch::channel(false);
+    let cgroup_id = handle.cgroup_id();
+    lock(&shared.agents).insert(
+        agent.to_owned(),
+        Agent {
+            id: agent.to_owned(),
+            profile: policy.name.clone(),
+            owner: *who,
+            pid: 0,
+            state: AgentState::Starting,
+            started: Instant::now(),
+            events: 0,
+            denials: 0,
+            cgroup: cgroup.to_path_buf(),
+            cgroup_id,
+            bpf: Some(handle),
+            breaker: Breaker::new(policy.breaker.clone()),
+            killed_by: None,
+            drained,
+        },
+    );
+    lock(&shared.counters).agents_total += 1;
+    let mut detail = serde_json::Map::new();
+    detail.insert("profile".into(), req.profile.clone().into());
+    detail.insert(
+        "workspace".into(),
+        req.workspace.display().to_string().into(),
+    );
+    detail.insert("command".into(), req.command.clone().into());
+    let control = Control {
+        action: Action::Launch,
+        agent: Some(agent.to_owned()),
+        by: *who,
+        detail,
+    };
+    if let Err(e) = lock(&shared.audit).append_control(&control) {
+        eprintln!("agentd daemon: audit log: {e}");
+    }
+    Ok(())
+}
+
+/// The agent ended: kept for `ps` as exited (or tripped), forgotten by the registry.
+fn retire(shared: &Shared, id: &str) {
+    let Some(mut a) = lock(&shared.agents).remove(id) else {
+        return;
+    };
+    if let Some(h) = a.bpf.take()
+        && let Err(e) = lock(&shared.watch).remove_agent(h)
+    {
+        eprintln!("agentd daemon: detaching {id}: {e}");
+    }
+    forget_record(&shared.state_dir, id);
+    if a.state != AgentState::Tripped {
+        a.state = AgentState::Exited;
+    }
+    let mut exited = lock(&shared.exited);
+    if exited.len() == EXITED_KEPT {
+        exited.pop_front();
+    }
+    exited.push_back(row(&a));
+}

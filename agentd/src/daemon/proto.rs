@@ -1,0 +1,312 @@
+//! The control protocol: JSON Lines over a Unix stream socket.
+//!
+//! A client sends one [`Request`] line (at most [`MAX_LINE`] bytes); `run` passes its
+//! stdin, stdout and stderr with it (`SCM_RIGHTS`) and may then send [`ClientLine`]s (the
+//! signals it receives). The daemon answers with [`Reply`] lines and closes the
+//! connection when the request is done (`events --follow`: when the client goes).
+//!
+//! Between the daemon and an agent's supervisor (an `agentd run` the daemon started, on a
+//! socketpair inherited as fd [`SUPERVISOR_FD`]): [`SupervisorLine`]s one way,
+//! [`ToSupervisor`] the other.
+//!
+//! Every line is decoded by [`decode`]: size-limited, strict (unknown fields are errors),
+//! never panicking on any input; a bad line gets an error reply and the daemon goes on.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::event::Event;
+
+/// The longest line either side accepts (a `run` request with its environment).
+pub const MAX_LINE: usize = 64 * 1024;
+/// The supervisor's end of its socketpair to the daemon.
+pub const SUPERVISOR_FD: i32 = 3;
+/// The environment variable that tells `agentd run` it is a daemon's supervisor.
+pub const SUPERVISOR_ENV: &str = "AGENTD_SUPERVISOR_FD";
+
+/// A client's request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Launch an agent; stdin, stdout and stderr come with the request.
+    Run(RunRequest),
+    /// The agents the daemon supervises.
+    Ps,
+    /// Events across agents: the recent ones, then (with `follow`) the live stream.
+    Events {
+        #[serde(default)]
+        follow: bool,
+        #[serde(default)]
+        agent: Option<String>,
+        /// An event kind as in the events (`net_connect`, `file_write`, ...).
+        #[serde(default)]
+        kind: Option<String>,
+    },
+    /// The kill switch.
+    Kill { id: String },
+    /// Counters.
+    Stats,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    pub profile: String,
+    /// Absolute.
+    pub workspace: PathBuf,
+    pub command: Vec<String>,
+    /// The client's environment (the profile decides what reaches the agent).
+    pub env: Vec<(String, String)>,
+    /// Stream the agent's events back (`agentd run --events`).
+    #[serde(default)]
+    pub events: bool,
+}
+
+/// What a `run` client sends after its request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientLine {
+    /// A signal the client received, to forward to the agent (as `agentd run` does).
+    Signal(i32),
+}
+
+/// The daemon's answer lines.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Reply {
+    /// The request was refused or failed; the connection ends.
+    Error(String),
+    Ok(String),
+    /// `run`: the agent was launched.
+    Started {
+        agent: String,
+    },
+    /// `run`: the agent ended; `code` is `agentd run`'s exit status.
+    Exit {
+        code: u8,
+    },
+    Event(Box<Event>),
+    Agents(Vec<AgentRow>),
+    Stats(Stats),
+}
+
+/// One agent in `agentd ps`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentRow {
+    pub id: String,
+    pub profile: String,
+    /// The agent's first process (0 until it runs).
+    pub pid: u32,
+    pub state: AgentState,
+    pub uptime_s: u64,
+    pub events: u64,
+    pub denials: u64,
+    pub cgroup: PathBuf,
+    /// Who launched it.
+    pub owner_uid: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    Starting,
+    Running,
+    Tripped,
+    Exited,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stats {
+    pub agents_running: u64,
+    pub agents_total: u64,
+    pub events: u64,
+    /// Over the last ten seconds.
+    pub events_per_s: f64,
+    pub lost: u64,
+    pub denials: u64,
+    pub trips: u64,
+    pub uptime_s: u64,
+}
+
+/// What a supervisor tells the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SupervisorLine {
+    /// The agent's cgroup exists, its process does not: attach the kernel watch.
+    Attach { agent: String, cgroup: PathBuf },
+    /// The agent's first process runs.
+    Started { pid: u32 },
+    /// Ctrl-C twice, or SIGUSR1: the kill switch.
+    KillSwitch { reason: String },
+    /// The first process exited: drain its events, detach, answer the verdict.
+    Finished,
+}
+
+/// What the daemon tells a supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToSupervisor {
+    Attached,
+    Refused(String),
+    /// After `finished`: the line `agentd run` prints and exit 137, when the agent was
+    /// killed by the breaker or the kill switch.
+    Verdict(Option<String>),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("request longer than {MAX_LINE} bytes")]
+    TooLong,
+    #[error("request is not UTF-8")]
+    NotUtf8,
+    #[error("bad request: {0}")]
+    Json(String),
+}
+
+/// Decodes one line (without its newline).
+pub fn decode<T: DeserializeOwned>(line: &[u8]) -> Result<T, DecodeError> {
+    if line.len() > MAX_LINE {
+        return Err(DecodeError::TooLong);
+    }
+    let text = std::str::from_utf8(line).map_err(|_| DecodeError::NotUtf8)?;
+    serde_json::from_str(text).map_err(|e| DecodeError::Json(e.to_string()))
+}
+
+/// One line, newline included.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut v = serde_json::to_vec(msg).unwrap_or_else(|e| {
+        // Only non-string map keys fail, and these types have none.
+        format!("{{\"error\":\"cannot encode: {e}\"}}").into_bytes()
+    });
+    v.push(b'\n');
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let reqs = [
+            Request::Ps,
+            Request::Stats,
+            Request::Kill { id: "a-1".into() },
+            Request::Events {
+                follow: true,
+                agent: Some("a-1".into()),
+                kind: Some("net_connect".into()),
+            },
+            Request::Run(RunRequest {
+                profile: "analyze-only".into(),
+                workspace: "/w".into(),
+                command: vec!["true".into()],
+                env: vec![("PATH".into(), "/bin".into())],
+                events: false,
+            }),
+        ];
+        for r in reqs {
+            let line = encode(&r);
+            assert_eq!(line.last(), Some(&b'\n'));
+            let back: Request = decode(&line[..line.len() - 1]).unwrap();
+            assert_eq!(back, r);
+        }
+        let r: Request = decode(br#"{"op":"events"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Events {
+                follow: false,
+                agent: None,
+                kind: None
+            }
+        );
+    }
+
+    #[test]
+    fn bad_requests_are_errors() {
+        for bad in [
+            &b""[..],
+            b"{",
+            b"null",
+            b"[]",
+            b"{\"op\":\"launch\"}",
+            b"{\"op\":\"ps\",\"extra\":1}",
+            b"{\"op\":\"kill\"}",
+            b"{\"op\":\"kill\",\"id\":7}",
+            b"{\"op\":\"run\",\"profile\":\"p\"}",
+            b"\xff\xfe",
+        ] {
+            assert!(decode::<Request>(bad).is_err(), "{bad:?}");
+        }
+        let long = vec![b' '; MAX_LINE + 1];
+        assert_eq!(decode::<Request>(&long), Err(DecodeError::TooLong));
+    }
+
+    /// A deterministic xorshift generator: the fuzz cases are the same on every run, and a
+    /// failure names its seed.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Random bytes, and valid requests with random bytes changed, inserted or cut: the
+    /// decoder answers each with a value or an error, never a panic.
+    #[test]
+    fn the_decoder_survives_hostile_input() {
+        let valid: Vec<Vec<u8>> = [
+            encode(&Request::Ps),
+            encode(&Request::Kill { id: "x".into() }),
+            encode(&Request::Run(RunRequest {
+                profile: "p".into(),
+                workspace: "/w".into(),
+                command: vec!["a".into(), "b".into()],
+                env: vec![("K".into(), "V".into())],
+                events: true,
+            })),
+            encode(&SupervisorLine::Attach {
+                agent: "a".into(),
+                cgroup: "/c".into(),
+            }),
+        ]
+        .into_iter()
+        .collect();
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut decoded_ok = 0;
+        for case in 0..20_000 {
+            let mut line = if case % 4 == 0 {
+                (0..rng.below(256)).map(|_| rng.next() as u8).collect()
+            } else {
+                valid[rng.below(valid.len())].clone()
+            };
+            for _ in 0..=rng.below(4) {
+                if line.is_empty() {
+                    break;
+                }
+                let i = rng.below(line.len());
+                match rng.below(3) {
+                    0 => line[i] = rng.next() as u8,
+                    1 => line.insert(i, b"{}[]\",:\\0"[rng.below(10)]),
+                    _ => line.truncate(i),
+                }
+            }
+            let ok = decode::<Request>(&line).is_ok();
+            let _ = decode::<SupervisorLine>(&line);
+            let _ = decode::<ClientLine>(&line);
+            let _ = decode::<Reply>(&line);
+            decoded_ok += usize::from(ok);
+        }
+        // Some mutations leave a valid request (a changed letter in a string value).
+        assert!(decoded_ok > 0);
+    }
+}

@@ -1,0 +1,491 @@
+//! `agentd daemon`: a real daemon per test (its own socket, state directory, audit log and
+//! bpffs pins), agents launched through it by `agentd run --socket`, and its clients.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    os::unix::{net::UnixStream, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use agentd_tests::{
+    DEFAULT_LIMITS, NOBODY, agent_dir, agentd_bin, process_gone, profile_file, require_root,
+    test_profile,
+};
+use serde_json::Value;
+
+/// A daemon of this test: stopped (SIGTERM) and its files removed on drop.
+struct Daemon {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("agentd-daemon-test-")
+            .tempdir()
+            .unwrap();
+        let mut d = Daemon { child: None, dir };
+        d.spawn();
+        d
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("agentd.sock")
+    }
+    fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.jsonl")
+    }
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Starts the daemon (again) with this test's paths; returns once it answers.
+    fn spawn(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
+        let child = Command::new(agentd_bin())
+            .args(["daemon", "--socket"])
+            .arg(self.socket())
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .arg("--audit-log")
+            .arg(self.audit_log())
+            .args(["--group", "agentd-test-no-such-group"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(90) {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the daemon exited: {st}\n{}", self.log());
+            }
+            if UnixStream::connect(self.socket()).is_ok() && self.client(&["stats"]).0 == 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the daemon did not answer\n{}", self.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// `agentd ARGS --socket S`: (exit code, stdout, stderr).
+    fn client(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(agentd_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ps(&self) -> Vec<Value> {
+        let (code, out, err) = self.client(&["ps", "--json"]);
+        assert_eq!(code, 0, "ps: {err}");
+        serde_json::from_str(&out).unwrap()
+    }
+
+    fn events(&self) -> Vec<Value> {
+        let (code, out, err) = self.client(&["events", "--json"]);
+        assert_eq!(code, 0, "events: {err}");
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// `agentd run --socket S --profile P --workspace W -- CMD` in the background.
+    fn run(&self, profile: &Path, ws: &Path, cmd: &[&str]) -> Child {
+        Command::new(agentd_bin())
+            .arg("run")
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--profile")
+            .arg(profile)
+            .arg("--workspace")
+            .arg(ws)
+            .arg("--")
+            .args(cmd)
+            .env("SUDO_UID", NOBODY)
+            .env("SUDO_GID", NOBODY)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill takes a pid and a signal number; the pid is our child's.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Waits until `pred` holds (or panics with `what` after `limit`).
+fn wait_until(limit: Duration, what: &str, mut pred: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !pred() {
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn running<'a>(rows: &'a [Value], profile: &str) -> Option<&'a Value> {
+    rows.iter()
+        .find(|r| r["profile"] == profile && r["state"] == "running")
+}
+
+/// Output of a finished background client.
+fn finish(child: Child) -> (i32, String, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Two agents under different profiles through one daemon: `ps` lists both, `events`
+/// has a denial of each, `kill` ends one and not the other; then the audit log verifies,
+/// and fails naming the record after one line is edited.
+#[test]
+fn daemon_two_agents_ps_events_kill_and_the_audit_log() {
+    if !require_root() {
+        return;
+    }
+    let mut d = Daemon::start();
+    let ws_a = agent_dir(true);
+    let ws_b = agent_dir(true);
+    let (_pa, writer) = profile_file(&test_profile(
+        "daemon-writer",
+        "invoker",
+        DEFAULT_LIMITS,
+        "[breaker]\ntrip_on = [\"canary\"]\n",
+    ));
+    let (_pb, offline) = profile_file(
+        &test_profile(
+            "daemon-offline",
+            "invoker",
+            DEFAULT_LIMITS,
+            "[breaker]\ntrip_on = [\"canary\"]\n",
+        )
+        .replace(
+            "write = [\"{workspace}\", \"/dev/null\"]",
+            "write = [\"/dev/null\"]",
+        ),
+    );
+    // A: writes outside its workspace (refused by Landlock), B: connects (refused by the
+    // cgroup program); both keep going until killed.
+    let a = d.run(
+        &writer,
+        ws_a.path(),
+        &[
+            "/bin/sh",
+            "-c",
+            "echo a-up; while true; do echo x > /etc/agentd-daemon-test 2>/dev/null; sleep 0.2; done",
+        ],
+    );
+    let b = d.run(
+        &offline,
+        ws_b.path(),
+        &[
+            "/usr/bin/python3",
+            "-c",
+            "import socket, time\nprint('b-up', flush=True)\nwhile True:\n    try:\n        socket.create_connection(('127.0.0.1', 9), timeout=1)\n    except OSError:\n        pass\n    time.sleep(0.2)",
+        ],
+    );
+    wait_until(Duration::from_secs(30), "both agents running", || {
+        let rows = d.ps();
+        running(&rows, "daemon-writer").is_some() && running(&rows, "daemon-offline").is_some()
+    });
+    let rows = d.ps();
+    let id_a = running(&rows, "daemon-writer").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let row_b = running(&rows, "daemon-offline").unwrap().clone();
+    let id_b = row_b["id"].as_str().unwrap().to_owned();
+    let pid_b = row_b["pid"].as_u64().unwrap() as u32;
+    for r in [running(&rows, "daemon-writer").unwrap(), &row_b] {
+        assert!(r["pid"].as_u64().unwrap() > 0, "{r}");
+        assert!(
+            r["cgroup"]
+                .as_str()
+                .unwrap()
+                .ends_with(r["id"].as_str().unwrap()),
+            "{r}"
+        );
+        assert_eq!(r["owner_uid"], 0, "{r}");
+    }
+    wait_until(Duration::from_secs(20), "a denial of each agent", || {
+        let evs = d.events();
+        let denied = |id: &str, kind: &str, layer: &str| {
+            evs.iter().any(|e| {
+                e["agent"] == id
+                    && e["kind"] == kind
+                    && e["verdict"] == "deny"
+                    && e["layer"] == layer
+            })
+        };
+        denied(&id_a, "file_write", "landlock") && denied(&id_b, "net_connect", "bpf")
+    });
+    // Filters.
+    let (code, out, _) = d.client(&[
+        "events",
+        "--json",
+        "--agent",
+        &id_b,
+        "--kind",
+        "net_connect",
+    ]);
+    assert_eq!(code, 0);
+    assert!(!out.is_empty());
+    for l in out.lines() {
+        let e: Value = serde_json::from_str(l).unwrap();
+        assert_eq!(
+            (e["agent"].as_str(), e["kind"].as_str()),
+            (Some(id_b.as_str()), Some("net_connect"))
+        );
+    }
+
+    // The kill switch ends A, not B.
+    let (code, out, err) = d.client(&["kill", &id_a]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = finish(a);
+    assert_eq!(code, 137, "A's agentd run: {out}{err}");
+    assert!(
+        out.contains("a-up"),
+        "the agent's stdout is the client's: {out}"
+    );
+    assert!(err.contains("killed by the kill switch"), "{err}");
+    std::thread::sleep(Duration::from_millis(500));
+    let rows = d.ps();
+    assert!(
+        running(&rows, "daemon-offline").is_some(),
+        "B survives: {rows:?}"
+    );
+    assert!(!process_gone(pid_b), "B's process is alive");
+    let a_row = rows.iter().find(|r| r["id"] == id_a.as_str()).unwrap();
+    assert_eq!(a_row["state"], "tripped", "{a_row}");
+    let (code, _, _) = d.client(&["stats"]);
+    assert_eq!(code, 0);
+
+    // B ends on SIGTERM, forwarded by its client, as `agentd run` forwards it.
+    // SAFETY: kill with a pid of our child and a signal number.
+    unsafe { libc::kill(b.id() as i32, libc::SIGTERM) };
+    let (code, out, err) = finish(b);
+    assert_eq!(code, 128 + libc::SIGTERM, "B's agentd run: {out}{err}");
+    assert!(process_gone(pid_b));
+
+    // A hostile client gets an error and the daemon goes on.
+    for garbage in [&b"{\"op\":\"launch\"}\n"[..], b"\xff\xfe\n", b"[1,2,3]\n"] {
+        let mut s = UnixStream::connect(d.socket()).unwrap();
+        s.write_all(garbage).unwrap();
+        let mut reply = String::new();
+        BufReader::new(&s).read_line(&mut reply).unwrap();
+        assert!(reply.contains("\"error\""), "{reply}");
+    }
+    let mut s = UnixStream::connect(d.socket()).unwrap();
+    s.write_all(&vec![b'a'; 70 * 1024]).unwrap();
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    assert!(reply.contains("longer than"), "{reply}");
+    assert_eq!(d.client(&["ps"]).0, 0, "the daemon still serves");
+
+    // The audit log: the launches, the kill (by uid 0) and the events, intact.
+    d.stop();
+    let log = d.audit_log();
+    let verify = |path: &Path| {
+        Command::new(agentd_bin())
+            .args(["audit", "verify"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&log);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    let kill = text
+        .lines()
+        .find(|l| l.contains("\"kind\":\"control\"") && l.contains("\"action\":\"kill\""))
+        .expect("a control record of the kill");
+    assert!(kill.contains(&id_a) && kill.contains("\"uid\":0"), "{kill}");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("\"action\":\"launch\""))
+            .count(),
+        2
+    );
+    // Edit one line (a digit of a pid in a middle record): verify names that record.
+    let lines: Vec<&str> = text.lines().collect();
+    let k = lines.len() / 2;
+    let edited_line = lines[k].replacen("\"pid\":", "\"pid\":1", 1);
+    assert_ne!(edited_line, lines[k]);
+    let mut edited: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+    edited[k] = edited_line;
+    let copy = d.dir.path().join("edited.jsonl");
+    std::fs::write(&copy, edited.join("\n") + "\n").unwrap();
+    let out = verify(&copy);
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains(&format!("line {}", k + 1)),
+        "verify names the edited record (line {}): {said}",
+        k + 1
+    );
+}
+
+/// kill -9 of the daemon while an agent runs: the agent's network stays decided (its
+/// programs are pinned), its supervisor kills it at once, and a restarted daemon reaps
+/// what is left and unpins; the audit log still verifies.
+#[test]
+fn daemon_kill_9_and_restart_leave_no_agent_unwatched() {
+    if !require_root() {
+        return;
+    }
+    let mut d = Daemon::start();
+    let ws = agent_dir(true);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (_p, profile) = profile_file(&test_profile(
+        "daemon-crash",
+        "invoker",
+        DEFAULT_LIMITS,
+        "[breaker]\ntrip_on = [\"canary\"]\n",
+    ));
+    // Tries to connect every 20 ms and records each result in its workspace.
+    let script = format!(
+        "import socket, time\nprint('up', flush=True)\nwhile True:\n    try:\n        socket.create_connection(('127.0.0.1', {port}), timeout=1)\n        r = 'connected'\n    except OSError as e:\n        r = str(e.errno)\n    with open('log', 'a') as f:\n        f.write(r + '\\n')\n    time.sleep(0.02)"
+    );
+    let client = d.run(&profile, ws.path(), &["/usr/bin/python3", "-c", &script]);
+    wait_until(Duration::from_secs(30), "the agent running", || {
+        running(&d.ps(), "daemon-crash").is_some()
+    });
+    let row = running(&d.ps(), "daemon-crash").unwrap().clone();
+    let id = row["id"].as_str().unwrap().to_owned();
+    let pid = row["pid"].as_u64().unwrap() as u32;
+    let cgroup = PathBuf::from(row["cgroup"].as_str().unwrap());
+    let state_file = d.dir.path().join("state/agents").join(format!("{id}.json"));
+    let record: Value = serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+    let cgroup_id = record["cgroup_id"].as_u64().unwrap().to_string();
+    // The agent's pinned cgroup programs: /sys/fs/bpf/agentd/<daemon>/<cgroup id>/.
+    let pins = || -> Vec<PathBuf> {
+        std::fs::read_dir("/sys/fs/bpf/agentd")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join(&cgroup_id))
+            .filter(|p| p.is_dir())
+            .collect()
+    };
+    assert_eq!(pins().len(), 1, "the agent's programs are pinned");
+
+    let killed_at = Instant::now();
+    // SAFETY: kill with our child's pid and SIGKILL.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
+    let _ = d.child.take().map(|mut c| c.wait());
+    wait_until(
+        Duration::from_secs(10),
+        "the agent killed by its supervisor",
+        || process_gone(pid),
+    );
+    let gone_after = killed_at.elapsed();
+    let (code, _out, err) = finish(client);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("daemon went away"), "{err}");
+    // Nothing reached the listener, before or after the daemon died.
+    assert!(
+        listener.accept().is_err(),
+        "a connection got through while the daemon was down"
+    );
+    let log = std::fs::read_to_string(ws.path().join("log")).unwrap_or_default();
+    assert!(!log.contains("connected"), "{log}");
+    assert!(log.lines().count() > 0, "the agent ran before the kill");
+    eprintln!("agent gone {gone_after:?} after the daemon's SIGKILL");
+    // While no daemon runs, the network programs stay attached.
+    assert_eq!(pins().len(), 1, "the pins outlive the daemon");
+
+    // The restart reaps: the record, the pins and any cgroup left.
+    d.spawn();
+    let daemon_log = d.log();
+    assert!(daemon_log.contains(&format!("reaped {id}")), "{daemon_log}");
+    assert!(!state_file.exists());
+    assert!(!cgroup.exists(), "{} left", cgroup.display());
+    assert!(
+        pins().is_empty(),
+        "the restarted daemon unpinned the dead agent's programs"
+    );
+    d.stop();
+    let out = Command::new(agentd_bin())
+        .args(["audit", "verify"])
+        .arg(d.audit_log())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(d.audit_log()).unwrap();
+    assert!(
+        text.lines().any(|l| l.contains("\"action\":\"kill\"")
+            && l.contains(&id)
+            && l.contains("left by a daemon that died")),
+        "the reap is recorded"
+    );
+}
+
+/// A user who is neither root nor in the daemon's group is refused, and told why.
+#[test]
+fn daemon_refuses_a_user_outside_its_group() {
+    if !require_root() {
+        return;
+    }
+    let d = Daemon::start();
+    let out = Command::new(agentd_bin())
+        .args(["ps", "--socket"])
+        .arg(d.socket())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        err.contains("permission denied: uid 65534 is neither root nor in"),
+        "{err}"
+    );
+}
