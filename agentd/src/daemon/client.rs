@@ -63,7 +63,7 @@ fn next_reply(r: &mut BufReader<UnixStream>) -> anyhow::Result<Option<Reply>> {
 /// `agentd ps`.
 pub fn ps(socket: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
     let (path, _) = socket_path(socket);
-    let mut r = request(&path, &Request::Ps)?;
+    let mut r = request(&path, &Request::Ps {})?;
     match next_reply(&mut r)? {
         Some(Reply::Agents(rows)) => {
             if json {
@@ -112,7 +112,7 @@ fn ps_table(rows: &[AgentRow]) -> String {
 /// `agentd stats`.
 pub fn stats(socket: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
     let (path, _) = socket_path(socket);
-    let mut r = request(&path, &Request::Stats)?;
+    let mut r = request(&path, &Request::Stats {})?;
     match next_reply(&mut r)? {
         Some(Reply::Stats(s)) => {
             if json {

@@ -654,11 +654,11 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<(
         return Ok(());
     }
     match request {
-        Request::Ps => {
+        Request::Ps {} => {
             let rows = ps_rows(&shared);
             send(&mut write, &Reply::Agents(rows)).await?;
         }
-        Request::Stats => {
+        Request::Stats {} => {
             let stats = stats(&shared);
             send(&mut write, &Reply::Stats(stats)).await?;
         }

@@ -31,8 +31,9 @@ pub const SUPERVISOR_ENV: &str = "AGENTD_SUPERVISOR_FD";
 pub enum Request {
     /// Launch an agent; stdin, stdout and stderr come with the request.
     Run(RunRequest),
-    /// The agents the daemon supervises.
-    Ps,
+    /// The agents the daemon supervises. (Empty braces: a unit variant would accept any
+    /// extra field.)
+    Ps {},
     /// Events across agents: the recent ones, then (with `follow`) the live stream.
     Events {
         #[serde(default)]
@@ -46,7 +47,7 @@ pub enum Request {
     /// The kill switch.
     Kill { id: String },
     /// Counters.
-    Stats,
+    Stats {},
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,8 +193,8 @@ mod tests {
     #[test]
     fn requests_round_trip() {
         let reqs = [
-            Request::Ps,
-            Request::Stats,
+            Request::Ps {},
+            Request::Stats {},
             Request::Kill { id: "a-1".into() },
             Request::Events {
                 follow: true,
@@ -265,7 +266,7 @@ mod tests {
     #[test]
     fn the_decoder_survives_hostile_input() {
         let valid: Vec<Vec<u8>> = [
-            encode(&Request::Ps),
+            encode(&Request::Ps {}),
             encode(&Request::Kill { id: "x".into() }),
             encode(&Request::Run(RunRequest {
                 profile: "p".into(),
@@ -296,7 +297,10 @@ mod tests {
                 let i = rng.below(line.len());
                 match rng.below(3) {
                     0 => line[i] = rng.next() as u8,
-                    1 => line.insert(i, b"{}[]\",:\\0"[rng.below(10)]),
+                    1 => {
+                        const BITS: &[u8] = b"{}[]\",:\\0";
+                        line.insert(i, BITS[rng.below(BITS.len())]);
+                    }
                     _ => line.truncate(i),
                 }
             }
