@@ -1410,6 +1410,16 @@ connect = ["127.0.0.1/32:8080"]
         assert_eq!(e.path2.as_deref(), Some("/etc/a"));
         set(&mut r.path2, "/tmp/b");
         assert_eq!(dec(&r).layer, Layer::Kernel);
+        // Landlock's EXDEV for a rename out of the writable tree is a refusal too; a real
+        // cross-filesystem EXDEV inside it is not Landlock's.
+        r.ret = -i64::from(libc::EXDEV);
+        set(&mut r.path2, "/etc/a");
+        assert_eq!(
+            (dec(&r).layer, dec(&r).verdict),
+            (Layer::Landlock, Verdict::Deny)
+        );
+        set(&mut r.path2, "/tmp/b");
+        assert_eq!(dec(&r).layer, Layer::Kernel);
     }
 
     #[test]

@@ -144,6 +144,8 @@ pub struct Watch {
     tracepoint_links: Vec<(&'static str, TracePointLinkId)>,
     /// Where agents' cgroup links are pinned (the daemon), if anywhere.
     pin_dir: Option<PathBuf>,
+    /// The write end of the pipe a reaper forked early waits on ([`Watch::hold_in_reaper`]).
+    reaper: Option<std::os::fd::OwnedFd>,
 }
 
 impl Drop for Watch {
@@ -155,7 +157,7 @@ impl Drop for Watch {
     /// pays the grace periods in the background. Until then the programs keep running
     /// with no agent in their maps, returning at the first lookup.
     fn drop(&mut self) {
-        let Some(release) = spawn_reaper() else {
+        let Some(release) = self.reaper.take().or_else(spawn_reaper) else {
             return;
         };
         for (name, id) in std::mem::take(&mut self.tracepoint_links) {
@@ -607,6 +609,7 @@ impl Watch {
             shutdown: None,
             tracepoint_links,
             pin_dir: None,
+            reaper: None,
         })
     }
 
@@ -803,6 +806,17 @@ impl Watch {
             h.links.push(CgroupLink { program, link });
         }
         Ok(())
+    }
+
+    /// Forks the reaper now instead of at drop: it holds a reference to every descriptor
+    /// open at this point (the tracepoint attachments among them) until this Watch is
+    /// dropped *or this process dies*. A daemon killed with SIGKILL then exits at once
+    /// (its closes are not the last references), so whatever waits on its descriptors
+    /// (its agents' supervisors) hears of it at once, not after seconds of detaching.
+    pub fn hold_in_reaper(&mut self) {
+        if self.reaper.is_none() {
+            self.reaper = spawn_reaper();
+        }
     }
 
     /// Pins the cgroup programs of every agent added from now on under `dir` (on bpffs),

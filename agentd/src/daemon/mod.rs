@@ -157,6 +157,10 @@ pub fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     for fs in [bpf::TRACEFS, bpf::BPFFS] {
         bpf::ensure_mounted(fs).with_context(|| format!("mounting {}", fs.1))?;
     }
+    // securityfs only tells which LSMs are active (for `agentd doctor`): not required.
+    if let Err(e) = bpf::ensure_mounted(bpf::SECURITYFS) {
+        eprintln!("agentd daemon: warning: {e}");
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -228,6 +232,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     reap_previous(&args.state_dir, &pins, &mut audit);
 
     let mut watch = Watch::load().context("loading the kernel watch")?;
+    watch.hold_in_reaper();
     std::fs::create_dir_all(&pins).with_context(|| format!("creating {}", pins.display()))?;
     watch.pin_links_under(&pins);
     let rx = watch.try_events().context("the kernel watch's events")?;
