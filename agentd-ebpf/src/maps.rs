@@ -155,15 +155,33 @@ pub fn count_lost(cgroup: u64) {
 #[inline(always)]
 pub unsafe fn fill_header(ev: *mut RawEvent, cgroup: u64, kind: u16, flags: u16) {
     let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: the caller's guarantee; every field is plain data. The helpers have no
+    // preconditions.
+    unsafe {
+        fill_header_without_task(ev, cgroup, kind, flags);
+        (*ev).pid = (pid_tgid >> 32) as u32;
+        (*ev).tid = pid_tgid as u32;
+        (*ev).comm = bpf_get_current_comm().unwrap_or([0; agentd_common::COMM_LEN]);
+    }
+}
+
+/// [`fill_header`] for programs that run outside any task's context (the receive path of
+/// a cgroup_skb program) and may not call the current-task helpers (6.1 refuses them
+/// there): pid, tid and comm are 0.
+///
+/// # Safety
+/// `ev` must be valid for writes of a whole `RawEvent`.
+#[inline(always)]
+pub unsafe fn fill_header_without_task(ev: *mut RawEvent, cgroup: u64, kind: u16, flags: u16) {
     // SAFETY: the caller guarantees `ev` is writable; every field is plain data. The
-    // helpers have no preconditions.
+    // helper has no preconditions.
     unsafe {
         (*ev).ktime_ns = bpf_ktime_get_ns();
         (*ev).agent_cgroup = cgroup;
         (*ev).ret = 0;
         (*ev).aux = 0;
-        (*ev).pid = (pid_tgid >> 32) as u32;
-        (*ev).tid = pid_tgid as u32;
+        (*ev).pid = 0;
+        (*ev).tid = 0;
         (*ev).kind = kind;
         (*ev).flags = flags;
         (*ev).layer = 0;
@@ -177,7 +195,7 @@ pub unsafe fn fill_header(ev: *mut RawEvent, cgroup: u64, kind: u16, flags: u16)
         (*ev).canary = 0;
         (*ev).dir_parts = 0;
         (*ev).dir[0] = 0;
-        (*ev).comm = bpf_get_current_comm().unwrap_or([0; agentd_common::COMM_LEN]);
+        (*ev).comm = [0; agentd_common::COMM_LEN];
     }
 }
 

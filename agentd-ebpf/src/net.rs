@@ -32,7 +32,7 @@ use aya_ebpf::{
 
 use crate::maps::{
     BIND_ALLOW, EVENTS, NET_ALLOW, NET_PENDING, SOCK_REFUSED, agent_by_ancestor, count_lost,
-    current_agent, fill_header,
+    current_agent, fill_header, fill_header_without_task,
 };
 
 const AF_UNIX: u32 = 1;
@@ -190,11 +190,8 @@ fn try_inbound(ctx: &SkBuffContext) -> i32 {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved ring-buffer record, writable and RawEvent-sized.
         unsafe {
-            fill_header(ev, cgroup, EventKind::Inbound as u16, 0);
             // Softirq context: the current task is whoever was interrupted.
-            (*ev).pid = 0;
-            (*ev).tid = 0;
-            (*ev).comm = [0; agentd_common::COMM_LEN];
+            fill_header_without_task(ev, cgroup, EventKind::Inbound as u16, 0);
             if monitor {
                 (*ev).flags = EVENT_FLAG_MONITOR;
             }

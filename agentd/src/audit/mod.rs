@@ -46,7 +46,7 @@
 //! so a second writer fails to open). [`sink`] adapts it to a `FnMut(&Event)` for the
 //! supervisor's event writer.
 
-mod cmd;
+pub mod cmd;
 pub mod record;
 pub mod verify;
 pub mod writer;
