@@ -80,7 +80,6 @@ pub fn landlock_missing_below(abi: i64) -> Vec<&'static str> {
     [
         ("refer (cross-directory rename and link)", 2),
         ("truncate", 3),
-        ("tcp bind/connect", 4),
         ("device ioctl", 5),
         ("signal and abstract-unix-socket scoping", 6),
     ]

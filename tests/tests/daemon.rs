@@ -154,6 +154,17 @@ fn wait_until(limit: Duration, what: &str, mut pred: impl FnMut() -> bool) {
     }
 }
 
+/// Panics with a background client's output if it has already exited.
+fn still_running(child: &mut Child, what: &str) {
+    if let Some(st) = child.try_wait().unwrap() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        panic!("{what}: agentd run exited early ({st}): {err}");
+    }
+}
+
 fn running<'a>(rows: &'a [Value], profile: &str) -> Option<&'a Value> {
     rows.iter()
         .find(|r| r["profile"] == profile && r["state"] == "running")
@@ -200,7 +211,7 @@ fn daemon_two_agents_ps_events_kill_and_the_audit_log() {
     );
     // A: writes outside its workspace (refused by Landlock), B: connects (refused by the
     // cgroup program); both keep going until killed.
-    let a = d.run(
+    let mut a = d.run(
         &writer,
         ws_a.path(),
         &[
@@ -209,7 +220,7 @@ fn daemon_two_agents_ps_events_kill_and_the_audit_log() {
             "echo a-up; while true; do echo x > /etc/agentd-daemon-test 2>/dev/null; sleep 0.2; done",
         ],
     );
-    let b = d.run(
+    let mut b = d.run(
         &offline,
         ws_b.path(),
         &[
@@ -218,7 +229,9 @@ fn daemon_two_agents_ps_events_kill_and_the_audit_log() {
             "import socket, time\nprint('b-up', flush=True)\nwhile True:\n    try:\n        socket.create_connection(('127.0.0.1', 9), timeout=1)\n    except OSError:\n        pass\n    time.sleep(0.2)",
         ],
     );
-    wait_until(Duration::from_secs(30), "both agents running", || {
+    wait_until(Duration::from_secs(120), "both agents running", || {
+        still_running(&mut a, "A");
+        still_running(&mut b, "B");
         let rows = d.ps();
         running(&rows, "daemon-writer").is_some() && running(&rows, "daemon-offline").is_some()
     });
@@ -241,7 +254,7 @@ fn daemon_two_agents_ps_events_kill_and_the_audit_log() {
         );
         assert_eq!(r["owner_uid"], 0, "{r}");
     }
-    wait_until(Duration::from_secs(20), "a denial of each agent", || {
+    wait_until(Duration::from_secs(120), "a denial of each agent", || {
         let evs = d.events();
         let denied = |id: &str, kind: &str, layer: &str| {
             evs.iter().any(|e| {
@@ -388,8 +401,9 @@ fn daemon_kill_9_and_restart_leave_no_agent_unwatched() {
     let script = format!(
         "import socket, time\nprint('up', flush=True)\nwhile True:\n    try:\n        socket.create_connection(('127.0.0.1', {port}), timeout=1)\n        r = 'connected'\n    except OSError as e:\n        r = str(e.errno)\n    with open('log', 'a') as f:\n        f.write(r + '\\n')\n    time.sleep(0.02)"
     );
-    let client = d.run(&profile, ws.path(), &["/usr/bin/python3", "-c", &script]);
-    wait_until(Duration::from_secs(30), "the agent running", || {
+    let mut client = d.run(&profile, ws.path(), &["/usr/bin/python3", "-c", &script]);
+    wait_until(Duration::from_secs(120), "the agent running", || {
+        still_running(&mut client, "the agent");
         running(&d.ps(), "daemon-crash").is_some()
     });
     let row = running(&d.ps(), "daemon-crash").unwrap().clone();
@@ -416,7 +430,7 @@ fn daemon_kill_9_and_restart_leave_no_agent_unwatched() {
     unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
     let _ = d.child.take().map(|mut c| c.wait());
     wait_until(
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         "the agent killed by its supervisor",
         || process_gone(pid),
     );

@@ -251,8 +251,8 @@ pub const PROCESS_EXIT: &str = "sched_process_exit";
 pub const PROCESS_EXIT_PROGRAMS: [(&str, usize); 2] =
     [("sched_process_exit", 2), ("sched_process_exit_leader", 1)];
 
-/// connect() and bind(), watched for what Landlock refuses before the cgroup programs
-/// run (see agentd-ebpf's `net`): (call, entry program attached to `sys_enter_<call>`,
+/// connect() and bind(), watched for unix sockets and for what a host security module
+/// refuses before the cgroup programs run (see agentd-ebpf's `net`): (call, entry program attached to `sys_enter_<call>`,
 /// the argument names its format must list in order). Their exit program is
 /// [`SYS_EXIT_SOCKADDR`], attached to `sys_exit_<call>`.
 pub const SOCKADDR_TRACEPOINTS: [(&str, &str, &[&str]); 2] = [
@@ -265,9 +265,6 @@ pub const SOCKADDR_TRACEPOINTS: [(&str, &str, &[&str]); 2] = [
 ];
 /// The exit program of [`SOCKADDR_TRACEPOINTS`].
 pub const SYS_EXIT_SOCKADDR: &str = "sys_exit_sockaddr";
-/// The Landlock ABI from which Landlock decides TCP connect and bind (and can refuse them
-/// before the cgroup programs): below it the connect/bind tracepoints are not attached.
-pub const LANDLOCK_NET_ABI: i32 = 4;
 
 /// cgroup/sock_addr programs attached to each agent's cgroup.
 pub const SOCK_ADDR_PROGRAMS: [(&str, CgroupSockAddrAttachType); 6] = [

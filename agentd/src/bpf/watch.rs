@@ -362,17 +362,9 @@ fn checked_exit_only_tracepoints() -> Result<Vec<(programs::ExitOnlyTracepoint, 
 }
 
 /// The connect/bind tracepoints to attach, as (call, entry program), with their formats
-/// checked: none below Landlock ABI 4, where Landlock does not decide TCP ports and the
-/// cgroup programs see (and report) every connect and bind.
+/// checked. They report unix-socket calls (no cgroup program sees them) and inet calls a
+/// host security module refused before the cgroup programs, on every kernel.
 fn checked_sockaddr_tracepoints() -> Result<Vec<(&'static str, &'static str)>, BpfError> {
-    let abi = crate::sandbox::landlock::kernel_abi();
-    if abi < programs::LANDLOCK_NET_ABI {
-        tracing::debug!(
-            landlock_abi = abi,
-            "landlock does not decide TCP ports here: connect/bind tracepoints not attached"
-        );
-        return Ok(Vec::new());
-    }
     let tracefs = Path::new(TRACEFS.1);
     let mut out = Vec::new();
     for (call, enter, args) in programs::SOCKADDR_TRACEPOINTS {

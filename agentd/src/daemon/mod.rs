@@ -866,7 +866,7 @@ async fn run(
         .arg("--workspace")
         .arg(&req.workspace)
         .arg("--events")
-        .arg("/dev/fd/4")
+        .arg(format!("/proc/self/fd/{}", SUPERVISOR_FD + 1))
         .arg("--")
         .args(&req.command)
         .current_dir(&req.workspace)
