@@ -425,10 +425,14 @@ fn daemon_kill_9_and_restart_leave_no_agent_unwatched() {
     };
     assert_eq!(pins().len(), 1, "the agent's programs are pinned");
     // The agent is at work (python starts slowly under emulation).
-    wait_until(Duration::from_secs(120), "the agent's first attempts", || {
-        still_running(&mut client, "the agent");
-        std::fs::read_to_string(ws.path().join("log")).is_ok_and(|l| l.lines().count() >= 3)
-    });
+    wait_until(
+        Duration::from_secs(120),
+        "the agent's first attempts",
+        || {
+            still_running(&mut client, "the agent");
+            std::fs::read_to_string(ws.path().join("log")).is_ok_and(|l| l.lines().count() >= 3)
+        },
+    );
 
     let killed_at = Instant::now();
     // SAFETY: kill with our child's pid and SIGKILL.

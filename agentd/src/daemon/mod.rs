@@ -108,7 +108,13 @@ struct Agent {
     killed_by: Option<String>,
     /// Set once the first process's exit event was handled.
     drained: watch::Sender<bool>,
+    /// Processes seen exiting before the supervisor named the first one (a short-lived
+    /// agent's exit event can overtake its `started` line); at most [`EARLY_EXITS`].
+    early_exits: Vec<u32>,
 }
+
+/// Bound of [`Agent::early_exits`].
+const EARLY_EXITS: usize = 64;
 
 #[derive(Default)]
 struct Counters {
@@ -445,8 +451,14 @@ fn handle_event(shared: &Shared, ev: Event) {
                     contain_ns,
                 ));
             }
-            if ev.kind == Kind::ProcessExit && ev.pid == a.pid && a.pid != 0 {
-                let _ = a.drained.send(true);
+            if ev.kind == Kind::ProcessExit {
+                if a.pid == 0 {
+                    if a.early_exits.len() < EARLY_EXITS {
+                        a.early_exits.push(ev.pid);
+                    }
+                } else if ev.pid == a.pid {
+                    a.drained.send_replace(true);
+                }
             }
         }
     }
@@ -1107,6 +1119,9 @@ async fn supervisor_line(
                 if a.state == AgentState::Starting {
                     a.state = AgentState::Running;
                 }
+                if a.early_exits.contains(&pid) {
+                    a.drained.send_replace(true);
+                }
             }
             None
         }
@@ -1192,6 +1207,7 @@ fn attach(
             breaker: Breaker::new(policy.breaker.clone()),
             killed_by: None,
             drained,
+            early_exits: Vec::new(),
         },
     );
     lock(&shared.counters).agents_total += 1;
