@@ -190,7 +190,13 @@ fn launch_cost(agentd: &Path, profile: &Path, ws: &Path) -> anyhow::Result<()> {
         st.success().then(|| which("bwrap")).flatten()
     });
     // A daemon of this run (its own socket, state and audit log): the watch is loaded once.
-    let daemon = BenchDaemon::start(agentd, &ws.with_file_name("daemon"))?;
+    // Outside the (world-writable) bench directory: the daemon refuses an audit log others
+    // may write.
+    let daemon_dir = ws
+        .parent()
+        .and_then(Path::parent)
+        .map_or_else(|| ws.with_file_name("daemon"), |t| t.join("bench-daemon"));
+    let daemon = BenchDaemon::start(agentd, &daemon_dir)?;
     let mut direct = Vec::new();
     let mut confined = Vec::new();
     let mut via_daemon = Vec::new();
@@ -268,6 +274,8 @@ struct BenchDaemon {
 
 impl BenchDaemon {
     fn start(agentd: &Path, dir: &Path) -> anyhow::Result<BenchDaemon> {
+        // A fresh state and audit log each run.
+        let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
         let socket = dir.join("agentd.sock");
         let child = Command::new(agentd)
