@@ -189,6 +189,23 @@ fn daemon_two_agents_ps_events_kill_and_the_audit_log() {
         return;
     }
     let mut d = Daemon::start();
+    // A live subscriber from before the agents exist: `agentd events --follow --json`.
+    let mut follower = Command::new(agentd_bin())
+        .args(["events", "--follow", "--json", "--socket"])
+        .arg(d.socket())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    let follower_out = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(follower_out).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
     let ws_a = agent_dir(true);
     let ws_b = agent_dir(true);
     let (_pa, writer) = profile_file(&test_profile(
@@ -266,6 +283,26 @@ fn daemon_two_agents_ps_events_kill_and_the_audit_log() {
         };
         denied(&id_a, "file_write", "landlock") && denied(&id_b, "net_connect", "bpf")
     });
+    // The live stream carried a denial of each, as they happened.
+    let mut seen_a = false;
+    let mut seen_b = false;
+    let streamed = Instant::now();
+    while !(seen_a && seen_b) {
+        assert!(
+            streamed.elapsed() < Duration::from_secs(60),
+            "events --follow: a denial of each agent (A {seen_a}, B {seen_b})"
+        );
+        let Ok(line) = lines_rx.recv_timeout(Duration::from_secs(1)) else {
+            continue;
+        };
+        let e: Value = serde_json::from_str(&line).unwrap();
+        if e["verdict"] == "deny" {
+            seen_a |= e["agent"] == id_a.as_str() && e["kind"] == "file_write";
+            seen_b |= e["agent"] == id_b.as_str() && e["kind"] == "net_connect";
+        }
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
     // Filters.
     let (code, out, _) = d.client(&[
         "events",
