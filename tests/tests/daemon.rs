@@ -19,15 +19,25 @@ use serde_json::Value;
 struct Daemon {
     child: Option<Child>,
     dir: tempfile::TempDir,
+    group: String,
 }
 
 impl Daemon {
     fn start() -> Daemon {
+        Daemon::start_with_group("agentd-test-no-such-group")
+    }
+
+    /// A daemon whose `--group` is `group`.
+    fn start_with_group(group: &str) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("agentd-daemon-test-")
             .tempdir()
             .unwrap();
-        let mut d = Daemon { child: None, dir };
+        let mut d = Daemon {
+            child: None,
+            dir,
+            group: group.to_owned(),
+        };
         d.spawn();
         d
     }
@@ -56,7 +66,8 @@ impl Daemon {
             .arg(self.dir.path().join("state"))
             .arg("--audit-log")
             .arg(self.audit_log())
-            .args(["--group", "agentd-test-no-such-group"])
+            .arg("--group")
+            .arg(&self.group)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -123,6 +134,9 @@ impl Daemon {
             .args(cmd)
             .env("SUDO_UID", NOBODY)
             .env("SUDO_GID", NOBODY)
+            // Neither may reach the supervisor (root): only what the profile passes.
+            .env("LD_LIBRARY_PATH", "/nonexistent-agentd-test")
+            .env("AGENTD_TEST_NOT_PASSED", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -260,6 +274,22 @@ fn daemon_two_agents_ps_events_kill_and_the_audit_log() {
     let row_b = running(&rows, "daemon-offline").unwrap().clone();
     let id_b = row_b["id"].as_str().unwrap().to_owned();
     let pid_b = row_b["pid"].as_u64().unwrap() as u32;
+    // The supervisor (the agent's parent, root) got only the profile's variables.
+    let ppid = std::fs::read_to_string(format!("/proc/{pid_b}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:").map(|v| v.trim().to_owned()))
+        .unwrap();
+    let environ = std::fs::read(format!("/proc/{ppid}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    // The client is root under sudo's variables, which the daemon then honours.
+    assert!(environ.contains("SUDO_UID=65534"), "{environ}");
+    for var in ["LD_LIBRARY_PATH", "AGENTD_TEST_NOT_PASSED"] {
+        assert!(
+            !environ.contains(var),
+            "{var} reached the supervisor: {environ}"
+        );
+    }
     for r in [running(&rows, "daemon-writer").unwrap(), &row_b] {
         assert!(r["pid"].as_u64().unwrap() > 0, "{r}");
         assert!(
@@ -548,4 +578,73 @@ fn daemon_refuses_a_user_outside_its_group() {
         err.contains("permission denied: uid 65534 is neither root nor in"),
         "{err}"
     );
+}
+
+/// A member of the daemon's group who is not root launches agents as itself or a transient
+/// uid, never as another named user.
+#[test]
+fn daemon_group_members_launch_only_as_themselves() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !require_root() {
+        return;
+    }
+    // nobody's primary group: nobody is a member.
+    let group = std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.get(2) == Some(&"65534")).then(|| f[0].to_owned())
+        })
+        .expect("a group with gid 65534 in /etc/group");
+    let d = Daemon::start_with_group(&group);
+    let ws = agent_dir(false);
+    let profiles = agent_dir(false);
+    let write = |name: &str, run_as: &str| {
+        let path = profiles.path().join(format!("{name}.toml"));
+        let text = match run_as {
+            "invoker" | "transient" => test_profile(name, run_as, DEFAULT_LIMITS, ""),
+            user => test_profile(name, "user", DEFAULT_LIMITS, "").replacen(
+                "run_as = \"user\"",
+                &format!("run_as = \"user\"\nuser = \"{user}\""),
+                1,
+            ),
+        };
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        path
+    };
+    let as_daemon_user = write("as-daemon", "daemon");
+    let as_invoker = write("as-invoker", "invoker");
+    let run_as_nobody = |profile: &Path| {
+        Command::new(agentd_bin())
+            .arg("run")
+            .arg("--socket")
+            .arg(d.socket())
+            .arg("--profile")
+            .arg(profile)
+            .arg("--workspace")
+            .arg(ws.path())
+            .args(["--", "/usr/bin/id", "-u"])
+            .current_dir(ws.path())
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let out = run_as_nobody(&as_daemon_user);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("only root may launch an agent as another user"),
+        "{err}"
+    );
+    let out = run_as_nobody(&as_invoker);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "65534");
 }

@@ -865,6 +865,10 @@ async fn run(
             return Ok(());
         }
     };
+    if let Err(e) = check_identity(&policy, &who) {
+        send(&mut write, &refuse(e)).await?;
+        return Ok(());
+    }
 
     // The supervisor: this binary's `run`, with the client's stdio and environment, the
     // client as its invoking user, a socketpair to us and a pipe for its own events.
@@ -883,9 +887,10 @@ async fn run(
         .args(&req.command)
         .current_dir(&req.workspace)
         .env_clear();
+    // Only what the profile passes to the agent: the supervisor runs as root, and the
+    // client's environment must not reach it otherwise (LD_PRELOAD, GCONV_PATH, ...).
     for (k, v) in &req.env {
-        if !k.starts_with("AGENTD_") && !k.starts_with("SUDO_") && !k.is_empty() && !k.contains('=')
-        {
+        if policy.env.pass.iter().any(|p| p == k) && !k.starts_with("LD_") {
             cmd.env(k, v);
         }
     }
@@ -1065,6 +1070,29 @@ trait SignalCode {
 impl SignalCode for std::process::ExitStatus {
     fn signal_code(&self) -> Option<i32> {
         std::os::unix::process::ExitStatusExt::signal(self)
+    }
+}
+
+/// Who may launch under which identity: root as anyone the profile says; anyone else as
+/// themselves (`invoker`), a transient uid, or a named user that is themselves.
+fn check_identity(policy: &CompiledPolicy, who: &Actor) -> Result<(), String> {
+    if who.uid == 0 {
+        return Ok(());
+    }
+    let Some(name) = &policy.identity.user else {
+        return Ok(());
+    };
+    let uid = nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .map(|u| u.uid.as_raw());
+    if uid == Some(who.uid) {
+        Ok(())
+    } else {
+        Err(format!(
+            "permission denied: profile {} runs the agent as user {name}; only root may launch an agent as another user (use run_as = \"invoker\" or \"transient\")",
+            policy.name
+        ))
     }
 }
 
