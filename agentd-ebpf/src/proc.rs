@@ -20,6 +20,9 @@ static TASK_TGID_OFFSET: u64 = 0;
 /// `offsetof(struct task_struct, exit_code)`, from BTF.
 #[unsafe(no_mangle)]
 static TASK_EXIT_CODE_OFFSET: u64 = 0;
+/// `offsetof(struct linux_binprm, file)`, from BTF.
+#[unsafe(no_mangle)]
+static BPRM_FILE_OFFSET: u64 = 0;
 
 const SIGKILL: u32 = 9;
 
@@ -42,6 +45,60 @@ fn read_task_i32(task: *const u8, offset: usize) -> Option<i32> {
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     try_fork(&ctx);
     0
+}
+
+/// TP_PROTO(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm); runs in the
+/// task that exec'd, after the new program is loaded and before it runs an instruction.
+/// An agent's exec of a file no path names (a memfd: code the agent wrote to memory,
+/// which Landlock's `exec` rules cannot see) is answered with SIGKILL, delivered before
+/// the program starts, and reported as a refused exec.
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
+    try_exec(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_exec(ctx: &BtfTracePointContext) {
+    let Some((cgroup, state)) = current_agent() else {
+        return;
+    };
+    let bprm: *const u8 = ctx.arg(2);
+    // SAFETY: a kernel read that faults safely; `bprm` is the tracepoint's linux_binprm,
+    // the offset from this kernel's BTF.
+    let file = unsafe {
+        bpf_probe_read_kernel(bprm.wrapping_add(global(&BPRM_FILE_OFFSET)).cast::<u64>())
+    }
+    .unwrap_or(0);
+    if file == 0 || crate::vfs::is_pseudo_file(file) != Some(true) {
+        return;
+    }
+    // SAFETY: `state` points into the AGENTS map value for the program's run.
+    let flags = unsafe { (*state).flags };
+    let monitor = flags & agentd_common::AGENT_FLAG_MONITOR != 0;
+    if !monitor {
+        // SAFETY: the helper has no memory preconditions.
+        unsafe { bpf_send_signal(SIGKILL) };
+    }
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count_lost(cgroup);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is the reserved ring-buffer record, writable and RawEvent-sized.
+    unsafe {
+        fill_header(
+            ev,
+            cgroup,
+            EventKind::Exec as u16,
+            if monitor { agentd_common::EVENT_FLAG_MONITOR } else { 0 },
+        );
+        (*ev).layer = Layer::Bpf as u8;
+        (*ev).verdict = Verdict::Deny as u8;
+        (*ev).path[0] = 0;
+        (*ev).path2[0] = 0;
+    }
+    entry.submit(0);
 }
 
 /// TP_PROTO(struct task_struct *p, bool group_dead); runs in the exiting task. Kernels

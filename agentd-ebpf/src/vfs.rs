@@ -194,6 +194,21 @@ pub fn fd_path(fd: i64, opened: bool) -> Option<KPath> {
     path_at(file.wrapping_add(off(&FILE_F_PATH_OFFSET)))
 }
 
+/// Whether `file` (a `struct file *`) is on no filesystem a path can name: its dentry is
+/// its own parent and not a mount's root, as for memfd and other pseudo files. (A regular
+/// file, even deleted or made with O_TMPFILE, has a parent directory.)
+#[inline(always)]
+pub fn is_pseudo_file(file: u64) -> Option<bool> {
+    let path = path_at(file.wrapping_add(off(&FILE_F_PATH_OFFSET)))?;
+    let parent = ptr_at(path.dentry, off(&DENTRY_D_PARENT_OFFSET))?;
+    if parent != path.dentry {
+        return Some(false);
+    }
+    // A mount's root directory is its own parent too, but it is no file to exec.
+    let root = ptr_at(path.mnt, off(&VFSMOUNT_MNT_ROOT_OFFSET))?;
+    Some(root != path.dentry)
+}
+
 /// The current task's working directory, `current->fs->pwd`.
 #[inline(always)]
 pub fn cwd() -> Option<KPath> {

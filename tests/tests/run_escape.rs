@@ -226,3 +226,56 @@ fn run_escape_from_the_cgroup_is_refused() {
     assert_eq!(r["in_agent"], true, "{r}");
     assert_eq!(r["after_same"], true, "{r}");
 }
+
+/// Code the agent writes to memory (a memfd) and executes: Landlock's `exec` rules cannot
+/// see a file no path names, so the `sched_process_exec` program kills the process before
+/// its first instruction, on every kernel, and reports the refused exec.
+#[test]
+fn run_escape_by_exec_of_a_memfd_is_killed() {
+    if !require_root() {
+        return;
+    }
+    let ws = agent_dir(true);
+    let script = r#"
+import json, os
+fd = os.memfd_create("payload", 0)
+os.write(fd, open("/usr/bin/true", "rb").read())
+out = {}
+for how in ["fexecve", "proc_fd"]:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if how == "fexecve":
+                os.execve(fd, ["payload"], {})
+            else:
+                os.execve("/proc/self/fd/%d" % fd, ["payload"], {})
+        except OSError as e:
+            os._exit(100 + e.errno)
+    _, st = os.waitpid(pid, 0)
+    out[how] = os.waitstatus_to_exitcode(st)
+# A program on the filesystem still runs.
+pid = os.fork()
+if pid == 0:
+    os.execve("/usr/bin/true", ["true"], {})
+_, st = os.waitpid(pid, 0)
+out["true"] = os.waitstatus_to_exitcode(st)
+print(json.dumps(out))
+"#;
+    let (r, run) = attempt_run(ws.path(), script);
+    assert_eq!(r["fexecve"], -libc::SIGKILL, "{r}");
+    assert_eq!(r["proc_fd"], -libc::SIGKILL, "{r}");
+    assert_eq!(r["true"], 0, "{r}");
+    let refused: Vec<_> = run
+        .events
+        .iter()
+        .filter(|e| e["kind"] == "exec" && e["verdict"] == "deny" && e["layer"] == "bpf")
+        .collect();
+    assert_eq!(refused.len(), 2, "{}", run.explain());
+    for e in refused {
+        assert!(
+            e["detail"]["reason"].as_str().unwrap().contains("memfd"),
+            "{e}"
+        );
+        assert_eq!(e["detail"]["action"], "the process was killed at exec", "{e}");
+    }
+}

@@ -515,6 +515,25 @@ pub fn decode(
                 }
             };
         }
+        EventKind::Exec if layer_of_raw(raw.layer) == Some(Layer::Bpf) => {
+            // From `sched_process_exec`: the program exec'd is no file a path names (a
+            // memfd); the process was killed before its first instruction.
+            e.layer = Layer::Bpf;
+            e.verdict = verdict_of_raw(raw.verdict);
+            e = e
+                .with(
+                    "reason",
+                    "exec of a file no path names (memfd or another pseudo file)",
+                )
+                .with(
+                    "action",
+                    if monitor {
+                        "none (monitor mode)"
+                    } else {
+                        "the process was killed at exec"
+                    },
+                );
+        }
         EventKind::Exec
         | EventKind::OpenWrite
         | EventKind::Canary
@@ -1049,6 +1068,28 @@ connect = ["127.0.0.1/32:8080"]
         .unwrap();
         assert_eq!(e.path.as_deref(), Some("/home/u/s.sock"));
         assert_eq!(e.layer, Layer::Landlock);
+    }
+
+    #[test]
+    fn exec_of_a_memfd_is_a_refusal_by_the_exec_program() {
+        let mut r = raw(EventKind::Exec);
+        r.layer = agentd_common::Layer::Bpf as u8;
+        r.verdict = agentd_common::Verdict::Deny as u8;
+        let e = dec(&r);
+        assert_eq!(
+            (e.kind, e.layer, e.verdict, e.errno),
+            (Kind::Exec, Layer::Bpf, Verdict::Deny, None)
+        );
+        assert_eq!(e.path, None);
+        assert_eq!(
+            e.detail.get("action"),
+            Some(&serde_json::json!("the process was killed at exec"))
+        );
+        r.flags = EVENT_FLAG_MONITOR;
+        assert_eq!(
+            dec(&r).detail.get("action"),
+            Some(&serde_json::json!("none (monitor mode)"))
+        );
     }
 
     #[test]

@@ -242,7 +242,10 @@ pub fn exit_only_tracepoints() -> Vec<ExitOnlyTracepoint> {
 pub const SYS_EXIT: &str = "sys_exit";
 /// tp_btf programs: (program, BTF tracepoint). The exit program is one of
 /// [`PROCESS_EXIT_PROGRAMS`], chosen by the tracepoint's prototype.
-pub const PROCESS_TRACEPOINTS: [(&str, &str); 1] = [("sched_process_fork", "sched_process_fork")];
+pub const PROCESS_TRACEPOINTS: [(&str, &str); 2] = [
+    ("sched_process_fork", "sched_process_fork"),
+    ("sched_process_exec", "sched_process_exec"),
+];
 /// The BTF tracepoint of process exits.
 pub const PROCESS_EXIT: &str = "sched_process_exit";
 /// Its programs: (program, arguments of the tracepoint it reads). Kernels from 6.16 pass

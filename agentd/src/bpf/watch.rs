@@ -251,7 +251,7 @@ fn vfs_offsets() -> Result<Vec<(&'static str, u64)>, BpfError> {
 }
 
 /// Struct offsets the process programs read, from the running kernel's BTF.
-fn task_offsets() -> Result<[(&'static str, u64); 3], BpfError> {
+fn task_offsets() -> Result<[(&'static str, u64); 4], BpfError> {
     let raw = std::fs::read(VMLINUX_BTF).map_err(|source| BpfError::Read {
         path: VMLINUX_BTF.into(),
         source,
@@ -266,6 +266,12 @@ fn task_offsets() -> Result<[(&'static str, u64); 3], BpfError> {
         ("TASK_PID_OFFSET", off("pid")?),
         ("TASK_TGID_OFFSET", off("tgid")?),
         ("TASK_EXIT_CODE_OFFSET", off("exit_code")?),
+        (
+            "BPRM_FILE_OFFSET",
+            btf.member_offset("linux_binprm", "file")
+                .map(u64::from)
+                .map_err(|e| BpfError::Btf(format!("{VMLINUX_BTF}: {e}")))?,
+        ),
     ])
 }
 
