@@ -91,7 +91,11 @@ fn try_exec(ctx: &BtfTracePointContext) {
             ev,
             cgroup,
             EventKind::Exec as u16,
-            if monitor { agentd_common::EVENT_FLAG_MONITOR } else { 0 },
+            if monitor {
+                agentd_common::EVENT_FLAG_MONITOR
+            } else {
+                0
+            },
         );
         (*ev).layer = Layer::Bpf as u8;
         (*ev).verdict = Verdict::Deny as u8;

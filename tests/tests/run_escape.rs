@@ -276,6 +276,9 @@ print(json.dumps(out))
             e["detail"]["reason"].as_str().unwrap().contains("memfd"),
             "{e}"
         );
-        assert_eq!(e["detail"]["action"], "the process was killed at exec", "{e}");
+        assert_eq!(
+            e["detail"]["action"], "the process was killed at exec",
+            "{e}"
+        );
     }
 }
