@@ -159,6 +159,16 @@ impl Drop for Daemon {
     }
 }
 
+/// The daemons' pin directories now present (`/sys/fs/bpf/agentd/*`).
+fn pin_dirs() -> Vec<PathBuf> {
+    std::fs::read_dir("/sys/fs/bpf/agentd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect()
+}
+
 /// Waits until `pred` holds (or panics with `what` after `limit`).
 fn wait_until(limit: Duration, what: &str, mut pred: impl FnMut() -> bool) {
     let started = Instant::now();
@@ -202,6 +212,7 @@ fn daemon_two_agents_ps_events_kill_and_the_audit_log() {
     if !require_root() {
         return;
     }
+    let pins_before = pin_dirs();
     let mut d = Daemon::start();
     // A live subscriber from before the agents exist: `agentd events --follow --json`.
     let mut follower = Command::new(agentd_bin())
@@ -398,6 +409,12 @@ fn daemon_two_agents_ps_events_kill_and_the_audit_log() {
 
     // The audit log: the launches, the kill (by uid 0) and the events, intact.
     d.stop();
+    // A stopped daemon leaves no pins behind.
+    let left: Vec<PathBuf> = pin_dirs()
+        .into_iter()
+        .filter(|p| !pins_before.contains(p))
+        .collect();
+    assert!(left.is_empty(), "pins left: {left:?}");
     let log = d.audit_log();
     let verify = |path: &Path| {
         Command::new(agentd_bin())

@@ -139,6 +139,8 @@ struct Shared {
     started: Instant,
     group_gid: Option<u32>,
     state_dir: PathBuf,
+    /// This daemon's directory of pinned cgroup programs.
+    pins: PathBuf,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -260,6 +262,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         started: Instant::now(),
         group_gid,
         state_dir: args.state_dir.clone(),
+        pins: pins.clone(),
     });
     tokio::spawn(kernel_events(Arc::clone(&shared), rx));
     eprintln!(
@@ -309,6 +312,9 @@ fn shutdown(shared: &Shared, socket: &Path) {
         }
         forget_record(&shared.state_dir, &id);
     }
+    // Every agent's pins are gone with it: the directories go too (when empty).
+    let _ = std::fs::remove_dir(&shared.pins);
+    let _ = std::fs::remove_dir(PIN_ROOT);
     if let Err(e) = lock(&shared.audit).sync() {
         eprintln!("agentd daemon: audit log: {e}");
     }
