@@ -54,7 +54,7 @@ use crate::{
     breaker::Breaker,
     event::{Event, Kind, Layer, Verdict},
     profile::{self, CompileContext, CompiledPolicy},
-    run::kernel::{monotonic_ns, trip_event, trip_line},
+    run::kernel::{manual_kill_event, monotonic_ns, trip_event, trip_line},
     sandbox::cgroup::AgentCgroup,
 };
 
@@ -130,13 +130,15 @@ struct Counters {
 struct Shared {
     watch: Mutex<Watch>,
     agents: Mutex<HashMap<String, Agent>>,
-    /// Agent ids by cgroup id, for events.
+    /// Agents that ended, for `ps` (the last [`EXITED_KEPT`]).
     exited: Mutex<VecDeque<AgentRow>>,
     events: broadcast::Sender<Arc<Event>>,
     recent: Mutex<VecDeque<Arc<Event>>>,
     audit: Mutex<AuditLog>,
     counters: Mutex<Counters>,
     started: Instant,
+    /// `--group`, and its gid when the group exists.
+    group: String,
     group_gid: Option<u32>,
     state_dir: PathBuf,
     /// This daemon's directory of pinned cgroup programs.
@@ -260,6 +262,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         audit: Mutex::new(audit),
         counters: Mutex::new(Counters::default()),
         started: Instant::now(),
+        group: args.group.clone(),
         group_gid,
         state_dir: args.state_dir.clone(),
         pins: pins.clone(),
@@ -524,7 +527,7 @@ fn kill_cgroup(dir: &Path) {
 /// `manual` and recorded. Returns false when no such running agent exists.
 fn kill_agent(shared: &Shared, id: &str, reason: &str, by: Actor) -> bool {
     let asked = monotonic_ns();
-    let (pid, comm_agent) = {
+    let (pid, agent_id) = {
         let mut agents = lock(&shared.agents);
         let Some(a) = agents.get_mut(id) else {
             return false;
@@ -548,21 +551,11 @@ fn kill_agent(shared: &Shared, id: &str, reason: &str, by: Actor) -> bool {
     if let Err(e) = lock(&shared.audit).append_control(&control) {
         eprintln!("agentd daemon: audit log: {e}");
     }
-    let ev = Event::new(
-        &comm_agent,
-        pid,
-        "",
-        Kind::Breaker,
-        Verdict::Killed,
-        Layer::Agentd,
-    )
-    .with("rule", "manual")
-    .with("reason", reason)
-    .with("action", "kill")
-    .with("enforced", true)
-    .with("by_uid", by.uid)
-    .with("contain_ns", monotonic_ns().saturating_sub(asked));
-    publish(shared, ev);
+    let contain_ns = monotonic_ns().saturating_sub(asked);
+    publish(
+        shared,
+        manual_kill_event(&agent_id, pid, reason, contain_ns).with("by_uid", by.uid),
+    );
     true
 }
 
@@ -657,23 +650,17 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<(
         }
     };
     if !may_watch(&shared, &who) {
-        let group =
-            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(shared.group_gid.unwrap_or(0)))
-                .ok()
-                .flatten()
-                .map_or_else(
-                    || "the agentd group".to_owned(),
-                    |g| format!("group `{}`", g.name),
-                );
-        send(
-            &mut write,
-            &Reply::Error(format!(
-                "permission denied: uid {} is neither root nor in {group}; ask an administrator to add you (usermod -aG {} USER)",
-                who.uid,
-                group.trim_start_matches("group `").trim_end_matches('`'),
-            )),
-        )
-        .await?;
+        let (uid, group) = (who.uid, &shared.group);
+        let why = if shared.group_gid.is_some() {
+            format!(
+                "permission denied: uid {uid} is neither root nor in group `{group}`; ask an administrator to add you (usermod -aG {group} USER)"
+            )
+        } else {
+            format!(
+                "permission denied: uid {uid} is neither root nor in group `{group}`, which does not exist on this host: only root may use this daemon (create the group, or start the daemon with --group)"
+            )
+        };
+        send(&mut write, &Reply::Error(why)).await?;
         return Ok(());
     }
     match request {
@@ -840,11 +827,10 @@ async fn run(
     rest: Vec<u8>,
     mut write: OwnedWriteHalf,
 ) -> anyhow::Result<()> {
-    let refuse = |msg: String| Reply::Error(msg);
     if fds.len() != 3 {
         send(
             &mut write,
-            &refuse(format!(
+            &Reply::Error(format!(
                 "run needs the client's stdin, stdout and stderr with the request ({} descriptors came)",
                 fds.len()
             )),
@@ -855,24 +841,24 @@ async fn run(
     if req.command.is_empty() || !req.workspace.is_absolute() {
         send(
             &mut write,
-            &refuse("run needs a command and an absolute workspace".into()),
+            &Reply::Error("run needs a command and an absolute workspace".into()),
         )
         .await?;
         return Ok(());
     }
     if let Err(e) = check_profile_access(&req.profile, &who) {
-        send(&mut write, &refuse(e)).await?;
+        send(&mut write, &Reply::Error(e)).await?;
         return Ok(());
     }
     let policy = match compile_for(&req, who.uid) {
         Ok(p) => p,
         Err(e) => {
-            send(&mut write, &refuse(e)).await?;
+            send(&mut write, &Reply::Error(e)).await?;
             return Ok(());
         }
     };
     if let Err(e) = check_identity(&policy, &who) {
-        send(&mut write, &refuse(e)).await?;
+        send(&mut write, &Reply::Error(e)).await?;
         return Ok(());
     }
 
@@ -945,7 +931,7 @@ async fn run(
         Err(e) => {
             send(
                 &mut write,
-                &refuse(format!("cannot start the supervisor: {e}")),
+                &Reply::Error(format!("cannot start the supervisor: {e}")),
             )
             .await?;
             return Ok(());
@@ -1057,7 +1043,7 @@ async fn run(
             .code()
             .and_then(|c| u8::try_from(c).ok())
             .unwrap_or_else(|| {
-                st.signal_code()
+                std::os::unix::process::ExitStatusExt::signal(&st)
                     .map_or(125, |s| 128u8.saturating_add(s as u8))
             }),
         Err(_) => 125,
@@ -1067,16 +1053,6 @@ async fn run(
     }
     let _ = send(&mut write, &Reply::Exit { code }).await;
     Ok(())
-}
-
-trait SignalCode {
-    fn signal_code(&self) -> Option<i32>;
-}
-
-impl SignalCode for std::process::ExitStatus {
-    fn signal_code(&self) -> Option<i32> {
-        std::os::unix::process::ExitStatusExt::signal(self)
-    }
 }
 
 /// Who may launch under which identity: root as anyone the profile says; anyone else as

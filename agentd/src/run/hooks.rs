@@ -85,6 +85,17 @@ impl AgentHandle {
     pub fn kill(&self) -> Result<(), CgroupError> {
         self.cgroup.kill()
     }
+
+    /// [`AgentHandle::kill`] off the runtime's thread, for async code; a failure is
+    /// printed as `agentd: WHAT: ERROR` (the agent is being killed either way).
+    pub async fn kill_and_wait(&self, what: &str) {
+        let agent = self.clone();
+        match tokio::task::spawn_blocking(move || agent.kill()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("agentd: {what}: {e}"),
+            Err(e) => eprintln!("agentd: {what}: {e}"),
+        }
+    }
 }
 
 /// Hooks into the supervisor's life cycle. Every method has a no-op default.
@@ -120,13 +131,7 @@ pub trait AgentHooks {
     ) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
         let _ = reason;
         let agent = agent.clone();
-        Box::pin(async move {
-            match tokio::task::spawn_blocking(move || agent.kill()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => eprintln!("agentd: kill switch: {e}"),
-                Err(e) => eprintln!("agentd: kill switch: {e}"),
-            }
-        })
+        Box::pin(async move { agent.kill_and_wait("kill switch").await })
     }
 
     /// An exit status that replaces the agent's, with the one line `agentd run` prints

@@ -178,28 +178,11 @@ impl AgentHooks for KernelHooks {
             if let Err(e) = agent.signal_kill() {
                 eprintln!("agentd: kill switch: {e}");
             }
-            let a = agent.clone();
-            match tokio::task::spawn_blocking(move || a.kill()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => eprintln!("agentd: kill switch: {e}"),
-                Err(e) => eprintln!("agentd: kill switch: {e}"),
-            }
+            agent.kill_and_wait("kill switch").await;
             let contain_ns = monotonic_ns().saturating_sub(asked);
             *lock(&self.killed_by) = Some(format!("killed by the kill switch ({reason})"));
             if let Some(out) = &self.events {
-                let ev = Event::new(
-                    &agent.agent_id,
-                    agent.pid,
-                    "",
-                    Kind::Breaker,
-                    Verdict::Killed,
-                    Layer::Agentd,
-                )
-                .with("rule", "manual")
-                .with("reason", reason)
-                .with("action", "kill")
-                .with("enforced", true)
-                .with("contain_ns", contain_ns);
+                let ev = manual_kill_event(&agent.agent_id, agent.pid, reason, contain_ns);
                 let _ = out.send(ev).await;
             }
         })
@@ -259,17 +242,30 @@ impl EventTask {
             if let Err(e) = self.agent.signal_kill() {
                 eprintln!("agentd: breaker: {e}");
             }
-            let agent = self.agent.clone();
-            match tokio::task::spawn_blocking(move || agent.kill()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => eprintln!("agentd: breaker: {e}"),
-                Err(e) => eprintln!("agentd: breaker: {e}"),
-            }
+            self.agent.kill_and_wait("breaker").await;
             contain_ns = trigger.ktime_ns.map(|t| monotonic_ns().saturating_sub(t));
             *lock(&self.killed_by) = Some(trip_line(trip, trigger));
         }
         trip_event(trip, trigger, kill, self.breaker.violations(), contain_ns)
     }
+}
+
+/// The `breaker` event of the manual kill switch (`rule: manual`), `contain_ns` from the
+/// request to an empty cgroup.
+pub fn manual_kill_event(agent: &str, pid: u32, reason: &str, contain_ns: u64) -> Event {
+    Event::new(
+        agent,
+        pid,
+        "",
+        Kind::Breaker,
+        Verdict::Killed,
+        Layer::Agentd,
+    )
+    .with("rule", "manual")
+    .with("reason", reason)
+    .with("action", "kill")
+    .with("enforced", true)
+    .with("contain_ns", contain_ns)
 }
 
 /// The line `agentd run` prints when the breaker killed the agent.

@@ -234,12 +234,7 @@ impl AgentHooks for DaemonHooks {
             })
             .await;
             // The daemon sets the kill flag and kills the cgroup; make sure of the latter.
-            let a = agent.clone();
-            match tokio::task::spawn_blocking(move || a.kill()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => eprintln!("agentd: kill switch: {e}"),
-                Err(e) => eprintln!("agentd: kill switch: {e}"),
-            }
+            agent.kill_and_wait("kill switch").await;
             let mut k = lock(&self.killed_by);
             if k.is_none() {
                 *k = Some(format!("killed by the kill switch ({reason})"));
