@@ -185,6 +185,12 @@ impl Run {
     pub fn stderr(&self) -> String {
         stderr(&self.output)
     }
+    /// The agent's stdout parsed as JSON (the scripts print one object); panics with
+    /// everything known about the run when it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.stdout().trim())
+            .unwrap_or_else(|e| panic!("{e}: {}", self.explain()))
+    }
     /// The first event of `kind`.
     pub fn event(&self, kind: &str) -> Option<&serde_json::Value> {
         self.events.iter().find(|e| e["kind"] == kind)
@@ -209,6 +215,19 @@ impl Run {
         )
     }
 }
+
+/// Python for agent scripts: `attempt(name, f)` records 0 or the errno `f` failed with in
+/// `out[name]`; scripts end with `print(json.dumps(out))` (read with [`Run::json`]).
+pub const PY_ATTEMPT: &str = r#"
+import errno, json, os, socket
+out = {}
+def attempt(name, f):
+    try:
+        f()
+        out[name] = 0
+    except OSError as e:
+        out[name] = e.errno
+"#;
 
 /// Builder for `agentd run --profile P --workspace W --events E -- CMD...`. By default the
 /// invoking user is `nobody` (SUDO_UID/SUDO_GID=65534) and stdin is empty.

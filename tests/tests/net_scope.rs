@@ -12,8 +12,8 @@ use std::{
 };
 
 use agentd_tests::{
-    AgentRun, DEFAULT_LIMITS, Run, agent_dir, assert_no_cgroup, profile_file, read_events,
-    require_root, test_profile,
+    AgentRun, DEFAULT_LIMITS, PY_ATTEMPT, Run, agent_dir, assert_no_cgroup, profile_file,
+    read_events, require_root, test_profile,
 };
 use serde_json::Value;
 
@@ -164,15 +164,7 @@ fn net_connects_datagrams_and_binds_are_refused_and_reported() {
     let outside = Outside::new();
     let (tcp, udp) = (outside.tcp_port(), outside.udp_port());
     let script = format!(
-        r#"
-import json, socket
-out = {{}}
-def attempt(name, f):
-    try:
-        f()
-        out[name] = 0
-    except OSError as e:
-        out[name] = e.errno
+        r#"{PY_ATTEMPT}
 def connect(family, addr):
     s = socket.socket(family)
     s.settimeout(3)
@@ -193,8 +185,7 @@ print(json.dumps(out))
         .python(&script)
         .run();
     assert_eq!(run.code(), 0, "{}", run.explain());
-    let r: Value = serde_json::from_str(run.stdout().trim())
-        .unwrap_or_else(|e| panic!("{e}: {}", run.explain()));
+    let r = run.json();
     for name in [
         "tcp4",
         "tcp6",
@@ -317,8 +308,7 @@ print(json.dumps(out))
         .python(&script)
         .run();
     assert_eq!(run.code(), 0, "{}", run.explain());
-    let r: Value = serde_json::from_str(run.stdout().trim())
-        .unwrap_or_else(|e| panic!("{e}: {}", run.explain()));
+    let r = run.json();
     assert_eq!(r["v4"], 0, "{r}");
     assert_eq!(r["v6"], EPERM, "{r}");
     assert_eq!(
@@ -375,15 +365,7 @@ fn net_unix_sockets_pathname_and_abstract() {
     host_abstract.set_nonblocking(true).unwrap();
     let outside_bind = host.path().join("agent.sock");
     let script = format!(
-        r#"
-import json, socket
-out = {{}}
-def attempt(name, f):
-    try:
-        f()
-        out[name] = 0
-    except OSError as e:
-        out[name] = e.errno
+        r#"{PY_ATTEMPT}
 def connect(addr):
     socket.socket(socket.AF_UNIX).connect(addr)
 def bind(addr):
@@ -403,8 +385,7 @@ print(json.dumps(out))
         .python(&script)
         .run();
     assert_eq!(run.code(), 0, "{}", run.explain());
-    let r: Value = serde_json::from_str(run.stdout().trim())
-        .unwrap_or_else(|e| panic!("{e}: {}", run.explain()));
+    let r = run.json();
     let scoped = agentd_tests::landlock_abi() >= 6;
     assert_eq!(
         r["abstract_host"],

@@ -15,7 +15,7 @@ const ENOSYS: i64 = 38;
 fn python_json(profile: &str, workspace: &std::path::Path, script: &str) -> serde_json::Value {
     let run = AgentRun::new(profile, workspace).python(script).run();
     assert_eq!(run.code(), 0, "{}", run.explain());
-    serde_json::from_str(run.stdout().trim()).unwrap_or_else(|e| panic!("{e}: {}", run.explain()))
+    run.json()
 }
 
 #[test]
@@ -154,8 +154,7 @@ fn run_dangerous_syscalls_get_eperm() {
         .python(SYSCALLS)
         .run();
     assert_eq!(run.code(), 0, "{}", run.explain());
-    let r: serde_json::Value = serde_json::from_str(run.stdout().trim())
-        .unwrap_or_else(|e| panic!("{e}: {}", run.explain()));
+    let r = run.json();
     // Refused before the kernel runs them, so no entry tracepoint sees them: the exit
     // tracepoints report them (init_module is left out: kernels without modules have no
     // tracepoint for it).
@@ -385,8 +384,7 @@ print(json.dumps({{"kill": r}}))
     unsafe { libc::kill(victim.id() as i32, libc::SIGTERM) };
     let killed = victim.wait().unwrap().signal() == Some(libc::SIGKILL);
     assert_eq!(run.code(), 0, "{}", run.explain());
-    let r: serde_json::Value = serde_json::from_str(run.stdout().trim())
-        .unwrap_or_else(|e| panic!("{e}: {}", run.explain()));
+    let r = run.json();
     let errno = r["kill"].as_i64().unwrap();
     (run, errno, killed)
 }
@@ -497,8 +495,7 @@ print(json.dumps({
         .python(script)
         .run();
     assert_eq!(run.code(), 0, "{}", run.explain());
-    let r: serde_json::Value = serde_json::from_str(run.stdout().trim())
-        .unwrap_or_else(|e| panic!("{e}: {}", run.explain()));
+    let r = run.json();
     let refused = [
         "netlink_uevent",
         "netlink_route",

@@ -4,7 +4,7 @@
 use std::{os::unix::fs::PermissionsExt as _, path::Path};
 
 use agentd_tests::{
-    AgentRun, DEFAULT_LIMITS, Run, agent_dir, landlock_abi, profile_file, require_root,
+    AgentRun, DEFAULT_LIMITS, PY_ATTEMPT, Run, agent_dir, landlock_abi, profile_file, require_root,
     test_profile,
 };
 
@@ -27,9 +27,7 @@ fn attempt_run(ws: &Path, script: &str) -> (serde_json::Value, Run) {
         .python(script)
         .run();
     assert_eq!(run.code(), 0, "{}", run.explain());
-    let out = serde_json::from_str(run.stdout().trim())
-        .unwrap_or_else(|e| panic!("{e}: {}", run.explain()));
-    (out, run)
+    (run.json(), run)
 }
 
 /// The refused file event of `kind` on `path` (absolute, as the kernel resolved it):
@@ -67,17 +65,6 @@ fn unchanged(file: &Path) {
     );
 }
 
-const PRELUDE: &str = r#"
-import errno, json, os
-out = {}
-def attempt(name, f):
-    try:
-        f()
-        out[name] = 0
-    except OSError as e:
-        out[name] = e.errno
-"#;
-
 #[test]
 fn run_escape_through_a_planted_symlink_is_refused() {
     if !require_root() {
@@ -95,7 +82,7 @@ fn run_escape_through_a_planted_symlink_is_refused() {
     let (r, run) = attempt_run(
         ws.path(),
         &format!(
-            "{PRELUDE}\nattempt('write', lambda: open('link', 'w').write('pwned'))\nattempt('append', lambda: open('link', 'a').write('pwned'))\nattempt('dir', lambda: open('dirlink/new.txt', 'w').write('pwned'))\nattempt('dotdot', lambda: open({up:?}, 'w').write('pwned'))\nprint(json.dumps(out))"
+            "{PY_ATTEMPT}\nattempt('write', lambda: open('link', 'w').write('pwned'))\nattempt('append', lambda: open('link', 'a').write('pwned'))\nattempt('dir', lambda: open('dirlink/new.txt', 'w').write('pwned'))\nattempt('dotdot', lambda: open({up:?}, 'w').write('pwned'))\nprint(json.dumps(out))"
         ),
     );
     for op in ["write", "append", "dir", "dotdot"] {
@@ -122,7 +109,7 @@ fn run_escape_by_hardlink_rename_truncate_chmod_is_refused() {
     std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o666)).unwrap();
     let outside_dir = target.parent().unwrap();
     let script = format!(
-        "{PRELUDE}\n\
+        "{PY_ATTEMPT}\n\
          attempt('hardlink', lambda: os.link({t:?}, 'hl'))\n\
          attempt('rename_out', lambda: os.rename('mine.txt', {dest:?}))\n\
          attempt('rename_in', lambda: os.rename({t:?}, 'stolen.txt'))\n\
@@ -183,7 +170,7 @@ fn run_escape_device_nodes_and_fifos_outside() {
     let (_o, target) = outside();
     let outside_fifo = target.parent().unwrap().join("fifo");
     let script = format!(
-        "{PRELUDE}\nimport stat\n\
+        "{PY_ATTEMPT}\nimport stat\n\
          attempt('chardev', lambda: os.mknod('null2', 0o666 | stat.S_IFCHR, os.makedev(1, 3)))\n\
          attempt('blockdev', lambda: os.mknod('sda2', 0o666 | stat.S_IFBLK, os.makedev(8, 0)))\n\
          attempt('fifo_outside', lambda: os.mkfifo({f:?}))\n\
@@ -210,7 +197,7 @@ fn run_escape_from_the_cgroup_is_refused() {
     }
     let ws = agent_dir(true);
     let script = format!(
-        "{PRELUDE}\n\
+        "{PY_ATTEMPT}\n\
          before = open('/proc/self/cgroup').read()\n\
          for root in ['/sys/fs/cgroup/unified', '/sys/fs/cgroup']:\n\
          \x20   attempt('join_' + root, lambda: open(root + '/cgroup.procs', 'w').write(str(os.getpid())))\n\

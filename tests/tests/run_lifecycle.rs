@@ -334,7 +334,7 @@ print(json.dumps({"made": made, "errno": err}))
         .python(script)
         .run();
     assert_eq!(run.code(), 0, "{}", run.explain());
-    let r: serde_json::Value = serde_json::from_str(run.stdout().trim()).unwrap();
+    let r = run.json();
     assert_eq!(r["errno"], 11, "EAGAIN from pids.max: {r}");
     assert!(r["made"].as_u64().unwrap() < 8, "{r}");
     let limit = run.event("limit").expect("limit event");
