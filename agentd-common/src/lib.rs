@@ -636,6 +636,8 @@ pub const AGENT_FLAG_INET6: u32 = 1 << 3;
 pub const AGENT_FLAG_NETLINK_ROUTE: u32 = 1 << 4;
 /// The agent has entries in `CANARIES`: open programs compare paths.
 pub const AGENT_FLAG_CANARIES: u32 = 1 << 5;
+/// The agent has a `protect` list: the BPF LSM programs check its file operations.
+pub const AGENT_FLAG_PROTECT: u32 = 1 << 6;
 
 /// Canary paths per agent (`CanaryKey::index` is dense from 0).
 pub const MAX_CANARIES: u32 = 16;
@@ -676,6 +678,33 @@ pub struct CanaryInode {
     pub dev: u32,
     /// [`AgentState::policy_id`].
     pub policy_id: u32,
+}
+
+/// Value bit of the `GUARDED` map (keyed like `CANARY_INODES`): this inode is a path of
+/// the agent's `protect` list, so it and everything beneath it is read-only to the agent
+/// (no open for write, create, remove, rename in or out, link, chmod, chown, truncate).
+pub const GUARD_PROTECT: u32 = 1 << 0;
+/// Value bit of the `GUARDED` map: this inode is a protected path or one of its
+/// ancestors, and may not be renamed, removed or replaced (moving `.git` away and
+/// rebuilding it would shed the protection of `.git/hooks`).
+pub const GUARD_PIN: u32 = 1 << 1;
+
+/// Paths a profile's `filesystem.protect` may list.
+pub const MAX_PROTECT: u32 = 16;
+
+/// Bytes of a [`GuardedName`]'s name, NUL included: longer protected names are refused
+/// when the profile is compiled.
+pub const GUARDED_NAME_LEN: usize = 64;
+
+/// Key of the `GUARDED_NAMES` map: a protected path that did not exist when the agent
+/// was added, as its deepest existing ancestor `dir` and the first missing component
+/// `name` (NUL-padded). The agent may not create that name in that directory, so it
+/// cannot create the protected path either.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GuardedName {
+    pub dir: CanaryInode,
+    pub name: [u8; GUARDED_NAME_LEN],
 }
 
 /// Words (u64) the kernel reads at once from a struct whose neighbouring fields it needs
@@ -760,6 +789,8 @@ mod pod {
     unsafe impl aya::Pod for super::CanaryPath {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CanaryInode {}
+    // SAFETY: as above (16 + 64 bytes, no padding).
+    unsafe impl aya::Pod for super::GuardedName {}
 }
 
 #[cfg(test)]

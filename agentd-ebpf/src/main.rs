@@ -7,6 +7,8 @@
 //!   canary opens with the kernel's verdict, and the refusals of dangerous calls (at their
 //!   exit only), and SIGKILL processes of a killed agent;
 //! - `proc`: fork and exit of agent processes (`tp_btf`);
+//! - `lsm`: BPF LSM programs, where the kernel accepts them: the `protect` list, memfd
+//!   exec;
 //! - `maps`: the maps they share and the agent lookup each program starts with;
 //! - `vfs`: the current task's open files and working directory, dentry walks (canary
 //!   inodes, the directory of a relative path), with struct offsets from BTF;
@@ -15,6 +17,7 @@
 #![no_main]
 
 mod file;
+mod lsm;
 mod maps;
 mod net;
 mod probe;

@@ -5,7 +5,8 @@
 
 use agentd_common::{
     AgentState, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_LEN, CONFIG_LEVEL_MAX, CanaryInode,
-    CanaryKey, CanaryPath, MAX_CGROUP_LEVEL, NetKey, PATH_LEN, RawEvent, SYSCALL_TABLE_LEN,
+    CanaryKey, CanaryPath, GuardedName, MAX_CGROUP_LEVEL, NetKey, PATH_LEN, RawEvent,
+    SYSCALL_TABLE_LEN,
 };
 use aya_ebpf::{
     helpers::{
@@ -43,6 +44,17 @@ pub static CANARIES: HashMap<CanaryKey, CanaryPath> =
 #[map]
 pub static CANARY_INODES: HashMap<CanaryInode, u32> =
     HashMap::with_max_entries(2 * MAX_AGENTS * agentd_common::MAX_CANARIES, 0);
+
+/// Protected paths of every agent and their ancestors, keyed like `CANARY_INODES`, ->
+/// `GUARD_*` bits (see `agentd bpf::encode::guard_entries`). Read by the BPF LSM programs.
+#[map]
+pub static GUARDED: HashMap<CanaryInode, u32> = HashMap::with_max_entries(64 * 1024, 0);
+
+/// Protected paths that did not exist when their agent was added: (deepest existing
+/// ancestor, first missing name), a name the agent may not create there.
+#[map]
+pub static GUARDED_NAMES: HashMap<GuardedName, u8> =
+    HashMap::with_max_entries(MAX_AGENTS * agentd_common::MAX_PROTECT, 0);
 
 /// Global settings, indexed by `CONFIG_*`.
 #[map]

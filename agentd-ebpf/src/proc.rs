@@ -33,6 +33,22 @@ fn global(g: &u64) -> usize {
     unsafe { core::ptr::read_volatile(g) as usize }
 }
 
+/// `bprm->file` of a `struct linux_binprm *`; `None` when unreadable or NULL.
+#[inline(always)]
+pub fn bprm_file(bprm: u64) -> Option<u64> {
+    // SAFETY: a kernel read that faults safely; `bprm` is a linux_binprm the kernel
+    // passed, the offset from this kernel's BTF.
+    let file = unsafe {
+        bpf_probe_read_kernel(
+            (bprm as *const u8)
+                .wrapping_add(global(&BPRM_FILE_OFFSET))
+                .cast::<u64>(),
+        )
+    }
+    .ok()?;
+    (file != 0).then_some(file)
+}
+
 #[inline(always)]
 fn read_task_i32(task: *const u8, offset: usize) -> Option<i32> {
     // SAFETY: bpf_probe_read_kernel faults safely; `task` is a task_struct the
@@ -63,14 +79,10 @@ fn try_exec(ctx: &BtfTracePointContext) {
     let Some((cgroup, state)) = current_agent() else {
         return;
     };
-    let bprm: *const u8 = ctx.arg(2);
-    // SAFETY: a kernel read that faults safely; `bprm` is the tracepoint's linux_binprm,
-    // the offset from this kernel's BTF.
-    let file = unsafe {
-        bpf_probe_read_kernel(bprm.wrapping_add(global(&BPRM_FILE_OFFSET)).cast::<u64>())
-    }
-    .unwrap_or(0);
-    if file == 0 || crate::vfs::is_pseudo_file(file) != Some(true) {
+    let Some(file) = bprm_file(ctx.arg(2)) else {
+        return;
+    };
+    if crate::vfs::is_pseudo_file(file) != Some(true) {
         return;
     }
     // SAFETY: `state` points into the AGENTS map value for the program's run.

@@ -16,13 +16,15 @@
 //! other threads (a close or dup2 of the fd, a chdir through a shared `fs_struct`) exactly
 //! as any tracer's do: the result is the state at the moment of the read.
 
-use agentd_common::{CanaryInode, MAX_WALK_DEPTH, PATH_LEN, RawEvent};
+use agentd_common::{
+    CanaryInode, GUARD_PROTECT, GUARDED_NAME_LEN, MAX_WALK_DEPTH, PATH_LEN, RawEvent,
+};
 use aya_ebpf::helpers::{
     bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
     generated::bpf_probe_read_kernel_str,
 };
 
-use crate::maps::{CANARY_INODES, NAMES};
+use crate::maps::{CANARY_INODES, GUARDED, NAMES};
 
 macro_rules! offsets {
     ($($name:ident: $what:literal;)*) => {
@@ -41,6 +43,7 @@ offsets! {
     FDT_MAX_FDS_OFFSET: "struct fdtable, max_fds";
     FDT_FD_OFFSET: "struct fdtable, fd";
     FILE_F_PATH_OFFSET: "struct file, f_path";
+    FILE_F_MODE_OFFSET: "struct file, f_mode";
     FS_ROOT_OFFSET: "struct fs_struct, root";
     FS_PWD_OFFSET: "struct fs_struct, pwd";
     PATH_MNT_OFFSET: "struct path, mnt";
@@ -125,8 +128,25 @@ pub struct KPath {
     dentry: u64,
 }
 
+impl KPath {
+    /// `dentry` reached through the mount `mnt` (a `struct vfsmount *`).
+    #[inline(always)]
+    pub fn new(mnt: u64, dentry: u64) -> KPath {
+        KPath { mnt, dentry }
+    }
+
+    pub fn mnt(&self) -> u64 {
+        self.mnt
+    }
+
+    pub fn dentry(&self) -> u64 {
+        self.dentry
+    }
+}
+
+/// The `struct path` at `p` (a `struct path *`).
 #[inline(always)]
-fn path_at(p: u64) -> Option<KPath> {
+pub fn path_at(p: u64) -> Option<KPath> {
     let w = window(p, &PATH_WINDOW)?;
     Some(KPath {
         mnt: field(p, &w, &PATH_MNT_WORD, &PATH_MNT_OFFSET)?,
@@ -246,7 +266,8 @@ fn mounted_on(mnt: u64) -> Option<KPath> {
 /// What the canary walk found.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Walk {
-    /// The file or one of its ancestors is the canary of this `CanaryKey::index`.
+    /// The file or one of its ancestors is in the map, with this value (a canary's
+    /// `CanaryKey::index`, `GUARDED` flags).
     Hit(u32),
     /// Walked to the top of the mount tree: no canary.
     Miss,
@@ -254,13 +275,96 @@ pub enum Walk {
     Unknown,
 }
 
-/// Matches the opened file `p` against the agent's canary inodes: looks up
-/// `(i_sb->s_dev, i_ino)` of the file, then of each `d_parent` up to its filesystem's root,
-/// then on from the mountpoint its mount sits on (so a canary above a mountpoint covers
-/// the mounted files too). Walking `d_parent` rather than the path the process used means
-/// a bind mount or symlink into a canary still finds it. One hash lookup per level.
+/// Matches the opened file `p` against the agent's canary inodes (see [`inode_walk`]).
 #[inline(always)]
 pub fn canary_walk(policy_id: u32, p: KPath) -> Walk {
+    // SAFETY: the value is copied out at once.
+    inode_walk(policy_id, p, |key| {
+        unsafe { CANARY_INODES.get(key) }.copied()
+    })
+}
+
+/// Whether `p` is a protected path of the agent or lies beneath one: its inode or an
+/// ancestor's is in `GUARDED` with `GUARD_PROTECT` (see [`inode_walk`]).
+#[inline(always)]
+pub fn protect_walk(policy_id: u32, p: KPath) -> Walk {
+    inode_walk(policy_id, p, |key| {
+        // SAFETY: the value is copied out at once.
+        let flags = unsafe { GUARDED.get(key) }.copied()?;
+        (flags & GUARD_PROTECT != 0).then_some(flags)
+    })
+}
+
+/// The `GUARDED` flags of the inode `dentry` names (0 when it has none); `None` for a
+/// negative dentry (a name being created) or a failed read.
+#[inline(always)]
+pub fn guard_flags(policy_id: u32, dentry: u64) -> Option<u32> {
+    let inode = ptr_at(dentry, off(&DENTRY_D_INODE_OFFSET))?;
+    let key = inode_key(inode, policy_id)?;
+    // SAFETY: the value is copied out at once.
+    Some(unsafe { GUARDED.get(&key) }.copied().unwrap_or(0))
+}
+
+/// `(i_ino, i_sb->s_dev)` of `inode` as a map key of `policy_id`.
+#[inline(always)]
+pub fn inode_key(inode: u64, policy_id: u32) -> Option<CanaryInode> {
+    let w = window(inode, &INODE_WINDOW)?;
+    let ino = field(inode, &w, &INODE_INO_WORD, &INODE_I_INO_OFFSET)?;
+    let sb = field(inode, &w, &INODE_SB_WORD, &INODE_I_SB_OFFSET)?;
+    Some(CanaryInode {
+        ino,
+        dev: sb_dev(sb)?,
+        policy_id,
+    })
+}
+
+/// The inode of `dentry` (NULL for a negative dentry: `None`).
+#[inline(always)]
+pub fn dentry_inode(dentry: u64) -> Option<u64> {
+    ptr_at(dentry, off(&DENTRY_D_INODE_OFFSET))
+}
+
+/// Copies the name of `dentry` (`d_name.name`) into `out`, which must be zeroed. False
+/// when it cannot be read or has `GUARDED_NAME_LEN - 1` bytes or more (the helper cuts
+/// such a name, so it could match a shorter protected name; none is that long).
+#[inline(always)]
+pub fn dentry_name(dentry: u64, out: &mut [u8; GUARDED_NAME_LEN]) -> bool {
+    let Some(name) = ptr_at(dentry, off(&DENTRY_D_NAME_OFFSET) + off(&QSTR_NAME_OFFSET)) else {
+        return false;
+    };
+    // SAFETY: `out` is GUARDED_NAME_LEN writable bytes; the helper faults safely on
+    // `name` and writes at most that many bytes, NUL included.
+    let n = unsafe {
+        bpf_probe_read_kernel_str(
+            out.as_mut_ptr().cast(),
+            GUARDED_NAME_LEN as u32,
+            name as *const _,
+        )
+    };
+    n > 1 && n < GUARDED_NAME_LEN as i64
+}
+
+/// `file->f_mode` of a `struct file *`.
+#[inline(always)]
+pub fn file_mode(file: u64) -> Option<u32> {
+    // SAFETY: as in `ptr_at`.
+    unsafe { bpf_probe_read_kernel(file.wrapping_add(off(&FILE_F_MODE_OFFSET)) as *const u32) }.ok()
+}
+
+/// `file->f_path` of a `struct file *`.
+#[inline(always)]
+pub fn file_path(file: u64) -> Option<KPath> {
+    path_at(file.wrapping_add(off(&FILE_F_PATH_OFFSET)))
+}
+
+/// Walks from `p` up to the top of the mount tree looking each inode up with `lookup`:
+/// `(i_sb->s_dev, i_ino)` of the file, then of each `d_parent` up to its filesystem's
+/// root, then on from the mountpoint its mount sits on (so an entry above a mountpoint
+/// covers the mounted files too). Walking `d_parent` rather than the path the process
+/// used means a bind mount or symlink into a listed directory still finds it. One hash
+/// lookup per level; the first hit ends the walk.
+#[inline(always)]
+fn inode_walk(policy_id: u32, p: KPath, lookup: impl Fn(&CanaryInode) -> Option<u32>) -> Walk {
     let KPath {
         mut mnt,
         mut dentry,
@@ -297,9 +401,8 @@ pub fn canary_walk(policy_id: u32, p: KPath) -> Walk {
             dev: s_dev,
             policy_id,
         };
-        // SAFETY: the value is copied out at once.
-        if let Some(index) = unsafe { CANARY_INODES.get(&key) } {
-            return Walk::Hit(*index);
+        if let Some(value) = lookup(&key) {
+            return Walk::Hit(value);
         }
         if d.parent == dentry {
             // The root of this filesystem: go on from the mountpoint.

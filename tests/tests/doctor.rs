@@ -8,7 +8,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use agentd_tests::{agentd_bin, require_root, stderr, stdout};
+use agentd_tests::{agentd_bin, bpf_lsm_probe, require_root, stderr, stdout};
 use serde_json::Value;
 
 /// Runs `agentd doctor ARGS` and returns its pid with its output (the pid names the
@@ -77,118 +77,6 @@ fn cgroup2_mounts() -> Vec<PathBuf> {
         .collect()
 }
 
-/// The id of BTF FUNC `name` in vmlinux BTF (just enough of the format to walk types).
-fn btf_func_id(data: &[u8], name: &str) -> Option<u32> {
-    let u32_at = |o: usize| Some(u32::from_le_bytes(data.get(o..o + 4)?.try_into().ok()?));
-    if data.get(0..2)? != [0x9f, 0xeb] {
-        return None;
-    }
-    let hdr = u32_at(4)? as usize;
-    let (type_off, type_len, str_off) = (
-        u32_at(8)? as usize,
-        u32_at(12)? as usize,
-        u32_at(16)? as usize,
-    );
-    let strings = hdr + str_off;
-    let (mut p, end) = (hdr + type_off, hdr + type_off + type_len);
-    let mut id = 1;
-    while p < end {
-        let (name_off, info) = (u32_at(p)? as usize, u32_at(p + 4)?);
-        let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
-        if kind == 12 {
-            let s = data.get(strings + name_off..)?;
-            let s = &s[..s.iter().position(|&c| c == 0)?];
-            if s == name.as_bytes() {
-                return Some(id);
-            }
-        }
-        p += 12
-            + match kind {
-                1 | 14 | 17 => 4,             // INT, VAR, DECL_TAG
-                3 => 12,                      // ARRAY
-                4 | 5 | 15 | 19 => 12 * vlen, // STRUCT, UNION, DATASEC, ENUM64
-                6 | 13 => 8 * vlen,           // ENUM, FUNC_PROTO
-                _ => 0,
-            };
-        id += 1;
-    }
-    None
-}
-
-/// The BPF_PROG_LOAD part of `union bpf_attr` (uapi linux/bpf.h), up to attach_prog_fd.
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-    prog_btf_fd: u32,
-    func_info_rec_size: u32,
-    func_info: u64,
-    func_info_cnt: u32,
-    line_info_rec_size: u32,
-    line_info: u64,
-    line_info_cnt: u32,
-    attach_btf_id: u32,
-    attach_prog_fd: u32,
-}
-
-fn bpf(cmd: libc::c_long, attr: *const libc::c_void, size: usize) -> Result<i32, i32> {
-    // SAFETY: attr points to a live, zero-padded bpf_attr prefix of `size` bytes.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
-    if ret < 0 {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
-    } else {
-        Ok(i32::try_from(ret).unwrap())
-    }
-}
-
-/// Loads and attaches `r0 = 0; exit` as a BPF LSM program on file_open, with raw
-/// syscalls (independent of aya and of agentd's code). Err(errno) when the kernel refuses,
-/// Err(ENOENT) when vmlinux BTF has no bpf_lsm_file_open.
-fn direct_lsm_probe() -> Result<(), i32> {
-    const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
-    const BPF_PROG_TYPE_LSM: u32 = 29;
-    const BPF_LSM_MAC: u32 = 27;
-    let vmlinux = fs::read("/sys/kernel/btf/vmlinux").map_err(|_| libc::ENOENT)?;
-    let btf_id = btf_func_id(&vmlinux, "bpf_lsm_file_open").ok_or(libc::ENOENT)?;
-    let insns: [u64; 2] = [0xb7, 0x95]; // mov r0, 0; exit
-    let license = c"GPL";
-    let attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_LSM,
-        insn_cnt: 2,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        expected_attach_type: BPF_LSM_MAC,
-        attach_btf_id: btf_id,
-        ..ProgLoadAttr::default()
-    };
-    let prog = bpf(
-        BPF_PROG_LOAD,
-        (&raw const attr).cast(),
-        size_of::<ProgLoadAttr>(),
-    )?;
-    // raw_tracepoint_open: { __u64 name; __u32 prog_fd; } with name NULL for LSM programs.
-    let open: [u64; 2] = [0, u64::try_from(prog).unwrap()];
-    let link = bpf(BPF_RAW_TRACEPOINT_OPEN, (&raw const open).cast(), 16);
-    // SAFETY: prog is a file descriptor this function owns.
-    unsafe { libc::close(prog) };
-    let link = link?;
-    // SAFETY: link is a file descriptor this function owns; closing it detaches.
-    unsafe { libc::close(link) };
-    Ok(())
-}
-
 fn errno_name(errno: i32) -> Option<&'static str> {
     Some(match errno {
         libc::EPERM => "EPERM",
@@ -255,7 +143,7 @@ fn doctor_json_matches_what_the_host_does() {
         .trim()
         .split(',')
         .any(|m| m == "bpf");
-    let direct = direct_lsm_probe();
+    let direct = bpf_lsm_probe();
     eprintln!("bpf in the active LSMs: {listed}; raw BPF LSM load+attach: {direct:?}");
     match direct {
         Ok(()) => assert_eq!(lsm["usable"], listed, "{lsm}"),

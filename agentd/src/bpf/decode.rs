@@ -735,6 +735,30 @@ fn decode_file(
     };
     e.layer = layer;
     e.verdict = verdict;
+    if layer == Layer::BpfLsm {
+        e = if kind == EventKind::Exec {
+            e.with(
+                "reason",
+                "exec of a file no path names (memfd or another pseudo file)",
+            )
+        } else {
+            {
+                // The protected path the operation touched (or whose creation it was).
+                let protected = agent.and_then(|a| {
+                    a.policy.protect.iter().find(|p| {
+                        [path.as_deref(), path2.as_deref()]
+                            .into_iter()
+                            .flatten()
+                            .any(|q| q.starts_with(p) || p.starts_with(q))
+                    })
+                });
+                match protected {
+                    Some(p) => e.with("protected", p.to_string_lossy()),
+                    None => e.with("reason", "a protected path or one of its parents"),
+                }
+            }
+        };
+    }
     e.path = path.map(|p| p.to_string_lossy().into_owned());
     if !no_enter {
         e.path2 = path2.map(|p| p.to_string_lossy().into_owned());

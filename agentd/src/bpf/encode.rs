@@ -9,8 +9,8 @@ use std::{
 
 use agentd_common::{
     AGENT_FLAG_CANARIES, AGENT_FLAG_INET, AGENT_FLAG_INET6, AGENT_FLAG_MONITOR,
-    AGENT_FLAG_NETLINK_ROUTE, AgentState, BindKey, CanaryInode, CanaryKey, CanaryPath,
-    MAX_CANARIES, MAX_CGROUP_LEVEL, NET_KEY_FIXED_BITS, NetKey, PATH_LEN,
+    AGENT_FLAG_NETLINK_ROUTE, AGENT_FLAG_PROTECT, AgentState, BindKey, CanaryInode, CanaryKey,
+    CanaryPath, GuardedName, MAX_CANARIES, MAX_CGROUP_LEVEL, NET_KEY_FIXED_BITS, NetKey, PATH_LEN,
 };
 
 use crate::profile::{BindRule, CompiledPolicy, Mode, NetEntry, SocketFamily};
@@ -26,6 +26,10 @@ pub struct AgentEntries {
     /// `CANARY_INODES` entries (key, canary index): filled by `Watch::add_agent`, which
     /// stats the canaries (see [`canary_inode_keys`]).
     pub canary_inodes: Vec<(CanaryInode, u32)>,
+    /// `GUARDED` entries (key, `GUARD_*` bits) and `GUARDED_NAMES` keys: filled by
+    /// `Watch::add_agent`, which finds the protected paths on disk (see [`guard_plan`]).
+    pub guarded: Vec<(CanaryInode, u32)>,
+    pub guarded_names: Vec<GuardedName>,
 }
 
 /// A `NET_ALLOW` key for one connect rule.
@@ -211,6 +215,9 @@ pub fn agent_flags(policy: &CompiledPolicy) -> u32 {
     if !policy.canaries.is_empty() {
         flags |= AGENT_FLAG_CANARIES;
     }
+    if !policy.protect.is_empty() {
+        flags |= AGENT_FLAG_PROTECT;
+    }
     flags
 }
 
@@ -256,7 +263,55 @@ pub fn agent_entries(policy_id: u32, policy: &CompiledPolicy) -> Result<AgentEnt
         bind,
         canaries,
         canary_inodes: Vec::new(),
+        guarded: Vec::new(),
+        guarded_names: Vec::new(),
     })
+}
+
+/// What protecting one path means on disk (see [`guard_plan`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct GuardPlan {
+    /// Files and directories to flag, with their `GUARD_*` bits.
+    pub inodes: Vec<(std::path::PathBuf, u32)>,
+    /// A name that may not be created: (directory, name).
+    pub forbid: Option<(std::path::PathBuf, Vec<u8>)>,
+}
+
+/// What protecting one path means, given the deepest part of it that exists: `real` is
+/// that part with its symbolic links resolved (the path itself when it exists),
+/// `missing` the components of the path below it (empty when it exists).
+/// - the path exists: it is protected and pinned, each ancestor pinned;
+/// - it does not: its first missing component may not be created in `real`, which is
+///   pinned, as is each ancestor.
+pub fn guard_plan(real: &Path, missing: &[std::ffi::OsString]) -> GuardPlan {
+    use agentd_common::{GUARD_PIN, GUARD_PROTECT};
+    let mut inodes: Vec<(std::path::PathBuf, u32)> = real
+        .ancestors()
+        .map(|a| (a.to_path_buf(), GUARD_PIN))
+        .collect();
+    let forbid = match missing.first() {
+        None => {
+            if let Some((_, f)) = inodes.first_mut() {
+                *f |= GUARD_PROTECT;
+            }
+            None
+        }
+        Some(first) => Some((real.to_path_buf(), first.as_bytes().to_vec())),
+    };
+    GuardPlan { inodes, forbid }
+}
+
+/// The `GUARDED_NAMES` key forbidding `name` in the directory of `dir` key.
+pub fn guarded_name(dir: CanaryInode, name: &[u8]) -> Option<GuardedName> {
+    let mut key = GuardedName {
+        dir,
+        name: [0; agentd_common::GUARDED_NAME_LEN],
+    };
+    if name.is_empty() || name.len() >= agentd_common::GUARDED_NAME_LEN - 1 {
+        return None;
+    }
+    key.name[..name.len()].copy_from_slice(name);
+    Some(key)
 }
 
 /// Level of cgroup directory `dir` in the cgroup v2 hierarchy mounted at `mount` (the
@@ -467,5 +522,57 @@ bind = [9000, "5353/udp"]
         assert!(cgroup_level(m, m).is_err());
         assert!(cgroup_level(m, Path::new("/tmp/x")).is_err());
         assert!(cgroup_level(m, &m.join("a/../b")).is_err());
+    }
+
+    #[test]
+    fn protecting_a_path_protects_it_and_pins_its_ancestors() {
+        use agentd_common::{GUARD_PIN, GUARD_PROTECT};
+        let plan = guard_plan(Path::new("/w/.git/hooks"), &[]);
+        assert_eq!(
+            plan.inodes,
+            [
+                ("/w/.git/hooks".into(), GUARD_PROTECT | GUARD_PIN),
+                ("/w/.git".into(), GUARD_PIN),
+                ("/w".into(), GUARD_PIN),
+                ("/".into(), GUARD_PIN),
+            ]
+        );
+        assert_eq!(plan.forbid, None);
+        // `.git` missing: it may not be created in /w; nothing is protected.
+        let plan = guard_plan(Path::new("/w"), &[".git".into(), "hooks".into()]);
+        assert_eq!(
+            plan.inodes,
+            [("/w".into(), GUARD_PIN), ("/".into(), GUARD_PIN)]
+        );
+        assert_eq!(plan.forbid, Some(("/w".into(), b".git".to_vec())));
+    }
+
+    #[test]
+    fn guarded_names_are_nul_padded_and_bounded() {
+        let dir = CanaryInode {
+            ino: 5,
+            dev: 7,
+            policy_id: 1,
+        };
+        let key = guarded_name(dir, b".git").unwrap();
+        assert_eq!(&key.name[..5], b".git\0");
+        assert!(key.name[4..].iter().all(|&b| b == 0));
+        // The kernel's copy of a name of GUARDED_NAME_LEN - 1 bytes or more is cut, so
+        // no such name is ever a key.
+        let max = vec![b'x'; agentd_common::GUARDED_NAME_LEN - 2];
+        assert!(guarded_name(dir, &max).is_some());
+        let cut = vec![b'x'; agentd_common::GUARDED_NAME_LEN - 1];
+        assert!(guarded_name(dir, &cut).is_none());
+        assert!(guarded_name(dir, b"").is_none());
+    }
+
+    #[test]
+    fn a_protect_list_sets_the_protect_flag() {
+        let p = compiled(
+            "[agent]\nname = \"t\"\n[filesystem]\nwrite = [\"{workspace}\"]\nprotect = [\"{workspace}/.git/hooks\"]\n",
+        );
+        assert_ne!(agent_flags(&p) & agentd_common::AGENT_FLAG_PROTECT, 0);
+        let p = compiled("[agent]\nname = \"t\"\n");
+        assert_eq!(agent_flags(&p) & agentd_common::AGENT_FLAG_PROTECT, 0);
     }
 }

@@ -284,6 +284,23 @@ pub const SOCK_CREATE: &str = "sock_create";
 /// the agent may not bind (attached per agent, like the others).
 pub const INBOUND: &str = "inbound";
 
+/// The BPF LSM programs and their hooks (agentd-ebpf `lsm`): attached where the kernel
+/// accepts LSM programs, all or none.
+pub const LSM_PROGRAMS: [(&str, &str); 12] = [
+    ("lsm_file_open", "file_open"),
+    ("lsm_path_mknod", "path_mknod"),
+    ("lsm_path_mkdir", "path_mkdir"),
+    ("lsm_path_symlink", "path_symlink"),
+    ("lsm_path_link", "path_link"),
+    ("lsm_path_unlink", "path_unlink"),
+    ("lsm_path_rmdir", "path_rmdir"),
+    ("lsm_path_rename", "path_rename"),
+    ("lsm_path_truncate", "path_truncate"),
+    ("lsm_path_chmod", "path_chmod"),
+    ("lsm_path_chown", "path_chown"),
+    ("lsm_bprm_check", "bprm_check_security"),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;

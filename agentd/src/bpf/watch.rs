@@ -22,14 +22,15 @@ use std::{
 
 use agentd_common::{
     AGENT_FLAG_KILLED, AgentState, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_LEVEL_MAX,
-    CONFIG_LEVEL_MIN, CanaryInode, CanaryKey, CanaryPath, NetKey, RawEvent, SYSCALL_EXIT_ONLY,
+    CONFIG_LEVEL_MIN, CanaryInode, CanaryKey, CanaryPath, GuardedName, NetKey, RawEvent,
+    SYSCALL_EXIT_ONLY,
 };
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
-        CgroupSockAddr, ProgramError, TracePoint,
+        CgroupSockAddr, Lsm, ProgramError, TracePoint,
         links::{FdLink, PinnedLink},
         trace_point::TracePointLinkId,
     },
@@ -41,8 +42,8 @@ use super::{
     btf::{self, Btf as KernelBtf},
     decode::{AT_FDCWD, AgentInfo, ClockOffset, decode, normalize},
     encode::{
-        AgentEntries, CanaryStat, agent_entries, canary_inode_keys, cgroup_level, inode_matchable,
-        mountinfo_dev,
+        AgentEntries, CanaryStat, agent_entries, canary_inode_keys, cgroup_level, guard_plan,
+        guarded_name, inode_matchable, mountinfo_dev,
     },
     ensure_mounted, programs, tracefs,
 };
@@ -130,6 +131,10 @@ pub struct Watch {
     bind_allow: HashMap<MapData, BindKey, u8>,
     canaries: HashMap<MapData, CanaryKey, CanaryPath>,
     canary_inodes: HashMap<MapData, CanaryInode, u32>,
+    guarded: HashMap<MapData, CanaryInode, u32>,
+    guarded_names: HashMap<MapData, GuardedName, u8>,
+    /// Whether the BPF LSM programs are attached; why not when they are not.
+    lsm: Result<(), String>,
     config: Array<MapData, u64>,
     /// The ring buffer and lost-event counters, until `events()` hands them to its task.
     stream: Option<(RingBuf<MapData>, PerCpuHashMap<MapData, u64, u64>)>,
@@ -441,6 +446,57 @@ fn exit_program_for(args: usize) -> Option<&'static str> {
         .map(|(name, _)| *name)
 }
 
+/// Loads and attaches the BPF LSM programs ([`programs::LSM_PROGRAMS`]); `Err` says why
+/// they are unavailable (the kernel refused one: BPF LSM not active, or a hook missing).
+/// Either all are attached or, on an error, none stays attached.
+fn attach_lsm(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
+    let mut links = Vec::new();
+    for (name, hook) in programs::LSM_PROGRAMS {
+        let attached = program::<Lsm>(ebpf, name)
+            .map_err(|e| e.to_string())
+            .and_then(|p| {
+                p.load(hook, btf).map_err(|e| {
+                    tracing::debug!("loading {name} ({hook}): {e}");
+                    // The verifier's log goes to the debug log, not into the reason.
+                    let short = if let ProgramError::LoadError { io_error, .. } = &e {
+                        io_error.to_string()
+                    } else {
+                        e.to_string()
+                    };
+                    format!("loading {name} on {hook}: {short}")
+                })?;
+                p.attach()
+                    .map(|id| (name, id))
+                    .map_err(|e| format!("attaching {name} ({hook}): {e}"))
+            });
+        match attached {
+            Ok(link) => links.push(link),
+            Err(e) => {
+                for (name, id) in links {
+                    if let Ok(p) = program::<Lsm>(ebpf, name) {
+                        let _ = p.detach(id);
+                    }
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why an agent whose policy protects paths is refused on a kernel without BPF LSM.
+fn protect_refused(protect: &[PathBuf], why: &str) -> String {
+    let list: Vec<String> = protect.iter().map(|p| p.display().to_string()).collect();
+    format!(
+        "the profile protects {} (filesystem.protect), which only BPF LSM programs can \
+         enforce, and this kernel refuses them ({why}); `agentd doctor` shows the \
+         \"bpf lsm\" line. Run the agent on a kernel with BPF LSM active (bpf in the lsm= \
+         boot parameter), or remove filesystem.protect from the profile: agentd does not \
+         start it with the protection missing",
+        list.join(", ")
+    )
+}
+
 impl Watch {
     /// Mounts tracefs and bpffs if needed, loads the BPF object and attaches the
     /// tracepoints. No agent is watched yet: for every process the programs return after
@@ -571,6 +627,13 @@ impl Watch {
                 source,
             })?;
         }
+        let lsm = attach_lsm(&mut ebpf, &btf);
+        if let Err(reason) = &lsm {
+            tracing::info!(
+                "BPF LSM programs unavailable ({reason}): profiles with filesystem.protect \
+                 are refused; an agent's exec of a memfd is killed at exec instead of refused"
+            );
+        }
         // Network programs: loaded now, attached per agent.
         for (name, _) in programs::SOCK_ADDR_PROGRAMS {
             let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
@@ -588,6 +651,8 @@ impl Watch {
         let bind_allow = take_map(&mut ebpf, "BIND_ALLOW", HashMap::try_from)?;
         let canaries = take_map(&mut ebpf, "CANARIES", HashMap::try_from)?;
         let canary_inodes = take_map(&mut ebpf, "CANARY_INODES", HashMap::try_from)?;
+        let guarded = take_map(&mut ebpf, "GUARDED", HashMap::try_from)?;
+        let guarded_names = take_map(&mut ebpf, "GUARDED_NAMES", HashMap::try_from)?;
         let config = take_map(&mut ebpf, "CONFIG", Array::try_from)?;
         let ring = take_map(&mut ebpf, "EVENTS", RingBuf::try_from)?;
         let lost = take_map(&mut ebpf, "LOST", PerCpuHashMap::try_from)?;
@@ -598,6 +663,9 @@ impl Watch {
             bind_allow,
             canaries,
             canary_inodes,
+            guarded,
+            guarded_names,
+            lsm,
             config,
             stream: Some((ring, lost)),
             registry: Arc::default(),
@@ -648,6 +716,16 @@ impl Watch {
             reason,
         })?;
         entries.canary_inodes = canary_inodes(agent_id, policy_id, &policy.canaries);
+        if !policy.protect.is_empty() {
+            let policy_err = |reason: String| BpfError::Policy {
+                agent: agent_id.to_owned(),
+                reason,
+            };
+            if let Err(why) = &self.lsm {
+                return Err(policy_err(protect_refused(&policy.protect, why)));
+            }
+            guard_entries(policy_id, &policy.protect, &mut entries).map_err(policy_err)?;
+        }
 
         let mut handle = AgentHandle {
             agent_id: agent_id.to_owned(),
@@ -700,6 +778,16 @@ impl Watch {
             self.canary_inodes
                 .insert(key, index, 0)
                 .map_err(map_err("CANARY_INODES"))?;
+        }
+        for (key, bits) in &h.entries.guarded {
+            self.guarded
+                .insert(key, bits, 0)
+                .map_err(map_err("GUARDED"))?;
+        }
+        for key in &h.entries.guarded_names {
+            self.guarded_names
+                .insert(key, 1, 0)
+                .map_err(map_err("GUARDED_NAMES"))?;
         }
         lock(&self.agents)
             .insert(h.cgroup_id, h.entries.state, 0)
@@ -878,6 +966,12 @@ impl Watch {
         for (key, _) in &handle.entries.canary_inodes {
             keep(absent_ok("CANARY_INODES", self.canary_inodes.remove(key)));
         }
+        for (key, _) in &handle.entries.guarded {
+            keep(absent_ok("GUARDED", self.guarded.remove(key)));
+        }
+        for key in &handle.entries.guarded_names {
+            keep(absent_ok("GUARDED_NAMES", self.guarded_names.remove(key)));
+        }
         if was_present && let Some(n) = self.levels.get_mut(&handle.level) {
             *n -= 1;
             if *n == 0 {
@@ -1010,15 +1104,7 @@ fn canary_inodes(agent_id: &str, policy_id: u32, canaries: &[PathBuf]) -> Vec<(C
                 continue;
             }
         };
-        let mount = mount_id(path)
-            .zip(mountinfo.as_deref())
-            .and_then(|(id, text)| mountinfo_dev(text, id));
-        let stat = CanaryStat {
-            index,
-            st_dev: md.dev(),
-            st_ino: md.ino(),
-            mount,
-        };
+        let stat = inode_stat(path, &md, index, mountinfo.as_deref());
         let keys = canary_inode_keys(policy_id, &stat);
         if !inode_matchable(&stat, &keys) {
             tracing::warn!(
@@ -1032,6 +1118,94 @@ fn canary_inodes(agent_id: &str, policy_id: u32, canaries: &[PathBuf]) -> Vec<(C
         out.extend(keys);
     }
     out
+}
+
+/// `path` as found on disk (`md` is its metadata), for [`canary_inode_keys`], with
+/// `index` as the entries' value.
+fn inode_stat(
+    path: &Path,
+    md: &std::fs::Metadata,
+    index: u32,
+    mountinfo: Option<&str>,
+) -> CanaryStat {
+    let mount = mount_id(path)
+        .zip(mountinfo)
+        .and_then(|(id, text)| mountinfo_dev(text, id));
+    CanaryStat {
+        index,
+        st_dev: md.dev(),
+        st_ino: md.ino(),
+        mount,
+    }
+}
+
+/// `GUARDED` entries (merged: a directory can be the ancestor of several protected
+/// paths) and `GUARDED_NAMES` keys for an agent's protected paths, from the disk now
+/// (see [`guard_plan`]). Fails, naming the path, when one cannot be protected: it cannot
+/// be resolved, or lies on a filesystem whose inodes the kernel cannot match (btrfs).
+fn guard_entries(
+    policy_id: u32,
+    protect: &[PathBuf],
+    entries: &mut AgentEntries,
+) -> Result<(), String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
+    let mut flags: StdHashMap<CanaryInode, u32> = StdHashMap::new();
+    let mut names = Vec::new();
+    for path in protect {
+        let mut existing = path.as_path();
+        let mut missing = Vec::new();
+        let real = loop {
+            match std::fs::canonicalize(existing) {
+                Ok(real) => break real,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let (Some(name), Some(parent)) = (existing.file_name(), existing.parent())
+                    else {
+                        return Err(format!("cannot protect {}: {e}", path.display()));
+                    };
+                    missing.push(name.to_owned());
+                    existing = parent;
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "cannot protect {}: {}: {e}",
+                        path.display(),
+                        existing.display()
+                    ));
+                }
+            }
+        };
+        missing.reverse();
+        let plan = guard_plan(&real, &missing);
+        for (p, bits) in plan.inodes {
+            let md = std::fs::metadata(&p)
+                .map_err(|e| format!("cannot protect {}: {}: {e}", path.display(), p.display()))?;
+            let stat = inode_stat(&p, &md, bits, Some(&mountinfo));
+            let keys = canary_inode_keys(policy_id, &stat);
+            if !inode_matchable(&stat, &keys) {
+                return Err(format!(
+                    "cannot protect {}: {} is on a filesystem ({}) whose inodes the kernel \
+                     cannot match",
+                    path.display(),
+                    p.display(),
+                    stat.mount.as_ref().map_or("unknown", |(_, t)| t.as_str())
+                ));
+            }
+            if let Some((dir, n)) = &plan.forbid
+                && *dir == p
+            {
+                for (k, _) in &keys {
+                    names.extend(guarded_name(*k, n));
+                }
+            }
+            for (k, b) in keys {
+                *flags.entry(k).or_default() |= b;
+            }
+        }
+    }
+    entries.guarded = flags.into_iter().collect();
+    entries.guarded_names = names;
+    Ok(())
 }
 
 /// The mount id of the mount `path` is on (statx `STATX_MNT_ID`, Linux 5.8).

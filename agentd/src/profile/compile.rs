@@ -34,6 +34,9 @@ pub struct CompiledPolicy {
     pub network: NetworkPolicy,
     /// Opening any of these, in any mode, is a breach.
     pub canaries: Vec<PathBuf>,
+    /// Inside writable trees, read-only to the agent (and their ancestors pinned): needs
+    /// BPF LSM; an agent whose policy has any is refused where the kernel lacks it.
+    pub protect: Vec<PathBuf>,
     pub breaker: BreakerPolicy,
     pub limits: Limits,
     pub env: EnvPolicy,
@@ -177,6 +180,8 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
 
     let mut canaries: Vec<PathBuf> = fs.canaries.iter().map(|p| p.resolve(ctx)).collect();
     canaries.sort();
+    let mut protect: Vec<PathBuf> = fs.protect.iter().map(|p| p.resolve(ctx)).collect();
+    protect.sort();
 
     CompiledPolicy {
         name: profile.name.clone(),
@@ -204,6 +209,7 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
             connect_entries,
         },
         canaries,
+        protect,
         breaker: BreakerPolicy {
             enforce: profile.mode == Mode::Enforce,
             trip_on: profile.breaker.trip_on.clone(),
@@ -242,6 +248,8 @@ impl CompiledPolicy {
         p.landlock.rules.extend(extra);
         let canaries: Vec<PathBuf> = p.canaries.iter().filter_map(|c| real(c)).collect();
         p.canaries.extend(canaries);
+        let protect: Vec<PathBuf> = p.protect.iter().filter_map(|c| real(c)).collect();
+        p.protect.extend(protect);
         p
     }
 

@@ -99,6 +99,17 @@ pub enum PathBase {
 }
 
 impl PathTemplate {
+    /// Whether every path this template can name lies at or beneath what `outer` names:
+    /// false when that cannot be known before the paths are resolved (different bases).
+    pub fn surely_within(&self, outer: &PathTemplate) -> bool {
+        self.base == outer.base && self.rest.starts_with(&outer.rest)
+    }
+
+    /// Whether this template may name a path at or beneath what `outer` names.
+    pub fn maybe_within(&self, outer: &PathTemplate) -> bool {
+        self.base != outer.base || self.rest.starts_with(&outer.rest)
+    }
+
     pub fn resolve(&self, ctx: &CompileContext) -> PathBuf {
         let base: &Path = match self.base {
             PathBase::Root => Path::new("/"),
@@ -138,6 +149,8 @@ pub struct Filesystem {
     pub write: Vec<PathTemplate>,
     pub exec: Vec<PathTemplate>,
     pub canaries: Vec<PathTemplate>,
+    /// Paths inside writable trees the agent may not change (BPF LSM).
+    pub protect: Vec<PathTemplate>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

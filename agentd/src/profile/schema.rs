@@ -48,6 +48,8 @@ pub struct RawFilesystem {
     pub exec: Vec<Spanned<String>>,
     #[serde(default)]
     pub canaries: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub protect: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

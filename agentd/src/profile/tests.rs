@@ -266,3 +266,71 @@ fn load_prefers_installed_profiles_over_builtins() {
     ));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn protect_lists_paths_inside_writable_trees() {
+    let p = parse(
+        "t.toml",
+        &format!(
+            "{MINIMAL}[filesystem]\nwrite = [\"{{workspace}}\", \"/tmp\"]\nprotect = [\"{{workspace}}/.git/hooks\", \"{{workspace}}/.git/config\"]\n"
+        ),
+    )
+    .unwrap();
+    let c = compile(&p, &ctx());
+    assert_eq!(
+        c.protect,
+        [
+            PathBuf::from("/w/proj/.git/config"),
+            PathBuf::from("/w/proj/.git/hooks")
+        ]
+    );
+    // A path under another base may resolve inside a writable tree: accepted here,
+    // resolved at launch.
+    assert!(
+        parse(
+            "t.toml",
+            &format!(
+                "{MINIMAL}[filesystem]\nwrite = [\"{{workspace}}\"]\nprotect = [\"/srv/repo/.git\"]\n"
+            ),
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn protect_outside_the_writable_trees_or_around_one_is_an_error() {
+    let e = errors(&format!(
+        "{MINIMAL}[filesystem]\nwrite = [\"{{workspace}}/out\"]\nprotect = [\"{{workspace}}/.git\"]\n"
+    ));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].key.as_deref(), Some("filesystem.protect[0]"));
+    assert!(
+        e[0].message.contains("not inside any filesystem.write"),
+        "{e:?}"
+    );
+    assert_eq!(e[0].line, Some(5));
+
+    let e = errors(&format!(
+        "{MINIMAL}[filesystem]\nwrite = [\"{{workspace}}/src\"]\nprotect = [\"{{workspace}}\"]\n"
+    ));
+    assert!(
+        e.iter()
+            .any(|e| e.message.contains("contains a filesystem.write path")),
+        "{e:?}"
+    );
+
+    let long = "x".repeat(agentd_common::GUARDED_NAME_LEN);
+    let e = errors(&format!(
+        "{MINIMAL}[filesystem]\nwrite = [\"{{workspace}}\"]\nprotect = [\"{{workspace}}/{long}\"]\n"
+    ));
+    assert!(e[0].message.contains("longer than"), "{e:?}");
+
+    let many: Vec<String> = (0..=agentd_common::MAX_PROTECT)
+        .map(|i| format!("\"{{workspace}}/p{i}\""))
+        .collect();
+    let e = errors(&format!(
+        "{MINIMAL}[filesystem]\nwrite = [\"{{workspace}}\"]\nprotect = [{}]\n",
+        many.join(", ")
+    ));
+    assert!(e[0].message.contains("at most"), "{e:?}");
+}

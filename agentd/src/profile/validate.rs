@@ -164,6 +164,59 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
             }
         }
     }
+    let protect = c.list("filesystem.protect", &fs.protect, values::parse_path);
+    if protect.len() > agentd_common::MAX_PROTECT as usize {
+        let (_, span) = &protect[agentd_common::MAX_PROTECT as usize];
+        c.fail(
+            span.clone(),
+            format!("filesystem.protect[{}]", agentd_common::MAX_PROTECT),
+            format!(
+                "at most {} protected paths per profile",
+                agentd_common::MAX_PROTECT
+            ),
+            Some("protect a common parent directory instead".into()),
+        );
+    }
+    for (i, (path, span)) in protect.iter().enumerate() {
+        let key = format!("filesystem.protect[{i}]");
+        if !write.iter().any(|(w, _)| path.maybe_within(w)) {
+            c.fail(
+                span.clone(),
+                key.clone(),
+                format!("`{path}` is not inside any filesystem.write path, so it is read-only to the agent already"),
+                Some("add its tree to filesystem.write, or remove the entry".into()),
+            );
+        }
+        if write.iter().any(|(w, _)| w.surely_within(path)) {
+            c.fail(
+                span.clone(),
+                key.clone(),
+                format!(
+                    "`{path}` contains a filesystem.write path, which protect would make read-only"
+                ),
+                Some(
+                    "protect only sub-paths of the writable trees, or remove the write entry"
+                        .into(),
+                ),
+            );
+        }
+        let long = path
+            .rest
+            .components()
+            .find(|part| part.as_os_str().len() >= agentd_common::GUARDED_NAME_LEN - 1);
+        if let Some(part) = long {
+            c.fail(
+                span.clone(),
+                key,
+                format!(
+                    "the component `{}` is longer than {} bytes",
+                    part.as_os_str().to_string_lossy(),
+                    agentd_common::GUARDED_NAME_LEN - 2
+                ),
+                Some("protect its parent directory instead".into()),
+            );
+        }
+    }
     let paths =
         |v: Vec<(PathTemplate, Range<usize>)>| v.into_iter().map(|(p, _)| p).collect::<Vec<_>>();
     let filesystem = Filesystem {
@@ -171,6 +224,7 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
         write: paths(write),
         exec: paths(exec),
         canaries: paths(canaries),
+        protect: paths(protect),
     };
 
     // [network]

@@ -1,0 +1,286 @@
+//! BPF LSM programs: decisions Landlock and the cgroup programs cannot take, loaded where
+//! the kernel accepts LSM programs (user space probes by loading them; a kernel may list
+//! `bpf` among its LSMs and still refuse them).
+//!
+//! - A profile's `protect` list: paths inside a writable tree (`.git/hooks`,
+//!   `.git/config`) that the agent may not change. Landlock grants a whole tree or
+//!   nothing, so these hooks refuse, for agents with `AGENT_FLAG_PROTECT`, every
+//!   operation that would change a protected path or anything beneath it: open for
+//!   write, create (file, directory, node, symlink, hard link), remove, rename in or out,
+//!   chmod, chown, truncate. Protected paths and their ancestors are also pinned: they
+//!   cannot be renamed, removed or replaced, so an agent cannot move `.git` away and
+//!   rebuild it without the protection. A protected path that did not exist when the
+//!   agent started cannot be created (its first missing component cannot be, see
+//!   `GUARDED_NAMES`).
+//! - exec of a file no path names (a memfd): refused with EACCES before the kernel loads
+//!   it, for every agent (without BPF LSM, `proc::sched_process_exec` kills the process
+//!   instead).
+//!
+//! The `path_*` hooks (CONFIG_SECURITY_PATH) are used rather than the `inode_*` ones:
+//! they pass a `struct path`, so the walk up to a protected ancestor can cross mounts.
+//! Paths are matched by inode (see `vfs::inode_walk`), so symlinks, `..`, bind mounts and
+//! hard links made after the agent started all reach the same decision. A walk that
+//! cannot decide (a failed read, deeper than `MAX_WALK_DEPTH`) refuses.
+//!
+//! Every refusal marks the call's `PENDING` entry (the syscall tracepoints made it) with
+//! `Layer::BpfLsm`, so the event the exit program sends says which layer refused.
+
+use agentd_common::{
+    AGENT_FLAG_MONITOR, AGENT_FLAG_PROTECT, EVENT_FLAG_MONITOR, GUARD_PIN, GUARD_PROTECT,
+    GUARDED_NAME_LEN, GuardedName, Layer,
+};
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::lsm, programs::LsmContext};
+
+use crate::{
+    maps::{GUARDED_NAMES, PENDING, current_agent},
+    proc::bprm_file,
+    vfs::{self, KPath, Walk},
+};
+
+const EACCES: i32 = 13;
+/// `FMODE_WRITE` in `file->f_mode`.
+const FMODE_WRITE: u32 = 0x2;
+
+/// What a hook answers.
+enum Verdict {
+    Allow,
+    Refuse,
+}
+
+/// The agent of the current task, when it has a `protect` list: `(policy_id, flags)`.
+#[inline(always)]
+fn protecting_agent() -> Option<(u32, u32)> {
+    let (_, state) = current_agent()?;
+    // SAFETY: `state` points into the AGENTS map value for the program's run.
+    let state = unsafe { *state };
+    (state.flags & AGENT_FLAG_PROTECT != 0).then_some((state.policy_id, state.flags))
+}
+
+/// The hook's return value for `v`, marking the call's event. In monitor mode the
+/// refusal is recorded and not enforced.
+#[inline(always)]
+fn answer(v: Verdict, agent_flags: u32) -> i32 {
+    if let Verdict::Allow = v {
+        return 0;
+    }
+    let monitor = agent_flags & AGENT_FLAG_MONITOR != 0;
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if let Some(ev) = PENDING.get_ptr_mut(&tid) {
+        // SAFETY: `ev` points into the PENDING map value; only this thread uses its entry.
+        unsafe {
+            (*ev).layer = Layer::BpfLsm as u8;
+            (*ev).verdict = agentd_common::Verdict::Deny as u8;
+            if monitor {
+                (*ev).flags |= EVENT_FLAG_MONITOR;
+            }
+        }
+    }
+    if monitor { 0 } else { -EACCES }
+}
+
+/// Refuses when `p` is protected or the walk cannot tell.
+#[inline(always)]
+fn beneath_protected(policy_id: u32, p: KPath) -> bool {
+    vfs::protect_walk(policy_id, p) != Walk::Miss
+}
+
+/// Whether the agent may create `dentry` (a new name) in the directory `dir`.
+#[inline(always)]
+fn may_create(policy_id: u32, dir: KPath, dentry: u64) -> Verdict {
+    if beneath_protected(policy_id, dir) {
+        return Verdict::Refuse;
+    }
+    let Some(dir_inode) = vfs::dentry_inode(dir.dentry()) else {
+        return Verdict::Refuse;
+    };
+    let Some(key) = vfs::inode_key(dir_inode, policy_id) else {
+        return Verdict::Refuse;
+    };
+    let mut name = GuardedName {
+        dir: key,
+        name: [0; GUARDED_NAME_LEN],
+    };
+    if !vfs::dentry_name(dentry, &mut name.name) {
+        // Unreadable, or longer than any protected name.
+        return Verdict::Allow;
+    }
+    // SAFETY: the value is not used beyond its presence.
+    if unsafe { GUARDED_NAMES.get(&name) }.is_some() {
+        Verdict::Refuse
+    } else {
+        Verdict::Allow
+    }
+}
+
+/// Whether the agent may remove (or rename away, or replace) `dentry` in `dir`.
+#[inline(always)]
+fn may_remove(policy_id: u32, dir: KPath, dentry: u64) -> Verdict {
+    if beneath_protected(policy_id, dir) {
+        return Verdict::Refuse;
+    }
+    match vfs::guard_flags(policy_id, dentry) {
+        Some(flags) if flags & (GUARD_PIN | GUARD_PROTECT) != 0 => Verdict::Refuse,
+        Some(_) | None => Verdict::Allow,
+    }
+}
+
+/// Whether the agent may change the file at `p` (its data or attributes).
+#[inline(always)]
+fn may_change(policy_id: u32, p: Option<KPath>) -> Verdict {
+    match p {
+        Some(p) if !beneath_protected(policy_id, p) => Verdict::Allow,
+        _ => Verdict::Refuse,
+    }
+}
+
+/// Runs `decide` for an agent with a `protect` list; 0 for anyone else.
+#[inline(always)]
+fn guard(decide: impl FnOnce(u32) -> Verdict) -> i32 {
+    match protecting_agent() {
+        Some((policy_id, flags)) => answer(decide(policy_id), flags),
+        None => 0,
+    }
+}
+
+/// `struct path *` argument `n` of the hook.
+#[inline(always)]
+fn path_arg(ctx: &LsmContext, n: usize) -> Option<KPath> {
+    vfs::path_at(ctx.arg::<u64>(n))
+}
+
+/// file_open(struct file *file): opens for writing.
+#[lsm(hook = "file_open")]
+pub fn lsm_file_open(ctx: LsmContext) -> i32 {
+    guard(|policy_id| {
+        let file: u64 = ctx.arg(0);
+        match vfs::file_mode(file) {
+            Some(mode) if mode & FMODE_WRITE == 0 => Verdict::Allow,
+            Some(_) => may_change(policy_id, vfs::file_path(file)),
+            None => Verdict::Refuse,
+        }
+    })
+}
+
+/// path_mknod(const struct path *dir, struct dentry *dentry, umode_t mode, unsigned int
+/// dev): also every open with O_CREAT of a name that does not exist.
+#[lsm(hook = "path_mknod")]
+pub fn lsm_path_mknod(ctx: LsmContext) -> i32 {
+    guard(|policy_id| create(&ctx, policy_id))
+}
+
+/// path_mkdir(const struct path *dir, struct dentry *dentry, umode_t mode).
+#[lsm(hook = "path_mkdir")]
+pub fn lsm_path_mkdir(ctx: LsmContext) -> i32 {
+    guard(|policy_id| create(&ctx, policy_id))
+}
+
+/// path_symlink(const struct path *dir, struct dentry *dentry, const char *old_name).
+#[lsm(hook = "path_symlink")]
+pub fn lsm_path_symlink(ctx: LsmContext) -> i32 {
+    guard(|policy_id| create(&ctx, policy_id))
+}
+
+/// The hooks whose arguments start with (dir, new dentry).
+#[inline(always)]
+fn create(ctx: &LsmContext, policy_id: u32) -> Verdict {
+    match path_arg(ctx, 0) {
+        Some(dir) => may_create(policy_id, dir, ctx.arg(1)),
+        None => Verdict::Refuse,
+    }
+}
+
+/// path_link(struct dentry *old_dentry, const struct path *new_dir, struct dentry
+/// *new_dentry): a new name in a protected directory, or a new name for a protected file
+/// (writes through it would change the protected file).
+#[lsm(hook = "path_link")]
+pub fn lsm_path_link(ctx: LsmContext) -> i32 {
+    guard(|policy_id| {
+        let Some(new_dir) = path_arg(&ctx, 1) else {
+            return Verdict::Refuse;
+        };
+        // A hard link stays on one mount: the old dentry is reached through new_dir's.
+        let old = KPath::new(new_dir.mnt(), ctx.arg(0));
+        if beneath_protected(policy_id, old) {
+            return Verdict::Refuse;
+        }
+        may_create(policy_id, new_dir, ctx.arg(2))
+    })
+}
+
+/// path_unlink(const struct path *dir, struct dentry *dentry).
+#[lsm(hook = "path_unlink")]
+pub fn lsm_path_unlink(ctx: LsmContext) -> i32 {
+    guard(|policy_id| remove(&ctx, policy_id))
+}
+
+/// path_rmdir(const struct path *dir, struct dentry *dentry).
+#[lsm(hook = "path_rmdir")]
+pub fn lsm_path_rmdir(ctx: LsmContext) -> i32 {
+    guard(|policy_id| remove(&ctx, policy_id))
+}
+
+#[inline(always)]
+fn remove(ctx: &LsmContext, policy_id: u32) -> Verdict {
+    match path_arg(ctx, 0) {
+        Some(dir) => may_remove(policy_id, dir, ctx.arg(1)),
+        None => Verdict::Refuse,
+    }
+}
+
+/// path_rename(const struct path *old_dir, struct dentry *old_dentry, const struct path
+/// *new_dir, struct dentry *new_dentry, unsigned int flags): the old name goes away, the
+/// new one is created or replaced (with RENAME_EXCHANGE both happen on both sides, which
+/// these checks cover too: each side is removed from a directory that must not be
+/// protected, and neither entry may be pinned).
+#[lsm(hook = "path_rename")]
+pub fn lsm_path_rename(ctx: LsmContext) -> i32 {
+    guard(|policy_id| {
+        let (Some(old_dir), Some(new_dir)) = (path_arg(&ctx, 0), path_arg(&ctx, 2)) else {
+            return Verdict::Refuse;
+        };
+        let new_dentry: u64 = ctx.arg(3);
+        if let Verdict::Refuse = may_remove(policy_id, old_dir, ctx.arg(1)) {
+            return Verdict::Refuse;
+        }
+        if let Verdict::Refuse = may_remove(policy_id, new_dir, new_dentry) {
+            return Verdict::Refuse;
+        }
+        may_create(policy_id, new_dir, new_dentry)
+    })
+}
+
+/// path_truncate(const struct path *path).
+#[lsm(hook = "path_truncate")]
+pub fn lsm_path_truncate(ctx: LsmContext) -> i32 {
+    guard(|policy_id| may_change(policy_id, path_arg(&ctx, 0)))
+}
+
+/// path_chmod(const struct path *path, umode_t mode).
+#[lsm(hook = "path_chmod")]
+pub fn lsm_path_chmod(ctx: LsmContext) -> i32 {
+    guard(|policy_id| may_change(policy_id, path_arg(&ctx, 0)))
+}
+
+/// path_chown(const struct path *path, kuid_t uid, kgid_t gid).
+#[lsm(hook = "path_chown")]
+pub fn lsm_path_chown(ctx: LsmContext) -> i32 {
+    guard(|policy_id| may_change(policy_id, path_arg(&ctx, 0)))
+}
+
+/// bprm_check_security(struct linux_binprm *bprm): an agent's exec of a file no path
+/// names (a memfd) is refused before the kernel loads it.
+#[lsm(hook = "bprm_check_security")]
+pub fn lsm_bprm_check(ctx: LsmContext) -> i32 {
+    let Some((_, state)) = current_agent() else {
+        return 0;
+    };
+    // SAFETY: `state` points into the AGENTS map value for the program's run.
+    let flags = unsafe { (*state).flags };
+    let file = bprm_file(ctx.arg::<u64>(0));
+    let verdict = match file.map(vfs::is_pseudo_file) {
+        Some(Some(false)) => Verdict::Allow,
+        // A pseudo file, or one that cannot be read: refused.
+        _ => Verdict::Refuse,
+    };
+    answer(verdict, flags)
+}
