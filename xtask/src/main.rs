@@ -28,7 +28,8 @@ enum Task {
     /// Install what building and testing need (root; idempotent): Debian's BPF-capable
     /// rustc, LLVM, bpf-linker, and the bpffs/tracefs/securityfs mounts
     Setup,
-    /// Everything CI checks, in order: setup, fmt, clippy, unit tests, privileged tests
+    /// Everything CI checks, in order: setup, fmt, clippy, unit tests, privileged tests on
+    /// this host, then on Debian's 6.1 and 6.12 kernels under qemu (`vm-test --kernel all`)
     Ci,
     /// The privileged integration tests in tests/ (root; they load BPF programs, create
     /// cgroups and launch agents). A test that cannot run fails with AGENTD_TEST_MUST_RUN=1
@@ -109,7 +110,10 @@ fn ci(root: &Path) -> anyhow::Result<()> {
         &[],
     )?;
     run(root, "cargo", &["test", "--locked"], &[])?;
-    privileged_tests(root, None)
+    privileged_tests(root, None)?;
+    // The same suite on the stock kernels users run: Debian 6.1 (Landlock ABI 2) and
+    // bookworm-backports 6.12 (ABI 6), with BPF LSM active and cgroup v2 complete.
+    vm::vm_test(root, &vm::VmTestArgs::ci())
 }
 
 fn privileged_tests(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
