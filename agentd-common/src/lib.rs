@@ -213,6 +213,11 @@ pub const EVENT_FLAG_CANARY_SENT: u16 = 1 << 7;
 /// kernel walks, longer than [`PATH_LEN`], or not under the process's root).
 pub const EVENT_FLAG_DIR: u16 = 1 << 8;
 
+/// An `exec` event from the BPF LSM programs' `mmap_file`/`file_mprotect`: a mapping
+/// with `PROT_EXEC` was refused; `dir` holds the mapped file's whole path (with
+/// [`EVENT_FLAG_DIR`]), `aux` says which hook (0 mmap, 1 mprotect).
+pub const EVENT_FLAG_MAPPED: u16 = 1 << 9;
+
 /// Exec events: argv entries carried in `path2`.
 pub const EXEC_ARGS: usize = 4;
 /// Exec events: bytes per argv slot in `path2`, with the NUL.
@@ -691,6 +696,14 @@ pub const GUARD_PIN: u32 = 1 << 1;
 
 /// Paths a profile's `filesystem.protect` may list.
 pub const MAX_PROTECT: u32 = 16;
+
+/// Value bit of the `GUARDED` map: a `filesystem.write` path of the agent (it may write
+/// beneath it).
+pub const GUARD_WRITE_ROOT: u32 = 1 << 2;
+/// Value bit of the `GUARDED` map: a `filesystem.exec` path of the agent. A file beneath
+/// a write path and no exec path is code the agent could have written: BPF LSM refuses
+/// to map it executable (`ld.so ./file`).
+pub const GUARD_EXEC_ROOT: u32 = 1 << 3;
 
 /// Bytes of a [`GuardedName`]'s name, NUL included: longer protected names are refused
 /// when the profile is compiled.

@@ -14,7 +14,12 @@
 //!   `GUARDED_NAMES`).
 //! - exec of a file no path names (a memfd): refused with EACCES before the kernel loads
 //!   it, for every agent (without BPF LSM, `proc::sched_process_exec` kills the process
-//!   instead).
+//!   instead);
+//! - mapping code the agent could have written: `mmap`/`mprotect` with `PROT_EXEC` of a
+//!   file beneath one of its write paths and none of its exec paths, or of a file no path
+//!   names, is refused for every agent (`ld.so ./file` runs a file Landlock's `exec`
+//!   rules never see executed: the loader maps it). Files the agent cannot write (the
+//!   system's libraries) map as before.
 //!
 //! The `path_*` hooks (CONFIG_SECURITY_PATH) are used rather than the `inode_*` ones:
 //! they pass a `struct path`, so the walk up to a protected ancestor can cross mounts.
@@ -26,13 +31,14 @@
 //! `Layer::BpfLsm`, so the event the exit program sends says which layer refused.
 
 use agentd_common::{
-    AGENT_FLAG_MONITOR, AGENT_FLAG_PROTECT, EVENT_FLAG_MONITOR, GUARD_PIN, GUARD_PROTECT,
-    GUARDED_NAME_LEN, GuardedName, Layer,
+    AGENT_FLAG_MONITOR, AGENT_FLAG_PROTECT, EVENT_FLAG_DIR, EVENT_FLAG_MAPPED, EVENT_FLAG_MONITOR,
+    EventKind, GUARD_EXEC_ROOT, GUARD_PIN, GUARD_PROTECT, GUARD_WRITE_ROOT, GUARDED_NAME_LEN,
+    GuardedName, Layer, RawEvent,
 };
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::lsm, programs::LsmContext};
 
 use crate::{
-    maps::{GUARDED_NAMES, PENDING, current_agent},
+    maps::{EVENTS, GUARDED_NAMES, PENDING, count_lost, current_agent, fill_header},
     proc::bprm_file,
     vfs::{self, KPath, Walk},
 };
@@ -283,4 +289,96 @@ pub fn lsm_bprm_check(ctx: LsmContext) -> i32 {
         _ => Verdict::Refuse,
     };
     answer(verdict, flags)
+}
+
+/// `PROT_EXEC`.
+const PROT_EXEC: u64 = 0x4;
+
+/// mmap_file(struct file *file, unsigned long reqprot, unsigned long prot, unsigned long
+/// flags): `prot` is what the mapping gets (`READ_IMPLIES_EXEC` included). An anonymous
+/// mapping has no file and is not decided here.
+#[lsm(hook = "mmap_file")]
+pub fn lsm_mmap_file(ctx: LsmContext) -> i32 {
+    let prot: u64 = ctx.arg(2);
+    let file: u64 = ctx.arg(0);
+    if prot & PROT_EXEC == 0 || file == 0 {
+        return 0;
+    }
+    map_exec(file, 0)
+}
+
+/// file_mprotect(struct vm_area_struct *vma, unsigned long reqprot, unsigned long prot):
+/// making an existing file mapping executable.
+#[lsm(hook = "file_mprotect")]
+pub fn lsm_file_mprotect(ctx: LsmContext) -> i32 {
+    let prot: u64 = ctx.arg(2);
+    if prot & PROT_EXEC == 0 {
+        return 0;
+    }
+    match vfs::vma_file(ctx.arg(0)) {
+        Some(file) => map_exec(file, 1),
+        None => 0,
+    }
+}
+
+/// Whether an agent may map `file` executable; `hook` (0 mmap, 1 mprotect) goes into the
+/// event of a refusal.
+#[inline(always)]
+fn map_exec(file: u64, hook: u64) -> i32 {
+    let Some((cgroup, state)) = current_agent() else {
+        return 0;
+    };
+    // SAFETY: `state` points into the AGENTS map value for the program's run.
+    let state = unsafe { *state };
+    let path = vfs::file_path(file);
+    let verdict = match (vfs::is_pseudo_file(file), path) {
+        (Some(false), Some(p)) => match vfs::guard_bits_walk(state.policy_id, p) {
+            Some(bits) if bits & GUARD_WRITE_ROOT == 0 || bits & GUARD_EXEC_ROOT != 0 => {
+                Verdict::Allow
+            }
+            // Beneath a write path and no exec path, or undecided.
+            Some(_) | None => Verdict::Refuse,
+        },
+        // A pseudo file (memfd), or one that cannot be read.
+        _ => Verdict::Refuse,
+    };
+    if let Verdict::Allow = verdict {
+        return 0;
+    }
+    let monitor = state.flags & AGENT_FLAG_MONITOR != 0;
+    report_mapping(cgroup, monitor, path, hook);
+    if monitor { 0 } else { -EACCES }
+}
+
+/// Sends the `exec` event of a refused executable mapping: no syscall tracepoint records
+/// mmap or mprotect, so this program reports it itself, with the file's path read from
+/// its dentries (`vfs::read_dir`; its scratch buffer is per CPU, and an LSM program can be
+/// preempted, so under heavy load a path can come out garbled: the decision is not).
+#[inline(always)]
+fn report_mapping(cgroup: u64, monitor: bool, path: Option<KPath>, hook: u64) {
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count_lost(cgroup);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    let mut flags = EVENT_FLAG_MAPPED;
+    if monitor {
+        flags |= EVENT_FLAG_MONITOR;
+    }
+    // SAFETY: `ev` is the reserved ring-buffer record, writable and RawEvent-sized.
+    unsafe {
+        fill_header(ev, cgroup, EventKind::Exec as u16, flags);
+        (*ev).layer = Layer::BpfLsm as u8;
+        (*ev).verdict = agentd_common::Verdict::Deny as u8;
+        (*ev).ret = -i64::from(EACCES);
+        (*ev).aux = hook;
+        (*ev).path[0] = 0;
+        (*ev).path2[0] = 0;
+        if let Some(p) = path
+            && vfs::read_dir(p, &mut *ev)
+        {
+            (*ev).flags |= EVENT_FLAG_DIR;
+        }
+    }
+    entry.submit(0);
 }

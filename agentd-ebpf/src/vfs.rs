@@ -44,6 +44,7 @@ offsets! {
     FDT_FD_OFFSET: "struct fdtable, fd";
     FILE_F_PATH_OFFSET: "struct file, f_path";
     FILE_F_MODE_OFFSET: "struct file, f_mode";
+    VMA_VM_FILE_OFFSET: "struct vm_area_struct, vm_file";
     FS_ROOT_OFFSET: "struct fs_struct, root";
     FS_PWD_OFFSET: "struct fs_struct, pwd";
     PATH_MNT_OFFSET: "struct path, mnt";
@@ -355,6 +356,29 @@ pub fn file_mode(file: u64) -> Option<u32> {
 #[inline(always)]
 pub fn file_path(file: u64) -> Option<KPath> {
     path_at(file.wrapping_add(off(&FILE_F_PATH_OFFSET)))
+}
+
+/// `vma->vm_file` of a `struct vm_area_struct *`; `None` for an anonymous mapping.
+#[inline(always)]
+pub fn vma_file(vma: u64) -> Option<u64> {
+    ptr_at(vma, off(&VMA_VM_FILE_OFFSET))
+}
+
+/// The `GUARDED` bits of `p` and of every ancestor up to the top of the mount tree, or'd
+/// together; `None` when the walk cannot decide (see [`inode_walk`]).
+#[inline(always)]
+pub fn guard_bits_walk(policy_id: u32, p: KPath) -> Option<u32> {
+    // The bits are collected in a map-free way: the lookup never reports a hit, so the
+    // walk goes to the top, and the closure or's what it sees into a cell.
+    let bits = core::cell::Cell::new(0u32);
+    let walk = inode_walk(policy_id, p, |key| {
+        // SAFETY: the value is copied out at once.
+        if let Some(b) = unsafe { GUARDED.get(key) } {
+            bits.set(bits.get() | *b);
+        }
+        None
+    });
+    (walk == Walk::Miss).then(|| bits.get())
 }
 
 /// Walks from `p` up to the top of the mount tree looking each inode up with `lookup`:

@@ -284,3 +284,92 @@ print(json.dumps(out))
         }
     }
 }
+
+/// Code the agent wrote, run without exec: the program loader maps `./payload` itself
+/// (`ld.so ./payload`), or the agent maps it (or a memfd) executable. Landlock's `exec`
+/// rules see neither. Where BPF LSM runs, `mmap_file` and `file_mprotect` refuse an
+/// executable mapping of a file beneath a write path and no exec path, or of a memfd
+/// (EACCES, an `exec` event of `layer: bpf-lsm`), while the system's files map as
+/// before. Without BPF LSM (this project's host) the mappings succeed: the documented
+/// gap (SECURITY.md), asserted so that a change in it is noticed.
+#[test]
+fn run_escape_by_mapping_written_code_is_refused_where_bpf_lsm_runs() {
+    if !require_root() {
+        return;
+    }
+    let ws = agent_dir(true);
+    let script = r#"
+import ctypes, json, mmap, os, shutil
+out = {}
+with open("/usr/bin/true", "rb") as src, open("payload", "wb") as dst:
+    dst.write(src.read())
+pid = os.fork()
+if pid == 0:
+    fd = os.open("/dev/null", os.O_WRONLY)
+    os.dup2(fd, 2)
+    os.execv("/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", ["ld.so", "./payload"])
+_, st = os.waitpid(pid, 0)
+out["ld_so"] = os.waitstatus_to_exitcode(st)
+def m(fd, prot):
+    try:
+        mmap.mmap(fd, 4096, flags=mmap.MAP_PRIVATE, prot=prot)
+        return 0
+    except OSError as e:
+        return e.errno
+payload = os.open("payload", os.O_RDONLY)
+system = os.open("/usr/bin/true", os.O_RDONLY)
+memfd = os.memfd_create("code")
+os.write(memfd, bytes(4096))
+out["payload_exec"] = m(payload, mmap.PROT_READ | mmap.PROT_EXEC)
+out["payload_read"] = m(payload, mmap.PROT_READ)
+out["system_exec"] = m(system, mmap.PROT_READ | mmap.PROT_EXEC)
+out["memfd_exec"] = m(memfd, mmap.PROT_READ | mmap.PROT_EXEC)
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+addr = libc.mmap(None, 4096, mmap.PROT_READ, mmap.MAP_PRIVATE, payload, 0)
+rc = libc.mprotect(addr, 4096, mmap.PROT_READ | mmap.PROT_EXEC)
+out["payload_mprotect"] = 0 if rc == 0 else ctypes.get_errno()
+print(json.dumps(out))
+"#;
+    let (r, run) = attempt_run(ws.path(), script);
+    let lsm = bpf_lsm_usable();
+    assert_eq!(r["payload_read"], 0, "{r}");
+    assert_eq!(r["system_exec"], 0, "{r}");
+    let mapped: Vec<_> = run
+        .events
+        .iter()
+        .filter(|e| e["kind"] == "exec" && e["layer"] == "bpf-lsm")
+        .collect();
+    if !lsm {
+        for gap in ["ld_so", "payload_exec", "memfd_exec", "payload_mprotect"] {
+            assert_eq!(r[gap], 0, "without BPF LSM, {gap}: {r}");
+        }
+        assert!(mapped.is_empty(), "{}", run.explain());
+        return;
+    }
+    // The loader cannot map the payload's code: "failed to map segment", exit 127.
+    assert_eq!(r["ld_so"], 127, "{r}");
+    for refused in ["payload_exec", "memfd_exec", "payload_mprotect"] {
+        assert_eq!(r[refused], libc::EACCES, "{refused}: {r}");
+    }
+    let payload = ws.path().canonicalize().unwrap().join("payload");
+    let calls: Vec<(&str, &str)> = mapped
+        .iter()
+        .map(|e| {
+            assert_eq!(e["verdict"], "deny", "{e}");
+            assert_eq!(e["errno"], libc::EACCES, "{e}");
+            (
+                e["path"].as_str().unwrap_or(""),
+                e["detail"]["call"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let payload = payload.to_str().unwrap();
+    assert!(
+        calls.contains(&(payload, "mmap")) && calls.contains(&(payload, "mprotect")),
+        "{calls:?}\n{}",
+        run.explain()
+    );
+}

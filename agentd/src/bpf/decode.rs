@@ -10,8 +10,8 @@ use std::{
 };
 
 use agentd_common::{
-    EVENT_FLAG_CANARY_CANDIDATE, EVENT_FLAG_CANARY_SENT, EVENT_FLAG_DIR, EVENT_FLAG_MONITOR,
-    EVENT_FLAG_NO_ENTER, EVENT_FLAG_PATH_TRUNCATED, EVENT_FLAG_PATH_UNREAD,
+    EVENT_FLAG_CANARY_CANDIDATE, EVENT_FLAG_CANARY_SENT, EVENT_FLAG_DIR, EVENT_FLAG_MAPPED,
+    EVENT_FLAG_MONITOR, EVENT_FLAG_NO_ENTER, EVENT_FLAG_PATH_TRUNCATED, EVENT_FLAG_PATH_UNREAD,
     EVENT_FLAG_PATH2_TRUNCATED, EVENT_FLAG_WRITE_INTENT, EXEC_ARG_LEN, EXEC_ARGS, EventKind,
     IPPROTO_TCP, IPPROTO_UDP, RawEvent, Syscall,
 };
@@ -514,6 +514,23 @@ pub fn decode(
                     (Layer::Kernel, Verdict::Deny)
                 }
             };
+        }
+        EventKind::Exec if raw.flags & EVENT_FLAG_MAPPED != 0 => {
+            // From the BPF LSM programs: a mapping with PROT_EXEC of code the agent could
+            // have written (or of a memfd) was refused; no syscall recorded it.
+            e.layer = Layer::BpfLsm;
+            e.verdict = verdict_of_raw(raw.verdict);
+            if !monitor {
+                e.errno = Some(EACCES);
+            }
+            e.path = kernel_dir(raw).map(|p| p.to_string_lossy().into_owned());
+            e = e
+                .with("call", if raw.aux == 1 { "mprotect" } else { "mmap" })
+                .with(
+                    "reason",
+                    "executable mapping of a file beneath a write path and no exec path, \
+                     or of a file no path names (memfd)",
+                );
         }
         EventKind::Exec if layer_of_raw(raw.layer) == Some(Layer::Bpf) => {
             // From `sched_process_exec`: the program exec'd is no file a path names (a
@@ -1092,6 +1109,34 @@ connect = ["127.0.0.1/32:8080"]
         .unwrap();
         assert_eq!(e.path.as_deref(), Some("/home/u/s.sock"));
         assert_eq!(e.layer, Layer::Landlock);
+    }
+
+    #[test]
+    fn a_refused_executable_mapping_names_the_file_and_the_call() {
+        let mut r = raw(EventKind::Exec);
+        r.layer = agentd_common::Layer::BpfLsm as u8;
+        r.verdict = agentd_common::Verdict::Deny as u8;
+        r.flags = EVENT_FLAG_MAPPED;
+        r.aux = 1;
+        set_dir(&mut r, "/w/payload");
+        let e = dec(&r);
+        assert_eq!(
+            (e.kind, e.layer, e.verdict, e.errno),
+            (Kind::Exec, Layer::BpfLsm, Verdict::Deny, Some(libc::EACCES))
+        );
+        assert_eq!(e.path.as_deref(), Some("/w/payload"));
+        assert_eq!(e.detail["call"], "mprotect");
+        // A protected path's refusal, marked by the LSM program on the pending call.
+        let mut w = raw(EventKind::OpenWrite);
+        w.layer = agentd_common::Layer::BpfLsm as u8;
+        w.verdict = agentd_common::Verdict::Deny as u8;
+        w.ret = -i64::from(libc::EACCES);
+        w.path[..22].copy_from_slice(b"/w/.git/hooks/pre-push");
+        let mut info = agent();
+        Arc::make_mut(&mut info.policy).protect = vec![PathBuf::from("/w/.git/hooks")];
+        let e = decode(&w, Some(&info), CLOCK, &|_, _, _, _| None).unwrap();
+        assert_eq!((e.layer, e.verdict), (Layer::BpfLsm, Verdict::Deny));
+        assert_eq!(e.detail["protected"], "/w/.git/hooks");
     }
 
     #[test]

@@ -286,7 +286,7 @@ pub const INBOUND: &str = "inbound";
 
 /// The BPF LSM programs and their hooks (agentd-ebpf `lsm`): attached where the kernel
 /// accepts LSM programs, all or none.
-pub const LSM_PROGRAMS: [(&str, &str); 12] = [
+pub const LSM_PROGRAMS: [(&str, &str); 14] = [
     ("lsm_file_open", "file_open"),
     ("lsm_path_mknod", "path_mknod"),
     ("lsm_path_mkdir", "path_mkdir"),
@@ -299,6 +299,8 @@ pub const LSM_PROGRAMS: [(&str, &str); 12] = [
     ("lsm_path_chmod", "path_chmod"),
     ("lsm_path_chown", "path_chown"),
     ("lsm_bprm_check", "bprm_check_security"),
+    ("lsm_mmap_file", "mmap_file"),
+    ("lsm_file_mprotect", "file_mprotect"),
 ];
 
 #[cfg(test)]

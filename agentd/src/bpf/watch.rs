@@ -22,8 +22,8 @@ use std::{
 
 use agentd_common::{
     AGENT_FLAG_KILLED, AgentState, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_LEVEL_MAX,
-    CONFIG_LEVEL_MIN, CanaryInode, CanaryKey, CanaryPath, GuardedName, NetKey, RawEvent,
-    SYSCALL_EXIT_ONLY,
+    CONFIG_LEVEL_MIN, CanaryInode, CanaryKey, CanaryPath, GUARD_EXEC_ROOT, GUARD_WRITE_ROOT,
+    GuardedName, NetKey, RawEvent, SYSCALL_EXIT_ONLY,
 };
 use aya::{
     Btf, Ebpf, EbpfLoader,
@@ -716,15 +716,22 @@ impl Watch {
             reason,
         })?;
         entries.canary_inodes = canary_inodes(agent_id, policy_id, &policy.canaries);
-        if !policy.protect.is_empty() {
-            let policy_err = |reason: String| BpfError::Policy {
-                agent: agent_id.to_owned(),
-                reason,
-            };
-            if let Err(why) = &self.lsm {
-                return Err(policy_err(protect_refused(&policy.protect, why)));
+        match &self.lsm {
+            Err(why) if !policy.protect.is_empty() => {
+                return Err(BpfError::Policy {
+                    agent: agent_id.to_owned(),
+                    reason: protect_refused(&policy.protect, why),
+                });
             }
-            guard_entries(policy_id, &policy.protect, &mut entries).map_err(policy_err)?;
+            Err(_) => {}
+            Ok(()) => {
+                guard_entries(agent_id, policy_id, policy, &mut entries).map_err(|reason| {
+                    BpfError::Policy {
+                        agent: agent_id.to_owned(),
+                        reason,
+                    }
+                })?
+            }
         }
 
         let mut handle = AgentHandle {
@@ -1139,20 +1146,50 @@ fn inode_stat(
     }
 }
 
-/// `GUARDED` entries (merged: a directory can be the ancestor of several protected
-/// paths) and `GUARDED_NAMES` keys for an agent's protected paths, from the disk now
-/// (see [`guard_plan`]). Fails, naming the path, when one cannot be protected: it cannot
-/// be resolved, or lies on a filesystem whose inodes the kernel cannot match (btrfs).
+/// The BPF LSM programs' entries for an agent, from the disk now: in `GUARDED` (bits
+/// merged per inode), its write and exec paths (`GUARD_WRITE_ROOT`, `GUARD_EXEC_ROOT`:
+/// what may be mapped executable), its protected paths and their ancestors (see
+/// [`guard_plan`]); in `GUARDED_NAMES`, the names of missing protected paths. Fails,
+/// naming the path, when a protected path cannot be protected: it cannot be resolved, or
+/// lies on a filesystem whose inodes the kernel cannot match (btrfs). A write or exec
+/// path that does not exist has no entry (Landlock has no rule for it either).
 fn guard_entries(
+    agent_id: &str,
     policy_id: u32,
-    protect: &[PathBuf],
+    policy: &CompiledPolicy,
     entries: &mut AgentEntries,
 ) -> Result<(), String> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
     let mut flags: StdHashMap<CanaryInode, u32> = StdHashMap::new();
     let mut names = Vec::new();
-    for path in protect {
+    for rule in &policy.landlock.rules {
+        let bits = if rule.access.write {
+            GUARD_WRITE_ROOT
+        } else {
+            0
+        } | if rule.access.exec { GUARD_EXEC_ROOT } else { 0 };
+        if bits == 0 {
+            continue;
+        }
+        let Ok(md) = std::fs::metadata(&rule.path) else {
+            continue;
+        };
+        let stat = inode_stat(&rule.path, &md, bits, Some(&mountinfo));
+        let keys = canary_inode_keys(policy_id, &stat);
+        if !inode_matchable(&stat, &keys) {
+            tracing::warn!(
+                agent = agent_id,
+                path = %rule.path.display(),
+                "on a filesystem whose inodes the kernel cannot match: files beneath it \
+                 are not recognised as writable or executable when mapped"
+            );
+        }
+        for (k, b) in keys {
+            *flags.entry(k).or_default() |= b;
+        }
+    }
+    for path in &policy.protect {
         let mut existing = path.as_path();
         let mut missing = Vec::new();
         let real = loop {
