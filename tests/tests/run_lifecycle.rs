@@ -298,7 +298,9 @@ fn run_wall_time_limit_kills_the_agent() {
         .run();
     let took = started.elapsed();
     assert_eq!(run.code(), 128 + 9, "{}", run.explain());
-    assert!(took < Duration::from_secs(10), "{took:?}");
+    // Killed long before its 30 s sleeps end; `took` includes loading the BPF programs,
+    // which takes seconds under emulation (the guests of `cargo xtask vm-test`).
+    assert!(took < Duration::from_secs(25), "{took:?}");
     assert!(took >= Duration::from_millis(700), "{took:?}");
     let limit = run.event("limit").expect("limit event");
     assert_eq!(limit["detail"]["limit"], "wall_time");
