@@ -140,6 +140,7 @@ const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -360,6 +361,22 @@ impl<'a> Btf<'a> {
         }
         Err(format!("no BTF tracepoint {tp} ({want} not found)"))
     }
+
+    /// Which of the functions `names` this BTF does not have (one pass over the types).
+    pub fn missing_funcs<'n>(&self, names: &[&'n str]) -> Result<Vec<&'n str>, String> {
+        let mut missing: Vec<&'n str> = names.to_vec();
+        for t in self.types.iter().skip(1) {
+            if t.kind != KIND_FUNC {
+                continue;
+            }
+            let name = self.name(u32_at(self.raw, t.data - 12)?)?;
+            missing.retain(|n| *n != name);
+            if missing.is_empty() {
+                break;
+            }
+        }
+        Ok(missing)
+    }
 }
 
 #[cfg(test)]
@@ -429,6 +446,29 @@ pub(crate) mod tests {
             btf.member_offset("file", "f_inode")
                 .unwrap_err()
                 .contains("not found")
+        );
+    }
+
+    #[test]
+    fn finds_which_functions_are_missing() {
+        // strings: 0 "", 1 "bpf_lsm_file_open", 19 "bpf_lsm_mmap_file"
+        let strings = b"\0bpf_lsm_file_open\0bpf_lsm_mmap_file\0";
+        let types = vec![
+            // 1: int (*)(void): an empty prototype
+            (0, info(KIND_FUNC_PROTO, 0, false), 0, vec![]),
+            (1, info(KIND_FUNC, 0, false), 1, vec![]),
+            (19, info(KIND_FUNC, 0, false), 1, vec![]),
+        ];
+        let raw = blob(strings, &types);
+        let btf = Btf::parse(&raw).unwrap();
+        assert_eq!(
+            btf.missing_funcs(&[
+                "bpf_lsm_mmap_file",
+                "bpf_lsm_path_mknod",
+                "bpf_lsm_file_open"
+            ])
+            .unwrap(),
+            ["bpf_lsm_path_mknod"]
         );
     }
 

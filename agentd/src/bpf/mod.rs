@@ -71,6 +71,24 @@ pub mod watch;
 
 pub use watch::{AgentHandle, Watch};
 
+/// The hooks agentd's BPF LSM programs attach to that this kernel's BTF lacks (each
+/// needs a `bpf_lsm_<hook>` function; the `path_*` ones exist only with
+/// CONFIG_SECURITY_PATH), as `bpf_lsm_<hook>` names.
+pub fn missing_lsm_hooks() -> Result<Vec<String>, String> {
+    use watch::VMLINUX_BTF;
+    let raw = std::fs::read(VMLINUX_BTF).map_err(|e| format!("{VMLINUX_BTF}: {e}"))?;
+    let btf = btf::Btf::parse(&raw).map_err(|e| format!("{VMLINUX_BTF}: {e}"))?;
+    let funcs: Vec<String> = programs::LSM_PROGRAMS
+        .iter()
+        .map(|(_, hook)| format!("bpf_lsm_{hook}"))
+        .collect();
+    let names: Vec<&str> = funcs.iter().map(String::as_str).collect();
+    let missing = btf
+        .missing_funcs(&names)
+        .map_err(|e| format!("{VMLINUX_BTF}: {e}"))?;
+    Ok(missing.into_iter().map(str::to_owned).collect())
+}
+
 /// Why the kernel watch could not be set up or changed. Each variant names the program,
 /// map, tracepoint or path involved.
 #[derive(Debug, thiserror::Error)]

@@ -52,7 +52,9 @@ use crate::{
     profile::CompiledPolicy,
 };
 
-const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+pub(super) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// The active LSMs, in securityfs.
+const LSM_LIST: &str = "/sys/kernel/security/lsm";
 /// `CGROUP2_SUPER_MAGIC`.
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
 /// Capacity of the channel `events()` returns; when the consumer lags this far, the
@@ -447,9 +449,21 @@ fn exit_program_for(args: usize) -> Option<&'static str> {
 }
 
 /// Loads and attaches the BPF LSM programs ([`programs::LSM_PROGRAMS`]); `Err` says why
-/// they are unavailable (the kernel refused one: BPF LSM not active, or a hook missing).
-/// Either all are attached or, on an error, none stays attached.
+/// they are unavailable: `bpf` is not an active LSM (programs would load, attach and
+/// never run: checked first, from securityfs, mounted if needed), or the kernel refused
+/// one (BPF LSM disabled by policy, a hook missing). Either all are attached or, on an
+/// error, none stays attached.
 fn attach_lsm(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
+    ensure_mounted(super::SECURITYFS)
+        .map_err(|e| format!("the active LSMs cannot be read: {e}"))?;
+    let list = std::fs::read_to_string(LSM_LIST)
+        .map_err(|e| format!("the active LSMs cannot be read: {LSM_LIST}: {e}"))?;
+    if !list.trim().split(',').any(|m| m == "bpf") {
+        return Err(format!(
+            "bpf is not an active LSM ({LSM_LIST}: {}), so LSM programs would never run",
+            list.trim()
+        ));
+    }
     let mut links = Vec::new();
     for (name, hook) in programs::LSM_PROGRAMS {
         let attached = program::<Lsm>(ebpf, name)

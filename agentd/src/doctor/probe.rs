@@ -532,6 +532,15 @@ fn bpf(
             .map_err(|e| program_error("load", &e, privileged))?;
         p.attach()
             .map_err(|e| program_error("attach", &e, privileged))?;
+        // agentd's own programs need these hooks (the `path_*` ones exist only with
+        // CONFIG_SECURITY_PATH).
+        let missing = bpf::missing_lsm_hooks().map_err(Unavailable::Failed)?;
+        if !missing.is_empty() {
+            return Err(Unavailable::Missing(format!(
+                "this kernel has no BPF LSM hook {} (CONFIG_SECURITY_PATH?)",
+                missing.join(", ")
+            )));
+        }
         match bpf_lsm_active {
             Some(true) => Ok(()),
             Some(false) => Err(Unavailable::Missing(
