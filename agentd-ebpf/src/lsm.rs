@@ -331,8 +331,8 @@ fn map_exec(file: u64, hook: u64) -> i32 {
     // SAFETY: `state` points into the AGENTS map value for the program's run.
     let state = unsafe { *state };
     let path = vfs::file_path(file);
-    let verdict = match (vfs::is_pseudo_file(file), path) {
-        (Some(false), Some(p)) => match vfs::guard_bits_walk(state.policy_id, p) {
+    let verdict = match path.map(|p| (vfs::is_pseudo_path(p), p)) {
+        Some((Some(false), p)) => match vfs::guard_bits_walk(state.policy_id, p) {
             Some(bits) if bits & GUARD_WRITE_ROOT == 0 || bits & GUARD_EXEC_ROOT != 0 => {
                 Verdict::Allow
             }

@@ -220,7 +220,12 @@ pub fn fd_path(fd: i64, opened: bool) -> Option<KPath> {
 /// file, even deleted or made with O_TMPFILE, has a parent directory.)
 #[inline(always)]
 pub fn is_pseudo_file(file: u64) -> Option<bool> {
-    let path = path_at(file.wrapping_add(off(&FILE_F_PATH_OFFSET)))?;
+    is_pseudo_path(file_path(file)?)
+}
+
+/// [`is_pseudo_file`] for a file's `f_path` already read.
+#[inline(always)]
+pub fn is_pseudo_path(path: KPath) -> Option<bool> {
     let parent = ptr_at(path.dentry, off(&DENTRY_D_PARENT_OFFSET))?;
     if parent != path.dentry {
         return Some(false);
@@ -300,7 +305,7 @@ pub fn protect_walk(policy_id: u32, p: KPath) -> Walk {
 /// negative dentry (a name being created) or a failed read.
 #[inline(always)]
 pub fn guard_flags(policy_id: u32, dentry: u64) -> Option<u32> {
-    let inode = ptr_at(dentry, off(&DENTRY_D_INODE_OFFSET))?;
+    let inode = dentry_inode(dentry)?;
     let key = inode_key(inode, policy_id)?;
     // SAFETY: the value is copied out at once.
     Some(unsafe { GUARDED.get(&key) }.copied().unwrap_or(0))

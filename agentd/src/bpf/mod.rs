@@ -34,6 +34,22 @@ pub enum MountError {
 pub const TRACEFS: (&str, &str) = ("tracefs", "/sys/kernel/tracing");
 pub const BPFFS: (&str, &str) = ("bpf", "/sys/fs/bpf");
 pub const SECURITYFS: (&str, &str) = ("securityfs", "/sys/kernel/security");
+/// The active LSMs, in securityfs.
+pub const LSM_LIST: &str = "/sys/kernel/security/lsm";
+
+/// The active LSMs, from [`LSM_LIST`] (securityfs must be mounted).
+pub fn active_lsms() -> std::io::Result<Vec<String>> {
+    std::fs::read_to_string(LSM_LIST).map(|text| parse_lsm_list(&text))
+}
+
+/// The comma-separated list in [`LSM_LIST`].
+fn parse_lsm_list(text: &str) -> Vec<String> {
+    text.trim()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
 
 /// Mounts `fstype` at `dir` unless a filesystem of that type is already there. Returns
 /// whether it mounted it now.
@@ -159,4 +175,16 @@ pub enum BpfError {
     NoRuntime,
     #[error("cannot poll the ring buffer: {0}")]
     Poll(#[source] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lsm_list() {
+        assert_eq!(
+            super::parse_lsm_list("lockdown,capability,landlock,bpf\n"),
+            ["lockdown", "capability", "landlock", "bpf"]
+        );
+        assert!(super::parse_lsm_list("\n").is_empty());
+    }
 }

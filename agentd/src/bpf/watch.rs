@@ -53,8 +53,6 @@ use crate::{
 };
 
 pub(super) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
-/// The active LSMs, in securityfs.
-const LSM_LIST: &str = "/sys/kernel/security/lsm";
 /// `CGROUP2_SUPER_MAGIC`.
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
 /// Capacity of the channel `events()` returns; when the consumer lags this far, the
@@ -456,12 +454,13 @@ fn exit_program_for(args: usize) -> Option<&'static str> {
 fn attach_lsm(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
     ensure_mounted(super::SECURITYFS)
         .map_err(|e| format!("the active LSMs cannot be read: {e}"))?;
-    let list = std::fs::read_to_string(LSM_LIST)
-        .map_err(|e| format!("the active LSMs cannot be read: {LSM_LIST}: {e}"))?;
-    if !list.trim().split(',').any(|m| m == "bpf") {
+    let list = super::active_lsms()
+        .map_err(|e| format!("the active LSMs cannot be read: {}: {e}", super::LSM_LIST))?;
+    if !list.iter().any(|m| m == "bpf") {
         return Err(format!(
-            "bpf is not an active LSM ({LSM_LIST}: {}), so LSM programs would never run",
-            list.trim()
+            "bpf is not an active LSM ({}: {}), so LSM programs would never run",
+            super::LSM_LIST,
+            list.join(",")
         ));
     }
     let mut links = Vec::new();
@@ -729,7 +728,14 @@ impl Watch {
             agent: agent_id.to_owned(),
             reason,
         })?;
-        entries.canary_inodes = canary_inodes(agent_id, policy_id, &policy.canaries);
+        // Which device each path's inodes show the kernel: read once for both.
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo");
+        entries.canary_inodes = canary_inodes(
+            agent_id,
+            policy_id,
+            &policy.canaries,
+            mountinfo.as_deref().ok(),
+        );
         match &self.lsm {
             Err(why) if !policy.protect.is_empty() => {
                 return Err(BpfError::Policy {
@@ -739,12 +745,15 @@ impl Watch {
             }
             Err(_) => {}
             Ok(()) => {
-                guard_entries(agent_id, policy_id, policy, &mut entries).map_err(|reason| {
-                    BpfError::Policy {
+                let mountinfo = mountinfo
+                    .as_deref()
+                    .map_err(|e| format!("/proc/self/mountinfo: {e}"));
+                mountinfo
+                    .and_then(|m| guard_entries(agent_id, policy_id, policy, m, &mut entries))
+                    .map_err(|reason| BpfError::Policy {
                         agent: agent_id.to_owned(),
                         reason,
-                    }
-                })?
+                    })?
             }
         }
 
@@ -1110,8 +1119,12 @@ fn cgroup2_root() -> Result<PathBuf, BpfError> {
 /// `CANARY_INODES` entries for an agent's canaries, from their inodes now. A canary that
 /// does not exist yet is matched by path string only (and so is one made later, or
 /// replaced by another file). One the kernel cannot match by inode (btrfs) is reported.
-fn canary_inodes(agent_id: &str, policy_id: u32, canaries: &[PathBuf]) -> Vec<(CanaryInode, u32)> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok();
+fn canary_inodes(
+    agent_id: &str,
+    policy_id: u32,
+    canaries: &[PathBuf],
+    mountinfo: Option<&str>,
+) -> Vec<(CanaryInode, u32)> {
     let mut out = Vec::new();
     for (index, path) in (0u32..).zip(canaries) {
         let md = match std::fs::metadata(path) {
@@ -1125,7 +1138,7 @@ fn canary_inodes(agent_id: &str, policy_id: u32, canaries: &[PathBuf]) -> Vec<(C
                 continue;
             }
         };
-        let stat = inode_stat(path, &md, index, mountinfo.as_deref());
+        let stat = inode_stat(path, &md, index, mountinfo);
         let keys = canary_inode_keys(policy_id, &stat);
         if !inode_matchable(&stat, &keys) {
             tracing::warn!(
@@ -1171,10 +1184,9 @@ fn guard_entries(
     agent_id: &str,
     policy_id: u32,
     policy: &CompiledPolicy,
+    mountinfo: &str,
     entries: &mut AgentEntries,
 ) -> Result<(), String> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
     let mut flags: StdHashMap<CanaryInode, u32> = StdHashMap::new();
     let mut names = Vec::new();
     for rule in &policy.landlock.rules {
@@ -1189,7 +1201,7 @@ fn guard_entries(
         let Ok(md) = std::fs::metadata(&rule.path) else {
             continue;
         };
-        let stat = inode_stat(&rule.path, &md, bits, Some(&mountinfo));
+        let stat = inode_stat(&rule.path, &md, bits, Some(mountinfo));
         let keys = canary_inode_keys(policy_id, &stat);
         if !inode_matchable(&stat, &keys) {
             tracing::warn!(
@@ -1231,7 +1243,7 @@ fn guard_entries(
         for (p, bits) in plan.inodes {
             let md = std::fs::metadata(&p)
                 .map_err(|e| format!("cannot protect {}: {}: {e}", path.display(), p.display()))?;
-            let stat = inode_stat(&p, &md, bits, Some(&mountinfo));
+            let stat = inode_stat(&p, &md, bits, Some(mountinfo));
             let keys = canary_inode_keys(policy_id, &stat);
             if !inode_matchable(&stat, &keys) {
                 return Err(format!(
@@ -1481,7 +1493,13 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&present, &link).unwrap();
         let missing = dir.path().join("nope");
-        let keys = canary_inodes("t", 7, &[missing, present.clone(), link]);
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok();
+        let keys = canary_inodes(
+            "t",
+            7,
+            &[missing, present.clone(), link],
+            mountinfo.as_deref(),
+        );
         let md = std::fs::metadata(&present).unwrap();
         let dev = super::super::encode::kernel_dev_of_st_dev(md.dev()).unwrap();
         // The missing canary is skipped; the symlink is followed to the same inode.

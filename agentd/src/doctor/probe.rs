@@ -70,10 +70,10 @@ pub fn probe_host() -> Findings {
             MountState::NotMounted(None)
         },
     };
-    let lsm = match fs::read_to_string("/sys/kernel/security/lsm") {
-        Ok(text) => Some(parse_lsm_list(&text)),
+    let lsm = match bpf::active_lsms() {
+        Ok(list) => Some(list),
         Err(e) => {
-            notes.push(format!("cannot read /sys/kernel/security/lsm: {e}"));
+            notes.push(format!("cannot read {}: {e}", bpf::LSM_LIST));
             None
         }
     };
@@ -163,15 +163,6 @@ fn ensure_filesystem(fs: (&'static str, &'static str), privileged: bool) -> File
         }
     };
     Filesystem { path: fs.1, state }
-}
-
-/// The comma-separated list in /sys/kernel/security/lsm.
-fn parse_lsm_list(text: &str) -> Vec<String> {
-    text.trim()
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect()
 }
 
 fn landlock() -> Landlock {
@@ -592,15 +583,6 @@ mod tests {
                 errno: Errno::EINVAL
             }
         );
-    }
-
-    #[test]
-    fn lsm_list() {
-        assert_eq!(
-            parse_lsm_list("lockdown,capability,landlock,bpf\n"),
-            ["lockdown", "capability", "landlock", "bpf"]
-        );
-        assert!(parse_lsm_list("\n").is_empty());
     }
 
     #[test]
