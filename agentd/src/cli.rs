@@ -51,8 +51,8 @@ enum Command {
     },
     /// Kill an agent now: the manual kill switch
     ///
-    /// Asks the agent's supervisor to stop it the way the breaker does (kill flag: no more
-    /// network, SIGKILL at the next syscall; then every process of its cgroup), and kills
+    /// Asks the agent's supervisor to stop it the way the breaker does (every process of its
+    /// cgroup, then the kill flag: no more network, SIGKILL at the next syscall), and kills
     /// the cgroup directly if the supervisor does not answer within 3 s. ID is the `agent`
     /// field of the agent's events (e.g. `analyze-only-1a2b3c4d`). Pressing Ctrl-C twice
     /// within 2 s in `agentd run` does the same. Root only.

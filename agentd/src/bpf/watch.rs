@@ -1016,8 +1016,8 @@ impl Watch {
     }
 
     /// Sets the agent's kill flag: from now on its cgroup programs refuse everything and
-    /// its processes are SIGKILLed at their next covered syscall (the caller then writes
-    /// `cgroup.kill` for the ones that make none).
+    /// its processes are SIGKILLed at their next covered syscall (the caller writes
+    /// `cgroup.kill` first, which kills every process at once where the kernel has it).
     pub fn set_killed(&self, cgroup_id: u64) -> Result<(), BpfError> {
         let mut agents = lock(&self.agents);
         let mut state = agents.get(&cgroup_id, 0).map_err(|source| {

@@ -443,10 +443,11 @@ fn handle_event(shared: &Shared, ev: Event) {
                 let kill = trip.enforced && trip.action == crate::profile::Action::Kill;
                 let mut contain_ns = None;
                 if kill {
+                    // The cgroup first, then the flag: see run/kernel.rs.
+                    kill_cgroup(&a.cgroup);
                     if let Err(e) = lock(&shared.watch).set_killed(a.cgroup_id) {
                         eprintln!("agentd daemon: breaker: kill flag of {}: {e}", a.id);
                     }
-                    kill_cgroup(&a.cgroup);
                     contain_ns = Some(monotonic_ns().saturating_sub(now_ns));
                     a.killed_by = Some(trip_line(&trip, &ev));
                     a.state = AgentState::Tripped;
@@ -523,7 +524,7 @@ fn kill_cgroup(dir: &Path) {
     }
 }
 
-/// The kill switch: kill flag, then the cgroup; reported as a `breaker` event with rule
+/// The kill switch: the cgroup, then the kill flag; reported as a `breaker` event with rule
 /// `manual` and recorded. Returns false when no such running agent exists.
 fn kill_agent(shared: &Shared, id: &str, reason: &str, by: Actor) -> bool {
     let asked = monotonic_ns();
@@ -532,10 +533,10 @@ fn kill_agent(shared: &Shared, id: &str, reason: &str, by: Actor) -> bool {
         let Some(a) = agents.get_mut(id) else {
             return false;
         };
+        kill_cgroup(&a.cgroup);
         if let Err(e) = lock(&shared.watch).set_killed(a.cgroup_id) {
             eprintln!("agentd daemon: kill switch: kill flag of {id}: {e}");
         }
-        kill_cgroup(&a.cgroup);
         a.killed_by = Some(format!("killed by the kill switch ({reason})"));
         a.state = AgentState::Tripped;
         (a.pid, a.id.clone())

@@ -208,7 +208,7 @@ impl ViolationKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
-    /// Set the agent's kill flag, then kill its whole cgroup.
+    /// Kill the agent's whole cgroup, then set its kill flag.
     Kill,
     /// Keep denying; report the trip but let the agent run.
     Deny,

@@ -1,6 +1,6 @@
 //! The manual kill switch without a daemon: each supervising `agentd run` registers its
 //! pid under [`AGENTS_DIR`]; `agentd kill ID` asks that supervisor (SIGUSR1) to stop its
-//! agent through the breaker's path (kill flag, then `cgroup.kill`), and empties the
+//! agent through the breaker's path (`cgroup.kill`, then the kill flag), and empties the
 //! agent's cgroup itself if the supervisor does not answer in time.
 
 use std::{

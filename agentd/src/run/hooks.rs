@@ -122,7 +122,7 @@ pub trait AgentHooks {
     }
 
     /// The manual kill switch (`agentd kill ID`, Ctrl-C twice): stop the agent now. The
-    /// default empties its cgroup; the kernel hooks first set the kill flag, as the breaker
+    /// default empties its cgroup; the kernel hooks also set the kill flag, as the breaker
     /// does, and report it.
     fn kill_switch<'a>(
         &'a mut self,

@@ -5,10 +5,10 @@
 //!   agent's cgroup with its policy, before its first process exists. Failing to load is
 //!   a launch failure: an agent never runs without its network enforcement.
 //! - `started`: one task reads the watch's events, feeds each to the breaker, forwards it
-//!   to `--events`, and acts on a trip: kill flag first (from then on the cgroup programs
-//!   refuse all network and the tracepoints SIGKILL any process of the agent at its next
-//!   syscall), then `cgroup.kill`, which reaps every process of the cgroup, re-parented
-//!   and `setsid` ones included.
+//!   to `--events`, and acts on a trip: `cgroup.kill` first, which kills every process of
+//!   the cgroup at once, re-parented and `setsid` ones included, then the kill flag (from
+//!   then on the cgroup programs refuse all network and the tracepoints SIGKILL any
+//!   process of the agent at its next syscall).
 //! - `finished`: drain the events up to the first process's own exit, so a violation made
 //!   just before it exited still trips the breaker, then detach.
 
@@ -167,16 +167,14 @@ impl AgentHooks for KernelHooks {
     ) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
         Box::pin(async move {
             let asked = monotonic_ns();
-            // The breaker's path: kill flag first, then the cgroup.
+            // The breaker's path: the cgroup, then the kill flag.
+            if let Err(e) = agent.signal_kill() {
+                eprintln!("agentd: kill switch: {e}");
+            }
             if let (Some(watch), Some(bpf_agent)) = (self.watch.as_ref(), self.agent.as_ref())
                 && let Err(e) = lock(watch).set_killed(bpf_agent.cgroup_id())
             {
-                eprintln!(
-                    "agentd: kill switch: setting the kill flag: {e}; killing the cgroup anyway"
-                );
-            }
-            if let Err(e) = agent.signal_kill() {
-                eprintln!("agentd: kill switch: {e}");
+                eprintln!("agentd: kill switch: setting the kill flag: {e}");
             }
             agent.kill_and_wait("kill switch").await;
             let contain_ns = monotonic_ns().saturating_sub(asked);
@@ -232,15 +230,17 @@ impl EventTask {
         let kill = trip.enforced && trip.action == Action::Kill;
         let mut contain_ns = None;
         if kill {
-            // Kill flag first: from this instant the agent can make no network call and
-            // its next syscall kills the process making it.
-            if let Err(e) = lock(&self.watch).set_killed(self.cgroup_id) {
-                eprintln!("agentd: breaker: setting the kill flag: {e}; killing the cgroup anyway");
-            }
-            // cgroup.kill at once (the flag only catches processes at their next traced
-            // syscall), then wait for the cgroup to empty off the runtime's thread.
+            // cgroup.kill first: one pass of the kernel queues SIGKILL for every process
+            // of the cgroup, so none returns to user space. Setting the kill flag first
+            // would kill processes one by one at their next traced syscall, and a parent
+            // woken by its child's death could run on until cgroup.kill arrives. The flag
+            // then refuses the network to sockets that outlive their processes, and is the
+            // only fast kill on kernels without cgroup.kill.
             if let Err(e) = self.agent.signal_kill() {
                 eprintln!("agentd: breaker: {e}");
+            }
+            if let Err(e) = lock(&self.watch).set_killed(self.cgroup_id) {
+                eprintln!("agentd: breaker: setting the kill flag: {e}");
             }
             self.agent.kill_and_wait("breaker").await;
             contain_ns = trigger.ktime_ns.map(|t| monotonic_ns().saturating_sub(t));
