@@ -709,16 +709,32 @@ pub const GUARD_EXEC_ROOT: u32 = 1 << 3;
 /// when the profile is compiled.
 pub const GUARDED_NAME_LEN: usize = 64;
 
-/// Key of the `GUARDED_NAMES` map: a protected path that did not exist when the agent
-/// was added, as its deepest existing ancestor `dir` and the first missing component
-/// `name` (NUL-padded). The agent may not create that name in that directory, so it
-/// cannot create the protected path either.
+/// Key of the `GUARDED_NAMES` map (value: `NAME_*` bits): a name `name` (NUL-padded) in
+/// the directory `dir`.
+/// - [`NAME_FORBID`]: a protected path that did not exist when the agent was added, as
+///   its deepest existing ancestor and first missing component. The agent may not create
+///   that name in that directory, so it cannot create the protected path either.
+/// - [`NAME_UNIX_PEER`]: a pathname unix socket of the profile's `network.unix` list,
+///   which the agent may connect to (matched by directory and name, so the socket a
+///   service re-creates is the same).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GuardedName {
     pub dir: CanaryInode,
     pub name: [u8; GUARDED_NAME_LEN],
 }
+
+/// Value bit of `GUARDED_NAMES`: the agent may not create this name.
+pub const NAME_FORBID: u8 = 1 << 0;
+/// Value bit of `GUARDED_NAMES`: a unix socket bound to this name is one the agent may
+/// connect (and send datagrams) to.
+pub const NAME_UNIX_PEER: u8 = 1 << 1;
+/// Pathname unix sockets a profile's `network.unix` may list.
+pub const MAX_UNIX_PEERS: u32 = 16;
+/// A BPF LSM program refused an agent's unix-socket connect (agentd-ebpf `NetCall::lsm`).
+pub const NET_LSM_REFUSED: u8 = 1;
+/// A BPF LSM program would have refused it; the agent is in monitor mode.
+pub const NET_LSM_MONITORED: u8 = 2;
 
 /// Words (u64) the kernel reads at once from a struct whose neighbouring fields it needs
 /// (a "window", see agentd-ebpf `vfs`): user space places each window and tells the

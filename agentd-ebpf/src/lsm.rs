@@ -20,6 +20,13 @@
 //!   names, is refused for every agent (`ld.so ./file` runs a file Landlock's `exec`
 //!   rules never see executed: the loader maps it). Files the agent cannot write (the
 //!   system's libraries) map as before.
+//! - unix sockets: a connect (stream, seqpacket, datagram) or datagram send of an agent
+//!   reaches a socket its own cgroup created, an unnamed one (a socketpair it was
+//!   handed), or a pathname socket its profile lists in `network.unix` (matched by
+//!   directory inode and name, so a service that re-creates its socket stays reachable);
+//!   any other socket — a host service's (docker.sock, D-Bus, systemd's), another
+//!   agent's, an abstract name outside the agent — is refused with EACCES, for every
+//!   agent. Landlock below ABI 9 cannot see pathname sockets at all.
 //!
 //! The `path_*` hooks (CONFIG_SECURITY_PATH) are used rather than the `inode_*` ones:
 //! they pass a `struct path`, so the walk up to a protected ancestor can cross mounts.
@@ -33,14 +40,14 @@
 use agentd_common::{
     AGENT_FLAG_MONITOR, AGENT_FLAG_PROTECT, EVENT_FLAG_DIR, EVENT_FLAG_MAPPED, EVENT_FLAG_MONITOR,
     EventKind, GUARD_EXEC_ROOT, GUARD_PIN, GUARD_PROTECT, GUARD_WRITE_ROOT, GUARDED_NAME_LEN,
-    GuardedName, Layer, RawEvent,
+    GuardedName, Layer, NAME_FORBID, NAME_UNIX_PEER, NET_LSM_MONITORED, NET_LSM_REFUSED, RawEvent,
 };
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::lsm, programs::LsmContext};
 
 use crate::{
-    maps::{EVENTS, GUARDED_NAMES, PENDING, count_lost, current_agent, fill_header},
+    maps::{EVENTS, GUARDED_NAMES, NET_PENDING, PENDING, count_lost, current_agent, fill_header},
     proc::bprm_file,
-    vfs::{self, KPath, Walk},
+    vfs::{self, KPath, UnixName, Walk},
 };
 
 const EACCES: i32 = 13;
@@ -90,31 +97,33 @@ fn beneath_protected(policy_id: u32, p: KPath) -> bool {
     vfs::protect_walk(policy_id, p) != Walk::Miss
 }
 
+/// The `GUARDED_NAMES` bits of the name `dentry` in the directory `dir` (a dentry):
+/// `None` when the directory cannot be read, 0 when the name is not listed (or is longer
+/// than any listed name).
+#[inline(always)]
+fn name_bits(policy_id: u32, dir: u64, dentry: u64) -> Option<u8> {
+    let dir_inode = vfs::dentry_inode(dir)?;
+    let key = vfs::inode_key(dir_inode, policy_id)?;
+    let mut name = GuardedName {
+        dir: key,
+        name: [0; GUARDED_NAME_LEN],
+    };
+    if !vfs::dentry_name(dentry, &mut name.name) {
+        return Some(0);
+    }
+    // SAFETY: the value is copied out at once.
+    Some(unsafe { GUARDED_NAMES.get(&name) }.copied().unwrap_or(0))
+}
+
 /// Whether the agent may create `dentry` (a new name) in the directory `dir`.
 #[inline(always)]
 fn may_create(policy_id: u32, dir: KPath, dentry: u64) -> Verdict {
     if beneath_protected(policy_id, dir) {
         return Verdict::Refuse;
     }
-    let Some(dir_inode) = vfs::dentry_inode(dir.dentry()) else {
-        return Verdict::Refuse;
-    };
-    let Some(key) = vfs::inode_key(dir_inode, policy_id) else {
-        return Verdict::Refuse;
-    };
-    let mut name = GuardedName {
-        dir: key,
-        name: [0; GUARDED_NAME_LEN],
-    };
-    if !vfs::dentry_name(dentry, &mut name.name) {
-        // Unreadable, or longer than any protected name.
-        return Verdict::Allow;
-    }
-    // SAFETY: the value is not used beyond its presence.
-    if unsafe { GUARDED_NAMES.get(&name) }.is_some() {
-        Verdict::Refuse
-    } else {
-        Verdict::Allow
+    match name_bits(policy_id, dir.dentry(), dentry) {
+        Some(bits) if bits & NAME_FORBID == 0 => Verdict::Allow,
+        _ => Verdict::Refuse,
     }
 }
 
@@ -381,4 +390,67 @@ fn report_mapping(cgroup: u64, monitor: bool, path: Option<KPath>, hook: u64) {
         }
     }
     entry.submit(0);
+}
+
+/// unix_stream_connect(struct sock *sock, struct sock *other, struct sock *newsk): a
+/// stream or seqpacket connect to the listening socket `other`.
+#[lsm(hook = "unix_stream_connect")]
+pub fn lsm_unix_stream_connect(ctx: LsmContext) -> i32 {
+    unix_peer(ctx.arg::<u64>(1))
+}
+
+/// unix_may_send(struct socket *sock, struct socket *other): a datagram connect, and
+/// every datagram sent (to its address or the connected peer).
+#[lsm(hook = "unix_may_send")]
+pub fn lsm_unix_may_send(ctx: LsmContext) -> i32 {
+    let other = vfs::socket_sk(ctx.arg::<u64>(1)).unwrap_or(0);
+    unix_peer(other)
+}
+
+/// Whether an agent may reach the unix socket `other` (a `struct sock *`; 0 when it could
+/// not be read, which refuses).
+#[inline(always)]
+fn unix_peer(other: u64) -> i32 {
+    let Some((cgroup, state)) = current_agent() else {
+        return 0;
+    };
+    // SAFETY: `state` points into the AGENTS map value for the program's run.
+    let state = unsafe { *state };
+    let verdict = if other == 0 {
+        Verdict::Refuse
+    } else if vfs::sock_cgroup_id(other) == Some(cgroup) {
+        // Its own socket.
+        Verdict::Allow
+    } else {
+        match vfs::unix_name(other) {
+            // Handed to it: nothing can address an unnamed socket.
+            Some(UnixName::Unnamed) => Verdict::Allow,
+            Some(UnixName::Path(dentry)) => {
+                match vfs::dentry_parent(dentry)
+                    .and_then(|dir| name_bits(state.policy_id, dir, dentry))
+                {
+                    Some(bits) if bits & NAME_UNIX_PEER != 0 => Verdict::Allow,
+                    _ => Verdict::Refuse,
+                }
+            }
+            Some(UnixName::Abstract) | None => Verdict::Refuse,
+        }
+    };
+    if let Verdict::Allow = verdict {
+        return 0;
+    }
+    let monitor = state.flags & AGENT_FLAG_MONITOR != 0;
+    // The connect's exit program reports it (a datagram send is not reported).
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if let Some(call) = NET_PENDING.get_ptr_mut(&tid) {
+        // SAFETY: `call` points into the NET_PENDING map value; only this thread uses it.
+        unsafe {
+            (*call).lsm = if monitor {
+                NET_LSM_MONITORED
+            } else {
+                NET_LSM_REFUSED
+            };
+        }
+    }
+    if monitor { 0 } else { -EACCES }
 }

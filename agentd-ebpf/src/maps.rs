@@ -50,11 +50,15 @@ pub static CANARY_INODES: HashMap<CanaryInode, u32> =
 #[map]
 pub static GUARDED: HashMap<CanaryInode, u32> = HashMap::with_max_entries(64 * 1024, 0);
 
-/// Protected paths that did not exist when their agent was added: (deepest existing
-/// ancestor, first missing name), a name the agent may not create there.
+/// Names in directories, with `NAME_*` bits: protected paths that did not exist when
+/// their agent was added ((deepest existing ancestor, first missing name), a name the
+/// agent may not create there), and the unix sockets of `network.unix`. Up to two keys
+/// per entry, as for `CANARY_INODES`.
 #[map]
-pub static GUARDED_NAMES: HashMap<GuardedName, u8> =
-    HashMap::with_max_entries(MAX_AGENTS * agentd_common::MAX_PROTECT, 0);
+pub static GUARDED_NAMES: HashMap<GuardedName, u8> = HashMap::with_max_entries(
+    2 * MAX_AGENTS * (agentd_common::MAX_PROTECT + agentd_common::MAX_UNIX_PEERS),
+    0,
+);
 
 /// Global settings, indexed by `CONFIG_*`.
 #[map]

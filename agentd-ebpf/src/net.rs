@@ -17,7 +17,8 @@
 use agentd_common::{
     AGENT_FLAG_INET, AGENT_FLAG_INET6, AGENT_FLAG_KILLED, AGENT_FLAG_MONITOR,
     AGENT_FLAG_NETLINK_ROUTE, AgentState, BindKey, EVENT_FLAG_MONITOR, EventKind, IPPROTO_TCP,
-    IPPROTO_UDP, Layer, NET_KEY_FIXED_BITS, NetKey, RawEvent, UNIX_PATH_MAX, Verdict,
+    IPPROTO_UDP, Layer, NET_KEY_FIXED_BITS, NET_LSM_MONITORED, NetKey, RawEvent, UNIX_PATH_MAX,
+    Verdict,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -413,7 +414,9 @@ pub struct NetCall {
     pub kind: u16,
     /// Set by the cgroup program that decided this call (and reported it).
     pub seen: u8,
-    pub _pad: u8,
+    /// `NET_LSM_*`: a BPF LSM program refused the unix-socket connect (or would have, in
+    /// monitor mode); 0 otherwise.
+    pub lsm: u8,
 }
 
 /// connect(fd, uservaddr, addrlen); attached to `syscalls/sys_enter_connect`.
@@ -483,7 +486,7 @@ fn try_enter_sockaddr(ctx: &TracePointContext, kind: EventKind) {
         family: 0,
         kind: kind as u16,
         seen: 0,
-        _pad: 0,
+        lsm: 0,
     };
     // sockaddr_in: family, port (big-endian), address; sockaddr_in6: family, port,
     // flowinfo, address. Read only as much as the call passed (the kernel copies
@@ -573,9 +576,20 @@ fn try_exit_sockaddr(ctx: &TracePointContext) {
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` is the reserved ring-buffer record, writable and RawEvent-sized.
     unsafe {
-        fill_header(ev, cgroup, call.kind, 0);
-        // The verdict is the call's result; user space attributes a refusal.
-        (*ev).layer = Layer::Observed as u8;
+        let monitor = call.lsm == NET_LSM_MONITORED;
+        fill_header(
+            ev,
+            cgroup,
+            call.kind,
+            if monitor { EVENT_FLAG_MONITOR } else { 0 },
+        );
+        if call.lsm == 0 {
+            // The verdict is the call's result; user space attributes a refusal.
+            (*ev).layer = Layer::Observed as u8;
+        } else {
+            (*ev).layer = Layer::BpfLsm as u8;
+            (*ev).verdict = Verdict::Deny as u8;
+        }
         (*ev).ret = ret;
         (*ev).addr = call.addr;
         (*ev).port = call.port;

@@ -60,6 +60,13 @@ offsets! {
     MOUNT_MNT_PARENT_OFFSET: "struct mount, mnt_parent";
     MOUNT_MNT_MOUNTPOINT_OFFSET: "struct mount, mnt_mountpoint";
     VFSMOUNT_MNT_ROOT_OFFSET: "struct vfsmount, mnt_root";
+    SOCKET_SK_OFFSET: "struct socket, sk";
+    SOCK_SK_CGRP_DATA_OFFSET: "struct sock, sk_cgrp_data";
+    SOCK_CGROUP_DATA_CGROUP_OFFSET: "struct sock_cgroup_data, cgroup";
+    CGROUP_KN_OFFSET: "struct cgroup, kn";
+    KERNFS_NODE_ID_OFFSET: "struct kernfs_node, id";
+    UNIX_SOCK_ADDR_OFFSET: "struct unix_sock, addr";
+    UNIX_SOCK_PATH_OFFSET: "struct unix_sock, path";
 }
 
 macro_rules! windows {
@@ -348,6 +355,64 @@ pub fn dentry_name(dentry: u64, out: &mut [u8; GUARDED_NAME_LEN]) -> bool {
         )
     };
     n > 1 && n < GUARDED_NAME_LEN as i64
+}
+
+/// `socket->sk` of a `struct socket *`.
+#[inline(always)]
+pub fn socket_sk(socket: u64) -> Option<u64> {
+    ptr_at(socket, off(&SOCKET_SK_OFFSET))
+}
+
+/// The id of the cgroup v2 whose process created the socket `sk` (a `struct sock *`):
+/// `sk->sk_cgrp_data.cgroup->kn->id`, what `bpf_get_current_cgroup_id` returns for it.
+#[inline(always)]
+pub fn sock_cgroup_id(sk: u64) -> Option<u64> {
+    let cgroup = ptr_at(
+        sk,
+        off(&SOCK_SK_CGRP_DATA_OFFSET) + off(&SOCK_CGROUP_DATA_CGROUP_OFFSET),
+    )?;
+    let kn = ptr_at(cgroup, off(&CGROUP_KN_OFFSET))?;
+    ptr_at(kn, off(&KERNFS_NODE_ID_OFFSET))
+}
+
+/// The address a unix socket is bound to.
+pub enum UnixName {
+    /// Not bound (one end of a socketpair, or a socket that never bound).
+    Unnamed,
+    /// An abstract name.
+    Abstract,
+    /// A file in the filesystem: its dentry.
+    Path(u64),
+}
+
+/// The name `sk` (the `struct sock` of a `struct unix_sock`) is bound to: `path.dentry`
+/// when bound to a file, else abstract when it has an address, else unnamed.
+#[inline(always)]
+pub fn unix_name(sk: u64) -> Option<UnixName> {
+    let path = sk.wrapping_add(off(&UNIX_SOCK_PATH_OFFSET));
+    // SAFETY: bpf_probe_read_kernel faults safely on any address.
+    let dentry =
+        unsafe { bpf_probe_read_kernel(path.wrapping_add(off(&PATH_DENTRY_OFFSET)) as *const u64) }
+            .ok()?;
+    if dentry != 0 {
+        return Some(UnixName::Path(dentry));
+    }
+    // SAFETY: as above.
+    let addr = unsafe {
+        bpf_probe_read_kernel(sk.wrapping_add(off(&UNIX_SOCK_ADDR_OFFSET)) as *const u64)
+    }
+    .ok()?;
+    Some(if addr == 0 {
+        UnixName::Unnamed
+    } else {
+        UnixName::Abstract
+    })
+}
+
+/// The parent of `dentry` (`d_parent`).
+#[inline(always)]
+pub fn dentry_parent(dentry: u64) -> Option<u64> {
+    ptr_at(dentry, off(&DENTRY_D_PARENT_OFFSET))
 }
 
 /// `file->f_mode` of a `struct file *`.

@@ -387,21 +387,33 @@ print(json.dumps(out))
     assert_eq!(run.code(), 0, "{}", run.explain());
     let r = run.json();
     let scoped = agentd_tests::landlock_abi() >= 6;
+    // Where BPF LSM runs, its programs refuse a peer outside the agent and its
+    // network.unix list (EACCES); Landlock's scoping, where the kernel has it, refuses an
+    // abstract one first (EPERM).
+    let lsm = agentd_tests::bpf_lsm_usable();
+    eprintln!("Landlock scoping: {scoped}, BPF LSM: {lsm}");
     assert_eq!(
         r["abstract_host"],
-        if scoped { EPERM } else { 0 },
-        "abstract connect to the host (Landlock ABI >= 6 scopes it): {r}"
+        if scoped {
+            EPERM
+        } else if lsm {
+            EACCES
+        } else {
+            0
+        },
+        "abstract connect to the host: {r}"
     );
-    assert_eq!(r["pathname_host"], 0, "{r}");
+    assert_eq!(r["pathname_host"], if lsm { EACCES } else { 0 }, "{r}");
     assert_eq!(r["bind_outside"], EACCES, "{r}");
     assert!(!outside_bind.exists(), "the agent made a socket outside");
     assert_eq!(r["bind_workspace"], 0, "{r}");
     assert_eq!(r["abstract_own"], 0, "{r}");
-    assert!(
+    assert_eq!(
         service.accept().is_ok(),
-        "the pathname connect reached the host service"
+        !lsm,
+        "the pathname connect reached the host service (BPF LSM: {lsm})"
     );
-    if scoped {
+    if scoped || lsm {
         assert!(
             host_abstract.accept().is_err(),
             "the abstract connect reached the host"
@@ -423,9 +435,24 @@ print(json.dumps(out))
             "{e}"
         );
         assert_eq!(e["errno"], EPERM, "{e}");
+    } else if lsm {
+        assert_eq!(
+            (&e["verdict"], &e["layer"]),
+            (&"deny".into(), &"bpf-lsm".into()),
+            "{e}"
+        );
+        assert_eq!(e["errno"], EACCES, "{e}");
     }
     let e = find("net_connect", host_sock.to_str().unwrap());
-    assert_eq!(e["verdict"], "allow", "{e}");
+    if lsm {
+        assert_eq!(
+            (&e["verdict"], &e["layer"], &e["errno"]),
+            (&"deny".into(), &"bpf-lsm".into(), &EACCES.into()),
+            "{e}"
+        );
+    } else {
+        assert_eq!(e["verdict"], "allow", "{e}");
+    }
     let e = find("net_bind", outside_bind.to_str().unwrap());
     assert_eq!(
         (&e["verdict"], &e["layer"]),
@@ -437,6 +464,175 @@ print(json.dumps(out))
     let own = ws.path().canonicalize().unwrap().join("own.sock");
     let e = find("net_bind", own.to_str().unwrap());
     assert_eq!(e["verdict"], "allow", "{e}");
+}
+
+/// Where BPF LSM runs, an agent reaches the unix sockets it created, ones it was handed,
+/// and the pathname sockets its profile lists in `network.unix` — also one created after
+/// it started (a service that re-creates its socket) — and no other: a host service's
+/// socket, stream or datagram, connected or addressed per datagram, is refused with
+/// EACCES and an event of `layer: bpf-lsm`. Where it does not (this project's hosts),
+/// every connect goes through (file permissions decide), as documented.
+#[test]
+fn net_unix_connects_reach_own_and_listed_sockets_only() {
+    if !require_root() {
+        return;
+    }
+    let lsm = agentd_tests::bpf_lsm_usable();
+    eprintln!("BPF LSM: {lsm}");
+    let ws = agent_dir(true);
+    let host = agent_dir(true);
+    let open_to_all = |p: &std::path::Path| {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    };
+    let listed = host.path().join("listed.sock");
+    let other = host.path().join("other.sock");
+    let listed_dgram = host.path().join("listed-dgram.sock");
+    let dgram = host.path().join("dgram.sock");
+    let late = host.path().join("late.sock");
+    let listed_l = UnixListener::bind(&listed).unwrap();
+    let other_l = UnixListener::bind(&other).unwrap();
+    let listed_d = std::os::unix::net::UnixDatagram::bind(&listed_dgram).unwrap();
+    let dgram_d = std::os::unix::net::UnixDatagram::bind(&dgram).unwrap();
+    for (p, nb) in [(&listed, &listed_l), (&other, &other_l)] {
+        nb.set_nonblocking(true).unwrap();
+        open_to_all(p);
+    }
+    for (p, d) in [(&listed_dgram, &listed_d), (&dgram, &dgram_d)] {
+        d.set_nonblocking(true).unwrap();
+        open_to_all(p);
+    }
+    let profile = test_profile(
+        "unix",
+        "invoker",
+        DEFAULT_LIMITS,
+        "[breaker]\ntrip_on = [\"canary\"]\n",
+    )
+    .replace(
+        "bind = []\n",
+        &format!("bind = []\nunix = [{listed:?}, {listed_dgram:?}, {late:?}]\n"),
+    );
+    let (_p, profile) = profile_file(&profile);
+    let script = format!(
+        r#"{PY_ATTEMPT}
+import time
+def stream(addr):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(addr)
+    s.close()
+def dgram_connect(addr):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.connect(addr)
+    s.close()
+def dgram_sendto(addr):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.sendto(b"x", addr)
+    s.close()
+def own():
+    l = socket.socket(socket.AF_UNIX)
+    l.bind("own.sock")
+    l.listen()
+    c = socket.socket(socket.AF_UNIX)
+    c.connect("own.sock")
+    c.close()
+    l.close()
+def pair():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.send(b"x")
+    assert b.recv(1) == b"x"
+attempt("listed", lambda: stream({listed:?}))
+attempt("other", lambda: stream({other:?}))
+attempt("listed_dgram", lambda: dgram_connect({listed_dgram:?}))
+attempt("dgram", lambda: dgram_connect({dgram:?}))
+attempt("dgram_sendto", lambda: dgram_sendto({dgram:?}))
+attempt("own", own)
+attempt("pair", pair)
+open("ready", "w").close()
+for _ in range(400):
+    if os.path.exists({late:?}):
+        break
+    time.sleep(0.05)
+attempt("late", lambda: stream({late:?}))
+print(json.dumps(out))
+"#
+    );
+    // The late socket appears once the agent runs (its entries are made at launch).
+    let ready = ws.path().join("ready");
+    let late_path = late.clone();
+    let late_service = std::thread::spawn(move || {
+        for _ in 0..600 {
+            if ready.exists() {
+                let l = UnixListener::bind(&late_path).unwrap();
+                std::fs::set_permissions(
+                    &late_path,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o777),
+                )
+                .unwrap();
+                return Some(l);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    });
+    let run = AgentRun::new(profile.to_str().unwrap(), ws.path())
+        .python(&script)
+        .run();
+    let late_l = late_service.join().unwrap();
+    assert_eq!(run.code(), 0, "{}", run.explain());
+    let r = run.json();
+    let refused = if lsm { EACCES } else { 0 };
+    for (name, want) in [
+        ("listed", 0),
+        ("listed_dgram", 0),
+        ("own", 0),
+        ("pair", 0),
+        ("late", 0),
+        ("other", refused),
+        ("dgram", refused),
+        ("dgram_sendto", refused),
+    ] {
+        assert_eq!(r[name], want, "{name}: {r}");
+    }
+    assert!(listed_l.accept().is_ok(), "the listed service got nothing");
+    let late_l = late_l.expect("the agent never became ready");
+    late_l.set_nonblocking(true).unwrap();
+    assert!(late_l.accept().is_ok(), "the late service got nothing");
+    assert_eq!(
+        other_l.accept().is_ok(),
+        !lsm,
+        "the unlisted service was reached (BPF LSM: {lsm})"
+    );
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        dgram_d.recv(&mut buf).is_ok(),
+        !lsm,
+        "a datagram reached the unlisted socket (BPF LSM: {lsm})"
+    );
+
+    let connects = |path: &std::path::Path| -> Vec<&Value> {
+        run.events
+            .iter()
+            .filter(|e| e["kind"] == "net_connect" && e["path"] == path.to_str().unwrap())
+            .collect()
+    };
+    for path in [&other, &dgram] {
+        let evs = connects(path);
+        assert_eq!(evs.len(), 1, "{}\n{}", path.display(), run.explain());
+        let e = evs[0];
+        if lsm {
+            assert_eq!(
+                (&e["verdict"], &e["layer"], &e["errno"]),
+                (&"deny".into(), &"bpf-lsm".into(), &EACCES.into()),
+                "{e}"
+            );
+        } else {
+            assert_eq!(e["verdict"], "allow", "{e}");
+        }
+    }
+    for path in [&listed, &listed_dgram, &late] {
+        let evs = connects(path);
+        assert_eq!(evs.len(), 1, "{}\n{}", path.display(), run.explain());
+        assert_eq!(evs[0]["verdict"], "allow", "{}", evs[0]);
+    }
 }
 
 /// A TCP socket that listens without bind() gets an ephemeral port from the kernel, and

@@ -14,7 +14,7 @@ const MAGIC: u16 = 0xeb9f;
 /// The struct members the file programs' dentry walks read (agentd-ebpf `vfs`): (the
 /// program global the offset is loaded into, struct, member). Resolved by [`Btf::offsets`]
 /// at load; a kernel missing one fails the load rather than walking garbage.
-pub const VFS_MEMBERS: [(&str, &str, &str); 23] = [
+pub const VFS_MEMBERS: [(&str, &str, &str); 30] = [
     ("TASK_FILES_OFFSET", "task_struct", "files"),
     ("TASK_FS_OFFSET", "task_struct", "fs"),
     ("FILES_FDT_OFFSET", "files_struct", "fdt"),
@@ -38,6 +38,17 @@ pub const VFS_MEMBERS: [(&str, &str, &str); 23] = [
     ("MOUNT_MNT_PARENT_OFFSET", "mount", "mnt_parent"),
     ("MOUNT_MNT_MOUNTPOINT_OFFSET", "mount", "mnt_mountpoint"),
     ("VFSMOUNT_MNT_ROOT_OFFSET", "vfsmount", "mnt_root"),
+    ("SOCKET_SK_OFFSET", "socket", "sk"),
+    ("SOCK_SK_CGRP_DATA_OFFSET", "sock", "sk_cgrp_data"),
+    (
+        "SOCK_CGROUP_DATA_CGROUP_OFFSET",
+        "sock_cgroup_data",
+        "cgroup",
+    ),
+    ("CGROUP_KN_OFFSET", "cgroup", "kn"),
+    ("KERNFS_NODE_ID_OFFSET", "kernfs_node", "id"),
+    ("UNIX_SOCK_ADDR_OFFSET", "unix_sock", "addr"),
+    ("UNIX_SOCK_PATH_OFFSET", "unix_sock", "path"),
 ];
 
 /// Fields the programs read together, one probe read per struct (agentd-ebpf `vfs`): per

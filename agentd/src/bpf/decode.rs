@@ -785,10 +785,11 @@ fn decode_file(
 
 /// A unix-socket connect or bind, reported at its exit with the call's result. The
 /// socket's name is `path` (absolute, as resolved) or, for an abstract socket, `@name`
-/// (`abstract: true`). A refusal is Landlock's when its rules explain it: an abstract
-/// socket outside the agent's domain (EPERM, scoping), a pathname socket created where
-/// the agent may not write (EACCES); else the kernel's own (file permissions, no
-/// listener).
+/// (`abstract: true`). A refusal is BPF LSM's when its program marked the call (a peer
+/// that is neither the agent's nor in `network.unix`); Landlock's when its rules explain
+/// it: an abstract socket outside the agent's domain (EPERM, scoping), a pathname socket
+/// created where the agent may not write (EACCES); else the kernel's own (file
+/// permissions, no listener).
 fn unix_socket_event(
     raw: &RawEvent,
     kind: EventKind,
@@ -825,7 +826,11 @@ fn unix_socket_event(
         }
         _ => false,
     };
+    let lsm = raw.layer == agentd_common::Layer::BpfLsm as u8;
     (e.layer, e.verdict) = match errno {
+        // The peer is no socket of the agent's and not in `network.unix` (EACCES; in
+        // monitor mode the call went on).
+        _ if lsm => (Layer::BpfLsm, Verdict::Deny),
         None => (Layer::Kernel, Verdict::Allow),
         Some(_) if landlock => (Layer::Landlock, Verdict::Deny),
         Some(EPERM | EACCES) => (Layer::Kernel, Verdict::Deny),
@@ -1096,6 +1101,26 @@ connect = ["127.0.0.1/32:8080"]
             (e.verdict, e.errno),
             (Verdict::Allow, Some(libc::ECONNREFUSED))
         );
+        // Refused by the BPF LSM program (a peer outside the agent and network.unix):
+        // its mark decides the layer, for a pathname and an abstract socket alike; in
+        // monitor mode the call went on and the event still says what would have been.
+        for name in [&b"/run/docker.sock"[..], b"\0bus"] {
+            let mut r = unix_raw(EventKind::Connect, name, -libc::EACCES);
+            r.layer = agentd_common::Layer::BpfLsm as u8;
+            let e = dec(&r);
+            assert_eq!(
+                (e.layer, e.verdict, e.errno),
+                (Layer::BpfLsm, Verdict::Deny, Some(libc::EACCES))
+            );
+            r.ret = 0;
+            r.flags |= agentd_common::EVENT_FLAG_MONITOR;
+            let e = dec(&r);
+            assert_eq!(
+                (e.layer, e.verdict, e.errno),
+                (Layer::BpfLsm, Verdict::Deny, None)
+            );
+            assert_eq!(e.detail.get("monitor"), Some(&serde_json::json!(true)));
+        }
         // A relative name is resolved against the process's working directory.
         let cwd = |_pid: u32, dfd: i32, p: &str, _follow: bool| {
             (dfd == AT_FDCWD).then(|| PathBuf::from("/home/u/project").join(p))

@@ -26,10 +26,11 @@ pub struct AgentEntries {
     /// `CANARY_INODES` entries (key, canary index): filled by `Watch::add_agent`, which
     /// stats the canaries (see [`canary_inode_keys`]).
     pub canary_inodes: Vec<(CanaryInode, u32)>,
-    /// `GUARDED` entries (key, `GUARD_*` bits) and `GUARDED_NAMES` keys: filled by
-    /// `Watch::add_agent`, which finds the protected paths on disk (see [`guard_plan`]).
+    /// `GUARDED` entries (key, `GUARD_*` bits) and `GUARDED_NAMES` entries (key,
+    /// `NAME_*` bits): filled by `Watch::add_agent`, which finds the protected paths and
+    /// the directories of the allowed unix sockets on disk (see [`guard_plan`]).
     pub guarded: Vec<(CanaryInode, u32)>,
-    pub guarded_names: Vec<GuardedName>,
+    pub guarded_names: Vec<(GuardedName, u8)>,
 }
 
 /// A `NET_ALLOW` key for one connect rule.

@@ -286,7 +286,7 @@ pub const INBOUND: &str = "inbound";
 
 /// The BPF LSM programs and their hooks (agentd-ebpf `lsm`): attached where the kernel
 /// accepts LSM programs, all or none.
-pub const LSM_PROGRAMS: [(&str, &str); 14] = [
+pub const LSM_PROGRAMS: [(&str, &str); 16] = [
     ("lsm_file_open", "file_open"),
     ("lsm_path_mknod", "path_mknod"),
     ("lsm_path_mkdir", "path_mkdir"),
@@ -301,6 +301,8 @@ pub const LSM_PROGRAMS: [(&str, &str); 14] = [
     ("lsm_bprm_check", "bprm_check_security"),
     ("lsm_mmap_file", "mmap_file"),
     ("lsm_file_mprotect", "file_mprotect"),
+    ("lsm_unix_stream_connect", "unix_stream_connect"),
+    ("lsm_unix_may_send", "unix_may_send"),
 ];
 
 #[cfg(test)]

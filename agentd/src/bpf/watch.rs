@@ -23,7 +23,7 @@ use std::{
 use agentd_common::{
     AGENT_FLAG_KILLED, AgentState, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_LEVEL_MAX,
     CONFIG_LEVEL_MIN, CanaryInode, CanaryKey, CanaryPath, GUARD_EXEC_ROOT, GUARD_WRITE_ROOT,
-    GuardedName, NetKey, RawEvent, SYSCALL_EXIT_ONLY,
+    GuardedName, NAME_FORBID, NAME_UNIX_PEER, NetKey, RawEvent, SYSCALL_EXIT_ONLY,
 };
 use aya::{
     Btf, Ebpf, EbpfLoader,
@@ -814,9 +814,9 @@ impl Watch {
                 .insert(key, bits, 0)
                 .map_err(map_err("GUARDED"))?;
         }
-        for key in &h.entries.guarded_names {
+        for (key, bits) in &h.entries.guarded_names {
             self.guarded_names
-                .insert(key, 1, 0)
+                .insert(key, bits, 0)
                 .map_err(map_err("GUARDED_NAMES"))?;
         }
         lock(&self.agents)
@@ -999,7 +999,7 @@ impl Watch {
         for (key, _) in &handle.entries.guarded {
             keep(absent_ok("GUARDED", self.guarded.remove(key)));
         }
-        for key in &handle.entries.guarded_names {
+        for (key, _) in &handle.entries.guarded_names {
             keep(absent_ok("GUARDED_NAMES", self.guarded_names.remove(key)));
         }
         if was_present && let Some(n) = self.levels.get_mut(&handle.level) {
@@ -1176,10 +1176,12 @@ fn inode_stat(
 /// The BPF LSM programs' entries for an agent, from the disk now: in `GUARDED` (bits
 /// merged per inode), its write and exec paths (`GUARD_WRITE_ROOT`, `GUARD_EXEC_ROOT`:
 /// what may be mapped executable), its protected paths and their ancestors (see
-/// [`guard_plan`]); in `GUARDED_NAMES`, the names of missing protected paths. Fails,
-/// naming the path, when a protected path cannot be protected: it cannot be resolved, or
-/// lies on a filesystem whose inodes the kernel cannot match (btrfs). A write or exec
-/// path that does not exist has no entry (Landlock has no rule for it either).
+/// [`guard_plan`]); in `GUARDED_NAMES`, the names of missing protected paths
+/// (`NAME_FORBID`) and the `network.unix` sockets (`NAME_UNIX_PEER`). Fails, naming the
+/// path, when a protected path cannot be protected: it cannot be resolved, or lies on a
+/// filesystem whose inodes the kernel cannot match (btrfs). A write or exec path that
+/// does not exist has no entry (Landlock has no rule for it either), nor has a unix
+/// socket whose directory does not exist (a warning: connecting to it is refused).
 fn guard_entries(
     agent_id: &str,
     policy_id: u32,
@@ -1188,7 +1190,7 @@ fn guard_entries(
     entries: &mut AgentEntries,
 ) -> Result<(), String> {
     let mut flags: StdHashMap<CanaryInode, u32> = StdHashMap::new();
-    let mut names = Vec::new();
+    let mut names: StdHashMap<GuardedName, u8> = StdHashMap::new();
     for rule in &policy.landlock.rules {
         let bits = if rule.access.write {
             GUARD_WRITE_ROOT
@@ -1258,7 +1260,9 @@ fn guard_entries(
                 && *dir == p
             {
                 for (k, _) in &keys {
-                    names.extend(guarded_name(*k, n));
+                    if let Some(name) = guarded_name(*k, n) {
+                        *names.entry(name).or_default() |= NAME_FORBID;
+                    }
                 }
             }
             for (k, b) in keys {
@@ -1266,8 +1270,44 @@ fn guard_entries(
             }
         }
     }
+    for socket in &policy.network.unix {
+        // The directory as the kernel finds it, and the socket's name in it (a socket
+        // that is itself a symbolic link is followed).
+        let real = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.clone());
+        let (Some(dir), Some(name)) = (real.parent(), real.file_name()) else {
+            continue;
+        };
+        let md = match std::fs::metadata(dir) {
+            Ok(md) => md,
+            Err(e) => {
+                tracing::warn!(
+                    agent = agent_id,
+                    socket = %socket.display(),
+                    "network.unix: {}: {e}; connecting to this socket is refused",
+                    dir.display()
+                );
+                continue;
+            }
+        };
+        let stat = inode_stat(dir, &md, 0, Some(mountinfo));
+        let keys = canary_inode_keys(policy_id, &stat);
+        if !inode_matchable(&stat, &keys) {
+            tracing::warn!(
+                agent = agent_id,
+                socket = %socket.display(),
+                "network.unix: {} is on a filesystem whose inodes the kernel cannot match; \
+                 connecting to this socket is refused",
+                dir.display()
+            );
+        }
+        for (k, _) in &keys {
+            if let Some(key) = guarded_name(*k, name.as_encoded_bytes()) {
+                *names.entry(key).or_default() |= NAME_UNIX_PEER;
+            }
+        }
+    }
     entries.guarded = flags.into_iter().collect();
-    entries.guarded_names = names;
+    entries.guarded_names = names.into_iter().collect();
     Ok(())
 }
 

@@ -122,6 +122,8 @@ pub struct NetworkPolicy {
     pub families: Vec<SocketFamily>,
     /// The `connect`/`sendmsg` allow-list as map entries.
     pub connect_entries: Vec<NetEntry>,
+    /// Pathname unix sockets outside the agent it may connect to (BPF LSM decides).
+    pub unix: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -182,6 +184,9 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
     canaries.sort();
     let mut protect: Vec<PathBuf> = fs.protect.iter().map(|p| p.resolve(ctx)).collect();
     protect.sort();
+    let mut unix: Vec<PathBuf> = net.unix.iter().map(|p| p.resolve(ctx)).collect();
+    unix.sort();
+    unix.dedup();
 
     CompiledPolicy {
         name: profile.name.clone(),
@@ -207,6 +212,7 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
             bind: net.bind.clone(),
             families,
             connect_entries,
+            unix,
         },
         canaries,
         protect,

@@ -157,6 +157,8 @@ pub struct Filesystem {
 pub struct Network {
     pub connect: Vec<ConnectRule>,
     pub bind: Vec<BindRule>,
+    /// Pathname unix sockets outside the agent it may connect to (host services).
+    pub unix: Vec<PathTemplate>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

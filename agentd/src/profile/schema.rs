@@ -59,6 +59,8 @@ pub struct RawNetwork {
     pub connect: Vec<Spanned<String>>,
     #[serde(default)]
     pub bind: Vec<Spanned<RawPort>>,
+    #[serde(default)]
+    pub unix: Vec<Spanned<String>>,
 }
 
 /// A bind entry: `8080` (TCP) or `"5353/udp"`.

@@ -334,3 +334,54 @@ fn protect_outside_the_writable_trees_or_around_one_is_an_error() {
     ));
     assert!(e[0].message.contains("at most"), "{e:?}");
 }
+
+#[test]
+fn network_unix_lists_sockets_by_path() {
+    let p = parse(
+        "t.toml",
+        &format!(
+            "{MINIMAL}[network]\nunix = [\"/run/docker.sock\", \"{{workspace}}/.dev/db.sock\"]\n"
+        ),
+    )
+    .unwrap();
+    let c = compile(&p, &ctx());
+    assert_eq!(
+        c.network.unix,
+        [
+            PathBuf::from("/run/docker.sock"),
+            PathBuf::from("/w/proj/.dev/db.sock")
+        ]
+    );
+    assert!(
+        compile(&parse("t.toml", MINIMAL).unwrap(), &ctx())
+            .network
+            .unix
+            .is_empty()
+    );
+}
+
+#[test]
+fn network_unix_entries_must_name_a_socket() {
+    let e = errors(&format!("{MINIMAL}[network]\nunix = [\"run/x.sock\"]\n"));
+    assert_eq!(e[0].key.as_deref(), Some("network.unix[0]"), "{e:?}");
+    assert!(e[0].message.contains("relative path"), "{e:?}");
+    assert_eq!(e[0].line, Some(4), "{e:?}");
+
+    for bad in ["/", "{workspace}"] {
+        let e = errors(&format!("{MINIMAL}[network]\nunix = [\"{bad}\"]\n"));
+        assert!(e[0].message.contains("socket's name"), "{bad}: {e:?}");
+    }
+    let long = "x".repeat(agentd_common::GUARDED_NAME_LEN);
+    let e = errors(&format!("{MINIMAL}[network]\nunix = [\"/run/{long}\"]\n"));
+    assert!(e[0].message.contains("socket's name"), "{e:?}");
+
+    let many: Vec<String> = (0..=agentd_common::MAX_UNIX_PEERS)
+        .map(|i| format!("\"/run/s{i}.sock\""))
+        .collect();
+    let e = errors(&format!(
+        "{MINIMAL}[network]\nunix = [{}]\n",
+        many.join(", ")
+    ));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].message.contains("at most"), "{e:?}");
+}

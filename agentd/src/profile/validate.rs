@@ -243,9 +243,37 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
             Err(e) => c.push(b.span(), format!("network.bind[{i}]"), e),
         }
     }
+    let unix = c.list("network.unix", &net.unix, values::parse_path);
+    if unix.len() > agentd_common::MAX_UNIX_PEERS as usize {
+        let (_, span) = &unix[agentd_common::MAX_UNIX_PEERS as usize];
+        c.fail(
+            span.clone(),
+            format!("network.unix[{}]", agentd_common::MAX_UNIX_PEERS),
+            format!(
+                "at most {} unix sockets per profile",
+                agentd_common::MAX_UNIX_PEERS
+            ),
+            Some("list only the services this agent needs".into()),
+        );
+    }
+    for (i, (path, span)) in unix.iter().enumerate() {
+        let name = path.rest.file_name().map_or(0, |n| n.len());
+        if name == 0 || name >= agentd_common::GUARDED_NAME_LEN - 1 {
+            c.fail(
+                span.clone(),
+                format!("network.unix[{i}]"),
+                format!(
+                    "`{path}` does not end in a socket's name of 1 to {} bytes",
+                    agentd_common::GUARDED_NAME_LEN - 2
+                ),
+                Some("name the socket file itself, e.g. \"/run/docker.sock\"".into()),
+            );
+        }
+    }
     let network = Network {
         connect: connect.into_iter().map(|(r, _)| r).collect(),
         bind,
+        unix: paths(unix),
     };
 
     // [limits]
