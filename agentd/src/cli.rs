@@ -159,7 +159,10 @@ agentd run --dry-run -- python3 agent.py               print the plan; change no
         #[arg(long, value_name = "PATH")]
         events: Option<String>,
         /// Print what would be done (agent id, identity, cgroups, limits, Landlock rules,
-        /// seccomp, environment) and exit without creating anything
+        /// seccomp, environment, the kernel watch's network rules and canaries, what BPF
+        /// LSM decides and whether it runs here) and exit without creating anything: 0, or
+        /// 125 when the launch would be refused (a profile that protects paths where BPF
+        /// LSM does not run)
         #[arg(long)]
         dry_run: bool,
         /// With --dry-run: print the plan as JSON

@@ -189,6 +189,8 @@ fn run_dry_run_creates_nothing() {
         "landlock",
         "seccomp",
         "FOO=bar",
+        "connect nothing; bind nothing",
+        "bpf lsm",
     ] {
         assert!(text.contains(want), "{want} missing from:\n{text}");
     }
@@ -218,6 +220,41 @@ fn run_dry_run_creates_nothing() {
     assert_eq!(plan["identity"]["uid"], 65534);
     assert!(plan["agent_id"].as_str().unwrap().starts_with("rt-dryrun-"));
     assert!(plan["landlock"]["rules"].as_array().unwrap().len() > 3);
+    assert_eq!(plan["kernel"]["connect"], serde_json::json!([]));
+    assert_eq!(plan["refused"], serde_json::Value::Null);
+    assert_eq!(cgroups_named("rt-dryrun-"), before);
+
+    // A profile that protects paths: the dry run says whether the launch would be
+    // refused, by the same probe of BPF LSM, and exits as the launch would.
+    let lsm = agentd_tests::bpf_lsm_usable();
+    let (_p, protecting) = profile_file(
+        &test_profile("rt-dryrun", "invoker", DEFAULT_LIMITS, "").replace(
+            "write = [\"{workspace}\", \"/dev/null\"]\n",
+            "write = [\"{workspace}\", \"/dev/null\"]\nprotect = [\"{workspace}/.git/hooks\"]\n",
+        ),
+    );
+    let out = std::process::Command::new(agentd_tests::agentd_bin())
+        .args(["run", "--dry-run", "--profile"])
+        .arg(&protecting)
+        .args(["--workspace", ws_s, "--", "/bin/true"])
+        .env("SUDO_UID", "65534")
+        .env("SUDO_GID", "65534")
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    let hooks = format!("{ws_s}/.git/hooks");
+    if lsm {
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(text.contains(&format!("protected: {hooks}")), "{text}");
+    } else {
+        assert_eq!(out.status.code(), Some(125), "{text}");
+        assert!(text.contains("REFUSED"), "{text}");
+        assert!(
+            stderr(&out).contains("cannot launch") && stderr(&out).contains(&hooks),
+            "{}",
+            stderr(&out)
+        );
+    }
     assert_eq!(cgroups_named("rt-dryrun-"), before);
 }
 

@@ -85,7 +85,7 @@ pub mod selftest;
 mod tracefs;
 pub mod watch;
 
-pub use watch::{AgentHandle, Watch};
+pub use watch::{AgentHandle, Watch, protect_refused};
 
 /// The hooks agentd's BPF LSM programs attach to that this kernel's BTF lacks (each
 /// needs a `bpf_lsm_<hook>` function; the `path_*` ones exist only with

@@ -497,8 +497,9 @@ fn attach_lsm(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
     Ok(())
 }
 
-/// Why an agent whose policy protects paths is refused on a kernel without BPF LSM.
-fn protect_refused(protect: &[PathBuf], why: &str) -> String {
+/// Why an agent whose policy protects paths is not started here: BPF LSM does not run
+/// (`why`). Also what `agentd run --dry-run` prints for it.
+pub fn protect_refused(protect: &[PathBuf], why: &str) -> String {
     let list: Vec<String> = protect.iter().map(|p| p.display().to_string()).collect();
     format!(
         "the profile protects {} (filesystem.protect), which only BPF LSM programs can \

@@ -8,6 +8,8 @@
 
 mod probe;
 
+pub use probe::bpf_lsm;
+
 use std::{fmt::Write as _, path::PathBuf, process::ExitCode};
 
 use nix::errno::Errno;

@@ -513,37 +513,7 @@ fn bpf(
             .map_err(|e| program_error("attach", &e, privileged))?;
         Ok(())
     })();
-    // Loaded and attached whatever the LSM list says: a kernel may list `bpf` and refuse
-    // the programs (this project's machines), or accept programs that never run because
-    // `bpf` is not an active LSM.
-    let lsm = (|| {
-        let btf = btf.clone()?;
-        let p: &mut Lsm = program(ebpf, "probe_lsm")?;
-        p.load(LSM_HOOK, btf)
-            .map_err(|e| program_error("load", &e, privileged))?;
-        p.attach()
-            .map_err(|e| program_error("attach", &e, privileged))?;
-        // agentd's own programs need these hooks (the `path_*` ones exist only with
-        // CONFIG_SECURITY_PATH).
-        let missing = bpf::missing_lsm_hooks().map_err(Unavailable::Failed)?;
-        if !missing.is_empty() {
-            return Err(Unavailable::Missing(format!(
-                "this kernel has no BPF LSM hook {} (CONFIG_SECURITY_PATH?)",
-                missing.join(", ")
-            )));
-        }
-        match bpf_lsm_active {
-            Some(true) => Ok(()),
-            Some(false) => Err(Unavailable::Missing(
-                "programs load, but bpf is not an active LSM so they never run (boot with lsm=...,bpf)"
-                    .into(),
-            )),
-            None => Err(Unavailable::Missing(
-                "programs load, but the active LSMs cannot be read to tell whether they run"
-                    .into(),
-            )),
-        }
-    })();
+    let lsm = lsm_probe(ebpf, btf.clone(), privileged, bpf_lsm_active);
 
     Bpf {
         btf: btf_status,
@@ -553,6 +523,64 @@ fn bpf(
         tracepoint: tracepoint.into(),
         tp_btf: tp_btf.into(),
         lsm: lsm.into(),
+    }
+}
+
+/// Whether agentd's BPF LSM programs would run here, decided as `agentd doctor` does:
+/// what `agentd run --dry-run` reports for the protections that need them.
+pub fn bpf_lsm(privileged: bool) -> Status {
+    let active = bpf::active_lsms()
+        .ok()
+        .map(|l| l.iter().any(|m| m == "bpf"));
+    let btf = Btf::from_sys_fs()
+        .map_err(|e| Unavailable::Missing(format!("no BTF (/sys/kernel/btf/vmlinux: {e})")));
+    let mut ebpf = match EbpfLoader::new().load(EBPF_OBJECT) {
+        Ok(ebpf) => ebpf,
+        Err(e) => return Status::Unusable(loader_error(&e, privileged)),
+    };
+    lsm_probe(
+        &mut ebpf,
+        btf.as_ref().map_err(Clone::clone),
+        privileged,
+        active,
+    )
+    .into()
+}
+
+/// Loads and attaches the probe LSM program whatever the LSM list says: a kernel may list
+/// `bpf` and refuse the programs (this project's machines), or accept programs that never
+/// run because `bpf` is not an active LSM (`bpf_lsm_active`). Then checks that every hook
+/// agentd's own programs need exists. The program is detached when `ebpf` is dropped.
+fn lsm_probe(
+    ebpf: &mut Ebpf,
+    btf: Result<&Btf, Unavailable>,
+    privileged: bool,
+    bpf_lsm_active: Option<bool>,
+) -> Result<(), Unavailable> {
+    let btf = btf?;
+    let p: &mut Lsm = program(ebpf, "probe_lsm")?;
+    p.load(LSM_HOOK, btf)
+        .map_err(|e| program_error("load", &e, privileged))?;
+    p.attach()
+        .map_err(|e| program_error("attach", &e, privileged))?;
+    // agentd's own programs need these hooks (the `path_*` ones exist only with
+    // CONFIG_SECURITY_PATH).
+    let missing = bpf::missing_lsm_hooks().map_err(Unavailable::Failed)?;
+    if !missing.is_empty() {
+        return Err(Unavailable::Missing(format!(
+            "this kernel has no BPF LSM hook {} (CONFIG_SECURITY_PATH?)",
+            missing.join(", ")
+        )));
+    }
+    match bpf_lsm_active {
+        Some(true) => Ok(()),
+        Some(false) => Err(Unavailable::Missing(
+            "programs load, but bpf is not an active LSM so they never run (boot with lsm=...,bpf)"
+                .into(),
+        )),
+        None => Err(Unavailable::Missing(
+            "programs load, but the active LSMs cannot be read to tell whether they run".into(),
+        )),
     }
 }
 

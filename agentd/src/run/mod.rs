@@ -190,19 +190,51 @@ pub fn run_with_hooks(args: RunArgs, hooks: &mut dyn AgentHooks) -> ExitCode {
         }
     };
     if args.dry_run {
-        if args.json {
-            if let Err(e) = report::print_json(&plan) {
-                eprintln!("agentd: {e:#}");
-                return ExitCode::from(1);
-            }
-        } else {
-            print!("{}", plan.render());
-        }
-        return ExitCode::SUCCESS;
+        return dry_run(&plan, args.json);
     }
     match launch(&plan, hooks, sink) {
         Ok(code) => ExitCode::from(code),
         Err((e, mut sink)) => failed(&mut sink, &e, Some(&plan.agent_id), &plan.comm()),
+    }
+}
+
+/// `--dry-run`: prints the plan and what the kernel watch will enforce (probing BPF LSM
+/// as `agentd doctor` does). Exits 125, as the launch would, when the kernel lacks what
+/// the profile requires.
+fn dry_run(plan: &Plan, json: bool) -> ExitCode {
+    let root = nix::unistd::geteuid().is_root();
+    let lsm = match crate::doctor::bpf_lsm(root) {
+        crate::doctor::Status::Usable => Ok(()),
+        crate::doctor::Status::Unusable(why) => Err(why.to_string()),
+    };
+    let kernel = plan::KernelPlan::new(&plan.policy, lsm);
+    if json {
+        let shown = serde_json::to_value(plan).map(|mut v| {
+            if let Some(o) = v.as_object_mut() {
+                o.insert(
+                    "kernel".into(),
+                    serde_json::to_value(&kernel).unwrap_or_default(),
+                );
+                o.insert("refused".into(), kernel.refused().into());
+            }
+            v
+        });
+        if let Err(e) = shown
+            .map_err(anyhow::Error::from)
+            .and_then(|v| report::print_json(&v))
+        {
+            eprintln!("agentd: {e:#}");
+            return ExitCode::from(1);
+        }
+    } else {
+        print!("{}{}", plan.render(), kernel.render());
+    }
+    match kernel.refused() {
+        Some(why) => {
+            eprintln!("agentd: cannot launch: {why}");
+            ExitCode::from(125)
+        }
+        None => ExitCode::SUCCESS,
     }
 }
 

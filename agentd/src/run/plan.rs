@@ -316,9 +316,167 @@ impl Plan {
     }
 }
 
+/// What the kernel watch will enforce for the plan's agent, as `--dry-run` shows it: the
+/// cgroup programs' network rules, the canaries, and what needs BPF LSM with whether the
+/// kernel runs it (probed as `agentd doctor` does: a program is loaded and unloaded).
+#[derive(Debug, Serialize)]
+pub struct KernelPlan {
+    pub connect: Vec<String>,
+    pub bind: Vec<String>,
+    pub canaries: Vec<PathBuf>,
+    pub protect: Vec<PathBuf>,
+    pub unix: Vec<PathBuf>,
+    /// `None` when BPF LSM programs run here, else why not.
+    pub bpf_lsm_unusable: Option<String>,
+}
+
+impl KernelPlan {
+    /// `bpf_lsm`: `Ok` when BPF LSM programs run here, else why not.
+    pub fn new(policy: &CompiledPolicy, bpf_lsm: Result<(), String>) -> KernelPlan {
+        KernelPlan {
+            connect: policy
+                .network
+                .connect
+                .iter()
+                .map(|r| r.to_string())
+                .collect(),
+            bind: policy.network.bind.iter().map(|r| r.to_string()).collect(),
+            canaries: policy.canaries.clone(),
+            protect: policy.protect.clone(),
+            unix: policy.network.unix.clone(),
+            bpf_lsm_unusable: bpf_lsm.err(),
+        }
+    }
+
+    /// Launching would be refused: the policy protects paths and BPF LSM does not run.
+    pub fn refused(&self) -> Option<String> {
+        match &self.bpf_lsm_unusable {
+            Some(why) if !self.protect.is_empty() => {
+                Some(crate::bpf::protect_refused(&self.protect, why))
+            }
+            Some(_) | None => None,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let mut line = |label: &str, value: String| {
+            let _ = writeln!(s, "{label:<10} {value}");
+        };
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "nothing".to_owned()
+            } else {
+                v.join(", ")
+            }
+        };
+        let paths = |v: &[PathBuf]| {
+            v.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+        };
+        line(
+            "network",
+            format!(
+                "connect {}; bind {} (cgroup programs; anything else EPERM)",
+                list(&self.connect),
+                list(&self.bind)
+            ),
+        );
+        if !self.canaries.is_empty() {
+            line("canaries", paths(&self.canaries).join(", "));
+        }
+        let unix = if self.unix.is_empty() {
+            "its own sockets only".to_owned()
+        } else {
+            format!("its own sockets and {}", paths(&self.unix).join(", "))
+        };
+        match &self.bpf_lsm_unusable {
+            None => {
+                line(
+                    "bpf lsm",
+                    "runs here: memfd exec and executable mappings of files the agent could write are refused".into(),
+                );
+                if !self.protect.is_empty() {
+                    line(
+                        "",
+                        format!("protected: {}", paths(&self.protect).join(", ")),
+                    );
+                }
+                line("", format!("unix connects: {unix}"));
+            }
+            Some(why) => {
+                line(
+                    "bpf lsm",
+                    format!(
+                        "does not run here ({why}): memfd exec is killed at exec; executable mappings and pathname unix connects are not decided{}",
+                        if self.unix.is_empty() {
+                            String::new()
+                        } else {
+                            " (network.unix has no effect)".into()
+                        }
+                    ),
+                );
+                if !self.protect.is_empty() {
+                    line(
+                        "",
+                        format!(
+                            "REFUSED: `agentd run` will not start this agent: it protects {} (filesystem.protect)",
+                            paths(&self.protect).join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn kernel_plan(toml: &str, lsm: Result<(), String>) -> KernelPlan {
+        let p = profile::parse("t.toml", toml).unwrap();
+        let policy = profile::compile(
+            &p,
+            &CompileContext {
+                workspace: "/w".into(),
+                home: "/h".into(),
+            },
+        );
+        KernelPlan::new(&policy, lsm)
+    }
+
+    #[test]
+    fn the_kernel_plan_says_what_bpf_lsm_decides_and_what_its_absence_refuses() {
+        let toml = "[agent]\nname = \"t\"\n[filesystem]\nwrite = [\"{workspace}\"]\nprotect = [\"{workspace}/.git/hooks\"]\n[network]\nconnect = [\"10.0.0.0/8:443\"]\nunix = [\"/run/docker.sock\"]\n";
+        let k = kernel_plan(toml, Ok(()));
+        assert_eq!(k.refused(), None);
+        let text = k.render();
+        assert!(text.contains("connect 10.0.0.0/8:443"), "{text}");
+        assert!(text.contains("bind nothing"), "{text}");
+        assert!(text.contains("protected: /w/.git/hooks"), "{text}");
+        assert!(
+            text.contains("unix connects: its own sockets and /run/docker.sock"),
+            "{text}"
+        );
+
+        let k = kernel_plan(toml, Err("refused (EPERM at BPF_PROG_LOAD)".into()));
+        let why = k.refused().unwrap();
+        assert!(
+            why.contains("/w/.git/hooks") && why.contains("EPERM"),
+            "{why}"
+        );
+        let text = k.render();
+        assert!(text.contains("REFUSED"), "{text}");
+        assert!(text.contains("network.unix has no effect"), "{text}");
+
+        // Without protect, a missing BPF LSM refuses nothing.
+        let k = kernel_plan("[agent]\nname = \"t\"\n", Err("refused".into()));
+        assert_eq!(k.refused(), None);
+        assert!(!k.render().contains("REFUSED"));
+    }
 
     #[test]
     fn agent_ids_are_profile_name_and_8_hex_digits() {
