@@ -419,7 +419,10 @@ fn unix_peer(other: u64) -> i32 {
     let verdict = if other == 0 {
         Verdict::Refuse
     } else if vfs::sock_cgroup_id(other) == Some(cgroup) {
-        // Its own socket.
+        // Its own socket: made by a process in the agent's cgroup (the socket records
+        // its creator's own cgroup, not an ancestor; agents live in their cgroup itself
+        // and cannot make sub-cgroups, so a socket of theirs is never refused as a
+        // stranger's).
         Verdict::Allow
     } else {
         match vfs::unix_name(other) {

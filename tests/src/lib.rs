@@ -509,9 +509,20 @@ pub fn bpf_lsm_probe() -> Result<(), i32> {
 /// Whether this kernel runs BPF LSM programs: `bpf` is an active LSM and a raw load and
 /// attach succeeds (this project's machines list `bpf` and refuse the program). Tests of
 /// the BPF LSM backend assert enforcement where this is true, and the documented refusal
-/// where it is false.
+/// where it is false. With `AGENTD_TEST_EXPECT_BPF_LSM=1` (the stock-kernel guests of
+/// `cargo xtask vm-test`) false is a failure, so no test there takes the other branch.
 pub fn bpf_lsm_usable() -> bool {
-    let listed = std::fs::read_to_string("/sys/kernel/security/lsm")
+    let lsms = std::fs::read_to_string("/sys/kernel/security/lsm");
+    let listed = lsms
+        .as_ref()
         .is_ok_and(|l| l.trim().split(',').any(|m| m == "bpf"));
-    listed && bpf_lsm_probe().is_ok()
+    let probe = bpf_lsm_probe();
+    let usable = listed && probe.is_ok();
+    if !usable && std::env::var("AGENTD_TEST_EXPECT_BPF_LSM").as_deref() == Ok("1") {
+        panic!(
+            "AGENTD_TEST_EXPECT_BPF_LSM=1, but BPF LSM does not run here (active LSMs: \
+             {lsms:?}; probe: {probe:?})"
+        );
+    }
+    usable
 }

@@ -466,6 +466,40 @@ print(json.dumps(out))
     assert_eq!(e["verdict"], "allow", "{e}");
 }
 
+/// Sends `fd` over `stream` (SCM_RIGHTS) with one byte of data.
+fn send_fd(stream: &std::os::unix::net::UnixStream, fd: std::os::fd::RawFd) {
+    use std::os::fd::AsRawFd as _;
+    let mut byte = [b'x'];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // u64 words keep the control buffer aligned for cmsghdr.
+    let mut control = [0u64; 4];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) } as usize;
+    assert!(space <= size_of_val(&control));
+    // SAFETY: msghdr is plain data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: msg_control points to `space` writable, aligned bytes, so the first header
+    // and its data (one c_int) lie inside it; sendmsg reads only what msg describes.
+    let rc = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as usize;
+        libc::CMSG_DATA(cmsg)
+            .cast::<libc::c_int>()
+            .write_unaligned(fd);
+        libc::sendmsg(stream.as_raw_fd(), &raw const msg, 0)
+    };
+    assert_eq!(rc, 1, "sendmsg: {}", std::io::Error::last_os_error());
+}
+
 /// Where BPF LSM runs, an agent reaches the unix sockets it created, ones it was handed,
 /// and the pathname sockets its profile lists in `network.unix` — also one created after
 /// it started (a service that re-creates its socket) — and no other: a host service's
@@ -497,6 +531,27 @@ fn net_unix_connects_reach_own_and_listed_sockets_only() {
         nb.set_nonblocking(true).unwrap();
         open_to_all(p);
     }
+    // The listed service hands the agent one end of a datagram socketpair it made (an
+    // unnamed socket of another cgroup), and reports what the agent sent on it.
+    let listed_service = std::thread::spawn(move || {
+        use std::os::fd::AsRawFd as _;
+        let conn = (0..600).find_map(|_| match listed_l.accept() {
+            Ok((c, _)) => Some(c),
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(50));
+                None
+            }
+        })?;
+        conn.set_nonblocking(false).unwrap();
+        let (mine, theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        send_fd(&conn, theirs.as_raw_fd());
+        drop(theirs);
+        mine.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let n = mine.recv(&mut buf).ok()?;
+        Some(buf[..n].to_vec())
+    });
     for (p, d) in [(&listed_dgram, &listed_d), (&dgram, &dgram_d)] {
         d.set_nonblocking(true).unwrap();
         open_to_all(p);
@@ -539,7 +594,14 @@ def pair():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     a.send(b"x")
     assert b.recv(1) == b"x"
-attempt("listed", lambda: stream({listed:?}))
+def listed():
+    s = socket.socket(socket.AF_UNIX)
+    s.connect({listed:?})
+    msg, fds, flags, addr = socket.recv_fds(s, 16, 1)
+    h = socket.socket(fileno=fds[0])
+    attempt("handed", lambda: h.send(b"handed"))
+    s.close()
+attempt("listed", listed)
 attempt("other", lambda: stream({other:?}))
 attempt("listed_dgram", lambda: dgram_connect({listed_dgram:?}))
 attempt("dgram", lambda: dgram_connect({dgram:?}))
@@ -582,6 +644,7 @@ print(json.dumps(out))
     let refused = if lsm { EACCES } else { 0 };
     for (name, want) in [
         ("listed", 0),
+        ("handed", 0),
         ("listed_dgram", 0),
         ("own", 0),
         ("pair", 0),
@@ -592,7 +655,11 @@ print(json.dumps(out))
     ] {
         assert_eq!(r[name], want, "{name}: {r}");
     }
-    assert!(listed_l.accept().is_ok(), "the listed service got nothing");
+    assert_eq!(
+        listed_service.join().unwrap().as_deref(),
+        Some(&b"handed"[..]),
+        "the datagram on the handed socket"
+    );
     let late_l = late_l.expect("the agent never became ready");
     late_l.set_nonblocking(true).unwrap();
     assert!(late_l.accept().is_ok(), "the late service got nothing");

@@ -14,7 +14,7 @@ const MAGIC: u16 = 0xeb9f;
 /// The struct members the file programs' dentry walks read (agentd-ebpf `vfs`): (the
 /// program global the offset is loaded into, struct, member). Resolved by [`Btf::offsets`]
 /// at load; a kernel missing one fails the load rather than walking garbage.
-pub const VFS_MEMBERS: [(&str, &str, &str); 30] = [
+pub const VFS_MEMBERS: [(&str, &str, &str); 23] = [
     ("TASK_FILES_OFFSET", "task_struct", "files"),
     ("TASK_FS_OFFSET", "task_struct", "fs"),
     ("FILES_FDT_OFFSET", "files_struct", "fdt"),
@@ -38,6 +38,12 @@ pub const VFS_MEMBERS: [(&str, &str, &str); 30] = [
     ("MOUNT_MNT_PARENT_OFFSET", "mount", "mnt_parent"),
     ("MOUNT_MNT_MOUNTPOINT_OFFSET", "mount", "mnt_mountpoint"),
     ("VFSMOUNT_MNT_ROOT_OFFSET", "vfsmount", "mnt_root"),
+];
+
+/// Members only the BPF LSM programs read (the unix-socket hooks), as [`VFS_MEMBERS`]. A
+/// kernel whose BTF lacks one (`struct unix_sock` is in a module's BTF when unix sockets
+/// are built as a module) runs without BPF LSM, not without the watch.
+pub const LSM_MEMBERS: [(&str, &str, &str); 7] = [
     ("SOCKET_SK_OFFSET", "socket", "sk"),
     ("SOCK_SK_CGRP_DATA_OFFSET", "sock", "sk_cgrp_data"),
     (
@@ -116,9 +122,17 @@ pub fn place_window(offsets: &[u64]) -> (u64, Vec<u64>) {
 }
 
 /// Every global the `vfs` programs need: the [`VFS_MEMBERS`] offsets and the
-/// [`VFS_WINDOWS`] placements, from this kernel's BTF.
-pub fn vfs_globals(btf: &Btf<'_>) -> Result<Vec<(&'static str, u64)>, String> {
+/// [`VFS_WINDOWS`] placements, and the [`LSM_MEMBERS`] this kernel's BTF has, with why
+/// each other one is missing (their globals stay 0; BPF LSM is then not used).
+pub fn vfs_globals(btf: &Btf<'_>) -> Result<VfsGlobals, String> {
     let mut out = btf.offsets(&VFS_MEMBERS)?;
+    let mut lsm_missing = Vec::new();
+    for member in LSM_MEMBERS {
+        match btf.offsets(&[member]) {
+            Ok(found) => out.extend(found),
+            Err(e) => lsm_missing.push(e),
+        }
+    }
     for (window, fields) in VFS_WINDOWS {
         let offsets = fields
             .iter()
@@ -138,7 +152,19 @@ pub fn vfs_globals(btf: &Btf<'_>) -> Result<Vec<(&'static str, u64)>, String> {
         out.push((window, start));
         out.extend(fields.iter().map(|(g, _)| *g).zip(words));
     }
-    Ok(out)
+    Ok(VfsGlobals {
+        globals: out,
+        lsm_missing,
+    })
+}
+
+/// What [`vfs_globals`] found.
+#[derive(Debug)]
+pub struct VfsGlobals {
+    /// (program global, value), for `EbpfLoader::override_global`.
+    pub globals: Vec<(&'static str, u64)>,
+    /// Why each missing [`LSM_MEMBERS`] entry is missing.
+    pub lsm_missing: Vec<String>,
 }
 
 const KIND_INT: u32 = 1;
@@ -555,10 +581,32 @@ pub(crate) mod tests {
                 .contains("no member nope")
         );
         // Every global is named once: each is a distinct program global.
-        let mut globals: Vec<&str> = VFS_MEMBERS.iter().map(|m| m.0).collect();
+        let mut globals: Vec<&str> = VFS_MEMBERS
+            .iter()
+            .chain(&LSM_MEMBERS)
+            .map(|m| m.0)
+            .collect();
         globals.sort_unstable();
         globals.dedup();
-        assert_eq!(globals.len(), VFS_MEMBERS.len());
+        assert_eq!(globals.len(), VFS_MEMBERS.len() + LSM_MEMBERS.len());
+    }
+
+    #[test]
+    fn this_kernel_has_every_member_the_programs_read() {
+        // The running kernel's BTF (readable without root): every offset resolves, BPF
+        // LSM's own included, and each window field is placed.
+        let raw = std::fs::read("/sys/kernel/btf/vmlinux").unwrap();
+        let btf = Btf::parse(&raw).unwrap();
+        let found = vfs_globals(&btf).unwrap();
+        assert!(found.lsm_missing.is_empty(), "{:?}", found.lsm_missing);
+        for (global, _, _) in VFS_MEMBERS.iter().chain(&LSM_MEMBERS) {
+            assert!(found.globals.iter().any(|(g, _)| g == global), "{global}");
+        }
+        // A member this kernel lacks is reported, not fatal.
+        assert!(
+            btf.offsets(&[("X", "unix_sock", "no_such_member")])
+                .is_err()
+        );
     }
 
     #[test]

@@ -87,9 +87,9 @@ pub mod watch;
 
 pub use watch::{AgentHandle, Watch, protect_refused};
 
-/// The hooks agentd's BPF LSM programs attach to that this kernel's BTF lacks (each
-/// needs a `bpf_lsm_<hook>` function; the `path_*` ones exist only with
-/// CONFIG_SECURITY_PATH), as `bpf_lsm_<hook>` names.
+/// What agentd's BPF LSM programs need that this kernel's BTF lacks: hooks (each needs a
+/// `bpf_lsm_<hook>` function; the `path_*` ones exist only with CONFIG_SECURITY_PATH), as
+/// `bpf_lsm_<hook>` names, and struct members (`btf::LSM_MEMBERS`).
 pub fn missing_lsm_hooks() -> Result<Vec<String>, String> {
     use watch::VMLINUX_BTF;
     let raw = std::fs::read(VMLINUX_BTF).map_err(|e| format!("{VMLINUX_BTF}: {e}"))?;
@@ -102,7 +102,13 @@ pub fn missing_lsm_hooks() -> Result<Vec<String>, String> {
     let missing = btf
         .missing_funcs(&names)
         .map_err(|e| format!("{VMLINUX_BTF}: {e}"))?;
-    Ok(missing.into_iter().map(str::to_owned).collect())
+    let mut out: Vec<String> = missing.into_iter().map(str::to_owned).collect();
+    out.extend(
+        btf::LSM_MEMBERS
+            .iter()
+            .filter_map(|m| btf.offsets(&[*m]).err()),
+    );
+    Ok(out)
 }
 
 /// Why the kernel watch could not be set up or changed. Each variant names the program,

@@ -243,7 +243,8 @@ fn load_err(program: &'static str) -> impl FnOnce(ProgramError) -> BpfError {
 /// Struct offsets the file programs' dentry walks read (`btf::VFS_MEMBERS`) and where
 /// they read neighbouring fields at once (`btf::VFS_WINDOWS`), from the running kernel's
 /// BTF.
-fn vfs_offsets() -> Result<Vec<(&'static str, u64)>, BpfError> {
+/// Also what BPF LSM's own members the BTF lacks (see `btf::LSM_MEMBERS`).
+fn vfs_offsets() -> Result<btf::VfsGlobals, BpfError> {
     let raw = std::fs::read(VMLINUX_BTF).map_err(|source| BpfError::Read {
         path: VMLINUX_BTF.into(),
         source,
@@ -523,7 +524,10 @@ impl Watch {
         let exit_only = checked_exit_only_tracepoints()?;
         let sockaddr = checked_sockaddr_tracepoints()?;
         let offsets = task_offsets()?;
-        let vfs = vfs_offsets()?;
+        let btf::VfsGlobals {
+            globals: vfs,
+            lsm_missing,
+        } = vfs_offsets()?;
         let exit_program = process_exit_program()?;
 
         let mut loader = EbpfLoader::new();
@@ -641,7 +645,11 @@ impl Watch {
                 source,
             })?;
         }
-        let lsm = attach_lsm(&mut ebpf, &btf);
+        let lsm = if lsm_missing.is_empty() {
+            attach_lsm(&mut ebpf, &btf)
+        } else {
+            Err(format!("the kernel's BTF lacks {}", lsm_missing.join(", ")))
+        };
         if let Err(reason) = &lsm {
             tracing::info!(
                 "BPF LSM programs unavailable ({reason}): profiles with filesystem.protect \
@@ -744,7 +752,16 @@ impl Watch {
                     reason: protect_refused(&policy.protect, why),
                 });
             }
-            Err(_) => {}
+            Err(why) => {
+                if !policy.network.unix.is_empty() {
+                    tracing::warn!(
+                        agent = agent_id,
+                        "network.unix is not enforced: BPF LSM does not run here ({why}); \
+                         the agent's unix-socket connects are decided by file permissions \
+                         only (`agentd doctor`, \"bpf lsm\")"
+                    );
+                }
+            }
             Ok(()) => {
                 let mountinfo = mountinfo
                     .as_deref()
@@ -1272,12 +1289,21 @@ fn guard_entries(
         }
     }
     for socket in &policy.network.unix {
-        // The directory as the kernel finds it, and the socket's name in it (a socket
-        // that is itself a symbolic link is followed).
-        let real = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.clone());
-        let (Some(dir), Some(name)) = (real.parent(), real.file_name()) else {
+        let dir = match unix_peer_dir(socket, policy) {
+            Ok(dir) => dir,
+            Err(why) => {
+                tracing::warn!(
+                    agent = agent_id,
+                    socket = %socket.display(),
+                    "network.unix: {why}; connecting to this socket is refused"
+                );
+                continue;
+            }
+        };
+        let Some(name) = socket.file_name() else {
             continue;
         };
+        let dir = dir.as_path();
         let md = match std::fs::metadata(dir) {
             Ok(md) => md,
             Err(e) => {
@@ -1310,6 +1336,37 @@ fn guard_entries(
     entries.guarded = flags.into_iter().collect();
     entries.guarded_names = names.into_iter().collect();
     Ok(())
+}
+
+/// The directory of a `network.unix` socket as the kernel finds it (its symbolic links
+/// resolved), refusing what the agent could have redirected: the socket's own name may
+/// not be a symbolic link (the kernel matches the socket a server bound, never a link to
+/// it; following one here would let a link planted in the workspace grant
+/// `/run/docker.sock`), nor may the path pass through a symbolic link in a directory the
+/// agent may write (where it could have made or replaced the link).
+fn unix_peer_dir(socket: &Path, policy: &CompiledPolicy) -> Result<PathBuf, String> {
+    if std::fs::symlink_metadata(socket).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(format!(
+            "{} is a symbolic link, not a socket (list the socket's own path)",
+            socket.display()
+        ));
+    }
+    let dir = socket
+        .parent()
+        .ok_or_else(|| format!("{} has no directory", socket.display()))?;
+    for prefix in dir.ancestors() {
+        if std::fs::symlink_metadata(prefix).is_ok_and(|m| m.file_type().is_symlink())
+            && prefix
+                .parent()
+                .is_some_and(|parent| policy.fs_allows(parent, |a| a.write))
+        {
+            return Err(format!(
+                "{} is a symbolic link the agent may have made (it may write its directory)",
+                prefix.display()
+            ));
+        }
+    }
+    std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))
 }
 
 /// The mount id of the mount `path` is on (statx `STATX_MNT_ID`, Linux 5.8).
@@ -1485,6 +1542,50 @@ async fn pump(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unix_peers_are_not_found_through_links_the_agent_could_make() {
+        let root = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(root.path()).unwrap();
+        let ws = root.join("ws");
+        let host = root.join("host");
+        std::fs::create_dir_all(&ws).unwrap();
+        std::fs::create_dir_all(&host).unwrap();
+        let p = crate::profile::parse(
+            "t.toml",
+            "[agent]\nname = \"t\"\n[filesystem]\nwrite = [\"{workspace}\"]\n",
+        )
+        .unwrap();
+        let policy = crate::profile::compile(
+            &p,
+            &crate::profile::CompileContext {
+                workspace: ws.clone(),
+                home: "/nonexistent".into(),
+            },
+        );
+        // A socket in a directory outside the agent's reach (it need not exist yet).
+        assert_eq!(unix_peer_dir(&host.join("db.sock"), &policy).unwrap(), host);
+        // A host-made link on the way (outside the write trees) is followed.
+        std::os::unix::fs::symlink(&host, root.join("run")).unwrap();
+        assert_eq!(
+            unix_peer_dir(&root.join("run/db.sock"), &policy).unwrap(),
+            host
+        );
+        // The socket's own name a link (to a host socket): refused.
+        std::os::unix::fs::symlink(host.join("docker.sock"), ws.join("db.sock")).unwrap();
+        let e = unix_peer_dir(&ws.join("db.sock"), &policy).unwrap_err();
+        assert!(e.contains("symbolic link"), "{e}");
+        // A directory link planted where the agent writes: refused.
+        std::os::unix::fs::symlink(&host, ws.join(".dev")).unwrap();
+        let e = unix_peer_dir(&ws.join(".dev/db.sock"), &policy).unwrap_err();
+        assert!(e.contains(".dev") && e.contains("may write"), "{e}");
+        // A real directory in the workspace: its own path.
+        std::fs::create_dir(ws.join("sock")).unwrap();
+        assert_eq!(
+            unix_peer_dir(&ws.join("sock/db.sock"), &policy).unwrap(),
+            ws.join("sock")
+        );
+    }
 
     #[test]
     fn watch_can_be_shared_with_the_breaker_task() {

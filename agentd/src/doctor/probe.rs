@@ -568,7 +568,7 @@ fn lsm_probe(
     let missing = bpf::missing_lsm_hooks().map_err(Unavailable::Failed)?;
     if !missing.is_empty() {
         return Err(Unavailable::Missing(format!(
-            "this kernel has no BPF LSM hook {} (CONFIG_SECURITY_PATH?)",
+            "this kernel's BTF lacks {} (CONFIG_SECURITY_PATH? unix sockets as a module?)",
             missing.join(", ")
         )));
     }

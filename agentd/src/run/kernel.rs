@@ -230,8 +230,9 @@ impl EventTask {
         let kill = trip.enforced && trip.action == Action::Kill;
         let mut contain_ns = None;
         if kill {
-            // cgroup.kill first: one pass of the kernel queues SIGKILL for every process
-            // of the cgroup, so none returns to user space. Setting the kill flag first
+            // cgroup.kill first: one pass of the kernel sends SIGKILL to every process of
+            // the cgroup, oldest first, so a parent dies before its child's death could
+            // wake it. Setting the kill flag first
             // would kill processes one by one at their next traced syscall, and a parent
             // woken by its child's death could run on until cgroup.kill arrives. The flag
             // then refuses the network to sockets that outlive their processes, and is the

@@ -202,10 +202,14 @@ pub fn run_with_hooks(args: RunArgs, hooks: &mut dyn AgentHooks) -> ExitCode {
 /// as `agentd doctor` does). Exits 125, as the launch would, when the kernel lacks what
 /// the profile requires.
 fn dry_run(plan: &Plan, json: bool) -> ExitCode {
+    use crate::doctor::{Status, Unavailable};
     let root = nix::unistd::geteuid().is_root();
     let lsm = match crate::doctor::bpf_lsm(root) {
-        crate::doctor::Status::Usable => Ok(()),
-        crate::doctor::Status::Unusable(why) => Err(why.to_string()),
+        Status::Usable => plan::BpfLsm::Runs,
+        Status::Unusable(why @ Unavailable::NeedsRoot { .. }) => {
+            plan::BpfLsm::Unknown(why.to_string())
+        }
+        Status::Unusable(why) => plan::BpfLsm::Absent(why.to_string()),
     };
     let kernel = plan::KernelPlan::new(&plan.policy, lsm);
     if json {

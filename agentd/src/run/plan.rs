@@ -326,13 +326,22 @@ pub struct KernelPlan {
     pub canaries: Vec<PathBuf>,
     pub protect: Vec<PathBuf>,
     pub unix: Vec<PathBuf>,
-    /// `None` when BPF LSM programs run here, else why not.
-    pub bpf_lsm_unusable: Option<String>,
+    pub bpf_lsm: BpfLsm,
+}
+
+/// Whether BPF LSM programs run here, as far as the dry run could tell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "why", rename_all = "snake_case")]
+pub enum BpfLsm {
+    Runs,
+    /// They do not, and why.
+    Absent(String),
+    /// The probe needs root.
+    Unknown(String),
 }
 
 impl KernelPlan {
-    /// `bpf_lsm`: `Ok` when BPF LSM programs run here, else why not.
-    pub fn new(policy: &CompiledPolicy, bpf_lsm: Result<(), String>) -> KernelPlan {
+    pub fn new(policy: &CompiledPolicy, bpf_lsm: BpfLsm) -> KernelPlan {
         KernelPlan {
             connect: policy
                 .network
@@ -344,17 +353,17 @@ impl KernelPlan {
             canaries: policy.canaries.clone(),
             protect: policy.protect.clone(),
             unix: policy.network.unix.clone(),
-            bpf_lsm_unusable: bpf_lsm.err(),
+            bpf_lsm,
         }
     }
 
     /// Launching would be refused: the policy protects paths and BPF LSM does not run.
     pub fn refused(&self) -> Option<String> {
-        match &self.bpf_lsm_unusable {
-            Some(why) if !self.protect.is_empty() => {
+        match &self.bpf_lsm {
+            BpfLsm::Absent(why) if !self.protect.is_empty() => {
                 Some(crate::bpf::protect_refused(&self.protect, why))
             }
-            Some(_) | None => None,
+            BpfLsm::Absent(_) | BpfLsm::Runs | BpfLsm::Unknown(_) => None,
         }
     }
 
@@ -387,12 +396,21 @@ impl KernelPlan {
             line("canaries", paths(&self.canaries).join(", "));
         }
         let unix = if self.unix.is_empty() {
-            "its own sockets only".to_owned()
+            "its own sockets and unnamed ones it is handed, only".to_owned()
         } else {
-            format!("its own sockets and {}", paths(&self.unix).join(", "))
+            format!(
+                "its own sockets, unnamed ones it is handed, and {}",
+                paths(&self.unix).join(", ")
+            )
         };
-        match &self.bpf_lsm_unusable {
-            None => {
+        match &self.bpf_lsm {
+            BpfLsm::Unknown(why) => line(
+                "bpf lsm",
+                format!(
+                    "cannot tell without root ({why}): run the dry run as root, or `agentd doctor`"
+                ),
+            ),
+            BpfLsm::Runs => {
                 line(
                     "bpf lsm",
                     "runs here: memfd exec and executable mappings of files the agent could write are refused".into(),
@@ -405,7 +423,7 @@ impl KernelPlan {
                 }
                 line("", format!("unix connects: {unix}"));
             }
-            Some(why) => {
+            BpfLsm::Absent(why) => {
                 line(
                     "bpf lsm",
                     format!(
@@ -436,7 +454,7 @@ impl KernelPlan {
 mod tests {
     use super::*;
 
-    fn kernel_plan(toml: &str, lsm: Result<(), String>) -> KernelPlan {
+    fn kernel_plan(toml: &str, lsm: BpfLsm) -> KernelPlan {
         let p = profile::parse("t.toml", toml).unwrap();
         let policy = profile::compile(
             &p,
@@ -451,18 +469,23 @@ mod tests {
     #[test]
     fn the_kernel_plan_says_what_bpf_lsm_decides_and_what_its_absence_refuses() {
         let toml = "[agent]\nname = \"t\"\n[filesystem]\nwrite = [\"{workspace}\"]\nprotect = [\"{workspace}/.git/hooks\"]\n[network]\nconnect = [\"10.0.0.0/8:443\"]\nunix = [\"/run/docker.sock\"]\n";
-        let k = kernel_plan(toml, Ok(()));
+        let k = kernel_plan(toml, BpfLsm::Runs);
         assert_eq!(k.refused(), None);
         let text = k.render();
         assert!(text.contains("connect 10.0.0.0/8:443"), "{text}");
         assert!(text.contains("bind nothing"), "{text}");
         assert!(text.contains("protected: /w/.git/hooks"), "{text}");
         assert!(
-            text.contains("unix connects: its own sockets and /run/docker.sock"),
+            text.contains(
+                "unix connects: its own sockets, unnamed ones it is handed, and /run/docker.sock"
+            ),
             "{text}"
         );
 
-        let k = kernel_plan(toml, Err("refused (EPERM at BPF_PROG_LOAD)".into()));
+        let k = kernel_plan(
+            toml,
+            BpfLsm::Absent("refused (EPERM at BPF_PROG_LOAD)".into()),
+        );
         let why = k.refused().unwrap();
         assert!(
             why.contains("/w/.git/hooks") && why.contains("EPERM"),
@@ -473,9 +496,13 @@ mod tests {
         assert!(text.contains("network.unix has no effect"), "{text}");
 
         // Without protect, a missing BPF LSM refuses nothing.
-        let k = kernel_plan("[agent]\nname = \"t\"\n", Err("refused".into()));
+        let k = kernel_plan("[agent]\nname = \"t\"\n", BpfLsm::Absent("refused".into()));
         assert_eq!(k.refused(), None);
         assert!(!k.render().contains("REFUSED"));
+        // Without root the probe cannot tell: nothing is refused, and it says so.
+        let k = kernel_plan(toml, BpfLsm::Unknown("needs root".into()));
+        assert_eq!(k.refused(), None);
+        assert!(k.render().contains("cannot tell without root"));
     }
 
     #[test]
