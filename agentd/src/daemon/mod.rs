@@ -443,11 +443,7 @@ fn handle_event(shared: &Shared, ev: Event) {
                 let kill = trip.enforced && trip.action == crate::profile::Action::Kill;
                 let mut contain_ns = None;
                 if kill {
-                    // The cgroup first, then the flag: see run/kernel.rs.
-                    kill_cgroup(&a.cgroup);
-                    if let Err(e) = lock(&shared.watch).set_killed(a.cgroup_id) {
-                        eprintln!("agentd daemon: breaker: kill flag of {}: {e}", a.id);
-                    }
+                    contain(shared, a, "breaker");
                     contain_ns = Some(monotonic_ns().saturating_sub(now_ns));
                     a.killed_by = Some(trip_line(&trip, &ev));
                     a.state = AgentState::Tripped;
@@ -517,10 +513,17 @@ fn publish(shared: &Shared, ev: Event) {
     let _ = shared.events.send(ev);
 }
 
-/// `cgroup.kill`, returning at once (the supervisor waits for the cgroup to empty).
-fn kill_cgroup(dir: &Path) {
-    if let Err(e) = std::fs::write(dir.join("cgroup.kill"), "1") {
-        eprintln!("agentd daemon: cgroup.kill in {}: {e}", dir.display());
+/// Stops agent `a` as the breaker does (see `run::kernel`): `cgroup.kill` first, then the
+/// kill flag. Returns at once: the agent's supervisor waits for the cgroup to empty.
+fn contain(shared: &Shared, a: &Agent, what: &str) {
+    if let Err(e) = std::fs::write(a.cgroup.join("cgroup.kill"), "1") {
+        eprintln!(
+            "agentd daemon: {what}: cgroup.kill in {}: {e}",
+            a.cgroup.display()
+        );
+    }
+    if let Err(e) = lock(&shared.watch).set_killed(a.cgroup_id) {
+        eprintln!("agentd daemon: {what}: kill flag of {}: {e}", a.id);
     }
 }
 
@@ -533,10 +536,7 @@ fn kill_agent(shared: &Shared, id: &str, reason: &str, by: Actor) -> bool {
         let Some(a) = agents.get_mut(id) else {
             return false;
         };
-        kill_cgroup(&a.cgroup);
-        if let Err(e) = lock(&shared.watch).set_killed(a.cgroup_id) {
-            eprintln!("agentd daemon: kill switch: kill flag of {id}: {e}");
-        }
+        contain(shared, a, "kill switch");
         a.killed_by = Some(format!("killed by the kill switch ({reason})"));
         a.state = AgentState::Tripped;
         (a.pid, a.id.clone())

@@ -167,16 +167,11 @@ impl AgentHooks for KernelHooks {
     ) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
         Box::pin(async move {
             let asked = monotonic_ns();
-            // The breaker's path: the cgroup, then the kill flag.
-            if let Err(e) = agent.signal_kill() {
-                eprintln!("agentd: kill switch: {e}");
-            }
-            if let (Some(watch), Some(bpf_agent)) = (self.watch.as_ref(), self.agent.as_ref())
-                && let Err(e) = lock(watch).set_killed(bpf_agent.cgroup_id())
-            {
-                eprintln!("agentd: kill switch: setting the kill flag: {e}");
-            }
-            agent.kill_and_wait("kill switch").await;
+            let flag = self
+                .watch
+                .as_deref()
+                .zip(self.agent.as_ref().map(|a| a.cgroup_id()));
+            contain(agent, flag, "kill switch").await;
             let contain_ns = monotonic_ns().saturating_sub(asked);
             *lock(&self.killed_by) = Some(format!("killed by the kill switch ({reason})"));
             if let Some(out) = &self.events {
@@ -230,25 +225,32 @@ impl EventTask {
         let kill = trip.enforced && trip.action == Action::Kill;
         let mut contain_ns = None;
         if kill {
-            // cgroup.kill first: one pass of the kernel sends SIGKILL to every process of
-            // the cgroup, oldest first, so a parent dies before its child's death could
-            // wake it. Setting the kill flag first
-            // would kill processes one by one at their next traced syscall, and a parent
-            // woken by its child's death could run on until cgroup.kill arrives. The flag
-            // then refuses the network to sockets that outlive their processes, and is the
-            // only fast kill on kernels without cgroup.kill.
-            if let Err(e) = self.agent.signal_kill() {
-                eprintln!("agentd: breaker: {e}");
-            }
-            if let Err(e) = lock(&self.watch).set_killed(self.cgroup_id) {
-                eprintln!("agentd: breaker: setting the kill flag: {e}");
-            }
-            self.agent.kill_and_wait("breaker").await;
+            contain(&self.agent, Some((&self.watch, self.cgroup_id)), "breaker").await;
             contain_ns = trigger.ktime_ns.map(|t| monotonic_ns().saturating_sub(t));
             *lock(&self.killed_by) = Some(trip_line(trip, trigger));
         }
         trip_event(trip, trigger, kill, self.breaker.violations(), contain_ns)
     }
+}
+
+/// Stops the agent the breaker's way and waits for its cgroup to empty. `cgroup.kill`
+/// first: one pass of the kernel sends SIGKILL to every process of the cgroup, oldest
+/// first, so a parent dies before its child's death could wake it. Setting the kill flag
+/// first would kill processes one by one at their next traced syscall, and a parent woken
+/// by its child's death could run on until `cgroup.kill` arrives. The flag (`watch`: the
+/// watch and the agent's cgroup id) then refuses the network to sockets that outlive
+/// their processes, and is the only fast kill on kernels without `cgroup.kill`. `what`
+/// prefixes errors.
+async fn contain(agent: &AgentHandle, watch: Option<(&Mutex<Watch>, u64)>, what: &str) {
+    if let Err(e) = agent.signal_kill() {
+        eprintln!("agentd: {what}: {e}");
+    }
+    if let Some((watch, cgroup_id)) = watch
+        && let Err(e) = lock(watch).set_killed(cgroup_id)
+    {
+        eprintln!("agentd: {what}: setting the kill flag: {e}");
+    }
+    agent.kill_and_wait(what).await;
 }
 
 /// The `breaker` event of the manual kill switch (`rule: manual`), `contain_ns` from the
