@@ -90,7 +90,7 @@ pub use watch::{AgentHandle, Watch, protect_refused};
 /// What agentd's BPF LSM programs need that this kernel's BTF lacks: hooks (each needs a
 /// `bpf_lsm_<hook>` function; the `path_*` ones exist only with CONFIG_SECURITY_PATH), as
 /// `bpf_lsm_<hook>` names, and struct members (`btf::LSM_MEMBERS`).
-pub fn missing_lsm_hooks() -> Result<Vec<String>, String> {
+pub fn missing_lsm_support() -> Result<Vec<String>, String> {
     use watch::VMLINUX_BTF;
     let raw = std::fs::read(VMLINUX_BTF).map_err(|e| format!("{VMLINUX_BTF}: {e}"))?;
     let btf = btf::Btf::parse(&raw).map_err(|e| format!("{VMLINUX_BTF}: {e}"))?;

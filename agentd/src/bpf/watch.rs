@@ -1289,53 +1289,49 @@ fn guard_entries(
         }
     }
     for socket in &policy.network.unix {
-        let dir = match unix_peer_dir(socket, policy) {
-            Ok(dir) => dir,
-            Err(why) => {
-                tracing::warn!(
-                    agent = agent_id,
-                    socket = %socket.display(),
-                    "network.unix: {why}; connecting to this socket is refused"
-                );
-                continue;
+        match unix_peer_names(socket, policy, policy_id, mountinfo) {
+            Ok(keys) => {
+                for key in keys {
+                    *names.entry(key).or_default() |= NAME_UNIX_PEER;
+                }
             }
-        };
-        let Some(name) = socket.file_name() else {
-            continue;
-        };
-        let dir = dir.as_path();
-        let md = match std::fs::metadata(dir) {
-            Ok(md) => md,
-            Err(e) => {
-                tracing::warn!(
-                    agent = agent_id,
-                    socket = %socket.display(),
-                    "network.unix: {}: {e}; connecting to this socket is refused",
-                    dir.display()
-                );
-                continue;
-            }
-        };
-        let stat = inode_stat(dir, &md, 0, Some(mountinfo));
-        let keys = canary_inode_keys(policy_id, &stat);
-        if !inode_matchable(&stat, &keys) {
-            tracing::warn!(
+            Err(why) => tracing::warn!(
                 agent = agent_id,
                 socket = %socket.display(),
-                "network.unix: {} is on a filesystem whose inodes the kernel cannot match; \
-                 connecting to this socket is refused",
-                dir.display()
-            );
-        }
-        for (k, _) in &keys {
-            if let Some(key) = guarded_name(*k, name.as_encoded_bytes()) {
-                *names.entry(key).or_default() |= NAME_UNIX_PEER;
-            }
+                "network.unix: {why}; connecting to this socket is refused"
+            ),
         }
     }
     entries.guarded = flags.into_iter().collect();
     entries.guarded_names = names.into_iter().collect();
     Ok(())
+}
+
+/// The `GUARDED_NAMES` keys of a `network.unix` socket: its name in its directory (see
+/// [`unix_peer_dir`]), by each key the kernel may see the directory's inode by.
+fn unix_peer_names(
+    socket: &Path,
+    policy: &CompiledPolicy,
+    policy_id: u32,
+    mountinfo: &str,
+) -> Result<Vec<GuardedName>, String> {
+    let dir = unix_peer_dir(socket, policy)?;
+    let name = socket
+        .file_name()
+        .ok_or_else(|| format!("{} names no socket", socket.display()))?;
+    let md = std::fs::metadata(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let stat = inode_stat(&dir, &md, 0, Some(mountinfo));
+    let keys = canary_inode_keys(policy_id, &stat);
+    if !inode_matchable(&stat, &keys) {
+        return Err(format!(
+            "{} is on a filesystem whose inodes the kernel cannot match",
+            dir.display()
+        ));
+    }
+    Ok(keys
+        .iter()
+        .filter_map(|(k, _)| guarded_name(*k, name.as_encoded_bytes()))
+        .collect())
 }
 
 /// The directory of a `network.unix` socket as the kernel finds it (its symbolic links

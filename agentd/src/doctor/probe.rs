@@ -565,7 +565,7 @@ fn lsm_probe(
         .map_err(|e| program_error("attach", &e, privileged))?;
     // agentd's own programs need these hooks (the `path_*` ones exist only with
     // CONFIG_SECURITY_PATH).
-    let missing = bpf::missing_lsm_hooks().map_err(Unavailable::Failed)?;
+    let missing = bpf::missing_lsm_support().map_err(Unavailable::Failed)?;
     if !missing.is_empty() {
         return Err(Unavailable::Missing(format!(
             "this kernel's BTF lacks {} (CONFIG_SECURITY_PATH? unix sockets as a module?)",

@@ -55,6 +55,26 @@ impl Checker<'_> {
         );
     }
 
+    /// Reports the entry of `list` (under `key`) past the first `max`: "at most `max`
+    /// `what` per profile".
+    fn at_most<T>(
+        &mut self,
+        key: &str,
+        list: &[(T, Range<usize>)],
+        max: u32,
+        what: &str,
+        hint: &str,
+    ) {
+        if let Some((_, span)) = list.get(max as usize) {
+            self.fail(
+                span.clone(),
+                format!("{key}[{max}]"),
+                format!("at most {max} {what} per profile"),
+                Some(hint.into()),
+            );
+        }
+    }
+
     /// Validates each entry with `parse`, reporting failures and duplicates.
     fn list<T: PartialEq>(
         &mut self,
@@ -165,18 +185,13 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
         }
     }
     let protect = c.list("filesystem.protect", &fs.protect, values::parse_path);
-    if protect.len() > agentd_common::MAX_PROTECT as usize {
-        let (_, span) = &protect[agentd_common::MAX_PROTECT as usize];
-        c.fail(
-            span.clone(),
-            format!("filesystem.protect[{}]", agentd_common::MAX_PROTECT),
-            format!(
-                "at most {} protected paths per profile",
-                agentd_common::MAX_PROTECT
-            ),
-            Some("protect a common parent directory instead".into()),
-        );
-    }
+    c.at_most(
+        "filesystem.protect",
+        &protect,
+        agentd_common::MAX_PROTECT,
+        "protected paths",
+        "protect a common parent directory instead",
+    );
     for (i, (path, span)) in protect.iter().enumerate() {
         let key = format!("filesystem.protect[{i}]");
         if !write.iter().any(|(w, _)| path.maybe_within(w)) {
@@ -244,18 +259,13 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
         }
     }
     let unix = c.list("network.unix", &net.unix, values::parse_path);
-    if unix.len() > agentd_common::MAX_UNIX_PEERS as usize {
-        let (_, span) = &unix[agentd_common::MAX_UNIX_PEERS as usize];
-        c.fail(
-            span.clone(),
-            format!("network.unix[{}]", agentd_common::MAX_UNIX_PEERS),
-            format!(
-                "at most {} unix sockets per profile",
-                agentd_common::MAX_UNIX_PEERS
-            ),
-            Some("list only the services this agent needs".into()),
-        );
-    }
+    c.at_most(
+        "network.unix",
+        &unix,
+        agentd_common::MAX_UNIX_PEERS,
+        "unix sockets",
+        "list only the services this agent needs",
+    );
     for (i, (path, span)) in unix.iter().enumerate() {
         let name = path.rest.file_name().map_or(0, |n| n.len());
         if name == 0 || name >= agentd_common::GUARDED_NAME_LEN - 1 {
