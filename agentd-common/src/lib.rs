@@ -49,11 +49,14 @@ pub enum EventKind {
     /// let it bind, dropped by the cgroup ingress program. `port` is the local port, `addr`
     /// the peer; no process context (`pid` 0).
     Inbound = 21,
+    /// An open for reading only (no write, create or truncate intent; directories and
+    /// `O_PATH` included) that was refused. Successful reads are not reported.
+    OpenRead = 22,
 }
 
 impl EventKind {
     /// Every kind, for exhaustive decoding and tests.
-    pub const ALL: [EventKind; 21] = [
+    pub const ALL: [EventKind; 22] = [
         EventKind::Exec,
         EventKind::Fork,
         EventKind::Exit,
@@ -75,6 +78,7 @@ impl EventKind {
         EventKind::Canary,
         EventKind::Syscall,
         EventKind::Inbound,
+        EventKind::OpenRead,
     ];
 
     pub fn from_raw(raw: u16) -> Option<EventKind> {
@@ -217,6 +221,16 @@ pub const EVENT_FLAG_DIR: u16 = 1 << 8;
 /// with `PROT_EXEC` was refused; `dir` holds the mapped file's whole path (with
 /// [`EVENT_FLAG_DIR`]), `aux` says which hook (0 mmap, 1 mprotect).
 pub const EVENT_FLAG_MAPPED: u16 = 1 << 9;
+
+/// The event tripped the agent's breaker in the kernel, in the call it reports: the kill
+/// flag is set, and the calling process was sent SIGKILL before the call returned to user
+/// space. User space writes `cgroup.kill` and keeps the records.
+pub const EVENT_FLAG_TRIPPED: u16 = 1 << 10;
+/// The calling process was stopped (SIGSTOP) before its refused call returned to user
+/// space: the refusal is of a kind in the profile's `trip_on`, but only user space can tell
+/// which layer refused it (Landlock, or the file's permissions). User space kills the agent
+/// or resumes the process (SIGCONT).
+pub const EVENT_FLAG_HELD: u16 = 1 << 11;
 
 /// Exec events: argv entries carried in `path2`.
 pub const EXEC_ARGS: usize = 4;
@@ -644,6 +658,18 @@ pub const AGENT_FLAG_CANARIES: u32 = 1 << 5;
 /// The agent has a `protect` list: the BPF LSM programs check its file operations.
 pub const AGENT_FLAG_PROTECT: u32 = 1 << 6;
 
+/// The `trip_on` kinds of a profile whose breaker kills (enforced, `action = "kill"`), for
+/// the kernel to act on in the violating call itself (see agentd-ebpf `maps::trip`). Set
+/// at most for the kinds the profile lists; none in monitor mode.
+pub const AGENT_FLAG_TRIP_CANARY: u32 = 1 << 8;
+pub const AGENT_FLAG_TRIP_CONNECT: u32 = 1 << 9;
+pub const AGENT_FLAG_TRIP_BIND: u32 = 1 << 10;
+pub const AGENT_FLAG_TRIP_SOCKET: u32 = 1 << 11;
+pub const AGENT_FLAG_TRIP_EXEC: u32 = 1 << 12;
+pub const AGENT_FLAG_TRIP_WRITE: u32 = 1 << 13;
+pub const AGENT_FLAG_TRIP_READ: u32 = 1 << 14;
+pub const AGENT_FLAG_TRIP_SYSCALL: u32 = 1 << 15;
+
 /// Canary paths per agent (`CanaryKey::index` is dense from 0).
 pub const MAX_CANARIES: u32 = 16;
 
@@ -756,6 +782,11 @@ pub const CONFIG_LEVEL_MIN: u32 = 1;
 /// Index in `CONFIG`: the highest level set in `CONFIG_CGROUP_LEVELS` (the programs scan
 /// `MIN..=MAX` only: one level when all agents sit at the same depth).
 pub const CONFIG_LEVEL_MAX: u32 = 2;
+/// Index in `CONFIG`: non-zero while some agent may have its kill flag set. The programs on
+/// every system call's entry and exit (`gate`) return at this one array read otherwise.
+/// Set by the program that trips an agent (after the flag), and by user space; user space
+/// clears it, then sets it again if an agent in `AGENTS` still has the flag.
+pub const CONFIG_KILL_GATE: u32 = 3;
 pub const CONFIG_LEN: u32 = 4;
 /// Deepest agent cgroup level the programs check.
 pub const MAX_CGROUP_LEVEL: u32 = 31;

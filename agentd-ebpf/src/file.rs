@@ -25,7 +25,9 @@
 //! record's `long ret` at offset 16.
 
 use agentd_common::{
-    AGENT_FLAG_CANARIES, AGENT_FLAG_KILLED, AT_REMOVEDIR, CanaryKey, CanaryPath,
+    AGENT_FLAG_CANARIES, AGENT_FLAG_KILLED, AGENT_FLAG_TRIP_CANARY, AGENT_FLAG_TRIP_EXEC,
+    AGENT_FLAG_TRIP_READ, AGENT_FLAG_TRIP_SOCKET, AGENT_FLAG_TRIP_SYSCALL, AGENT_FLAG_TRIP_WRITE,
+    AT_REMOVEDIR, CanaryKey, CanaryPath, EVENT_FLAG_HELD, EVENT_FLAG_MONITOR, EVENT_FLAG_TRIPPED,
     EVENT_FLAG_CANARY_CANDIDATE, EVENT_FLAG_CANARY_SENT, EVENT_FLAG_DIR, EVENT_FLAG_NO_ENTER,
     EVENT_FLAG_PATH_TRUNCATED, EVENT_FLAG_PATH_UNREAD, EVENT_FLAG_PATH2_TRUNCATED,
     EVENT_FLAG_WRITE_INTENT, EXEC_ARG_LEN, EXEC_ARGS, EventKind, Layer, MAX_CANARIES, PATH_LEN,
@@ -43,7 +45,8 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        CANARIES, PENDING, SCRATCH, SOCK_REFUSED, SYSCALLS, current_agent, fill_header, output,
+        Act, CANARIES, PENDING, SCRATCH, SOCK_REFUSED, SYSCALLS, carry_out, current_agent,
+        fill_header, output,
     },
     vfs::{self, Walk},
 };
@@ -51,6 +54,7 @@ use crate::{
 const SIGKILL: u32 = 9;
 const EPERM: i64 = 1;
 const EACCES: i64 = 13;
+const EXDEV: i64 = 18;
 const ENOSYS: i64 = 38;
 const AT_FDCWD: i32 = -100;
 const O_WRONLY: u64 = 0o1;
@@ -239,10 +243,6 @@ fn try_enter(ctx: &TracePointContext, l: Layout) {
     };
     let write_intent = is_open && aux & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0;
     let has_canaries = state.flags & AGENT_FLAG_CANARIES != 0;
-    if is_open && !write_intent && !has_canaries {
-        // A read-only open of an agent without canaries: nothing to record.
-        return;
-    }
     let kind = if matches!(l.sys, Syscall::Unlinkat) && aux & AT_REMOVEDIR != 0 {
         EventKind::Rmdir
     } else {
@@ -270,9 +270,16 @@ fn try_enter(ctx: &TracePointContext, l: Layout) {
         Some(i) => arg(ctx, i) as i32,
         None => AT_FDCWD,
     };
-    match read_str(arg(ctx, l.path), &mut ev.path) {
+    let path_ptr = arg(ctx, l.path);
+    match read_str(path_ptr, &mut ev.path) {
         Read::Cut => ev.flags |= EVENT_FLAG_PATH_TRUNCATED,
-        Read::Failed => ev.flags |= EVENT_FLAG_PATH_UNREAD,
+        Read::Failed => {
+            // The page holding the name is not resident (a tracepoint cannot fault it in).
+            // The kernel copies the name in during the call, so the exit reads it again
+            // from the pointer, kept in `dir` until then (`dir` is filled at the exit).
+            ev.flags |= EVENT_FLAG_PATH_UNREAD;
+            ev.dir[..8].copy_from_slice(&path_ptr.to_le_bytes());
+        }
         Read::Whole | Read::Null => {}
     }
     match l.second {
@@ -288,13 +295,16 @@ fn try_enter(ctx: &TracePointContext, l: Layout) {
     if is_open {
         if has_canaries && ev.path[0] == b'/' && canary_match(state.policy_id, &ev.path) {
             ev.kind = EventKind::Canary as u16;
-        } else if !write_intent {
+        } else if !write_intent && has_canaries {
             // A read-only open that did not match as written. Kept until the exit: if
             // it succeeds, the opened file's inode decides; if it is refused with
             // EACCES, user space resolves the path (relative, or spelt with `//`, `.`,
-            // `..`) and decides whether it was a canary.
+            // `..`) and decides whether it was a canary, else it is a refused read.
             ev.kind = EventKind::Canary as u16;
             ev.flags |= EVENT_FLAG_CANARY_CANDIDATE;
+        } else if !write_intent {
+            // A read-only open of an agent without canaries: reported if refused.
+            ev.kind = EventKind::OpenRead as u16;
         }
     }
     let tid = bpf_get_current_pid_tgid() as u32;
@@ -416,8 +426,12 @@ fn try_exit(ctx: &TracePointContext) {
         // that reads or writes its own entry.
         let ev = unsafe { &mut *ev };
         if ev.syscall == sys as u8 {
+            let state_ptr = state;
             // SAFETY: `state` points into the AGENTS map value for the program's run.
             let state = unsafe { *state };
+            if ev.flags & EVENT_FLAG_PATH_UNREAD != 0 {
+                reread_path(ev);
+            }
             let walk = if !sys.records_every_call()
                 && ret >= 0
                 && state.flags & AGENT_FLAG_CANARIES != 0
@@ -436,9 +450,9 @@ fn try_exit(ctx: &TracePointContext) {
                 ev.flags &= !EVENT_FLAG_CANARY_CANDIDATE;
                 ev.canary = index + 1;
             }
-            if ev.flags & EVENT_FLAG_CANARY_CANDIDATE != 0
-                && ret != -EACCES
-                && !(ret >= 0 && walk == Walk::Unknown)
+            let candidate = ev.flags & EVENT_FLAG_CANARY_CANDIDATE != 0;
+            if (candidate && ret != -EACCES && !(ret >= 0 && walk == Walk::Unknown))
+                || (ev.kind == EventKind::OpenRead as u16 && ret != -EACCES)
             {
                 // An ordinary read-only open. Kept for user space to decide: a refusal
                 // (the path string is all there is), and a success the inode walk could
@@ -463,14 +477,18 @@ fn try_exit(ctx: &TracePointContext) {
                 // The new program's name.
                 ev.comm = bpf_get_current_comm().unwrap_or(ev.comm);
             }
-            output(ev);
+            let act = file_act(state.flags, ev, ret);
+            ev.flags |= act.flag();
+            let mut sent = output(ev);
             if ev.kind == EventKind::Canary as u16 && ev.flags & EVENT_FLAG_WRITE_INTENT != 0 {
                 // A canary opened for writing is also a write.
                 ev.kind = EventKind::OpenWrite as u16;
                 ev.flags |= EVENT_FLAG_CANARY_SENT;
-                output(ev);
+                ev.flags &= !(EVENT_FLAG_TRIPPED | EVENT_FLAG_HELD);
+                sent = output(ev) && sent;
             }
             let _ = PENDING.remove(&tid);
+            carry_out(act, state_ptr, sent);
             return;
         }
         // Left over from a call whose exit was never seen: drop it.
@@ -498,6 +516,71 @@ fn try_exit(ctx: &TracePointContext) {
     ev.path[0] = 0;
     ev.path2[0] = 0;
     output(ev);
+}
+
+/// Reads the first path again at the call's exit, when the entry could not (see
+/// `try_enter`): the kernel has copied the name in by now, so its page is resident.
+#[inline(always)]
+fn reread_path(ev: &mut RawEvent) {
+    let b = &ev.dir;
+    let ptr = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+    ev.dir[0] = 0;
+    match read_str(ptr, &mut ev.path) {
+        Read::Whole => ev.flags &= !EVENT_FLAG_PATH_UNREAD,
+        Read::Cut => {
+            ev.flags &= !EVENT_FLAG_PATH_UNREAD;
+            ev.flags |= EVENT_FLAG_PATH_TRUNCATED;
+        }
+        Read::Null | Read::Failed => {}
+    }
+}
+
+/// What the exit program does about a file event it sends (see [`Act`]):
+/// - a canary the kernel matched (by its path as written, or by the opened file's inode),
+///   whatever the verdict: trip, when `canary` is in `trip_on`;
+/// - a refusal by agentd's BPF LSM programs: trip, when its kind is in `trip_on`;
+/// - a refusal with what Landlock answers (EACCES; EXDEV for rename and link): hold, when
+///   its kind (or, for a read-only open that may be a canary, `canary`) is in `trip_on`:
+///   the file's permissions answer the same.
+#[inline(always)]
+fn file_act(flags: u32, ev: &RawEvent, ret: i64) -> Act {
+    if flags & AGENT_FLAG_KILLED != 0 || ev.flags & EVENT_FLAG_MONITOR != 0 {
+        return Act::Nothing;
+    }
+    let kind = ev.kind;
+    let candidate = ev.flags & EVENT_FLAG_CANARY_CANDIDATE != 0;
+    if kind == EventKind::Canary as u16 && !candidate {
+        return if flags & AGENT_FLAG_TRIP_CANARY != 0 {
+            Act::Trip
+        } else {
+            Act::Nothing
+        };
+    }
+    if ret >= 0 {
+        return Act::Nothing;
+    }
+    let bit = if kind == EventKind::Exec as u16 {
+        AGENT_FLAG_TRIP_EXEC
+    } else if kind == EventKind::OpenRead as u16 {
+        AGENT_FLAG_TRIP_READ
+    } else if candidate {
+        AGENT_FLAG_TRIP_READ | AGENT_FLAG_TRIP_CANARY
+    } else {
+        AGENT_FLAG_TRIP_WRITE
+    };
+    if flags & bit == 0 {
+        return Act::Nothing;
+    }
+    if ev.layer == Layer::BpfLsm as u8 {
+        return Act::Trip;
+    }
+    let landlock_errno = ret == -EACCES
+        || (ret == -EXDEV && (kind == EventKind::Rename as u16 || kind == EventKind::Link as u16));
+    if landlock_errno && ev.flags & EVENT_FLAG_NO_ENTER == 0 {
+        Act::Hold
+    } else {
+        Act::Nothing
+    }
 }
 
 /// `Syscall::from_raw` without its search loop. Each iteration of that loop returns its
@@ -543,7 +626,8 @@ fn try_exit_only(entry: u32, ret: i64) {
         return;
     };
     // SAFETY: `state` points into the AGENTS map value for the program's run.
-    if unsafe { (*state).flags } & AGENT_FLAG_KILLED != 0 {
+    let flags = unsafe { (*state).flags };
+    if flags & AGENT_FLAG_KILLED != 0 {
         // The breaker tripped and the agent is being killed: its refusals are not counted
         // again (and a socket the cgroup program refused as killed was reported there).
         return;
@@ -572,5 +656,18 @@ fn try_exit_only(entry: u32, ret: i64) {
     ev.dfd = AT_FDCWD;
     ev.path[0] = 0;
     ev.path2[0] = 0;
-    output(ev);
+    // Seccomp's refusal or the kernel's own: user space tells them apart by the policy.
+    let trip_bit = if matches!(sys, Syscall::Socket | Syscall::Socketpair) {
+        AGENT_FLAG_TRIP_SOCKET
+    } else {
+        AGENT_FLAG_TRIP_SYSCALL
+    };
+    let act = if flags & trip_bit != 0 {
+        Act::Hold
+    } else {
+        Act::Nothing
+    };
+    ev.flags |= act.flag();
+    let sent = output(ev);
+    carry_out(act, state, sent);
 }

@@ -38,14 +38,17 @@
 //! `Layer::BpfLsm`, so the event the exit program sends says which layer refused.
 
 use agentd_common::{
-    AGENT_FLAG_MONITOR, AGENT_FLAG_PROTECT, EVENT_FLAG_DIR, EVENT_FLAG_MAPPED, EVENT_FLAG_MONITOR,
+    AGENT_FLAG_MONITOR, AGENT_FLAG_PROTECT, AGENT_FLAG_TRIP_EXEC, EVENT_FLAG_DIR, EVENT_FLAG_MAPPED, EVENT_FLAG_MONITOR,
     EventKind, GUARD_EXEC_ROOT, GUARD_PIN, GUARD_PROTECT, GUARD_WRITE_ROOT, GUARDED_NAME_LEN,
     GuardedName, Layer, NAME_FORBID, NAME_UNIX_PEER, NET_LSM_MONITORED, NET_LSM_REFUSED, RawEvent,
 };
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::lsm, programs::LsmContext};
 
 use crate::{
-    maps::{EVENTS, GUARDED_NAMES, NET_PENDING, PENDING, count_lost, current_agent, fill_header},
+    maps::{
+        Act, EVENTS, GUARDED_NAMES, NET_PENDING, PENDING, carry_out, count_lost, current_agent,
+        fill_header,
+    },
     proc::bprm_file,
     vfs::{self, KPath, UnixName, Walk},
 };
@@ -337,6 +340,7 @@ fn map_exec(file: u64, hook: u64) -> i32 {
     let Some((cgroup, state)) = current_agent() else {
         return 0;
     };
+    let state_ptr = state;
     // SAFETY: `state` points into the AGENTS map value for the program's run.
     let state = unsafe { *state };
     let path = vfs::file_path(file);
@@ -355,7 +359,14 @@ fn map_exec(file: u64, hook: u64) -> i32 {
         return 0;
     }
     let monitor = state.flags & AGENT_FLAG_MONITOR != 0;
-    report_mapping(cgroup, monitor, path, hook);
+    // A refusal of agentd's own: it trips a breaker that trips on `exec`.
+    let act = if !monitor && state.flags & AGENT_FLAG_TRIP_EXEC != 0 {
+        Act::Trip
+    } else {
+        Act::Nothing
+    };
+    let sent = report_mapping(cgroup, monitor, path, hook, act);
+    carry_out(act, state_ptr, sent);
     if monitor { 0 } else { -EACCES }
 }
 
@@ -364,13 +375,13 @@ fn map_exec(file: u64, hook: u64) -> i32 {
 /// its dentries (`vfs::read_dir`; its scratch buffer is per CPU, and an LSM program can be
 /// preempted, so under heavy load a path can come out garbled: the decision is not).
 #[inline(always)]
-fn report_mapping(cgroup: u64, monitor: bool, path: Option<KPath>, hook: u64) {
+fn report_mapping(cgroup: u64, monitor: bool, path: Option<KPath>, hook: u64, act: Act) -> bool {
     let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
         count_lost(cgroup);
-        return;
+        return false;
     };
     let ev = entry.as_mut_ptr();
-    let mut flags = EVENT_FLAG_MAPPED;
+    let mut flags = EVENT_FLAG_MAPPED | act.flag();
     if monitor {
         flags |= EVENT_FLAG_MONITOR;
     }
@@ -390,6 +401,7 @@ fn report_mapping(cgroup: u64, monitor: bool, path: Option<KPath>, hook: u64) {
         }
     }
     entry.submit(0);
+    true
 }
 
 /// unix_stream_connect(struct sock *sock, struct sock *other, struct sock *newsk): a

@@ -7,6 +7,8 @@
 //!   canary opens with the kernel's verdict, and the refusals of dangerous calls (at their
 //!   exit only), and SIGKILL processes of a killed agent;
 //! - `proc`: fork and exit of agent processes (`tp_btf`);
+//! - `gate`: every system call's entry and exit, to SIGKILL the processes of an agent
+//!   whose breaker tripped;
 //! - `lsm`: BPF LSM programs, where the kernel accepts them: the `protect` list, memfd
 //!   exec;
 //! - `maps`: the maps they share and the agent lookup each program starts with;
@@ -17,6 +19,7 @@
 #![no_main]
 
 mod file;
+mod gate;
 mod lsm;
 mod maps;
 mod net;

@@ -4,14 +4,15 @@
 //! read them.
 
 use agentd_common::{
-    AgentState, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_LEN, CONFIG_LEVEL_MAX, CanaryInode,
+    AGENT_FLAG_KILLED, AgentState, EVENT_FLAG_HELD, EVENT_FLAG_TRIPPED, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_KILL_GATE, CONFIG_LEN,
+    CONFIG_LEVEL_MAX, CanaryInode,
     CanaryKey, CanaryPath, GuardedName, MAX_CGROUP_LEVEL, NetKey, PATH_LEN, RawEvent,
     SYSCALL_TABLE_LEN,
 };
 use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns,
+        bpf_ktime_get_ns, bpf_send_signal,
     },
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -150,6 +151,78 @@ pub fn agent_by_ancestor(ancestor: impl Fn(i32) -> u64) -> Option<(u64, *mut Age
     None
 }
 
+/// Trips the agent's breaker in the kernel, from the program that saw the violation: sets
+/// its kill flag (from then on its cgroup programs refuse everything, and `gate` SIGKILLs
+/// each of its processes at its next system call's entry, and at the exit of the one it is
+/// in), then opens the gate. The caller sends SIGKILL to the violating process where its
+/// hook allows (tracepoints, LSM); elsewhere (cgroup programs) the gate does it at the
+/// call's exit. User space writes `cgroup.kill` when it reads the event.
+#[inline(always)]
+pub fn trip(state: *mut AgentState) {
+    // SAFETY: `state` points into the AGENTS map value for the program's run. Every writer
+    // only ever adds this bit, so a concurrent update cannot lose it.
+    unsafe { (*state).flags |= AGENT_FLAG_KILLED };
+    if let Some(gate) = CONFIG.get_ptr_mut(CONFIG_KILL_GATE) {
+        // SAFETY: `gate` points into the CONFIG array; a u64 store.
+        unsafe { *gate = 1 };
+    }
+}
+
+/// What a program does, before the call returns to user space, about a refusal it reports.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    Nothing,
+    /// Trip the breaker ([`trip`]) and kill the calling process: the refusal is of a kind
+    /// in the profile's `trip_on`, and agentd's own programs decided it (or it is a canary,
+    /// a violation whatever the verdict).
+    Trip,
+    /// Stop the calling process (SIGSTOP): the refusal is of a kind in `trip_on`, but only
+    /// user space can tell whether a policy layer refused it (Landlock, seccomp) or the
+    /// file's permissions. User space then kills the agent or resumes the process.
+    Hold,
+}
+
+impl Act {
+    /// The event flag that tells user space what was done.
+    #[inline(always)]
+    pub fn flag(self) -> u16 {
+        match self {
+            Act::Nothing => 0,
+            Act::Trip => EVENT_FLAG_TRIPPED,
+            Act::Hold => EVENT_FLAG_HELD,
+        }
+    }
+}
+
+/// Carries out `act` on the current process, whose event was sent (`sent`) or lost. A
+/// hold whose event was lost would never be released: it trips instead (fail closed). For
+/// tracepoint and LSM programs only (cgroup programs may not send signals).
+#[inline(always)]
+pub fn carry_out(act: Act, state: *mut AgentState, sent: bool) {
+    match act {
+        Act::Nothing => {}
+        // SAFETY: the helper has no memory preconditions; it signals the current process.
+        Act::Hold if sent => unsafe {
+            bpf_send_signal(SIGSTOP);
+        },
+        Act::Trip | Act::Hold => {
+            trip(state);
+            // SAFETY: as above.
+            unsafe { bpf_send_signal(SIGKILL) };
+        }
+    }
+}
+
+const SIGKILL: u32 = 9;
+const SIGSTOP: u32 = 19;
+
+/// Whether the kill gate is open (some agent may have its kill flag set): one array
+/// read, which the verifier inlines.
+#[inline(always)]
+pub fn gate_open() -> bool {
+    CONFIG.get(CONFIG_KILL_GATE).is_some_and(|g| *g != 0)
+}
+
 /// Counts an event the ring buffer had no room for, against its agent.
 #[inline(always)]
 pub fn count_lost(cgroup: u64) {
@@ -216,10 +289,12 @@ pub unsafe fn fill_header_without_task(ev: *mut RawEvent, cgroup: u64, kind: u16
 }
 
 /// Sends a finished event (in map memory) to user space, counting it as lost if the ring
-/// buffer is full.
+/// buffer is full. Returns whether it was sent.
 #[inline(always)]
-pub fn output(ev: &RawEvent) {
+pub fn output(ev: &RawEvent) -> bool {
     if EVENTS.output::<RawEvent>(ev, 0).is_err() {
         count_lost(ev.agent_cgroup);
+        return false;
     }
+    true
 }

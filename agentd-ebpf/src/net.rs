@@ -16,8 +16,11 @@
 
 use agentd_common::{
     AGENT_FLAG_INET, AGENT_FLAG_INET6, AGENT_FLAG_KILLED, AGENT_FLAG_MONITOR,
-    AGENT_FLAG_NETLINK_ROUTE, AgentState, BindKey, EVENT_FLAG_MONITOR, EventKind, IPPROTO_TCP,
-    IPPROTO_UDP, Layer, NET_KEY_FIXED_BITS, NET_LSM_MONITORED, NetKey, RawEvent, UNIX_PATH_MAX,
+    AGENT_FLAG_NETLINK_ROUTE, AGENT_FLAG_TRIP_BIND, AGENT_FLAG_TRIP_CONNECT, AGENT_FLAG_TRIP_SOCKET,
+    AgentState, BindKey, EVENT_FLAG_MONITOR, EVENT_FLAG_TRIPPED, EventKind,
+    IPPROTO_TCP,
+    IPPROTO_UDP, Layer, NET_KEY_FIXED_BITS, NET_LSM_MONITORED, NET_LSM_REFUSED, NetKey, RawEvent,
+    UNIX_PATH_MAX,
     Verdict,
 };
 use aya_ebpf::{
@@ -33,8 +36,9 @@ use aya_ebpf::{
 
 use crate::maps::{
     BIND_ALLOW, EVENTS, NET_ALLOW, NET_PENDING, SOCK_REFUSED, agent_by_ancestor, count_lost,
-    current_agent, fill_header, fill_header_without_task,
+    current_agent, fill_header, fill_header_without_task, trip,
 };
+use crate::maps::{Act, carry_out};
 
 const AF_UNIX: u32 = 1;
 const AF_INET: u32 = 2;
@@ -217,9 +221,11 @@ fn try_inbound(ctx: &SkBuffContext) -> i32 {
 }
 
 /// The agent's verdict on an operation the policy allows or not: (return value, verdict,
-/// event flags, agent cgroup).
+/// event flags, agent cgroup). A refusal of a kind in the profile's `trip_on`
+/// (`trip_bit`, an `AGENT_FLAG_TRIP_*`) trips the breaker here, in the call: the caller
+/// dies at the call's exit (`gate`), before it returns to user space.
 #[inline(always)]
-fn decide(allowed: impl FnOnce(u32, u32) -> bool) -> (i32, Verdict, u16, u64) {
+fn decide(trip_bit: u32, allowed: impl FnOnce(u32, u32) -> bool) -> (i32, Verdict, u16, u64) {
     let Some((cgroup, state)) = current_agent() else {
         // The program runs because the socket belongs to an agent's cgroup, but the
         // calling task is in no agent (a socket handed out of the sandbox): refuse.
@@ -227,6 +233,7 @@ fn decide(allowed: impl FnOnce(u32, u32) -> bool) -> (i32, Verdict, u16, u64) {
         let cgroup = unsafe { bpf_get_current_cgroup_id() };
         return (REFUSE, Verdict::Deny, 0, cgroup);
     };
+    let state_ptr = state;
     // SAFETY: `state` points into the AGENTS map value for the program's run.
     let state = unsafe { *state };
     if state.flags & AGENT_FLAG_KILLED != 0 {
@@ -236,6 +243,9 @@ fn decide(allowed: impl FnOnce(u32, u32) -> bool) -> (i32, Verdict, u16, u64) {
         (ALLOW, Verdict::Allow, 0, cgroup)
     } else if state.flags & AGENT_FLAG_MONITOR != 0 {
         (ALLOW, Verdict::Deny, EVENT_FLAG_MONITOR, cgroup)
+    } else if state.flags & trip_bit != 0 {
+        trip(state_ptr);
+        (REFUSE, Verdict::Deny, EVENT_FLAG_TRIPPED, cgroup)
     } else {
         (REFUSE, Verdict::Deny, 0, cgroup)
     }
@@ -305,7 +315,11 @@ fn try_sock_addr(ctx: &SockAddrContext, kind: EventKind, v6: bool) -> i32 {
     if matches!(kind, EventKind::Connect | EventKind::Bind) {
         mark_seen(kind);
     }
-    let (ret, verdict, flags, cgroup) = decide(|policy_id, _| match kind {
+    let trip_bit = match kind {
+        EventKind::Bind => AGENT_FLAG_TRIP_BIND,
+        _ => AGENT_FLAG_TRIP_CONNECT,
+    };
+    let (ret, verdict, flags, cgroup) = decide(trip_bit, |policy_id, _| match kind {
         // Port 0 picks an ephemeral port: what UDP clients do before sending (and cannot
         // receive unsolicited traffic on a port nobody knows). A TCP socket could listen
         // on it, so TCP port 0 needs a rule like any other port.
@@ -355,7 +369,7 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
             core::ptr::read_volatile(&raw const (*sk).protocol),
         )
     };
-    let (ret, verdict, flags, cgroup) = decide(|_, agent_flags| {
+    let (ret, verdict, flags, cgroup) = decide(AGENT_FLAG_TRIP_SOCKET, |_, agent_flags| {
         let inet_ok = (sock_type == SOCK_STREAM
             && (protocol == 0 || protocol == u32::from(IPPROTO_TCP)))
             || (sock_type == SOCK_DGRAM && (protocol == 0 || protocol == u32::from(IPPROTO_UDP)));
@@ -565,12 +579,30 @@ fn try_exit_sockaddr(ctx: &TracePointContext) {
         return;
     }
     // SAFETY: `state` points into the AGENTS map value for the program's run.
-    if unsafe { (*state).flags } & AGENT_FLAG_KILLED != 0 {
+    let flags = unsafe { (*state).flags };
+    if flags & AGENT_FLAG_KILLED != 0 {
         // Being killed: its refusals are not counted again.
         return;
     }
+    // A unix-socket connect refused by agentd's BPF LSM program trips a breaker that
+    // trips on `connect`; one refused with what Landlock's scoping or the socket file's
+    // permissions answer is held for user space to attribute.
+    let act = if flags & AGENT_FLAG_TRIP_CONNECT == 0
+        || family != AF_UNIX
+        || kind_of(call.kind) != Some(EventKind::Connect)
+        || call.lsm == NET_LSM_MONITORED
+    {
+        Act::Nothing
+    } else if call.lsm == NET_LSM_REFUSED {
+        Act::Trip
+    } else if ret == -EPERM || ret == -EACCES {
+        Act::Hold
+    } else {
+        Act::Nothing
+    };
     let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
         count_lost(cgroup);
+        carry_out(act, state, false);
         return;
     };
     let ev = entry.as_mut_ptr();
@@ -581,7 +613,7 @@ fn try_exit_sockaddr(ctx: &TracePointContext) {
             ev,
             cgroup,
             call.kind,
-            if monitor { EVENT_FLAG_MONITOR } else { 0 },
+            if monitor { EVENT_FLAG_MONITOR } else { 0 } | act.flag(),
         );
         if call.lsm == 0 {
             // The verdict is the call's result; user space attributes a refusal.
@@ -604,4 +636,17 @@ fn try_exit_sockaddr(ctx: &TracePointContext) {
         (*ev).path2[0] = 0;
     }
     entry.submit(0);
+    carry_out(act, state, true);
+}
+
+/// `NetCall::kind` as an [`EventKind`] (connect or bind).
+#[inline(always)]
+fn kind_of(raw: u16) -> Option<EventKind> {
+    if raw == EventKind::Connect as u16 {
+        Some(EventKind::Connect)
+    } else if raw == EventKind::Bind as u16 {
+        Some(EventKind::Bind)
+    } else {
+        None
+    }
 }

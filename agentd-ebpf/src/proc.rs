@@ -88,6 +88,11 @@ fn try_exec(ctx: &BtfTracePointContext) {
     // SAFETY: `state` points into the AGENTS map value for the program's run.
     let flags = unsafe { (*state).flags };
     let monitor = flags & agentd_common::AGENT_FLAG_MONITOR != 0;
+    // An exec outside the profile, decided here: it trips a breaker that trips on `exec`.
+    let tripped = !monitor && flags & agentd_common::AGENT_FLAG_TRIP_EXEC != 0;
+    if tripped {
+        crate::maps::trip(state);
+    }
     if !monitor {
         // SAFETY: the helper has no memory preconditions.
         unsafe { bpf_send_signal(SIGKILL) };
@@ -105,6 +110,8 @@ fn try_exec(ctx: &BtfTracePointContext) {
             EventKind::Exec as u16,
             if monitor {
                 agentd_common::EVENT_FLAG_MONITOR
+            } else if tripped {
+                agentd_common::EVENT_FLAG_TRIPPED
             } else {
                 0
             },

@@ -61,6 +61,9 @@ pub enum Kind {
     ProcessExit,
     #[serde(rename = "file_write")]
     OpenWrite,
+    /// A refused open for reading (a file, a directory listing, an `O_PATH` open).
+    #[serde(rename = "file_read")]
+    OpenRead,
     #[serde(rename = "file_unlink")]
     Unlink,
     #[serde(rename = "file_rename")]
@@ -125,11 +128,35 @@ pub enum Layer {
     /// A cgroup BPF program.
     Bpf,
     BpfLsm,
-    /// Seen by a tracepoint; the verdict is the syscall's own result (e.g. file permissions).
+    /// Seen by a tracepoint; the verdict is the syscall's own result (ENOENT, a real
+    /// cross-device rename, a busy file...).
     Kernel,
+    /// The file's permissions refused it (owner, group and mode bits for the agent's
+    /// identity), before any layer of agentd's was asked: not a violation of the profile.
+    Permission,
 }
 
+/// Detail key: the kernel tripped the agent's breaker in the call this event reports
+/// (the calling process was killed before the call returned; the kill flag is set).
+pub const TRIPPED_IN_KERNEL: &str = "tripped_in_kernel";
+/// Detail key: the kernel stopped the calling process before its refused call returned,
+/// for the breaker to decide (kill the agent, or resume the process).
+pub const HELD: &str = "held";
+
 impl Event {
+    /// Whether the kernel stopped the calling process for the breaker to decide.
+    pub fn held(&self) -> bool {
+        self.detail.get(HELD).and_then(serde_json::Value::as_bool) == Some(true)
+    }
+
+    /// Whether the kernel already tripped the breaker on this event.
+    pub fn tripped_in_kernel(&self) -> bool {
+        self.detail
+            .get(TRIPPED_IN_KERNEL)
+            .and_then(serde_json::Value::as_bool)
+            == Some(true)
+    }
+
     /// An event stamped now, with no kind-specific fields.
     pub fn new(
         agent: &str,

@@ -1,6 +1,10 @@
 //! Facts about the host and the invoking user that several commands need.
 
-use std::path::PathBuf;
+use std::{
+    ffi::CString,
+    os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context as _;
 use nix::unistd::{Uid, User};
@@ -121,6 +125,130 @@ pub fn cgroup1_mount(mounts: &[Mount], controller: &str) -> Option<PathBuf> {
         .iter()
         .find(|m| m.fstype == "cgroup" && m.super_options.split(',').any(|o| o == controller))
         .map(|m| m.mount_point.clone())
+}
+
+/// An agent's identity as the kernel's permission checks see it: its filesystem uid,
+/// gid and supplementary groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+/// What an operation needs of the files on its path, for [`Creds::permits`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileAccess {
+    /// Read the file (or list the directory).
+    Read,
+    /// Change the file's contents or attributes; when it does not exist, create it.
+    Write,
+    /// Execute the file.
+    Exec,
+    /// Create, remove or rename the name in its directory.
+    Entry,
+}
+
+impl Creds {
+    /// The identity of process `pid`, from `/proc/PID/status` (filesystem ids). `None`
+    /// when it cannot be read, and for root: an agent never runs as root, so uid 0 is
+    /// the launch sequence before its identity switch.
+    pub fn of_process(pid: u32) -> Option<Creds> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        Creds::parse_status(&status)
+    }
+
+    /// [`Creds::of_process`] on the text of a status file.
+    pub fn parse_status(status: &str) -> Option<Creds> {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|rest| rest.split_whitespace().filter_map(|v| v.parse::<u32>().ok()))
+        };
+        // Uid:/Gid: list real, effective, saved and filesystem ids.
+        let uid = field("Uid:")?.nth(3)?;
+        let gid = field("Gid:")?.nth(3)?;
+        let groups = field("Groups:").map(Iterator::collect).unwrap_or_default();
+        (uid != 0).then_some(Creds { uid, gid, groups })
+    }
+
+    /// Whether these creds may do `access` on the absolute path `path` by the permissions
+    /// of the files on the way, as the kernel checks them before any security module:
+    /// search (x) on every directory from `/` to the parent, then what `access` needs of
+    /// the file (or, to create or remove a name, write and search on its directory).
+    /// `Some(false)`: the owner, group and mode bits refuse it. `None` when it cannot tell
+    /// (a component missing or unreadable, a POSIX ACL on the way, whose entries are not
+    /// read here): the caller then does not blame the permissions.
+    pub fn permits(&self, path: &Path, access: FileAccess) -> Option<bool> {
+        if !path.is_absolute() {
+            return None;
+        }
+        let parent = path.parent();
+        for dir in path.ancestors().skip(1) {
+            let meta = std::fs::metadata(dir).ok()?;
+            if has_acl(dir) {
+                return None;
+            }
+            if !self.mode_allows(&meta, 0o1) {
+                return Some(false);
+            }
+        }
+        let target = match std::fs::metadata(path) {
+            Ok(meta) => Some(meta),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(_) => return None,
+        };
+        let (file, bits) = match (access, target) {
+            (FileAccess::Read, Some(m)) => (m, 0o4),
+            (FileAccess::Write, Some(m)) => (m, 0o2),
+            (FileAccess::Exec, Some(m)) => (m, 0o1),
+            (FileAccess::Entry | FileAccess::Write, _) => {
+                let dir = parent?;
+                (std::fs::metadata(dir).ok()?, 0o3)
+            }
+            // Nothing to read or run: the call failed on its own (ENOENT).
+            (FileAccess::Read | FileAccess::Exec, None) => return None,
+        };
+        let checked = if bits == 0o3 { parent? } else { path };
+        if has_acl(checked) {
+            return None;
+        }
+        Some(self.mode_allows(&file, bits))
+    }
+
+    /// Whether the permission class these creds fall in (owner, group, other) has every
+    /// bit of `want` (r=4, w=2, x=1).
+    fn mode_allows(&self, meta: &std::fs::Metadata, want: u32) -> bool {
+        let mode = meta.mode();
+        let class = if meta.uid() == self.uid {
+            mode >> 6
+        } else if meta.gid() == self.gid || self.groups.contains(&meta.gid()) {
+            mode >> 3
+        } else {
+            mode
+        };
+        class & want == want
+    }
+}
+
+/// Whether `path` carries a POSIX access ACL (the mode's group bits are then its mask,
+/// and named entries may grant more).
+fn has_acl(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return true;
+    };
+    // SAFETY: both strings are NUL-terminated and live across the call; a NULL buffer of
+    // size 0 asks only for the value's size.
+    let n = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            c"system.posix_acl_access".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    n >= 0
 }
 
 #[cfg(test)]

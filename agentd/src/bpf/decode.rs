@@ -10,14 +10,15 @@ use std::{
 };
 
 use agentd_common::{
-    EVENT_FLAG_CANARY_CANDIDATE, EVENT_FLAG_CANARY_SENT, EVENT_FLAG_DIR, EVENT_FLAG_MAPPED,
+    EVENT_FLAG_HELD, EVENT_FLAG_TRIPPED, EVENT_FLAG_CANARY_CANDIDATE, EVENT_FLAG_CANARY_SENT, EVENT_FLAG_DIR, EVENT_FLAG_MAPPED,
     EVENT_FLAG_MONITOR, EVENT_FLAG_NO_ENTER, EVENT_FLAG_PATH_TRUNCATED, EVENT_FLAG_PATH_UNREAD,
     EVENT_FLAG_PATH2_TRUNCATED, EVENT_FLAG_WRITE_INTENT, EXEC_ARG_LEN, EXEC_ARGS, EventKind,
     IPPROTO_TCP, IPPROTO_UDP, RawEvent, Syscall,
 };
 
 use crate::{
-    event::{Event, Kind, Layer, Verdict, rfc3339},
+    event::{Event, HELD, Kind, Layer, TRIPPED_IN_KERNEL, Verdict, rfc3339},
+    host::{Creds, FileAccess},
     profile::CompiledPolicy,
 };
 
@@ -34,6 +35,52 @@ pub const AT_FDCWD: i32 = -100;
 pub struct AgentInfo {
     pub id: String,
     pub policy: std::sync::Arc<CompiledPolicy>,
+    /// The agent's identity, learnt from its first process seen past the identity switch
+    /// (see [`Creds::of_process`]): with it, a refusal the file's permissions explain is
+    /// told from one the profile's rules do.
+    pub creds: std::sync::Arc<std::sync::OnceLock<Creds>>,
+}
+
+impl AgentInfo {
+    pub fn new(id: &str, policy: std::sync::Arc<CompiledPolicy>) -> AgentInfo {
+        AgentInfo {
+            id: id.to_owned(),
+            policy,
+            creds: std::sync::Arc::default(),
+        }
+    }
+}
+
+/// The permission check a file operation of `kind` needing `need` is subject to.
+fn file_access(need: Need, kind: EventKind) -> FileAccess {
+    match need {
+        Need::Read => FileAccess::Read,
+        Need::Exec => FileAccess::Exec,
+        Need::Write => match kind {
+            EventKind::Unlink
+            | EventKind::Mkdir
+            | EventKind::Rmdir
+            | EventKind::Rename
+            | EventKind::Link
+            | EventKind::Symlink => FileAccess::Entry,
+            EventKind::OpenWrite
+            | EventKind::OpenRead
+            | EventKind::Canary
+            | EventKind::Chmod
+            | EventKind::Chown
+            | EventKind::Truncate
+            | EventKind::Setxattr
+            | EventKind::Exec
+            | EventKind::Fork
+            | EventKind::Exit
+            | EventKind::Connect
+            | EventKind::Sendmsg
+            | EventKind::Bind
+            | EventKind::Inbound
+            | EventKind::SocketCreate
+            | EventKind::Syscall => FileAccess::Write,
+        },
+    }
 }
 
 /// Resolves a path argument of process `pid` as the kernel did: a relative one against
@@ -42,6 +89,12 @@ pub struct AgentInfo {
 /// too when the call follows it (`follow`). Returns `None` when it cannot (the process is
 /// gone).
 pub type Resolver<'a> = &'a dyn Fn(u32, i32, &str, bool) -> Option<PathBuf>;
+
+/// Whether the agent's identity may, by the permissions of the files involved, do the
+/// operation `kind` needing `need` on an absolute path: `Some(false)` when the owner,
+/// group and mode bits refuse it (the kernel checks them before any security module),
+/// `None` when it cannot tell (see [`crate::host::Creds::permits`]).
+pub type Dac<'a> = &'a dyn Fn(&Path, Need, EventKind) -> Option<bool>;
 
 /// CLOCK_REALTIME minus CLOCK_MONOTONIC, in nanoseconds: turns a `bpf_ktime_get_ns()`
 /// stamp into wall-clock time.
@@ -69,6 +122,7 @@ fn kind_of(k: EventKind) -> Kind {
         EventKind::Fork => Kind::Fork,
         EventKind::Exit => Kind::ProcessExit,
         EventKind::OpenWrite => Kind::OpenWrite,
+        EventKind::OpenRead => Kind::OpenRead,
         EventKind::Unlink => Kind::Unlink,
         EventKind::Rename => Kind::Rename,
         EventKind::Mkdir => Kind::Mkdir,
@@ -91,7 +145,7 @@ fn kind_of(k: EventKind) -> Kind {
 
 /// The access a file operation needed, to compare with the policy's Landlock rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Need {
+pub enum Need {
     Read,
     Write,
     Exec,
@@ -119,9 +173,14 @@ pub struct FileOutcome<'a> {
 /// - EPERM on a call the policy's seccomp allow-list lacks: seccomp;
 /// - EACCES on a path the policy's Landlock rules do not grant the needed access to (or
 ///   EXDEV on a rename or link): Landlock; on a granted path: the kernel's own checks (a
-///   real cross-filesystem EXDEV included);
+///   real cross-filesystem EXDEV included); but EACCES where the agent's identity may not
+///   do it by the file's permissions (`dac`): those, checked first by the kernel;
 /// - anything else (ENOENT, EEXIST, ...): the call was allowed and failed on its own.
-pub fn attribute(o: &FileOutcome<'_>, policy: Option<&CompiledPolicy>) -> (Layer, Verdict) {
+pub fn attribute(
+    o: &FileOutcome<'_>,
+    policy: Option<&CompiledPolicy>,
+    dac: Option<Dac<'_>>,
+) -> (Layer, Verdict) {
     let Some(errno) = o.errno else {
         return (Layer::Kernel, Verdict::Allow);
     };
@@ -152,11 +211,14 @@ pub fn attribute(o: &FileOutcome<'_>, policy: Option<&CompiledPolicy>) -> (Layer
             };
             let (need, paths): (Need, [Option<&Path>; 2]) = match o.kind {
                 EventKind::Exec => (Need::Exec, [o.path, None]),
-                EventKind::Canary if !o.write_intent => (Need::Read, [o.path, None]),
+                EventKind::Canary | EventKind::OpenRead if !o.write_intent => {
+                    (Need::Read, [o.path, None])
+                }
                 EventKind::Rename => (Need::Write, [o.path, o.path2]),
                 // link and symlink create path2; symlink's path is the link's contents.
                 EventKind::Link | EventKind::Symlink => (Need::Write, [o.path2, None]),
                 EventKind::OpenWrite
+                | EventKind::OpenRead
                 | EventKind::Canary
                 | EventKind::Unlink
                 | EventKind::Mkdir
@@ -183,7 +245,19 @@ pub fn attribute(o: &FileOutcome<'_>, policy: Option<&CompiledPolicy>) -> (Layer
                 .iter()
                 .flatten()
                 .any(|p| p.is_absolute() && !policy.fs_allows(p, want));
-            if refused_by_rules {
+            // The file's permissions are checked before any LSM: when they refuse, the
+            // rules were never asked (a PATH search through a directory the agent's user
+            // cannot enter is no exec outside the profile).
+            let permission_refuses = errno == EACCES
+                && dac.is_some_and(|dac| {
+                    paths
+                        .iter()
+                        .flatten()
+                        .any(|p| p.is_absolute() && dac(p, need, o.kind) == Some(false))
+                });
+            if permission_refuses {
+                (Layer::Permission, Verdict::Deny)
+            } else if refused_by_rules {
                 (Layer::Landlock, Verdict::Deny)
             } else {
                 (Layer::Kernel, Verdict::Deny)
@@ -351,7 +425,7 @@ fn resolve_path(raw: &str, pid: u32, dfd: i32, follow: bool, resolve: Resolver<'
 /// Whether the call follows a symbolic link in the last component of its (first) path.
 fn follows_last(kind: EventKind, syscall: Option<Syscall>, aux: u64) -> bool {
     match kind {
-        EventKind::OpenWrite | EventKind::Canary => {
+        EventKind::OpenWrite | EventKind::OpenRead | EventKind::Canary => {
             let flags = aux as i32;
             let excl = libc::O_CREAT | libc::O_EXCL;
             flags & libc::O_NOFOLLOW == 0 && flags & excl != excl
@@ -435,6 +509,13 @@ pub fn decode(
     }
     if raw.flags & EVENT_FLAG_PATH2_TRUNCATED != 0 {
         e = e.with("path2_truncated", true);
+    }
+    if raw.flags & EVENT_FLAG_TRIPPED != 0 {
+        // The kernel tripped the breaker in this very call (see `Event::tripped_in_kernel`).
+        e = e.with(TRIPPED_IN_KERNEL, true);
+    }
+    if raw.flags & EVENT_FLAG_HELD != 0 {
+        e = e.with(HELD, true);
     }
 
     match raw_kind {
@@ -553,6 +634,7 @@ pub fn decode(
         }
         EventKind::Exec
         | EventKind::OpenWrite
+        | EventKind::OpenRead
         | EventKind::Canary
         | EventKind::Unlink
         | EventKind::Rename
@@ -655,6 +737,7 @@ fn decode_file(
             )
         }
         EventKind::OpenWrite
+        | EventKind::OpenRead
         | EventKind::Canary
         | EventKind::Unlink
         | EventKind::Mkdir
@@ -731,6 +814,12 @@ fn decode_file(
         });
         match canary {
             Some(c) => e = e.with("canary", c.to_string_lossy()),
+            // A refused read-only open that is no canary: a refused read.
+            None if raw.flags & EVENT_FLAG_CANARY_CANDIDATE != 0 && errno.is_some() => {
+                kind = EventKind::OpenRead;
+                e.kind = Kind::OpenRead;
+            }
+            // A successful one the kernel could not decide, and no canary either.
             None if raw.flags & EVENT_FLAG_CANARY_CANDIDATE != 0 => return None,
             None => {}
         }
@@ -745,10 +834,15 @@ fn decode_file(
         path: path.as_deref(),
         path2: path2.as_deref(),
     };
+    let creds = agent.and_then(|a| a.creds.get());
+    let permits = |p: &Path, need: Need, kind: EventKind| {
+        creds.and_then(|c| c.permits(p, file_access(need, kind)))
+    };
+    let dac: Option<Dac<'_>> = creds.map(|_| &permits as Dac<'_>);
     let (layer, verdict) = match layer_of_raw(raw.layer) {
         // A layer that decided in the kernel said so itself.
         Some(layer) => (layer, verdict_of_raw(raw.verdict)),
-        None => attribute(&outcome, agent.map(|a| a.policy.as_ref())),
+        None => attribute(&outcome, agent.map(|a| a.policy.as_ref()), dac),
     };
     e.layer = layer;
     e.verdict = verdict;
@@ -878,7 +972,7 @@ pub fn canary_of<'a>(policy: &'a CompiledPolicy, path: &Path) -> Option<&'a Path
 /// Details carried in `aux`, by kind (see `RawEvent::aux`).
 fn aux_detail(kind: EventKind, aux: u64, mut e: Event) -> Event {
     match kind {
-        EventKind::OpenWrite | EventKind::Canary => {
+        EventKind::OpenWrite | EventKind::OpenRead | EventKind::Canary => {
             e = e.with("flags", open_flags(aux));
         }
         EventKind::Chmod | EventKind::Mkdir => {
@@ -958,10 +1052,7 @@ connect = ["127.0.0.1/32:8080"]
     }
 
     fn agent() -> AgentInfo {
-        AgentInfo {
-            id: "agent-1".into(),
-            policy: policy(),
-        }
+        AgentInfo::new("agent-1", policy())
     }
 
     fn raw(kind: EventKind) -> RawEvent {

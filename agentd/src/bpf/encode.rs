@@ -9,11 +9,15 @@ use std::{
 
 use agentd_common::{
     AGENT_FLAG_CANARIES, AGENT_FLAG_INET, AGENT_FLAG_INET6, AGENT_FLAG_MONITOR,
-    AGENT_FLAG_NETLINK_ROUTE, AGENT_FLAG_PROTECT, AgentState, BindKey, CanaryInode, CanaryKey,
+    AGENT_FLAG_NETLINK_ROUTE, AGENT_FLAG_PROTECT, AGENT_FLAG_TRIP_BIND, AGENT_FLAG_TRIP_CANARY,
+    AGENT_FLAG_TRIP_CONNECT, AGENT_FLAG_TRIP_EXEC, AGENT_FLAG_TRIP_READ, AGENT_FLAG_TRIP_SOCKET,
+    AGENT_FLAG_TRIP_SYSCALL, AGENT_FLAG_TRIP_WRITE, AgentState, BindKey, CanaryInode, CanaryKey,
     CanaryPath, GuardedName, MAX_CANARIES, MAX_CGROUP_LEVEL, NET_KEY_FIXED_BITS, NetKey, PATH_LEN,
 };
 
-use crate::profile::{BindRule, CompiledPolicy, Mode, NetEntry, SocketFamily};
+use crate::profile::{
+    Action, BindRule, BreakerPolicy, CompiledPolicy, Mode, NetEntry, SocketFamily, ViolationKind,
+};
 
 /// Every map entry of one agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,7 +223,29 @@ pub fn agent_flags(policy: &CompiledPolicy) -> u32 {
     if !policy.protect.is_empty() {
         flags |= AGENT_FLAG_PROTECT;
     }
-    flags
+    flags | trip_flags(&policy.breaker)
+}
+
+/// `AGENT_FLAG_TRIP_*` for the kinds a breaker that kills trips on at once: the kernel
+/// acts on them in the violating call itself. None when the breaker only reports (monitor
+/// mode) or only denies: then nothing is done in the kernel beyond the refusal.
+pub fn trip_flags(breaker: &BreakerPolicy) -> u32 {
+    if !breaker.enforce || breaker.action != Action::Kill {
+        return 0;
+    }
+    breaker.trip_on.iter().fold(0, |flags, kind| {
+        flags
+            | match kind {
+                ViolationKind::Canary => AGENT_FLAG_TRIP_CANARY,
+                ViolationKind::Exec => AGENT_FLAG_TRIP_EXEC,
+                ViolationKind::Connect => AGENT_FLAG_TRIP_CONNECT,
+                ViolationKind::Bind => AGENT_FLAG_TRIP_BIND,
+                ViolationKind::Write => AGENT_FLAG_TRIP_WRITE,
+                ViolationKind::Read => AGENT_FLAG_TRIP_READ,
+                ViolationKind::Socket => AGENT_FLAG_TRIP_SOCKET,
+                ViolationKind::Syscall => AGENT_FLAG_TRIP_SYSCALL,
+            }
+    })
 }
 
 pub fn agent_entries(policy_id: u32, policy: &CompiledPolicy) -> Result<AgentEntries, String> {

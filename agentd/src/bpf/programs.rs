@@ -246,6 +246,12 @@ pub const PROCESS_TRACEPOINTS: [(&str, &str); 2] = [
     ("sched_process_fork", "sched_process_fork"),
     ("sched_process_exec", "sched_process_exec"),
 ];
+/// The kill gate (agentd-ebpf `gate`): tp_btf programs on every system call's entry and
+/// exit, (program, BTF tracepoint).
+pub const GATE_TRACEPOINTS: [(&str, &str); 2] = [
+    ("gate_sys_enter", "sys_enter"),
+    ("gate_sys_exit", "sys_exit"),
+];
 /// The BTF tracepoint of process exits.
 pub const PROCESS_EXIT: &str = "sched_process_exit";
 /// Its programs: (program, arguments of the tracepoint it reads). Kernels from 6.16 pass

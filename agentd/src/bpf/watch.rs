@@ -22,7 +22,7 @@ use std::{
 
 use agentd_common::{
     AGENT_FLAG_KILLED, AgentState, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_LEVEL_MAX,
-    CONFIG_LEVEL_MIN, CanaryInode, CanaryKey, CanaryPath, GUARD_EXEC_ROOT, GUARD_WRITE_ROOT,
+    CONFIG_KILL_GATE, CONFIG_LEVEL_MIN, CanaryInode, CanaryKey, CanaryPath, GUARD_EXEC_ROOT, GUARD_WRITE_ROOT,
     GuardedName, NAME_FORBID, NAME_UNIX_PEER, NetKey, RawEvent, SYSCALL_EXIT_ONLY,
 };
 use aya::{
@@ -49,6 +49,7 @@ use super::{
 };
 use crate::{
     event::{Event, Kind, Layer, Verdict},
+    host::Creds,
     profile::CompiledPolicy,
 };
 
@@ -636,6 +637,7 @@ impl Watch {
         for (name, tp) in programs::PROCESS_TRACEPOINTS
             .into_iter()
             .chain([(exit_program, programs::PROCESS_EXIT)])
+            .chain(programs::GATE_TRACEPOINTS)
         {
             let p: &mut BtfTracePoint = program(&mut ebpf, name)?;
             p.load(tp, &btf).map_err(load_err(name))?;
@@ -786,10 +788,7 @@ impl Watch {
         lock(&self.registry).agents.insert(
             cgroup_id,
             (
-                AgentInfo {
-                    id: agent_id.to_owned(),
-                    policy: Arc::new(policy.with_real_paths()),
-                },
+                AgentInfo::new(agent_id, Arc::new(policy.with_real_paths())),
                 None,
             ),
         );
@@ -1030,13 +1029,14 @@ impl Watch {
         if let Some((_, removed)) = lock(&self.registry).agents.get_mut(&handle.cgroup_id) {
             *removed = Some(Instant::now());
         }
+        keep(self.refresh_gate());
         first_err.map_or(Ok(()), Err)
     }
 
     /// Sets the agent's kill flag: from now on its cgroup programs refuse everything and
     /// its processes are SIGKILLed at their next covered syscall (the caller writes
     /// `cgroup.kill` first, which kills every process at once where the kernel has it).
-    pub fn set_killed(&self, cgroup_id: u64) -> Result<(), BpfError> {
+    pub fn set_killed(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
         let mut agents = lock(&self.agents);
         let mut state = agents.get(&cgroup_id, 0).map_err(|source| {
             if matches!(source, MapError::KeyNotFound) {
@@ -1057,7 +1057,29 @@ impl Watch {
         state.flags |= AGENT_FLAG_KILLED;
         agents
             .insert(cgroup_id, state, 0)
-            .map_err(map_err("AGENTS"))
+            .map_err(map_err("AGENTS"))?;
+        self.config
+            .set(CONFIG_KILL_GATE, 1, 0)
+            .map_err(map_err("CONFIG"))
+    }
+
+    /// Closes the kill gate unless an agent still has its kill flag (see
+    /// `CONFIG_KILL_GATE`): cleared first, then set again if the scan finds one, so a
+    /// program tripping an agent meanwhile (flag, then gate) cannot be lost.
+    fn refresh_gate(&mut self) -> Result<(), BpfError> {
+        self.config
+            .set(CONFIG_KILL_GATE, 0, 0)
+            .map_err(map_err("CONFIG"))?;
+        let killed = lock(&self.agents)
+            .iter()
+            .filter_map(Result::ok)
+            .any(|(_, state)| state.flags & AGENT_FLAG_KILLED != 0);
+        if killed {
+            self.config
+                .set(CONFIG_KILL_GATE, 1, 0)
+                .map_err(map_err("CONFIG"))?;
+        }
+        Ok(())
     }
 
     /// The decoded event stream. Spawns one task (on the current tokio runtime) that
@@ -1444,6 +1466,12 @@ fn drain(ring: &mut RingBuf<MapData>, registry: &Mutex<Registry>, out: &mut Vec<
         // and the read is unaligned-safe.
         let raw: RawEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
         let agent = registry.agents.get(&raw.agent_cgroup).map(|(a, _)| a);
+        if let Some(a) = agent
+            && a.creds.get().is_none()
+            && let Some(c) = Creds::of_process(raw.pid)
+        {
+            let _ = a.creds.set(c);
+        }
         match decode(&raw, agent, clock, &proc_resolve) {
             Some(e) => out.push(e),
             None if agentd_common::EventKind::from_raw(raw.kind).is_none() => {
@@ -1666,10 +1694,7 @@ mod tests {
                 home: "/h".into(),
             },
         );
-        let info = |id: &str| AgentInfo {
-            id: id.into(),
-            policy: Arc::new(policy.clone()),
-        };
+        let info = |id: &str| AgentInfo::new(id, Arc::new(policy.clone()));
         let now = Instant::now();
         let mut r = Registry::default();
         r.agents.insert(1, (info("live"), None));

@@ -37,7 +37,7 @@ pub fn classify(ev: &Event) -> Option<ViolationKind> {
     // are not counted again; allowed operations are not violations.
     let denied_by_policy = match (ev.verdict, ev.layer) {
         (Verdict::Deny, Layer::Landlock | Layer::Seccomp | Layer::Bpf | Layer::BpfLsm) => true,
-        (Verdict::Deny, Layer::Agentd | Layer::Kernel) => false,
+        (Verdict::Deny, Layer::Agentd | Layer::Kernel | Layer::Permission) => false,
         (Verdict::Allow | Verdict::Killed | Verdict::None, _) => false,
     };
     if !denied_by_policy {
@@ -57,6 +57,7 @@ pub fn classify(ev: &Event) -> Option<ViolationKind> {
         Kind::Connect | Kind::Sendmsg => Some(ViolationKind::Connect),
         Kind::Bind | Kind::Accept => Some(ViolationKind::Bind),
         Kind::Socket => Some(ViolationKind::Socket),
+        Kind::OpenRead => Some(ViolationKind::Read),
         Kind::OpenWrite
         | Kind::Unlink
         | Kind::Rename

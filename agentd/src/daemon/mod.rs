@@ -54,7 +54,7 @@ use crate::{
     breaker::Breaker,
     event::{Event, Kind, Layer, Verdict},
     profile::{self, CompileContext, CompiledPolicy},
-    run::kernel::{manual_kill_event, monotonic_ns, trip_event, trip_line},
+    run::kernel::{manual_kill_event, monotonic_ns, release_held, trip_event, trip_line},
     sandbox::cgroup::AgentCgroup,
 };
 
@@ -439,8 +439,15 @@ fn handle_event(shared: &Shared, ev: Event) {
             if matches!(ev.verdict, Verdict::Deny | Verdict::Killed) {
                 a.denials += 1;
             }
-            if let Some(trip) = a.breaker.observe(&ev, now_ns) {
-                let kill = trip.enforced && trip.action == crate::profile::Action::Kill;
+            let trip = a.breaker.observe(&ev, now_ns);
+            let kill = trip
+                .as_ref()
+                .is_some_and(|t| t.enforced && t.action == crate::profile::Action::Kill);
+            if ev.held() && !kill {
+                // The breaker lets the held process go: its refusal was no violation.
+                release_held(ev.pid, &a.cgroup);
+            }
+            if let Some(trip) = trip {
                 let mut contain_ns = None;
                 if kill {
                     contain(shared, a, "breaker");

@@ -237,8 +237,12 @@ impl CompiledPolicy {
     /// links resolved, where they exist) added: what events, whose paths are resolved the
     /// same way, are matched against. Landlock opens rule paths, following links, so a
     /// rule for `/bin` is a rule for `/usr/bin` where one links to the other.
+    ///
+    /// Rules on paths that do not exist now are dropped: Landlock cannot open them, so the
+    /// launch skipped them, and they grant nothing (a refusal beneath one is Landlock's).
     pub fn with_real_paths(&self) -> CompiledPolicy {
         let mut p = self.clone();
+        p.landlock.rules.retain(|r| r.path.exists());
         let real = |path: &Path| std::fs::canonicalize(path).ok().filter(|r| r != path);
         let extra: Vec<FsRule> = p
             .landlock

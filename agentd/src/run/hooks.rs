@@ -65,10 +65,6 @@ impl AgentHandle {
     }
 
     /// The agent's cgroup v2 directory.
-    #[expect(
-        dead_code,
-        reason = "for AgentHooks implementations (eBPF watch, breaker)"
-    )]
     pub fn cgroup_dir(&self) -> &Path {
         self.cgroup.dir()
     }

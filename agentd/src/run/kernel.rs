@@ -14,11 +14,13 @@
 
 use std::{
     future::Future,
+    path::Path,
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
+use nix::sys::signal::Signal;
 use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
@@ -206,11 +208,20 @@ impl EventTask {
             let trip = self
                 .breaker
                 .observe(&ev, ev.ktime_ns.unwrap_or_else(monotonic_ns));
-            let trigger = trip.as_ref().map(|_| ev.clone());
+            // Act before anything else (the writer may be slow): a trip kills, a held
+            // process the breaker lets go is resumed.
+            let report = match &trip {
+                Some(trip) => Some(self.act(trip, &ev).await),
+                None => {
+                    if ev.held() {
+                        release_held(ev.pid, self.agent.cgroup_dir());
+                    }
+                    None
+                }
+            };
             // The writer only stops when every sender is gone.
             let _ = self.out.send(ev).await;
-            if let (Some(trip), Some(trigger)) = (trip, trigger) {
-                let report = self.act(&trip, &trigger).await;
+            if let Some(report) = report {
                 let _ = self.out.send(report).await;
             }
             if first_exit {
@@ -228,6 +239,8 @@ impl EventTask {
             contain(&self.agent, Some((&self.watch, self.cgroup_id)), "breaker").await;
             contain_ns = trigger.ktime_ns.map(|t| monotonic_ns().saturating_sub(t));
             *lock(&self.killed_by) = Some(trip_line(trip, trigger));
+        } else if trigger.held() {
+            release_held(trigger.pid, self.agent.cgroup_dir());
         }
         trip_event(trip, trigger, kill, self.breaker.violations(), contain_ns)
     }
@@ -251,6 +264,30 @@ async fn contain(agent: &AgentHandle, watch: Option<(&Mutex<Watch>, u64)>, what:
         eprintln!("agentd: {what}: setting the kill flag: {e}");
     }
     agent.kill_and_wait(what).await;
+}
+
+/// Resumes process `pid`, which the kernel stopped before its refused call returned (a
+/// `held` event) and the breaker lets go: the refusal was the file's permissions', not
+/// the profile's. Only while the process is still in the agent's cgroup (`cgroup_dir`):
+/// a stopped process cannot exit, so its pid is not reused unless something killed it.
+pub fn release_held(pid: u32, cgroup_dir: &Path) {
+    let Ok(own) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return;
+    };
+    // The cgroup v2 line, `0::/path`, relative to the v2 mount.
+    let in_agent = own
+        .lines()
+        .filter_map(|l| l.strip_prefix("0::"))
+        .any(|rel| !rel.is_empty() && rel != "/" && cgroup_dir.ends_with(rel.trim_start_matches('/')));
+    if !in_agent {
+        return;
+    }
+    let Ok(pid) = i32::try_from(pid) else {
+        return;
+    };
+    if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGCONT) {
+        eprintln!("agentd: resuming held process {pid}: {e}");
+    }
 }
 
 /// The `breaker` event of the manual kill switch (`rule: manual`), `contain_ns` from the
@@ -318,6 +355,16 @@ pub fn trip_event(
         },
     )
     .with("enforced", trip.enforced)
+    .with(
+        "decided",
+        if trigger.tripped_in_kernel() {
+            "kernel: the violating call never returned"
+        } else if trigger.held() {
+            "agentd, while the kernel held the violating process"
+        } else {
+            "agentd, from the event"
+        },
+    )
     .with("violations", violations)
     .with("trigger", serde_json::to_value(trigger).unwrap_or_default());
     ev.ktime_ns = trigger.ktime_ns;

@@ -92,6 +92,18 @@ impl Ended {
         }
     }
 
+    /// `status 3` or `signal 15 (SIGTERM)`, for messages.
+    pub fn describe(self) -> String {
+        match self {
+            Ended::Code(c) => format!("status {c}"),
+            Ended::Signal { signal, .. } => {
+                let name =
+                    Signal::try_from(signal).map_or_else(|_| signal.to_string(), |s| s.to_string());
+                format!("signal {signal} ({name})")
+            }
+        }
+    }
+
     fn detail(self, e: Event) -> Event {
         match self {
             Ended::Code(c) => e.with("code", c),
@@ -413,9 +425,23 @@ async fn finish(
         None => exit.with("reason", "the agent's exit status is unknown"),
     };
     if let Some((verdict, line)) = hooks.verdict() {
-        eprintln!("agentd: {line}");
-        exit = exit.with("agent_status", code).with("verdict", line);
-        code = verdict;
+        match status {
+            // Killed (SIGKILL: the kill reached it), or unknown: the trip's status.
+            Some(Ended::Signal { signal: 9, .. }) | None => {
+                eprintln!("agentd: {line}");
+                exit = exit.with("agent_status", code).with("verdict", line);
+                code = verdict;
+            }
+            // The first process had ended on its own before the kill reached it: that is
+            // the run's status, and the trip is reported as late.
+            Some(ended) => {
+                eprintln!(
+                    "agentd: the agent had already exited ({}) when the breaker acted; {line}",
+                    ended.describe()
+                );
+                exit = exit.with("late_trip", line);
+            }
+        }
     }
     send(&tx, exit.with("exit_code", code)).await;
 
