@@ -194,9 +194,14 @@ fn breaker_threshold_trips_at_n_and_not_before() {
         DEFAULT_LIMITS,
         "trip_on = [\"canary\"]\nthreshold = 5\nwindow = \"60s\"\naction = \"kill\"",
     ));
+    // A directory the agent's user may write and the profile does not grant: Landlock
+    // refuses there. (Under /etc the file's permissions would refuse first, which is not
+    // a violation of the profile.)
+    let outside = agent_dir(true);
     let writes = |n: usize| {
         format!(
-            "for i in $(/usr/bin/seq {n}); do /usr/bin/touch /etc/agentd-breaker-test-$i 2>/dev/null; done; /bin/sleep 0.5; echo done"
+            "for i in $(/usr/bin/seq {n}); do /usr/bin/touch {}/t-$i 2>/dev/null; done; /bin/sleep 0.5; echo done",
+            outside.path().display()
         )
     };
     let below = AgentRun::new(path.to_str().unwrap(), ws.path())
@@ -235,7 +240,17 @@ fn breaker_threshold_trips_at_n_and_not_before() {
         "the trip came with the 5th violation\n{}",
         at.explain()
     );
-    assert!(!Path::new("/etc/agentd-breaker-test-1").exists());
+    assert!(!outside.path().join("t-1").exists());
+    let perm = AgentRun::new(path.to_str().unwrap(), ws.path())
+        .sh("for i in 1 2 3 4 5 6; do /usr/bin/touch /etc/agentd-breaker-test-$i 2>/dev/null; done; echo done")
+        .run();
+    assert_eq!(perm.code(), 0, "refusals by file permissions do not count\n{}", perm.explain());
+    let by_permission = perm
+        .events
+        .iter()
+        .filter(|e| e["kind"] == "file_write" && e["layer"] == "permission")
+        .count();
+    assert_eq!(by_permission, 6, "{}", perm.explain());
 }
 
 #[test]

@@ -233,6 +233,13 @@ fn daemon_two_agents_ps_events_kill_and_the_audit_log() {
     });
     let ws_a = agent_dir(true);
     let ws_b = agent_dir(true);
+    // Writable by the agent's user, granted by no profile: only Landlock refuses there
+    // (under /etc the file's permissions would refuse first).
+    let outside = agent_dir(true);
+    let write_outside = format!(
+        "echo a-up; while true; do echo x > {}/agentd-daemon-test 2>/dev/null; sleep 0.2; done",
+        outside.path().display()
+    );
     let (_pa, writer) = profile_file(&test_profile(
         "daemon-writer",
         "invoker",
@@ -259,7 +266,7 @@ fn daemon_two_agents_ps_events_kill_and_the_audit_log() {
         &[
             "/bin/sh",
             "-c",
-            "echo a-up; while true; do echo x > /etc/agentd-daemon-test 2>/dev/null; sleep 0.2; done",
+            &write_outside,
         ],
     );
     let mut b = d.run(

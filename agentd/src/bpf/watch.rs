@@ -15,7 +15,7 @@ use std::{
     fs::File,
     mem::size_of,
     os::unix::fs::MetadataExt as _,
-    path::{Path, PathBuf},
+    path::{Component, Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -1403,7 +1403,7 @@ fn mount_id(path: &Path) -> Option<u64> {
 /// agent shares it). A link changed since the call is resolved as it is now.
 fn proc_resolve(pid: u32, dfd: i32, path: &str, follow: bool) -> Option<PathBuf> {
     let joined = if path.starts_with('/') {
-        PathBuf::from(path)
+        own_proc(pid, Path::new(path))
     } else {
         let base = if dfd == AT_FDCWD {
             format!("/proc/{pid}/cwd")
@@ -1421,6 +1421,29 @@ fn proc_resolve(pid: u32, dfd: i32, path: &str, follow: bool) -> Option<PathBuf>
         dir.join(path)
     };
     Some(real_path(&joined, follow))
+}
+
+/// `path` as process `pid` sees it: `/proc/self` and `/proc/thread-self` name the
+/// process that made the call, not agentd (its `exe`, its `fd/N`, its `cwd`). A path under
+/// `/proc/thread-self` is taken to be under the process's main thread.
+fn own_proc(pid: u32, path: &Path) -> PathBuf {
+    let mut parts = path.components();
+    let (Some(Component::RootDir), Some(Component::Normal(proc)), Some(Component::Normal(this))) =
+        (parts.next(), parts.next(), parts.next())
+    else {
+        return path.to_path_buf();
+    };
+    if proc != "proc" {
+        return path.to_path_buf();
+    }
+    let base = if this == "self" {
+        PathBuf::from(format!("/proc/{pid}"))
+    } else if this == "thread-self" {
+        PathBuf::from(format!("/proc/{pid}/task/{pid}"))
+    } else {
+        return path.to_path_buf();
+    };
+    base.join(parts.as_path())
 }
 
 /// `path` with the symbolic links of its directories resolved (and `..` after them, as

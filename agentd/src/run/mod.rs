@@ -60,6 +60,10 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "--events {path}: the agent may write there (its profile grants filesystem.write on {grant}), so it could edit its own record; put the events file where the profile grants no write (e.g. /var/log/agentd/, or a directory of yours outside the workspace), or use `--events -` for stderr"
+    )]
+    EventsInReach { path: String, grant: String },
     #[error("stdio: {0}")]
     Stdio(#[source] std::io::Error),
     #[error(transparent)]
@@ -92,7 +96,7 @@ impl RunError {
         match self {
             RunError::Profile(_) => "profile",
             RunError::Workspace(_) => "workspace",
-            RunError::Events { .. } => "events",
+            RunError::Events { .. } | RunError::EventsInReach { .. } => "events",
             RunError::Stdio(_) => "stdio",
             RunError::Identity(_) => "identity",
             RunError::Command(_) => "command",
@@ -122,6 +126,7 @@ impl RunError {
             RunError::Profile(_)
             | RunError::Workspace(_)
             | RunError::Events { .. }
+            | RunError::EventsInReach { .. }
             | RunError::Stdio(_)
             | RunError::Identity(_)
             | RunError::Cgroup(_)
@@ -166,6 +171,14 @@ pub fn run_with_hooks(args: RunArgs, hooks: &mut dyn AgentHooks) -> ExitCode {
     if let Err(e) = sandbox::sanitize_stdio() {
         return failed(&mut None, &RunError::Stdio(e), None, "");
     }
+    let plan = Plan::build(&args.request);
+    if let (Ok(plan), Some(path)) = (&plan, args.events.as_deref())
+        && let Some(e) = events_in_reach(&plan.policy, path)
+    {
+        // Refused before the file is opened: nothing is created where the agent could
+        // edit it.
+        return failed(&mut None, &e, Some(&plan.agent_id), &plan.comm());
+    }
     let mut sink = match args.events.as_deref().map(Sink::open).transpose() {
         Ok(s) => s,
         Err(source) => {
@@ -176,7 +189,7 @@ pub fn run_with_hooks(args: RunArgs, hooks: &mut dyn AgentHooks) -> ExitCode {
             return failed(&mut None, &e, None, "");
         }
     };
-    let plan = match Plan::build(&args.request) {
+    let plan = match plan {
         Ok(p) => p,
         Err((e, agent)) => {
             let comm = args
@@ -196,6 +209,30 @@ pub fn run_with_hooks(args: RunArgs, hooks: &mut dyn AgentHooks) -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err((e, mut sink)) => failed(&mut sink, &e, Some(&plan.agent_id), &plan.comm()),
     }
+}
+
+/// The refusal of an `--events` file the agent could write (beneath a `filesystem.write`
+/// path of its policy): the agent could edit its own record. `-` (stderr) is fine.
+fn events_in_reach(policy: &crate::profile::CompiledPolicy, path: &str) -> Option<RunError> {
+    if path == "-" {
+        return None;
+    }
+    let given = std::path::Path::new(path);
+    let absolute = std::path::absolute(given).ok()?;
+    // The file may not exist yet: resolve its directory.
+    let real = match (absolute.parent(), absolute.file_name()) {
+        (Some(dir), Some(name)) => dir.canonicalize().map_or(absolute.clone(), |d| d.join(name)),
+        _ => absolute.clone(),
+    };
+    let rule = policy
+        .landlock
+        .rules
+        .iter()
+        .find(|r| r.access.write && (real.starts_with(&r.path) || absolute.starts_with(&r.path)))?;
+    Some(RunError::EventsInReach {
+        path: path.to_owned(),
+        grant: rule.path.display().to_string(),
+    })
 }
 
 /// `--dry-run`: prints the plan and what the kernel watch will enforce (probing BPF LSM
