@@ -4,10 +4,9 @@
 //! read them.
 
 use agentd_common::{
-    AGENT_FLAG_KILLED, AgentState, EVENT_FLAG_HELD, EVENT_FLAG_TRIPPED, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_KILL_GATE, CONFIG_LEN,
-    CONFIG_LEVEL_MAX, CanaryInode,
-    CanaryKey, CanaryPath, GuardedName, MAX_CGROUP_LEVEL, NetKey, PATH_LEN, RawEvent,
-    SYSCALL_TABLE_LEN,
+    AGENT_FLAG_KILLED, AgentState, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_KILL_GATE, CONFIG_LEN,
+    CONFIG_LEVEL_MAX, CanaryInode, CanaryKey, CanaryPath, EVENT_FLAG_HELD, EVENT_FLAG_TRIPPED,
+    GuardedName, MAX_CGROUP_LEVEL, NetKey, PATH_LEN, RawEvent, SYSCALL_TABLE_LEN,
 };
 use aya_ebpf::{
     helpers::{

@@ -16,12 +16,10 @@
 
 use agentd_common::{
     AGENT_FLAG_INET, AGENT_FLAG_INET6, AGENT_FLAG_KILLED, AGENT_FLAG_MONITOR,
-    AGENT_FLAG_NETLINK_ROUTE, AGENT_FLAG_TRIP_BIND, AGENT_FLAG_TRIP_CONNECT, AGENT_FLAG_TRIP_SOCKET,
-    AgentState, BindKey, EVENT_FLAG_MONITOR, EVENT_FLAG_TRIPPED, EventKind,
-    IPPROTO_TCP,
-    IPPROTO_UDP, Layer, NET_KEY_FIXED_BITS, NET_LSM_MONITORED, NET_LSM_REFUSED, NetKey, RawEvent,
-    UNIX_PATH_MAX,
-    Verdict,
+    AGENT_FLAG_NETLINK_ROUTE, AGENT_FLAG_TRIP_BIND, AGENT_FLAG_TRIP_CONNECT,
+    AGENT_FLAG_TRIP_SOCKET, AgentState, BindKey, EVENT_FLAG_MONITOR, EVENT_FLAG_TRIPPED, EventKind,
+    IPPROTO_TCP, IPPROTO_UDP, Layer, NET_KEY_FIXED_BITS, NET_LSM_MONITORED, NET_LSM_REFUSED,
+    NetKey, RawEvent, UNIX_PATH_MAX, Verdict,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -34,11 +32,11 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, SockContext, TracePointContext},
 };
 
+use crate::maps::{Act, carry_out};
 use crate::maps::{
     BIND_ALLOW, EVENTS, NET_ALLOW, NET_PENDING, SOCK_REFUSED, agent_by_ancestor, count_lost,
     current_agent, fill_header, fill_header_without_task, trip,
 };
-use crate::maps::{Act, carry_out};
 
 const AF_UNIX: u32 = 1;
 const AF_INET: u32 = 2;

@@ -164,7 +164,10 @@ impl Creds {
             status
                 .lines()
                 .find_map(|l| l.strip_prefix(name))
-                .map(|rest| rest.split_whitespace().filter_map(|v| v.parse::<u32>().ok()))
+                .map(|rest| {
+                    rest.split_whitespace()
+                        .filter_map(|v| v.parse::<u32>().ok())
+                })
         };
         // Uid:/Gid: list real, effective, saved and filesystem ids.
         let uid = field("Uid:")?.nth(3)?;

@@ -5,8 +5,10 @@
 //! and CI), in which case the missing requirement fails the test.
 
 use std::{
-    path::PathBuf,
-    process::{Command, Output},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
 };
 
 /// The agentd binary under test: `AGENTD_BIN`, else the workspace's debug build.
@@ -525,4 +527,152 @@ pub fn bpf_lsm_usable() -> bool {
         );
     }
     usable
+}
+
+// ---------------------------------------------------------------------------------------
+// `agentd daemon` for tests.
+
+/// A daemon of a test (its own socket, state directory, audit log and bpffs pins): stopped (SIGTERM) and its files removed on drop.
+pub struct Daemon {
+    pub child: Option<Child>,
+    /// Its socket, state directory, audit log and log live here.
+    pub dir: tempfile::TempDir,
+    group: String,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Daemon::start_with_group("agentd-test-no-such-group")
+    }
+
+    /// A daemon whose `--group` is `group`.
+    pub fn start_with_group(group: &str) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("agentd-daemon-test-")
+            .tempdir()
+            .unwrap();
+        let mut d = Daemon {
+            child: None,
+            dir,
+            group: group.to_owned(),
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("agentd.sock")
+    }
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.jsonl")
+    }
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Starts the daemon (again) with this test's paths; returns once it answers.
+    pub fn spawn(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
+        let child = Command::new(agentd_bin())
+            .args(["daemon", "--socket"])
+            .arg(self.socket())
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .arg("--audit-log")
+            .arg(self.audit_log())
+            .arg("--group")
+            .arg(&self.group)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(90) {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the daemon exited: {st}\n{}", self.log());
+            }
+            if UnixStream::connect(self.socket()).is_ok() && self.client(&["stats"]).0 == 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the daemon did not answer\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// `agentd ARGS --socket S`: (exit code, stdout, stderr).
+    pub fn client(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(agentd_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn ps(&self) -> Vec<serde_json::Value> {
+        let (code, out, err) = self.client(&["ps", "--json"]);
+        assert_eq!(code, 0, "ps: {err}");
+        serde_json::from_str(&out).unwrap()
+    }
+
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let (code, out, err) = self.client(&["events", "--json"]);
+        assert_eq!(code, 0, "events: {err}");
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// `agentd run --socket S --profile P --workspace W -- CMD` in the background.
+    pub fn run(&self, profile: &Path, ws: &Path, cmd: &[&str]) -> Child {
+        Command::new(agentd_bin())
+            .arg("run")
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--profile")
+            .arg(profile)
+            .arg("--workspace")
+            .arg(ws)
+            .arg("--")
+            .args(cmd)
+            .env("SUDO_UID", NOBODY)
+            .env("SUDO_GID", NOBODY)
+            // Neither may reach the supervisor (root): only what the profile passes.
+            .env("LD_LIBRARY_PATH", "/nonexistent-agentd-test")
+            .env("AGENTD_TEST_NOT_PASSED", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill takes a pid and a signal number; the pid is our child's.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

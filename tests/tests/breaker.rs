@@ -244,7 +244,12 @@ fn breaker_threshold_trips_at_n_and_not_before() {
     let perm = AgentRun::new(path.to_str().unwrap(), ws.path())
         .sh("for i in 1 2 3 4 5 6; do /usr/bin/touch /etc/agentd-breaker-test-$i 2>/dev/null; done; echo done")
         .run();
-    assert_eq!(perm.code(), 0, "refusals by file permissions do not count\n{}", perm.explain());
+    assert_eq!(
+        perm.code(),
+        0,
+        "refusals by file permissions do not count\n{}",
+        perm.explain()
+    );
     let by_permission = perm
         .events
         .iter()

@@ -10,154 +10,10 @@ use std::{
 };
 
 use agentd_tests::{
-    DEFAULT_LIMITS, NOBODY, agent_dir, agentd_bin, process_gone, profile_file, require_root,
+    DEFAULT_LIMITS, Daemon, agent_dir, agentd_bin, process_gone, profile_file, require_root,
     test_profile,
 };
 use serde_json::Value;
-
-/// A daemon of this test: stopped (SIGTERM) and its files removed on drop.
-struct Daemon {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    group: String,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        Daemon::start_with_group("agentd-test-no-such-group")
-    }
-
-    /// A daemon whose `--group` is `group`.
-    fn start_with_group(group: &str) -> Daemon {
-        let dir = tempfile::Builder::new()
-            .prefix("agentd-daemon-test-")
-            .tempdir()
-            .unwrap();
-        let mut d = Daemon {
-            child: None,
-            dir,
-            group: group.to_owned(),
-        };
-        d.spawn();
-        d
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("agentd.sock")
-    }
-    fn audit_log(&self) -> PathBuf {
-        self.dir.path().join("audit.jsonl")
-    }
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    /// Starts the daemon (again) with this test's paths; returns once it answers.
-    fn spawn(&mut self) {
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("daemon.log"))
-            .unwrap();
-        let child = Command::new(agentd_bin())
-            .args(["daemon", "--socket"])
-            .arg(self.socket())
-            .arg("--state-dir")
-            .arg(self.dir.path().join("state"))
-            .arg("--audit-log")
-            .arg(self.audit_log())
-            .arg("--group")
-            .arg(&self.group)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(90) {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("the daemon exited: {st}\n{}", self.log());
-            }
-            if UnixStream::connect(self.socket()).is_ok() && self.client(&["stats"]).0 == 0 {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("the daemon did not answer\n{}", self.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
-    }
-
-    /// `agentd ARGS --socket S`: (exit code, stdout, stderr).
-    fn client(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(agentd_bin())
-            .args(args)
-            .arg("--socket")
-            .arg(self.socket())
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    fn ps(&self) -> Vec<Value> {
-        let (code, out, err) = self.client(&["ps", "--json"]);
-        assert_eq!(code, 0, "ps: {err}");
-        serde_json::from_str(&out).unwrap()
-    }
-
-    fn events(&self) -> Vec<Value> {
-        let (code, out, err) = self.client(&["events", "--json"]);
-        assert_eq!(code, 0, "events: {err}");
-        out.lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    /// `agentd run --socket S --profile P --workspace W -- CMD` in the background.
-    fn run(&self, profile: &Path, ws: &Path, cmd: &[&str]) -> Child {
-        Command::new(agentd_bin())
-            .arg("run")
-            .arg("--socket")
-            .arg(self.socket())
-            .arg("--profile")
-            .arg(profile)
-            .arg("--workspace")
-            .arg(ws)
-            .arg("--")
-            .args(cmd)
-            .env("SUDO_UID", NOBODY)
-            .env("SUDO_GID", NOBODY)
-            // Neither may reach the supervisor (root): only what the profile passes.
-            .env("LD_LIBRARY_PATH", "/nonexistent-agentd-test")
-            .env("AGENTD_TEST_NOT_PASSED", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill takes a pid and a signal number; the pid is our child's.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// The daemons' pin directories now present (`/sys/fs/bpf/agentd/*`).
 fn pin_dirs() -> Vec<PathBuf> {
@@ -260,15 +116,7 @@ fn daemon_two_agents_ps_events_kill_and_the_audit_log() {
     );
     // A: writes outside its workspace (refused by Landlock), B: connects (refused by the
     // cgroup program); both keep going until killed.
-    let mut a = d.run(
-        &writer,
-        ws_a.path(),
-        &[
-            "/bin/sh",
-            "-c",
-            &write_outside,
-        ],
-    );
+    let mut a = d.run(&writer, ws_a.path(), &["/bin/sh", "-c", &write_outside]);
     let mut b = d.run(
         &offline,
         ws_b.path(),

@@ -10,10 +10,11 @@ use std::{
 };
 
 use agentd_common::{
-    EVENT_FLAG_HELD, EVENT_FLAG_TRIPPED, EVENT_FLAG_CANARY_CANDIDATE, EVENT_FLAG_CANARY_SENT, EVENT_FLAG_DIR, EVENT_FLAG_MAPPED,
-    EVENT_FLAG_MONITOR, EVENT_FLAG_NO_ENTER, EVENT_FLAG_PATH_TRUNCATED, EVENT_FLAG_PATH_UNREAD,
-    EVENT_FLAG_PATH2_TRUNCATED, EVENT_FLAG_WRITE_INTENT, EXEC_ARG_LEN, EXEC_ARGS, EventKind,
-    IPPROTO_TCP, IPPROTO_UDP, RawEvent, Syscall,
+    EVENT_FLAG_CANARY_CANDIDATE, EVENT_FLAG_CANARY_SENT, EVENT_FLAG_DIR, EVENT_FLAG_HELD,
+    EVENT_FLAG_MAPPED, EVENT_FLAG_MONITOR, EVENT_FLAG_NO_ENTER, EVENT_FLAG_PATH_TRUNCATED,
+    EVENT_FLAG_PATH_UNREAD, EVENT_FLAG_PATH2_TRUNCATED, EVENT_FLAG_TRIPPED,
+    EVENT_FLAG_WRITE_INTENT, EXEC_ARG_LEN, EXEC_ARGS, EventKind, IPPROTO_TCP, IPPROTO_UDP,
+    RawEvent, Syscall,
 };
 
 use crate::{
@@ -695,10 +696,15 @@ fn decode_file(
             if !argv.is_empty() {
                 e = e.with("argv", argv);
             }
-            (
-                resolve_path(&path_arg, raw.pid, raw.dfd, follow, resolve),
-                None,
-            )
+            let mut path = resolve_path(&path_arg, raw.pid, raw.dfd, follow, resolve);
+            if raw.ret == 0 && path.starts_with("/proc") {
+                // A program named by a magic link (`/proc/self/fd/N` of an fd closed at
+                // exec): the process's own `exe` is the file the kernel ran.
+                if let Some(exe) = resolve(raw.pid, AT_FDCWD, "/proc/self/exe", true) {
+                    path = normalize(&exe);
+                }
+            }
+            (path, None)
         }
         EventKind::Setxattr => {
             let name = cstr(&raw.path2);

@@ -21,9 +21,10 @@ use std::{
 };
 
 use agentd_common::{
-    AGENT_FLAG_KILLED, AgentState, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_LEVEL_MAX,
-    CONFIG_KILL_GATE, CONFIG_LEVEL_MIN, CanaryInode, CanaryKey, CanaryPath, GUARD_EXEC_ROOT, GUARD_WRITE_ROOT,
-    GuardedName, NAME_FORBID, NAME_UNIX_PEER, NetKey, RawEvent, SYSCALL_EXIT_ONLY,
+    AGENT_FLAG_KILLED, AgentState, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_KILL_GATE,
+    CONFIG_LEVEL_MAX, CONFIG_LEVEL_MIN, CanaryInode, CanaryKey, CanaryPath, GUARD_EXEC_ROOT,
+    GUARD_WRITE_ROOT, GuardedName, NAME_FORBID, NAME_UNIX_PEER, NetKey, RawEvent,
+    SYSCALL_EXIT_ONLY,
 };
 use aya::{
     Btf, Ebpf, EbpfLoader,

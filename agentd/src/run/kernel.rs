@@ -278,7 +278,9 @@ pub fn release_held(pid: u32, cgroup_dir: &Path) {
     let in_agent = own
         .lines()
         .filter_map(|l| l.strip_prefix("0::"))
-        .any(|rel| !rel.is_empty() && rel != "/" && cgroup_dir.ends_with(rel.trim_start_matches('/')));
+        .any(|rel| {
+            !rel.is_empty() && rel != "/" && cgroup_dir.ends_with(rel.trim_start_matches('/'))
+        });
     if !in_agent {
         return;
     }

@@ -221,14 +221,15 @@ fn events_in_reach(policy: &crate::profile::CompiledPolicy, path: &str) -> Optio
     let absolute = std::path::absolute(given).ok()?;
     // The file may not exist yet: resolve its directory.
     let real = match (absolute.parent(), absolute.file_name()) {
-        (Some(dir), Some(name)) => dir.canonicalize().map_or(absolute.clone(), |d| d.join(name)),
+        (Some(dir), Some(name)) => dir
+            .canonicalize()
+            .map_or(absolute.clone(), |d| d.join(name)),
         _ => absolute.clone(),
     };
-    let rule = policy
-        .landlock
-        .rules
-        .iter()
-        .find(|r| r.access.write && (real.starts_with(&r.path) || absolute.starts_with(&r.path)))?;
+    let rule =
+        policy.landlock.rules.iter().find(|r| {
+            r.access.write && (real.starts_with(&r.path) || absolute.starts_with(&r.path))
+        })?;
     Some(RunError::EventsInReach {
         path: path.to_owned(),
         grant: rule.path.display().to_string(),
