@@ -291,6 +291,84 @@ mod tests {
     }
 
     #[test]
+    fn creds_come_from_the_filesystem_ids_and_never_root() {
+        let status =
+            "Name:\tsh\nUid:\t1000\t1001\t1002\t1003\nGid:\t50\t51\t52\t53\nGroups:\t7 8 \n";
+        assert_eq!(
+            Creds::parse_status(status),
+            Some(Creds {
+                uid: 1003,
+                gid: 53,
+                groups: vec![7, 8]
+            })
+        );
+        let root = "Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n";
+        assert_eq!(
+            Creds::parse_status(root),
+            None,
+            "the launch before its switch"
+        );
+        assert_eq!(Creds::parse_status("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn permits_checks_search_on_the_way_and_the_files_bits() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let chmod = |p: &Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let meta = std::fs::metadata(dir.path()).unwrap();
+        // A stranger to the directory's owner and group.
+        let other = Creds {
+            uid: meta.uid().wrapping_add(4242),
+            gid: meta.gid().wrapping_add(4242),
+            groups: vec![],
+        };
+        let owner = Creds {
+            uid: meta.uid(),
+            gid: meta.gid(),
+            groups: vec![],
+        };
+        let file = dir.path().join("tool");
+        std::fs::write(&file, "x").unwrap();
+        chmod(&file, 0o755);
+        chmod(dir.path(), 0o700);
+        assert_eq!(
+            other.permits(&file, FileAccess::Exec),
+            Some(false),
+            "its directory cannot be searched"
+        );
+        assert_eq!(owner.permits(&file, FileAccess::Exec), Some(true));
+        chmod(dir.path(), 0o755);
+        assert_eq!(other.permits(&file, FileAccess::Exec), Some(true));
+        assert_eq!(other.permits(&file, FileAccess::Read), Some(true));
+        assert_eq!(other.permits(&file, FileAccess::Write), Some(false));
+        assert_eq!(
+            other.permits(&dir.path().join("new"), FileAccess::Write),
+            Some(false),
+            "creating needs write on the directory"
+        );
+        assert_eq!(other.permits(&file, FileAccess::Entry), Some(false));
+        chmod(dir.path(), 0o777);
+        assert_eq!(other.permits(&file, FileAccess::Entry), Some(true));
+        chmod(&file, 0o600);
+        assert_eq!(other.permits(&file, FileAccess::Read), Some(false));
+        let in_group = Creds {
+            groups: vec![meta.gid()],
+            ..other.clone()
+        };
+        chmod(&file, 0o640);
+        assert_eq!(in_group.permits(&file, FileAccess::Read), Some(true));
+        assert_eq!(
+            other.permits(&dir.path().join("missing/x"), FileAccess::Read),
+            None,
+            "a missing directory: the call failed on its own"
+        );
+        assert_eq!(other.permits(Path::new("relative"), FileAccess::Read), None);
+    }
+
+    #[test]
     fn unified_layout_prefers_sys_fs_cgroup() {
         let m = parse_mountinfo("30 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
         assert_eq!(cgroup2_mount(&m), Some(PathBuf::from("/sys/fs/cgroup")));

@@ -1479,6 +1479,91 @@ connect = ["127.0.0.1/32:8080"]
     }
 
     #[test]
+    fn a_refused_read_only_open_that_is_no_canary_is_a_refused_read() {
+        let mut r = raw(EventKind::Canary);
+        r.syscall = Syscall::Openat as u8;
+        r.flags = EVENT_FLAG_CANARY_CANDIDATE;
+        r.ret = -i64::from(libc::EACCES);
+        set(&mut r.path, "/etc/hostname");
+        let e = dec(&r);
+        assert_eq!(e.kind, Kind::OpenRead);
+        assert_eq!((e.layer, e.verdict), (Layer::Landlock, Verdict::Deny));
+        // Beneath a read rule: the kernel's own refusal, not the profile's.
+        set(&mut r.path, "/usr/share/x");
+        let e = dec(&r);
+        assert_eq!((e.kind, e.layer), (Kind::OpenRead, Layer::Kernel));
+        // A successful open the kernel could not decide, and no canary: nothing to say.
+        r.ret = 3;
+        assert!(decode(&r, Some(&agent()), CLOCK, &no_resolve).is_none());
+        // Of an agent without canaries, the kernel sends refused reads as such.
+        let mut r = raw(EventKind::OpenRead);
+        r.syscall = Syscall::Openat as u8;
+        r.ret = -i64::from(libc::EACCES);
+        r.aux = libc::O_RDONLY as u64 | libc::O_DIRECTORY as u64;
+        set(&mut r.path, "/srv/data");
+        let e = dec(&r);
+        assert_eq!(e.kind, Kind::OpenRead);
+        assert_eq!((e.layer, e.verdict), (Layer::Landlock, Verdict::Deny));
+        assert!(
+            e.detail["flags"]
+                .as_str()
+                .unwrap_or("")
+                .contains("O_DIRECTORY"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_refusal_the_file_permissions_explain_is_the_permission_layers() {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tool");
+        std::fs::write(&file, "x").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let owner = std::fs::metadata(dir.path()).unwrap().uid();
+        let a = agent();
+        let _ = a.creds.set(Creds {
+            uid: owner.wrapping_add(4242),
+            gid: 4242,
+            groups: vec![],
+        });
+        let mut r = raw(EventKind::Exec);
+        r.syscall = Syscall::Execve as u8;
+        r.ret = -i64::from(libc::EACCES);
+        set(&mut r.path, file.to_str().unwrap());
+        let e = decode(&r, Some(&a), CLOCK, &no_resolve).unwrap();
+        assert_eq!(
+            (e.layer, e.verdict),
+            (Layer::Permission, Verdict::Deny),
+            "the agent's user cannot enter the directory: no exec outside the profile"
+        );
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = decode(&r, Some(&a), CLOCK, &no_resolve).unwrap();
+        assert_eq!((e.layer, e.verdict), (Layer::Landlock, Verdict::Deny));
+        // Without the agent's identity, the rules decide alone.
+        let e = dec(&r);
+        assert_eq!(e.layer, Layer::Landlock);
+    }
+
+    #[test]
+    fn what_the_kernel_did_is_in_the_event() {
+        let mut r = raw(EventKind::Connect);
+        r.layer = agentd_common::Layer::Bpf as u8;
+        r.verdict = agentd_common::Verdict::Deny as u8;
+        r.flags = agentd_common::EVENT_FLAG_TRIPPED;
+        let e = dec(&r);
+        assert!(e.tripped_in_kernel() && !e.held());
+        let mut r = raw(EventKind::Exec);
+        r.syscall = Syscall::Execve as u8;
+        r.ret = -i64::from(libc::EACCES);
+        r.flags = agentd_common::EVENT_FLAG_HELD;
+        set(&mut r.path, "/opt/x");
+        let e = dec(&r);
+        assert!(e.held() && !e.tripped_in_kernel());
+    }
+
+    #[test]
     fn canary_matched_by_inode_names_it_whatever_the_path() {
         // `cat link` where link -> .ssh/id_rsa: the kernel found the canary by inode.
         let mut r = raw(EventKind::Canary);
@@ -1578,10 +1663,13 @@ connect = ["127.0.0.1/32:8080"]
             path: Some(Path::new("/tmp/x")),
             path2: None,
         };
-        assert_eq!(attribute(&o, Some(&pol)), (Layer::Seccomp, Verdict::Deny));
+        assert_eq!(
+            attribute(&o, Some(&pol), None),
+            (Layer::Seccomp, Verdict::Deny)
+        );
         // Allowed call, EPERM: the kernel (e.g. chown by a non-owner).
         assert_eq!(
-            attribute(&o, Some(&policy())),
+            attribute(&o, Some(&policy()), None),
             (Layer::Kernel, Verdict::Deny)
         );
     }
@@ -1598,7 +1686,7 @@ connect = ["127.0.0.1/32:8080"]
             path2: None,
         };
         assert_eq!(
-            attribute(&o, Some(&policy())),
+            attribute(&o, Some(&policy()), None),
             (Layer::Kernel, Verdict::Allow)
         );
     }
@@ -1614,19 +1702,19 @@ connect = ["127.0.0.1/32:8080"]
             path: Some(Path::new("/home/u/project/a.out")),
             path2: None,
         };
-        assert_eq!(attribute(&exec, Some(&policy())).0, Layer::Landlock);
+        assert_eq!(attribute(&exec, Some(&policy()), None).0, Layer::Landlock);
         let usr = FileOutcome {
             path: Some(Path::new("/usr/bin/true")),
             ..exec
         };
-        assert_eq!(attribute(&usr, Some(&policy())).0, Layer::Kernel);
+        assert_eq!(attribute(&usr, Some(&policy()), None).0, Layer::Kernel);
         let canary = FileOutcome {
             kind: EventKind::Canary,
             syscall: Some(Syscall::Openat),
             path: Some(Path::new("/home/u/.ssh/id_rsa")),
             ..exec
         };
-        assert_eq!(attribute(&canary, Some(&policy())).0, Layer::Landlock);
+        assert_eq!(attribute(&canary, Some(&policy()), None).0, Layer::Landlock);
     }
 
     #[test]
@@ -1700,12 +1788,16 @@ connect = ["127.0.0.1/32:8080"]
         set(&mut r.path, "/tmp/..//home/u/./.ssh/config");
         let e = dec(&r);
         assert_eq!(e.detail["canary"], "/home/u/.ssh");
-        // Not a canary: dropped.
+        // Not a canary: a refused read.
         set(&mut r.path, "/etc/shadow");
-        assert!(decode(&r, Some(&agent()), CLOCK, &no_resolve).is_none());
-        // Relative and unresolvable (process gone): dropped, nothing to match.
+        let e = dec(&r);
+        assert_eq!((e.kind, e.layer), (Kind::OpenRead, Layer::Landlock));
+        // Relative and unresolvable (process gone): nothing to match it with; reported
+        // as a refused read of the path as written.
         set(&mut r.path, ".ssh/id_rsa");
-        assert!(decode(&r, Some(&agent()), CLOCK, &no_resolve).is_none());
+        let e = decode(&r, Some(&agent()), CLOCK, &no_resolve).unwrap();
+        assert_eq!(e.kind, Kind::OpenRead);
+        assert_eq!(e.path.as_deref(), Some(".ssh/id_rsa"));
     }
 
     #[test]

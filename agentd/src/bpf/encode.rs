@@ -396,6 +396,36 @@ mod tests {
     }
 
     #[test]
+    fn the_kernel_trips_only_what_a_killing_breaker_trips_on_at_once() {
+        let base = "[agent]\nname = \"t\"\n";
+        let kill = compiled(&format!(
+            "{base}[breaker]\ntrip_on = [\"canary\", \"connect\", \"read\"]\naction = \"kill\"\n"
+        ));
+        let flags = agent_flags(&kill);
+        assert_eq!(
+            flags & (AGENT_FLAG_TRIP_CANARY | AGENT_FLAG_TRIP_CONNECT | AGENT_FLAG_TRIP_READ),
+            AGENT_FLAG_TRIP_CANARY | AGENT_FLAG_TRIP_CONNECT | AGENT_FLAG_TRIP_READ
+        );
+        for bit in [
+            AGENT_FLAG_TRIP_EXEC,
+            AGENT_FLAG_TRIP_BIND,
+            AGENT_FLAG_TRIP_WRITE,
+            AGENT_FLAG_TRIP_SOCKET,
+            AGENT_FLAG_TRIP_SYSCALL,
+        ] {
+            assert_eq!(flags & bit, 0, "{bit:#x} is not in trip_on");
+        }
+        let deny = compiled(&format!(
+            "{base}[breaker]\ntrip_on = [\"canary\"]\naction = \"deny\"\n"
+        ));
+        assert_eq!(trip_flags(&deny.breaker), 0, "a breaker that only denies");
+        let monitor = compiled(&format!(
+            "{base}mode = \"monitor\"\n[breaker]\ntrip_on = [\"canary\"]\n"
+        ));
+        assert_eq!(trip_flags(&monitor.breaker), 0, "monitor mode never acts");
+    }
+
+    #[test]
     fn net_key_bytes_are_what_the_trie_compares() {
         let e = NetEntry {
             addr: Ipv6Addr::from([0, 0, 0, 0, 0, 0xffff, 0x0a00, 0]),
@@ -478,7 +508,10 @@ bind = [9000, "5353/udp"]
     fn no_network_rules_inet_sockets_and_empty_allow_lists() {
         let p = compiled("[agent]\nname = \"t\"\n");
         let e = agent_entries(1, &p).unwrap();
-        assert_eq!(e.state.flags, AGENT_FLAG_INET | AGENT_FLAG_INET6);
+        assert_eq!(
+            e.state.flags & !trip_flags(&p.breaker),
+            AGENT_FLAG_INET | AGENT_FLAG_INET6
+        );
         assert!(e.net.is_empty() && e.bind.is_empty() && e.canaries.is_empty());
     }
 

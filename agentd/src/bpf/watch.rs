@@ -1636,6 +1636,29 @@ mod tests {
     }
 
     #[test]
+    fn proc_self_is_the_calling_process() {
+        assert_eq!(
+            own_proc(42, Path::new("/proc/self/exe")),
+            PathBuf::from("/proc/42/exe")
+        );
+        assert_eq!(
+            own_proc(42, Path::new("/proc/self/fd/3")),
+            PathBuf::from("/proc/42/fd/3")
+        );
+        assert_eq!(
+            own_proc(42, Path::new("/proc/thread-self/cwd")),
+            PathBuf::from("/proc/42/task/42/cwd")
+        );
+        assert_eq!(
+            own_proc(42, Path::new("/proc/self")),
+            PathBuf::from("/proc/42")
+        );
+        for other in ["/proc/7/exe", "/procx/self/exe", "/home/self/exe", "/"] {
+            assert_eq!(own_proc(42, Path::new(other)), PathBuf::from(other));
+        }
+    }
+
+    #[test]
     fn watch_can_be_shared_with_the_breaker_task() {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<Watch>();

@@ -222,7 +222,20 @@ mod tests {
         assert_eq!(
             classify(&ev(Kind::OpenWrite, Verdict::Deny, Layer::Kernel)),
             None,
+            "the kernel's own refusals are not the profile"
+        );
+        assert_eq!(
+            classify(&ev(Kind::Exec, Verdict::Deny, Layer::Permission)),
+            None,
             "file permissions are not the profile"
+        );
+        assert_eq!(
+            classify(&ev(Kind::OpenRead, Verdict::Deny, Layer::Landlock)),
+            Some(ViolationKind::Read)
+        );
+        assert_eq!(
+            classify(&ev(Kind::OpenRead, Verdict::Deny, Layer::Permission)),
+            None
         );
         assert_eq!(
             classify(&ev(Kind::Connect, Verdict::Killed, Layer::Bpf)),

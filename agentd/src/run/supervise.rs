@@ -92,6 +92,12 @@ impl Ended {
         }
     }
 
+    /// Whether SIGKILL ended it: the breaker's or the kill switch's kill reached it (an
+    /// agent that ended otherwise had finished before they acted).
+    pub fn killed(self) -> bool {
+        matches!(self, Ended::Signal { signal, .. } if signal == libc::SIGKILL)
+    }
+
     /// `status 3` or `signal 15 (SIGTERM)`, for messages.
     pub fn describe(self) -> String {
         match self {
@@ -425,9 +431,9 @@ async fn finish(
         None => exit.with("reason", "the agent's exit status is unknown"),
     };
     if let Some((verdict, line)) = hooks.verdict() {
-        match status {
+        match status.filter(|s| !s.killed()) {
             // Killed (SIGKILL: the kill reached it), or unknown: the trip's status.
-            Some(Ended::Signal { signal: 9, .. }) | None => {
+            None => {
                 eprintln!("agentd: {line}");
                 exit = exit.with("agent_status", code).with("verdict", line);
                 code = verdict;
@@ -461,6 +467,35 @@ async fn finish(
 mod tests {
     use super::*;
     use nix::unistd::Pid;
+
+    #[test]
+    fn only_a_sigkill_is_the_breakers_doing() {
+        assert!(
+            Ended::Signal {
+                signal: libc::SIGKILL,
+                core_dumped: false
+            }
+            .killed()
+        );
+        assert!(!Ended::Code(0).killed(), "finished on its own first");
+        assert!(!Ended::Code(137).killed(), "an exit status is not a signal");
+        assert!(
+            !Ended::Signal {
+                signal: libc::SIGTERM,
+                core_dumped: false
+            }
+            .killed()
+        );
+        assert_eq!(Ended::Code(3).describe(), "status 3");
+        assert_eq!(
+            Ended::Signal {
+                signal: libc::SIGTERM,
+                core_dumped: false
+            }
+            .describe(),
+            "signal 15 (SIGTERM)"
+        );
+    }
 
     #[test]
     fn exit_codes_follow_the_shell() {
