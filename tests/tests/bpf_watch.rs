@@ -63,9 +63,10 @@ fn bpf_watch_enforces_network_and_reports_files_execs_and_canaries() {
         "event: monitor-mode connect recorded as deny, flagged monitor, no errno",
         "outside process connects to the port the agent may not",
         "no event for the process outside the cgroup",
-        "killed agent's process is SIGKILLed at its next covered syscall",
+        "killed agent's process is SIGKILLed by the kill gate",
+        "killed agent's process completes no system call after the flag",
         "flood: every write is delivered or counted as lost",
-        "event: canary opened through a path the tracepoint could not read, resolved from the fd",
+        "event: canary opened through a path not resident at entry, read at the exit",
         "after remove_agent the cgroup is no longer restricted",
     ] {
         assert!(

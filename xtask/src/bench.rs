@@ -5,7 +5,9 @@
 //!    watch-test bench`): syscall loops with no programs, with programs loaded, inside.
 //! 2. Launch: `agentd run -- /bin/true` against `/bin/true`.
 //! 3. The breaker: time from the violating syscall (kernel timestamp) to an empty cgroup,
-//!    over 100 trips (median, p99).
+//!    over 100 trips (median, p99), idle; then under load (both cores busy, other agents
+//!    producing events, the tripping agent busy), through the daemon, for a trip decided in
+//!    the kernel and one decided in user space.
 
 use std::{path::Path, process::Command, time::Instant};
 
@@ -39,7 +41,175 @@ pub fn bench(root: &Path) -> anyhow::Result<()> {
     std::fs::write(&profile, PROFILE)?;
     launch_cost(&agentd, &profile, &ws)?;
     breaker_latency(&agentd, &profile, &ws, &work)?;
+    let threshold = work.join("bench-threshold.toml");
+    std::fs::write(&threshold, PROFILE_THRESHOLD)?;
+    breaker_under_load(&agentd, &profile, &threshold, &ws, &work)?;
     Ok(())
+}
+
+/// The threshold path (the breaker in user space): one write outside the workspace trips.
+const PROFILE_THRESHOLD: &str = r#"[agent]
+name = "bench-threshold"
+[filesystem]
+read = ["{workspace}", "/usr", "/lib", "/lib64", "/bin", "/etc", "/proc", "/dev/null"]
+write = ["{workspace}", "/dev/null"]
+exec = ["/usr/bin", "/bin", "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"]
+[breaker]
+trip_on = []
+threshold = 1
+window = "60s"
+action = "kill"
+[environment]
+pass = ["PATH"]
+"#;
+
+/// Trips measured under load, the realistic case: both cores busy with loops outside any
+/// agent, two other agents of the same daemon writing files as fast as they can (events
+/// for the daemon to fan out and audit), and the tripping agent itself busy (a sibling
+/// process writing in a loop) when it violates. From the kernel's timestamps in the
+/// run's events: the violating call to the violator's exit, and to the last exit of the
+/// agent's processes (its cgroup empty). Both paths: an immediate trip decided in the
+/// kernel (canary), and a threshold trip decided in user space (a refused write).
+fn breaker_under_load(
+    agentd: &Path,
+    immediate: &Path,
+    threshold: &Path,
+    ws: &Path,
+    work: &Path,
+) -> anyhow::Result<()> {
+    const LOADED_TRIPS: usize = 40;
+    let daemon_dir = work
+        .parent()
+        .map_or_else(|| work.join("load-daemon"), |t| t.join("bench-load-daemon"));
+    let daemon = BenchDaemon::start(agentd, &daemon_dir)?;
+    let mut load = Load::default();
+    for _ in 0..2 {
+        load.spawn(Command::new("/bin/sh").args(["-c", "while :; do :; done"]))?;
+    }
+    let noisy_ws = work.join("noisy");
+    std::fs::create_dir_all(&noisy_ws)?;
+    let st = Command::new("chmod").arg("a+rwx").arg(&noisy_ws).status()?;
+    anyhow::ensure!(st.success(), "chmod failed");
+    for _ in 0..2 {
+        let mut c = agent_command(agentd, immediate, &noisy_ws);
+        c.arg("--socket").arg(&daemon.socket).args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "while :; do : > \"noise.$$\"; done",
+        ]);
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        load.spawn(&mut c)?;
+    }
+    // Let the noise start.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let busy = "(while :; do echo x > \"$PWD/busy.$$\"; done) & /bin/sleep 0.05; ";
+    let scenarios: [(&str, &Path, String); 2] = [
+        (
+            "immediate (canary, decided in the kernel)",
+            immediate,
+            format!("{busy}/bin/cat \"$PWD/secrets/key\" >/dev/null; /bin/sleep 10"),
+        ),
+        (
+            "threshold (refused write, decided in user space)",
+            threshold,
+            // The bench directory: writable by the agent's user, granted by no rule.
+            format!("{busy}: > \"$PWD/../refused.$$\" 2>/dev/null; /bin/sleep 10"),
+        ),
+    ];
+    eprintln!(
+        "\n[bench] breaker under load (2 busy loops outside agents, 2 noisy agents, a busy agent), through the daemon, {LOADED_TRIPS} trips each:"
+    );
+    for (label, profile, script) in scenarios {
+        let mut violator = Vec::new();
+        let mut empty = Vec::new();
+        for i in 0..LOADED_TRIPS {
+            let events = work.join("trip-load.jsonl");
+            let _ = std::fs::remove_file(&events);
+            let mut c = agent_command(agentd, profile, ws);
+            c.arg("--socket")
+                .arg(&daemon.socket)
+                .arg("--events")
+                .arg(&events)
+                .args(["--", "/bin/sh", "-c", &script]);
+            let out = c.output()?;
+            anyhow::ensure!(
+                out.status.code() == Some(137),
+                "{label}, trip {i}: exit {:?}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let evs: Vec<serde_json::Value> = std::fs::read_to_string(&events)?
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            let trigger = evs
+                .iter()
+                .find(|e| e["kind"] == "breaker")
+                .map(|e| &e["detail"]["trigger"])
+                .with_context(|| format!("{label}, trip {i}: no breaker event"))?;
+            let t0 = trigger["ktime_ns"]
+                .as_u64()
+                .context("trigger without ktime_ns")?;
+            let pid = &trigger["pid"];
+            let exits = evs
+                .iter()
+                .filter(|e| e["kind"] == "process_exit")
+                .filter_map(|e| Some((e["pid"].clone(), e["ktime_ns"].as_u64()?)));
+            let mut last = None;
+            let mut own = None;
+            for (p, t) in exits {
+                if &p == pid {
+                    own = Some(t);
+                }
+                last = last.max(Some(t));
+            }
+            let (Some(own), Some(last)) = (own, last) else {
+                bail!("{label}, trip {i}: no exit events of the agent's processes");
+            };
+            violator.push(own.saturating_sub(t0) as f64 / 1e6);
+            empty.push(last.saturating_sub(t0) as f64 / 1e6);
+        }
+        violator.sort_by(f64::total_cmp);
+        empty.sort_by(f64::total_cmp);
+        eprintln!("  {label}:");
+        eprintln!(
+            "    violating call -> violator exited:  median {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            percentile(&violator, 0.5),
+            percentile(&violator, 0.99),
+            violator.last().copied().unwrap_or(f64::NAN)
+        );
+        eprintln!(
+            "    violating call -> cgroup empty:      median {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            percentile(&empty, 0.5),
+            percentile(&empty, 0.99),
+            empty.last().copied().unwrap_or(f64::NAN)
+        );
+    }
+    drop(load);
+    drop(daemon);
+    Ok(())
+}
+
+/// Processes the bench started to make load; killed (by pid) and reaped on drop.
+#[derive(Default)]
+struct Load(Vec<std::process::Child>);
+
+impl Load {
+    fn spawn(&mut self, c: &mut Command) -> anyhow::Result<()> {
+        self.0.push(c.spawn().with_context(|| format!("{c:?}"))?);
+        Ok(())
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 const PROFILE: &str = r#"[agent]
