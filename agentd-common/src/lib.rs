@@ -52,11 +52,15 @@ pub enum EventKind {
     /// An open for reading only (no write, create or truncate intent; directories and
     /// `O_PATH` included) that was refused. Successful reads are not reported.
     OpenRead = 22,
+    /// A signal the agent was refused (EPERM): `dfd` is the target as the call named it
+    /// (a pid, 0 or negative for a process group; a pidfd of the caller with
+    /// [`EVENT_FLAG_PIDFD`]), `aux` the signal.
+    Signal = 23,
 }
 
 impl EventKind {
     /// Every kind, for exhaustive decoding and tests.
-    pub const ALL: [EventKind; 22] = [
+    pub const ALL: [EventKind; 23] = [
         EventKind::Exec,
         EventKind::Fork,
         EventKind::Exit,
@@ -79,6 +83,7 @@ impl EventKind {
         EventKind::Syscall,
         EventKind::Inbound,
         EventKind::OpenRead,
+        EventKind::Signal,
     ];
 
     pub fn from_raw(raw: u16) -> Option<EventKind> {
@@ -231,6 +236,9 @@ pub const EVENT_FLAG_TRIPPED: u16 = 1 << 10;
 /// which layer refused it (Landlock, or the file's permissions). User space kills the agent
 /// or resumes the process (SIGCONT).
 pub const EVENT_FLAG_HELD: u16 = 1 << 11;
+
+/// A `Signal` event whose target (`dfd`) is a pidfd of the calling process.
+pub const EVENT_FLAG_PIDFD: u16 = 1 << 12;
 
 /// Exec events: argv entries carried in `path2`.
 pub const EXEC_ARGS: usize = 4;

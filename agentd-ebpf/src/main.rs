@@ -11,6 +11,7 @@
 //!   whose breaker tripped;
 //! - `lsm`: BPF LSM programs, where the kernel accepts them: the `protect` list, memfd
 //!   exec;
+//! - `signal`: the signals an agent was refused (kill and its siblings);
 //! - `maps`: the maps they share and the agent lookup each program starts with;
 //! - `vfs`: the current task's open files and working directory, dentry walks (canary
 //!   inodes, the directory of a relative path), with struct offsets from BTF;
@@ -25,6 +26,7 @@ mod maps;
 mod net;
 mod probe;
 mod proc;
+mod signal;
 mod vfs;
 
 #[cfg(not(test))]

@@ -64,6 +64,9 @@ pub enum Kind {
     /// A refused open for reading (a file, a directory listing, an `O_PATH` open).
     #[serde(rename = "file_read")]
     OpenRead,
+    /// A signal the agent was refused (`detail.target`, `detail.signal`).
+    #[serde(rename = "process_signal")]
+    Signal,
     #[serde(rename = "file_unlink")]
     Unlink,
     #[serde(rename = "file_rename")]

@@ -390,7 +390,8 @@ fn breaker_kernel_grant_missing_at_launch_is_landlock() {
 }
 
 /// An exec through `/proc/self/exe` and `/proc/self/fd/N` names the agent's file, not
-/// agentd's.
+/// agentd's. (Resolved through /proc while the process lives: the program run through
+/// the fd sleeps a second.)
 #[test]
 fn breaker_kernel_proc_self_paths_name_the_agents_files() {
     if !require_root() {
@@ -400,7 +401,7 @@ fn breaker_kernel_proc_self_paths_name_the_agents_files() {
     let (_p, path) = profile_file(&profile("proc-self", "\"canary\"", ""));
     let run = AgentRun::new(path.to_str().unwrap(), ws.path())
         .python(
-            "import os, sys\nif len(sys.argv) > 1:\n    print('again', sys.argv[1])\n    sys.exit(0)\nif os.fork() == 0:\n    os.execv('/proc/self/exe', ['python3', '-c', 'print(1)', 'exe'])\nos.wait()\nfd = os.open('/usr/bin/true', os.O_RDONLY)\nos.execv('/proc/self/fd/%d' % fd, ['true'])",
+            "import os, sys\nif len(sys.argv) > 1:\n    print('again', sys.argv[1])\n    sys.exit(0)\nif os.fork() == 0:\n    os.execv('/proc/self/exe', ['python3', '-c', 'print(1)', 'exe'])\nos.wait()\nfd = os.open('/usr/bin/sleep', os.O_RDONLY)\nos.execv('/proc/self/fd/%d' % fd, ['sleep', '1'])",
         )
         .run();
     assert_eq!(run.code(), 0, "{}", run.explain());
@@ -422,8 +423,8 @@ fn breaker_kernel_proc_self_paths_name_the_agents_files() {
         run.explain()
     );
     assert!(
-        named("/proc/self/fd/", Path::new("/usr/bin/true")),
-        "exec of /proc/self/fd/N names /usr/bin/true\n{}",
+        named("/proc/self/fd/", Path::new("/usr/bin/sleep")),
+        "exec of /proc/self/fd/N names /usr/bin/sleep\n{}",
         run.explain()
     );
     let agentd = std::fs::canonicalize(agentd_tests::agentd_bin()).unwrap();
@@ -456,4 +457,67 @@ fn breaker_kernel_events_file_in_the_agents_reach_is_refused() {
         !events.exists(),
         "nothing is created where the agent could edit it"
     );
+}
+
+/// A signal refused to a process outside the agent is an event with the layer that
+/// refused it: a process of the agent's own user outside its domain (Landlock's signal
+/// scoping, ABI 6), and root's init (the permission check).
+#[test]
+fn breaker_kernel_refused_signals_are_reported_by_their_layer() {
+    if !require_root() {
+        return;
+    }
+    use std::os::unix::process::CommandExt as _;
+    let ws = ws_with_secret();
+    // A process of the agent's user (nobody), outside the agent.
+    let mut neighbour = std::process::Command::new("/bin/sleep")
+        .arg("30")
+        .uid(65534)
+        .gid(65534)
+        .spawn()
+        .unwrap();
+    let (_p, path) = profile_file(&profile("signals", "\"canary\"", ""));
+    let script = format!(
+        "import os\nfor pid in ({}, 1):\n    try:\n        os.kill(pid, 0)\n        print(pid, 'ok')\n    except OSError as e:\n        print(pid, 'errno', e.errno)",
+        neighbour.id()
+    );
+    let run = AgentRun::new(path.to_str().unwrap(), ws.path())
+        .python(&script)
+        .run();
+    let _ = neighbour.kill();
+    let _ = neighbour.wait();
+    assert_eq!(run.code(), 0, "{}", run.explain());
+    let signals: Vec<&serde_json::Value> = run
+        .events
+        .iter()
+        .filter(|e| e["kind"] == "process_signal")
+        .collect();
+    let of = |pid: u32| signals.iter().find(|e| e["detail"]["target"] == pid);
+    let init =
+        of(1).unwrap_or_else(|| panic!("no event for the signal to init\n{}", run.explain()));
+    assert_eq!(init["layer"], "permission", "{init}");
+    assert_eq!(init["errno"], libc_eperm(), "{init}");
+    if agentd_tests::landlock_abi() >= 6 {
+        assert!(
+            run.stdout()
+                .contains(&format!("{} errno 1", neighbour.id())),
+            "{}",
+            run.explain()
+        );
+        let n = of(neighbour.id())
+            .unwrap_or_else(|| panic!("no event for the scoped signal\n{}", run.explain()));
+        assert_eq!(n["layer"], "landlock", "{n}");
+    } else {
+        // No signal scoping below ABI 6: the signal goes through, and is no refusal.
+        assert!(
+            run.stdout().contains(&format!("{} ok", neighbour.id())),
+            "{}",
+            run.explain()
+        );
+        assert!(of(neighbour.id()).is_none(), "{}", run.explain());
+    }
+}
+
+fn libc_eperm() -> i32 {
+    1
 }

@@ -79,7 +79,8 @@ fn file_access(need: Need, kind: EventKind) -> FileAccess {
             | EventKind::Bind
             | EventKind::Inbound
             | EventKind::SocketCreate
-            | EventKind::Syscall => FileAccess::Write,
+            | EventKind::Syscall
+            | EventKind::Signal => FileAccess::Write,
         },
     }
 }
@@ -124,6 +125,7 @@ fn kind_of(k: EventKind) -> Kind {
         EventKind::Exit => Kind::ProcessExit,
         EventKind::OpenWrite => Kind::OpenWrite,
         EventKind::OpenRead => Kind::OpenRead,
+        EventKind::Signal => Kind::Signal,
         EventKind::Unlink => Kind::Unlink,
         EventKind::Rename => Kind::Rename,
         EventKind::Mkdir => Kind::Mkdir,
@@ -235,7 +237,8 @@ pub fn attribute(
                 | EventKind::Bind
                 | EventKind::Inbound
                 | EventKind::SocketCreate
-                | EventKind::Syscall => return (Layer::Kernel, Verdict::Deny),
+                | EventKind::Syscall
+                | EventKind::Signal => return (Layer::Kernel, Verdict::Deny),
             };
             let want: fn(&crate::profile::FsAccess) -> bool = match need {
                 Need::Read => |a| a.read,
@@ -448,7 +451,8 @@ fn follows_last(kind: EventKind, syscall: Option<Syscall>, aux: u64) -> bool {
         | EventKind::Bind
         | EventKind::Inbound
         | EventKind::SocketCreate
-        | EventKind::Syscall => false,
+        | EventKind::Syscall
+        | EventKind::Signal => false,
     }
 }
 
@@ -477,13 +481,15 @@ pub fn kernel_dir(raw: &RawEvent) -> Option<PathBuf> {
 }
 
 /// Decodes one ring-buffer record. `None` for a record of an unknown kind (a newer BPF
-/// object than this binary: never happens with the embedded object), and for a canary
-/// candidate that resolves to no canary.
+/// object than this binary: never happens with the embedded object), and for a successful
+/// read-only open the kernel could not decide that resolves to no canary. `targets` looks
+/// up what attributes a refused signal.
 pub fn decode(
     raw: &RawEvent,
     agent: Option<&AgentInfo>,
     clock: ClockOffset,
     resolve: Resolver<'_>,
+    targets: &Targets<'_>,
 ) -> Option<Event> {
     let raw_kind = EventKind::from_raw(raw.kind)?;
     let kind = kind_of(raw_kind);
@@ -570,6 +576,9 @@ pub fn decode(
                 .with("family", family_name(raw.family))
                 .with("type", socket_type_name(raw.aux))
                 .with("protocol", raw.ret);
+        }
+        EventKind::Signal => {
+            e = signal_event(raw, e, agent, targets);
         }
         EventKind::Fork => {
             e = e.with("child", raw.ret);
@@ -758,7 +767,8 @@ fn decode_file(
         | EventKind::Bind
         | EventKind::Inbound
         | EventKind::SocketCreate
-        | EventKind::Syscall => (
+        | EventKind::Syscall
+        | EventKind::Signal => (
             resolve_path(&path_arg, raw.pid, raw.dfd, follow, resolve),
             None,
         ),
@@ -881,6 +891,62 @@ fn decode_file(
         e.path2 = path2.map(|p| p.to_string_lossy().into_owned());
     }
     Some(e)
+}
+
+/// What the decoder can learn of a signal's target while it runs: the pid a pidfd of a
+/// process refers to (`fd_pid(pid, fd)`), and a process's identity (`creds(pid)`).
+pub struct Targets<'a> {
+    pub fd_pid: &'a dyn Fn(u32, i32) -> Option<i32>,
+    pub creds: &'a dyn Fn(i32) -> Option<TargetCreds>,
+}
+
+/// A signal target's user ids, as the kernel's permission check compares them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetCreds {
+    pub uid: u32,
+    pub suid: u32,
+}
+
+/// A signal the agent was refused (EPERM), with the layer that refused it: the kernel
+/// lets a process signal one whose real or saved uid is its own uid, so a refusal of such
+/// a target is Landlock's (signal scoping: outside the agent's domain); of any other, the
+/// permission check's. A process group, or a target gone, cannot be told: the kernel's.
+fn signal_event(
+    raw: &RawEvent,
+    mut e: Event,
+    agent: Option<&AgentInfo>,
+    targets: &Targets<'_>,
+) -> Event {
+    let pidfd = raw.flags & agentd_common::EVENT_FLAG_PIDFD != 0;
+    let target = if pidfd {
+        e = e.with("pidfd", raw.dfd);
+        (targets.fd_pid)(raw.pid, raw.dfd)
+    } else {
+        Some(raw.dfd)
+    };
+    let sig = i32::try_from(raw.aux).unwrap_or(0);
+    let name =
+        nix::sys::signal::Signal::try_from(sig).map_or_else(|_| sig.to_string(), |s| s.to_string());
+    e = e.with("signal", sig).with("signal_name", name);
+    e.errno = (raw.ret < 0).then(|| i32::try_from(-raw.ret).unwrap_or(i32::MAX));
+    e.verdict = Verdict::Deny;
+    let own = agent.and_then(|a| a.creds.get());
+    e.layer = match (target, own) {
+        (Some(t), Some(own)) if t > 0 => {
+            e = e.with("target", t);
+            match (targets.creds)(t) {
+                Some(c) if c.uid == own.uid || c.suid == own.uid => Layer::Landlock,
+                Some(_) => Layer::Permission,
+                None => Layer::Kernel,
+            }
+        }
+        (Some(t), _) => {
+            e = e.with("target", t);
+            Layer::Kernel
+        }
+        (None, _) => Layer::Kernel,
+    };
+    e
 }
 
 /// A unix-socket connect or bind, reported at its exit with the call's result. The
@@ -1020,7 +1086,8 @@ fn aux_detail(kind: EventKind, aux: u64, mut e: Event) -> Event {
         | EventKind::Bind
         | EventKind::Inbound
         | EventKind::SocketCreate
-        | EventKind::Syscall => {}
+        | EventKind::Syscall
+        | EventKind::Signal => {}
     }
     e
 }
@@ -1097,6 +1164,21 @@ connect = ["127.0.0.1/32:8080"]
 
     fn no_resolve(_: u32, _: i32, _: &str, _: bool) -> Option<PathBuf> {
         None
+    }
+
+    /// Nothing known of any signal's target.
+    const UNKNOWN: Targets<'static> = Targets {
+        fd_pid: &|_, _| None,
+        creds: &|_| None,
+    };
+
+    fn decode(
+        raw: &RawEvent,
+        agent: Option<&AgentInfo>,
+        clock: ClockOffset,
+        resolve: Resolver<'_>,
+    ) -> Option<Event> {
+        super::decode(raw, agent, clock, resolve, &UNKNOWN)
     }
 
     const CLOCK: ClockOffset = ClockOffset(1_000_000_000_000_000_000);
@@ -1544,6 +1626,64 @@ connect = ["127.0.0.1/32:8080"]
         // Without the agent's identity, the rules decide alone.
         let e = dec(&r);
         assert_eq!(e.layer, Layer::Landlock);
+    }
+
+    #[test]
+    fn a_refused_signal_is_landlocks_for_a_target_of_the_same_user() {
+        let a = agent();
+        let _ = a.creds.set(Creds {
+            uid: 1000,
+            gid: 1000,
+            groups: vec![],
+        });
+        let mut r = raw(EventKind::Signal);
+        r.ret = -i64::from(libc::EPERM);
+        r.aux = libc::SIGTERM as u64;
+        let targets = Targets {
+            fd_pid: &|pid, fd| (pid == 100 && fd == 5).then_some(77),
+            creds: &|pid| match pid {
+                // Same user, outside the agent: only Landlock's scoping refuses.
+                42 => Some(TargetCreds {
+                    uid: 1000,
+                    suid: 1000,
+                }),
+                // A setuid program the user started: its real uid is the user's.
+                43 => Some(TargetCreds { uid: 1000, suid: 0 }),
+                77 => Some(TargetCreds { uid: 0, suid: 0 }),
+                _ => None,
+            },
+        };
+        let dec_t =
+            |r: &RawEvent| super::decode(r, Some(&a), CLOCK, &no_resolve, &targets).unwrap();
+        r.dfd = 42;
+        let e = dec_t(&r);
+        assert_eq!(e.kind, Kind::Signal);
+        assert_eq!((e.layer, e.verdict), (Layer::Landlock, Verdict::Deny));
+        assert_eq!(
+            (e.detail["target"].clone(), e.detail["signal_name"].clone()),
+            (42.into(), "SIGTERM".into())
+        );
+        r.dfd = 43;
+        assert_eq!(dec_t(&r).layer, Layer::Landlock);
+        // A target whose identity cannot be read (gone): cannot tell.
+        r.dfd = 1;
+        assert_eq!(
+            dec_t(&r).layer,
+            Layer::Kernel,
+            "gone, or unreadable: cannot tell"
+        );
+        // Through a pidfd, to root's process: the permission check refuses first.
+        r.flags = agentd_common::EVENT_FLAG_PIDFD;
+        r.dfd = 5;
+        let e = dec_t(&r);
+        assert_eq!(
+            (e.layer, e.detail["target"].clone()),
+            (Layer::Permission, 77.into())
+        );
+        // A process group: cannot tell.
+        r.flags = 0;
+        r.dfd = -42;
+        assert_eq!(dec_t(&r).layer, Layer::Kernel);
     }
 
     #[test]

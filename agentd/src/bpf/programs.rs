@@ -275,6 +275,32 @@ pub const SOCKADDR_TRACEPOINTS: [(&str, &str, &[&str]); 2] = [
 /// The exit program of [`SOCKADDR_TRACEPOINTS`].
 pub const SYS_EXIT_SOCKADDR: &str = "sys_exit_sockaddr";
 
+/// The signal calls, watched for the signals an agent is refused (agentd-ebpf's
+/// `signal`): (call, entry program, argument names), as [`SOCKADDR_TRACEPOINTS`]. Their
+/// exit program is [`SYS_EXIT_SIGNAL`].
+pub const SIGNAL_TRACEPOINTS: [(&str, &str, &[&str]); 6] = [
+    ("kill", "sys_enter_kill", &["pid", "sig"]),
+    ("tkill", "sys_enter_tkill", &["pid", "sig"]),
+    ("tgkill", "sys_enter_tgkill", &["tgid", "pid", "sig"]),
+    (
+        "rt_sigqueueinfo",
+        "sys_enter_rt_sigqueueinfo",
+        &["pid", "sig", "uinfo"],
+    ),
+    (
+        "rt_tgsigqueueinfo",
+        "sys_enter_rt_tgsigqueueinfo",
+        &["tgid", "pid", "sig", "uinfo"],
+    ),
+    (
+        "pidfd_send_signal",
+        "sys_enter_pidfd_send_signal",
+        &["pidfd", "sig", "info", "flags"],
+    ),
+];
+/// The exit program of [`SIGNAL_TRACEPOINTS`].
+pub const SYS_EXIT_SIGNAL: &str = "sys_exit_signal";
+
 /// cgroup/sock_addr programs attached to each agent's cgroup.
 pub const SOCK_ADDR_PROGRAMS: [(&str, CgroupSockAddrAttachType); 6] = [
     ("connect4", CgroupSockAddrAttachType::Connect4),

@@ -784,7 +784,9 @@ async fn run() -> anyhow::Result<ExitCode> {
     let p = under("canary/secret");
     // The path's page was not resident at the call's entry (a tracepoint cannot fault it
     // in); the exit reads it again, after the kernel copied it in.
-    let e = find(&mine, |e| e.kind == Kind::Canary && e.path.as_deref() == Some(p.as_str()));
+    let e = find(&mine, |e| {
+        e.kind == Kind::Canary && e.path.as_deref() == Some(p.as_str())
+    });
     let unread = find(&mine, |e| e.detail.get("path_unread").is_some());
     checks.check(
         "event: canary opened through a path not resident at entry, read at the exit",

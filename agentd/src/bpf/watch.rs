@@ -41,7 +41,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 use super::{
     BPFFS, BpfError, EBPF_OBJECT, TRACEFS,
     btf::{self, Btf as KernelBtf},
-    decode::{AT_FDCWD, AgentInfo, ClockOffset, decode, normalize},
+    decode::{AT_FDCWD, AgentInfo, ClockOffset, TargetCreds, Targets, decode, normalize},
     encode::{
         AgentEntries, CanaryStat, agent_entries, canary_inode_keys, cgroup_level, guard_plan,
         guarded_name, inode_matchable, mountinfo_dev,
@@ -378,10 +378,12 @@ fn checked_exit_only_tracepoints() -> Result<Vec<(programs::ExitOnlyTracepoint, 
 /// The connect/bind tracepoints to attach, as (call, entry program), with their formats
 /// checked. They report unix-socket calls (no cgroup program sees them) and inet calls a
 /// host security module refused before the cgroup programs, on every kernel.
-fn checked_sockaddr_tracepoints() -> Result<Vec<(&'static str, &'static str)>, BpfError> {
+fn checked_pair_tracepoints(
+    table: &[(&'static str, &'static str, &[&str])],
+) -> Result<Vec<(&'static str, &'static str)>, BpfError> {
     let tracefs = Path::new(TRACEFS.1);
     let mut out = Vec::new();
-    for (call, enter, args) in programs::SOCKADDR_TRACEPOINTS {
+    for &(call, enter, args) in table {
         let exit = format!("sys_exit_{call}");
         let fields = tracefs::read_format(tracefs, "syscalls", enter)?.ok_or_else(|| {
             BpfError::TracepointFormat {
@@ -393,6 +395,45 @@ fn checked_sockaddr_tracepoints() -> Result<Vec<(&'static str, &'static str)>, B
         out.push((call, enter));
     }
     Ok(out)
+}
+
+/// Loads and attaches the entry program of each `(call, entry program)` pair to its
+/// `sys_enter_<call>`, and the shared `exit` program to each `sys_exit_<call>`.
+fn attach_pairs(
+    ebpf: &mut Ebpf,
+    pairs: &[(&'static str, &'static str)],
+    exit: &'static str,
+    links: &mut Vec<(&'static str, TracePointLinkId)>,
+) -> Result<(), BpfError> {
+    for (_, enter) in pairs {
+        let p: &mut TracePoint = program(ebpf, enter)?;
+        p.load().map_err(load_err(enter))?;
+        let link = p
+            .attach("syscalls", enter)
+            .map_err(|source| BpfError::Attach {
+                program: enter,
+                target: format!("tracepoint syscalls/{enter}"),
+                source,
+            })?;
+        links.push((*enter, link));
+    }
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    let p: &mut TracePoint = program(ebpf, exit)?;
+    p.load().map_err(load_err(exit))?;
+    for (call, _) in pairs {
+        let name = format!("sys_exit_{call}");
+        let link = p
+            .attach("syscalls", &name)
+            .map_err(|source| BpfError::Attach {
+                program: exit,
+                target: format!("tracepoint syscalls/{name}"),
+                source,
+            })?;
+        links.push((exit, link));
+    }
+    Ok(())
 }
 
 /// Checks a syscall's entry tracepoint (its format already read) and its exit tracepoint
@@ -524,7 +565,8 @@ impl Watch {
         let cgroup_mount = cgroup2_root()?;
         let tracepoints = checked_tracepoints()?;
         let exit_only = checked_exit_only_tracepoints()?;
-        let sockaddr = checked_sockaddr_tracepoints()?;
+        let sockaddr = checked_pair_tracepoints(&programs::SOCKADDR_TRACEPOINTS)?;
+        let signal = checked_pair_tracepoints(&programs::SIGNAL_TRACEPOINTS)?;
         let offsets = task_offsets()?;
         let btf::VfsGlobals {
             globals: vfs,
@@ -605,33 +647,13 @@ impl Watch {
                 tracepoint_links.push((programs::SYS_EXIT, link));
             }
         }
-        // connect/bind: what Landlock refuses before the cgroup programs run.
-        for (_, enter) in &sockaddr {
-            let p: &mut TracePoint = program(&mut ebpf, enter)?;
-            p.load().map_err(load_err(enter))?;
-            let link = p
-                .attach("syscalls", enter)
-                .map_err(|source| BpfError::Attach {
-                    program: enter,
-                    target: format!("tracepoint syscalls/{enter}"),
-                    source,
-                })?;
-            tracepoint_links.push((*enter, link));
-        }
-        if !sockaddr.is_empty() {
-            let p: &mut TracePoint = program(&mut ebpf, programs::SYS_EXIT_SOCKADDR)?;
-            p.load().map_err(load_err(programs::SYS_EXIT_SOCKADDR))?;
-            for (call, _) in &sockaddr {
-                let name = format!("sys_exit_{call}");
-                let link = p
-                    .attach("syscalls", &name)
-                    .map_err(|source| BpfError::Attach {
-                        program: programs::SYS_EXIT_SOCKADDR,
-                        target: format!("tracepoint syscalls/{name}"),
-                        source,
-                    })?;
-                tracepoint_links.push((programs::SYS_EXIT_SOCKADDR, link));
-            }
+        // connect/bind: what Landlock refuses before the cgroup programs run; the signal
+        // calls: the signals an agent is refused.
+        for (pairs, exit) in [
+            (&sockaddr, programs::SYS_EXIT_SOCKADDR),
+            (&signal, programs::SYS_EXIT_SIGNAL),
+        ] {
+            attach_pairs(&mut ebpf, pairs, exit, &mut tracepoint_links)?;
         }
         let btf = Btf::from_sys_fs().map_err(|e| BpfError::Btf(e.to_string()))?;
         tracing::debug!(program = exit_program, "process exit program");
@@ -1064,6 +1086,21 @@ impl Watch {
             .map_err(map_err("CONFIG"))
     }
 
+    /// Arms the kernel side of the agent's breaker (its `AGENT_FLAG_TRIP_*` bits): call it
+    /// once the agent's program runs and its events are read. Before, an immediate trip
+    /// kind is decided by the breaker from the events, as any other.
+    pub fn arm(&mut self, h: &AgentHandle) -> Result<(), BpfError> {
+        if h.entries.trip == 0 {
+            return Ok(());
+        }
+        let mut agents = lock(&self.agents);
+        let mut state = agents.get(&h.cgroup_id, 0).map_err(map_err("AGENTS"))?;
+        state.flags |= h.entries.trip;
+        agents
+            .insert(h.cgroup_id, state, 0)
+            .map_err(map_err("AGENTS"))
+    }
+
     /// Closes the kill gate unless an agent still has its kill flag (see
     /// `CONFIG_KILL_GATE`): cleared first, then set again if the scan finds one, so a
     /// program tripping an agent meanwhile (flag, then gate) cannot be lost.
@@ -1424,6 +1461,28 @@ fn proc_resolve(pid: u32, dfd: i32, path: &str, follow: bool) -> Option<PathBuf>
     Some(real_path(&joined, follow))
 }
 
+/// Signal targets, through /proc: the pid behind a pidfd (`Pid:` of its fdinfo), and a
+/// process's real and saved uids.
+const PROC_TARGETS: Targets<'static> = Targets {
+    fd_pid: &|pid, fd| {
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("Pid:"))
+            .and_then(|v| v.trim().parse().ok())
+    },
+    creds: &|pid| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let mut ids = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))?
+            .split_whitespace()
+            .filter_map(|v| v.parse::<u32>().ok());
+        let uid = ids.next()?;
+        let suid = ids.nth(1)?;
+        Some(TargetCreds { uid, suid })
+    },
+};
+
 /// `path` as process `pid` sees it: `/proc/self` and `/proc/thread-self` name the
 /// process that made the call, not agentd (its `exe`, its `fd/N`, its `cwd`). A path under
 /// `/proc/thread-self` is taken to be under the process's main thread.
@@ -1496,7 +1555,7 @@ fn drain(ring: &mut RingBuf<MapData>, registry: &Mutex<Registry>, out: &mut Vec<
         {
             let _ = a.creds.set(c);
         }
-        match decode(&raw, agent, clock, &proc_resolve) {
+        match decode(&raw, agent, clock, &proc_resolve, &PROC_TARGETS) {
             Some(e) => out.push(e),
             None if agentd_common::EventKind::from_raw(raw.kind).is_none() => {
                 tracing::warn!(kind = raw.kind, "ring-buffer record of unknown kind");

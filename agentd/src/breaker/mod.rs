@@ -72,7 +72,9 @@ pub fn classify(ev: &Event) -> Option<ViolationKind> {
         // Attributed to seccomp (handled above) or to the kernel (not denied by policy);
         // any other denying layer would still be a refused call.
         Kind::Syscall => Some(ViolationKind::Syscall),
-        Kind::Start
+        // Reported with the layer that refused it; no `trip_on` kind names signals.
+        Kind::Signal
+        | Kind::Start
         | Kind::Exit
         | Kind::LaunchFailed
         | Kind::Limit

@@ -1137,6 +1137,14 @@ async fn supervisor_line(
                 if a.state == AgentState::Starting {
                     a.state = AgentState::Running;
                 }
+                // Its program runs: the kernel side of its breaker may act now.
+                if let Some(h) = &a.bpf
+                    && let Err(e) = lock(&shared.watch).arm(h)
+                {
+                    eprintln!(
+                        "agentd daemon: arming the breaker of {id} in the kernel: {e}; it decides from events only"
+                    );
+                }
                 if a.early_exits.contains(&pid) {
                     a.drained.send_replace(true);
                 }

@@ -119,6 +119,13 @@ impl AgentHooks for KernelHooks {
                 return;
             }
         };
+        // The program runs and its events are read: the kernel may trip and hold now.
+        if let Err(e) = lock(&watch).arm(bpf_agent) {
+            eprintln!(
+                "agentd: {}; the breaker decides from events only",
+                KernelHookError::Bpf(e)
+            );
+        }
         let (done_tx, done_rx) = watch::channel(false);
         self.drained = Some(done_rx);
         self.events = Some(events.clone());
