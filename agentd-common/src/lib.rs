@@ -677,6 +677,10 @@ pub const AGENT_FLAG_TRIP_EXEC: u32 = 1 << 12;
 pub const AGENT_FLAG_TRIP_WRITE: u32 = 1 << 13;
 pub const AGENT_FLAG_TRIP_READ: u32 = 1 << 14;
 pub const AGENT_FLAG_TRIP_SYSCALL: u32 = 1 << 15;
+/// Set by the kernel at the agent's first successful exec (its program runs): the
+/// `AGENT_FLAG_TRIP_*` bits count from then on. Before, a refusal is the launch sequence's
+/// own (an exec the profile refuses fails the launch), not the agent's.
+pub const AGENT_FLAG_ARMED: u32 = 1 << 16;
 
 /// Canary paths per agent (`CanaryKey::index` is dense from 0).
 pub const MAX_CANARIES: u32 = 16;

@@ -46,7 +46,7 @@ use aya_ebpf::{
 use crate::{
     maps::{
         Act, CANARIES, PENDING, SCRATCH, SOCK_REFUSED, SYSCALLS, carry_out, current_agent,
-        fill_header, output,
+        fill_header, output, trip_bits,
     },
     vfs::{self, Walk},
 };
@@ -549,6 +549,7 @@ fn file_act(flags: u32, ev: &RawEvent, ret: i64) -> Act {
     }
     let kind = ev.kind;
     let candidate = ev.flags & EVENT_FLAG_CANARY_CANDIDATE != 0;
+    let flags = trip_bits(flags);
     if kind == EventKind::Canary as u16 && !candidate {
         return if flags & AGENT_FLAG_TRIP_CANARY != 0 {
             Act::Trip
@@ -662,7 +663,7 @@ fn try_exit_only(entry: u32, ret: i64) {
     } else {
         AGENT_FLAG_TRIP_SYSCALL
     };
-    let act = if flags & trip_bit != 0 {
+    let act = if trip_bits(flags) & trip_bit != 0 {
         Act::Hold
     } else {
         Act::Nothing

@@ -48,7 +48,7 @@ use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::lsm, programs::LsmCont
 use crate::{
     maps::{
         Act, EVENTS, GUARDED_NAMES, NET_PENDING, PENDING, carry_out, count_lost, current_agent,
-        fill_header,
+        fill_header, trip_bits,
     },
     proc::bprm_file,
     vfs::{self, KPath, UnixName, Walk},
@@ -361,7 +361,7 @@ fn map_exec(file: u64, hook: u64) -> i32 {
     }
     let monitor = state.flags & AGENT_FLAG_MONITOR != 0;
     // A refusal of agentd's own: it trips a breaker that trips on `exec`.
-    let act = if !monitor && state.flags & AGENT_FLAG_TRIP_EXEC != 0 {
+    let act = if !monitor && trip_bits(state.flags) & AGENT_FLAG_TRIP_EXEC != 0 {
         Act::Trip
     } else {
         Act::Nothing

@@ -4,9 +4,10 @@
 //! read them.
 
 use agentd_common::{
-    AGENT_FLAG_KILLED, AgentState, BindKey, CONFIG_CGROUP_LEVELS, CONFIG_KILL_GATE, CONFIG_LEN,
-    CONFIG_LEVEL_MAX, CanaryInode, CanaryKey, CanaryPath, EVENT_FLAG_HELD, EVENT_FLAG_TRIPPED,
-    GuardedName, MAX_CGROUP_LEVEL, NetKey, PATH_LEN, RawEvent, SYSCALL_TABLE_LEN,
+    AGENT_FLAG_ARMED, AGENT_FLAG_KILLED, AgentState, BindKey, CONFIG_CGROUP_LEVELS,
+    CONFIG_KILL_GATE, CONFIG_LEN, CONFIG_LEVEL_MAX, CanaryInode, CanaryKey, CanaryPath,
+    EVENT_FLAG_HELD, EVENT_FLAG_TRIPPED, GuardedName, MAX_CGROUP_LEVEL, NetKey, PATH_LEN, RawEvent,
+    SYSCALL_TABLE_LEN,
 };
 use aya_ebpf::{
     helpers::{
@@ -214,6 +215,17 @@ pub fn carry_out(act: Act, state: *mut AgentState, sent: bool) {
 
 const SIGKILL: u32 = 9;
 const SIGSTOP: u32 = 19;
+
+/// The `AGENT_FLAG_TRIP_*` bits of `flags` that are in force: none until the agent's
+/// first exec ([`AGENT_FLAG_ARMED`]).
+#[inline(always)]
+pub fn trip_bits(flags: u32) -> u32 {
+    if flags & AGENT_FLAG_ARMED != 0 {
+        flags
+    } else {
+        0
+    }
+}
 
 /// Whether the kill gate is open (some agent may have its kill flag set): one array
 /// read, which the verifier inlines.

@@ -32,7 +32,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, SockContext, TracePointContext},
 };
 
-use crate::maps::{Act, carry_out};
+use crate::maps::{Act, carry_out, trip_bits};
 use crate::maps::{
     BIND_ALLOW, EVENTS, NET_ALLOW, NET_PENDING, SOCK_REFUSED, agent_by_ancestor, count_lost,
     current_agent, fill_header, fill_header_without_task, trip,
@@ -241,7 +241,7 @@ fn decide(trip_bit: u32, allowed: impl FnOnce(u32, u32) -> bool) -> (i32, Verdic
         (ALLOW, Verdict::Allow, 0, cgroup)
     } else if state.flags & AGENT_FLAG_MONITOR != 0 {
         (ALLOW, Verdict::Deny, EVENT_FLAG_MONITOR, cgroup)
-    } else if state.flags & trip_bit != 0 {
+    } else if trip_bits(state.flags) & trip_bit != 0 {
         trip(state_ptr);
         (REFUSE, Verdict::Deny, EVENT_FLAG_TRIPPED, cgroup)
     } else {
@@ -585,7 +585,7 @@ fn try_exit_sockaddr(ctx: &TracePointContext) {
     // A unix-socket connect refused by agentd's BPF LSM program trips a breaker that
     // trips on `connect`; one refused with what Landlock's scoping or the socket file's
     // permissions answer is held for user space to attribute.
-    let act = if flags & AGENT_FLAG_TRIP_CONNECT == 0
+    let act = if trip_bits(flags) & AGENT_FLAG_TRIP_CONNECT == 0
         || family != AF_UNIX
         || kind_of(call.kind) != Some(EventKind::Connect)
         || call.lsm == NET_LSM_MONITORED

@@ -79,17 +79,24 @@ fn try_exec(ctx: &BtfTracePointContext) {
     let Some((cgroup, state)) = current_agent() else {
         return;
     };
+    // SAFETY: `state` points into the AGENTS map value for the program's run.
+    let flags = unsafe { (*state).flags };
+    if flags & agentd_common::AGENT_FLAG_ARMED == 0 {
+        // The agent's first exec: its program runs, the kernel side of its breaker is in
+        // force from here (see `maps::trip_bits`).
+        // SAFETY: as above; every writer only adds bits.
+        unsafe { (*state).flags |= agentd_common::AGENT_FLAG_ARMED };
+    }
     let Some(file) = bprm_file(ctx.arg(2)) else {
         return;
     };
     if crate::vfs::is_pseudo_file(file) != Some(true) {
         return;
     }
-    // SAFETY: `state` points into the AGENTS map value for the program's run.
-    let flags = unsafe { (*state).flags };
     let monitor = flags & agentd_common::AGENT_FLAG_MONITOR != 0;
     // An exec outside the profile, decided here: it trips a breaker that trips on `exec`.
-    let tripped = !monitor && flags & agentd_common::AGENT_FLAG_TRIP_EXEC != 0;
+    let tripped =
+        !monitor && crate::maps::trip_bits(flags) & agentd_common::AGENT_FLAG_TRIP_EXEC != 0;
     if tripped {
         crate::maps::trip(state);
     }

@@ -150,32 +150,6 @@ pub enum FileAccess {
 }
 
 impl Creds {
-    /// The identity of process `pid`, from `/proc/PID/status` (filesystem ids). `None`
-    /// when it cannot be read, and for root: an agent never runs as root, so uid 0 is
-    /// the launch sequence before its identity switch.
-    pub fn of_process(pid: u32) -> Option<Creds> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        Creds::parse_status(&status)
-    }
-
-    /// [`Creds::of_process`] on the text of a status file.
-    pub fn parse_status(status: &str) -> Option<Creds> {
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|rest| {
-                    rest.split_whitespace()
-                        .filter_map(|v| v.parse::<u32>().ok())
-                })
-        };
-        // Uid:/Gid: list real, effective, saved and filesystem ids.
-        let uid = field("Uid:")?.nth(3)?;
-        let gid = field("Gid:")?.nth(3)?;
-        let groups = field("Groups:").map(Iterator::collect).unwrap_or_default();
-        (uid != 0).then_some(Creds { uid, gid, groups })
-    }
-
     /// Whether these creds may do `access` on the absolute path `path` by the permissions
     /// of the files on the way, as the kernel checks them before any security module:
     /// search (x) on every directory from `/` to the parent, then what `access` needs of
@@ -288,27 +262,6 @@ mod tests {
             m.iter()
                 .any(|x| x.mount_point == std::path::Path::new("/mnt/with space"))
         );
-    }
-
-    #[test]
-    fn creds_come_from_the_filesystem_ids_and_never_root() {
-        let status =
-            "Name:\tsh\nUid:\t1000\t1001\t1002\t1003\nGid:\t50\t51\t52\t53\nGroups:\t7 8 \n";
-        assert_eq!(
-            Creds::parse_status(status),
-            Some(Creds {
-                uid: 1003,
-                gid: 53,
-                groups: vec![7, 8]
-            })
-        );
-        let root = "Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n";
-        assert_eq!(
-            Creds::parse_status(root),
-            None,
-            "the launch before its switch"
-        );
-        assert_eq!(Creds::parse_status("Name:\tx\n"), None);
     }
 
     #[test]

@@ -370,12 +370,15 @@ fn breaker_kernel_grant_missing_at_launch_is_landlock() {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    std::fs::create_dir(&later).unwrap();
+    // Made whole, then put in place: the agent never sees it without its mode.
+    let staging = outside.path().join("staging");
+    std::fs::create_dir(&staging).unwrap();
     std::process::Command::new("chmod")
         .args(["777"])
-        .arg(&later)
+        .arg(&staging)
         .status()
         .unwrap();
+    std::fs::rename(&staging, &later).unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let events = agentd_tests::read_events(&outside.path().join("events.jsonl"));
@@ -520,4 +523,41 @@ fn breaker_kernel_refused_signals_are_reported_by_their_layer() {
 
 fn libc_eperm() -> i32 {
     1
+}
+
+/// A loop of one refusal is recorded as the first event and one summary per window with
+/// the count: nothing is dropped (every attempt is counted), the record stays readable.
+#[test]
+fn breaker_kernel_a_burst_of_one_refusal_is_folded_and_counted() {
+    if !require_root() {
+        return;
+    }
+    let ws = ws_with_secret();
+    let outside = agent_dir(true);
+    let target = outside.path().join("x");
+    let (_p, path) = profile_file(&profile("bursts", "\"canary\"", ""));
+    let run = AgentRun::new(path.to_str().unwrap(), ws.path())
+        .python(&format!(
+            "n = 0\nfor _ in range(300):\n    try:\n        open('{}', 'w')\n    except OSError:\n        n += 1\nprint(n)",
+            target.display()
+        ))
+        .run();
+    assert_eq!(run.code(), 0, "{}", run.explain());
+    assert_eq!(run.stdout().trim(), "300", "{}", run.explain());
+    let records: Vec<&serde_json::Value> = run
+        .events
+        .iter()
+        .filter(|e| e["kind"] == "file_write" && e["path"] == target.to_str().unwrap())
+        .collect();
+    // The first of a window is recorded as it is; its summary counts the repeats.
+    let counted: u64 = records
+        .iter()
+        .map(|e| e["detail"]["repeated"].as_u64().unwrap_or(1))
+        .sum();
+    assert_eq!(counted, 300, "every refusal is counted\n{}", run.explain());
+    assert!(
+        records.len() < 10,
+        "folded into a few records, not {}",
+        records.len()
+    );
 }

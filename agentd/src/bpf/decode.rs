@@ -36,9 +36,8 @@ pub const AT_FDCWD: i32 = -100;
 pub struct AgentInfo {
     pub id: String,
     pub policy: std::sync::Arc<CompiledPolicy>,
-    /// The agent's identity, learnt from its first process seen past the identity switch
-    /// (see [`Creds::of_process`]): with it, a refusal the file's permissions explain is
-    /// told from one the profile's rules do.
+    /// The agent's identity, from its launch: with it, a refusal the file's permissions
+    /// explain is told from one the profile's rules do.
     pub creds: std::sync::Arc<std::sync::OnceLock<Creds>>,
 }
 

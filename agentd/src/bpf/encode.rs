@@ -22,12 +22,7 @@ use crate::profile::{
 /// Every map entry of one agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentEntries {
-    /// Written when the agent is added: without the trip bits.
     pub state: AgentState,
-    /// `AGENT_FLAG_TRIP_*`, added to the state once the agent's program runs
-    /// (`Watch::arm`): the launch's own exec must not be held for a breaker that is not
-    /// reading events yet.
-    pub trip: u32,
     /// `NET_ALLOW` LPM-trie keys: (prefix length in bits, data).
     pub net: Vec<(u32, NetKey)>,
     pub bind: Vec<BindKey>,
@@ -228,7 +223,8 @@ pub fn agent_flags(policy: &CompiledPolicy) -> u32 {
     if !policy.protect.is_empty() {
         flags |= AGENT_FLAG_PROTECT;
     }
-    flags
+    // In force from the agent's first exec (the kernel sets AGENT_FLAG_ARMED).
+    flags | trip_flags(&policy.breaker)
 }
 
 /// `AGENT_FLAG_TRIP_*` for the kinds a breaker that kills trips on at once: the kernel
@@ -286,7 +282,6 @@ pub fn agent_entries(policy_id: u32, policy: &CompiledPolicy) -> Result<AgentEnt
             policy_id,
             flags: agent_flags(policy),
         },
-        trip: trip_flags(&policy.breaker),
         net: policy
             .network
             .connect_entries
@@ -407,8 +402,12 @@ mod tests {
         let kill = compiled(&format!(
             "{base}[breaker]\ntrip_on = [\"canary\", \"connect\", \"read\"]\naction = \"kill\"\n"
         ));
-        let flags = agent_entries(1, &kill).unwrap().trip;
-        assert_eq!(agent_flags(&kill) & flags, 0, "armed later, not at once");
+        let flags = agent_flags(&kill);
+        assert_eq!(
+            flags & agentd_common::AGENT_FLAG_ARMED,
+            0,
+            "the kernel arms it at the first exec"
+        );
         assert_eq!(
             flags & (AGENT_FLAG_TRIP_CANARY | AGENT_FLAG_TRIP_CONNECT | AGENT_FLAG_TRIP_READ),
             AGENT_FLAG_TRIP_CANARY | AGENT_FLAG_TRIP_CONNECT | AGENT_FLAG_TRIP_READ
@@ -515,7 +514,10 @@ bind = [9000, "5353/udp"]
     fn no_network_rules_inet_sockets_and_empty_allow_lists() {
         let p = compiled("[agent]\nname = \"t\"\n");
         let e = agent_entries(1, &p).unwrap();
-        assert_eq!(e.state.flags, AGENT_FLAG_INET | AGENT_FLAG_INET6);
+        assert_eq!(
+            e.state.flags & !trip_flags(&p.breaker),
+            AGENT_FLAG_INET | AGENT_FLAG_INET6
+        );
         assert!(e.net.is_empty() && e.bind.is_empty() && e.canaries.is_empty());
     }
 

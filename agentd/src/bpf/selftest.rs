@@ -260,7 +260,7 @@ async fn run() -> anyhow::Result<ExitCode> {
     let mut rx = watch.try_events()?;
     let t0 = Instant::now();
     let handle: super::AgentHandle = watch
-        .add_agent("selftest", &cgroup.dir, &policy)
+        .add_agent("selftest", &cgroup.dir, &policy, None)
         .map_err(|e| anyhow::anyhow!("add_agent: {e:#}"))?;
     let add_ms = t0.elapsed().as_secs_f64() * 1e3;
 
@@ -429,7 +429,7 @@ async fn run() -> anyhow::Result<ExitCode> {
         },
     );
     let monitor = watch
-        .add_agent("selftest-monitor", &monitor_cg.dir, &monitor_policy)
+        .add_agent("selftest-monitor", &monitor_cg.dir, &monitor_policy, None)
         .map_err(|e| anyhow::anyhow!("add_agent (monitor): {e:#}"))?;
     let (mon, _) = run_child_json(&mut in_cgroup(
         &monitor_cg.dir,
@@ -1484,7 +1484,7 @@ connect = ["127.0.0.1/32:9/udp"]
     });
     let snapshot = || seen.lock().map(|t| *t).unwrap_or((0, 0, Instant::now()));
     let handle = watch
-        .add_agent("bench", &cgroup.dir, &policy)
+        .add_agent("bench", &cgroup.dir, &policy, None)
         .map_err(|e| anyhow::anyhow!("add_agent: {e:#}"))?;
     let outside_after = bench::run_loops(n, &tmp.0)?;
     let (inside_after, _) = run_child_json(&mut inside(&cgroup.dir)?).await?;

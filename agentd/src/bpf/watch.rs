@@ -734,6 +734,7 @@ impl Watch {
         agent_id: &str,
         cgroup_dir: &Path,
         policy: &CompiledPolicy,
+        creds: Option<Creds>,
     ) -> Result<AgentHandle, BpfError> {
         let cg_err = |reason: String| BpfError::Cgroup {
             path: cgroup_dir.to_path_buf(),
@@ -808,13 +809,11 @@ impl Watch {
             entries,
             links: Vec::new(),
         };
-        lock(&self.registry).agents.insert(
-            cgroup_id,
-            (
-                AgentInfo::new(agent_id, Arc::new(policy.with_real_paths())),
-                None,
-            ),
-        );
+        let info = AgentInfo::new(agent_id, Arc::new(policy.with_real_paths()));
+        if let Some(c) = creds {
+            let _ = info.creds.set(c);
+        }
+        lock(&self.registry).agents.insert(cgroup_id, (info, None));
         if let Err(e) = self
             .write_entries(&handle)
             .and_then(|()| self.attach(&mut handle))
@@ -1084,21 +1083,6 @@ impl Watch {
         self.config
             .set(CONFIG_KILL_GATE, 1, 0)
             .map_err(map_err("CONFIG"))
-    }
-
-    /// Arms the kernel side of the agent's breaker (its `AGENT_FLAG_TRIP_*` bits): call it
-    /// once the agent's program runs and its events are read. Before, an immediate trip
-    /// kind is decided by the breaker from the events, as any other.
-    pub fn arm(&mut self, h: &AgentHandle) -> Result<(), BpfError> {
-        if h.entries.trip == 0 {
-            return Ok(());
-        }
-        let mut agents = lock(&self.agents);
-        let mut state = agents.get(&h.cgroup_id, 0).map_err(map_err("AGENTS"))?;
-        state.flags |= h.entries.trip;
-        agents
-            .insert(h.cgroup_id, state, 0)
-            .map_err(map_err("AGENTS"))
     }
 
     /// Closes the kill gate unless an agent still has its kill flag (see
@@ -1549,12 +1533,6 @@ fn drain(ring: &mut RingBuf<MapData>, registry: &Mutex<Registry>, out: &mut Vec<
         // and the read is unaligned-safe.
         let raw: RawEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
         let agent = registry.agents.get(&raw.agent_cgroup).map(|(a, _)| a);
-        if let Some(a) = agent
-            && a.creds.get().is_none()
-            && let Some(c) = Creds::of_process(raw.pid)
-        {
-            let _ = a.creds.set(c);
-        }
         match decode(&raw, agent, clock, &proc_resolve, &PROC_TARGETS) {
             Some(e) => out.push(e),
             None if agentd_common::EventKind::from_raw(raw.kind).is_none() => {

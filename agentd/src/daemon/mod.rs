@@ -54,7 +54,12 @@ use crate::{
     breaker::Breaker,
     event::{Event, Kind, Layer, Verdict},
     profile::{self, CompileContext, CompiledPolicy},
-    run::kernel::{manual_kill_event, monotonic_ns, release_held, trip_event, trip_line},
+    run::{
+        bursts::Bursts,
+        kernel::{
+            BURST_TICK, manual_kill_event, monotonic_ns, release_held, trip_event, trip_line,
+        },
+    },
     sandbox::cgroup::AgentCgroup,
 };
 
@@ -136,6 +141,8 @@ struct Shared {
     recent: Mutex<VecDeque<Arc<Event>>>,
     audit: Mutex<AuditLog>,
     counters: Mutex<Counters>,
+    /// Identical refusals folded for the record (`run::bursts`).
+    bursts: Mutex<Bursts>,
     started: Instant,
     /// `--group`, and its gid when the group exists.
     group: String,
@@ -261,6 +268,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         recent: Mutex::new(VecDeque::new()),
         audit: Mutex::new(audit),
         counters: Mutex::new(Counters::default()),
+        bursts: Mutex::new(Bursts::new()),
         started: Instant::now(),
         group: args.group.clone(),
         group_gid,
@@ -421,8 +429,24 @@ fn forget_record(state_dir: &Path, id: &str) {
 // ---- events -----------------------------------------------------------------------------
 
 async fn kernel_events(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::Receiver<Event>) {
-    while let Some(ev) = rx.recv().await {
-        handle_event(&shared, ev);
+    let mut tick = tokio::time::interval(BURST_TICK);
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(ev) => handle_event(&shared, ev),
+                None => break,
+            },
+            _ = tick.tick() => {
+                let closed = lock(&shared.bursts).expired(monotonic_ns());
+                for e in closed {
+                    publish(&shared, e);
+                }
+            }
+        }
+    }
+    let open = lock(&shared.bursts).flush();
+    for e in open {
+        publish(&shared, e);
     }
     eprintln!("agentd daemon: the kernel event stream ended");
 }
@@ -475,7 +499,10 @@ fn handle_event(shared: &Shared, ev: Event) {
             }
         }
     }
-    publish(shared, ev);
+    let records = lock(&shared.bursts).push(ev, now_ns);
+    for e in records {
+        publish(shared, e);
+    }
     if let Some(e) = extra {
         publish(shared, e);
     }
@@ -1117,17 +1144,29 @@ async fn supervisor_line(
         Err(e) => return Some(ToSupervisor::Refused(e.to_string())),
     };
     match msg {
-        SupervisorLine::Attach { agent, cgroup } => {
+        SupervisorLine::Attach {
+            agent,
+            cgroup,
+            uid,
+            gid,
+        } => {
             if agent_id.is_some() {
                 return Some(ToSupervisor::Refused("already attached".into()));
             }
-            Some(match attach(shared, who, req, policy, &agent, &cgroup) {
-                Ok(()) => {
-                    *agent_id = Some(agent);
-                    ToSupervisor::Attached
-                }
-                Err(e) => ToSupervisor::Refused(e),
-            })
+            let creds = crate::host::Creds {
+                uid,
+                gid,
+                groups: vec![gid],
+            };
+            Some(
+                match attach(shared, who, req, policy, &agent, &cgroup, creds) {
+                    Ok(()) => {
+                        *agent_id = Some(agent);
+                        ToSupervisor::Attached
+                    }
+                    Err(e) => ToSupervisor::Refused(e),
+                },
+            )
         }
         SupervisorLine::Started { pid } => {
             if let Some(id) = agent_id.as_ref()
@@ -1136,14 +1175,6 @@ async fn supervisor_line(
                 a.pid = pid;
                 if a.state == AgentState::Starting {
                     a.state = AgentState::Running;
-                }
-                // Its program runs: the kernel side of its breaker may act now.
-                if let Some(h) = &a.bpf
-                    && let Err(e) = lock(&shared.watch).arm(h)
-                {
-                    eprintln!(
-                        "agentd daemon: arming the breaker of {id} in the kernel: {e}; it decides from events only"
-                    );
                 }
                 if a.early_exits.contains(&pid) {
                     a.drained.send_replace(true);
@@ -1195,12 +1226,13 @@ fn attach(
     policy: &CompiledPolicy,
     agent: &str,
     cgroup: &Path,
+    creds: crate::host::Creds,
 ) -> Result<(), String> {
     if agent.is_empty() || agent.contains('/') || lock(&shared.agents).contains_key(agent) {
         return Err(format!("bad or duplicate agent id {agent:?}"));
     }
     let handle = lock(&shared.watch)
-        .add_agent(agent, cgroup, policy)
+        .add_agent(agent, cgroup, policy, Some(creds))
         .map_err(|e| format!("kernel watch: {e}"))?;
     let record = AgentRecord {
         id: agent.to_owned(),

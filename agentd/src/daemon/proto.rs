@@ -137,7 +137,13 @@ pub struct Stats {
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum SupervisorLine {
     /// The agent's cgroup exists, its process does not: attach the kernel watch.
-    Attach { agent: String, cgroup: PathBuf },
+    /// The agent runs as `uid`, with `gid` its only group.
+    Attach {
+        agent: String,
+        cgroup: PathBuf,
+        uid: u32,
+        gid: u32,
+    },
     /// The agent's first process runs.
     Started { pid: u32 },
     /// Ctrl-C twice, or SIGUSR1: the kill switch.
@@ -278,6 +284,8 @@ mod tests {
             encode(&SupervisorLine::Attach {
                 agent: "a".into(),
                 cgroup: "/c".into(),
+                uid: 1000,
+                gid: 1000,
             }),
         ]
         .into_iter()

@@ -44,6 +44,21 @@ pub struct AgentInfo<'a> {
     /// id `bpf_get_current_cgroup_id()` returns).
     pub cgroup_dir: &'a Path,
     pub policy: &'a CompiledPolicy,
+    /// The identity the agent runs as (its only group is `gid`): the watch tells refusals
+    /// of the file permissions from the profile's with it.
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl AgentInfo<'_> {
+    /// The agent's identity as the permission checks see it.
+    pub fn creds(&self) -> crate::host::Creds {
+        crate::host::Creds {
+            uid: self.uid,
+            gid: self.gid,
+            groups: vec![self.gid],
+        }
+    }
 }
 
 /// A running agent, shared with whatever needs to act on it.

@@ -26,7 +26,10 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::hooks::{AgentHandle, AgentHooks, AgentInfo, HookError};
+use super::{
+    bursts::Bursts,
+    hooks::{AgentHandle, AgentHooks, AgentInfo, HookError},
+};
 use crate::{
     bpf::{self, Watch},
     breaker::{Breaker, Trip},
@@ -36,6 +39,8 @@ use crate::{
 
 /// Exit status of `agentd run` after the breaker killed the agent (128 + SIGKILL).
 pub const EXIT_TRIPPED: u8 = 137;
+/// How often closed bursts of identical refusals are recorded (see `run::bursts`).
+pub const BURST_TICK: Duration = Duration::from_millis(250);
 /// How long `finished` waits for the first process's exit event before giving up.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -91,7 +96,12 @@ impl AgentHooks for KernelHooks {
     fn before_spawn(&mut self, agent: AgentInfo<'_>) -> Result<(), HookError> {
         let mut watch = Watch::load().map_err(|e| hook_error("kernel watch", e.into()))?;
         let handle = watch
-            .add_agent(agent.agent_id, agent.cgroup_dir, agent.policy)
+            .add_agent(
+                agent.agent_id,
+                agent.cgroup_dir,
+                agent.policy,
+                Some(agent.creds()),
+            )
             .map_err(|e| hook_error("kernel watch", e.into()))?;
         self.agent = Some(handle);
         self.watch = Some(Arc::new(Mutex::new(watch)));
@@ -119,13 +129,6 @@ impl AgentHooks for KernelHooks {
                 return;
             }
         };
-        // The program runs and its events are read: the kernel may trip and hold now.
-        if let Err(e) = lock(&watch).arm(bpf_agent) {
-            eprintln!(
-                "agentd: {}; the breaker decides from events only",
-                KernelHookError::Bpf(e)
-            );
-        }
         let (done_tx, done_rx) = watch::channel(false);
         self.drained = Some(done_rx);
         self.events = Some(events.clone());
@@ -210,11 +213,27 @@ struct EventTask {
 
 impl EventTask {
     async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
-        while let Some(ev) = rx.recv().await {
+        // Identical refusals folded for the record (the breaker sees each one), until the
+        // first process's exit: then what is open is recorded, and the rest passes as is
+        // (the task is stopped soon after).
+        let mut bursts = Some(Bursts::new());
+        let mut tick = tokio::time::interval(BURST_TICK);
+        loop {
+            let ev = tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(ev) => ev,
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    if let Some(b) = bursts.as_mut() {
+                        self.record(b.expired(monotonic_ns())).await;
+                    }
+                    continue;
+                }
+            };
             let first_exit = ev.kind == Kind::ProcessExit && ev.pid == self.agent.pid;
-            let trip = self
-                .breaker
-                .observe(&ev, ev.ktime_ns.unwrap_or_else(monotonic_ns));
+            let now = ev.ktime_ns.unwrap_or_else(monotonic_ns);
+            let trip = self.breaker.observe(&ev, now);
             // Act before anything else (the writer may be slow): a trip kills, a held
             // process the breaker lets go is resumed.
             let report = match &trip {
@@ -226,16 +245,32 @@ impl EventTask {
                     None
                 }
             };
-            // The writer only stops when every sender is gone.
-            let _ = self.out.send(ev).await;
+            let records = match bursts.as_mut() {
+                Some(b) => b.push(ev, now),
+                None => vec![ev],
+            };
+            self.record(records).await;
             if let Some(report) = report {
-                let _ = self.out.send(report).await;
+                self.record(vec![report]).await;
             }
             if first_exit {
+                if let Some(mut b) = bursts.take() {
+                    self.record(b.flush()).await;
+                }
                 let _ = self.done.send(true);
             }
         }
+        if let Some(mut b) = bursts.take() {
+            self.record(b.flush()).await;
+        }
         let _ = self.done.send(true);
+    }
+
+    /// Sends events to `--events` (the writer only stops when every sender is gone).
+    async fn record(&self, events: Vec<Event>) {
+        for e in events {
+            let _ = self.out.send(e).await;
+        }
     }
 
     /// Carries out a trip and returns the `breaker` event.

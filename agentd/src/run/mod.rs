@@ -16,6 +16,7 @@
 //! launch it (one line on stderr: `agentd: cannot launch: STEP: ERROR`); 126 when the
 //! program was found but cannot be executed; 127 when it was not found.
 
+pub mod bursts;
 pub mod control;
 pub mod events;
 pub mod hooks;
@@ -325,6 +326,8 @@ fn launch(plan: &Plan, hooks: &mut dyn AgentHooks, sink: Option<Sink>) -> Launch
         agent_id: &plan.agent_id,
         cgroup_dir: cgroup.dir(),
         policy: &plan.policy,
+        uid: plan.identity.uid,
+        gid: plan.identity.gid,
     }) {
         return fail(e.into(), sink);
     }

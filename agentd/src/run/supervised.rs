@@ -134,6 +134,8 @@ impl AgentHooks for DaemonHooks {
             .ask(&SupervisorLine::Attach {
                 agent: agent.agent_id.to_owned(),
                 cgroup: agent.cgroup_dir.to_path_buf(),
+                uid: agent.uid,
+                gid: agent.gid,
             })
             .map_err(|e| hook_error("kernel watch (daemon)", e))?;
         match reply {
