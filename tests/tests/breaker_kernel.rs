@@ -361,7 +361,7 @@ fn breaker_kernel_grant_missing_at_launch_is_landlock() {
     let later_s = later.display().to_string();
     let run = AgentRun::new(path.to_str().unwrap(), ws.path())
         .python(&format!(
-            "import os, time\nfor _ in range(100):\n    if os.path.isdir('{later_s}'):\n        break\n    time.sleep(0.05)\ntry:\n    open('{later_s}/f', 'w')\nexcept OSError as e:\n    print('errno', e.errno)"
+            "import os, time\nopen('waiting', 'w').close()\nfor _ in range(600):\n    if os.path.isdir('{later_s}'):\n        break\n    time.sleep(0.05)\ntry:\n    open('{later_s}/f', 'w')\nexcept OSError as e:\n    print('errno', e.errno)"
         ));
     // Made after the launch, by someone else, writable by all.
     let child = run
@@ -369,7 +369,12 @@ fn breaker_kernel_grant_missing_at_launch_is_landlock() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Once the agent runs (its grants were settled at launch).
+    let waiting = ws.path().join("waiting");
+    let started = std::time::Instant::now();
+    while !waiting.exists() && started.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     // Made whole, then put in place: the agent never sees it without its mode.
     let staging = outside.path().join("staging");
     std::fs::create_dir(&staging).unwrap();
@@ -555,8 +560,9 @@ fn breaker_kernel_a_burst_of_one_refusal_is_folded_and_counted() {
         .map(|e| e["detail"]["repeated"].as_u64().unwrap_or(1))
         .sum();
     assert_eq!(counted, 300, "every refusal is counted\n{}", run.explain());
+    // Two records per window of a second at most (slow guests take several).
     assert!(
-        records.len() < 10,
+        records.len() < 60,
         "folded into a few records, not {}",
         records.len()
     );
