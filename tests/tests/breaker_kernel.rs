@@ -342,22 +342,14 @@ fn breaker_kernel_grant_missing_at_launch_is_landlock() {
     let ws = ws_with_secret();
     let outside = agent_dir(true);
     let later = outside.path().join("later");
-    let (_p, path) = profile_file(
-        &profile(
-            "missing-grant",
-            "\"canary\"",
-            &format!("write_extra = []\n"),
-        )
-        .replace("write_extra = []\n", "")
-        .replacen(
-            "write = [\"{workspace}\", \"/dev/null\"]",
-            &format!(
-                "write = [\"{{workspace}}\", \"/dev/null\", \"{}\"]",
-                later.display()
-            ),
-            1,
+    let (_p, path) = profile_file(&profile("missing-grant", "\"canary\"", "").replacen(
+        "write = [\"{workspace}\", \"/dev/null\"]",
+        &format!(
+            "write = [\"{{workspace}}\", \"/dev/null\", \"{}\"]",
+            later.display()
         ),
-    );
+        1,
+    ));
     let later_s = later.display().to_string();
     let run = AgentRun::new(path.to_str().unwrap(), ws.path())
         .python(&format!(
