@@ -55,7 +55,8 @@ fn ws_with_secret() -> tempfile::TempDir {
 
 /// The violator, busy in a loop, never returns from its refused connect: the marker it
 /// writes after each attempt is never written. A second process of the agent, writing
-/// CLOCK_MONOTONIC stamps as fast as it can, writes none later than the decision.
+/// CLOCK_MONOTONIC stamps as fast as it can, writes none later than the decision. A second
+/// agent, busy at the same time, goes on.
 #[test]
 fn breaker_kernel_violator_never_returns_and_no_sibling_call_completes() {
     if !require_root() {
@@ -86,9 +87,25 @@ while True:
     open("after-%d" % n, "w").close()
 "#
     );
+    // A second agent at work meanwhile: the kill gate is the tripped agent's alone.
+    let other_ws = agent_dir(true);
+    let (other_dir, other_profile) = profile_file(&profile("kernel-trip-other", "\"connect\"", ""));
+    let mut other = AgentRun::new(other_profile.to_str().unwrap(), other_ws.path())
+        .sh("while :; do echo x > busy; done")
+        .command(&other_dir.path().join("events.jsonl"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let run = AgentRun::new(path.to_str().unwrap(), ws.path())
         .python(&script)
         .run();
+    let other_alive = other.try_wait().unwrap().is_none();
+    // SAFETY: kill takes a pid and a signal number; the pid is our child's (agentd run,
+    // which forwards SIGTERM to its agent and cleans up).
+    unsafe { libc::kill(other.id() as i32, libc::SIGTERM) };
+    let _ = other.wait();
+    assert!(other_alive, "the other agent was not spared");
     assert_eq!(run.code(), 137, "{}", run.explain());
     let b = breaker_event(&run);
     assert_eq!(b["detail"]["rule"], "trip_on:connect", "{b}");
