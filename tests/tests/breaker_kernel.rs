@@ -40,6 +40,15 @@ fn refusals<'a>(run: &'a Run, kind: &str, layer: &str) -> Vec<&'a serde_json::Va
         .collect()
 }
 
+/// A file in `ws` (granted for reading) that only root may read.
+fn root_only(ws: &tempfile::TempDir) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = ws.path().join("root-only");
+    std::fs::write(&p, "x").unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
 fn ws_with_secret() -> tempfile::TempDir {
     let ws = agent_dir(true);
     let secrets = ws.path().join("secrets");
@@ -202,8 +211,10 @@ fn breaker_kernel_refused_reads_are_reported_by_their_layer() {
         .arg(outside.path().join("notes.txt"))
         .status()
         .unwrap();
-    // Inside a read rule (/etc) but unreadable by the agent's user: the permissions.
-    let shadow = "/etc/shadow";
+    // Inside a read rule (the workspace) but unreadable by the agent's user: the
+    // permissions.
+    let private = root_only(&ws);
+    let private = private.to_str().unwrap();
     let (_p, path) = profile_file(&profile("reads", "\"exec\"", ""));
     let script = format!(
         r#"
@@ -216,7 +227,7 @@ def attempt(name, f):
         print(name, "errno", e.errno)
 attempt("file", lambda: open("{o}/notes.txt").read())
 attempt("list", lambda: os.listdir("{o}"))
-attempt("perm", lambda: open("{shadow}").read())
+attempt("perm", lambda: open("{private}").read())
 attempt("opath", lambda: os.close(os.open("secrets/key", os.O_PATH)))
 print("done")
 "#,
@@ -250,7 +261,7 @@ print("done")
     assert!(
         refusals(&run, "file_read", "permission")
             .iter()
-            .any(|e| e["path"] == shadow),
+            .any(|e| e["path"] == private),
         "a read the file's mode refuses is the permission layer's\n{}",
         run.explain()
     );
@@ -280,17 +291,19 @@ fn breaker_kernel_trip_on_read_trips() {
         .arg(outside.path().join("notes.txt"))
         .status()
         .unwrap();
+    let private = root_only(&ws);
     let (_p, path) = profile_file(&profile("trip-read", "\"read\"", ""));
     let run = AgentRun::new(path.to_str().unwrap(), ws.path())
         .python(&format!(
-            "import time\ntry:\n    open('/etc/shadow').read()\nexcept OSError:\n    print('shadow refused', flush=True)\ntry:\n    open('{}/notes.txt').read()\nexcept OSError:\n    print('after', flush=True)\ntime.sleep(3)\nprint('survived')",
+            "import time\ntry:\n    open('{}').read()\nexcept OSError:\n    print('private refused', flush=True)\ntry:\n    open('{}/notes.txt').read()\nexcept OSError:\n    print('after', flush=True)\ntime.sleep(3)\nprint('survived')",
+            private.display(),
             outside.path().display()
         ))
         .run();
     assert_eq!(run.code(), 137, "{}", run.explain());
     let out = run.stdout();
     assert!(
-        out.contains("shadow refused"),
+        out.contains("private refused"),
         "a read refused by the file's permissions is no violation\n{}",
         run.explain()
     );
