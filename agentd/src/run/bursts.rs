@@ -1,9 +1,9 @@
 //! Bursts of identical refusals, folded for the record: an agent that retries a refused
 //! call in a loop would otherwise fill `--events`, the daemon's subscribers and the audit
 //! log with the same line. The first refusal of a kind is recorded at once; identical ones
-//! (same agent, kind, layer, verdict, errno and target, whatever the process) within
-//! [`WINDOW_NS`] of it are counted, and recorded as one event when the window closes:
-//! the first's copy with `detail.repeated` (how many more) and `detail.last_ts`.
+//! (same agent, kind, layer, verdict, errno, target and details, whatever the process)
+//! within [`WINDOW_NS`] of it are counted, and recorded as one event when the window
+//! closes: the first's copy with `detail.repeated` (how many more) and `detail.last_ts`.
 //!
 //! The breaker sees every event before this: a threshold counts each refusal, and a held
 //! process is decided one by one. Pure: the caller passes the clock.
@@ -125,11 +125,19 @@ fn key_of(ev: &Event) -> Option<Key> {
     {
         return None;
     }
-    let target = match (&ev.path, &ev.path2, ev.addr, ev.port) {
-        (Some(p), p2, _, _) => format!("{p}\0{}", p2.as_deref().unwrap_or("")),
-        (None, _, Some(a), port) => format!("{a}:{}", port.unwrap_or(0)),
-        (None, _, None, _) => serde_json::to_string(&ev.detail).unwrap_or_default(),
-    };
+    // Everything the event says but who made the call: paths, address, and the details
+    // (flags, family, syscall...), the thread id aside.
+    let mut detail = ev.detail.clone();
+    detail.remove("tid");
+    let target = format!(
+        "{}\0{}\0{:?}\0{:?}\0{:?}\0{}",
+        ev.path.as_deref().unwrap_or(""),
+        ev.path2.as_deref().unwrap_or(""),
+        ev.addr,
+        ev.port,
+        ev.proto,
+        serde_json::Value::Object(detail)
+    );
     Some(Key {
         agent: ev.agent.clone(),
         kind: ev.kind,
@@ -192,6 +200,8 @@ mod tests {
         assert_eq!(b.push(allowed, 3).len(), 1, "only refusals fold");
         let held = refusal("/etc/x", 1).with(crate::event::HELD, true);
         assert_eq!(b.push(held, 4).len(), 1, "a held refusal is its own record");
+        let other_flags = refusal("/etc/x", 1).with("flags", "O_WRONLY|O_APPEND");
+        assert_eq!(b.push(other_flags, 5).len(), 1, "another call");
         let mut other_agent = refusal("/etc/x", 1);
         other_agent.agent = "b".into();
         assert_eq!(b.push(other_agent, 5).len(), 1);
