@@ -341,6 +341,14 @@ impl AgentRun {
     }
 }
 
+/// How many refusals `records` stand for: identical refusals within a second are
+/// recorded as the first and one summary whose `detail.repeated` counts the others.
+pub fn counted<'a>(records: impl Iterator<Item = &'a serde_json::Value>) -> u64 {
+    records
+        .map(|e| e["detail"]["repeated"].as_u64().unwrap_or(1))
+        .sum()
+}
+
 /// The JSON lines of an events file (none if it does not exist).
 pub fn read_events(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)

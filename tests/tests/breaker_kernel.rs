@@ -577,10 +577,7 @@ fn breaker_kernel_a_burst_of_one_refusal_is_folded_and_counted() {
         .filter(|e| e["kind"] == "file_write" && e["path"] == target.to_str().unwrap())
         .collect();
     // The first of a window is recorded as it is; its summary counts the repeats.
-    let counted: u64 = records
-        .iter()
-        .map(|e| e["detail"]["repeated"].as_u64().unwrap_or(1))
-        .sum();
+    let counted = agentd_tests::counted(records.iter().copied());
     assert_eq!(counted, 300, "every refusal is counted\n{}", run.explain());
     // Two records per window of a second at most (slow guests take several).
     assert!(
