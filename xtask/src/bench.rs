@@ -64,8 +64,8 @@ pass = ["PATH"]
 "#;
 
 /// Trips measured under load, the realistic case: both cores busy with loops outside any
-/// agent, two other agents of the same daemon writing files as fast as they can (events
-/// for the daemon to fan out and audit), and the tripping agent itself busy (a sibling
+/// agent, two other agents of the same daemon at work (files written and processes
+/// started, events for the daemon to fan out and audit), and the tripping agent busy (a sibling
 /// process writing in a loop) when it violates. From the kernel's timestamps in the
 /// run's events: the violating call to the violator's exit, and to the last exit of the
 /// agent's processes (its cgroup empty). Both paths: an immediate trip decided in the
@@ -96,7 +96,8 @@ fn breaker_under_load(
             "--",
             "/bin/sh",
             "-c",
-            "while :; do : > \"noise.$$\"; done",
+            // About 600 events a second each: writes, and a process every 10 ms.
+            "while :; do : > \"noise.$$\"; : > \"noise.$$\"; : > \"noise.$$\"; /bin/sleep 0.01; done",
         ]);
         c.stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());

@@ -1520,10 +1520,18 @@ fn clock_offset() -> ClockOffset {
     ClockOffset(ns(libc::CLOCK_REALTIME) - ns(libc::CLOCK_MONOTONIC))
 }
 
-fn drain(ring: &mut RingBuf<MapData>, registry: &Mutex<Registry>, out: &mut Vec<Event>) {
+/// Records decoded per pass of [`pump`]: between passes it hands the events on and lets the
+/// runtime run other tasks (a daemon's requests), however fast agents make events.
+const DRAIN_BATCH: usize = 512;
+
+/// Decodes at most [`DRAIN_BATCH`] records into `out`; returns whether the ring is empty.
+fn drain(ring: &mut RingBuf<MapData>, registry: &Mutex<Registry>, out: &mut Vec<Event>) -> bool {
     let clock = clock_offset();
     let registry = lock(registry);
-    while let Some(item) = ring.next() {
+    for _ in 0..DRAIN_BATCH {
+        let Some(item) = ring.next() else {
+            return true;
+        };
         if item.len() < size_of::<RawEvent>() {
             tracing::warn!(len = item.len(), "short ring-buffer record ignored");
             continue;
@@ -1542,6 +1550,7 @@ fn drain(ring: &mut RingBuf<MapData>, registry: &Mutex<Registry>, out: &mut Vec<
             None => {}
         }
     }
+    false
 }
 
 /// Lost-event counts that grew since the last report, as `lost` events; forgets the
@@ -1594,8 +1603,10 @@ async fn pump(
         tokio::select! {
             ready = ring.readable_mut() => match ready {
                 Ok(mut guard) => {
-                    drain(guard.get_inner_mut(), &registry, &mut batch);
-                    guard.clear_ready();
+                    // Not ready again until emptied: a full batch comes back at once.
+                    if drain(guard.get_inner_mut(), &registry, &mut batch) {
+                        guard.clear_ready();
+                    }
                 }
                 Err(e) => {
                     tracing::error!("kernel watch: ring buffer poll failed: {e}");
@@ -1608,7 +1619,7 @@ async fn pump(
             }
             _ = &mut stopped => {
                 // The Watch is gone (programs detached): deliver what is left.
-                drain(ring.get_mut(), &registry, &mut batch);
+                while !drain(ring.get_mut(), &registry, &mut batch) {}
                 lost_events(&mut lost, &registry, &mut reported, &mut batch);
                 stop = true;
             }
