@@ -16,7 +16,17 @@ use anyhow::{Context as _, bail};
 const TRIPS: usize = 100;
 const LAUNCHES: usize = 30;
 
-pub fn bench(root: &Path) -> anyhow::Result<()> {
+/// One part of the bench.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Watch,
+    Launch,
+    Breaker,
+    Load,
+}
+
+pub fn bench(root: &Path, only: Option<Part>) -> anyhow::Result<()> {
+    let part = |p: Part| only.is_none_or(|o| o == p);
     crate::run(
         root,
         "cargo",
@@ -27,7 +37,9 @@ pub fn bench(root: &Path) -> anyhow::Result<()> {
     let work = root.join("target/bench");
     std::fs::create_dir_all(&work)?;
 
-    watch_costs(&agentd)?;
+    if part(Part::Watch) {
+        watch_costs(&agentd)?;
+    }
     let ws = work.join("workspace");
     std::fs::create_dir_all(ws.join("secrets"))?;
     std::fs::write(ws.join("secrets/key"), "canary\n")?;
@@ -39,11 +51,17 @@ pub fn bench(root: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(status.success(), "chmod failed");
     let profile = work.join("bench.toml");
     std::fs::write(&profile, PROFILE)?;
-    launch_cost(&agentd, &profile, &ws)?;
-    breaker_latency(&agentd, &profile, &ws, &work)?;
-    let threshold = work.join("bench-threshold.toml");
-    std::fs::write(&threshold, PROFILE_THRESHOLD)?;
-    breaker_under_load(&agentd, &profile, &threshold, &ws, &work)?;
+    if part(Part::Launch) {
+        launch_cost(&agentd, &profile, &ws)?;
+    }
+    if part(Part::Breaker) {
+        breaker_latency(&agentd, &profile, &ws, &work)?;
+    }
+    if part(Part::Load) {
+        let threshold = work.join("bench-threshold.toml");
+        std::fs::write(&threshold, PROFILE_THRESHOLD)?;
+        breaker_under_load(&agentd, &profile, &threshold, &ws, &work)?;
+    }
     Ok(())
 }
 
@@ -66,7 +84,7 @@ pass = ["PATH"]
 /// Trips measured under load, the realistic case: both cores busy with loops outside any
 /// agent, two other agents of the same daemon at work (files written and processes
 /// started, events for the daemon to fan out and audit), and the tripping agent busy (a sibling
-/// process writing in a loop) when it violates. From the kernel's timestamps in the
+/// process computing in a loop) when it violates. From the kernel's timestamps in the
 /// run's events: the violating call to the violator's exit, and to the last exit of the
 /// agent's processes (its cgroup empty). Both paths: an immediate trip decided in the
 /// kernel (canary), and a threshold trip decided in user space (a refused write).
@@ -105,7 +123,9 @@ fn breaker_under_load(
     }
     // Let the noise start.
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let busy = "(while :; do echo x > \"$PWD/busy.$$\"; done) & /bin/sleep 0.05; ";
+    // Busy computing (a loop of shell built-ins: no system call for the kill gate to
+    // catch it at), so only `cgroup.kill` stops it.
+    let busy = "(while :; do :; done) & /bin/sleep 0.05; ";
     let scenarios: [(&str, &Path, String); 2] = [
         (
             "immediate (canary, decided in the kernel)",
@@ -116,7 +136,8 @@ fn breaker_under_load(
             "threshold (refused write, decided in user space)",
             threshold,
             // The bench directory: writable by the agent's user, granted by no rule.
-            format!("{busy}: > \"$PWD/../refused.$$\" 2>/dev/null; /bin/sleep 10"),
+            // `echo`, not `:`: a failed redirection of a special built-in ends the shell.
+            format!("{busy}echo > \"$PWD/../refused.$$\" 2>/dev/null; /bin/sleep 10"),
         ),
     ];
     eprintln!(
@@ -125,6 +146,7 @@ fn breaker_under_load(
     for (label, profile, script) in scenarios {
         let mut violator = Vec::new();
         let mut empty = Vec::new();
+        let mut incomplete = 0;
         for i in 0..LOADED_TRIPS {
             let events = work.join("trip-load.jsonl");
             let _ = std::fs::remove_file(&events);
@@ -167,7 +189,9 @@ fn breaker_under_load(
                 last = last.max(Some(t));
             }
             let (Some(own), Some(last)) = (own, last) else {
-                bail!("{label}, trip {i}: no exit events of the agent's processes");
+                // Said below, not hidden: under this load the run's record can miss them.
+                incomplete += 1;
+                continue;
             };
             violator.push(own.saturating_sub(t0) as f64 / 1e6);
             empty.push(last.saturating_sub(t0) as f64 / 1e6);
@@ -175,6 +199,11 @@ fn breaker_under_load(
         violator.sort_by(f64::total_cmp);
         empty.sort_by(f64::total_cmp);
         eprintln!("  {label}:");
+        if incomplete > 0 {
+            eprintln!(
+                "    {incomplete} of {LOADED_TRIPS} trips left out: the run's events lack the exit of the violator or of the agent's processes"
+            );
+        }
         eprintln!(
             "    violating call -> violator exited:  median {:.3} ms, p99 {:.3} ms, max {:.3} ms",
             percentile(&violator, 0.5),

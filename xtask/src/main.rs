@@ -45,7 +45,12 @@ enum Task {
     Demo,
     /// Measure agentd's costs as ratios to baselines taken in the same run: the kernel
     /// watch, launching, and the breaker's time from violation to an empty cgroup
-    Bench,
+    Bench {
+        /// Only this part: `watch` (the kernel watch's costs and event pipeline),
+        /// `launch`, `breaker` (idle), `load` (the breaker under load)
+        #[arg(long, value_enum)]
+        only: Option<bench::Part>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,7 +62,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test { filter } => privileged_tests(&root, filter.as_deref()),
         Task::VmTest(args) => vm::vm_test(&root, &args),
         Task::Demo => demo::demo(&root),
-        Task::Bench => bench::bench(&root),
+        Task::Bench { only } => bench::bench(&root, only),
     }
 }
 

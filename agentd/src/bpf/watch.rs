@@ -1085,6 +1085,14 @@ impl Watch {
             .map_err(map_err("CONFIG"))
     }
 
+    /// Whether the agent's kill flag is set (by the kernel, or [`Watch::set_killed`]).
+    pub fn is_killed(&self, cgroup_id: u64) -> Result<bool, BpfError> {
+        let state = lock(&self.agents)
+            .get(&cgroup_id, 0)
+            .map_err(map_err("AGENTS"))?;
+        Ok(state.flags & AGENT_FLAG_KILLED != 0)
+    }
+
     /// Closes the kill gate unless an agent still has its kill flag (see
     /// `CONFIG_KILL_GATE`): cleared first, then set again if the scan finds one, so a
     /// program tripping an agent meanwhile (flag, then gate) cannot be lost.

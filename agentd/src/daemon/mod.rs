@@ -57,7 +57,8 @@ use crate::{
     run::{
         bursts::Bursts,
         kernel::{
-            BURST_TICK, manual_kill_event, monotonic_ns, release_held, trip_event, trip_line,
+            BURST_TICK, LOST_TRIP, lost_trip_event, manual_kill_event, monotonic_ns, release_held,
+            trip_event, trip_line,
         },
     },
     sandbox::cgroup::AgentCgroup,
@@ -143,6 +144,9 @@ struct Shared {
     counters: Mutex<Counters>,
     /// Identical refusals folded for the record (`run::bursts`).
     bursts: Mutex<Bursts>,
+    /// The queue of the thread that records events (audit log, counters, subscribers):
+    /// the breaker never waits for a record's `fdatasync`. `None` once stopping.
+    records: Mutex<Option<std::sync::mpsc::SyncSender<Queued>>>,
     started: Instant,
     /// `--group`, and its gid when the group exists.
     group: String,
@@ -260,6 +264,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         .flatten()
         .map(|g| g.gid.as_raw());
     let (events, _) = broadcast::channel(4096);
+    let (records_tx, records_rx) = std::sync::mpsc::sync_channel::<Queued>(RECORD_QUEUE);
     let shared = Arc::new(Shared {
         watch: Mutex::new(watch),
         agents: Mutex::new(HashMap::new()),
@@ -269,12 +274,29 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         audit: Mutex::new(audit),
         counters: Mutex::new(Counters::default()),
         bursts: Mutex::new(Bursts::new()),
+        records: Mutex::new(Some(records_tx)),
         started: Instant::now(),
         group: args.group.clone(),
         group_gid,
         state_dir: args.state_dir.clone(),
         pins: pins.clone(),
     });
+    let recorder = {
+        let shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("agentd-records".into())
+            .spawn(move || {
+                for q in records_rx {
+                    match q {
+                        Queued::Event(ev) => record(&shared, ev),
+                        Queued::Barrier(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })
+            .context("starting the thread that records events")?
+    };
     tokio::spawn(kernel_events(Arc::clone(&shared), rx));
     eprintln!(
         "agentd daemon: listening on {} (group {}: {}), audit log {}",
@@ -304,6 +326,15 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         }
     }
     shutdown(&shared, &args.socket);
+    // Every queued event is recorded before the log is synced and closed.
+    drop(lock(&shared.records).take());
+    if recorder.join().is_err() {
+        eprintln!("agentd daemon: the thread that records events panicked");
+    }
+    if let Err(e) = lock(&shared.audit).sync() {
+        eprintln!("agentd daemon: audit log: {e}");
+    }
+    eprintln!("agentd daemon: stopped");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -326,10 +357,6 @@ fn shutdown(shared: &Shared, socket: &Path) {
     // Every agent's pins are gone with it: the directories go too (when empty).
     let _ = std::fs::remove_dir(&shared.pins);
     let _ = std::fs::remove_dir(PIN_ROOT);
-    if let Err(e) = lock(&shared.audit).sync() {
-        eprintln!("agentd daemon: audit log: {e}");
-    }
-    eprintln!("agentd daemon: stopped");
 }
 
 fn this_actor() -> Actor {
@@ -508,8 +535,44 @@ fn handle_event(shared: &Shared, ev: Event) {
     }
 }
 
-/// Audits, counts, keeps and broadcasts one event.
+/// Events queued for the recording thread before a burst makes the breaker wait.
+const RECORD_QUEUE: usize = 65_536;
+
+/// What the recording thread takes, in order.
+enum Queued {
+    Event(Event),
+    /// Answered once every event queued before it is recorded.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Queues one event for the recording thread ([`record`]), in order; records it here when
+/// the thread is gone (stopping).
 fn publish(shared: &Shared, ev: Event) {
+    let queue = lock(&shared.records).clone();
+    match queue {
+        Some(q) => {
+            if let Err(std::sync::mpsc::SendError(Queued::Event(ev))) = q.send(Queued::Event(ev)) {
+                record(shared, ev);
+            }
+        }
+        None => record(shared, ev),
+    }
+}
+
+/// Waits until every event published so far is recorded (and so sent to subscribers).
+async fn recorded(shared: &Shared) {
+    let queue = lock(&shared.records).clone();
+    let Some(q) = queue else {
+        return;
+    };
+    let (done, wait) = tokio::sync::oneshot::channel();
+    if q.send(Queued::Barrier(done)).is_ok() {
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, wait).await;
+    }
+}
+
+/// Audits, counts, keeps and broadcasts one event.
+fn record(shared: &Shared, ev: Event) {
     if let Err(e) = lock(&shared.audit).append_event(&ev) {
         eprintln!("agentd daemon: audit log: {e}");
     }
@@ -1200,9 +1263,18 @@ async fn supervisor_line(
             {
                 tracing::warn!(agent = %id, "the first process's exit event did not arrive");
             }
+            let mut lost_trip = None;
             let verdict = {
                 let mut agents = lock(&shared.agents);
                 agents.get_mut(&id).and_then(|a| {
+                    // A kernel trip whose event was lost is still recorded.
+                    if a.killed_by.is_none()
+                        && lock(&shared.watch).is_killed(a.cgroup_id).unwrap_or(false)
+                    {
+                        a.killed_by = Some(LOST_TRIP.to_owned());
+                        a.state = AgentState::Tripped;
+                        lost_trip = Some(lost_trip_event(&a.id, a.pid));
+                    }
                     if let Some(h) = a.bpf.take()
                         && let Err(e) = lock(&shared.watch).remove_agent(h)
                     {
@@ -1211,6 +1283,12 @@ async fn supervisor_line(
                     a.killed_by.clone()
                 })
             };
+            if let Some(e) = lost_trip {
+                lock(&shared.counters).trips += 1;
+                publish(shared, e);
+            }
+            // The supervisor has every event of its agent before its verdict.
+            recorded(shared).await;
             forget_record(&shared.state_dir, &id);
             Some(ToSupervisor::Verdict(verdict))
         }

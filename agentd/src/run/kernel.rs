@@ -146,7 +146,7 @@ impl AgentHooks for KernelHooks {
 
     fn finished<'a>(
         &'a mut self,
-        _agent: &'a AgentHandle,
+        agent: &'a AgentHandle,
     ) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
         Box::pin(async move {
             if let Some(mut drained) = self.drained.take() {
@@ -155,6 +155,19 @@ impl AgentHooks for KernelHooks {
                     tracing::warn!(
                         "the agent's exit event did not arrive within {DRAIN_TIMEOUT:?}"
                     );
+                }
+            }
+            // The kernel tripped the breaker but its event never came (the ring buffer was
+            // full): the trip is still recorded, and the run still says so.
+            let killed = match (self.watch.as_ref(), self.agent.as_ref()) {
+                (Some(w), Some(a)) => lock(w).is_killed(a.cgroup_id()).unwrap_or(false),
+                _ => false,
+            };
+            if killed && lock(&self.killed_by).is_none() {
+                let ev = lost_trip_event(&agent.agent_id, agent.pid);
+                *lock(&self.killed_by) = Some(LOST_TRIP.to_owned());
+                if let Some(out) = &self.events {
+                    let _ = out.send(ev).await;
                 }
             }
             // Stop reading (the task and `events` hold senders of the --events writer),
@@ -332,6 +345,26 @@ pub fn release_held(pid: u32, cgroup_dir: &Path) {
     if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGCONT) {
         eprintln!("agentd: resuming held process {pid}: {e}");
     }
+}
+
+/// What `agentd run` says of a trip the kernel made whose event was lost.
+pub const LOST_TRIP: &str = "breaker tripped in the kernel; the event that tripped it did not arrive (lost to a full ring buffer, see the `lost` events, or behind one); the agent's processes were killed";
+
+/// The `breaker` event of a trip the kernel made whose triggering event was lost.
+pub fn lost_trip_event(agent: &str, pid: u32) -> Event {
+    Event::new(
+        agent,
+        pid,
+        "",
+        Kind::Breaker,
+        Verdict::Killed,
+        Layer::Agentd,
+    )
+    .with("rule", "kernel")
+    .with("action", "kill")
+    .with("enforced", true)
+    .with("decided", "kernel: the violating call never returned")
+    .with("reason", "the triggering event did not arrive")
 }
 
 /// The `breaker` event of the manual kill switch (`rule: manual`), `contain_ns` from the
