@@ -288,7 +288,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             .spawn(move || {
                 for q in records_rx {
                     match q {
-                        Queued::Event(ev) => record(&shared, ev),
+                        Queued::Event(ev) => record(&shared, *ev),
                         Queued::Barrier(done) => {
                             let _ = done.send(());
                         }
@@ -540,7 +540,7 @@ const RECORD_QUEUE: usize = 65_536;
 
 /// What the recording thread takes, in order.
 enum Queued {
-    Event(Event),
+    Event(Box<Event>),
     /// Answered once every event queued before it is recorded.
     Barrier(tokio::sync::oneshot::Sender<()>),
 }
