@@ -551,8 +551,10 @@ fn publish(shared: &Shared, ev: Event) {
     let queue = lock(&shared.records).clone();
     match queue {
         Some(q) => {
-            if let Err(std::sync::mpsc::SendError(Queued::Event(ev))) = q.send(Queued::Event(ev)) {
-                record(shared, ev);
+            if let Err(std::sync::mpsc::SendError(Queued::Event(ev))) =
+                q.send(Queued::Event(Box::new(ev)))
+            {
+                record(shared, *ev);
             }
         }
         None => record(shared, ev),
