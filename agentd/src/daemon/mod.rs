@@ -292,6 +292,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
                         Queued::Barrier(done) => {
                             let _ = done.send(());
                         }
+                        Queued::Stop => break,
                     }
                 }
             })
@@ -326,8 +327,11 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         }
     }
     shutdown(&shared, &args.socket);
-    // Every queued event is recorded before the log is synced and closed.
-    drop(lock(&shared.records).take());
+    // Every queued event is recorded before the log is synced and closed. (Tasks the
+    // runtime no longer runs may hold senders: the thread is told, not left waiting.)
+    if let Some(q) = lock(&shared.records).take() {
+        let _ = q.send(Queued::Stop);
+    }
     if recorder.join().is_err() {
         eprintln!("agentd daemon: the thread that records events panicked");
     }
@@ -543,6 +547,8 @@ enum Queued {
     Event(Box<Event>),
     /// Answered once every event queued before it is recorded.
     Barrier(tokio::sync::oneshot::Sender<()>),
+    /// Stopping: the thread ends after what was queued before.
+    Stop,
 }
 
 /// Queues one event for the recording thread ([`record`]), in order; records it here when
@@ -568,7 +574,9 @@ async fn recorded(shared: &Shared) {
         return;
     };
     let (done, wait) = tokio::sync::oneshot::channel();
-    if q.send(Queued::Barrier(done)).is_ok() {
+    let sent = q.send(Queued::Barrier(done)).is_ok();
+    drop(q);
+    if sent {
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, wait).await;
     }
 }
