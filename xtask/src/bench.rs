@@ -167,14 +167,20 @@ fn breaker_under_load(
                 .lines()
                 .filter_map(|l| serde_json::from_str(l).ok())
                 .collect();
-            let trigger = evs
+            // Under this load the run's copy of the daemon's events can miss some (its
+            // subscription lags): such trips are counted, and said, not measured.
+            let Some(trigger) = evs
                 .iter()
                 .find(|e| e["kind"] == "breaker")
                 .map(|e| &e["detail"]["trigger"])
-                .with_context(|| format!("{label}, trip {i}: no breaker event"))?;
-            let t0 = trigger["ktime_ns"]
-                .as_u64()
-                .context("trigger without ktime_ns")?;
+            else {
+                incomplete += 1;
+                continue;
+            };
+            let Some(t0) = trigger["ktime_ns"].as_u64() else {
+                incomplete += 1;
+                continue;
+            };
             let pid = &trigger["pid"];
             let exits = evs
                 .iter()
@@ -201,7 +207,7 @@ fn breaker_under_load(
         eprintln!("  {label}:");
         if incomplete > 0 {
             eprintln!(
-                "    {incomplete} of {LOADED_TRIPS} trips left out: the run's events lack the exit of the violator or of the agent's processes"
+                "    {incomplete} of {LOADED_TRIPS} trips left out: the run's copy of the events lacks the breaker event or the exits"
             );
         }
         eprintln!(
