@@ -586,3 +586,49 @@ fn breaker_kernel_a_burst_of_one_refusal_is_folded_and_counted() {
         records.len()
     );
 }
+
+/// `agentd run` reports what happened: when the agent had already exited on its own when
+/// the breaker acted (a trip decided in user space, on a violation made just before the
+/// exit), its own status and a late trip; 137 only when the kill reached it.
+#[test]
+fn breaker_kernel_exit_status_says_who_ended_the_agent() {
+    if !require_root() {
+        return;
+    }
+    let ws = ws_with_secret();
+    let outside = agent_dir(true);
+    // A threshold of one refused write, decided by agentd from the event.
+    let text = test_profile(
+        "late-trip",
+        "invoker",
+        DEFAULT_LIMITS,
+        "[breaker]\ntrip_on = []\nthreshold = 1\nwindow = \"60s\"\naction = \"kill\"\n",
+    );
+    let (_p, path) = profile_file(&text);
+    let run = AgentRun::new(path.to_str().unwrap(), ws.path())
+        .sh(&format!(
+            "echo > {}/x 2>/dev/null; exit 3",
+            outside.path().display()
+        ))
+        .run();
+    let exit = run
+        .event("exit")
+        .unwrap_or_else(|| panic!("no exit event\n{}", run.explain()));
+    assert!(run.event("breaker").is_some(), "{}", run.explain());
+    match run.code() {
+        3 => {
+            assert!(exit["detail"]["late_trip"].is_string(), "{}", run.explain());
+            assert!(
+                run.stderr().contains("had already exited (status 3)"),
+                "{}",
+                run.explain()
+            );
+            eprintln!("the agent exited first: its status, and a late trip");
+        }
+        137 => {
+            assert_eq!(exit["detail"]["signal"], 9, "{}", run.explain());
+            eprintln!("the kill reached the agent first: 137");
+        }
+        other => panic!("exit {other}\n{}", run.explain()),
+    }
+}
