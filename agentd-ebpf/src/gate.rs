@@ -6,9 +6,9 @@
 //! signal), and one inside a call (asleep in `wait4`, `read`, `nanosleep`) dies at its
 //! exit, before it returns to user space. `cgroup.kill` from user space follows.
 //!
-//! For every other process on the host, each program is one array read (`gate_open`)
-//! while no agent is tripped; the gate closes again when user space has removed the
-//! tripped agents.
+//! User space attaches these programs only while it watches agents. For every other
+//! process on the host, each is then one array read (`gate_open`) while no agent is
+//! tripped; the gate closes again when user space has removed the tripped agents.
 
 use agentd_common::AGENT_FLAG_KILLED;
 use aya_ebpf::{helpers::bpf_send_signal, macros::btf_tracepoint, programs::BtfTracePointContext};

@@ -33,6 +33,7 @@ use aya::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
         CgroupSockAddr, Lsm, ProgramError, TracePoint,
         links::{FdLink, PinnedLink},
+        tp_btf::BtfTracePointLinkId,
         trace_point::TracePointLinkId,
     },
 };
@@ -149,6 +150,8 @@ pub struct Watch {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     /// Syscall tracepoint attachments, detached together when the Watch is dropped.
     tracepoint_links: Vec<(&'static str, TracePointLinkId)>,
+    /// The kill gate's attachments, while agents are watched (empty otherwise).
+    gate_links: Vec<(&'static str, BtfTracePointLinkId)>,
     /// Where agents' cgroup links are pinned (the daemon), if anywhere.
     pin_dir: Option<PathBuf>,
     /// The write end of the pipe a reaper forked early waits on ([`Watch::hold_in_reaper`]).
@@ -660,7 +663,6 @@ impl Watch {
         for (name, tp) in programs::PROCESS_TRACEPOINTS
             .into_iter()
             .chain([(exit_program, programs::PROCESS_EXIT)])
-            .chain(programs::GATE_TRACEPOINTS)
         {
             let p: &mut BtfTracePoint = program(&mut ebpf, name)?;
             p.load(tp, &btf).map_err(load_err(name))?;
@@ -669,6 +671,12 @@ impl Watch {
                 target: format!("tp_btf {tp}"),
                 source,
             })?;
+        }
+        // The kill gate runs on every system call of the host: loaded now, attached only
+        // while agents are watched (`Watch::gate_attach`).
+        for (name, tp) in programs::GATE_TRACEPOINTS {
+            let p: &mut BtfTracePoint = program(&mut ebpf, name)?;
+            p.load(tp, &btf).map_err(load_err(name))?;
         }
         let lsm = if lsm_missing.is_empty() {
             attach_lsm(&mut ebpf, &btf)
@@ -721,6 +729,7 @@ impl Watch {
             next_policy_id: 1,
             shutdown: None,
             tracepoint_links,
+            gate_links: Vec::new(),
             pin_dir: None,
             reaper: None,
         })
@@ -814,8 +823,10 @@ impl Watch {
             let _ = info.creds.set(c);
         }
         lock(&self.registry).agents.insert(cgroup_id, (info, None));
+        // No agent is in the maps without the gate that kills its processes once tripped.
         if let Err(e) = self
-            .write_entries(&handle)
+            .gate_attach()
+            .and_then(|()| self.write_entries(&handle))
             .and_then(|()| self.attach(&mut handle))
         {
             // Undo what was done; the first error is the one to report.
@@ -1052,6 +1063,10 @@ impl Watch {
             *removed = Some(Instant::now());
         }
         keep(self.refresh_gate());
+        if self.levels.is_empty() {
+            // No agent left: the host's system calls no longer pay for the gate.
+            self.gate_detach();
+        }
         first_err.map_or(Ok(()), Err)
     }
 
@@ -1091,6 +1106,39 @@ impl Watch {
             .get(&cgroup_id, 0)
             .map_err(map_err("AGENTS"))?;
         Ok(state.flags & AGENT_FLAG_KILLED != 0)
+    }
+
+    /// Attaches the kill gate (agentd-ebpf `gate`) if it is not.
+    fn gate_attach(&mut self) -> Result<(), BpfError> {
+        if !self.gate_links.is_empty() {
+            return Ok(());
+        }
+        for (name, tp) in programs::GATE_TRACEPOINTS {
+            let attached = program::<BtfTracePoint>(&mut self.ebpf, name).and_then(|p| {
+                p.attach().map_err(|source| BpfError::Attach {
+                    program: name,
+                    target: format!("tp_btf {tp}"),
+                    source,
+                })
+            });
+            match attached {
+                Ok(id) => self.gate_links.push((name, id)),
+                Err(e) => {
+                    self.gate_detach();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches the kill gate.
+    fn gate_detach(&mut self) {
+        for (name, id) in std::mem::take(&mut self.gate_links) {
+            if let Err(e) = program::<BtfTracePoint>(&mut self.ebpf, name).map(|p| p.detach(id)) {
+                tracing::debug!("kill gate {name}: {e}");
+            }
+        }
     }
 
     /// Closes the kill gate unless an agent still has its kill flag (see
