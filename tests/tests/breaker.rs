@@ -413,7 +413,8 @@ fn spawn_agent(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // Loading the programs takes seconds under emulation (the guests), more on a busy host.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let id = loop {
         let start = agentd_tests::read_events(&events)
             .into_iter()
