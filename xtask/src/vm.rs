@@ -106,9 +106,10 @@ pub struct VmTestArgs {
     test_args: Vec<String>,
 }
 
-/// Seconds each guest may run under `cargo xtask ci`: the whole suite takes 8-9 minutes
-/// under TCG on this project's 2-core machines; a slower CI machine must not fail on time.
-const CI_TIMEOUT_SECS: u64 = 1500;
+/// Seconds each guest may run under `cargo xtask ci`: the whole suite takes about 21
+/// minutes under TCG on this project's 2-core machines (1250 s for 6.12, measured with the
+/// breaker's kernel tests); a slower CI machine must not fail on time.
+const CI_TIMEOUT_SECS: u64 = 2100;
 
 impl VmTestArgs {
     /// What `cargo xtask ci` runs: every kernel, the whole suite.
