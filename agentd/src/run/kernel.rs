@@ -249,14 +249,16 @@ impl EventTask {
             let trip = self.breaker.observe(&ev, now);
             // Act before anything else (the writer may be slow): a trip kills, a held
             // process the breaker lets go is resumed.
+            let kill = trip
+                .as_ref()
+                .is_some_and(|t| t.enforced && t.action == Action::Kill);
+            if ev.held() && !kill {
+                // The breaker lets the held process go.
+                release_held(ev.pid, self.agent.cgroup_dir());
+            }
             let report = match &trip {
                 Some(trip) => Some(self.act(trip, &ev).await),
-                None => {
-                    if ev.held() {
-                        release_held(ev.pid, self.agent.cgroup_dir());
-                    }
-                    None
-                }
+                None => None,
             };
             let records = match bursts.as_mut() {
                 Some(b) => b.push(ev, now),
@@ -294,8 +296,6 @@ impl EventTask {
             contain(&self.agent, Some((&self.watch, self.cgroup_id)), "breaker").await;
             contain_ns = trigger.ktime_ns.map(|t| monotonic_ns().saturating_sub(t));
             *lock(&self.killed_by) = Some(trip_line(trip, trigger));
-        } else if trigger.held() {
-            release_held(trigger.pid, self.agent.cgroup_dir());
         }
         trip_event(trip, trigger, kill, self.breaker.violations(), contain_ns)
     }
@@ -347,6 +347,9 @@ pub fn release_held(pid: u32, cgroup_dir: &Path) {
     }
 }
 
+/// `decided` of a breaker event the kernel tripped in the violating call.
+const DECIDED_IN_KERNEL: &str = "kernel: the violating call never returned";
+
 /// What `agentd run` says of a trip the kernel made whose event was lost.
 pub const LOST_TRIP: &str = "breaker tripped in the kernel; the event that tripped it did not arrive (lost to a full ring buffer, see the `lost` events, or behind one); the agent's processes were killed";
 
@@ -363,7 +366,7 @@ pub fn lost_trip_event(agent: &str, pid: u32) -> Event {
     .with("rule", "kernel")
     .with("action", "kill")
     .with("enforced", true)
-    .with("decided", "kernel: the violating call never returned")
+    .with("decided", DECIDED_IN_KERNEL)
     .with("reason", "the triggering event did not arrive")
 }
 
@@ -435,7 +438,7 @@ pub fn trip_event(
     .with(
         "decided",
         if trigger.tripped_in_kernel() {
-            "kernel: the violating call never returned"
+            DECIDED_IN_KERNEL
         } else if trigger.held() {
             "agentd, while the kernel held the violating process"
         } else {
