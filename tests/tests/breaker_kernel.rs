@@ -40,6 +40,17 @@ fn refusals<'a>(run: &'a Run, kind: &str, layer: &str) -> Vec<&'a serde_json::Va
         .collect()
 }
 
+/// A directory granted by no rule, with `notes.txt` that everyone may read: only
+/// Landlock refuses reading it.
+fn readable_outside() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt as _;
+    let outside = agent_dir(false);
+    let notes = outside.path().join("notes.txt");
+    std::fs::write(&notes, "x").unwrap();
+    std::fs::set_permissions(&notes, std::fs::Permissions::from_mode(0o644)).unwrap();
+    outside
+}
+
 /// A file in `ws` (granted for reading) that only root may read.
 fn root_only(ws: &tempfile::TempDir) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt as _;
@@ -203,14 +214,7 @@ fn breaker_kernel_refused_reads_are_reported_by_their_layer() {
         return;
     }
     let ws = ws_with_secret();
-    // Readable by everyone, granted by no rule: only Landlock refuses.
-    let outside = agent_dir(false);
-    std::fs::write(outside.path().join("notes.txt"), "x").unwrap();
-    std::process::Command::new("chmod")
-        .args(["a+r"])
-        .arg(outside.path().join("notes.txt"))
-        .status()
-        .unwrap();
+    let outside = readable_outside();
     // Inside a read rule (the workspace) but unreadable by the agent's user: the
     // permissions.
     let private = root_only(&ws);
@@ -284,13 +288,7 @@ fn breaker_kernel_trip_on_read_trips() {
         return;
     }
     let ws = ws_with_secret();
-    let outside = agent_dir(false);
-    std::fs::write(outside.path().join("notes.txt"), "x").unwrap();
-    std::process::Command::new("chmod")
-        .args(["a+r"])
-        .arg(outside.path().join("notes.txt"))
-        .status()
-        .unwrap();
+    let outside = readable_outside();
     let private = root_only(&ws);
     let (_p, path) = profile_file(&profile("trip-read", "\"read\"", ""));
     let run = AgentRun::new(path.to_str().unwrap(), ws.path())
