@@ -705,9 +705,10 @@ fn decode_file(
                 e = e.with("argv", argv);
             }
             let mut path = resolve_path(&path_arg, raw.pid, raw.dfd, follow, resolve);
-            if raw.ret == 0 && path.starts_with("/proc") {
+            if raw.ret == 0 && (path_arg.starts_with("/proc/") || path.starts_with("/proc")) {
                 // A program named by a magic link (`/proc/self/fd/N` of an fd closed at
-                // exec): the process's own `exe` is the file the kernel ran.
+                // exec, whose number the new program may have reused by now): the
+                // process's own `exe` is the file the kernel ran.
                 if let Some(exe) = resolve(raw.pid, AT_FDCWD, "/proc/self/exe", true) {
                     path = normalize(&exe);
                 }
@@ -1557,6 +1558,31 @@ connect = ["127.0.0.1/32:8080"]
         let e = dec(&r);
         assert_eq!(e.path.as_deref(), Some("/etc/passwd"));
         assert_eq!(e.layer, Layer::Landlock);
+    }
+
+    #[test]
+    fn an_exec_through_a_magic_link_names_the_program_the_kernel_ran() {
+        // `execv("/proc/self/fd/3")` of an fd closed at exec: by the time the event is
+        // read, the new program may have opened something else as fd 3.
+        let mut r = raw(EventKind::Exec);
+        r.syscall = Syscall::Execve as u8;
+        set(&mut r.path, "/proc/self/fd/3");
+        let proc = |_: u32, _: i32, p: &str, _: bool| {
+            Some(PathBuf::from(match p {
+                "/proc/self/exe" => "/usr/bin/sleep",
+                _ => "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            }))
+        };
+        let e = decode(&r, Some(&agent()), CLOCK, &proc).unwrap();
+        assert_eq!(e.path.as_deref(), Some("/usr/bin/sleep"));
+        assert_eq!(e.detail["path_arg"], "/proc/self/fd/3");
+        // A failed exec ran nothing: the argument's own resolution stands.
+        r.ret = -i64::from(libc::EACCES);
+        let e = decode(&r, Some(&agent()), CLOCK, &proc).unwrap();
+        assert_eq!(
+            e.path.as_deref(),
+            Some("/usr/lib/x86_64-linux-gnu/libc.so.6")
+        );
     }
 
     #[test]
