@@ -684,3 +684,74 @@ impl Drop for Daemon {
         self.stop();
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// A user with a home, for `{home}` rules.
+
+/// `agentd-test` (uid 64123), whose home is `/home/agentd-test`: the guests have it in
+/// their passwd; on a host without it the test adds it (useradd) and removes it on drop,
+/// with the home directory if the test made it.
+pub struct TestUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+    added: bool,
+    made_home: bool,
+}
+
+pub const TEST_USER: &str = "agentd-test";
+
+impl TestUser {
+    pub fn get() -> TestUser {
+        let lookup = || {
+            let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+            passwd.lines().find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.first() == Some(&TEST_USER)).then_some(())?;
+                Some((
+                    f.get(2)?.parse().ok()?,
+                    f.get(3)?.parse().ok()?,
+                    PathBuf::from(f.get(5)?),
+                ))
+            })
+        };
+        let mut added = false;
+        let (uid, gid, home) = match lookup() {
+            Some(u) => u,
+            None => {
+                let st = Command::new("useradd")
+                    .args(["--no-create-home", "--home-dir", "/home/agentd-test"])
+                    .args(["--uid", "64123", "--user-group", "--shell", "/bin/false"])
+                    .arg(TEST_USER)
+                    .status()
+                    .expect("useradd");
+                assert!(st.success(), "useradd {TEST_USER}: {st}");
+                added = true;
+                lookup().expect("the user just added")
+            }
+        };
+        let made_home = !home.exists();
+        if made_home {
+            std::fs::create_dir_all(&home).unwrap();
+        }
+        std::os::unix::fs::chown(&home, Some(uid), Some(gid)).unwrap();
+        TestUser {
+            uid,
+            gid,
+            home,
+            added,
+            made_home,
+        }
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        if self.made_home {
+            let _ = std::fs::remove_dir_all(&self.home);
+        }
+        if self.added {
+            let _ = Command::new("userdel").arg(TEST_USER).status();
+        }
+    }
+}

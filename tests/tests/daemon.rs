@@ -10,8 +10,8 @@ use std::{
 };
 
 use agentd_tests::{
-    DEFAULT_LIMITS, Daemon, agent_dir, agentd_bin, process_gone, profile_file, require_root,
-    test_profile,
+    AgentRun, DEFAULT_LIMITS, Daemon, TestUser, agent_dir, agentd_bin, process_gone, profile_file,
+    require_root, test_profile,
 };
 use serde_json::Value;
 
@@ -519,4 +519,75 @@ fn daemon_group_members_launch_only_as_themselves() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "65534");
+}
+
+/// `{home}` is the invoking user's (`SUDO_UID`'s) in both modes: a canary there trips
+/// the breaker embedded and through the daemon, whose socket peer is root.
+#[test]
+fn home_canaries_watch_the_invoking_users_home_in_both_modes() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !require_root() {
+        return;
+    }
+    let user = TestUser::get();
+    let ssh = user.home.join(".ssh");
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _ssh = Remove(ssh.clone());
+    std::fs::create_dir_all(&ssh).unwrap();
+    let key = ssh.join("id_rsa");
+    std::fs::write(&key, "not a real key\n").unwrap();
+    for p in [&ssh, &key] {
+        std::os::unix::fs::chown(p, Some(user.uid), Some(user.gid)).unwrap();
+    }
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let ws = agent_dir(true);
+    let (_p, profile) = profile_file(
+        &test_profile(
+            "home-canary",
+            "invoker",
+            DEFAULT_LIMITS,
+            "[breaker]\ntrip_on = [\"canary\"]\n",
+        )
+        .replace(
+            "read = [\"{workspace}\",",
+            "read = [\"{home}\", \"{workspace}\",",
+        )
+        .replace("[network]", "canaries = [\"{home}/.ssh\"]\n\n[network]"),
+    );
+    let mut d = Daemon::start();
+    let socket = d.socket();
+    for daemon in [false, true] {
+        let mut run = AgentRun::new(profile.to_str().unwrap(), ws.path())
+            .env("SUDO_UID", &user.uid.to_string())
+            .env("SUDO_GID", &user.gid.to_string())
+            .cmd(&["/bin/cat", key.to_str().unwrap()]);
+        if daemon {
+            run = run.arg("--socket").arg(socket.to_str().unwrap());
+        }
+        let run = run.run();
+        let mode = if daemon { "daemon" } else { "embedded" };
+        assert_eq!(run.code(), 137, "{mode}: killed\n{}", run.explain());
+        assert!(
+            !run.stdout().contains("not a real key"),
+            "{mode}: the canary's contents never reach the agent\n{}",
+            run.explain()
+        );
+        let canary = run
+            .events
+            .iter()
+            .find(|e| e["kind"] == "canary")
+            .unwrap_or_else(|| panic!("{mode}: a canary event\n{}", run.explain()));
+        assert_eq!(canary["path"], key.to_str().unwrap(), "{mode}");
+        assert!(
+            run.events.iter().any(|e| e["kind"] == "breaker"),
+            "{mode}: the breaker tripped\n{}",
+            run.explain()
+        );
+    }
+    d.stop();
 }

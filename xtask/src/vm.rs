@@ -563,8 +563,8 @@ fn build_guest(root: &Path, args: &VmTestArgs) -> anyhow::Result<Guest> {
     // Where `busybox --install` puts applets (bin and sbin are links to usr/ on a merged
     // /usr, and then already written), and the mount points /init uses.
     for dir in [
-        "bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "root", "etc",
-        "var/tmp",
+        "bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "root", "home",
+        "etc", "var/tmp",
     ] {
         cpio.dir(dir)?;
     }
@@ -572,9 +572,16 @@ fn build_guest(root: &Path, args: &VmTestArgs) -> anyhow::Result<Guest> {
     cpio.file(
         "etc/passwd",
         0o644,
-        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        // agentd-test: a user with a home, for `{home}` rules (tests/src/lib.rs `TestUser`,
+        // which adds it with useradd on a host that lacks it).
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n\
+          agentd-test:x:64123:64123:agentd tests:/home/agentd-test:/bin/false\n",
     )?;
-    cpio.file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")?;
+    cpio.file(
+        "etc/group",
+        0o644,
+        b"root:x:0:\nnogroup:x:65534:\nagentd-test:x:64123:\n",
+    )?;
     cpio.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n::1 localhost\n")?;
     // The test binaries find the repository through CARGO_MANIFEST_DIR, an absolute path
     // baked in at build time (tests/src/lib.rs `repo_root`): recreate it with what they read.

@@ -53,7 +53,7 @@ use crate::{
     bpf::{self, Watch},
     breaker::Breaker,
     event::{Event, Kind, Layer, Verdict},
-    profile::{self, CompileContext, CompiledPolicy},
+    profile::{self, CompileContext, CompiledPolicy, Profile},
     run::{
         bursts::Bursts,
         kernel::{
@@ -958,14 +958,14 @@ async fn run(
         send(&mut write, &Reply::Error(e)).await?;
         return Ok(());
     }
-    let policy = match compile_for(&req, who.uid) {
-        Ok(p) => p,
+    let profile = match profile::load(&req.profile) {
+        Ok((p, _origin)) => p,
         Err(e) => {
-            send(&mut write, &Reply::Error(e)).await?;
+            send(&mut write, &Reply::Error(format!("profile: {e}"))).await?;
             return Ok(());
         }
     };
-    if let Err(e) = check_identity(&policy, &who) {
+    if let Err(e) = check_identity(&profile, &who) {
         send(&mut write, &Reply::Error(e)).await?;
         return Ok(());
     }
@@ -990,7 +990,7 @@ async fn run(
     // Only what the profile passes to the agent: the supervisor runs as root, and the
     // client's environment must not reach it otherwise (LD_PRELOAD, GCONV_PATH, ...).
     for (k, v) in &req.env {
-        if policy.env.pass.iter().any(|p| p == k) && !k.starts_with("LD_") {
+        if profile.environment.pass.iter().any(|p| p == k) && !k.starts_with("LD_") {
             cmd.env(k, v);
         }
     }
@@ -1066,7 +1066,7 @@ async fn run(
         tokio::select! {
             line = sup_lines.next_line(), if sup_open => match line {
                 Ok(Some(line)) => {
-                    let reply = supervisor_line(&shared, &who, &req, &policy, &line, &mut agent_id).await;
+                    let reply = supervisor_line(&shared, &who, &req, &line, &mut agent_id).await;
                     if let Some(reply) = reply {
                         if matches!(reply, ToSupervisor::Attached)
                             && let Some(id) = &agent_id
@@ -1165,11 +1165,11 @@ async fn run(
 
 /// Who may launch under which identity: root as anyone the profile says; anyone else as
 /// themselves (`invoker`), a transient uid, or a named user that is themselves.
-fn check_identity(policy: &CompiledPolicy, who: &Actor) -> Result<(), String> {
+fn check_identity(profile: &Profile, who: &Actor) -> Result<(), String> {
     if who.uid == 0 {
         return Ok(());
     }
-    let Some(name) = &policy.identity.user else {
+    let Some(name) = &profile.identity.user else {
         return Ok(());
     };
     let uid = nix::unistd::User::from_name(name)
@@ -1181,26 +1181,15 @@ fn check_identity(policy: &CompiledPolicy, who: &Actor) -> Result<(), String> {
     } else {
         Err(format!(
             "permission denied: profile {} runs the agent as user {name}; only root may launch an agent as another user (use run_as = \"invoker\" or \"transient\")",
-            policy.name
+            profile.name
         ))
     }
 }
 
-/// The agent's policy as its supervisor will compile it (same profile, workspace and
-/// invoking user's home).
-fn compile_for(req: &RunRequest, uid: u32) -> Result<Arc<CompiledPolicy>, String> {
-    let (p, _origin) = profile::load(&req.profile).map_err(|e| format!("profile: {e}"))?;
-    let home = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-        .ok()
-        .flatten()
-        .map_or_else(|| PathBuf::from("/nonexistent"), |u| u.dir);
-    Ok(Arc::new(profile::compile(
-        &p,
-        &CompileContext {
-            workspace: req.workspace.clone(),
-            home,
-        },
-    )))
+/// The agent's policy compiled from `profile` in `ctx`.
+fn compile_for(profile: &str, ctx: CompileContext) -> Result<CompiledPolicy, String> {
+    let (p, _origin) = profile::load(profile).map_err(|e| format!("profile: {e}"))?;
+    Ok(profile::compile(&p, &ctx))
 }
 
 /// One line from a supervisor; the reply to send back, if any.
@@ -1208,7 +1197,6 @@ async fn supervisor_line(
     shared: &Arc<Shared>,
     who: &Actor,
     req: &RunRequest,
-    policy: &Arc<CompiledPolicy>,
     line: &str,
     agent_id: &mut Option<String>,
 ) -> Option<ToSupervisor> {
@@ -1222,17 +1210,25 @@ async fn supervisor_line(
             cgroup,
             uid,
             gid,
+            workspace,
+            home,
         } => {
             if agent_id.is_some() {
                 return Some(ToSupervisor::Refused("already attached".into()));
             }
+            // The watch matches what the sandbox enforces: the same `{workspace}` and
+            // `{home}` (the invoking user's, not the socket peer's: root under sudo).
+            let policy = match compile_for(&req.profile, CompileContext { workspace, home }) {
+                Ok(p) => p,
+                Err(e) => return Some(ToSupervisor::Refused(e)),
+            };
             let creds = crate::host::Creds {
                 uid,
                 gid,
                 groups: vec![gid],
             };
             Some(
-                match attach(shared, who, req, policy, &agent, &cgroup, creds) {
+                match attach(shared, who, req, &policy, &agent, &cgroup, creds) {
                     Ok(()) => {
                         *agent_id = Some(agent);
                         ToSupervisor::Attached

@@ -137,12 +137,15 @@ pub struct Stats {
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum SupervisorLine {
     /// The agent's cgroup exists, its process does not: attach the kernel watch.
-    /// The agent runs as `uid`, with `gid` its only group.
+    /// The agent runs as `uid`, with `gid` its only group; its sandbox was compiled with
+    /// this `workspace` and `home` (`{workspace}`, `{home}`), and the watch must be too.
     Attach {
         agent: String,
         cgroup: PathBuf,
         uid: u32,
         gid: u32,
+        workspace: PathBuf,
+        home: PathBuf,
     },
     /// The agent's first process runs.
     Started { pid: u32 },
@@ -286,6 +289,8 @@ mod tests {
                 cgroup: "/c".into(),
                 uid: 1000,
                 gid: 1000,
+                workspace: "/w".into(),
+                home: "/home/u".into(),
             }),
         ]
         .into_iter()

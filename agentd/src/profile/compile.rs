@@ -29,6 +29,8 @@ pub struct CompiledPolicy {
     pub mode: Mode,
     pub identity: Identity,
     pub workspace: PathBuf,
+    /// What `{home}` was (the home of the user the agent runs for).
+    pub home: PathBuf,
     pub landlock: LandlockPolicy,
     pub seccomp: SeccompPolicy,
     pub network: NetworkPolicy,
@@ -193,6 +195,7 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
         mode: profile.mode,
         identity: profile.identity.clone(),
         workspace: ctx.workspace.clone(),
+        home: ctx.home.clone(),
         landlock: LandlockPolicy {
             rules,
             scope_signals: true,

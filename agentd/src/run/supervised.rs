@@ -136,6 +136,8 @@ impl AgentHooks for DaemonHooks {
                 cgroup: agent.cgroup_dir.to_path_buf(),
                 uid: agent.uid,
                 gid: agent.gid,
+                workspace: agent.policy.workspace.clone(),
+                home: agent.policy.home.clone(),
             })
             .map_err(|e| hook_error("kernel watch (daemon)", e))?;
         match reply {
