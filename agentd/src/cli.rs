@@ -338,6 +338,8 @@ fn daemon_run(
         command,
         env,
         events: events.is_some(),
+        // The client decides, when it makes the agent's terminal.
+        terminal: false,
     };
     Ok(crate::daemon::client::run(socket, request, events))
 }

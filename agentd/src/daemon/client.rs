@@ -16,7 +16,7 @@ use super::{
     DEFAULT_SOCKET,
     proto::{self, AgentRow, ClientLine, Reply, Request, RunRequest},
 };
-use crate::run::events::Sink;
+use crate::run::{events::Sink, terminal};
 
 /// Exit status when the daemon refused or failed a `run` (as a launch failure).
 const EXIT_REFUSED: u8 = 125;
@@ -228,15 +228,32 @@ pub fn run(
     })
 }
 
-fn run_with(stream: UnixStream, req: RunRequest, events: Option<String>) -> anyhow::Result<u8> {
+fn run_with(stream: UnixStream, mut req: RunRequest, events: Option<String>) -> anyhow::Result<u8> {
     let mut sink = events
         .as_deref()
         .map(Sink::open)
         .transpose()
         .context("--events")?;
-    // The request, with our stdin, stdout and stderr: the agent's terminal is ours.
+    // With a terminal, the agent gets a pseudo-terminal this client relays (see
+    // `run::terminal`), and the messages of agentd (the supervisor's and this client's)
+    // are held until the user's terminal is restored. Without one, the request carries
+    // our stdin, stdout and stderr.
+    let terminal = terminal::open().unwrap_or_else(|e| {
+        eprintln!(
+            "agentd: warning: no terminal for the agent (stdin is one, but a pseudo-terminal cannot be made: {e}); it shares agentd's stdio"
+        );
+        None
+    });
+    let held = match terminal {
+        Some(_) => Some(terminal::Held::stderr().context("holding agentd's messages")?),
+        None => None,
+    };
+    req.terminal = terminal.is_some();
+    let fds = match &terminal {
+        Some((_, slave)) => [slave.as_raw_fd(), slave.as_raw_fd(), 2],
+        None => [0, 1, 2],
+    };
     let line = proto::encode(&Request::Run(req));
-    let fds = [0, 1, 2];
     let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
     let iov = [IoSlice::new(&line)];
     let sent = nix::sys::socket::sendmsg::<()>(
@@ -250,11 +267,29 @@ fn run_with(stream: UnixStream, req: RunRequest, events: Option<String>) -> anyh
     if sent != line.len() {
         bail!("the request was cut ({sent} of {} bytes)", line.len());
     }
+    // The daemon has it now: the pseudo-terminal's master sees the agent's side close when
+    // the agent and its supervisor are gone.
+    let terminal = terminal.map(|(t, _slave)| t);
     crate::run::supervise::block_forwarded().context("blocking the forwarded signals")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    // Ctrl-Z: the daemon freezes the agent before this client stops (the relay waits until
+    // the request is written).
+    let (freeze_tx, mut freeze_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(bool, std::sync::mpsc::SyncSender<()>)>();
+    let session = terminal
+        .map(|t| {
+            t.start(Box::new(move |frozen| {
+                let (done, written) = std::sync::mpsc::sync_channel(1);
+                if freeze_tx.send((frozen, done)).is_ok() {
+                    let _ = written.recv_timeout(std::time::Duration::from_secs(1));
+                }
+            }))
+        })
+        .transpose()
+        .context("relaying the agent's terminal")?;
+    let code = runtime.block_on(async {
         stream.set_nonblocking(true)?;
         let stream = tokio::net::UnixStream::from_std(stream)?;
         let (read, mut write) = stream.into_split();
@@ -306,10 +341,28 @@ fn run_with(stream: UnixStream, req: RunRequest, events: Option<String>) -> anyh
                         }
                     }
                 }
-                Some(sig) = rx.recv() => {
-                    write.write_all(&proto::encode(&ClientLine::Signal(sig))).await?;
+                Some(sig) = rx.recv() => match &session {
+                    // The kernel tells the agent's foreground job (SIGWINCH) itself.
+                    Some(t) if sig == libc::SIGWINCH => t.resize(),
+                    _ => write.write_all(&proto::encode(&ClientLine::Signal(sig))).await?,
+                },
+                Some((frozen, done)) = freeze_rx.recv() => {
+                    write.write_all(&proto::encode(&ClientLine::Freeze(frozen))).await?;
+                    let _ = done.try_send(());
                 }
             }
         }
-    })
+    });
+    drop(runtime);
+    if let Some(s) = session {
+        s.finish();
+    }
+    if let Some(h) = held {
+        h.print(HELD_WAIT);
+    }
+    code
 }
+
+/// How long the client waits for the supervisor's last messages once the agent's terminal
+/// is restored.
+const HELD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);

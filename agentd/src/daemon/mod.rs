@@ -43,7 +43,7 @@ use tokio::{
 
 use self::proto::{
     AgentRow, AgentState, ClientLine, MAX_LINE, Reply, Request, RunRequest, SUPERVISOR_ENV,
-    SUPERVISOR_FD, Stats, SupervisorLine, ToSupervisor,
+    SUPERVISOR_FD, SUPERVISOR_TERMINAL_ENV, Stats, SupervisorLine, ToSupervisor,
 };
 use crate::{
     audit::{
@@ -1007,6 +1007,9 @@ async fn run(
     };
     cmd.env("SUDO_UID", uid).env("SUDO_GID", gid);
     cmd.env(SUPERVISOR_ENV, SUPERVISOR_FD.to_string());
+    if req.terminal {
+        cmd.env(SUPERVISOR_TERMINAL_ENV, "1");
+    }
     let mut fds = fds.into_iter();
     let (Some(stdin), Some(stdout), Some(stderr)) = (fds.next(), fds.next(), fds.next()) else {
         bail!("descriptors vanished");
@@ -1115,6 +1118,14 @@ async fn run(
                     }
                     Ok(ClientLine::Signal(sig)) => {
                         let _ = send(&mut write, &Reply::Error(format!("signal {sig} is not forwarded"))).await;
+                    }
+                    Ok(ClientLine::Freeze(frozen)) => {
+                        let cgroup = agent_id.as_ref().and_then(|id| lock(&shared.agents).get(id).map(|a| a.cgroup.clone()));
+                        if let Some(dir) = cgroup
+                            && let Err(e) = std::fs::write(dir.join("cgroup.freeze"), if frozen { "1" } else { "0" })
+                        {
+                            eprintln!("agentd daemon: cgroup.freeze in {}: {e}", dir.display());
+                        }
                     }
                     Err(e) => {
                         let _ = send(&mut write, &Reply::Error(e.to_string())).await;

@@ -24,6 +24,9 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub const SUPERVISOR_FD: i32 = 3;
 /// The environment variable that tells `agentd run` it is a daemon's supervisor.
 pub const SUPERVISOR_ENV: &str = "AGENTD_SUPERVISOR_FD";
+/// Set (to 1) in a supervisor's environment when its stdin is the agent's terminal: the
+/// slave side of a pseudo-terminal the client made and relays.
+pub const SUPERVISOR_TERMINAL_ENV: &str = "AGENTD_SUPERVISOR_TERMINAL";
 
 /// A client's request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +65,10 @@ pub struct RunRequest {
     /// Stream the agent's events back (`agentd run --events`).
     #[serde(default)]
     pub events: bool,
+    /// The client's stdin is the slave side of a pseudo-terminal it relays: the agent's
+    /// stdio and controlling terminal. Its stderr is for agentd's own messages.
+    #[serde(default)]
+    pub terminal: bool,
 }
 
 /// What a `run` client sends after its request.
@@ -70,6 +77,9 @@ pub struct RunRequest {
 pub enum ClientLine {
     /// A signal the client received, to forward to the agent (as `agentd run` does).
     Signal(i32),
+    /// Freeze (`true`) or thaw the agent's cgroup: the user suspended the agent's terminal
+    /// (Ctrl-Z) or resumed it (`fg`).
+    Freeze(bool),
 }
 
 /// The daemon's answer lines.
@@ -216,6 +226,7 @@ mod tests {
                 command: vec!["true".into()],
                 env: vec![("PATH".into(), "/bin".into())],
                 events: false,
+                terminal: true,
             }),
         ];
         for r in reqs {
@@ -283,6 +294,7 @@ mod tests {
                 command: vec!["a".into(), "b".into()],
                 env: vec![("K".into(), "V".into())],
                 events: true,
+                terminal: false,
             })),
             encode(&SupervisorLine::Attach {
                 agent: "a".into(),

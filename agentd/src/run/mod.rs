@@ -24,8 +24,9 @@ pub mod kernel;
 pub mod plan;
 pub mod supervise;
 pub mod supervised;
+pub mod terminal;
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc};
+use std::{os::fd::AsFd as _, path::PathBuf, process::ExitCode, sync::Arc};
 
 use self::{
     events::Sink,
@@ -341,7 +342,7 @@ fn launch(plan: &Plan, hooks: &mut dyn AgentHooks, sink: Option<Sink>) -> Launch
         Ok(x) => x,
         Err(e) => return fail(e.into(), sink),
     };
-    let prepared = match Prepared::new(
+    let mut prepared = match Prepared::new(
         &cgroup,
         plan.identity.uid,
         plan.identity.gid,
@@ -353,6 +354,28 @@ fn launch(plan: &Plan, hooks: &mut dyn AgentHooks, sink: Option<Sink>) -> Launch
         Ok(p) => p,
         Err(e) => return fail(e.into(), sink),
     };
+    // The agent's terminal: made here when stdin is the user's, and relayed below; through
+    // a daemon, its client made it and relays it, and it is this supervisor's stdin.
+    let mut relay = None;
+    if supervised::is_supervised() {
+        if supervised::terminal_is_stdin() {
+            match std::io::stdin().as_fd().try_clone_to_owned() {
+                Ok(slave) => prepared = prepared.with_terminal(slave),
+                Err(e) => return fail(RunError::Stdio(e), sink),
+            }
+        }
+    } else {
+        match terminal::open() {
+            Ok(Some((t, slave))) => {
+                prepared = prepared.with_terminal(slave);
+                relay = Some(t);
+            }
+            Ok(None) => {}
+            Err(e) => eprintln!(
+                "agentd: warning: no terminal for the agent (stdin is one, but a pseudo-terminal cannot be made: {e}); it shares agentd's stdio"
+            ),
+        }
+    }
 
     if let Err(e) = supervise::block_forwarded() {
         return fail(RunError::Signals(e), sink);
@@ -376,14 +399,49 @@ fn launch(plan: &Plan, hooks: &mut dyn AgentHooks, sink: Option<Sink>) -> Launch
             return fail(RunError::Runtime(e), sink);
         }
     };
-    Ok(runtime.block_on(supervise::supervise(Supervision {
+    // While the agent's terminal is relayed, agentd's own messages wait until the user's is
+    // restored; Ctrl-Z freezes the whole agent while agentd is stopped.
+    let (session, held) = match relay {
+        Some(t) => {
+            let frozen = Arc::clone(&cgroup);
+            let session = t.start(Box::new(move |stop| {
+                if let Err(e) = frozen.freeze(stop) {
+                    eprintln!(
+                        "agentd: cannot {} the agent: {e}",
+                        if stop { "freeze" } else { "thaw" }
+                    );
+                }
+            }));
+            match session {
+                Ok(s) => (Some(s), terminal::Held::stderr().ok()),
+                Err(e) => {
+                    eprintln!("agentd: warning: cannot relay the agent's terminal: {e}");
+                    (None, None)
+                }
+            }
+        }
+        None => (None, None),
+    };
+    let code = runtime.block_on(supervise::supervise(Supervision {
         plan,
         spawned,
         cgroup,
         hooks,
         sink,
-    })))
+        terminal: session.as_ref(),
+    }));
+    drop(runtime);
+    if let Some(s) = session {
+        s.finish();
+    }
+    if let Some(h) = held {
+        h.print(HELD_WAIT);
+    }
+    Ok(code)
 }
+
+/// How long agentd waits for its held messages once the agent's terminal is restored.
+const HELD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The default profile when `--profile` is not given: the most restrictive built-in one.
 pub const DEFAULT_PROFILE: &str = "analyze-only";

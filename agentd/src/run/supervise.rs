@@ -134,6 +134,8 @@ pub struct Supervision<'a> {
     pub cgroup: Arc<AgentCgroup>,
     pub hooks: &'a mut dyn AgentHooks,
     pub sink: Option<Sink>,
+    /// The agent's terminal, when agentd relays one: it takes the window size.
+    pub terminal: Option<&'a super::terminal::Session>,
 }
 
 fn event(plan: &Plan, pid: i32, kind: Kind) -> Event {
@@ -230,6 +232,7 @@ pub async fn supervise(s: Supervision<'_>) -> u8 {
         cgroup,
         hooks,
         sink,
+        terminal,
     } = s;
     let (tx, writer) = events::start_writer(sink);
     let pid = spawned.pid;
@@ -329,7 +332,11 @@ pub async fn supervise(s: Supervision<'_>) -> u8 {
             Some(sig) = next(&mut term) => forward(pid, exited.get_ref(), sig),
             Some(sig) = next(&mut hup) => forward(pid, exited.get_ref(), sig),
             Some(sig) = next(&mut quit) => forward(pid, exited.get_ref(), sig),
-            Some(sig) = next(&mut winch) => forward(pid, exited.get_ref(), sig),
+            Some(sig) = next(&mut winch) => match terminal {
+                // The kernel tells the agent's foreground job (SIGWINCH) itself.
+                Some(t) => t.resize(),
+                None => forward(pid, exited.get_ref(), sig),
+            },
             () = sleep_until(deadline), if !deadline_passed => {
                 deadline_passed = true;
                 let limit = plan.cgroup.wall_time.unwrap_or_default();

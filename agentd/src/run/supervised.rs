@@ -31,7 +31,9 @@ use super::{
     kernel::EXIT_TRIPPED,
 };
 use crate::{
-    daemon::proto::{self, SUPERVISOR_ENV, SUPERVISOR_FD, SupervisorLine, ToSupervisor},
+    daemon::proto::{
+        self, SUPERVISOR_ENV, SUPERVISOR_FD, SUPERVISOR_TERMINAL_ENV, SupervisorLine, ToSupervisor,
+    },
     event::Event,
 };
 
@@ -41,6 +43,11 @@ const VERDICT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Whether this `agentd run` was started by a daemon as a supervisor.
 pub fn is_supervised() -> bool {
     std::env::var_os(SUPERVISOR_ENV).is_some()
+}
+
+/// Whether this supervisor's stdin is the agent's terminal (the daemon's client made it).
+pub fn terminal_is_stdin() -> bool {
+    is_supervised() && std::env::var_os(SUPERVISOR_TERMINAL_ENV).is_some_and(|v| v == "1")
 }
 
 #[derive(Debug, thiserror::Error)]

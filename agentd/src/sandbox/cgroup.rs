@@ -328,6 +328,15 @@ impl AgentCgroup {
         Ok(())
     }
 
+    /// Freezes (`true`) or thaws the agent's v2 cgroup (`cgroup.freeze`, Linux 5.2): a
+    /// frozen process runs nothing until thawed, and a SIGKILL still ends it.
+    pub fn freeze(&self, frozen: bool) -> Result<(), CgroupError> {
+        write_file(
+            &self.plan.dir.join("cgroup.freeze"),
+            if frozen { "1" } else { "0" },
+        )
+    }
+
     pub fn kill(&self) -> Result<(), CgroupError> {
         let kill_file = self.plan.dir.join("cgroup.kill");
         let has_kill = kill_file.exists();

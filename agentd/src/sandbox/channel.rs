@@ -35,6 +35,7 @@ pub enum Step {
     VerifyIdentity,
     NoNewPrivs,
     Setsid,
+    Terminal,
     ParentDeathSignal,
     Workspace,
     Landlock,
@@ -45,7 +46,7 @@ pub enum Step {
 }
 
 impl Step {
-    const ALL: [Step; 16] = [
+    const ALL: [Step; 17] = [
         Step::Cgroup,
         Step::Signals,
         Step::Capabilities,
@@ -55,6 +56,7 @@ impl Step {
         Step::VerifyIdentity,
         Step::NoNewPrivs,
         Step::Setsid,
+        Step::Terminal,
         Step::ParentDeathSignal,
         Step::Workspace,
         Step::Landlock,
@@ -75,6 +77,7 @@ impl Step {
             Step::VerifyIdentity => "identity check",
             Step::NoNewPrivs => "no_new_privs",
             Step::Setsid => "setsid",
+            Step::Terminal => "controlling terminal",
             Step::ParentDeathSignal => "parent-death signal",
             Step::Workspace => "workspace",
             Step::Landlock => "landlock",

@@ -109,9 +109,19 @@ pub struct Prepared {
     landlock: Option<RulesetCreated>,
     seccomp: seccomp::Filter,
     exec: Exec,
+    /// The agent's terminal (a pseudo-terminal's slave side): its stdin, stdout, stderr
+    /// and controlling terminal. `None`: the agent inherits agentd's stdio and has no
+    /// controlling terminal.
+    terminal: Option<OwnedFd>,
 }
 
 impl Prepared {
+    /// Gives the agent `slave` as its terminal (see [`Prepared::terminal`]).
+    pub fn with_terminal(mut self, slave: OwnedFd) -> Prepared {
+        self.terminal = Some(slave);
+        self
+    }
+
     pub fn new(
         cgroup: &AgentCgroup,
         uid: u32,
@@ -130,6 +140,7 @@ impl Prepared {
             landlock: Some(landlock),
             seccomp,
             exec,
+            terminal: None,
         })
     }
 }
@@ -283,7 +294,8 @@ fn verify_failure(step: Step) -> impl Fn(VerifyFailure) -> ChildFailure {
 ///    root; then groups, gid, uid; then the remaining sets, and a check that all five are
 ///    empty and root cannot be regained;
 /// 4. no_new_privs (no setuid binary or file capability can give any back), a new session
-///    (no controlling terminal: TIOCSTI into the caller's terminal is impossible), a
+///    (no controlling terminal: TIOCSTI into the caller's terminal is impossible; or, with
+///    a terminal, the pseudo-terminal agentd relays, never the caller's own), a
 ///    parent-death signal (agentd killed -> the agent is killed);
 /// 5. the working directory, as the agent's user (proves it may enter the workspace);
 /// 6. Landlock, after the last path lookup agentd itself needs;
@@ -321,6 +333,21 @@ fn launch_sequence(
     //    clears it); if the supervisor died before that, stop.
     nix::sys::prctl::set_no_new_privs().map_err(at(Step::NoNewPrivs))?;
     nix::unistd::setsid().map_err(at(Step::Setsid))?;
+    if let Some(tty) = p.terminal.take() {
+        // The pseudo-terminal agentd relays: the session's controlling terminal (never
+        // stolen from another session: argument 0), and the agent's stdio.
+        // SAFETY: TIOCSCTTY takes an int argument, no pointer.
+        if unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSCTTY, 0) } != 0 {
+            return Err(at(Step::Terminal)(nix::Error::last()));
+        }
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors; `tty` stays open until the
+            // close-on-exec step closes it at exec.
+            if unsafe { libc::dup2(tty.as_raw_fd(), fd) } < 0 {
+                return Err(at(Step::Terminal)(nix::Error::last()));
+            }
+        }
+    }
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
         .map_err(at(Step::ParentDeathSignal))?;
     if nix::unistd::getppid().as_raw() != supervisor {
