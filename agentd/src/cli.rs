@@ -168,6 +168,10 @@ agentd run --dry-run -- python3 agent.py               print the plan; change no
         /// With --dry-run: print the plan as JSON
         #[arg(long, requires = "dry_run")]
         json: bool,
+        /// No summary of what was refused when the agent exits (the events file still has
+        /// every refusal)
+        #[arg(long, short = 'q')]
+        quiet: bool,
         /// The program and its arguments, after `--`
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<std::ffi::OsString>,
@@ -276,6 +280,7 @@ pub fn main() -> ExitCode {
             events,
             dry_run,
             json,
+            quiet,
             command,
             socket,
         } => {
@@ -285,6 +290,7 @@ pub fn main() -> ExitCode {
                     &profile,
                     workspace.clone(),
                     events.clone(),
+                    quiet,
                     &command,
                 ) {
                     Ok(Some(code)) => return code,
@@ -295,9 +301,10 @@ pub fn main() -> ExitCode {
                     }
                 }
             }
-            Ok(crate::run::run(crate::run::args(
-                profile, workspace, events, dry_run, json, command,
-            )))
+            let mut args =
+                crate::run::args(profile, workspace, events, dry_run, json, command);
+            args.quiet = quiet;
+            Ok(crate::run::run(args))
         }
     };
     match result {
@@ -315,6 +322,7 @@ fn daemon_run(
     profile: &str,
     workspace: Option<PathBuf>,
     events: Option<String>,
+    quiet: bool,
     command: &[std::ffi::OsString],
 ) -> anyhow::Result<Option<ExitCode>> {
     let (path, explicit) = crate::daemon::client::socket_path(socket.clone());
@@ -337,11 +345,12 @@ fn daemon_run(
         workspace: host::workspace_dir(workspace)?,
         command,
         env,
-        events: events.is_some(),
+        // Always: the client counts the refusals for its summary.
+        events: true,
         // The client decides, when it makes the agent's terminal.
         terminal: false,
     };
-    Ok(crate::daemon::client::run(socket, request, events))
+    Ok(crate::daemon::client::run(socket, request, events, quiet))
 }
 
 #[derive(Debug, Serialize)]

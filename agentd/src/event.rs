@@ -218,32 +218,8 @@ impl Event {
             Verdict::Killed => "KILLED",
             Verdict::None => "-",
         };
-        let target = match (&self.path, self.addr, self.port) {
-            (Some(p), _, _) => match &self.path2 {
-                Some(p2) => format!("{p} -> {p2}"),
-                None => p.clone(),
-            },
-            (None, Some(a), Some(port)) => format!(
-                "{a}:{port}{}",
-                self.proto
-                    .as_deref()
-                    .map(|p| format!("/{p}"))
-                    .unwrap_or_default()
-            ),
-            (None, Some(a), None) => a.to_string(),
-            (None, None, _) => self
-                .detail
-                .get("rule")
-                .or_else(|| self.detail.get("syscall"))
-                .or_else(|| self.detail.get("reason"))
-                .and_then(|v| v.as_str())
-                .unwrap_or("")
-                .to_owned(),
-        };
-        let layer = serde_json::to_value(self.layer)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
+        let target = self.target();
+        let layer = self.layer_name();
         let errno = self
             .errno
             .map(|e| format!(" {:?}", nix::errno::Errno::from_raw(e)))
@@ -265,6 +241,40 @@ impl Event {
         } else {
             format!("\x1b[2m{text}\x1b[0m")
         }
+    }
+
+    /// What the event is about: its path(s), its address, or the rule, call or reason.
+    pub fn target(&self) -> String {
+        match (&self.path, self.addr, self.port) {
+            (Some(p), _, _) => match &self.path2 {
+                Some(p2) => format!("{p} -> {p2}"),
+                None => p.clone(),
+            },
+            (None, Some(a), Some(port)) => format!(
+                "{a}:{port}{}",
+                self.proto
+                    .as_deref()
+                    .map(|p| format!("/{p}"))
+                    .unwrap_or_default()
+            ),
+            (None, Some(a), None) => a.to_string(),
+            (None, None, _) => self
+                .detail
+                .get("rule")
+                .or_else(|| self.detail.get("syscall"))
+                .or_else(|| self.detail.get("reason"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_owned(),
+        }
+    }
+
+    /// The layer's name, as in the JSON form (`landlock`, `bpf`, ...).
+    pub fn layer_name(&self) -> String {
+        serde_json::to_value(self.layer)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
     }
 }
 

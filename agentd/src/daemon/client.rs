@@ -206,6 +206,7 @@ pub fn run(
     socket: Option<PathBuf>,
     request: RunRequest,
     events: Option<String>,
+    quiet: bool,
 ) -> Option<ExitCode> {
     let (path, explicit) = socket_path(socket);
     let stream = match UnixStream::connect(&path) {
@@ -219,7 +220,7 @@ pub fn run(
             return Some(ExitCode::from(EXIT_REFUSED));
         }
     };
-    Some(match run_with(stream, request, events) {
+    Some(match run_with(stream, request, events, quiet) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("agentd: {e:#}");
@@ -228,7 +229,17 @@ pub fn run(
     })
 }
 
-fn run_with(stream: UnixStream, mut req: RunRequest, events: Option<String>) -> anyhow::Result<u8> {
+fn run_with(
+    stream: UnixStream,
+    mut req: RunRequest,
+    events: Option<String>,
+    quiet: bool,
+) -> anyhow::Result<u8> {
+    let said = crate::run::summary::Said {
+        quiet,
+        events: events.clone().filter(|e| e != "-"),
+    };
+    let mut tally = crate::run::summary::Tally::default();
     let mut sink = events
         .as_deref()
         .map(Sink::open)
@@ -328,6 +339,7 @@ fn run_with(stream: UnixStream, mut req: RunRequest, events: Option<String>) -> 
                             return Ok(EXIT_REFUSED);
                         }
                         Reply::Event(ev) => {
+                            tally.add(&ev);
                             if let Some(s) = sink.as_mut()
                                 && let Err(e) = s.write(&ev)
                             {
@@ -359,6 +371,11 @@ fn run_with(stream: UnixStream, mut req: RunRequest, events: Option<String>) -> 
     }
     if let Some(h) = held {
         h.print(HELD_WAIT);
+    }
+    if !said.quiet
+        && let Some(text) = tally.render(said.events.as_deref())
+    {
+        eprint!("{text}");
     }
     code
 }

@@ -983,6 +983,8 @@ async fn run(
         .arg(&req.workspace)
         .arg("--events")
         .arg(format!("/proc/self/fd/{}", SUPERVISOR_FD + 1))
+        // The client says the summary: the supervisor does not see the kernel's events.
+        .arg("--quiet")
         .arg("--")
         .args(&req.command)
         .current_dir(&req.workspace)

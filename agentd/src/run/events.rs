@@ -10,6 +10,7 @@ use std::{
 
 use tokio::{sync::mpsc, task::JoinHandle};
 
+use super::summary::Tally;
 use crate::event::Event;
 
 /// Capacity of the event channel. Senders wait when the writer falls behind: events are
@@ -67,13 +68,15 @@ impl Sink {
 ///
 /// On a terminal (stderr), each refusal, kill and breaker trip is also printed as one
 /// readable line as it happens (unless the events themselves go to stderr).
-pub fn start_writer(mut sink: Option<Sink>) -> (mpsc::Sender<Event>, JoinHandle<()>) {
+pub fn start_writer(mut sink: Option<Sink>) -> (mpsc::Sender<Event>, JoinHandle<Tally>) {
     use std::io::IsTerminal as _;
     let (tx, mut rx) = mpsc::channel::<Event>(CHANNEL_CAPACITY);
     let show = io::stderr().is_terminal() && !matches!(sink, Some(Sink::Stderr));
     let task = tokio::spawn(async move {
         let mut failed = false;
+        let mut tally = Tally::default();
         while let Some(event) = rx.recv().await {
+            tally.add(&event);
             if show && event.stands_out() {
                 eprintln!("agentd: {}", event.line(true));
             }
@@ -86,6 +89,7 @@ pub fn start_writer(mut sink: Option<Sink>) -> (mpsc::Sender<Event>, JoinHandle<
                 }
             }
         }
+        tally
     });
     (tx, task)
 }

@@ -23,6 +23,7 @@ pub mod hooks;
 pub mod kernel;
 pub mod plan;
 pub mod supervise;
+pub mod summary;
 pub mod supervised;
 pub mod terminal;
 
@@ -150,6 +151,8 @@ pub struct RunArgs {
     pub events: Option<String>,
     pub dry_run: bool,
     pub json: bool,
+    /// No summary of refusals at exit.
+    pub quiet: bool,
 }
 
 /// `agentd run`.
@@ -207,7 +210,11 @@ pub fn run_with_hooks(args: RunArgs, hooks: &mut dyn AgentHooks) -> ExitCode {
     if args.dry_run {
         return dry_run(&plan, args.json);
     }
-    match launch(&plan, hooks, sink) {
+    let summary = summary::Said {
+        quiet: args.quiet,
+        events: args.events.clone().filter(|e| e != "-"),
+    };
+    match launch(&plan, hooks, sink, summary) {
         Ok(code) => ExitCode::from(code),
         Err((e, mut sink)) => failed(&mut sink, &e, Some(&plan.agent_id), &plan.comm()),
     }
@@ -308,7 +315,12 @@ fn failed(sink: &mut Option<Sink>, e: &RunError, agent: Option<&str>, comm: &str
 type LaunchResult = Result<u8, (RunError, Option<Sink>)>;
 
 /// Creates the agent and supervises it to the end. Single-threaded until the fork.
-fn launch(plan: &Plan, hooks: &mut dyn AgentHooks, sink: Option<Sink>) -> LaunchResult {
+fn launch(
+    plan: &Plan,
+    hooks: &mut dyn AgentHooks,
+    sink: Option<Sink>,
+    summary: summary::Said,
+) -> LaunchResult {
     let fail = |e: RunError, sink: Option<Sink>| Err((e, sink));
     if !nix::unistd::geteuid().is_root() {
         return fail(RunError::NotRoot, sink);
@@ -429,6 +441,7 @@ fn launch(plan: &Plan, hooks: &mut dyn AgentHooks, sink: Option<Sink>) -> Launch
         hooks,
         sink,
         terminal: session.as_ref(),
+        summary,
     }));
     drop(runtime);
     if let Some(s) = session {
@@ -464,6 +477,7 @@ pub fn args(
         events,
         dry_run,
         json,
+        quiet: false,
     }
 }
 

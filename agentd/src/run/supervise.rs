@@ -136,6 +136,8 @@ pub struct Supervision<'a> {
     pub sink: Option<Sink>,
     /// The agent's terminal, when agentd relays one: it takes the window size.
     pub terminal: Option<&'a super::terminal::Session>,
+    /// The summary of refusals at exit.
+    pub summary: super::summary::Said,
 }
 
 fn event(plan: &Plan, pid: i32, kind: Kind) -> Event {
@@ -233,6 +235,7 @@ pub async fn supervise(s: Supervision<'_>) -> u8 {
         hooks,
         sink,
         terminal,
+        summary,
     } = s;
     let (tx, writer) = events::start_writer(sink);
     let pid = spawned.pid;
@@ -298,7 +301,7 @@ pub async fn supervise(s: Supervision<'_>) -> u8 {
             let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None)
                 .ok()
                 .and_then(Ended::from_wait);
-            return finish(plan, pid, status, &cgroup, hooks, &handle, tx, writer).await;
+            return finish(plan, pid, status, &cgroup, hooks, &handle, tx, writer, &summary).await;
         }
     };
     let deadline = plan.cgroup.wall_time.map(|d| Instant::now() + d);
@@ -357,7 +360,7 @@ pub async fn supervise(s: Supervision<'_>) -> u8 {
     let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None)
         .ok()
         .and_then(Ended::from_wait);
-    finish(plan, pid, status, &cgroup, hooks, &handle, tx, writer).await
+    finish(plan, pid, status, &cgroup, hooks, &handle, tx, writer, &summary).await
 }
 
 type Stream = Option<(Signal, tokio::signal::unix::Signal)>;
@@ -416,7 +419,8 @@ async fn finish(
     hooks: &mut dyn AgentHooks,
     handle: &AgentHandle,
     tx: mpsc::Sender<Event>,
-    writer: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<super::summary::Tally>,
+    summary: &super::summary::Said,
 ) -> u8 {
     for (limit, count) in cgroup.limit_hits() {
         send(
@@ -466,7 +470,15 @@ async fn finish(
         Err(e) => eprintln!("agentd: cleaning up the agent: {e}"),
     }
     drop(tx);
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    let tally = tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .ok()
+        .and_then(Result::ok);
+    if !summary.quiet
+        && let Some(text) = tally.and_then(|t| t.render(summary.events.as_deref()))
+    {
+        eprint!("{text}");
+    }
     code
 }
 
