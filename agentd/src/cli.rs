@@ -301,8 +301,7 @@ pub fn main() -> ExitCode {
                     }
                 }
             }
-            let mut args =
-                crate::run::args(profile, workspace, events, dry_run, json, command);
+            let mut args = crate::run::args(profile, workspace, events, dry_run, json, command);
             args.quiet = quiet;
             Ok(crate::run::run(args))
         }

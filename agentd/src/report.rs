@@ -40,9 +40,15 @@ pub fn render_policy(origin: &str, p: &CompiledPolicy) -> String {
         if r.access.exec {
             rights.push("exec");
         }
+        // Landlock can only grant what exists when the agent starts.
+        let missing = if r.path.exists() {
+            ""
+        } else {
+            "  (does not exist now: grants nothing unless created before the run)"
+        };
         line(
             if i == 0 { "landlock" } else { "" },
-            format!("{:<40} {}", r.path.display(), rights.join(" ")),
+            format!("{:<40} {}{missing}", r.path.display(), rights.join(" ")),
         );
     }
     if p.landlock.rules.is_empty() {

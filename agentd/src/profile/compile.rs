@@ -228,9 +228,22 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
         limits: profile.limits.clone(),
         env: EnvPolicy {
             pass: profile.environment.pass.clone(),
-            set: profile.environment.set.clone(),
+            set: profile
+                .environment
+                .set
+                .iter()
+                .map(|(name, value)| (name.clone(), expand(value, ctx)))
+                .collect(),
         },
     }
+}
+
+/// An `environment.set` value with `{home}` and `{workspace}` replaced, wherever they are
+/// (other braces are kept as they are).
+fn expand(value: &str, ctx: &CompileContext) -> String {
+    value
+        .replace("{home}", &ctx.home.to_string_lossy())
+        .replace("{workspace}", &ctx.workspace.to_string_lossy())
 }
 
 impl CompiledPolicy {

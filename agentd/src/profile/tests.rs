@@ -219,6 +219,27 @@ fn compile_merges_rights_and_resolves_templates() {
 }
 
 #[test]
+fn environment_set_expands_home_and_workspace() {
+    let p = parse(
+        "t",
+        &format!(
+            "{MINIMAL}[environment]\nset = {{ CLAUDE_CONFIG_DIR = \"{{home}}/.claude\", OUT = \"{{workspace}}/out:{{home}}\", JSON = \"{{\\\"a\\\": 1}}\" }}\n"
+        ),
+    )
+    .unwrap();
+    let c = compile(&p, &ctx());
+    let set: std::collections::BTreeMap<&str, &str> = c
+        .env
+        .set
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(set["CLAUDE_CONFIG_DIR"], "/home/u/.claude");
+    assert_eq!(set["OUT"], "/w/proj/out:/home/u");
+    assert_eq!(set["JSON"], "{\"a\": 1}", "other braces are kept");
+}
+
+#[test]
 fn network_rules_compile_to_trie_entries() {
     let p = parse(
         "t",

@@ -22,8 +22,8 @@ pub mod events;
 pub mod hooks;
 pub mod kernel;
 pub mod plan;
-pub mod supervise;
 pub mod summary;
+pub mod supervise;
 pub mod supervised;
 pub mod terminal;
 
@@ -210,6 +210,9 @@ pub fn run_with_hooks(args: RunArgs, hooks: &mut dyn AgentHooks) -> ExitCode {
     if args.dry_run {
         return dry_run(&plan, args.json);
     }
+    for line in missing_grants(&plan.landlock, &plan.identity.home) {
+        eprintln!("agentd: warning: {line}");
+    }
     let summary = summary::Said {
         quiet: args.quiet,
         events: args.events.clone().filter(|e| e != "-"),
@@ -218,6 +221,41 @@ pub fn run_with_hooks(args: RunArgs, hooks: &mut dyn AgentHooks) -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err((e, mut sink)) => failed(&mut sink, &e, Some(&plan.agent_id), &plan.comm()),
     }
+}
+
+/// One line per grant of the profile on a path that does not exist at launch: Landlock can
+/// only grant what exists, so it grants nothing there (a first-run agent's config
+/// directory is often such a path). Grants under a home the user does not have are one
+/// line.
+fn missing_grants(landlock: &sandbox::landlock::Plan, home: &std::path::Path) -> Vec<String> {
+    let no_home = !home.exists();
+    let mut under_home = 0;
+    let mut lines = Vec::new();
+    for rule in landlock.rules.iter().filter(|r| !r.exists) {
+        if no_home && rule.path.starts_with(home) {
+            under_home += 1;
+            continue;
+        }
+        let keys: Vec<String> = rule
+            .access
+            .split_whitespace()
+            .map(|a| format!("filesystem.{a}"))
+            .collect();
+        lines.push(format!(
+            "{} grants {}, which does not exist: the agent gets no access there (Landlock grants only paths that exist at launch; create it first)",
+            keys.join(" and "),
+            rule.path.display()
+        ));
+    }
+    if under_home > 0 {
+        lines.push(format!(
+            "the agent's user has no home directory ({} does not exist): {under_home} {} under {{home}} {} nothing",
+            home.display(),
+            if under_home == 1 { "grant" } else { "grants" },
+            if under_home == 1 { "grants" } else { "grant" },
+        ));
+    }
+    lines
 }
 
 /// The refusal of an `--events` file the agent could write (beneath a `filesystem.write`
@@ -484,6 +522,39 @@ pub fn args(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grants_on_missing_paths_are_named_with_their_keys() {
+        let rule = |path: &str, access: &str, exists: bool| sandbox::landlock::RulePlan {
+            path: path.into(),
+            access: access.into(),
+            exists,
+            rights: String::new(),
+        };
+        let plan = sandbox::landlock::Plan {
+            kernel_abi: 7,
+            target_abi: 7,
+            missing: Vec::new(),
+            rules: vec![
+                rule("/usr", "read exec", true),
+                rule("/home/u/.claude", "read write", false),
+                rule("/nonexistent/.cargo", "read", false),
+                rule("/nonexistent/.cache", "write", false),
+            ],
+            scope_signals: true,
+            scope_abstract_unix: true,
+        };
+        let lines = missing_grants(&plan, std::path::Path::new("/nonexistent"));
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].starts_with(
+                "filesystem.read and filesystem.write grants /home/u/.claude, which does not exist"
+            ),
+            "{lines:?}"
+        );
+        assert!(lines[1].contains("no home directory (/nonexistent does not exist): 2 grants"));
+        assert!(missing_grants(&plan, std::path::Path::new("/")).len() == 3);
+    }
     use crate::sandbox::channel::{ChildFailure, Step, Why};
 
     #[test]

@@ -301,7 +301,10 @@ pub async fn supervise(s: Supervision<'_>) -> u8 {
             let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None)
                 .ok()
                 .and_then(Ended::from_wait);
-            return finish(plan, pid, status, &cgroup, hooks, &handle, tx, writer, &summary).await;
+            return finish(
+                plan, pid, status, &cgroup, hooks, &handle, tx, writer, &summary,
+            )
+            .await;
         }
     };
     let deadline = plan.cgroup.wall_time.map(|d| Instant::now() + d);
@@ -360,7 +363,10 @@ pub async fn supervise(s: Supervision<'_>) -> u8 {
     let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None)
         .ok()
         .and_then(Ended::from_wait);
-    finish(plan, pid, status, &cgroup, hooks, &handle, tx, writer, &summary).await
+    finish(
+        plan, pid, status, &cgroup, hooks, &handle, tx, writer, &summary,
+    )
+    .await
 }
 
 type Stream = Option<(Signal, tokio::signal::unix::Signal)>;
