@@ -68,6 +68,25 @@ else
         --version "$BPF_LINKER_VERSION" --no-default-features --features "llvm-$LLVM_MAJOR"
 fi
 
+# Real agent CLIs for the end-to-end tests (tests/tests/agent_clis.rs), pinned, from the npm
+# registry, cached under root's cache dir: OpenAI's Codex CLI (Apache-2.0; a 172 MB
+# download, 424 MB installed). git for the agent's commits, tmux to drive its TUI.
+apt_install git tmux
+# Node.js may come from elsewhere (NodeSource's nodejs carries npm): only when npm is missing.
+command -v npm >/dev/null || apt_install nodejs npm
+CODEX_VERSION=0.171.0
+AGENT_CLIS=${AGENTD_AGENT_CLIS:-${XDG_CACHE_HOME:-$HOME/.cache}/agentd/agent-clis}
+codex_prefix="$AGENT_CLIS/codex-$CODEX_VERSION"
+if [ -x "$codex_prefix/node_modules/@openai/codex/bin/codex.js" ] &&
+    [ -d "$codex_prefix/node_modules/@openai/codex-linux-x64" ]; then
+    say "codex $CODEX_VERSION present in $codex_prefix"
+else
+    say "installing codex $CODEX_VERSION into $codex_prefix (npm, about 170 MB)"
+    mkdir -p "$codex_prefix"
+    npm install --prefix "$codex_prefix" --no-save --no-audit --no-fund --loglevel=error \
+        "@openai/codex@$CODEX_VERSION"
+fi
+
 # Pseudo-filesystems agentd and its tests use. agentd mounts them itself when it needs
 # them; mounting here makes doctor's first report and manual debugging match.
 for spec in tracefs:/sys/kernel/tracing bpf:/sys/fs/bpf securityfs:/sys/kernel/security; do

@@ -242,6 +242,8 @@ pub struct AgentRun {
     env: Vec<(String, String)>,
     env_remove: Vec<String>,
     stdin: Vec<u8>,
+    /// Where the --events file is made (a temporary directory in it).
+    events_dir: Option<PathBuf>,
 }
 
 pub const NOBODY: &str = "65534";
@@ -259,7 +261,14 @@ impl AgentRun {
             ],
             env_remove: Vec::new(),
             stdin: Vec::new(),
+            events_dir: None,
         }
+    }
+    /// The events file in a temporary directory under `dir` (not under /tmp, where a
+    /// profile that lets the agent write /tmp would have it refused).
+    pub fn events_in(mut self, dir: &std::path::Path) -> AgentRun {
+        self.events_dir = Some(dir.to_path_buf());
+        self
     }
     pub fn cmd(mut self, cmd: &[&str]) -> AgentRun {
         self.cmd = cmd.iter().map(|s| (*s).to_owned()).collect();
@@ -317,7 +326,11 @@ impl AgentRun {
     /// Runs to completion; then checks that no cgroup of the agent is left.
     pub fn run(&self) -> Run {
         use std::io::Write as _;
-        let dir = tempfile::tempdir().expect("cannot create a temporary directory");
+        let dir = match &self.events_dir {
+            Some(d) => tempfile::tempdir_in(d),
+            None => tempfile::tempdir(),
+        }
+        .expect("cannot create a temporary directory");
         let events_path = dir.path().join("events.jsonl");
         let mut child = self
             .command(&events_path)

@@ -464,7 +464,8 @@ fn run_child_failures_are_reported_with_their_step() {
     assert!(run.stdout().is_empty(), "{}", run.explain());
     assert!(
         run.stderr()
-            .starts_with("agentd: cannot launch: workspace: permission denied (EACCES)"),
+            .lines()
+            .any(|l| l.starts_with("agentd: cannot launch: workspace: permission denied (EACCES)")),
         "{}",
         run.explain()
     );

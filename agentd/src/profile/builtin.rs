@@ -7,8 +7,17 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../../profiles/analyze-only.toml"),
     ),
     (
+        "claude-code",
+        include_str!("../../../profiles/claude-code.toml"),
+    ),
+    ("codex", include_str!("../../../profiles/codex.toml")),
+    (
         "coding-agent",
         include_str!("../../../profiles/coding-agent.toml"),
+    ),
+    (
+        "gemini-cli",
+        include_str!("../../../profiles/gemini-cli.toml"),
     ),
     (
         "offline-build",
