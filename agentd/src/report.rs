@@ -43,6 +43,8 @@ pub fn render_policy(origin: &str, p: &CompiledPolicy) -> String {
         // Landlock can only grant what exists when the agent starts.
         let missing = if r.path.exists() {
             ""
+        } else if p.landlock.optional.contains(&r.path) {
+            "  (optional; absent now)"
         } else {
             "  (does not exist now: grants nothing unless created before the run)"
         };

@@ -65,6 +65,8 @@ pub struct FsRule {
 pub struct LandlockPolicy {
     /// One rule per path, rights merged, sorted by path.
     pub rules: Vec<FsRule>,
+    /// Rule paths the profile marks optional (`"path?"`): absent, they are not warned about.
+    pub optional: Vec<PathBuf>,
     /// Signals only to processes of the agent's own Landlock domain (ABI 6).
     pub scope_signals: bool,
     /// Abstract unix sockets only within the agent's own domain (ABI 6).
@@ -198,6 +200,7 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
         home: ctx.home.clone(),
         landlock: LandlockPolicy {
             rules,
+            optional: fs.optional.iter().map(|p| p.resolve(ctx)).collect(),
             scope_signals: true,
             scope_abstract_unix: true,
         },

@@ -151,6 +151,8 @@ pub struct Filesystem {
     pub canaries: Vec<PathTemplate>,
     /// Paths inside writable trees the agent may not change (BPF LSM).
     pub protect: Vec<PathTemplate>,
+    /// Grants marked optional (`"path?"`) wherever they are listed: they may not exist.
+    pub optional: Vec<PathTemplate>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

@@ -219,6 +219,24 @@ fn compile_merges_rights_and_resolves_templates() {
 }
 
 #[test]
+fn a_grant_marked_with_a_question_mark_is_optional() {
+    let p = parse(
+        "t",
+        &format!(
+            "{MINIMAL}[filesystem]\nread = [\"{{home}}/.nvm?\", \"/usr?\", \"/opt?\"]\nexec = [\"{{home}}/.nvm?\", \"/usr\"]\n"
+        ),
+    )
+    .unwrap();
+    let c = compile(&p, &ctx());
+    // Granted as any other; optional only where every mention says so.
+    assert!(c.fs_allows(Path::new("/home/u/.nvm/bin/node"), |a| a.exec));
+    assert_eq!(
+        c.landlock.optional,
+        [PathBuf::from("/home/u/.nvm"), PathBuf::from("/opt")]
+    );
+}
+
+#[test]
 fn environment_set_expands_home_and_workspace() {
     let p = parse(
         "t",

@@ -173,9 +173,29 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
 
     // [filesystem]
     let fs = raw.filesystem.map(Spanned::into_inner).unwrap_or_default();
-    let read = c.list("filesystem.read", &fs.read, values::parse_path);
-    let write = c.list("filesystem.write", &fs.write, values::parse_path);
-    let exec = c.list("filesystem.exec", &fs.exec, values::parse_path);
+    let read = c.list("filesystem.read", &fs.read, values::parse_grant);
+    let write = c.list("filesystem.write", &fs.write, values::parse_grant);
+    let exec = c.list("filesystem.exec", &fs.exec, values::parse_grant);
+    // Optional: marked so in every list that names it.
+    let mut optional: Vec<PathTemplate> = Vec::new();
+    for ((path, opt), _) in read.iter().chain(&write).chain(&exec) {
+        if *opt && !optional.contains(path) {
+            optional.push(path.clone());
+        }
+    }
+    optional.retain(|o| {
+        !read
+            .iter()
+            .chain(&write)
+            .chain(&exec)
+            .any(|((p, opt), _)| p == o && !*opt)
+    });
+    let unmark = |v: Vec<((PathTemplate, bool), Range<usize>)>| {
+        v.into_iter()
+            .map(|((p, _), span)| (p, span))
+            .collect::<Vec<_>>()
+    };
+    let (read, write, exec) = (unmark(read), unmark(write), unmark(exec));
     let canaries = c.list("filesystem.canaries", &fs.canaries, values::parse_path);
     for (i, (canary, span)) in canaries.iter().enumerate() {
         for (list, granted) in [("read", &read), ("write", &write), ("exec", &exec)] {
@@ -240,6 +260,7 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
         exec: paths(exec),
         canaries: paths(canaries),
         protect: paths(protect),
+        optional,
     };
 
     // [network]

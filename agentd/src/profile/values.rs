@@ -308,6 +308,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, Invalid> {
     Ok(total)
 }
 
+/// A grant's path ([`parse_path`]); a trailing `?` makes it optional: a path that may
+/// not exist (one of several places a program may be installed), granted when it does and
+/// not warned about when it does not. Returns the path and whether it is optional.
+pub fn parse_grant(s: &str) -> Result<(PathTemplate, bool), Invalid> {
+    match s.strip_suffix('?') {
+        Some(path) => Ok((parse_path(path)?, true)),
+        None => Ok((parse_path(s)?, false)),
+    }
+}
+
 /// A profile path: `/abs/path`, `{workspace}[/...]` or `{home}[/...]`. No `.` or `..`
 /// components (they would make the rule mean something other than what it reads as), no
 /// other `{placeholder}`.

@@ -210,7 +210,11 @@ pub fn run_with_hooks(args: RunArgs, hooks: &mut dyn AgentHooks) -> ExitCode {
     if args.dry_run {
         return dry_run(&plan, args.json);
     }
-    for line in missing_grants(&plan.landlock, &plan.identity.home) {
+    for line in missing_grants(
+        &plan.landlock,
+        &plan.policy.landlock.optional,
+        &plan.identity.home,
+    ) {
         eprintln!("agentd: warning: {line}");
     }
     let summary = summary::Said {
@@ -226,12 +230,20 @@ pub fn run_with_hooks(args: RunArgs, hooks: &mut dyn AgentHooks) -> ExitCode {
 /// One line per grant of the profile on a path that does not exist at launch: Landlock can
 /// only grant what exists, so it grants nothing there (a first-run agent's config
 /// directory is often such a path). Grants under a home the user does not have are one
-/// line.
-fn missing_grants(landlock: &sandbox::landlock::Plan, home: &std::path::Path) -> Vec<String> {
+/// line. Grants the profile marks optional (`"path?"`) are not.
+fn missing_grants(
+    landlock: &sandbox::landlock::Plan,
+    optional: &[PathBuf],
+    home: &std::path::Path,
+) -> Vec<String> {
     let no_home = !home.exists();
     let mut under_home = 0;
     let mut lines = Vec::new();
-    for rule in landlock.rules.iter().filter(|r| !r.exists) {
+    for rule in landlock
+        .rules
+        .iter()
+        .filter(|r| !r.exists && !optional.contains(&r.path))
+    {
         if no_home && rule.path.starts_with(home) {
             under_home += 1;
             continue;
@@ -544,7 +556,7 @@ mod tests {
             scope_signals: true,
             scope_abstract_unix: true,
         };
-        let lines = missing_grants(&plan, std::path::Path::new("/nonexistent"));
+        let lines = missing_grants(&plan, &[], std::path::Path::new("/nonexistent"));
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert!(
             lines[0].starts_with(
@@ -553,7 +565,10 @@ mod tests {
             "{lines:?}"
         );
         assert!(lines[1].contains("no home directory (/nonexistent does not exist): 2 grants"));
-        assert!(missing_grants(&plan, std::path::Path::new("/")).len() == 3);
+        assert!(missing_grants(&plan, &[], std::path::Path::new("/")).len() == 3);
+        // Optional grants are not warned about.
+        let optional = [PathBuf::from("/home/u/.claude")];
+        assert!(missing_grants(&plan, &optional, std::path::Path::new("/")).len() == 2);
     }
     use crate::sandbox::channel::{ChildFailure, Step, Why};
 

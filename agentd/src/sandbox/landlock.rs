@@ -351,6 +351,7 @@ mod tests {
                     access: a(true, false, false),
                 },
             ],
+            optional: Vec::new(),
             scope_signals: true,
             scope_abstract_unix: true,
         };
