@@ -1,0 +1,318 @@
+//! The agent's terminal (`run::terminal`), driven as a user's terminal would drive it: this
+//! test owns a pseudo-terminal and starts `agentd run` as the foreground job of a session
+//! on it, then types, resizes, presses Ctrl-Z, continues agentd as a shell's `fg` does, and
+//! makes the breaker kill the agent, checking the user's terminal modes after each step.
+//! Embedded and through the daemon.
+
+use std::{
+    io::Read as _,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::process::CommandExt as _,
+    },
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use agentd_tests::{
+    DEFAULT_LIMITS, Daemon, NOBODY, agent_dir, agentd_bin, cgroups_named, profile_file,
+    require_root, test_profile,
+};
+
+/// The agent: a small full-screen program. It reports its terminal, enters raw mode, the
+/// alternate screen and a hidden cursor, redraws on SIGWINCH, echoes keys, and on `x`
+/// opens the workspace's canary.
+const TUI: &str = r#"
+import os, shutil, signal, sys, tty
+fd = sys.stdin.fileno()
+def draw(*_):
+    c, r = shutil.get_terminal_size()
+    os.write(1, f"\x1b[2J\x1b[HTUI {c}x{r}\r\n".encode())
+signal.signal(signal.SIGWINCH, draw)
+os.close(os.open("/dev/tty", os.O_RDWR))  # ENXIO without a controlling terminal
+os.write(1, f"ready tty={os.ttyname(fd)} \r\n".encode())
+tty.setraw(fd)
+os.write(1, b"\x1b[?1049h\x1b[?25l")
+draw()
+while True:
+    ch = os.read(fd, 1)
+    os.write(1, f"key {ch.decode()}\r\n".encode())
+    if ch == b"x":
+        open("secret").read()
+"#;
+
+struct Pty {
+    master: OwnedFd,
+    slave: OwnedFd,
+}
+
+fn openpty(rows: u16, cols: u16) -> Pty {
+    let (mut m, mut s) = (0, 0);
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two fds; name and termios may be NULL; `ws` is valid.
+    let rc = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: openpty returned two new fds that nothing else owns.
+    unsafe {
+        Pty {
+            master: OwnedFd::from_raw_fd(m),
+            slave: OwnedFd::from_raw_fd(s),
+        }
+    }
+}
+
+/// The terminal's modes, as `stty -a` compares them.
+fn modes(fd: &OwnedFd) -> (u32, u32, u32, u32, Vec<u8>) {
+    // SAFETY: termios is plain data; tcgetattr fills it.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid fd and a writable termios.
+    assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
+    (t.c_iflag, t.c_oflag, t.c_cflag, t.c_lflag, t.c_cc.to_vec())
+}
+
+fn raw(fd: &OwnedFd) -> bool {
+    modes(fd).3 & libc::ICANON == 0
+}
+
+/// What agentd wrote to the terminal so far (a thread reads the master).
+#[derive(Clone)]
+struct Screen(Arc<Mutex<Vec<u8>>>);
+
+impl Screen {
+    fn start(master: &OwnedFd) -> Screen {
+        let text = Arc::new(Mutex::new(Vec::new()));
+        let into = text.clone();
+        let mut f = std::fs::File::from(master.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = f.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                into.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Screen(text)
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+    fn wait_for(&self, what: &str, from: usize) -> usize {
+        let started = Instant::now();
+        loop {
+            let text = self.text();
+            if let Some(at) = text[from.min(text.len())..].find(what) {
+                return from + at + what.len();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "timed out waiting for {what:?} on the screen:\n{text:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn type_keys(master: &OwnedFd, keys: &[u8]) {
+    // SAFETY: writes `keys` to the master.
+    let n = unsafe { libc::write(master.as_raw_fd(), keys.as_ptr().cast(), keys.len()) };
+    assert_eq!(n, keys.len() as isize);
+}
+
+/// /proc/PID/stat's state letter.
+fn state(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(") ")
+        .and_then(|(_, r)| r.chars().next())
+        .unwrap_or('?')
+}
+
+fn wait_until(what: &str, mut pred: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !pred() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "timed out waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `agentd run ARGS -- python3 -c TUI` as the foreground job of a new session on `pty`.
+fn spawn_on(pty: &Pty, args: &[&str], ws: &std::path::Path, profile: &std::path::Path) -> Child {
+    let slave = pty.slave.as_raw_fd();
+    let mut cmd = Command::new(agentd_bin());
+    cmd.arg("run")
+        .args(args)
+        .arg("--profile")
+        .arg(profile)
+        .arg("--workspace")
+        .arg(ws)
+        .args(["--", "/usr/bin/python3", "-c", TUI])
+        .env("SUDO_UID", NOBODY)
+        .env("SUDO_GID", NOBODY)
+        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stderr(Stdio::from(pty.slave.try_clone().unwrap()));
+    // SAFETY: setsid and ioctl are async-signal-safe; run in the child before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 || libc::ioctl(slave, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
+}
+
+fn frozen(agent_prefix: &str) -> Option<bool> {
+    let dir = cgroups_named(agent_prefix)
+        .into_iter()
+        .find(|d| d.join("cgroup.freeze").exists())?;
+    let events = std::fs::read_to_string(dir.join("cgroup.events")).ok()?;
+    Some(events.lines().any(|l| l == "frozen 1"))
+}
+
+#[test]
+fn terminal_relay_job_control_and_restoration_in_both_modes() {
+    if !require_root() {
+        return;
+    }
+    let mut daemon = Daemon::start();
+    for through_daemon in [false, true] {
+        let mode = if through_daemon { "daemon" } else { "embedded" };
+        let name = if through_daemon {
+            "tty-daemon"
+        } else {
+            "tty-embedded"
+        };
+        let ws = agent_dir(true);
+        std::fs::write(ws.path().join("secret"), "canary\n").unwrap();
+        let (_p, profile) = profile_file(
+            &test_profile(
+                name,
+                "invoker",
+                DEFAULT_LIMITS,
+                "[breaker]\ntrip_on = [\"canary\"]\n",
+            )
+            .replace(
+                "write = [\"{workspace}\", \"/dev/null\"]",
+                "write = [\"{workspace}\", \"/dev/null\", \"/dev/tty\"]",
+            )
+            .replace(
+                "\"/dev/null\", \"/dev/urandom\"]",
+                "\"/dev/null\", \"/dev/urandom\", \"/dev/tty\"]",
+            )
+            .replace(
+                "[network]",
+                "canaries = [\"{workspace}/secret\"]\n\n[network]",
+            ),
+        );
+        let pty = openpty(30, 100);
+        let before = modes(&pty.slave);
+        let screen = Screen::start(&pty.master);
+        let socket = daemon.socket();
+        let args: Vec<&str> = if through_daemon {
+            vec!["--socket", socket.to_str().unwrap()]
+        } else {
+            Vec::new()
+        };
+        let mut child = spawn_on(&pty, &args, ws.path(), &profile);
+        let pid = child.id();
+
+        // Its own terminal (not ours), and its controlling one (/dev/tty opens).
+        let at = screen.wait_for("ready tty=", 0);
+        let line = screen.text()[at..].lines().next().unwrap_or("").to_owned();
+        let ours = {
+            let mut n: u32 = 0;
+            // SAFETY: TIOCGPTN writes the pty's number to a valid u32.
+            assert_eq!(
+                unsafe { libc::ioctl(pty.master.as_raw_fd(), libc::TIOCGPTN, &mut n) },
+                0
+            );
+            format!("/dev/pts/{n}")
+        };
+        let theirs = line.split_whitespace().next().unwrap_or("");
+        assert!(
+            theirs.starts_with("/dev/pts/") && theirs != ours,
+            "{mode}: {line} (ours {ours})"
+        );
+        let at = screen.wait_for("TUI 100x30", at);
+        assert!(
+            raw(&pty.slave),
+            "{mode}: the user's terminal is raw while the agent runs"
+        );
+
+        // Keys reach it; a resize reaches it.
+        type_keys(&pty.master, b"a");
+        let at = screen.wait_for("key a", at);
+        let ws80 = libc::winsize {
+            ws_row: 20,
+            ws_col: 80,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads a valid winsize; the kernel sends SIGWINCH to agentd.
+        assert_eq!(
+            unsafe { libc::ioctl(pty.master.as_raw_fd(), libc::TIOCSWINSZ, &ws80) },
+            0
+        );
+        let at = screen.wait_for("TUI 80x20", at);
+
+        // Ctrl-Z: agentd stops, the user's modes and screen are back, the agent is frozen.
+        type_keys(&pty.master, &[0x1a]);
+        wait_until(&format!("{mode}: agentd stopped"), || state(pid) == 'T');
+        assert_eq!(
+            modes(&pty.slave),
+            before,
+            "{mode}: modes restored while suspended"
+        );
+        let suspended = screen.text();
+        assert!(
+            suspended[at..].contains("\x1b[?25h") && suspended[at..].contains("\x1b[?1049l"),
+            "{mode}: screen modes undone: {:?}",
+            &suspended[at..]
+        );
+        wait_until(&format!("{mode}: the agent frozen"), || {
+            frozen(name) == Some(true)
+        });
+        // Typed while suspended: nothing reaches the agent.
+        let at = suspended.len();
+
+        // `fg`: continued, raw again, the agent thawed and redrawn.
+        // SAFETY: kill with our child's pid.
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        let at = screen.wait_for("TUI 80x20", at);
+        assert!(raw(&pty.slave), "{mode}: raw again after fg");
+        assert_eq!(frozen(name), Some(false), "{mode}: thawed");
+        type_keys(&pty.master, b"b");
+        let at = screen.wait_for("key b", at);
+
+        // The breaker kills it in raw mode: the user's terminal is as before the run.
+        type_keys(&pty.master, b"x");
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(137), "{mode}: {}", screen.text());
+        assert_eq!(
+            modes(&pty.slave),
+            before,
+            "{mode}: modes restored after the kill"
+        );
+        let end = screen.wait_for("breaker tripped", at);
+        let text = screen.text();
+        let undo = text[at..].rfind("\x1b[?1049l").map(|i| i + at);
+        assert!(
+            undo.is_some_and(|u| u < end),
+            "{mode}: the screen is restored before agentd's message: {:?}",
+            &text[at..]
+        );
+        assert!(cgroups_named(name).is_empty(), "{mode}: no cgroup left");
+    }
+    daemon.stop();
+}
