@@ -233,10 +233,8 @@ fn terminal_relay_job_control_and_restoration_in_both_modes() {
         let ours = {
             let mut n: u32 = 0;
             // SAFETY: TIOCGPTN writes the pty's number to a valid u32.
-            assert_eq!(
-                unsafe { libc::ioctl(pty.master.as_raw_fd(), libc::TIOCGPTN, &mut n) },
-                0
-            );
+            let rc = unsafe { libc::ioctl(pty.master.as_raw_fd(), libc::TIOCGPTN, &mut n) };
+            assert_eq!(rc, 0);
             format!("/dev/pts/{n}")
         };
         let theirs = line.split_whitespace().next().unwrap_or("");
