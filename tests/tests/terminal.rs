@@ -258,10 +258,8 @@ fn terminal_relay_job_control_and_restoration_in_both_modes() {
             ws_ypixel: 0,
         };
         // SAFETY: TIOCSWINSZ reads a valid winsize; the kernel sends SIGWINCH to agentd.
-        assert_eq!(
-            unsafe { libc::ioctl(pty.master.as_raw_fd(), libc::TIOCSWINSZ, &ws80) },
-            0
-        );
+        let rc = unsafe { libc::ioctl(pty.master.as_raw_fd(), libc::TIOCSWINSZ, &ws80) };
+        assert_eq!(rc, 0);
         let at = screen.wait_for("TUI 80x20", at);
 
         // Ctrl-Z: agentd stops, the user's modes and screen are back, the agent is frozen.
