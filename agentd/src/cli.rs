@@ -141,11 +141,22 @@ agentd events --json | jq 'select(.verdict == \"deny\")'")]
     /// the agent left behind. Needs root (sudo); the agent runs as the sudo user unless the
     /// profile says otherwise.
     ///
-    /// Exit status: the program's; 128+N if it died of signal N; 125 if agentd could not
-    /// launch it; 126 if it cannot be executed; 127 if it was not found.
+    /// On a terminal the agent gets one of its own (a pseudo-terminal agentd relays, in raw
+    /// mode, always restored): Ctrl-C reaches the agent, Ctrl-Z suspends it (and agentd;
+    /// `fg` resumes both), and agentd's messages wait until the agent's screen is gone. At
+    /// exit agentd sums up what was refused (--quiet: not).
+    ///
+    /// With `agentd daemon` running (socket /run/agentd/agentd.sock, or --socket), the
+    /// launch goes through it and takes milliseconds instead of a few hundred: the daemon
+    /// keeps the kernel watch loaded.
+    ///
+    /// Exit status: the program's; 128+N if it died of signal N; 137 when the breaker killed
+    /// it; 125 if agentd could not launch it; 126 if it cannot be executed; 127 if it was not
+    /// found.
     #[command(after_help = "Examples:\n  \
 sudo agentd run -- python3 agent.py                    analyze-only, in the current directory\n  \
 sudo agentd run --profile coding-agent --workspace ~/src/app -- make test\n  \
+sudo agentd run --profile codex -- codex               Codex CLI's TUI (see docs/agents.md)\n  \
 sudo agentd run --profile ./my.toml --events - -- ./agent.sh    events (JSON lines) on stderr\n  \
 agentd run --dry-run -- python3 agent.py               print the plan; change nothing")]
     Run {
