@@ -8,6 +8,9 @@
 //!    over 100 trips (median, p99), idle; then under load (both cores busy, other agents
 //!    producing events, the tripping agent busy), through the daemon, for a trip decided in
 //!    the kernel and one decided in user space.
+//! 4. The agent's terminal: keystroke round trips and output throughput through agentd's
+//!    pseudo-terminal relay (embedded and through the daemon) against the same program
+//!    on a pseudo-terminal directly; idle, and with both cores busy.
 
 use std::{path::Path, process::Command, time::Instant};
 
@@ -23,6 +26,7 @@ pub enum Part {
     Launch,
     Breaker,
     Load,
+    Terminal,
 }
 
 pub fn bench(root: &Path, only: Option<Part>) -> anyhow::Result<()> {
@@ -56,6 +60,9 @@ pub fn bench(root: &Path, only: Option<Part>) -> anyhow::Result<()> {
     }
     if part(Part::Breaker) {
         breaker_latency(&agentd, &profile, &ws, &work)?;
+    }
+    if part(Part::Terminal) {
+        terminal_costs(root, &agentd, &ws, &work)?;
     }
     if part(Part::Load) {
         let threshold = work.join("bench-threshold.toml");
@@ -100,10 +107,7 @@ fn breaker_under_load(
         .parent()
         .map_or_else(|| work.join("load-daemon"), |t| t.join("bench-load-daemon"));
     let daemon = BenchDaemon::start(agentd, &daemon_dir)?;
-    let mut load = Load::default();
-    for _ in 0..2 {
-        load.spawn(Command::new("/bin/sh").args(["-c", "while :; do :; done"]))?;
-    }
+    let mut load = Load::busy(2)?;
     let noisy_ws = work.join("noisy");
     std::fs::create_dir_all(&noisy_ws)?;
     let st = Command::new("chmod").arg("a+rwx").arg(&noisy_ws).status()?;
@@ -233,6 +237,15 @@ fn breaker_under_load(
 struct Load(Vec<std::process::Child>);
 
 impl Load {
+    /// `n` shell loops spinning outside any agent.
+    fn busy(n: usize) -> anyhow::Result<Load> {
+        let mut load = Load::default();
+        for _ in 0..n {
+            load.spawn(Command::new("/bin/sh").args(["-c", "while :; do :; done"]))?;
+        }
+        Ok(load)
+    }
+
     fn spawn(&mut self, c: &mut Command) -> anyhow::Result<()> {
         self.0.push(c.spawn().with_context(|| format!("{c:?}"))?);
         Ok(())
@@ -470,6 +483,96 @@ fn launch_cost(agentd: &Path, profile: &Path, ws: &Path) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Keystroke round trips and output throughput through the agent's terminal
+/// (xtask/bench/terminal.py drives a pseudo-terminal as a user's terminal would): the
+/// program alone on a pseudo-terminal, then under `agentd run` (embedded, and through a
+/// daemon), whose relay sits between; idle, then with both cores busy outside any agent.
+fn terminal_costs(root: &Path, agentd: &Path, ws: &Path, work: &Path) -> anyhow::Result<()> {
+    const ROUNDS: &str = "2000";
+    const MIB: &str = "128";
+    let harness = root.join("xtask/bench/terminal.py");
+    let agent = Command::new("python3")
+        .arg(&harness)
+        .arg("--agent")
+        .output()?;
+    anyhow::ensure!(agent.status.success(), "terminal.py --agent failed");
+    let agent = String::from_utf8(agent.stdout)?;
+    let profile = work.join("bench-terminal.toml");
+    std::fs::write(&profile, PROFILE_TERMINAL)?;
+    let daemon_dir = work.parent().map_or_else(
+        || work.join("terminal-daemon"),
+        |t| t.join("bench-terminal-daemon"),
+    );
+    let daemon = BenchDaemon::start(agentd, &daemon_dir)?;
+    let measure = |prefix: &[&std::ffi::OsStr]| -> anyhow::Result<serde_json::Value> {
+        let out = Command::new("python3")
+            .arg(&harness)
+            .args([ROUNDS, MIB, "--"])
+            .args(prefix)
+            .args(["/usr/bin/python3", "-c", &agent])
+            .env("SUDO_UID", "65534")
+            .env("SUDO_GID", "65534")
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "terminal.py: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let run_args = |socket: Option<&Path>| -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = vec![agentd.into(), "run".into()];
+        if let Some(s) = socket {
+            v.push("--socket".into());
+            v.push(s.into());
+        }
+        v.extend(["--quiet".into(), "--profile".into(), profile.clone().into()]);
+        v.extend(["--workspace".into(), ws.into(), "--".into()]);
+        v
+    };
+    for loaded in [false, true] {
+        let _load = if loaded { Some(Load::busy(2)?) } else { None };
+        let direct = measure(&[])?;
+        let embedded = run_args(None);
+        let embedded = measure(&embedded.iter().map(|s| s.as_os_str()).collect::<Vec<_>>())?;
+        let via = run_args(Some(&daemon.socket));
+        let via = measure(&via.iter().map(|s| s.as_os_str()).collect::<Vec<_>>())?;
+        let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        eprintln!(
+            "\n[bench] the agent's terminal, {}: keystroke round trip median (p99), output throughput",
+            if loaded { "both cores busy" } else { "idle" }
+        );
+        for (name, v) in [
+            ("pty alone", &direct),
+            ("agentd run", &embedded),
+            ("agentd run (daemon)", &via),
+        ] {
+            eprintln!(
+                "  {name:<22} {:>8.1} us ({:.2}x) p99 {:>8.1} us ({:.2}x)   {:>8.1} MiB/s ({:.2}x)",
+                f(v, "rtt_median_us"),
+                f(v, "rtt_median_us") / f(&direct, "rtt_median_us"),
+                f(v, "rtt_p99_us"),
+                f(v, "rtt_p99_us") / f(&direct, "rtt_p99_us"),
+                f(v, "mib_per_s"),
+                f(v, "mib_per_s") / f(&direct, "mib_per_s"),
+            );
+        }
+    }
+    drop(daemon);
+    Ok(())
+}
+
+/// The terminal bench's agent: python3, reading and writing its terminal.
+const PROFILE_TERMINAL: &str = r#"[agent]
+name = "bench-terminal"
+[filesystem]
+read = ["{workspace}", "/usr", "/lib", "/lib64", "/bin", "/etc", "/proc", "/dev/null", "/dev/tty"]
+write = ["{workspace}", "/dev/null", "/dev/tty"]
+exec = ["/usr/bin", "/bin", "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"]
+[environment]
+pass = ["PATH"]
+"#;
 
 /// `agentd daemon` with its own socket, state directory and audit log under `dir`;
 /// stopped (SIGTERM) on drop.

@@ -401,21 +401,27 @@ fn flush_blocking(master: RawFd, pending: &mut Vec<u8>) {
     }
 }
 
-/// The DEC private modes (`CSI ? N h` / `CSI ? N l`) an agent's output sets on the user's
-/// terminal that would outlive it: the alternate screen, a hidden cursor, mouse and focus
-/// reporting, bracketed paste, application cursor keys. Each is noted as the agent left it,
-/// to be undone when the agent is suspended or ends, and redone when it resumes.
+/// What an agent's output sets on the user's terminal that would outlive it: DEC private
+/// modes (`CSI ? N h` / `l`: the alternate screen, a hidden cursor, mouse and focus
+/// reporting, bracketed paste, synchronized output, application cursor keys), the kitty
+/// keyboard protocol's stack of flags (`CSI > F u` pushes, `CSI < N u` pops) and xterm's
+/// modifyOtherKeys (`CSI > 4 ; N m`). Each is noted as the agent left it, to be undone
+/// when the agent is suspended or ends, and redone when it resumes.
 #[derive(Debug, Default)]
 struct ScreenModes {
     /// (mode, set) in the order first seen.
     modes: Vec<(u16, bool)>,
+    /// The kitty keyboard flags the agent pushed and has not popped.
+    kitty: Vec<u16>,
+    /// modifyOtherKeys as the agent set it (`None`: never, or reset).
+    modify_other_keys: Option<u16>,
 }
 
 /// Modes whose default is set (`h`): the cursor is visible.
 const SET_BY_DEFAULT: [u16; 1] = [25];
 /// Modes that change what the user's terminal does after the agent.
-const TRACKED: [u16; 12] = [
-    1, 25, 47, 1000, 1002, 1003, 1004, 1006, 1015, 1047, 1049, 2004,
+const TRACKED: [u16; 15] = [
+    1, 25, 47, 1000, 1002, 1003, 1004, 1005, 1006, 1007, 1015, 1047, 1049, 2004, 2026,
 ];
 
 impl ScreenModes {
@@ -429,32 +435,40 @@ impl ScreenModes {
         }
     }
 
-    /// The sequences that put every tracked mode back to its default (in reverse order:
-    /// the alternate screen is left after what was set inside it).
+    /// The sequences that put everything back to the terminal's defaults (in reverse
+    /// order: the alternate screen is left after what was set inside it).
     fn undo(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+        let mut out = String::new();
+        if !self.kitty.is_empty() {
+            out.push_str(&format!("\x1b[<{}u", self.kitty.len()));
+        }
+        if self.modify_other_keys.is_some() {
+            out.push_str("\x1b[>4m");
+        }
         for &(mode, set) in self.modes.iter().rev() {
             let default = SET_BY_DEFAULT.contains(&mode);
             if set != default {
-                out.extend_from_slice(
-                    format!("\x1b[?{mode}{}", if default { 'h' } else { 'l' }).as_bytes(),
-                );
+                out.push_str(&format!("\x1b[?{mode}{}", if default { 'h' } else { 'l' }));
             }
         }
-        out
+        out.into_bytes()
     }
 
-    /// The sequences that put the agent's modes back.
+    /// The sequences that put the agent's settings back.
     fn redo(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+        let mut out = String::new();
         for &(mode, set) in &self.modes {
             if set != SET_BY_DEFAULT.contains(&mode) {
-                out.extend_from_slice(
-                    format!("\x1b[?{mode}{}", if set { 'h' } else { 'l' }).as_bytes(),
-                );
+                out.push_str(&format!("\x1b[?{mode}{}", if set { 'h' } else { 'l' }));
             }
         }
-        out
+        if let Some(n) = self.modify_other_keys {
+            out.push_str(&format!("\x1b[>4;{n}m"));
+        }
+        for flags in &self.kitty {
+            out.push_str(&format!("\x1b[>{flags}u"));
+        }
+        out.into_bytes()
     }
 }
 
@@ -466,13 +480,28 @@ impl vte::Perform for ScreenModes {
         ignore: bool,
         action: char,
     ) {
-        if ignore || intermediates != b"?" || !matches!(action, 'h' | 'l') {
+        if ignore {
             return;
         }
-        for param in params.iter() {
-            for &mode in param {
-                self.note(mode, action == 'h');
+        let mut values = params.iter().map(|p| p.first().copied().unwrap_or(0));
+        match (intermediates, action) {
+            (b"?", 'h' | 'l') => {
+                for param in params.iter() {
+                    for &mode in param {
+                        self.note(mode, action == 'h');
+                    }
+                }
             }
+            (b">", 'u') => self.kitty.push(values.next().unwrap_or(0)),
+            (b"<", 'u') => {
+                let n = usize::from(values.next().unwrap_or(1).max(1));
+                let keep = self.kitty.len().saturating_sub(n);
+                self.kitty.truncate(keep);
+            }
+            (b">", 'm') if values.next() == Some(4) => {
+                self.modify_other_keys = values.next().filter(|&n| n != 0);
+            }
+            _ => {}
         }
     }
 }
@@ -668,6 +697,24 @@ mod tests {
         );
         // A TUI that cleaned up after itself leaves nothing to undo.
         parser.advance(&mut modes, b"\x1b[?1000l\x1b[?1006l\x1b[?25h\x1b[?1049l");
+        assert!(modes.undo().is_empty());
+    }
+
+    #[test]
+    fn kitty_keyboard_and_modify_other_keys_are_undone() {
+        let mut modes = ScreenModes::default();
+        let mut parser = vte::Parser::new();
+        // Codex's TUI: kitty flags pushed twice and popped once, modifyOtherKeys, sync.
+        parser.advance(&mut modes, b"\x1b[>7u\x1b[>1u\x1b[<u\x1b[>4;2m\x1b[?2026h");
+        assert_eq!(
+            String::from_utf8(modes.undo()).unwrap(),
+            "\x1b[<1u\x1b[>4m\x1b[?2026l"
+        );
+        assert_eq!(
+            String::from_utf8(modes.redo()).unwrap(),
+            "\x1b[?2026h\x1b[>4;2m\x1b[>7u"
+        );
+        parser.advance(&mut modes, b"\x1b[<u\x1b[>4;0m\x1b[?2026l");
         assert!(modes.undo().is_empty());
     }
 
