@@ -732,13 +732,18 @@ impl TestUser {
         let (uid, gid, home) = match lookup() {
             Some(u) => u,
             None => {
-                let st = Command::new("useradd")
+                // (useradd warns that the uid is above UID_MAX: shown only on failure.)
+                let out = Command::new("useradd")
                     .args(["--no-create-home", "--home-dir", "/home/agentd-test"])
                     .args(["--uid", "64123", "--user-group", "--shell", "/bin/false"])
                     .arg(TEST_USER)
-                    .status()
+                    .output()
                     .expect("useradd");
-                assert!(st.success(), "useradd {TEST_USER}: {st}");
+                assert!(
+                    out.status.success(),
+                    "useradd {TEST_USER}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 added = true;
                 lookup().expect("the user just added")
             }
@@ -764,7 +769,14 @@ impl Drop for TestUser {
             let _ = std::fs::remove_dir_all(&self.home);
         }
         if self.added {
-            let _ = Command::new("userdel").arg(TEST_USER).status();
+            match Command::new("userdel").arg(TEST_USER).output() {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => eprintln!(
+                    "userdel {TEST_USER}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                Err(e) => eprintln!("userdel {TEST_USER}: {e}"),
+            }
         }
     }
 }

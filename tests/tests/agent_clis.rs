@@ -16,11 +16,12 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use agentd_tests::{
-    AgentRun, Daemon, Run, TestUser, agent_dir, profile_file, repo_root, require_root,
+    AgentRun, Daemon, Run, TestUser, agent_dir, agentd_bin, cgroups_named, profile_file,
+    read_events, repo_root, require_root,
 };
 use serde_json::Value;
 
@@ -113,6 +114,7 @@ impl CodexHome {
             format!(
                 r#"model = "fake-model"
 model_provider = "fake"
+disable_paste_burst = true
 approval_policy = "never"
 sandbox_mode = "danger-full-access"
 allow_login_shell = false
@@ -128,6 +130,7 @@ persistence = "none"
 unbounded_connection_retries = false
 plugins = false
 shell_snapshot = false
+daemon_auto_start = false
 [model_providers.fake]
 name = "fake"
 base_url = "http://127.0.0.1:{model_port}/v1"
@@ -407,6 +410,314 @@ fn codex_works_in_scope_is_refused_outside_and_a_canary_stops_it() {
         );
         let exit = run.event("exit").unwrap_or_else(|| panic!("{story}"));
         assert_eq!(exit["detail"]["exit_code"], 137, "{story}");
+    }
+    daemon.stop();
+}
+
+/// A tmux server of this test's own (`tmux -L NAME`), one window running an interactive
+/// `sh` (dash: job control, and no line editor that would set the terminal's modes
+/// itself, so what agentd leaves behind is what the test sees): the user's terminal.
+/// Killed on drop.
+struct Tmux {
+    name: String,
+}
+
+impl Tmux {
+    fn start(width: u16, height: u16) -> Tmux {
+        let t = Tmux {
+            name: format!("agentd-test-{}", std::process::id()),
+        };
+        let st = t
+            .cmd()
+            .args([
+                "new-session",
+                "-d",
+                "-x",
+                &width.to_string(),
+                "-y",
+                &height.to_string(),
+            ])
+            .args(["sh", "-i"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "tmux new-session");
+        t.wait_for("the shell's prompt", Duration::from_secs(20), |s| {
+            s.contains('$') || s.contains('#')
+        });
+        t
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("tmux");
+        c.args(["-L", &self.name]);
+        c
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let st = self
+            .cmd()
+            .args(["send-keys", "-t", "0"])
+            .args(keys)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    fn screen(&self) -> String {
+        let out = self
+            .cmd()
+            .args(["capture-pane", "-p", "-t", "0"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn format(&self, f: &str) -> String {
+        let out = self
+            .cmd()
+            .args(["display-message", "-p", "-t", "0", f])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The terminal's modes (`stty -a` of the pane's tty, but its size) and tmux's view
+    /// of its screen modes: alternate screen, cursor, keypad, mouse, bracketed paste.
+    fn modes(&self) -> String {
+        let tty = self.format("#{pane_tty}");
+        let stty = Command::new("stty")
+            .arg("-a")
+            .arg("-F")
+            .arg(&tty)
+            .output()
+            .unwrap();
+        let stty = String::from_utf8_lossy(&stty.stdout)
+            .lines()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join("\n");
+        let flags = self.format(
+            "alternate=#{alternate_on} cursor=#{cursor_flag} keypad=#{keypad_flag},#{keypad_cursor_flag} mouse=#{mouse_any_flag},#{mouse_button_flag},#{mouse_standard_flag},#{mouse_sgr_flag},#{mouse_all_flag} paste=#{bracketed_paste_flag}",
+        );
+        format!("{stty}\n{flags}")
+    }
+
+    fn raw(&self) -> bool {
+        self.modes().contains("-icanon")
+    }
+
+    fn wait_for(&self, what: &str, limit: Duration, mut pred: impl FnMut(&str) -> bool) {
+        let started = Instant::now();
+        loop {
+            let screen = self.screen();
+            if pred(&screen) {
+                return;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "timed out waiting for {what}; the screen:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd().arg("kill-server").status();
+    }
+}
+
+/// Codex CLI's TUI in a terminal (tmux), embedded and through the daemon: it renders,
+/// follows a resize, answers a prompt with a tool call; Ctrl-Z gives the shell back with
+/// the terminal as it was and the agent frozen, `fg` brings the TUI back; a canary read
+/// gets it killed, and the terminal is again as it was before the run.
+#[test]
+fn codex_tui_in_a_terminal_job_control_and_restoration() {
+    if !require_root() {
+        return;
+    }
+    let mut daemon = Daemon::start();
+    for through_daemon in [false, true] {
+        let mode = if through_daemon { "daemon" } else { "embedded" };
+        let model = ModelServer::start(&serde_json::json!([
+            {"shell": "cat question.txt"},
+            {"say": "The answer is 42."},
+            {"shell": "cat ~/.ssh/id_rsa"},
+            {"say": "unreachable"}
+        ]));
+        let home = CodexHome::new(model.port);
+        let ws = agent_dir(true);
+        std::fs::write(ws.path().join("question.txt"), "what is 6*7?\n").unwrap();
+        chown_tree(ws.path(), home.user.uid, home.user.gid);
+        let (_p, profile) = profile_file(&codex_profile(model.port));
+        let events_dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let events = events_dir.path().join("events.jsonl");
+        let tmux = Tmux::start(120, 35);
+        let before = tmux.modes();
+        let socket = daemon.socket();
+        let via = if through_daemon {
+            format!("--socket {} ", socket.display())
+        } else {
+            String::new()
+        };
+        tmux.keys(&[
+            &format!(
+                "cd {} && PATH=/usr/local/bin:/usr/bin:/bin SUDO_UID={} SUDO_GID={} {} run {via}--events {} --profile {} -- {} --no-daemon",
+                ws.path().display(),
+                home.user.uid,
+                home.user.gid,
+                agentd_bin().display(),
+                events.display(),
+                profile.display(),
+                home.codex_js.display()
+            ),
+            "Enter",
+        ]);
+        let story = |what: &str| {
+            format!(
+                "{mode}: {what}\nscreen:\n{}\nevents:\n{}",
+                tmux.screen(),
+                std::fs::read_to_string(&events).unwrap_or_default()
+            )
+        };
+        let prompt = |s: &str| s.contains("Ask Codex to do anything");
+        tmux.wait_for(&format!("{mode}: the TUI"), Duration::from_secs(60), prompt);
+        assert!(tmux.raw(), "{}", story("the user's terminal is raw"));
+
+        // A resize reaches the agent's own terminal.
+        let codex_pid = read_events(&events)
+            .iter()
+            .find(|e| {
+                e["kind"] == "exec"
+                    && e["path"]
+                        .as_str()
+                        .is_some_and(|p| p.ends_with("/bin/codex"))
+            })
+            .and_then(|e| e["pid"].as_u64())
+            .unwrap_or_else(|| panic!("{}", story("codex's exec")));
+        let agent_tty = std::fs::read_link(format!("/proc/{codex_pid}/fd/0")).unwrap();
+        assert_ne!(
+            agent_tty.to_string_lossy(),
+            tmux.format("#{pane_tty}"),
+            "{mode}: a terminal of its own"
+        );
+        let st = tmux
+            .cmd()
+            .args(["resize-window", "-t", "0", "-x", "100", "-y", "30"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let size = || {
+            let out = Command::new("stty")
+                .arg("-F")
+                .arg(&agent_tty)
+                .arg("size")
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        let started = Instant::now();
+        while size() != "30 100" {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{}",
+                story(&format!("resized: {}", size()))
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        tmux.wait_for(
+            &format!("{mode}: the TUI after the resize"),
+            Duration::from_secs(10),
+            prompt,
+        );
+
+        // A prompt, a tool call, the answer.
+        tmux.keys(&["What is in question.txt", "Enter"]);
+        tmux.wait_for(
+            &format!("{mode}: the answer"),
+            Duration::from_secs(30),
+            |s| s.contains("The answer is 42."),
+        );
+        assert!(
+            model
+                .tool_output("call_0")
+                .is_some_and(|o| o.contains("what is 6*7?")),
+            "{}",
+            story("the tool call read the workspace")
+        );
+
+        // Ctrl-Z: the shell is back, the terminal as before the run, the agent frozen.
+        tmux.keys(&["C-z"]);
+        tmux.wait_for(
+            &format!("{mode}: the job stopped"),
+            Duration::from_secs(10),
+            |s| s.contains("Stopped"),
+        );
+        assert_eq!(
+            tmux.modes(),
+            before,
+            "{}",
+            story("the terminal while suspended")
+        );
+        let frozen = || {
+            cgroups_named("codex-")
+                .into_iter()
+                .find_map(|d| std::fs::read_to_string(d.join("cgroup.events")).ok())
+                .is_some_and(|e| e.lines().any(|l| l == "frozen 1"))
+        };
+        assert!(frozen(), "{}", story("the agent frozen"));
+
+        // fg: the TUI is back, raw mode and its screen, the agent thawed.
+        tmux.keys(&["fg", "Enter"]);
+        let started = Instant::now();
+        while !(tmux.format("#{alternate_on}") == "1" && prompt(&tmux.screen())) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{}",
+                story("the TUI after fg")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            tmux.raw() && !frozen(),
+            "{}",
+            story("raw and thawed after fg")
+        );
+
+        // A canary read: the breaker kills it; the terminal is as before the run.
+        tmux.keys(&["Read my key", "Enter"]);
+        tmux.wait_for(
+            &format!("{mode}: the breaker's message"),
+            Duration::from_secs(30),
+            |s| s.contains("breaker tripped"),
+        );
+        assert_eq!(
+            tmux.modes(),
+            before,
+            "{}",
+            story("the terminal after the kill")
+        );
+        let all = read_events(&events);
+        let exit = all
+            .iter()
+            .find(|e| e["kind"] == "exit")
+            .unwrap_or_else(|| panic!("{}", story("an exit event")));
+        assert_eq!(exit["detail"]["exit_code"], 137, "{}", story("killed"));
+        assert!(
+            all.iter()
+                .any(|e| e["kind"] == "canary" && e["path"] == home.key.to_str().unwrap()),
+            "{}",
+            story("the canary")
+        );
+        assert!(
+            !model
+                .requests()
+                .iter()
+                .any(|r| r["body"].to_string().contains("not a real key")),
+            "{}",
+            story("the key never reached the model")
+        );
     }
     daemon.stop();
 }

@@ -173,6 +173,7 @@ pub fn events(
             other @ (Reply::Ok(_)
             | Reply::Started { .. }
             | Reply::Exit { .. }
+            | Reply::Frozen(_)
             | Reply::Agents(_)
             | Reply::Stats(_)) => bail!("unexpected reply from the daemon: {other:?}"),
         }
@@ -285,8 +286,8 @@ fn run_with(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    // Ctrl-Z: the daemon freezes the agent before this client stops (the relay waits until
-    // the request is written).
+    // Ctrl-Z: the daemon freezes the agent before this client stops, and thaws it before
+    // the agent is asked to redraw (the relay waits for the daemon's answer).
     let (freeze_tx, mut freeze_rx) =
         tokio::sync::mpsc::unbounded_channel::<(bool, std::sync::mpsc::SyncSender<()>)>();
     let session = terminal
@@ -326,6 +327,7 @@ fn run_with(
                 }
             });
         }
+        let mut freeze_done: Option<(bool, std::sync::mpsc::SyncSender<()>)> = None;
         loop {
             tokio::select! {
                 line = lines.next_line() => {
@@ -348,6 +350,17 @@ fn run_with(
                             }
                         }
                         Reply::Started { agent } => tracing::info!(%agent, "launched by the daemon"),
+                        Reply::Frozen(now) => {
+                            if let Some((asked, done)) = freeze_done.take() {
+                                if now != asked {
+                                    eprintln!(
+                                        "agentd: the daemon could not {} the agent",
+                                        if asked { "freeze" } else { "thaw" }
+                                    );
+                                }
+                                let _ = done.try_send(());
+                            }
+                        }
                         other @ (Reply::Ok(_) | Reply::Agents(_) | Reply::Stats(_)) => {
                             tracing::warn!("unexpected reply: {other:?}");
                         }
@@ -360,7 +373,7 @@ fn run_with(
                 },
                 Some((frozen, done)) = freeze_rx.recv() => {
                     write.write_all(&proto::encode(&ClientLine::Freeze(frozen))).await?;
-                    let _ = done.try_send(());
+                    freeze_done = Some((frozen, done));
                 }
             }
         }

@@ -1123,11 +1123,15 @@ async fn run(
                     }
                     Ok(ClientLine::Freeze(frozen)) => {
                         let cgroup = agent_id.as_ref().and_then(|id| lock(&shared.agents).get(id).map(|a| a.cgroup.clone()));
-                        if let Some(dir) = cgroup
-                            && let Err(e) = std::fs::write(dir.join("cgroup.freeze"), if frozen { "1" } else { "0" })
-                        {
-                            eprintln!("agentd daemon: cgroup.freeze in {}: {e}", dir.display());
-                        }
+                        // The answer is the state the cgroup is in now, whatever happened.
+                        let now = cgroup.is_some_and(|dir| {
+                            let file = dir.join("cgroup.freeze");
+                            if let Err(e) = std::fs::write(&file, if frozen { "1" } else { "0" }) {
+                                eprintln!("agentd daemon: {}: {e}", file.display());
+                            }
+                            std::fs::read_to_string(&file).is_ok_and(|v| v.trim() == "1")
+                        });
+                        let _ = send(&mut write, &Reply::Frozen(now)).await;
                     }
                     Err(e) => {
                         let _ = send(&mut write, &Reply::Error(e.to_string())).await;

@@ -93,6 +93,9 @@ pub enum Reply {
     Started {
         agent: String,
     },
+    /// `run`: the answer to [`ClientLine::Freeze`]: whether the agent's cgroup is frozen
+    /// now.
+    Frozen(bool),
     /// `run`: the agent ended; `code` is `agentd run`'s exit status.
     Exit {
         code: u8,

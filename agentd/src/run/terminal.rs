@@ -38,6 +38,8 @@ use nix::{
     unistd::{getpgrp, tcgetpgrp},
 };
 
+/// Between the two window sizes that make the agent redraw after `fg`.
+const REDRAW_GAP: Duration = Duration::from_millis(50);
 /// The terminal's suspend character (Ctrl-Z).
 const CTRL_Z: u8 = 0x1a;
 
@@ -274,6 +276,9 @@ impl Shared {
             let rows = ws.ws_row;
             ws.ws_row = rows.saturating_sub(1).max(1);
             set(&ws);
+            // Time to see the first size: a program that handles both signals at once sees
+            // no change, and draws nothing.
+            std::thread::sleep(REDRAW_GAP);
             ws.ws_row = rows;
             set(&ws);
         }
