@@ -11,6 +11,9 @@
 //! 4. The agent's terminal: keystroke round trips and output throughput through agentd's
 //!    pseudo-terminal relay (embedded and through the daemon) against the same program
 //!    on a pseudo-terminal directly; idle, and with both cores busy.
+//! 5. A real agent client: Codex CLI (`codex exec`, a loop of three tool calls against a
+//!    scripted model server on loopback) as the agent's user directly, and under the
+//!    built-in `codex` profile embedded and through the daemon; idle and loaded.
 
 use std::{path::Path, process::Command, time::Instant};
 
@@ -27,6 +30,7 @@ pub enum Part {
     Breaker,
     Load,
     Terminal,
+    Client,
 }
 
 pub fn bench(root: &Path, only: Option<Part>) -> anyhow::Result<()> {
@@ -63,6 +67,9 @@ pub fn bench(root: &Path, only: Option<Part>) -> anyhow::Result<()> {
     }
     if part(Part::Terminal) {
         terminal_costs(root, &agentd, &ws, &work)?;
+    }
+    if part(Part::Client) {
+        client_costs(root, &agentd, &ws, &work)?;
     }
     if part(Part::Load) {
         let threshold = work.join("bench-threshold.toml");
@@ -560,6 +567,220 @@ fn terminal_costs(root: &Path, agentd: &Path, ws: &Path, work: &Path) -> anyhow:
         }
     }
     drop(daemon);
+    Ok(())
+}
+
+/// Codex CLI's pinned version, as scripts/setup.sh installs it.
+const CODEX_VERSION: &str = "0.171.0";
+const CLIENT_RUNS: usize = 7;
+
+/// `codex exec` through three tool calls (read the workspace, write in it, run git) and an
+/// answer, against tests/fixtures/agents/fake_model.py: as the agent's user (nobody)
+/// directly, then under the built-in `codex` profile (its model address set to the fake
+/// server's, and the bench's Codex home and install granted, as a user's would be under
+/// `{home}`), embedded and through a daemon; idle, then with both cores busy. Wall time of
+/// the whole client run, median and worst of CLIENT_RUNS.
+fn client_costs(root: &Path, agentd: &Path, ws: &Path, work: &Path) -> anyhow::Result<()> {
+    let cache = std::env::var_os("AGENTD_AGENT_CLIS")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/agentd/agent-clis"))
+        })
+        .context("no HOME")?
+        .join(format!("codex-{CODEX_VERSION}"));
+    if !cache
+        .join("node_modules/@openai/codex/bin/codex.js")
+        .exists()
+    {
+        bail!(
+            "Codex CLI {CODEX_VERSION} is not installed in {}: run scripts/setup.sh",
+            cache.display()
+        );
+    }
+    // The CLI where nobody can run it (root's cache is 0700), hard-linked; a Codex home.
+    let client = work.join("client");
+    let _ = std::fs::remove_dir_all(&client);
+    std::fs::create_dir_all(&client)?;
+    let modules = client.join("node_modules");
+    let linked = Command::new("cp")
+        .arg("-al")
+        .arg(cache.join("node_modules"))
+        .arg(&modules)
+        .status()?;
+    if !linked.success() {
+        let _ = std::fs::remove_dir_all(&modules);
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(cache.join("node_modules"))
+            .arg(&modules)
+            .status()?;
+        anyhow::ensure!(st.success(), "copying Codex CLI");
+    }
+    let codex_js = modules.join("@openai/codex/bin/codex.js");
+    let codex_home = client.join("codex-home");
+    let cws = client.join("ws");
+    let profile = client.join("codex.toml");
+    let harness = root.join("tests/fixtures/agents/fake_model.py");
+    let script = client.join("script.json");
+    std::fs::write(
+        &script,
+        r#"[{"shell": "cat question.txt"}, {"shell": "echo draft > draft.txt"},
+            {"shell": "git init -q && git add . && git -c user.name=b -c user.email=b@l commit -qm d"},
+            {"say": "done"}]"#,
+    )?;
+    let base = std::fs::read_to_string(root.join("profiles/codex.toml"))?;
+    let placeholder = "\"127.0.0.1/32:11434\"";
+    anyhow::ensure!(
+        base.contains(placeholder),
+        "profiles/codex.toml: no model address"
+    );
+    let run_once = |how: &str, daemon: &Path| -> anyhow::Result<f64> {
+        // A fresh workspace, Codex home and model server each run.
+        for d in [&codex_home, &cws] {
+            let _ = std::fs::remove_dir_all(d);
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(cws.join("question.txt"), "what is 6*7?\n")?;
+        let mut server = Load::default();
+        let mut child = Command::new("python3")
+            .arg(&harness)
+            .arg(&script)
+            .arg(client.join("requests.jsonl"))
+            .arg("0")
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut port = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().context("stdout")?),
+            &mut port,
+        )?;
+        server.0.push(child);
+        let port = port.trim();
+        std::fs::write(
+            codex_home.join("config.toml"),
+            format!(
+                "model = \"fake-model\"\nmodel_provider = \"fake\"\napproval_policy = \"never\"\n\
+                 sandbox_mode = \"danger-full-access\"\n[analytics]\nenabled = false\n\
+                 [features]\nunbounded_connection_retries = false\nplugins = false\n\
+                 shell_snapshot = false\n[model_providers.fake]\nname = \"fake\"\n\
+                 base_url = \"http://127.0.0.1:{port}/v1\"\nwire_api = \"responses\"\n\
+                 request_max_retries = 0\nstream_max_retries = 0\n"
+            ),
+        )?;
+        let granted = base
+            .replace(placeholder, &format!("\"127.0.0.1/32:{port}\""))
+            .replace(
+                "\"{home}/.codex\", \"/tmp\",",
+                &format!(
+                    "\"{}\", \"{}\", \"/tmp\",",
+                    codex_home.display(),
+                    modules.display()
+                ),
+            )
+            .replace(
+                "    \"{home}/.codex\",\n",
+                &format!("    \"{}\",\n", codex_home.display()),
+            )
+            .replace(
+                "    # programs the agent builds",
+                &format!(
+                    "    \"{}\",\n    # programs the agent builds",
+                    modules.display()
+                ),
+            );
+        anyhow::ensure!(
+            granted.matches(&*codex_home.to_string_lossy()).count() == 2
+                && granted.matches(&*modules.to_string_lossy()).count() == 2,
+            "profiles/codex.toml changed: the bench cannot grant its Codex home and install"
+        );
+        std::fs::write(&profile, granted)?;
+        let status = Command::new("chmod")
+            .args(["-R", "a+rwX"])
+            .arg(&codex_home)
+            .arg(&cws)
+            .status()?;
+        anyhow::ensure!(status.success(), "chmod");
+        let prompt = "Analyze the question in question.txt.";
+        let exec = [
+            "exec",
+            "--skip-git-repo-check",
+            "--dangerously-bypass-approvals-and-sandbox",
+            prompt,
+        ];
+        let mut c = match how {
+            "direct" => {
+                let mut c = Command::new("setpriv");
+                c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                    .arg(&codex_js)
+                    .args(exec);
+                c
+            }
+            _ => {
+                let mut c = Command::new(agentd);
+                c.arg("run");
+                if how == "daemon" {
+                    c.arg("--socket").arg(daemon);
+                }
+                c.args(["--quiet", "--profile"])
+                    .arg(&profile)
+                    .arg("--workspace")
+                    .arg(&cws)
+                    .arg("--")
+                    .arg(&codex_js)
+                    .args(exec);
+                c.env("SUDO_UID", "65534").env("SUDO_GID", "65534");
+                c
+            }
+        };
+        c.current_dir(&cws)
+            .env("CODEX_HOME", &codex_home)
+            .env("HOME", &client)
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let t = Instant::now();
+        let st = c.status()?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        anyhow::ensure!(st.success(), "codex exec ({how}) failed: {st}");
+        anyhow::ensure!(
+            std::fs::read_to_string(cws.join("draft.txt")).is_ok_and(|d| d == "draft\n"),
+            "codex exec ({how}) did not do its work"
+        );
+        Ok(ms)
+    };
+    let daemon_dir = work.parent().map_or_else(
+        || work.join("client-daemon"),
+        |t| t.join("bench-client-daemon"),
+    );
+    let daemon = BenchDaemon::start(agentd, &daemon_dir)?;
+    let _ = ws;
+    for loaded in [false, true] {
+        let _load = if loaded { Some(Load::busy(2)?) } else { None };
+        eprintln!(
+            "\n[bench] a real client, Codex CLI {CODEX_VERSION} `codex exec` (3 tool calls), {}: median (worst) of {CLIENT_RUNS}",
+            if loaded { "both cores busy" } else { "idle" }
+        );
+        let mut base_ms = f64::NAN;
+        for how in ["direct", "embedded", "daemon"] {
+            let mut v = Vec::new();
+            for _ in 0..CLIENT_RUNS {
+                v.push(run_once(how, &daemon.socket)?);
+            }
+            v.sort_by(f64::total_cmp);
+            let m = percentile(&v, 0.5);
+            if how == "direct" {
+                base_ms = m;
+            }
+            eprintln!(
+                "  {how:<10} {m:>8.0} ms ({:.2}x)  worst {:>8.0} ms",
+                m / base_ms,
+                v.last().copied().unwrap_or(f64::NAN)
+            );
+        }
+    }
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&client);
     Ok(())
 }
 

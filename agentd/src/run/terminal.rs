@@ -544,9 +544,11 @@ fn count_continues() -> io::Result<()> {
     Ok(())
 }
 
+/// A pollfd; one that asks for nothing is left out (a negative fd), or a hung-up terminal
+/// would report POLLHUP on every turn.
 fn pollfd(fd: RawFd, events: i16) -> libc::pollfd {
     libc::pollfd {
-        fd: if events == 0 && fd != 0 { -1 } else { fd },
+        fd: if events == 0 { -1 } else { fd },
         events,
         revents: 0,
     }
