@@ -54,8 +54,9 @@ enum Command {
     /// Asks the agent's supervisor to stop it the way the breaker does (every process of its
     /// cgroup, then the kill flag: no more network, SIGKILL at the next syscall), and kills
     /// the cgroup directly if the supervisor does not answer within 3 s. ID is the `agent`
-    /// field of the agent's events (e.g. `analyze-only-1a2b3c4d`). Pressing Ctrl-C twice
-    /// within 2 s in `agentd run` does the same. Root only.
+    /// field of the agent's events (e.g. `analyze-only-1a2b3c4d`). Two SIGINTs to `agentd
+    /// run` within 2 s do the same (Ctrl-C twice, when the agent has no terminal of its
+    /// own; with one, Ctrl-C is the agent's). Root only.
     Kill {
         #[arg(value_name = "ID")]
         id: String,
@@ -141,10 +142,11 @@ agentd events --json | jq 'select(.verdict == \"deny\")'")]
     /// the agent left behind. Needs root (sudo); the agent runs as the sudo user unless the
     /// profile says otherwise.
     ///
-    /// On a terminal the agent gets one of its own (a pseudo-terminal agentd relays, in raw
-    /// mode, always restored): Ctrl-C reaches the agent, Ctrl-Z suspends it (and agentd;
-    /// `fg` resumes both), and agentd's messages wait until the agent's screen is gone. At
-    /// exit agentd sums up what was refused (--quiet: not).
+    /// On a terminal (stdin and stdout) the agent gets one of its own (a pseudo-terminal
+    /// agentd relays, in raw mode, always restored): Ctrl-C reaches the agent, Ctrl-Z
+    /// suspends it (and agentd; `fg` resumes both), and agentd's messages wait until the
+    /// agent's screen is gone; `agentd kill ID` is the kill switch. At exit agentd sums up
+    /// what was refused (--quiet: not).
     ///
     /// With `agentd daemon` running (socket /run/agentd/agentd.sock, or --socket), the
     /// launch goes through it and takes milliseconds instead of a few hundred: the daemon
@@ -351,7 +353,16 @@ fn daemon_run(
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .collect();
     let request = crate::daemon::proto::RunRequest {
-        profile: profile.to_owned(),
+        // A path, made absolute here: the daemon resolves nothing against its own or the
+        // supervisor's working directory.
+        profile: if crate::profile::is_path(profile) {
+            std::path::absolute(profile)
+                .map_err(|e| anyhow::anyhow!("profile {profile}: {e}"))?
+                .to_string_lossy()
+                .into_owned()
+        } else {
+            profile.to_owned()
+        },
         workspace: host::workspace_dir(workspace)?,
         command,
         env,

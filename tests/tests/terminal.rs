@@ -42,6 +42,26 @@ while True:
         open("secret").read()
 "#;
 
+/// The user's shell, as far as job control goes: the session leader on the terminal; it
+/// runs the command as a job of its own (a process group, made the foreground one), prints
+/// `job=PID`, and exits with the job's status (128+N for signal N). Stops it ignores: the
+/// test continues the job itself, as `fg` would.
+const SHELL: &str = r#"
+import os, signal, sys
+signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+pid = os.fork()
+if pid == 0:
+    os.setpgid(0, 0)
+    while os.tcgetpgrp(0) != os.getpgrp():
+        pass
+    os.execv(sys.argv[1], sys.argv[1:])
+os.setpgid(pid, pid)
+os.tcsetpgrp(0, pid)
+os.write(1, f"job={pid}\r\n".encode())
+_, status = os.waitpid(pid, 0)
+sys.exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+"#;
+
 struct Pty {
     master: OwnedFd,
     slave: OwnedFd,
@@ -144,10 +164,23 @@ fn wait_until(what: &str, mut pred: impl FnMut() -> bool) {
     }
 }
 
-/// `agentd run ARGS -- python3 -c TUI` as the foreground job of a new session on `pty`.
-fn spawn_on(pty: &Pty, args: &[&str], ws: &std::path::Path, profile: &std::path::Path) -> Child {
+/// `agentd run ARGS -- python3 -c TUI` as the foreground job of [`SHELL`], the leader of
+/// a new session on `pty`; or, without a shell, as that leader itself (as under `ssh -t`).
+fn spawn_on(
+    pty: &Pty,
+    shell: bool,
+    args: &[&str],
+    ws: &std::path::Path,
+    profile: &std::path::Path,
+) -> Child {
     let slave = pty.slave.as_raw_fd();
-    let mut cmd = Command::new(agentd_bin());
+    let mut cmd = if shell {
+        let mut c = Command::new("/usr/bin/python3");
+        c.args(["-c", SHELL]).arg(agentd_bin());
+        c
+    } else {
+        Command::new(agentd_bin())
+    };
     cmd.arg("run")
         .args(args)
         .arg("--profile")
@@ -224,11 +257,16 @@ fn terminal_relay_job_control_and_restoration_in_both_modes() {
         } else {
             Vec::new()
         };
-        let mut child = spawn_on(&pty, &args, ws.path(), &profile);
-        let pid = child.id();
+        let mut child = spawn_on(&pty, true, &args, ws.path(), &profile);
+        let at = screen.wait_for("job=", 0);
+        let pid: u32 = screen.text()[at..]
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{mode}: the job's pid: {}", screen.text()));
 
         // Its own terminal (not ours), and its controlling one (/dev/tty opens).
-        let at = screen.wait_for("ready tty=", 0);
+        let at = screen.wait_for("ready tty=", at);
         let line = screen.text()[at..].lines().next().unwrap_or("").to_owned();
         let ours = {
             let mut n: u32 = 0;
@@ -279,7 +317,6 @@ fn terminal_relay_job_control_and_restoration_in_both_modes() {
         wait_until(&format!("{mode}: the agent frozen"), || {
             frozen(name) == Some(true)
         });
-        // Typed while suspended: nothing reaches the agent.
         let at = suspended.len();
 
         // `fg`: continued, raw again, the agent thawed and redrawn.
@@ -311,4 +348,45 @@ fn terminal_relay_job_control_and_restoration_in_both_modes() {
         assert!(cgroups_named(name).is_empty(), "{mode}: no cgroup left");
     }
     daemon.stop();
+}
+
+/// Without a shell that could continue it (agentd leads the terminal's session, as under
+/// `ssh -t` or `setsid`), Ctrl-Z is no suspend: it reaches the agent as a key.
+#[test]
+fn terminal_ctrl_z_without_job_control_reaches_the_agent() {
+    if !require_root() {
+        return;
+    }
+    let ws = agent_dir(true);
+    std::fs::write(ws.path().join("secret"), "canary\n").unwrap();
+    let (_p, profile) = profile_file(
+        &test_profile(
+            "tty-nojobs",
+            "invoker",
+            DEFAULT_LIMITS,
+            "[breaker]\ntrip_on = [\"canary\"]\n",
+        )
+        .replace(
+            "write = [\"{workspace}\", \"/dev/null\"]",
+            "write = [\"{workspace}\", \"/dev/null\", \"/dev/tty\"]",
+        )
+        .replace(
+            "\"/dev/null\", \"/dev/urandom\"]",
+            "\"/dev/null\", \"/dev/urandom\", \"/dev/tty\"]",
+        )
+        .replace(
+            "[network]",
+            "canaries = [\"{workspace}/secret\"]\n\n[network]",
+        ),
+    );
+    let pty = openpty(30, 100);
+    let screen = Screen::start(&pty.master);
+    let mut child = spawn_on(&pty, false, &[], ws.path(), &profile);
+    let at = screen.wait_for("TUI 100x30", 0);
+    type_keys(&pty.master, &[0x1a]);
+    let at = screen.wait_for("key \u{1a}", at);
+    assert_ne!(state(child.id()), 'T', "agentd did not stop");
+    type_keys(&pty.master, b"x");
+    screen.wait_for("breaker tripped", at);
+    assert_eq!(child.wait().unwrap().code(), Some(137));
 }

@@ -954,6 +954,18 @@ async fn run(
         .await?;
         return Ok(());
     }
+    if profile::is_path(&req.profile) && !Path::new(&req.profile).is_absolute() {
+        // The daemon and the supervisor (in the workspace) would read different files.
+        send(
+            &mut write,
+            &Reply::Error(format!(
+                "profile {}: a relative path; give the daemon an absolute one",
+                req.profile
+            )),
+        )
+        .await?;
+        return Ok(());
+    }
     if let Err(e) = check_profile_access(&req.profile, &who) {
         send(&mut write, &Reply::Error(e)).await?;
         return Ok(());
@@ -1138,8 +1150,12 @@ async fn run(
                     }
                 },
                 Ok(None) | Err(_) => {
-                    // The client went away: its terminal hung up.
+                    // The client went away: its terminal hung up. An agent it had frozen
+                    // (Ctrl-Z) is thawed first, or the hangup would wait forever.
                     client_open = false;
+                    if let Some(dir) = agent_id.as_ref().and_then(|id| lock(&shared.agents).get(id).map(|a| a.cgroup.clone())) {
+                        let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
+                    }
                     if supervisor_pid != 0 {
                         // SAFETY: as above.
                         unsafe { libc::kill(supervisor_pid as i32, libc::SIGHUP) };
@@ -1232,6 +1248,14 @@ async fn supervisor_line(
         } => {
             if agent_id.is_some() {
                 return Some(ToSupervisor::Refused("already attached".into()));
+            }
+            // The identity the supervisor resolved, checked again: the profile it read may
+            // not be the one checked before the launch (the file can change in between).
+            if who.uid != 0 && uid != who.uid && !crate::sandbox::identity::is_transient(uid) {
+                return Some(ToSupervisor::Refused(format!(
+                    "permission denied: the agent would run as uid {uid}; uid {} may launch agents only as itself or a transient uid",
+                    who.uid
+                )));
             }
             // The watch matches what the sandbox enforces: the same `{workspace}` and
             // `{home}` (the invoking user's, not the socket peer's: root under sudo).

@@ -463,7 +463,9 @@ fn launch(
     };
     // While the agent's terminal is relayed, agentd's own messages wait until the user's is
     // restored; Ctrl-Z freezes the whole agent while agentd is stopped.
-    let (session, held) = match relay {
+    // (Held is dropped after the session: a panic's message prints once the user's
+    // terminal is back.)
+    let (held, session) = match relay {
         Some(t) => {
             let frozen = Arc::clone(&cgroup);
             let session = t.start(Box::new(move |stop| {
@@ -475,9 +477,12 @@ fn launch(
                 }
             }));
             match session {
-                Ok(s) => (Some(s), terminal::Held::stderr().ok()),
+                Ok(s) => (terminal::Held::stderr().ok(), Some(s)),
                 Err(e) => {
-                    eprintln!("agentd: warning: cannot relay the agent's terminal: {e}");
+                    // The agent has its terminal, nobody relays it: stop rather than run
+                    // it half-attached.
+                    eprintln!("agentd: cannot relay the agent's terminal ({e}); killing it");
+                    let _ = cgroup.kill();
                     (None, None)
                 }
             }

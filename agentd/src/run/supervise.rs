@@ -33,7 +33,8 @@ use crate::{
 };
 
 /// Signals `agentd run` forwards to the agent (to its process group: the agent leads a
-/// session of its own, so the terminal's Ctrl-C reaches agentd, not the agent).
+/// session of its own). Without a terminal of the agent's own, the user's Ctrl-C reaches
+/// agentd, which forwards it; with one, the agent's terminal sends it to the agent.
 pub const FORWARDED: [Signal; 5] = [
     Signal::SIGINT,
     Signal::SIGTERM,

@@ -50,13 +50,13 @@ pub struct Terminal {
     saved: Termios,
 }
 
-/// Opens a pseudo-terminal for the agent when stdin is a terminal whose foreground job is
-/// agentd; `None` otherwise (stdio passes through, and the agent has no terminal). The
-/// pseudo-terminal starts with the user's modes and window size. Returns the slave side,
-/// for the launch.
+/// Opens a pseudo-terminal for the agent when stdin and stdout are terminals and agentd is
+/// the foreground job; `None` otherwise (stdio passes through, and the agent has no
+/// terminal: `agentd run -- cmd > file` keeps its output plain). The pseudo-terminal
+/// starts with the user's modes and window size. Returns the slave side, for the launch.
 pub fn open() -> io::Result<Option<(Terminal, OwnedFd)>> {
     let stdin = io::stdin();
-    if !stdin.is_terminal() {
+    if !stdin.is_terminal() || !io::stdout().is_terminal() {
         return Ok(None);
     }
     // In the background (`agentd run ... &`) reading the terminal would stop agentd.
@@ -156,9 +156,16 @@ impl Terminal {
         count_continues()?;
         shared.make_raw()?;
         let relay = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
+        let thread = match std::thread::Builder::new()
             .name("agentd-terminal".into())
-            .spawn(move || relay.relay())?;
+            .spawn(move || relay.relay())
+        {
+            Ok(t) => t,
+            Err(e) => {
+                shared.restore();
+                return Err(e);
+            }
+        };
         Ok(Session {
             shared,
             thread: Some(thread),
@@ -348,7 +355,9 @@ impl Shared {
                     Ok(0) | Err(_) => stdin_open = false,
                     Ok(n) => {
                         let mut input = &buf[..n];
-                        while let Some(at) = input.iter().position(|&b| b == CTRL_Z) {
+                        while job_control()
+                            && let Some(at) = input.iter().position(|&b| b == CTRL_Z)
+                        {
                             // What came before reaches the agent first.
                             pending.extend_from_slice(&input[..at]);
                             flush_blocking(master, &mut pending);
@@ -511,6 +520,15 @@ impl vte::Perform for ScreenModes {
     }
 }
 
+/// Whether a shell with job control could continue agentd once it stops: its parent is in
+/// its session and another process group (a shell's job). Under `ssh -t`, `setsid` or
+/// `systemd-run --pty` nothing would, and Ctrl-Z goes to the agent as any other byte.
+fn job_control() -> bool {
+    let parent = nix::unistd::getppid();
+    let same_session = nix::unistd::getsid(Some(parent)).ok() == nix::unistd::getsid(None).ok();
+    same_session && nix::unistd::getpgid(Some(parent)).ok() != Some(getpgrp())
+}
+
 /// SIGCONTs received since the relay started (see [`stop_until_continued`]).
 static CONTINUED: AtomicU64 = AtomicU64::new(0);
 
@@ -624,13 +642,14 @@ impl Held {
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let saved = io::stderr().as_fd().try_clone_to_owned()?;
         set_flags(saved.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC)?;
+        // The reader first: fd 2 never becomes a pipe nobody reads.
+        let mut held = Held::reading(read)?;
         // SAFETY: dup2 onto fd 2; `write` stays owned and is closed below, leaving fd 2
         // the pipe's only write end.
         if unsafe { libc::dup2(write.as_raw_fd(), 2) } < 0 {
             return Err(io::Error::last_os_error());
         }
         drop(write);
-        let mut held = Held::reading(read)?;
         held.saved_stderr = Some(saved);
         Ok(held)
     }

@@ -34,6 +34,11 @@ use crate::profile::{Identity, RunAs};
 pub const TRANSIENT_FIRST: u32 = 0x7700_0000;
 /// Size of the transient range.
 pub const TRANSIENT_COUNT: u32 = 0x1_0000;
+
+/// Whether `uid` is one of the transient uids agentd hands out.
+pub fn is_transient(uid: u32) -> bool {
+    (TRANSIENT_FIRST..TRANSIENT_FIRST + TRANSIENT_COUNT).contains(&uid)
+}
 /// Candidates tried before giving up.
 const TRANSIENT_TRIES: u32 = 1024;
 

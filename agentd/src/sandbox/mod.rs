@@ -341,8 +341,8 @@ fn launch_sequence(
             return Err(at(Step::Terminal)(nix::Error::last()));
         }
         for fd in 0..3 {
-            // SAFETY: dup2 onto the standard descriptors; `tty` stays open until the
-            // close-on-exec step closes it at exec.
+            // SAFETY: dup2 onto the standard descriptors of a descriptor this block owns
+            // (closed at its end; the copies on 0-2 stay).
             if unsafe { libc::dup2(tty.as_raw_fd(), fd) } < 0 {
                 return Err(at(Step::Terminal)(nix::Error::last()));
             }
