@@ -40,8 +40,23 @@ use nix::{
 
 /// Between the two window sizes that make the agent redraw after `fg`.
 const REDRAW_GAP: Duration = Duration::from_millis(50);
-/// The terminal's suspend character (Ctrl-Z).
-const CTRL_Z: u8 = 0x1a;
+/// Ctrl-Z as terminals send it: the suspend character; under the kitty keyboard protocol
+/// (which the agent may have pushed: `CSI 122 ; 5 u`, and with event types `:1`); under
+/// xterm's modifyOtherKeys (`CSI 27 ; 5 ; 122 ~`).
+const CTRL_Z: [&[u8]; 4] = [b"\x1a", b"\x1b[122;5u", b"\x1b[122;5:1u", b"\x1b[27;5;122~"];
+
+/// The first Ctrl-Z in `input`: where it starts and how long it is.
+fn find_ctrl_z(input: &[u8]) -> Option<(usize, usize)> {
+    CTRL_Z
+        .iter()
+        .filter_map(|key| {
+            input
+                .windows(key.len())
+                .position(|w| w == *key)
+                .map(|at| (at, key.len()))
+        })
+        .min()
+}
 
 /// The user's terminal (agentd's stdin) and the pseudo-terminal made for the agent.
 pub struct Terminal {
@@ -356,13 +371,13 @@ impl Shared {
                     Ok(n) => {
                         let mut input = &buf[..n];
                         while job_control()
-                            && let Some(at) = input.iter().position(|&b| b == CTRL_Z)
+                            && let Some((at, len)) = find_ctrl_z(input)
                         {
                             // What came before reaches the agent first.
                             pending.extend_from_slice(&input[..at]);
                             flush_blocking(master, &mut pending);
                             self.suspend();
-                            input = &input[at + 1..];
+                            input = &input[at + len..];
                         }
                         pending.extend_from_slice(input);
                     }
@@ -742,6 +757,17 @@ mod tests {
         );
         parser.advance(&mut modes, b"\x1b[<u\x1b[>4;0m\x1b[?2026l");
         assert!(modes.undo().is_empty());
+    }
+
+    #[test]
+    fn ctrl_z_in_every_encoding_a_terminal_sends() {
+        assert_eq!(find_ctrl_z(b"ab\x1acd"), Some((2, 1)));
+        assert_eq!(find_ctrl_z(b"a\x1b[122;5ub"), Some((1, 8)));
+        assert_eq!(find_ctrl_z(b"\x1b[122;5:1u"), Some((0, 10)));
+        assert_eq!(find_ctrl_z(b"x\x1b[27;5;122~"), Some((1, 11)));
+        // The first of several; a plain `z` or Ctrl-Y is none.
+        assert_eq!(find_ctrl_z(b"\x1b[122;5u\x1a"), Some((0, 8)));
+        assert_eq!(find_ctrl_z(b"z\x1b[122u\x1b[121;5u\x19"), None);
     }
 
     #[test]
