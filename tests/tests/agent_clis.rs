@@ -707,6 +707,23 @@ fn codex_tui_in_a_terminal_job_control_and_restoration() {
             "{}",
             story("the terminal after the kill")
         );
+        // The client may still be writing its last events when agentd's message shows.
+        let started = Instant::now();
+        let has_exit = || {
+            std::fs::read_to_string(&events)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .any(|e| e["kind"] == "exit")
+        };
+        while !has_exit() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{}",
+                story("an exit event")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let all = read_events(&events);
         let exit = all
             .iter()
