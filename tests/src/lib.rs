@@ -780,3 +780,18 @@ impl Drop for TestUser {
         }
     }
 }
+
+/// Waits until `pred` holds, polling every 50 ms; panics naming `what` after `limit`.
+pub fn wait_until(limit: Duration, what: &str, pred: impl FnMut() -> bool) {
+    wait_until_or(limit, pred, || format!("timed out waiting for {what}"));
+}
+
+/// [`wait_until`], panicking with `why()`, computed only then (it may describe the state
+/// that never came).
+pub fn wait_until_or(limit: Duration, mut pred: impl FnMut() -> bool, why: impl Fn() -> String) {
+    let started = Instant::now();
+    while !pred() {
+        assert!(started.elapsed() < limit, "{}", why());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

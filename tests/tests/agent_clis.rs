@@ -16,12 +16,12 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use agentd_tests::{
     AgentRun, Daemon, Run, TestUser, agent_dir, agentd_bin, cgroups_named, profile_file,
-    read_events, repo_root, require_root,
+    read_events, repo_root, require_root, wait_until_or,
 };
 use serde_json::Value;
 
@@ -507,18 +507,16 @@ impl Tmux {
     }
 
     fn wait_for(&self, what: &str, limit: Duration, mut pred: impl FnMut(&str) -> bool) {
-        let started = Instant::now();
-        loop {
-            let screen = self.screen();
-            if pred(&screen) {
-                return;
-            }
-            assert!(
-                started.elapsed() < limit,
-                "timed out waiting for {what}; the screen:\n{screen}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until_or(
+            limit,
+            || pred(&self.screen()),
+            || {
+                format!(
+                    "timed out waiting for {what}; the screen:\n{}",
+                    self.screen()
+                )
+            },
+        );
     }
 }
 
@@ -617,15 +615,11 @@ fn codex_tui_in_a_terminal_job_control_and_restoration() {
                 .unwrap();
             String::from_utf8_lossy(&out.stdout).trim().to_owned()
         };
-        let started = Instant::now();
-        while size() != "30 100" {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "{}",
-                story(&format!("resized: {}", size()))
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until_or(
+            Duration::from_secs(10),
+            || size() == "30 100",
+            || story(&format!("resized: {}", size())),
+        );
         tmux.wait_for(
             &format!("{mode}: the TUI after the resize"),
             Duration::from_secs(10),
@@ -667,27 +661,19 @@ fn codex_tui_in_a_terminal_job_control_and_restoration() {
                 .find_map(|d| std::fs::read_to_string(d.join("cgroup.events")).ok())
                 .map(|e| e.lines().any(|l| l == "frozen 1"))
         };
-        let started = Instant::now();
-        while frozen() != Some(true) {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "{}",
-                story("the agent frozen")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until_or(
+            Duration::from_secs(10),
+            || frozen() == Some(true),
+            || story("the agent frozen"),
+        );
 
         // fg: the TUI is back, raw mode and its screen, the agent thawed.
         tmux.keys(&["fg", "Enter"]);
-        let started = Instant::now();
-        while !(tmux.format("#{alternate_on}") == "1" && prompt(&tmux.screen())) {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "{}",
-                story("the TUI after fg")
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until_or(
+            Duration::from_secs(10),
+            || tmux.format("#{alternate_on}") == "1" && prompt(&tmux.screen()),
+            || story("the TUI after fg"),
+        );
         assert!(
             tmux.raw() && frozen() == Some(false),
             "{}",
@@ -708,7 +694,6 @@ fn codex_tui_in_a_terminal_job_control_and_restoration() {
             story("the terminal after the kill")
         );
         // The client may still be writing its last events when agentd's message shows.
-        let started = Instant::now();
         let has_exit = || {
             std::fs::read_to_string(&events)
                 .unwrap_or_default()
@@ -716,14 +701,7 @@ fn codex_tui_in_a_terminal_job_control_and_restoration() {
                 .filter_map(|l| serde_json::from_str::<Value>(l).ok())
                 .any(|e| e["kind"] == "exit")
         };
-        while !has_exit() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "{}",
-                story("an exit event")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until_or(Duration::from_secs(10), has_exit, || story("an exit event"));
         let all = read_events(&events);
         let exit = all
             .iter()

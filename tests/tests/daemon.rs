@@ -11,7 +11,7 @@ use std::{
 
 use agentd_tests::{
     AgentRun, DEFAULT_LIMITS, Daemon, TestUser, agent_dir, agentd_bin, process_gone, profile_file,
-    require_root, test_profile,
+    require_root, test_profile, wait_until,
 };
 use serde_json::Value;
 
@@ -23,15 +23,6 @@ fn pin_dirs() -> Vec<PathBuf> {
         .flatten()
         .map(|e| e.path())
         .collect()
-}
-
-/// Waits until `pred` holds (or panics with `what` after `limit`).
-fn wait_until(limit: Duration, what: &str, mut pred: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !pred() {
-        assert!(started.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Panics with a background client's output if it has already exited.

@@ -17,7 +17,7 @@ use std::{
 
 use agentd_tests::{
     DEFAULT_LIMITS, Daemon, NOBODY, agent_dir, agentd_bin, cgroups_named, profile_file,
-    require_root, test_profile,
+    require_root, test_profile, wait_until,
 };
 
 /// The agent: a small full-screen program. It reports its terminal, enters raw mode, the
@@ -153,17 +153,6 @@ fn state(pid: u32) -> char {
         .unwrap_or('?')
 }
 
-fn wait_until(what: &str, mut pred: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !pred() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "timed out waiting until {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// `agentd run ARGS -- python3 -c TUI` as the foreground job of [`SHELL`], the leader of
 /// a new session on `pty`; or, without a shell, as that leader itself (as under `ssh -t`).
 fn spawn_on(
@@ -205,6 +194,34 @@ fn spawn_on(
     cmd.spawn().unwrap()
 }
 
+/// A workspace with a canary (`secret`) and a profile `name` for [`TUI`]: its terminal
+/// (`/dev/tty`) granted, the breaker tripping on the canary.
+fn tui_workspace(name: &str) -> (tempfile::TempDir, tempfile::TempDir, std::path::PathBuf) {
+    let ws = agent_dir(true);
+    std::fs::write(ws.path().join("secret"), "canary\n").unwrap();
+    let (dir, profile) = profile_file(
+        &test_profile(
+            name,
+            "invoker",
+            DEFAULT_LIMITS,
+            "[breaker]\ntrip_on = [\"canary\"]\n",
+        )
+        .replace(
+            "write = [\"{workspace}\", \"/dev/null\"]",
+            "write = [\"{workspace}\", \"/dev/null\", \"/dev/tty\"]",
+        )
+        .replace(
+            "\"/dev/null\", \"/dev/urandom\"]",
+            "\"/dev/null\", \"/dev/urandom\", \"/dev/tty\"]",
+        )
+        .replace(
+            "[network]",
+            "canaries = [\"{workspace}/secret\"]\n\n[network]",
+        ),
+    );
+    (ws, dir, profile)
+}
+
 fn frozen(agent_prefix: &str) -> Option<bool> {
     let dir = cgroups_named(agent_prefix)
         .into_iter()
@@ -226,28 +243,7 @@ fn terminal_relay_job_control_and_restoration_in_both_modes() {
         } else {
             "tty-embedded"
         };
-        let ws = agent_dir(true);
-        std::fs::write(ws.path().join("secret"), "canary\n").unwrap();
-        let (_p, profile) = profile_file(
-            &test_profile(
-                name,
-                "invoker",
-                DEFAULT_LIMITS,
-                "[breaker]\ntrip_on = [\"canary\"]\n",
-            )
-            .replace(
-                "write = [\"{workspace}\", \"/dev/null\"]",
-                "write = [\"{workspace}\", \"/dev/null\", \"/dev/tty\"]",
-            )
-            .replace(
-                "\"/dev/null\", \"/dev/urandom\"]",
-                "\"/dev/null\", \"/dev/urandom\", \"/dev/tty\"]",
-            )
-            .replace(
-                "[network]",
-                "canaries = [\"{workspace}/secret\"]\n\n[network]",
-            ),
-        );
+        let (ws, _p, profile) = tui_workspace(name);
         let pty = openpty(30, 100);
         let before = modes(&pty.slave);
         let screen = Screen::start(&pty.master);
@@ -302,7 +298,11 @@ fn terminal_relay_job_control_and_restoration_in_both_modes() {
 
         // Ctrl-Z: agentd stops, the user's modes and screen are back, the agent is frozen.
         type_keys(&pty.master, &[0x1a]);
-        wait_until(&format!("{mode}: agentd stopped"), || state(pid) == 'T');
+        wait_until(
+            Duration::from_secs(60),
+            &format!("{mode}: agentd stopped"),
+            || state(pid) == 'T',
+        );
         assert_eq!(
             modes(&pty.slave),
             before,
@@ -314,9 +314,11 @@ fn terminal_relay_job_control_and_restoration_in_both_modes() {
             "{mode}: screen modes undone: {:?}",
             &suspended[at..]
         );
-        wait_until(&format!("{mode}: the agent frozen"), || {
-            frozen(name) == Some(true)
-        });
+        wait_until(
+            Duration::from_secs(60),
+            &format!("{mode}: the agent frozen"),
+            || frozen(name) == Some(true),
+        );
         let at = suspended.len();
 
         // `fg`: continued, raw again, the agent thawed and redrawn.
@@ -357,28 +359,7 @@ fn terminal_ctrl_z_without_job_control_reaches_the_agent() {
     if !require_root() {
         return;
     }
-    let ws = agent_dir(true);
-    std::fs::write(ws.path().join("secret"), "canary\n").unwrap();
-    let (_p, profile) = profile_file(
-        &test_profile(
-            "tty-nojobs",
-            "invoker",
-            DEFAULT_LIMITS,
-            "[breaker]\ntrip_on = [\"canary\"]\n",
-        )
-        .replace(
-            "write = [\"{workspace}\", \"/dev/null\"]",
-            "write = [\"{workspace}\", \"/dev/null\", \"/dev/tty\"]",
-        )
-        .replace(
-            "\"/dev/null\", \"/dev/urandom\"]",
-            "\"/dev/null\", \"/dev/urandom\", \"/dev/tty\"]",
-        )
-        .replace(
-            "[network]",
-            "canaries = [\"{workspace}/secret\"]\n\n[network]",
-        ),
-    );
+    let (ws, _p, profile) = tui_workspace("tty-nojobs");
     let pty = openpty(30, 100);
     let screen = Screen::start(&pty.master);
     let mut child = spawn_on(&pty, false, &[], ws.path(), &profile);
