@@ -717,6 +717,38 @@ fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> nix::Resu
     Ok(msg.bytes)
 }
 
+/// Passes one event of the published stream to a client that follows agent `agent`:
+/// its own events, and a `lost` record when it fell behind. False when the stream is
+/// done (closed, or the client gone).
+async fn forward_event(
+    write: &mut OwnedWriteHalf,
+    agent: Option<&str>,
+    ev: Result<Arc<Event>, broadcast::error::RecvError>,
+) -> bool {
+    match ev {
+        Ok(ev) if Some(ev.agent.as_str()) == agent => {
+            send(write, &Reply::Event(Box::new((*ev).clone())))
+                .await
+                .is_ok()
+        }
+        Ok(_) => true,
+        Err(broadcast::error::RecvError::Lagged(n)) => {
+            let ev = Event::new(
+                agent.unwrap_or(""),
+                0,
+                "",
+                Kind::Lost,
+                Verdict::None,
+                Layer::Agentd,
+            )
+            .with("count", n)
+            .with("reason", "the client fell behind the event stream");
+            send(write, &Reply::Event(Box::new(ev))).await.is_ok()
+        }
+        Err(broadcast::error::RecvError::Closed) => false,
+    }
+}
+
 async fn send(w: &mut OwnedWriteHalf, reply: &Reply) -> std::io::Result<()> {
     w.write_all(&proto::encode(reply)).await
 }
@@ -1108,20 +1140,8 @@ async fn run(
                 Ok(None) | Err(_) => sup_events_open = false,
             },
             ev = async { match agent_events.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
-                match ev {
-                    Ok(ev) if Some(&ev.agent) == agent_id.as_ref() => {
-                        if send(&mut write, &Reply::Event(Box::new((*ev).clone()))).await.is_err() {
-                            agent_events = None;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let ev = Event::new(agent_id.as_deref().unwrap_or(""), 0, "", Kind::Lost, Verdict::None, Layer::Agentd)
-                            .with("count", n)
-                            .with("reason", "the client fell behind the event stream");
-                        let _ = send(&mut write, &Reply::Event(Box::new(ev))).await;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => agent_events = None,
+                if !forward_event(&mut write, agent_id.as_deref(), ev).await {
+                    agent_events = None;
                 }
             },
             line = client_lines.next_line(), if client_open => match line {
@@ -1170,13 +1190,28 @@ async fn run(
         match tokio::time::timeout(Duration::from_secs(2), sup_events.next_line()).await {
             Ok(Ok(Some(line))) => {
                 if let Ok(ev) = serde_json::from_str::<Event>(&line) {
-                    if req.events && Some(&ev.agent) == agent_id.as_ref() {
-                        let _ = send(&mut write, &Reply::Event(Box::new(ev.clone()))).await;
-                    }
                     handle_event(&shared, ev);
                 }
             }
             _ => sup_events_open = false,
+        }
+    }
+    // The supervisor's exit can win the race with the event stream above: wait until all
+    // it said is recorded (published to subscribers), then forward what this client has
+    // not had yet, its exit event among it.
+    recorded(&shared).await;
+    if let Some(mut rx) = agent_events.take() {
+        loop {
+            let ev = match rx.try_recv() {
+                Ok(ev) => Ok(ev),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    Err(broadcast::error::RecvError::Lagged(n))
+                }
+                Err(_) => break,
+            };
+            if !forward_event(&mut write, agent_id.as_deref(), ev).await {
+                break;
+            }
         }
     }
     let code = match status {
