@@ -647,6 +647,11 @@ pub struct AgentState {
     pub policy_id: u32,
     /// `AGENT_FLAG_*` bits.
     pub flags: u32,
+    /// The port of the agent's resolver on 127.0.0.1 and ::1, host byte order: its DNS
+    /// traffic (port 53, any address) is steered there. 0: the profile names no domains,
+    /// DNS is decided like any other traffic.
+    pub dns_port: u16,
+    pub _pad: u16,
 }
 
 /// The breaker tripped: deny all network, SIGKILL any process of the agent on a syscall.
@@ -830,6 +835,35 @@ pub struct NetKey {
 /// Bits of [`NetKey`] before the address: always matched exactly.
 pub const NET_KEY_FIXED_BITS: u32 = 64;
 
+/// Key of the `DNS_ALLOW` map: an address the agent's resolver admitted for a name the
+/// profile allows, with the rule's protocol and port. The value is the CLOCK_MONOTONIC
+/// nanosecond at which the admission expires.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DnsKey {
+    /// The agent's cgroup id: admissions are the agent's own, never its policy's.
+    pub cgroup_id: u64,
+    /// IPv6 address; IPv4 as ::ffff:a.b.c.d.
+    pub addr: [u8; 16],
+    /// Port in network byte order; 0 stands for "any port" (a second lookup).
+    pub port_be: u16,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub proto: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Where a steered DNS socket of an agent meant to send (`DNS_ORIG`, by socket cookie),
+/// for `recvmsg` to give its replies that source back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsOrig {
+    /// IPv6 address; IPv4 as ::ffff:a.b.c.d.
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port_be: u16,
+    pub _pad: [u8; 6],
+}
+
 /// Key of the `BIND_ALLOW` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -855,6 +889,10 @@ mod pod {
     unsafe impl aya::Pod for super::NetKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BindKey {}
+    // SAFETY: repr(C), integers and byte arrays only, explicit padding.
+    unsafe impl aya::Pod for super::DnsKey {}
+    // SAFETY: repr(C), integers and byte arrays only, explicit padding.
+    unsafe impl aya::Pod for super::DnsOrig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CanaryKey {}
     // SAFETY: as above.

@@ -17,15 +17,16 @@
 use agentd_common::{
     AGENT_FLAG_INET, AGENT_FLAG_INET6, AGENT_FLAG_KILLED, AGENT_FLAG_MONITOR,
     AGENT_FLAG_NETLINK_ROUTE, AGENT_FLAG_TRIP_BIND, AGENT_FLAG_TRIP_CONNECT,
-    AGENT_FLAG_TRIP_SOCKET, AgentState, BindKey, EVENT_FLAG_MONITOR, EVENT_FLAG_TRIPPED, EventKind,
-    IPPROTO_TCP, IPPROTO_UDP, Layer, NET_KEY_FIXED_BITS, NET_LSM_MONITORED, NET_LSM_REFUSED,
-    NetKey, RawEvent, UNIX_PATH_MAX, Verdict,
+    AGENT_FLAG_TRIP_SOCKET, AgentState, BindKey, DnsKey, DnsOrig, EVENT_FLAG_MONITOR,
+    EVENT_FLAG_TRIPPED, EventKind, IPPROTO_TCP, IPPROTO_UDP, Layer, NET_KEY_FIXED_BITS,
+    NET_LSM_MONITORED, NET_LSM_REFUSED, NetKey, RawEvent, UNIX_PATH_MAX, Verdict,
 };
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_probe_read_user,
-        bpf_probe_read_user_buf, bpf_send_signal, bpf_skb_ancestor_cgroup_id,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
+        bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf, bpf_send_signal,
+        bpf_skb_ancestor_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, tracepoint},
     maps::lpm_trie::Key,
@@ -34,8 +35,8 @@ use aya_ebpf::{
 
 use crate::maps::{Act, carry_out, trip_bits};
 use crate::maps::{
-    BIND_ALLOW, EVENTS, NET_ALLOW, NET_PENDING, SOCK_REFUSED, agent_by_ancestor, count_lost,
-    current_agent, fill_header, fill_header_without_task, trip,
+    BIND_ALLOW, DNS_ALLOW, DNS_ORIG, EVENTS, NET_ALLOW, NET_PENDING, SOCK_REFUSED,
+    agent_by_ancestor, count_lost, current_agent, fill_header, fill_header_without_task, trip,
 };
 
 const AF_UNIX: u32 = 1;
@@ -78,6 +79,21 @@ pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     try_sock_addr(&ctx, EventKind::Sendmsg, true)
+}
+
+/// The source of a datagram an agent receives: a reply of its resolver to a steered
+/// query gets the address the query was sent to back (glibc, for one, drops replies from
+/// another address). Never refuses.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore_dns_source(&ctx, false);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_dns_source(&ctx, true);
+    ALLOW
 }
 
 #[cgroup_sock_addr(bind4)]
@@ -223,7 +239,7 @@ fn try_inbound(ctx: &SkBuffContext) -> i32 {
 /// (`trip_bit`, an `AGENT_FLAG_TRIP_*`) trips the breaker here, in the call: the caller
 /// dies at the call's exit (`gate`), before it returns to user space.
 #[inline(always)]
-fn decide(trip_bit: u32, allowed: impl FnOnce(u32, u32) -> bool) -> (i32, Verdict, u16, u64) {
+fn decide(trip_bit: u32, allowed: impl FnOnce(u64, u32, u32) -> bool) -> (i32, Verdict, u16, u64) {
     let Some((cgroup, state)) = current_agent() else {
         // The program runs because the socket belongs to an agent's cgroup, but the
         // calling task is in no agent (a socket handed out of the sandbox): refuse.
@@ -237,7 +253,7 @@ fn decide(trip_bit: u32, allowed: impl FnOnce(u32, u32) -> bool) -> (i32, Verdic
     if state.flags & AGENT_FLAG_KILLED != 0 {
         return (REFUSE, Verdict::Killed, 0, cgroup);
     }
-    if allowed(state.policy_id, state.flags) {
+    if allowed(cgroup, state.policy_id, state.flags) {
         (ALLOW, Verdict::Allow, 0, cgroup)
     } else if state.flags & AGENT_FLAG_MONITOR != 0 {
         (ALLOW, Verdict::Deny, EVENT_FLAG_MONITOR, cgroup)
@@ -268,6 +284,151 @@ fn net_allowed(policy_id: u32, proto: u8, port_be: u16, addr: [u8; 16]) -> bool 
     }
     key.data.port_be = 0;
     NET_ALLOW.get(&key).is_some()
+}
+
+/// Whether the agent's resolver admitted (proto, addr, port), or (proto, addr, any
+/// port), for an allowed name, and the admission has not expired.
+#[inline(always)]
+fn dns_admitted(cgroup: u64, proto: u8, port_be: u16, addr: [u8; 16]) -> bool {
+    let mut key = DnsKey {
+        cgroup_id: cgroup,
+        addr,
+        port_be,
+        proto,
+        _pad: [0; 5],
+    };
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the value is copied out at once.
+    if unsafe { DNS_ALLOW.get(&key) }.is_some_and(|expires| now < *expires) {
+        return true;
+    }
+    key.port_be = 0;
+    // SAFETY: as above.
+    unsafe { DNS_ALLOW.get(&key) }.is_some_and(|expires| now < *expires)
+}
+
+const DNS_PORT: u16 = 53;
+/// 127.0.0.1 as `user_ip4` holds it (network byte order in memory).
+const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+
+/// Sends a DNS query of an agent whose profile names domains (its `dns_port` set) to the
+/// agent's resolver on loopback, whatever address it was meant for: 127.0.0.1 for IPv4
+/// and IPv4-mapped destinations, ::1 for IPv6 ones. Remembers the destination by socket
+/// cookie for `recvmsg`. False when the agent has no resolver (or is being killed: then
+/// the usual decision refuses).
+#[inline(always)]
+fn steer_dns(ctx: &SockAddrContext, v6: bool, addr: [u8; 16], port_be: u16) -> bool {
+    let Some((_, state)) = current_agent() else {
+        return false;
+    };
+    // SAFETY: `state` points into the AGENTS map value for the program's run.
+    let state = unsafe { *state };
+    if state.dns_port == 0 || state.flags & AGENT_FLAG_KILLED != 0 {
+        return false;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: `sa` is the program's context; the helper reads the socket it names.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    let orig = DnsOrig {
+        addr,
+        port_be,
+        _pad: [0; 6],
+    };
+    let _ = DNS_ORIG.insert(&cookie, &orig, 0);
+    let mapped = addr[10] == 0xff && addr[11] == 0xff && is_zero(&addr, 10);
+    // SAFETY: writes of the destination fields of this program's own context, with the
+    // 4-byte stores the verifier accepts for them.
+    unsafe {
+        if !v6 {
+            core::ptr::write_volatile(&raw mut (*sa).user_ip4, LOOPBACK4);
+        } else if mapped {
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], 0);
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[1], 0);
+            core::ptr::write_volatile(
+                &raw mut (*sa).user_ip6[2],
+                u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+            );
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], LOOPBACK4);
+        } else {
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], 0);
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[1], 0);
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[2], 0);
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], u32::from_ne_bytes([0, 0, 0, 1]));
+        }
+        core::ptr::write_volatile(&raw mut (*sa).user_port, u32::from(state.dns_port.to_be()));
+    }
+    true
+}
+
+/// Whether the first `n` bytes of `addr` are zero.
+#[inline(always)]
+fn is_zero(addr: &[u8; 16], n: usize) -> bool {
+    let mut i = 0;
+    while i < n && i < 16 {
+        if addr[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+#[inline(always)]
+fn restore_dns_source(ctx: &SockAddrContext, v6: bool) {
+    let Some((_, state)) = current_agent() else {
+        return;
+    };
+    // SAFETY: `state` points into the AGENTS map value for the program's run.
+    let dns_port = unsafe { (*state).dns_port };
+    if dns_port == 0 {
+        return;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: reads of this program's context fields, 4 bytes wide.
+    let (port, from_resolver) = unsafe {
+        let port = u16::from_be(core::ptr::read_volatile(&raw const (*sa).user_port) as u16);
+        let from = if v6 {
+            let w0 = core::ptr::read_volatile(&raw const (*sa).user_ip6[0]);
+            let w1 = core::ptr::read_volatile(&raw const (*sa).user_ip6[1]);
+            let w2 = core::ptr::read_volatile(&raw const (*sa).user_ip6[2]);
+            let w3 = core::ptr::read_volatile(&raw const (*sa).user_ip6[3]);
+            w0 == 0
+                && w1 == 0
+                && ((w2 == 0 && w3 == u32::from_ne_bytes([0, 0, 0, 1]))
+                    || (w2 == u32::from_ne_bytes([0, 0, 0xff, 0xff]) && w3 == LOOPBACK4))
+        } else {
+            core::ptr::read_volatile(&raw const (*sa).user_ip4) == LOOPBACK4
+        };
+        (port, from)
+    };
+    if port != dns_port || !from_resolver {
+        return;
+    }
+    // SAFETY: the helper reads the socket the context names.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    // SAFETY: the value is copied out at once.
+    let Some(orig) = (unsafe { DNS_ORIG.get(&cookie) }).copied() else {
+        return;
+    };
+    let a = orig.addr;
+    // SAFETY: writes of this program's own context fields, 4 bytes wide.
+    unsafe {
+        if v6 {
+            let mut i = 0;
+            while i < 4 {
+                let w = u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]);
+                core::ptr::write_volatile(&raw mut (*sa).user_ip6[i], w);
+                i += 1;
+            }
+        } else {
+            core::ptr::write_volatile(
+                &raw mut (*sa).user_ip4,
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            );
+        }
+        core::ptr::write_volatile(&raw mut (*sa).user_port, u32::from(orig.port_be));
+    }
 }
 
 #[inline(always)]
@@ -313,11 +474,19 @@ fn try_sock_addr(ctx: &SockAddrContext, kind: EventKind, v6: bool) -> i32 {
     if matches!(kind, EventKind::Connect | EventKind::Bind) {
         mark_seen(kind);
     }
+    if port == DNS_PORT
+        && matches!(kind, EventKind::Connect | EventKind::Sendmsg)
+        && (proto == IPPROTO_UDP || proto == IPPROTO_TCP)
+        && steer_dns(ctx, v6, addr, port_be)
+    {
+        // The agent's resolver reports the query itself.
+        return ALLOW;
+    }
     let trip_bit = match kind {
         EventKind::Bind => AGENT_FLAG_TRIP_BIND,
         _ => AGENT_FLAG_TRIP_CONNECT,
     };
-    let (ret, verdict, flags, cgroup) = decide(trip_bit, |policy_id, _| match kind {
+    let (ret, verdict, flags, cgroup) = decide(trip_bit, |cgroup, policy_id, _| match kind {
         // Port 0 picks an ephemeral port: what UDP clients do before sending (and cannot
         // receive unsolicited traffic on a port nobody knows). A TCP socket could listen
         // on it, so TCP port 0 needs a rule like any other port.
@@ -332,7 +501,10 @@ fn try_sock_addr(ctx: &SockAddrContext, kind: EventKind, v6: bool) -> i32 {
             // SAFETY: the value is only tested for presence.
             unsafe { BIND_ALLOW.get(&key) }.is_some()
         }
-        _ => net_allowed(policy_id, proto, port_be, addr),
+        _ => {
+            net_allowed(policy_id, proto, port_be, addr)
+                || dns_admitted(cgroup, proto, port_be, addr)
+        }
     });
     let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
         count_lost(cgroup);
@@ -367,7 +539,7 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
             core::ptr::read_volatile(&raw const (*sk).protocol),
         )
     };
-    let (ret, verdict, flags, cgroup) = decide(AGENT_FLAG_TRIP_SOCKET, |_, agent_flags| {
+    let (ret, verdict, flags, cgroup) = decide(AGENT_FLAG_TRIP_SOCKET, |_, _, agent_flags| {
         let inet_ok = (sock_type == SOCK_STREAM
             && (protocol == 0 || protocol == u32::from(IPPROTO_TCP)))
             || (sock_type == SOCK_DGRAM && (protocol == 0 || protocol == u32::from(IPPROTO_UDP)));

@@ -88,6 +88,10 @@ sudo agentd daemon --socket /tmp/a.sock --state-dir /tmp/a --audit-log /tmp/a/au
         /// Members of this group may launch and watch agents (root always may)
         #[arg(long, value_name = "NAME", default_value = crate::daemon::DEFAULT_GROUP)]
         group: String,
+        /// Where the agents' resolver asks for the names their profiles allow (default:
+        /// the first nameserver of /etc/resolv.conf)
+        #[arg(long, value_name = "ADDR:PORT")]
+        dns_upstream: Option<std::net::SocketAddr>,
     },
     /// List the agents a daemon supervises
     ///
@@ -185,6 +189,11 @@ agentd run --dry-run -- python3 agent.py               print the plan; change no
         /// every refusal)
         #[arg(long, short = 'q')]
         quiet: bool,
+        /// Where the agent's resolver asks for the names the profile allows (default: the
+        /// first nameserver of /etc/resolv.conf). Through the daemon, the daemon's own
+        /// --dns-upstream applies
+        #[arg(long, value_name = "ADDR:PORT")]
+        dns_upstream: Option<std::net::SocketAddr>,
         /// The program and its arguments, after `--`
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<std::ffi::OsString>,
@@ -263,11 +272,13 @@ pub fn main() -> ExitCode {
             state_dir,
             audit_log,
             group,
+            dns_upstream,
         } => crate::daemon::daemon(crate::daemon::DaemonArgs {
             socket,
             state_dir,
             audit_log,
             group,
+            dns_upstream,
         }),
         Command::Ps { json, socket } => crate::daemon::client::ps(socket.socket, json),
         Command::Events {
@@ -294,10 +305,19 @@ pub fn main() -> ExitCode {
             dry_run,
             json,
             quiet,
+            dns_upstream,
             command,
             socket,
         } => {
-            if !dry_run && !crate::run::supervised::is_supervised() {
+            if dns_upstream.is_some() && socket.socket.is_some() {
+                eprintln!(
+                    "agentd: cannot launch: --dns-upstream is for an embedded run; through the \
+                     daemon its own applies (agentd daemon --dns-upstream ADDR:PORT)"
+                );
+                return ExitCode::from(crate::run::EXIT_CANNOT_LAUNCH);
+            }
+            // --dns-upstream asks for an embedded run, whether a daemon runs or not.
+            if !dry_run && !crate::run::supervised::is_supervised() && dns_upstream.is_none() {
                 match daemon_run(
                     socket.socket,
                     &profile,
@@ -316,6 +336,7 @@ pub fn main() -> ExitCode {
             }
             let mut args = crate::run::args(profile, workspace, events, dry_run, json, command);
             args.quiet = quiet;
+            args.dns_upstream = dns_upstream;
             Ok(crate::run::run(args))
         }
     };

@@ -35,6 +35,9 @@ pub struct Event {
     pub port: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proto: Option<String>,
+    /// The DNS name: of a `dns` query, or the one a connection's address was admitted for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
     /// The errno the operation failed with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errno: Option<i32>,
@@ -105,6 +108,9 @@ pub enum Kind {
     Accept,
     /// Events the kernel could not deliver (`detail.count`).
     Lost,
+    /// A DNS query of the agent, answered by agentd's resolver (`domain`; `detail.type`,
+    /// `detail.rcode`, `detail.answers`, `detail.ttl`; `detail.reason` when refused).
+    Dns,
     /// A refused call of the ones the watch sees at their exit only (`detail.syscall`;
     /// `errno`): the dangerous calls the seccomp filter refuses, and refused sockets.
     Syscall,
@@ -137,6 +143,8 @@ pub enum Layer {
     /// The file's permissions refused it (owner, group and mode bits for the agent's
     /// identity), before any layer of agentd's was asked: not a violation of the profile.
     Permission,
+    /// agentd's resolver: the names the profile allows, and the addresses it admits.
+    Resolver,
 }
 
 /// Detail key: the kernel tripped the agent's breaker in the call this event reports
@@ -183,6 +191,7 @@ impl Event {
             addr: None,
             port: None,
             proto: None,
+            domain: None,
             errno: None,
             detail: serde_json::Map::new(),
         }

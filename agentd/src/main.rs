@@ -5,6 +5,7 @@ mod bpf;
 mod breaker;
 mod cli;
 mod daemon;
+mod dns;
 mod doctor;
 mod event;
 mod host;

@@ -63,10 +63,30 @@ pub fn render_policy(origin: &str, p: &CompiledPolicy) -> String {
             v.join(", ")
         }
     };
-    line(
-        "connect",
-        list(p.network.connect.iter().map(ToString::to_string).collect()),
-    );
+    let names = &p.network.names;
+    if !p.network.connect.is_empty() || names.is_empty() {
+        line(
+            "connect",
+            list(p.network.connect.iter().map(ToString::to_string).collect()),
+        );
+    }
+    if !names.is_empty() {
+        line(
+            if p.network.connect.is_empty() {
+                "connect"
+            } else {
+                ""
+            },
+            format!(
+                "{} (by name: addresses admitted from the agent's own DNS answers)",
+                names
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    }
     line(
         "bind",
         list(p.network.bind.iter().map(ToString::to_string).collect()),

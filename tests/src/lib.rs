@@ -4,6 +4,8 @@
 //! it skips with a loud message, unless `AGENTD_TEST_MUST_RUN=1` (set by `cargo xtask test`
 //! and CI), in which case the missing requirement fails the test.
 
+pub mod dns;
+
 use std::{
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
@@ -559,6 +561,8 @@ pub struct Daemon {
     /// Its socket, state directory, audit log and log live here.
     pub dir: tempfile::TempDir,
     group: String,
+    /// More arguments of `agentd daemon`.
+    args: Vec<String>,
 }
 
 impl Daemon {
@@ -568,6 +572,15 @@ impl Daemon {
 
     /// A daemon whose `--group` is `group`.
     pub fn start_with_group(group: &str) -> Daemon {
+        Daemon::start_with(group, &[])
+    }
+
+    /// A daemon started with more arguments (`--dns-upstream ADDR`...).
+    pub fn start_with_args(args: &[&str]) -> Daemon {
+        Daemon::start_with("agentd-test-no-such-group", args)
+    }
+
+    fn start_with(group: &str, args: &[&str]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("agentd-daemon-test-")
             .tempdir()
@@ -576,6 +589,7 @@ impl Daemon {
             child: None,
             dir,
             group: group.to_owned(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
         d.spawn();
         d
@@ -607,6 +621,7 @@ impl Daemon {
             .arg(self.audit_log())
             .arg("--group")
             .arg(&self.group)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -245,6 +245,8 @@ pub fn trip_flags(breaker: &BreakerPolicy) -> u32 {
                 ViolationKind::Read => AGENT_FLAG_TRIP_READ,
                 ViolationKind::Socket => AGENT_FLAG_TRIP_SOCKET,
                 ViolationKind::Syscall => AGENT_FLAG_TRIP_SYSCALL,
+                // Decided by agentd's resolver, in user space, before it answers.
+                ViolationKind::Dns => 0,
             }
     })
 }
@@ -281,6 +283,8 @@ pub fn agent_entries(policy_id: u32, policy: &CompiledPolicy) -> Result<AgentEnt
         state: AgentState {
             policy_id,
             flags: agent_flags(policy),
+            dns_port: 0,
+            _pad: 0,
         },
         net: policy
             .network

@@ -76,6 +76,7 @@ pub fn ensure_mounted((fstype, dir): (&'static str, &'static str)) -> Result<boo
     Ok(true)
 }
 
+pub mod admit;
 pub mod bench;
 mod btf;
 pub mod decode;

@@ -302,13 +302,15 @@ pub const SIGNAL_TRACEPOINTS: [(&str, &str, &[&str]); 6] = [
 pub const SYS_EXIT_SIGNAL: &str = "sys_exit_signal";
 
 /// cgroup/sock_addr programs attached to each agent's cgroup.
-pub const SOCK_ADDR_PROGRAMS: [(&str, CgroupSockAddrAttachType); 6] = [
+pub const SOCK_ADDR_PROGRAMS: [(&str, CgroupSockAddrAttachType); 8] = [
     ("connect4", CgroupSockAddrAttachType::Connect4),
     ("connect6", CgroupSockAddrAttachType::Connect6),
     ("sendmsg4", CgroupSockAddrAttachType::UDPSendMsg4),
     ("sendmsg6", CgroupSockAddrAttachType::UDPSendMsg6),
     ("bind4", CgroupSockAddrAttachType::Bind4),
     ("bind6", CgroupSockAddrAttachType::Bind6),
+    ("recvmsg4", CgroupSockAddrAttachType::UDPRecvMsg4),
+    ("recvmsg6", CgroupSockAddrAttachType::UDPRecvMsg6),
 ];
 /// cgroup/sock_create, attached to each agent's cgroup.
 pub const SOCK_CREATE: &str = "sock_create";

@@ -41,6 +41,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use super::{
     BPFFS, BpfError, EBPF_OBJECT, TRACEFS,
+    admit::Admissions,
     btf::{self, Btf as KernelBtf},
     decode::{AT_FDCWD, AgentInfo, ClockOffset, TargetCreds, Targets, decode, normalize},
     encode::{
@@ -131,6 +132,8 @@ pub struct Watch {
     /// Behind a mutex so the breaker can set the kill flag through `&Watch`.
     agents: Mutex<HashMap<MapData, u64, AgentState>>,
     net_allow: LpmTrie<MapData, NetKey, u8>,
+    /// `DNS_ALLOW`, shared with the resolvers that admit addresses.
+    admissions: Admissions,
     bind_allow: HashMap<MapData, BindKey, u8>,
     canaries: HashMap<MapData, CanaryKey, CanaryPath>,
     canary_inodes: HashMap<MapData, CanaryInode, u32>,
@@ -704,6 +707,7 @@ impl Watch {
         let agents = take_map(&mut ebpf, "AGENTS", HashMap::try_from)?;
         let net_allow = take_map(&mut ebpf, "NET_ALLOW", LpmTrie::try_from)?;
         let bind_allow = take_map(&mut ebpf, "BIND_ALLOW", HashMap::try_from)?;
+        let admissions = Admissions::new(take_map(&mut ebpf, "DNS_ALLOW", HashMap::try_from)?);
         let canaries = take_map(&mut ebpf, "CANARIES", HashMap::try_from)?;
         let canary_inodes = take_map(&mut ebpf, "CANARY_INODES", HashMap::try_from)?;
         let guarded = take_map(&mut ebpf, "GUARDED", HashMap::try_from)?;
@@ -715,6 +719,7 @@ impl Watch {
             ebpf,
             agents: Mutex::new(agents),
             net_allow,
+            admissions,
             bind_allow,
             canaries,
             canary_inodes,
@@ -836,6 +841,24 @@ impl Watch {
             return Err(e);
         }
         Ok(handle)
+    }
+
+    /// The addresses admitted from agents' DNS answers, for a resolver to add to.
+    pub fn admissions(&self) -> Admissions {
+        self.admissions.clone()
+    }
+
+    /// Steers the DNS traffic of the agent in `handle` to its resolver on port `port` of
+    /// 127.0.0.1 and ::1. Call it before the agent's first process joins its cgroup.
+    pub fn steer_dns(&mut self, handle: &AgentHandle, port: u16) -> Result<(), BpfError> {
+        let mut agents = lock(&self.agents);
+        let mut state = agents
+            .get(&handle.cgroup_id, 0)
+            .map_err(map_err("AGENTS"))?;
+        state.dns_port = port;
+        agents
+            .insert(handle.cgroup_id, state, 0)
+            .map_err(map_err("AGENTS"))
     }
 
     fn write_entries(&mut self, h: &AgentHandle) -> Result<(), BpfError> {
@@ -1027,6 +1050,7 @@ impl Watch {
             Ok(()) | Err(_) => Ok(()),
         };
         let was_present = lock(&self.agents).get(&handle.cgroup_id, 0).is_ok();
+        self.admissions.forget_agent(handle.cgroup_id);
         keep(absent_ok(
             "AGENTS",
             lock(&self.agents).remove(&handle.cgroup_id),
@@ -1186,7 +1210,14 @@ impl Watch {
         let (tx, rx) = mpsc::channel(EVENT_CHANNEL);
         let (stop, stopped) = tokio::sync::oneshot::channel();
         self.shutdown = Some(stop);
-        runtime.spawn(pump(ring, lost, Arc::clone(&self.registry), tx, stopped));
+        runtime.spawn(pump(
+            ring,
+            lost,
+            Arc::clone(&self.registry),
+            self.admissions.clone(),
+            tx,
+            stopped,
+        ));
         Ok(rx)
     }
 }
@@ -1648,6 +1679,7 @@ async fn pump(
     mut ring: AsyncFd<RingBuf<MapData>>,
     mut lost: PerCpuHashMap<MapData, u64, u64>,
     registry: Arc<Mutex<Registry>>,
+    admissions: Admissions,
     tx: mpsc::Sender<Event>,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
@@ -1672,6 +1704,7 @@ async fn pump(
             _ = tick.tick() => {
                 lost_events(&mut lost, &registry, &mut reported, &mut batch);
                 lock(&registry).purge(Instant::now());
+                admissions.sweep();
             }
             _ = &mut stopped => {
                 // The Watch is gone (programs detached): deliver what is left.
@@ -1680,7 +1713,8 @@ async fn pump(
                 stop = true;
             }
         }
-        for e in batch.drain(..) {
+        for mut e in batch.drain(..) {
+            name_admitted(&admissions, &mut e);
             if tx.send(e).await.is_err() {
                 return;
             }
@@ -1689,6 +1723,21 @@ async fn pump(
             return;
         }
     }
+}
+
+/// Gives an allowed connect or send the name its address was admitted for, if it was.
+fn name_admitted(admissions: &Admissions, e: &mut Event) {
+    if !matches!(e.kind, Kind::Connect | Kind::Sendmsg) || e.verdict != Verdict::Allow {
+        return;
+    }
+    let (Some(addr), Some(port)) = (e.addr, e.port) else {
+        return;
+    };
+    let proto = match e.proto.as_deref() {
+        Some("udp") => agentd_common::IPPROTO_UDP,
+        _ => agentd_common::IPPROTO_TCP,
+    };
+    e.domain = admissions.domain_of(&e.agent, addr, port, proto);
 }
 
 #[cfg(test)]

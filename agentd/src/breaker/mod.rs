@@ -36,7 +36,10 @@ pub fn classify(ev: &Event) -> Option<ViolationKind> {
     // A denial by an agentd layer is a violation; `Killed` verdicts come after a trip and
     // are not counted again; allowed operations are not violations.
     let denied_by_policy = match (ev.verdict, ev.layer) {
-        (Verdict::Deny, Layer::Landlock | Layer::Seccomp | Layer::Bpf | Layer::BpfLsm) => true,
+        (
+            Verdict::Deny,
+            Layer::Landlock | Layer::Seccomp | Layer::Bpf | Layer::BpfLsm | Layer::Resolver,
+        ) => true,
         (Verdict::Deny, Layer::Agentd | Layer::Kernel | Layer::Permission) => false,
         (Verdict::Allow | Verdict::Killed | Verdict::None, _) => false,
     };
@@ -72,6 +75,7 @@ pub fn classify(ev: &Event) -> Option<ViolationKind> {
         // Attributed to seccomp (handled above) or to the kernel (not denied by policy);
         // any other denying layer would still be a refused call.
         Kind::Syscall => Some(ViolationKind::Syscall),
+        Kind::Dns => Some(ViolationKind::Dns),
         // Reported with the layer that refused it; no `trip_on` kind names signals.
         Kind::Signal
         | Kind::Start

@@ -95,6 +95,8 @@ pub struct DaemonArgs {
     pub audit_log: PathBuf,
     /// Group whose members may launch and watch (besides root).
     pub group: String,
+    /// `--dns-upstream`: where the agents' resolver asks.
+    pub dns_upstream: Option<std::net::SocketAddr>,
 }
 
 /// One agent the daemon knows.
@@ -117,6 +119,8 @@ struct Agent {
     /// Processes seen exiting before the supervisor named the first one (a short-lived
     /// agent's exit event can overtake its `started` line); at most [`EARLY_EXITS`].
     early_exits: Vec<u32>,
+    /// The agent's resolver, when its profile names domains (dropping it stops it).
+    resolver: Option<crate::dns::Resolver>,
 }
 
 /// Bound of [`Agent::early_exits`].
@@ -154,6 +158,8 @@ struct Shared {
     state_dir: PathBuf,
     /// This daemon's directory of pinned cgroup programs.
     pins: PathBuf,
+    /// `--dns-upstream`.
+    dns_upstream: Option<std::net::SocketAddr>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -280,6 +286,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         group_gid,
         state_dir: args.state_dir.clone(),
         pins: pins.clone(),
+        dns_upstream: args.dns_upstream,
     });
     let recorder = {
         let shared = Arc::clone(&shared);
@@ -1357,6 +1364,7 @@ async fn supervisor_line(
                         a.state = AgentState::Tripped;
                         lost_trip = Some(lost_trip_event(&a.id, a.pid));
                     }
+                    a.resolver = None;
                     if let Some(h) = a.bpf.take()
                         && let Err(e) = lock(&shared.watch).remove_agent(h)
                     {
@@ -1377,10 +1385,46 @@ async fn supervisor_line(
     }
 }
 
+/// The agent's resolver, steered to, when its profile names domains: one more socket set
+/// of the daemon's, whose queries are this agent's.
+fn resolver_for(
+    shared: &Arc<Shared>,
+    agent: &str,
+    handle: &bpf::AgentHandle,
+    policy: &CompiledPolicy,
+) -> Result<Option<crate::dns::Resolver>, String> {
+    if policy.network.names.is_empty() {
+        return Ok(None);
+    }
+    let upstream = crate::dns::upstream(shared.dns_upstream)?;
+    let bound =
+        crate::dns::Bound::new().map_err(|e| format!("the agent's resolver cannot bind: {e}"))?;
+    lock(&shared.watch)
+        .steer_dns(handle, bound.port())
+        .map_err(|e| format!("kernel watch: {e}"))?;
+    // Weak: the agent's entry holds the resolver, which must not keep the daemon alive.
+    let weak = Arc::downgrade(shared);
+    let served = bound.serve(crate::dns::Agent {
+        id: agent.to_owned(),
+        cgroup_id: handle.cgroup_id(),
+        rules: policy.network.names.clone(),
+        upstream,
+        admissions: lock(&shared.watch).admissions(),
+        emit: Box::new(move |ev| {
+            if let Some(shared) = weak.upgrade() {
+                handle_event(&shared, ev);
+            }
+        }),
+    });
+    served
+        .map(Some)
+        .map_err(|e| format!("the agent's resolver cannot serve: {e}"))
+}
+
 /// Attaches the watch to the agent's cgroup and registers it (state file first: if the
 /// daemon dies from here on, the next one reaps the agent).
 fn attach(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     who: &Actor,
     req: &RunRequest,
     policy: &CompiledPolicy,
@@ -1394,6 +1438,13 @@ fn attach(
     let handle = lock(&shared.watch)
         .add_agent(agent, cgroup, policy, Some(creds))
         .map_err(|e| format!("kernel watch: {e}"))?;
+    let resolver = match resolver_for(shared, agent, &handle, policy) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = lock(&shared.watch).remove_agent(handle);
+            return Err(e);
+        }
+    };
     let record = AgentRecord {
         id: agent.to_owned(),
         cgroup: cgroup.to_path_buf(),
@@ -1426,6 +1477,7 @@ fn attach(
             killed_by: None,
             drained,
             early_exits: Vec::new(),
+            resolver,
         },
     );
     lock(&shared.counters).agents_total += 1;

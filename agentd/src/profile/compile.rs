@@ -10,8 +10,8 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    Action, BindRule, ConnectRule, Identity, Limits, Mode, Profile, Threshold, ViolationKind,
-    syscalls, values::mapped_v6,
+    Action, BindRule, ConnectRule, Identity, Limits, Mode, NameRule, Profile, Threshold,
+    ViolationKind, syscalls, values::mapped_v6,
 };
 
 /// What `{workspace}` and `{home}` stand for in this launch.
@@ -121,7 +121,11 @@ pub struct NetEntry {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NetworkPolicy {
+    /// Rules by address: the trie entries below.
     pub connect: Vec<ConnectRule>,
+    /// Rules by DNS name, sorted: the agent's DNS queries go to agentd's resolver, which
+    /// admits the addresses of the names these allow for their TTL.
+    pub names: Vec<NameRule>,
     pub bind: Vec<BindRule>,
     pub families: Vec<SocketFamily>,
     /// The `connect`/`sendmsg` allow-list as map entries.
@@ -166,7 +170,7 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
     // address, by the cgroup programs at connect, sendmsg and bind (and reported with the
     // address); a socket alone reaches nothing. NETLINK_ROUTE only with network rules.
     let mut families = vec![SocketFamily::Unix, SocketFamily::Inet, SocketFamily::Inet6];
-    if !net.connect.is_empty() || !net.bind.is_empty() {
+    if !net.connect.is_empty() || !net.names.is_empty() || !net.bind.is_empty() {
         families.push(SocketFamily::NetlinkRoute);
     }
     let mut connect_entries: Vec<NetEntry> = net
@@ -183,6 +187,9 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
         })
         .collect();
     connect_entries.sort();
+    let mut names = net.names.clone();
+    names.sort();
+    names.dedup();
 
     let mut canaries: Vec<PathBuf> = fs.canaries.iter().map(|p| p.resolve(ctx)).collect();
     canaries.sort();
@@ -215,6 +222,7 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
         },
         network: NetworkPolicy {
             connect: net.connect.clone(),
+            names,
             bind: net.bind.clone(),
             families,
             connect_entries,

@@ -35,7 +35,7 @@ pub use compile::{
     SeccompPolicy, SocketFamily, compile,
 };
 pub use error::{LoadError, ProfileError, ProfileErrors};
-pub use values::{BindRule, ConnectRule, format_bytes, format_duration};
+pub use values::{BindRule, ConnectRule, NameRule, format_bytes, format_duration};
 
 /// Where installed profiles live; a name given to `--profile` is looked up here first.
 pub const SYSTEM_PROFILE_DIR: &str = "/etc/agentd/profiles";
@@ -157,7 +157,10 @@ pub struct Filesystem {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Network {
+    /// Rules by address.
     pub connect: Vec<ConnectRule>,
+    /// Rules by DNS name (`network.connect` entries that name a domain), sorted.
+    pub names: Vec<NameRule>,
     pub bind: Vec<BindRule>,
     /// Pathname unix sockets outside the agent it may connect to (host services).
     pub unix: Vec<PathTemplate>,
@@ -192,6 +195,8 @@ pub enum ViolationKind {
     Socket,
     /// A system call the seccomp filter refuses.
     Syscall,
+    /// A DNS query for a name no `network.connect` rule allows (answered NXDOMAIN).
+    Dns,
 }
 
 impl ViolationKind {
@@ -205,6 +210,7 @@ impl ViolationKind {
             ViolationKind::Read => "read",
             ViolationKind::Socket => "socket",
             ViolationKind::Syscall => "syscall",
+            ViolationKind::Dns => "dns",
         }
     }
 }

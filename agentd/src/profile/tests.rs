@@ -424,3 +424,78 @@ fn network_unix_entries_must_name_a_socket() {
     assert_eq!(e.len(), 1, "{e:?}");
     assert!(e[0].message.contains("at most"), "{e:?}");
 }
+
+#[test]
+fn network_connect_names_compile_apart_from_addresses() {
+    let p = parse(
+        "t",
+        &format!(
+            "{MINIMAL}[network]\nconnect = [\"*.example.org:443\", \"api.example.com:443\", \"127.0.0.1/32:8080\", \"api.example.com:53/udp\"]\n[breaker]\ntrip_on = [\"dns\"]\n"
+        ),
+    )
+    .unwrap();
+    let c = compile(&p, &ctx());
+    assert_eq!(
+        c.network
+            .connect
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["127.0.0.1/32:8080/tcp"]
+    );
+    assert_eq!(
+        c.network
+            .names
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        [
+            "api.example.com:53/udp",
+            "api.example.com:443/tcp",
+            "*.example.org:443/tcp"
+        ]
+    );
+    assert_eq!(
+        c.network.connect_entries.len(),
+        1,
+        "names make no trie entry"
+    );
+    assert_eq!(c.breaker.trip_on, [ViolationKind::Dns]);
+    assert_eq!(ViolationKind::Dns.as_str(), "dns");
+    let json = serde_json::to_value(&c.network).unwrap();
+    assert_eq!(json["names"][2], "*.example.org:443/tcp");
+
+    // A name rule alone opens NETLINK_ROUTE, as any network rule does.
+    let only = parse(
+        "t",
+        &format!("{MINIMAL}[network]\nconnect = [\"localhost:8080\"]\n"),
+    )
+    .unwrap();
+    let c = compile(&only, &ctx());
+    assert!(c.network.families.contains(&SocketFamily::NetlinkRoute));
+    assert!(c.network.connect.is_empty() && c.network.connect_entries.is_empty());
+}
+
+#[test]
+fn network_connect_name_errors_name_line_key_and_fix() {
+    let errs = errors(&format!(
+        "{MINIMAL}[network]\nconnect = [\n  \"Api.Example.com:443\",\n  \"a.*.example.com:443\",\n  \"api.example.com:443\",\n  \"api.example.com:443/tcp\",\n]\n"
+    ));
+    let keys: Vec<(&str, usize)> = errs
+        .iter()
+        .map(|e| (e.key.as_deref().unwrap(), e.line.unwrap()))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("network.connect[0]", 5),
+            ("network.connect[1]", 6),
+            ("network.connect[3]", 8)
+        ]
+    );
+    assert_eq!(
+        errs[0].hint.as_deref(),
+        Some("write \"api.example.com:443\"")
+    );
+    assert!(errs[2].message.contains("listed twice"), "{}", errs[2]);
+}

@@ -265,7 +265,16 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
 
     // [network]
     let net = raw.network.map(Spanned::into_inner).unwrap_or_default();
-    let connect = c.list("network.connect", &net.connect, values::parse_connect);
+    let connect = c.list("network.connect", &net.connect, values::parse_connect_entry);
+    let mut by_address = Vec::new();
+    let mut names = Vec::new();
+    for (entry, _) in connect {
+        match entry {
+            values::ConnectEntry::Cidr(rule) => by_address.push(rule),
+            values::ConnectEntry::Name(rule) => names.push(rule),
+        }
+    }
+    names.sort();
     let mut bind = Vec::new();
     for (i, b) in net.bind.iter().enumerate() {
         match values::parse_bind(b.get_ref()) {
@@ -302,7 +311,8 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
         }
     }
     let network = Network {
-        connect: connect.into_iter().map(|(r, _)| r).collect(),
+        connect: by_address,
+        names,
         bind,
         unix: paths(unix),
     };

@@ -163,6 +163,243 @@ pub fn parse_connect(s: &str) -> Result<ConnectRule, Invalid> {
             ),
         ));
     }
+    let (port, proto) = parse_port_proto(port_proto)?;
+    Ok(ConnectRule { net, port, proto })
+}
+
+/// A DNS name pattern of `network.connect`, in lowercase ASCII (A-labels, `xn--...`),
+/// without a trailing dot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NamePattern {
+    /// Exactly this name.
+    Exact(String),
+    /// Any name strictly below this one (`*.example.com`: `a.example.com`,
+    /// `a.b.example.com`, not `example.com`).
+    Below(String),
+}
+
+impl NamePattern {
+    /// Whether `name` (lowercase, no trailing dot, as the resolver normalises a query's
+    /// name) is one this pattern allows.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            NamePattern::Exact(exact) => name == exact,
+            NamePattern::Below(suffix) => name
+                .strip_suffix(suffix.as_str())
+                .and_then(|head| head.strip_suffix('.'))
+                .is_some_and(|head| !head.is_empty()),
+        }
+    }
+}
+
+impl fmt::Display for NamePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NamePattern::Exact(name) => f.write_str(name),
+            NamePattern::Below(suffix) => write!(f, "*.{suffix}"),
+        }
+    }
+}
+
+/// `network.connect` entry by name: outbound connections (TCP connect, UDP send) to the
+/// addresses the agent's own DNS answers give for a name `pattern` matches, on `port`
+/// (None = every port), with `proto`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NameRule {
+    pub pattern: NamePattern,
+    pub port: Option<u16>,
+    pub proto: Protocol,
+}
+
+impl fmt::Display for NameRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(p) => write!(f, "{}:{p}/{}", self.pattern, self.proto.as_str()),
+            None => write!(f, "{}:*/{}", self.pattern, self.proto.as_str()),
+        }
+    }
+}
+
+impl Serialize for NameRule {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A `network.connect` entry: by address or by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectEntry {
+    Cidr(ConnectRule),
+    Name(NameRule),
+}
+
+const NAME_SYNTAX: &str = "write NAME:PORT[/tcp|/udp] or *.SUFFIX:PORT[/tcp|/udp], e.g. \"api.example.com:443\", \"*.example.com:443\", or PORT `*` for every port";
+
+/// Longest DNS name in text form, without the trailing dot (RFC 1035: 255 octets on the
+/// wire).
+const MAX_NAME: usize = 253;
+/// Longest label (RFC 1035).
+const MAX_LABEL: usize = 63;
+
+/// Parses a `network.connect` entry: `CIDR:PORT[/PROTO]` ([`parse_connect`]), or
+/// `NAME:PORT[/PROTO]` / `*.SUFFIX:PORT[/PROTO]` ([`parse_name_rule`]) when it reads as a
+/// name. What reads as an address (an all-digit last label, as in `10.0.0.1:80`; more
+/// than one `:`, as in IPv6; a `/` before the port) gets the CIDR errors.
+pub fn parse_connect_entry(s: &str) -> Result<ConnectEntry, Invalid> {
+    if looks_like_name(s) {
+        parse_name_rule(s).map(ConnectEntry::Name)
+    } else {
+        parse_connect(s).map(ConnectEntry::Cidr)
+    }
+}
+
+fn looks_like_name(s: &str) -> bool {
+    let (host, port_proto) = s.split_once(':').unwrap_or((s, ""));
+    if host.is_empty() || host.contains(['/', '[', ']']) || port_proto.contains(':') {
+        return false;
+    }
+    let last = host
+        .trim_end_matches('.')
+        .rsplit('.')
+        .next()
+        .unwrap_or(host);
+    !last.is_empty() && !last.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Parses `NAME:PORT[/PROTO]` or `*.SUFFIX:PORT[/PROTO]`. The name must be written as the
+/// resolver will see it: lowercase ASCII (an internationalised name in its `xn--` form),
+/// without a trailing dot, so that what is written is exactly what is matched.
+pub fn parse_name_rule(s: &str) -> Result<NameRule, Invalid> {
+    let Some((host, port_proto)) = s.split_once(':') else {
+        return Err(invalid(
+            format!("`{s}` has no port"),
+            format!("write \"{s}:443\" for HTTPS, or PORT `*` for every port"),
+        ));
+    };
+    let pattern = parse_name_pattern(host, port_proto)?;
+    let (port, proto) = parse_port_proto(port_proto)?;
+    Ok(NameRule {
+        pattern,
+        port,
+        proto,
+    })
+}
+
+/// `host` as a pattern; `port_proto` only completes the hints.
+fn parse_name_pattern(host: &str, port_proto: &str) -> Result<NamePattern, Invalid> {
+    // What to write instead, when lowercasing, dropping the trailing dot and IDNA (UTS 46)
+    // give a name that is valid.
+    let fixed = || {
+        let (star, rest) = match host.strip_prefix("*.") {
+            Some(rest) => ("*.", rest),
+            None => ("", host),
+        };
+        idna::domain_to_ascii(rest.trim_end_matches('.'))
+            .ok()
+            .map(|ascii| format!("{star}{ascii}"))
+            .filter(|name| check_pattern(name).is_ok())
+            .map(|name| format!("write \"{name}:{port_proto}\""))
+    };
+    // Where `*` stands is checked first: the other fixes are for the name below it.
+    wildcard(host)?;
+    if !host.is_ascii() {
+        return Err(invalid(
+            format!(
+                "`{host}` is not ASCII: DNS carries internationalised names in their `xn--` form"
+            ),
+            fixed().or_else(|| Some(NAME_SYNTAX.to_owned())),
+        ));
+    }
+    if host.ends_with('.') {
+        return Err(invalid(
+            format!("`{host}` ends with a dot"),
+            fixed().or_else(|| Some(NAME_SYNTAX.to_owned())),
+        ));
+    }
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(invalid(
+            format!("`{host}` has uppercase letters: names are matched in lowercase"),
+            fixed().or_else(|| Some(NAME_SYNTAX.to_owned())),
+        ));
+    }
+    check_pattern(host)
+}
+
+/// Splits a leading `*.` off `host`: the name, and the pattern it makes. `*` may only
+/// start a pattern, and must be followed by a name.
+fn wildcard(host: &str) -> Result<(&str, fn(String) -> NamePattern), Invalid> {
+    let (name, pattern): (&str, fn(String) -> NamePattern) = match host.strip_prefix("*.") {
+        Some(suffix) => (suffix, NamePattern::Below),
+        None => (host, NamePattern::Exact),
+    };
+    if name.contains('*') {
+        return Err(invalid(
+            format!("`{host}`: `*` may only start a name, as `*.`"),
+            "write \"*.example.com:443\" for every name below example.com".to_owned(),
+        ));
+    }
+    if name.is_empty() {
+        return Err(invalid(
+            format!("`{host}` names no domain below which to match"),
+            "write \"*.example.com:443\" for every name below example.com".to_owned(),
+        ));
+    }
+    Ok((name, pattern))
+}
+
+/// Checks a lowercase ASCII pattern without a trailing dot.
+fn check_pattern(host: &str) -> Result<NamePattern, Invalid> {
+    let (name, pattern) = wildcard(host)?;
+    if host.len() > MAX_NAME {
+        return Err(invalid(
+            format!(
+                "`{host}` is {} characters long: a DNS name has at most {MAX_NAME}",
+                host.len()
+            ),
+            None,
+        ));
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err(invalid(
+                format!("`{host}` has an empty label (`..`)"),
+                NAME_SYNTAX.to_owned(),
+            ));
+        }
+        if label.len() > MAX_LABEL {
+            return Err(invalid(
+                format!("the label `{label}` is longer than {MAX_LABEL} characters"),
+                None,
+            ));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+        {
+            return Err(invalid(
+                format!("`{host}` contains `{c}`: a name has only letters, digits, `-` and `.`"),
+                NAME_SYNTAX.to_owned(),
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(invalid(
+                format!("the label `{label}` starts or ends with `-`"),
+                None,
+            ));
+        }
+    }
+    let last = name.rsplit('.').next().unwrap_or(name);
+    if last.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(
+            format!("`{host}` ends in an all-digit label: no DNS name does"),
+            CONNECT_SYNTAX.to_owned(),
+        ));
+    }
+    Ok(pattern(name.to_owned()))
+}
+
+/// `PORT[/PROTO]`: PORT `*` is every port; PROTO defaults to tcp.
+fn parse_port_proto(port_proto: &str) -> Result<(Option<u16>, Protocol), Invalid> {
     let (port, proto) = match port_proto.split_once('/') {
         Some((p, proto)) => (
             p,
@@ -179,7 +416,7 @@ pub fn parse_connect(s: &str) -> Result<ConnectRule, Invalid> {
         "*" => None,
         p => Some(parse_port(p)?),
     };
-    Ok(ConnectRule { net, port, proto })
+    Ok((port, proto))
 }
 
 fn parse_port(p: &str) -> Result<u16, Invalid> {
@@ -469,6 +706,150 @@ mod tests {
         assert!(parse_connect("10.0.0.0/8:70000").is_err());
         assert!(parse_connect("10.0.0.0/8:53/icmp").is_err());
         assert!(parse_connect("example.com/32:443").is_err());
+    }
+
+    fn name(s: &str) -> NameRule {
+        match parse_connect_entry(s) {
+            Ok(ConnectEntry::Name(rule)) => rule,
+            other => panic!("{s}: {other:?}"),
+        }
+    }
+
+    fn hint(s: &str) -> String {
+        let e = parse_connect_entry(s).unwrap_err();
+        e.hint
+            .unwrap_or_else(|| panic!("{s}: {} (no hint)", e.message))
+    }
+
+    #[test]
+    fn name_rules() {
+        let r = name("api.example.com:443");
+        assert_eq!(r.pattern, NamePattern::Exact("api.example.com".into()));
+        assert_eq!((r.port, r.proto), (Some(443), Protocol::Tcp));
+        assert_eq!(r.to_string(), "api.example.com:443/tcp");
+        let r = name("*.example.com:*/udp");
+        assert_eq!(r.pattern, NamePattern::Below("example.com".into()));
+        assert_eq!((r.port, r.proto), (None, Protocol::Udp));
+        assert_eq!(r.to_string(), "*.example.com:*/udp");
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            serde_json::json!("*.example.com:*/udp")
+        );
+        assert_eq!(
+            name("localhost:8080").pattern,
+            NamePattern::Exact("localhost".into())
+        );
+        assert_eq!(
+            name("xn--bcher-kva.example:443").to_string(),
+            "xn--bcher-kva.example:443/tcp"
+        );
+        assert_eq!(
+            name("a-1.b2.example:443").to_string(),
+            "a-1.b2.example:443/tcp"
+        );
+        // Addresses stay CIDR rules.
+        assert!(matches!(
+            parse_connect_entry("10.0.0.0/8:443"),
+            Ok(ConnectEntry::Cidr(_))
+        ));
+        assert!(matches!(
+            parse_connect_entry("::1/128:53/udp"),
+            Ok(ConnectEntry::Cidr(_))
+        ));
+    }
+
+    #[test]
+    fn name_rules_are_written_as_they_are_matched() {
+        assert_eq!(hint("API.Example.com:443"), "write \"api.example.com:443\"");
+        assert_eq!(
+            hint("api.example.com.:443"),
+            "write \"api.example.com:443\""
+        );
+        assert_eq!(
+            hint("*.Example.COM.:443/udp"),
+            "write \"*.example.com:443/udp\""
+        );
+        assert_eq!(
+            hint("bücher.example:443"),
+            "write \"xn--bcher-kva.example:443\""
+        );
+        assert_eq!(
+            hint("*.bücher.example:*"),
+            "write \"*.xn--bcher-kva.example:*\""
+        );
+        let e = parse_connect_entry("bücher.example:443").unwrap_err();
+        assert!(e.message.contains("not ASCII"), "{}", e.message);
+    }
+
+    #[test]
+    fn bad_names_are_errors() {
+        for bad in [
+            "*:443",
+            "*.:443",
+            "a.*.example.com:443",
+            "*foo.example.com:443",
+            "foo*.example.com:443",
+            "*.*.example.com:443",
+            "a..example.com:443",
+            ".example.com:443",
+            "-a.example.com:443",
+            "a-.example.com:443",
+            "a_b.example.com:443",
+            "api.example.com:0",
+            "api.example.com:443/icmp",
+            "api.example.com:https",
+            "api.example.com",
+        ] {
+            assert!(parse_connect_entry(bad).is_err(), "{bad}");
+        }
+        let long_label = format!("{}.example:443", "a".repeat(64));
+        assert!(parse_connect_entry(&long_label).is_err());
+        assert!(parse_connect_entry(&format!("{}.example:443", "a".repeat(63))).is_ok());
+        // 4 labels of 63 + 3 dots = 255 > 253.
+        let long_name = format!("{0}.{0}.{0}.{0}:443", "a".repeat(63));
+        let e = parse_connect_entry(&long_name).unwrap_err();
+        assert!(e.message.contains("at most 253"), "{}", e.message);
+        assert!(
+            parse_connect_entry("*:443")
+                .unwrap_err()
+                .message
+                .contains("`*`")
+        );
+        assert!(
+            parse_connect_entry("*.:443")
+                .unwrap_err()
+                .message
+                .contains("no domain")
+        );
+        assert!(hint("api.example.com").contains("api.example.com:443"));
+    }
+
+    #[test]
+    fn what_reads_as_an_address_keeps_the_cidr_errors() {
+        assert!(hint("10.0.0.1:80").contains("10.0.0.1/32:80"));
+        assert!(hint("10.0.0.1.:80").contains("CIDR"));
+        assert!(hint("fe80::1:443").contains("CIDR"));
+        assert!(hint("[fe80::1]:443").contains("CIDR"));
+        assert!(hint("example.123:443").contains("CIDR"));
+        assert!(parse_connect_entry("example.com/32:443").is_err());
+    }
+
+    #[test]
+    fn name_patterns_match_exactly_or_strictly_below() {
+        let exact = NamePattern::Exact("api.example.com".into());
+        assert!(exact.matches("api.example.com"));
+        assert!(!exact.matches("x.api.example.com"));
+        assert!(!exact.matches("example.com"));
+        assert!(!exact.matches("api.example.co"));
+        let below = NamePattern::Below("example.com".into());
+        assert!(below.matches("a.example.com"));
+        assert!(below.matches("a.b.example.com"));
+        assert!(!below.matches("example.com"), "not the suffix itself");
+        assert!(!below.matches(".example.com"));
+        assert!(!below.matches("xexample.com"));
+        assert!(!below.matches("a.xexample.com"));
+        assert!(!below.matches("example.com.evil.net"));
+        assert!(!below.matches("a.example.co"));
     }
 
     #[test]

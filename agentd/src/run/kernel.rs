@@ -33,8 +33,9 @@ use super::{
 use crate::{
     bpf::{self, Watch},
     breaker::{Breaker, Trip},
+    dns,
     event::{Event, Kind, Layer, Verdict},
-    profile::{Action, BreakerPolicy},
+    profile::{Action, BreakerPolicy, NameRule},
 };
 
 /// Exit status of `agentd run` after the breaker killed the agent (128 + SIGKILL).
@@ -48,6 +49,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 enum KernelHookError {
     #[error("kernel watch: {0}")]
     Bpf(#[from] bpf::BpfError),
+    #[error("the agent's resolver: {0}")]
+    Resolver(String),
 }
 
 fn hook_error(hook: &'static str, e: KernelHookError) -> HookError {
@@ -70,11 +73,28 @@ pub struct KernelHooks {
     task: Option<JoinHandle<()>>,
     /// The `--events` channel, for the kill switch's report.
     events: Option<mpsc::Sender<Event>>,
+    /// `--dns-upstream`.
+    dns_upstream: Option<std::net::SocketAddr>,
+    /// The agent's resolver (its profile names domains): bound before the agent starts,
+    /// serving once it has.
+    resolver: Option<Resolving>,
+}
+
+#[derive(Debug)]
+enum Resolving {
+    Bound(dns::Bound, Vec<NameRule>, std::net::SocketAddr),
+    /// Held until the agent is finished (dropping it stops the resolver).
+    Serving {
+        _resolver: dns::Resolver,
+    },
 }
 
 impl KernelHooks {
-    pub fn new() -> KernelHooks {
-        KernelHooks::default()
+    pub fn new(dns_upstream: Option<std::net::SocketAddr>) -> KernelHooks {
+        KernelHooks {
+            dns_upstream,
+            ..KernelHooks::default()
+        }
     }
 }
 
@@ -103,6 +123,26 @@ impl AgentHooks for KernelHooks {
                 Some(agent.creds()),
             )
             .map_err(|e| hook_error("kernel watch", e.into()))?;
+        let names = &agent.policy.network.names;
+        if !names.is_empty() {
+            let bound = dns::upstream(self.dns_upstream)
+                .map_err(KernelHookError::Resolver)
+                .and_then(|up| {
+                    let b = dns::Bound::new()
+                        .map_err(|e| KernelHookError::Resolver(format!("cannot bind: {e}")))?;
+                    watch.steer_dns(&handle, b.port())?;
+                    Ok((b, up))
+                });
+            match bound {
+                Ok((b, up)) => self.resolver = Some(Resolving::Bound(b, names.clone(), up)),
+                Err(e) => {
+                    if let Err(undo) = watch.remove_agent(handle) {
+                        tracing::warn!("detaching after a failed launch: {undo}");
+                    }
+                    return Err(hook_error("kernel watch", e));
+                }
+            }
+        }
         self.agent = Some(handle);
         self.watch = Some(Arc::new(Mutex::new(watch)));
         self.breaker = Some(agent.policy.breaker.clone());
@@ -129,6 +169,29 @@ impl AgentHooks for KernelHooks {
                 return;
             }
         };
+        // The resolver's `dns` events join the kernel's, before the breaker.
+        let (dns_tx, dns_rx) = mpsc::unbounded_channel();
+        if let Some(Resolving::Bound(bound, rules, upstream)) = self.resolver.take() {
+            let served = bound.serve(dns::Agent {
+                id: agent.agent_id.to_string(),
+                cgroup_id,
+                rules,
+                upstream,
+                admissions: lock(&watch).admissions(),
+                emit: Box::new(move |ev| {
+                    let _ = dns_tx.send(ev);
+                }),
+            });
+            match served {
+                Ok(r) => self.resolver = Some(Resolving::Serving { _resolver: r }),
+                Err(e) => {
+                    // Its port is steered to: nothing answering is fail closed, but say so.
+                    eprintln!("agentd: the agent's resolver cannot serve: {e}; killing the agent");
+                    let _ = agent.kill();
+                    return;
+                }
+            }
+        }
         let (done_tx, done_rx) = watch::channel(false);
         self.drained = Some(done_rx);
         self.events = Some(events.clone());
@@ -141,7 +204,7 @@ impl AgentHooks for KernelHooks {
             killed_by: Arc::clone(&self.killed_by),
             done: done_tx,
         };
-        self.task = Some(tokio::spawn(task.run(rx)));
+        self.task = Some(tokio::spawn(task.run(rx, dns_rx)));
     }
 
     fn finished<'a>(
@@ -170,8 +233,9 @@ impl AgentHooks for KernelHooks {
                     let _ = out.send(ev).await;
                 }
             }
-            // Stop reading (the task and `events` hold senders of the --events writer),
-            // then detach.
+            // Stop resolving and reading (the task and `events` hold senders of the
+            // --events writer), then detach.
+            self.resolver = None;
             self.events = None;
             if let Some(task) = self.task.take() {
                 task.abort();
@@ -225,7 +289,7 @@ struct EventTask {
 }
 
 impl EventTask {
-    async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Event>, mut dns: mpsc::UnboundedReceiver<Event>) {
         // Identical refusals folded for the record (the breaker sees each one), until the
         // first process's exit: then what is open is recorded, and the rest passes as is
         // (the task is stopped soon after).
@@ -237,6 +301,7 @@ impl EventTask {
                     Some(ev) => ev,
                     None => break,
                 },
+                Some(ev) = dns.recv() => ev,
                 _ = tick.tick() => {
                     if let Some(b) = bursts.as_mut() {
                         self.record(b.expired(monotonic_ns())).await;

@@ -153,6 +153,9 @@ pub struct RunArgs {
     pub json: bool,
     /// No summary of refusals at exit.
     pub quiet: bool,
+    /// Where the agent's resolver asks for the names its profile allows (default: the
+    /// first nameserver of /etc/resolv.conf).
+    pub dns_upstream: Option<std::net::SocketAddr>,
 }
 
 /// `agentd run`.
@@ -168,7 +171,8 @@ pub fn run(args: RunArgs) -> ExitCode {
             Err(e) => failed(&mut None, &RunError::Hook(e), None, ""),
         };
     }
-    run_with_hooks(args, &mut kernel::KernelHooks::new())
+    let upstream = args.dns_upstream;
+    run_with_hooks(args, &mut kernel::KernelHooks::new(upstream))
 }
 
 /// `agentd run` with the given hooks.
@@ -533,6 +537,7 @@ pub fn args(
         dry_run,
         json,
         quiet: false,
+        dns_upstream: None,
     }
 }
 

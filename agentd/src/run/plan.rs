@@ -321,7 +321,10 @@ impl Plan {
 /// kernel runs it (probed as `agentd doctor` does: a program is loaded and unloaded).
 #[derive(Debug, Serialize)]
 pub struct KernelPlan {
+    /// Rules by address.
     pub connect: Vec<String>,
+    /// Rules by DNS name.
+    pub names: Vec<String>,
     pub bind: Vec<String>,
     pub canaries: Vec<PathBuf>,
     pub protect: Vec<PathBuf>,
@@ -349,6 +352,7 @@ impl KernelPlan {
                 .iter()
                 .map(|r| r.to_string())
                 .collect(),
+            names: policy.network.names.iter().map(|r| r.to_string()).collect(),
             bind: policy.network.bind.iter().map(|r| r.to_string()).collect(),
             canaries: policy.canaries.clone(),
             protect: policy.protect.clone(),
@@ -384,14 +388,22 @@ impl KernelPlan {
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
         };
+        let by_name = self.names.iter().map(|n| format!("{n} (by name)"));
+        let connect: Vec<String> = self.connect.iter().cloned().chain(by_name).collect();
         line(
             "network",
             format!(
                 "connect {}; bind {} (cgroup programs; anything else EPERM)",
-                list(&self.connect),
+                list(&connect),
                 list(&self.bind)
             ),
         );
+        if !self.names.is_empty() {
+            line(
+                "dns",
+                "every DNS query of the agent (port 53, any address, UDP and TCP) is steered to agentd's resolver; addresses of allowed names admitted for their TTL (2 s .. 1 h); other names: NXDOMAIN".into(),
+            );
+        }
         if !self.canaries.is_empty() {
             line("canaries", paths(&self.canaries).join(", "));
         }
@@ -473,6 +485,7 @@ mod tests {
         assert_eq!(k.refused(), None);
         let text = k.render();
         assert!(text.contains("connect 10.0.0.0/8:443"), "{text}");
+        assert!(!text.contains("dns"), "{text}");
         assert!(text.contains("bind nothing"), "{text}");
         assert!(text.contains("protected: /w/.git/hooks"), "{text}");
         assert!(
@@ -503,6 +516,22 @@ mod tests {
         let k = kernel_plan(toml, BpfLsm::Unknown("needs root".into()));
         assert_eq!(k.refused(), None);
         assert!(k.render().contains("cannot tell without root"));
+    }
+
+    #[test]
+    fn the_kernel_plan_shows_name_rules_and_how_they_are_enforced() {
+        let toml = "[agent]\nname = \"t\"\n[network]\nconnect = [\"10.0.0.0/8:443\", \"api.example.com:443\", \"*.example.org:*/udp\"]\n";
+        let k = kernel_plan(toml, BpfLsm::Runs);
+        assert_eq!(k.connect, ["10.0.0.0/8:443/tcp"]);
+        assert_eq!(k.names, ["api.example.com:443/tcp", "*.example.org:*/udp"]);
+        let text = k.render();
+        assert!(
+            text.contains("connect 10.0.0.0/8:443/tcp, api.example.com:443/tcp (by name), *.example.org:*/udp (by name);"),
+            "{text}"
+        );
+        assert!(text.contains("steered to agentd's resolver"), "{text}");
+        let json = serde_json::to_value(&k).unwrap();
+        assert_eq!(json["names"][1], "*.example.org:*/udp");
     }
 
     #[test]

@@ -1,0 +1,188 @@
+//! Addresses admitted from agents' DNS answers: the `DNS_ALLOW` map the cgroup programs
+//! consult at connect and sendmsg, and what user space remembers of each entry (the name
+//! it was admitted for, to put in the `net_connect` events it allows).
+
+use std::{
+    collections::HashMap as StdHashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use agentd_common::DnsKey;
+use aya::maps::{HashMap, MapData};
+
+use super::BpfError;
+use crate::run::kernel::monotonic_ns;
+
+/// Addresses one agent may have admitted at once (distinct address, port and protocol).
+pub const MAX_PER_AGENT: usize = 1024;
+/// How long an expired admission's name is still known, for the events of connections
+/// made just before it expired (their records may be decoded later).
+const NAME_GRACE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error(
+        "the agent has {MAX_PER_AGENT} addresses admitted, the most one agent may have \
+         (they are reclaimed as they expire)"
+    )]
+    Full,
+    #[error("{0}")]
+    Map(#[from] BpfError),
+}
+
+/// One admission in user space's copy.
+#[derive(Debug, Clone)]
+struct Entry {
+    agent: String,
+    domain: String,
+    /// CLOCK_MONOTONIC ns, as in the map.
+    expires: u64,
+}
+
+#[derive(Debug)]
+struct Table {
+    map: HashMap<MapData, DnsKey, u64>,
+    entries: StdHashMap<DnsKey, Entry>,
+}
+
+/// A handle on the admissions, shared by the resolvers and the event reader.
+#[derive(Debug, Clone)]
+pub struct Admissions(Arc<Mutex<Table>>);
+
+fn lock(t: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
+    t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `addr` as the programs see it: IPv6, IPv4 as ::ffff:a.b.c.d.
+pub fn mapped(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+fn key(cgroup_id: u64, addr: IpAddr, port: Option<u16>, proto: u8) -> DnsKey {
+    DnsKey {
+        cgroup_id,
+        addr: mapped(addr),
+        port_be: port.unwrap_or(0).to_be(),
+        proto,
+        _pad: [0; 5],
+    }
+}
+
+impl Admissions {
+    pub(super) fn new(map: HashMap<MapData, DnsKey, u64>) -> Admissions {
+        Admissions(Arc::new(Mutex::new(Table {
+            map,
+            entries: StdHashMap::new(),
+        })))
+    }
+
+    /// Lets agent `agent` (cgroup `cgroup_id`) connect to `addr` on `port` (None: every
+    /// port) with `proto` for `ttl`, as an address of `domain`. Written to the kernel map
+    /// before it returns: the caller answers the agent after.
+    pub fn admit(
+        &self,
+        agent: &str,
+        cgroup_id: u64,
+        addr: IpAddr,
+        port: Option<u16>,
+        proto: u8,
+        domain: &str,
+        ttl: Duration,
+    ) -> Result<(), AdmitError> {
+        let now = monotonic_ns();
+        let expires = now.saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX));
+        let k = key(cgroup_id, addr, port, proto);
+        let mut t = lock(&self.0);
+        if !t.entries.contains_key(&k) {
+            let held = t
+                .entries
+                .iter()
+                .filter(|(k, e)| k.cgroup_id == cgroup_id && e.expires > now)
+                .count();
+            if held >= MAX_PER_AGENT {
+                return Err(AdmitError::Full);
+            }
+        }
+        // A longer admission for the same address (another name, a longer TTL) stays.
+        let expires = t
+            .entries
+            .get(&k)
+            .map_or(expires, |e| e.expires.max(expires));
+        t.map.insert(k, expires, 0).map_err(|source| {
+            AdmitError::Map(BpfError::Map {
+                map: "DNS_ALLOW",
+                source,
+            })
+        })?;
+        t.entries.insert(
+            k,
+            Entry {
+                agent: agent.to_owned(),
+                domain: domain.to_owned(),
+                expires,
+            },
+        );
+        Ok(())
+    }
+
+    /// The name `addr` was admitted for to `agent` on `port` (or every port) and
+    /// `proto`, if it was (recently: an event is decoded after the connect it records).
+    pub fn domain_of(&self, agent: &str, addr: IpAddr, port: u16, proto: u8) -> Option<String> {
+        let t = lock(&self.0);
+        let addr = mapped(addr);
+        let port_be = port.to_be();
+        t.entries
+            .iter()
+            .find(|(k, e)| {
+                e.agent == agent
+                    && k.addr == addr
+                    && k.proto == proto
+                    && (k.port_be == port_be || k.port_be == 0)
+            })
+            .map(|(_, e)| e.domain.clone())
+    }
+
+    /// Deletes the expired entries from the map, and forgets their names after a grace.
+    pub fn sweep(&self) {
+        let now = monotonic_ns();
+        let grace = u64::try_from(NAME_GRACE.as_nanos()).unwrap_or(u64::MAX);
+        let mut t = lock(&self.0);
+        let expired: Vec<(DnsKey, bool)> = t
+            .entries
+            .iter()
+            .filter(|(_, e)| e.expires <= now)
+            .map(|(k, e)| (*k, e.expires.saturating_add(grace) <= now))
+            .collect();
+        for (k, forget) in expired {
+            // Gone already when swept before.
+            let _ = t.map.remove(&k);
+            if forget {
+                t.entries.remove(&k);
+            }
+        }
+    }
+
+    /// Removes every admission of the agent in cgroup `cgroup_id` (it is gone); their
+    /// names are kept for its last events, like expired ones.
+    pub fn forget_agent(&self, cgroup_id: u64) {
+        let now = monotonic_ns();
+        let mut t = lock(&self.0);
+        let keys: Vec<DnsKey> = t
+            .entries
+            .keys()
+            .filter(|k| k.cgroup_id == cgroup_id)
+            .copied()
+            .collect();
+        for k in keys {
+            let _ = t.map.remove(&k);
+            if let Some(e) = t.entries.get_mut(&k) {
+                e.expires = e.expires.min(now);
+            }
+        }
+    }
+}
