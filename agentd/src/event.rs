@@ -252,8 +252,21 @@ impl Event {
         }
     }
 
-    /// What the event is about: its path(s), its address, or the rule, call or reason.
+    /// What the event is about: its path(s), its address (and the name it was admitted
+    /// for), the name asked, or the rule, call or reason.
     pub fn target(&self) -> String {
+        let what = self.what();
+        match (&self.domain, self.kind) {
+            (Some(d), Kind::Dns) => {
+                let t = self.detail.get("type").and_then(|v| v.as_str());
+                t.map_or_else(|| d.clone(), |t| format!("{d} {t}"))
+            }
+            (Some(d), _) => format!("{what} ({d})"),
+            (None, _) => what,
+        }
+    }
+
+    fn what(&self) -> String {
         match (&self.path, self.addr, self.port) {
             (Some(p), _, _) => match &self.path2 {
                 Some(p2) => format!("{p} -> {p2}"),
@@ -357,6 +370,27 @@ mod tests {
         .unwrap();
         assert_eq!(v["kind"], "syscall");
         assert_eq!(v["layer"], "seccomp");
+    }
+
+    #[test]
+    fn names_show_in_the_target_of_dns_and_connect_events() {
+        let mut q =
+            Event::new("a1", 0, "", Kind::Dns, Verdict::Deny, Layer::Resolver).with("type", "AAAA");
+        q.domain = Some("other.test".into());
+        assert_eq!(q.target(), "other.test AAAA");
+        let json = serde_json::to_value(&q).unwrap();
+        assert_eq!(json["domain"], "other.test");
+        assert_eq!(json["layer"], "resolver");
+        assert_eq!(json["kind"], "dns");
+        let mut c = Event::new("a1", 9, "curl", Kind::Connect, Verdict::Allow, Layer::Bpf);
+        c.addr = Some("127.0.0.2".parse().unwrap());
+        c.port = Some(443);
+        c.proto = Some("tcp".into());
+        c.domain = Some("allowed.test".into());
+        assert_eq!(c.target(), "127.0.0.2:443/tcp (allowed.test)");
+        c.domain = None;
+        assert_eq!(c.target(), "127.0.0.2:443/tcp");
+        assert!(serde_json::to_value(&c).unwrap().get("domain").is_none());
     }
 
     #[test]

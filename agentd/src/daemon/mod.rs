@@ -1410,6 +1410,7 @@ fn resolver_for(
         rules: policy.network.names.clone(),
         upstream,
         admissions: lock(&shared.watch).admissions(),
+        monitor: policy.mode == crate::profile::Mode::Monitor,
         emit: Box::new(move |ev| {
             if let Some(shared) = weak.upgrade() {
                 handle_event(&shared, ev);

@@ -114,6 +114,8 @@ pub struct Agent {
     pub rules: Vec<NameRule>,
     pub upstream: SocketAddr,
     pub admissions: Admissions,
+    /// Monitor mode: names no rule allows are reported, and resolved all the same.
+    pub monitor: bool,
     /// Where `dns` events go (the breaker sees them there).
     pub emit: Box<dyn Fn(Event) + Send + Sync>,
 }
@@ -362,12 +364,14 @@ async fn answer(state: &State, message: &[u8], transport: Transport) -> Option<V
         .filter(|r| r.pattern.matches(&query.name))
         .collect();
     if rules.is_empty() {
-        (agent.emit)(
-            dns_event(agent, Some(&query), Verdict::Deny)
-                .with("rcode", "NXDOMAIN")
-                .with("reason", "no network.connect rule names it"),
-        );
-        return Some(agentd_dns::reply(&query, Rcode::NxDomain));
+        let ev = dns_event(agent, Some(&query), Verdict::Deny)
+            .with("reason", "no network.connect rule names it");
+        if !agent.monitor {
+            (agent.emit)(ev.with("rcode", "NXDOMAIN"));
+            return Some(agentd_dns::reply(&query, Rcode::NxDomain));
+        }
+        // Monitor mode: reported, and answered (its connects are not refused either).
+        (agent.emit)(ev.with("monitor", true));
     }
     let Ok(_slot) = state.in_flight.try_acquire() else {
         (agent.emit)(
@@ -388,7 +392,7 @@ async fn answer(state: &State, message: &[u8], transport: Transport) -> Option<V
         );
         Some(agentd_dns::reply(&query, Rcode::ServFail))
     };
-    let response = match ask_upstream(agent.upstream, &query, transport).await {
+    let response = match ask_upstream(agent.upstream, &query).await {
         Ok(r) => r,
         Err(e) => return servfail(format!("upstream {}: {e}", agent.upstream)),
     };
@@ -448,34 +452,31 @@ fn admit(
 }
 
 /// The upstream's answer to `query`: over UDP (two tries), again over TCP when the answer
-/// was truncated or the agent asked over TCP.
-async fn ask_upstream(
-    upstream: SocketAddr,
-    query: &Query,
-    transport: Transport,
-) -> std::io::Result<Vec<u8>> {
-    if transport == Transport::Udp {
-        let local: SocketAddr = match upstream {
-            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+/// was truncated (whichever way the agent asked: upstreams without TCP exist).
+async fn ask_upstream(upstream: SocketAddr, query: &Query) -> std::io::Result<Vec<u8>> {
+    let local: SocketAddr = match upstream {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(local).await?;
+    socket.connect(upstream).await?;
+    let mut buf = vec![0u8; agentd_dns::MAX_MESSAGE];
+    let mut truncated = false;
+    for _ in 0..2 {
+        socket.send(&query.message).await?;
+        let Ok(got) = tokio::time::timeout(UPSTREAM_TIMEOUT, socket.recv(&mut buf)).await else {
+            continue;
         };
-        let socket = UdpSocket::bind(local).await?;
-        socket.connect(upstream).await?;
-        let mut buf = vec![0u8; agentd_dns::MAX_MESSAGE];
-        for _ in 0..2 {
-            socket.send(&query.message).await?;
-            let Ok(got) = tokio::time::timeout(UPSTREAM_TIMEOUT, socket.recv(&mut buf)).await
-            else {
-                continue;
-            };
-            let n = got?;
-            let reply = buf.get(..n).unwrap_or_default();
-            // TC, in the header's third byte: the rest is to be had over TCP.
-            if reply.get(2).is_none_or(|flags| flags & 0x02 == 0) {
-                return Ok(reply.to_vec());
-            }
-            break;
+        let reply = buf.get(..got?).unwrap_or_default();
+        // TC, in the header's third byte: the whole answer is to be had over TCP.
+        if reply.get(2).is_none_or(|flags| flags & 0x02 == 0) {
+            return Ok(reply.to_vec());
         }
+        truncated = true;
+        break;
+    }
+    if !truncated {
+        return Err(std::io::Error::from(std::io::ErrorKind::TimedOut));
     }
     let ask = async {
         let mut stream = TcpStream::connect(upstream).await?;

@@ -35,7 +35,7 @@ use crate::{
     breaker::{Breaker, Trip},
     dns,
     event::{Event, Kind, Layer, Verdict},
-    profile::{Action, BreakerPolicy, NameRule},
+    profile::{Action, BreakerPolicy, Mode, NameRule},
 };
 
 /// Exit status of `agentd run` after the breaker killed the agent (128 + SIGKILL).
@@ -82,11 +82,14 @@ pub struct KernelHooks {
 
 #[derive(Debug)]
 enum Resolving {
-    Bound(dns::Bound, Vec<NameRule>, std::net::SocketAddr),
-    /// Held until the agent is finished (dropping it stops the resolver).
-    Serving {
-        _resolver: dns::Resolver,
+    Bound {
+        bound: dns::Bound,
+        rules: Vec<NameRule>,
+        upstream: std::net::SocketAddr,
+        monitor: bool,
     },
+    /// Held until the agent is finished (dropping it stops the resolver).
+    Serving { _resolver: dns::Resolver },
 }
 
 impl KernelHooks {
@@ -134,7 +137,14 @@ impl AgentHooks for KernelHooks {
                     Ok((b, up))
                 });
             match bound {
-                Ok((b, up)) => self.resolver = Some(Resolving::Bound(b, names.clone(), up)),
+                Ok((bound, upstream)) => {
+                    self.resolver = Some(Resolving::Bound {
+                        bound,
+                        rules: names.clone(),
+                        upstream,
+                        monitor: agent.policy.mode == Mode::Monitor,
+                    });
+                }
                 Err(e) => {
                     if let Err(undo) = watch.remove_agent(handle) {
                         tracing::warn!("detaching after a failed launch: {undo}");
@@ -171,13 +181,20 @@ impl AgentHooks for KernelHooks {
         };
         // The resolver's `dns` events join the kernel's, before the breaker.
         let (dns_tx, dns_rx) = mpsc::unbounded_channel();
-        if let Some(Resolving::Bound(bound, rules, upstream)) = self.resolver.take() {
+        if let Some(Resolving::Bound {
+            bound,
+            rules,
+            upstream,
+            monitor,
+        }) = self.resolver.take()
+        {
             let served = bound.serve(dns::Agent {
                 id: agent.agent_id.to_string(),
                 cgroup_id,
                 rules,
                 upstream,
                 admissions: lock(&watch).admissions(),
+                monitor,
                 emit: Box::new(move |ev| {
                     let _ = dns_tx.send(ev);
                 }),
