@@ -52,6 +52,8 @@ say "Debian rustc for BPF: $(/usr/bin/rustc -V), LLVM $LLVM_MAJOR"
 # llvm-N-dev: what bpf-linker links against. The privileged tests run agents that are
 # shell scripts and python3 programs, with util-linux tools (setsid, unshare).
 apt_install "llvm-$LLVM_MAJOR-dev" python3-minimal python3 util-linux
+# g++: libfuzzer-sys compiles libFuzzer (C++) for `cargo xtask fuzz`.
+apt_install g++
 
 if rustup toolchain list | grep -q "^$TOOLCHAIN_NAME"; then
     say "rustup toolchain $TOOLCHAIN_NAME present"

@@ -196,6 +196,24 @@ pub fn reply(query: &Query, rcode: Rcode) -> Vec<u8> {
     )
 }
 
+/// `message` (an answer to `query`) as it may go back over UDP: itself when it fits the
+/// size the query allows (512 bytes, or its EDNS payload size), else its header with TC
+/// set and its question only, so the agent asks again over TCP (RFC 1035 4.2.1, RFC 6891).
+pub fn fit_udp(query: &Query, message: Vec<u8>) -> Vec<u8> {
+    let limit = Message::from_vec(&query.message).map_or(512, |q| q.max_payload());
+    if message.len() <= usize::from(limit) {
+        return message;
+    }
+    let truncated = Message::from_vec(&message).ok().and_then(|mut m| {
+        m.take_answers();
+        m.take_name_servers();
+        m.take_additionals();
+        m.set_truncated(true);
+        m.to_vec().ok()
+    });
+    truncated.unwrap_or_else(|| reply(query, Rcode::ServFail))
+}
+
 /// Checks that `response` answers `query` (same id and question, a response to a QUERY),
 /// follows the CNAME chain from the query name (at most MAX_CNAME_HOPS, stopping at a
 /// loop), collects the A/AAAA addresses of the chain's names and clamps the answer TTLs.
@@ -496,6 +514,47 @@ mod tests {
 
     fn v4(ip: [u8; 4]) -> IpAddr {
         IpAddr::from(ip)
+    }
+
+    #[test]
+    fn an_answer_too_large_for_udp_goes_back_truncated() {
+        let q = query("www.example.test", RecordType::A);
+        let many: Vec<Record> = (0..60u8)
+            .map(|i| a("www.example.test", 60, [10, 0, 0, i]))
+            .collect();
+        let big = response("www.example.test", RecordType::A, many)
+            .to_vec()
+            .unwrap();
+        assert!(big.len() > 512);
+        let fitted = fit_udp(&q, big);
+        assert!(fitted.len() <= 512);
+        let m = Message::from_vec(&fitted).unwrap();
+        assert!(m.truncated());
+        assert_eq!(m.id(), ID);
+        assert!(m.answers().is_empty());
+        assert_eq!(m.queries().len(), 1);
+        // One that fits is given as it is.
+        let small = response(
+            "www.example.test",
+            RecordType::A,
+            vec![a("www.example.test", 60, [10, 0, 0, 1])],
+        )
+        .to_vec()
+        .unwrap();
+        assert_eq!(fit_udp(&q, small.clone()), small);
+        // An EDNS payload size lets more through.
+        let mut edns_query = query_message("www.example.test", RecordType::A);
+        let mut edns = hickory_proto::op::Edns::new();
+        edns.set_max_payload(4096);
+        edns_query.set_edns(edns);
+        let q = parse_query(&edns_query.to_vec().unwrap()).unwrap();
+        let many: Vec<Record> = (0..60u8)
+            .map(|i| a("www.example.test", 60, [10, 0, 0, i]))
+            .collect();
+        let big = response("www.example.test", RecordType::A, many)
+            .to_vec()
+            .unwrap();
+        assert_eq!(fit_udp(&q, big.clone()), big);
     }
 
     /// A 12-byte header with QR=0, opcode QUERY, RD, and these counts.

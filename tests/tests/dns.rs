@@ -135,8 +135,7 @@ impl World {
         )
     }
 
-    /// `agentd run --dns-upstream UPSTREAM` of `script` (after [`PY_ATTEMPT`] and
-    /// [`PY_DNS`], with `P` this world's port) under `profile`.
+    /// `agentd run --dns-upstream UPSTREAM` of `script` under `profile`.
     fn run(&self, profile: &std::path::Path, script: &str) -> Run {
         let ws = agent_dir(false);
         AgentRun::new(profile.to_str().unwrap(), ws.path())
@@ -146,8 +145,16 @@ impl World {
             .run()
     }
 
+    /// `script` after [`PY_ATTEMPT`] and [`PY_DNS`], with `P` this world's port and
+    /// `UPSTREAM` the upstream's address.
     fn script(&self, script: &str) -> String {
-        format!("{PY_ATTEMPT}{PY_DNS}\nP = {}\n{script}", self.port)
+        let up = self.upstream.addr();
+        format!(
+            "{PY_ATTEMPT}{PY_DNS}\nP = {}\nUPSTREAM = (\"{}\", {})\n{script}",
+            self.port,
+            up.ip(),
+            up.port()
+        )
     }
 
     /// The resolvers the agents addressed directly were never reached: agentd answered.
@@ -291,7 +298,7 @@ impl<'a> Events<'a> {
                 &e["detail"]["ttl"]
             ),
             (
-                &json!("agentd"),
+                &json!("resolver"),
                 &json!("NOERROR"),
                 &json!(answers),
                 &json!(ttl)
@@ -310,7 +317,7 @@ impl<'a> Events<'a> {
             .unwrap_or_else(|| panic!("no dns event for {domain}\n{}", self.context));
         assert_eq!(
             (&e["verdict"], &e["layer"], &e["detail"]["rcode"]),
-            (&json!("deny"), &json!("agentd"), &json!("NXDOMAIN")),
+            (&json!("deny"), &json!("resolver"), &json!("NXDOMAIN")),
             "{e}\n{}",
             self.context
         );
@@ -362,7 +369,7 @@ impl<'a> Events<'a> {
 /// UDP query and a TCP query, each addressed to a resolver the agent hard-codes, which
 /// agentd answers in its place — and nothing else: not the address before it is
 /// resolved, not another port or UDP, not other.test (refused at resolution, never
-/// forwarded) nor its address.
+/// forwarded) nor its address, nor the upstream itself.
 #[test]
 fn dns_allowed_name_is_reached_and_nothing_else() {
     if !require_root() {
@@ -379,10 +386,13 @@ result("udp", lambda: udp_query("127.0.0.5", "allowed.test"))
 result("tcp", lambda: tcp_query("127.0.0.5", "allowed.test"))
 attempt("by_addr", lambda: connect("127.0.0.2", P))
 attempt("other_port", lambda: connect("127.0.0.2", 1))
-attempt("udp_send", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.2", P)))
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+attempt("udp_send", lambda: udp.sendto(b"x", ("127.0.0.2", P)))
 attempt("other_name", lambda: connect("other.test", P))
 result("other_udp", lambda: udp_query("127.0.0.5", "other.test"))
 attempt("other_addr", lambda: connect("127.0.0.3", P))
+attempt("upstream_udp", lambda: udp.sendto(question("other.test", "A")[1], UPSTREAM))
+attempt("upstream_tcp", lambda: socket.create_connection(UPSTREAM, timeout=3))
 print(json.dumps(out))
 "#,
     );
@@ -390,6 +400,8 @@ print(json.dumps(out))
     let r = run.json();
     for (key, want) in [
         ("before", EPERM),
+        ("upstream_udp", EPERM),
+        ("upstream_tcp", EPERM),
         ("by_name", 0),
         ("by_addr", 0),
         ("other_port", EPERM),
@@ -676,7 +688,7 @@ print("survived")
 }
 
 /// Queries past the rate limit (50/s, burst 100) are answered REFUSED, not forwarded,
-/// and reported as `dns` denials for the rate.
+/// and counted in `dns` denials.
 #[test]
 fn dns_query_flood_is_refused_past_the_rate_limit() {
     if !require_root() {
@@ -712,10 +724,30 @@ print(json.dumps(out))
         forwarded + refused <= 300,
         "forwarded {forwarded}, refused {refused}"
     );
-    let rate = agentd_tests::counted(run.events.iter().filter(|e| {
-        e["kind"] == "dns" && e["verdict"] == "deny" && e["detail"]["reason"] == "rate"
-    }));
-    assert!(rate > 0, "no dns denial for the rate\n{}", run.explain());
+    // Every refusal is counted: for the rate, the first when it happens and the rest of
+    // the second in one event (`detail.limit: "rate"`, `count`); for queries already
+    // waiting on the upstream, each as it happens, identical ones folded (`repeated`).
+    let counted: u64 = run
+        .events
+        .iter()
+        .filter(|e| e["kind"] == "dns" && e["verdict"] == "deny")
+        .map(|e| {
+            let d = &e["detail"];
+            d["count"].as_u64().or(d["repeated"].as_u64()).unwrap_or(1)
+        })
+        .sum();
+    assert!(
+        counted >= refused,
+        "{refused} REFUSED answers, {counted} counted\n{}",
+        run.explain()
+    );
+    assert!(
+        run.events
+            .iter()
+            .any(|e| e["kind"] == "dns" && e["detail"]["limit"] == "rate"),
+        "no refusal for the rate\n{}",
+        run.explain()
+    );
     w.assert_hard_coded_saw_nothing();
 }
 

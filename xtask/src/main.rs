@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod fuzz;
 mod vm;
 
 #[derive(Debug, Parser)]
@@ -28,8 +29,9 @@ enum Task {
     /// Install what building and testing need (root; idempotent): Debian's BPF-capable
     /// rustc, LLVM, bpf-linker, and the bpffs/tracefs/securityfs mounts
     Setup,
-    /// Everything CI checks, in order: setup, fmt, clippy, unit tests, privileged tests on
-    /// this host, then on Debian's 6.1 and 6.12 kernels under qemu (`vm-test --kernel all`)
+    /// Everything CI checks, in order: setup, fmt, clippy, unit tests, a minute of fuzzing
+    /// per DNS target, privileged tests on this host, then on Debian's 6.1 and 6.12 kernels
+    /// under qemu (`vm-test --kernel all`)
     Ci,
     /// The privileged integration tests in tests/ (root; they load BPF programs, create
     /// cgroups and launch agents). A test that cannot run fails with AGENTD_TEST_MUST_RUN=1
@@ -40,6 +42,13 @@ enum Task {
     /// The privileged tests on stock Debian kernels booted under qemu: 6.1 (Landlock ABI 2)
     /// and bookworm-backports' 6.12 (ABI 6) (root; installs qemu, downloads the kernels)
     VmTest(vm::VmTestArgs),
+    /// Fuzz agentd-dns's parsers with libFuzzer on the stable toolchain (fuzz/), each
+    /// target for the given time; fails on a crash, leaving the input in target/fuzz/artifacts
+    Fuzz {
+        /// Seconds per target
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+    },
     /// The main job: set up, build, and launch a demo agent under `analyze-only` that
     /// tries to post an answer it was only asked to analyze; show that it is contained
     Demo,
@@ -61,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         Task::Ci => ci(&root),
         Task::Test { filter } => privileged_tests(&root, filter.as_deref()),
         Task::VmTest(args) => vm::vm_test(&root, &args),
+        Task::Fuzz { seconds } => fuzz::fuzz(&root, seconds),
         Task::Demo => demo::demo(&root),
         Task::Bench { only } => bench::bench(&root, only),
     }
@@ -115,6 +125,9 @@ fn ci(root: &Path) -> anyhow::Result<()> {
         &[],
     )?;
     run(root, "cargo", &["test", "--locked"], &[])?;
+    // Bounded: a minute per target catches what the seeds' neighbourhood holds; longer
+    // campaigns are run by hand (`cargo xtask fuzz --seconds 3600`).
+    fuzz::fuzz(root, 60)?;
     privileged_tests(root, None)?;
     // The same suite on the stock kernels users run: Debian 6.1 (Landlock ABI 2) and
     // bookworm-backports 6.12 (ABI 6), with BPF LSM active and cgroup v2 complete.

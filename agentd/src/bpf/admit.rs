@@ -12,7 +12,6 @@ use std::{
 use agentd_common::DnsKey;
 use aya::maps::{HashMap, MapData};
 
-use super::BpfError;
 use crate::run::kernel::monotonic_ns;
 
 /// Addresses one agent may have admitted at once (distinct address, port and protocol).
@@ -28,8 +27,20 @@ pub enum AdmitError {
          (they are reclaimed as they expire)"
     )]
     Full,
-    #[error("{0}")]
-    Map(#[from] BpfError),
+    /// The kernel map refused the entry.
+    #[error("DNS_ALLOW: {0}")]
+    Map(String),
+}
+
+/// What one answer admits for one rule: `addr` on `port` (None: every port) with
+/// `proto`, for `ttl`, as an address of `domain`.
+#[derive(Debug, Clone, Copy)]
+pub struct Grant<'a> {
+    pub addr: IpAddr,
+    pub port: Option<u16>,
+    pub proto: u8,
+    pub domain: &'a str,
+    pub ttl: Duration,
 }
 
 /// One admission in user space's copy.
@@ -81,19 +92,16 @@ impl Admissions {
         })))
     }
 
-    /// Lets agent `agent` (cgroup `cgroup_id`) connect to `addr` on `port` (None: every
-    /// port) with `proto` for `ttl`, as an address of `domain`. Written to the kernel map
-    /// before it returns: the caller answers the agent after.
-    pub fn admit(
-        &self,
-        agent: &str,
-        cgroup_id: u64,
-        addr: IpAddr,
-        port: Option<u16>,
-        proto: u8,
-        domain: &str,
-        ttl: Duration,
-    ) -> Result<(), AdmitError> {
+    /// Lets agent `agent` (cgroup `cgroup_id`) connect as `grant` says. Written to the
+    /// kernel map before it returns: the caller answers the agent after.
+    pub fn admit(&self, agent: &str, cgroup_id: u64, grant: &Grant<'_>) -> Result<(), AdmitError> {
+        let Grant {
+            addr,
+            port,
+            proto,
+            domain,
+            ttl,
+        } = *grant;
         let now = monotonic_ns();
         let expires = now.saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX));
         let k = key(cgroup_id, addr, port, proto);
@@ -113,12 +121,9 @@ impl Admissions {
             .entries
             .get(&k)
             .map_or(expires, |e| e.expires.max(expires));
-        t.map.insert(k, expires, 0).map_err(|source| {
-            AdmitError::Map(BpfError::Map {
-                map: "DNS_ALLOW",
-                source,
-            })
-        })?;
+        t.map
+            .insert(k, expires, 0)
+            .map_err(|e| AdmitError::Map(e.to_string()))?;
         t.entries.insert(
             k,
             Entry {

@@ -33,7 +33,7 @@ use tokio::{
 };
 
 use crate::{
-    bpf::admit::{Admissions, AdmitError},
+    bpf::admit::{Admissions, AdmitError, Grant},
     event::{Event, Kind, Layer, Verdict},
     profile::NameRule,
 };
@@ -312,9 +312,7 @@ async fn report_refusals(state: Arc<State>) {
         let refused = std::mem::take(&mut lock(&state.budget).refused);
         // The first one was reported when it happened.
         if refused > 1 {
-            let ev = dns_event(&state.agent, None, Verdict::Deny)
-                .with("reason", format!("more than {RATE} queries per second"))
-                .with("count", refused - 1);
+            let ev = rate_refusal(dns_event(&state.agent, None, Verdict::Deny), refused - 1);
             (state.agent.emit)(ev);
         }
     }
@@ -335,6 +333,14 @@ fn dns_event(agent: &Agent, query: Option<&Query>, verdict: Verdict) -> Event {
     ev
 }
 
+/// `ev` as the record of `count` queries refused for the rate (`detail.limit: "rate"`).
+fn rate_refusal(ev: Event, count: u64) -> Event {
+    ev.with("rcode", "REFUSED")
+        .with("limit", "rate")
+        .with("reason", format!("more than {RATE} queries per second"))
+        .with("count", count)
+}
+
 /// The reply to one query (None: no reply, the message was not a query at all).
 async fn answer(state: &State, message: &[u8], transport: Transport) -> Option<Vec<u8>> {
     let agent = &state.agent;
@@ -350,11 +356,10 @@ async fn answer(state: &State, message: &[u8], transport: Transport) -> Option<V
     let refused = lock(&state.budget).take(Instant::now());
     if let Err(first) = refused {
         if first {
-            (agent.emit)(
-                dns_event(agent, Some(&query), Verdict::Deny)
-                    .with("reason", format!("more than {RATE} queries per second"))
-                    .with("count", 1),
-            );
+            (agent.emit)(rate_refusal(
+                dns_event(agent, Some(&query), Verdict::Deny),
+                1,
+            ));
         }
         return Some(agentd_dns::reply(&query, Rcode::Refused));
     }
@@ -377,6 +382,7 @@ async fn answer(state: &State, message: &[u8], transport: Transport) -> Option<V
         (agent.emit)(
             dns_event(agent, Some(&query), Verdict::Deny)
                 .with("rcode", "REFUSED")
+                .with("limit", "in_flight")
                 .with(
                     "reason",
                     format!("{IN_FLIGHT} queries already wait for the upstream"),
@@ -426,7 +432,10 @@ async fn answer(state: &State, message: &[u8], transport: Transport) -> Option<V
         ev = ev.with("cnames", answer.chain.get(1..).unwrap_or_default().to_vec());
     }
     (agent.emit)(ev);
-    Some(answer.message)
+    Some(match transport {
+        Transport::Udp => agentd_dns::fit_udp(&query, answer.message),
+        Transport::Tcp => answer.message,
+    })
 }
 
 fn admit(
@@ -440,11 +449,13 @@ fn admit(
             agent.admissions.admit(
                 &agent.id,
                 agent.cgroup_id,
-                *addr,
-                r.port,
-                r.proto.number(),
-                &query.name,
-                Duration::from_secs(u64::from(*ttl)),
+                &Grant {
+                    addr: *addr,
+                    port: r.port,
+                    proto: r.proto.number(),
+                    domain: &query.name,
+                    ttl: Duration::from_secs(u64::from(*ttl)),
+                },
             )?;
         }
     }

@@ -325,12 +325,12 @@ fn parse_name_pattern(host: &str, port_proto: &str) -> Result<NamePattern, Inval
     check_pattern(host)
 }
 
-/// Splits a leading `*.` off `host`: the name, and the pattern it makes. `*` may only
-/// start a pattern, and must be followed by a name.
-fn wildcard(host: &str) -> Result<(&str, fn(String) -> NamePattern), Invalid> {
-    let (name, pattern): (&str, fn(String) -> NamePattern) = match host.strip_prefix("*.") {
-        Some(suffix) => (suffix, NamePattern::Below),
-        None => (host, NamePattern::Exact),
+/// Splits a leading `*.` off `host`: the name, and whether the pattern is of the names
+/// below it. `*` may only start a pattern, and must be followed by a name.
+fn wildcard(host: &str) -> Result<(&str, bool), Invalid> {
+    let (name, below) = match host.strip_prefix("*.") {
+        Some(suffix) => (suffix, true),
+        None => (host, false),
     };
     if name.contains('*') {
         return Err(invalid(
@@ -344,12 +344,12 @@ fn wildcard(host: &str) -> Result<(&str, fn(String) -> NamePattern), Invalid> {
             "write \"*.example.com:443\" for every name below example.com".to_owned(),
         ));
     }
-    Ok((name, pattern))
+    Ok((name, below))
 }
 
 /// Checks a lowercase ASCII pattern without a trailing dot.
 fn check_pattern(host: &str) -> Result<NamePattern, Invalid> {
-    let (name, pattern) = wildcard(host)?;
+    let (name, below) = wildcard(host)?;
     if host.len() > MAX_NAME {
         return Err(invalid(
             format!(
@@ -395,7 +395,11 @@ fn check_pattern(host: &str) -> Result<NamePattern, Invalid> {
             CONNECT_SYNTAX.to_owned(),
         ));
     }
-    Ok(pattern(name.to_owned()))
+    Ok(if below {
+        NamePattern::Below(name.to_owned())
+    } else {
+        NamePattern::Exact(name.to_owned())
+    })
 }
 
 /// `PORT[/PROTO]`: PORT `*` is every port; PROTO defaults to tcp.

@@ -130,12 +130,13 @@ fn key_of(ev: &Event) -> Option<Key> {
     let mut detail = ev.detail.clone();
     detail.remove("tid");
     let target = format!(
-        "{}\0{}\0{:?}\0{:?}\0{:?}\0{}",
+        "{}\0{}\0{:?}\0{:?}\0{:?}\0{:?}\0{}",
         ev.path.as_deref().unwrap_or(""),
         ev.path2.as_deref().unwrap_or(""),
         ev.addr,
         ev.port,
         ev.proto,
+        ev.domain,
         serde_json::Value::Object(detail)
     );
     Some(Key {
@@ -205,6 +206,14 @@ mod tests {
         let mut other_agent = refusal("/etc/x", 1);
         other_agent.agent = "b".into();
         assert_eq!(b.push(other_agent, 5).len(), 1);
+        // Names refused one after the other: each is a record (what was asked is the data).
+        let name = |n: &str| {
+            let mut e = Event::new("a", 0, "", Kind::Dns, Verdict::Deny, Layer::Resolver);
+            e.domain = Some(n.into());
+            e
+        };
+        assert_eq!(b.push(name("secret-part-1.evil.test"), 6).len(), 1);
+        assert_eq!(b.push(name("secret-part-2.evil.test"), 7).len(), 1);
         assert!(b.flush().is_empty(), "nothing repeated: no summary");
     }
 

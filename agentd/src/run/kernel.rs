@@ -128,14 +128,16 @@ impl AgentHooks for KernelHooks {
             .map_err(|e| hook_error("kernel watch", e.into()))?;
         let names = &agent.policy.network.names;
         if !names.is_empty() {
-            let bound = dns::upstream(self.dns_upstream)
-                .map_err(KernelHookError::Resolver)
-                .and_then(|up| {
-                    let b = dns::Bound::new()
-                        .map_err(|e| KernelHookError::Resolver(format!("cannot bind: {e}")))?;
-                    watch.steer_dns(&handle, b.port())?;
-                    Ok((b, up))
-                });
+            let bound = match dns::upstream(self.dns_upstream) {
+                Err(e) => Err(KernelHookError::Resolver(e)),
+                Ok(up) => match dns::Bound::new() {
+                    Err(e) => Err(KernelHookError::Resolver(format!("cannot bind: {e}"))),
+                    Ok(b) => match watch.steer_dns(&handle, b.port()) {
+                        Err(e) => Err(KernelHookError::Bpf(e)),
+                        Ok(()) => Ok((b, up)),
+                    },
+                },
+            };
             match bound {
                 Ok((bound, upstream)) => {
                     self.resolver = Some(Resolving::Bound {

@@ -325,6 +325,9 @@ pub struct KernelPlan {
     pub connect: Vec<String>,
     /// Rules by DNS name.
     pub names: Vec<String>,
+    /// Monitor mode: names no rule allows are resolved too (and reported).
+    #[serde(skip)]
+    pub monitor: bool,
     pub bind: Vec<String>,
     pub canaries: Vec<PathBuf>,
     pub protect: Vec<PathBuf>,
@@ -353,6 +356,7 @@ impl KernelPlan {
                 .map(|r| r.to_string())
                 .collect(),
             names: policy.network.names.iter().map(|r| r.to_string()).collect(),
+            monitor: policy.mode == Mode::Monitor,
             bind: policy.network.bind.iter().map(|r| r.to_string()).collect(),
             canaries: policy.canaries.clone(),
             protect: policy.protect.clone(),
@@ -401,7 +405,14 @@ impl KernelPlan {
         if !self.names.is_empty() {
             line(
                 "dns",
-                "every DNS query of the agent (port 53, any address, UDP and TCP) is steered to agentd's resolver; addresses of allowed names admitted for their TTL (2 s .. 1 h); other names: NXDOMAIN".into(),
+                format!(
+                    "every DNS query of the agent (port 53, any address, UDP and TCP) is steered to agentd's resolver; addresses of allowed names admitted for their TTL (2 s .. 1 h); other names: {}",
+                    if self.monitor {
+                        "resolved and reported (monitor mode)"
+                    } else {
+                        "NXDOMAIN"
+                    }
+                ),
             );
         }
         if !self.canaries.is_empty() {
@@ -530,8 +541,15 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("steered to agentd's resolver"), "{text}");
+        assert!(text.contains("other names: NXDOMAIN"), "{text}");
         let json = serde_json::to_value(&k).unwrap();
         assert_eq!(json["names"][1], "*.example.org:*/udp");
+        let monitor = toml.replace("name = \"t\"\n", "name = \"t\"\nmode = \"monitor\"\n");
+        let text = kernel_plan(&monitor, BpfLsm::Runs).render();
+        assert!(
+            text.contains("other names: resolved and reported"),
+            "{text}"
+        );
     }
 
     #[test]
