@@ -1396,7 +1396,10 @@ fn resolver_for(
     if policy.network.names.is_empty() {
         return Ok(None);
     }
-    let upstream = crate::dns::upstream(shared.dns_upstream)?;
+    let upstream = crate::dns::upstream(shared.dns_upstream);
+    if let Err(why) = &upstream {
+        eprintln!("agentd daemon: {agent}: {why}: the names its profile allows will not resolve");
+    }
     let bound =
         crate::dns::Bound::new().map_err(|e| format!("the agent's resolver cannot bind: {e}"))?;
     lock(&shared.watch)

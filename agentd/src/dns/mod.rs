@@ -112,7 +112,9 @@ pub struct Agent {
     pub id: String,
     pub cgroup_id: u64,
     pub rules: Vec<NameRule>,
-    pub upstream: SocketAddr,
+    /// Where allowed names are resolved; why there is nowhere (their lookups then fail
+    /// with SERVFAIL: nothing else is asked).
+    pub upstream: Result<SocketAddr, String>,
     pub admissions: Admissions,
     /// Monitor mode: names no rule allows are reported, and resolved all the same.
     pub monitor: bool,
@@ -398,13 +400,17 @@ async fn answer(state: &State, message: &[u8], transport: Transport) -> Option<V
         );
         Some(agentd_dns::reply(&query, Rcode::ServFail))
     };
-    let response = match ask_upstream(agent.upstream, &query).await {
+    let upstream = match &agent.upstream {
+        Ok(u) => *u,
+        Err(why) => return servfail(why.clone()),
+    };
+    let response = match ask_upstream(upstream, &query).await {
         Ok(r) => r,
-        Err(e) => return servfail(format!("upstream {}: {e}", agent.upstream)),
+        Err(e) => return servfail(format!("upstream {upstream}: {e}")),
     };
     let answer = match agentd_dns::read_answer(&query, &response) {
         Ok(a) => a,
-        Err(e) => return servfail(format!("upstream {}: {e}", agent.upstream)),
+        Err(e) => return servfail(format!("upstream {upstream}: {e}")),
     };
     // Admitted before the agent has the answer: its connect finds them.
     if let Err(e) = admit(agent, &query, &answer, &rules) {

@@ -85,7 +85,7 @@ enum Resolving {
     Bound {
         bound: dns::Bound,
         rules: Vec<NameRule>,
-        upstream: std::net::SocketAddr,
+        upstream: Result<std::net::SocketAddr, String>,
         monitor: bool,
     },
     /// Held until the agent is finished (dropping it stops the resolver).
@@ -128,14 +128,15 @@ impl AgentHooks for KernelHooks {
             .map_err(|e| hook_error("kernel watch", e.into()))?;
         let names = &agent.policy.network.names;
         if !names.is_empty() {
-            let bound = match dns::upstream(self.dns_upstream) {
-                Err(e) => Err(KernelHookError::Resolver(e)),
-                Ok(up) => match dns::Bound::new() {
-                    Err(e) => Err(KernelHookError::Resolver(format!("cannot bind: {e}"))),
-                    Ok(b) => match watch.steer_dns(&handle, b.port()) {
-                        Err(e) => Err(KernelHookError::Bpf(e)),
-                        Ok(()) => Ok((b, up)),
-                    },
+            let up = dns::upstream(self.dns_upstream);
+            if let Err(why) = &up {
+                eprintln!("agentd: warning: {why}: the names the profile allows will not resolve");
+            }
+            let bound = match dns::Bound::new() {
+                Err(e) => Err(KernelHookError::Resolver(format!("cannot bind: {e}"))),
+                Ok(b) => match watch.steer_dns(&handle, b.port()) {
+                    Err(e) => Err(KernelHookError::Bpf(e)),
+                    Ok(()) => Ok((b, up)),
                 },
             };
             match bound {
