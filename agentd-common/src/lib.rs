@@ -864,6 +864,23 @@ pub struct DnsOrig {
     pub _pad: [u8; 6],
 }
 
+/// A socket of an agent that sent to the agent's resolver (`DNS_CLIENTS`, keyed by
+/// [`dns_client_key`]): the resolver answers a query only from a socket its agent owns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsClient {
+    /// The agent's cgroup id.
+    pub cgroup_id: u64,
+    /// CLOCK_MONOTONIC ns of the socket's last packet to the resolver.
+    pub ktime_ns: u64,
+}
+
+/// `DNS_CLIENTS` key of the local socket (`proto`, IPv6 or not, `port` host order) that
+/// sent to an agent's resolver on loopback.
+pub const fn dns_client_key(proto: u8, v6: bool, port: u16) -> u32 {
+    (proto as u32) | ((v6 as u32) << 8) | ((port as u32) << 16)
+}
+
 /// Key of the `BIND_ALLOW` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -893,6 +910,8 @@ mod pod {
     unsafe impl aya::Pod for super::DnsKey {}
     // SAFETY: repr(C), integers and byte arrays only, explicit padding.
     unsafe impl aya::Pod for super::DnsOrig {}
+    // SAFETY: repr(C), two u64s, no padding.
+    unsafe impl aya::Pod for super::DnsClient {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CanaryKey {}
     // SAFETY: as above.

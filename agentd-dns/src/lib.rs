@@ -28,6 +28,8 @@ pub const TTL_MAX: u32 = 3600;
 pub const MAX_MESSAGE: usize = 65_535;
 /// How many CNAME records `read_answer` follows from the query name.
 pub const MAX_CNAME_HOPS: usize = 16;
+/// A DNS message's fixed header: anything shorter is no message.
+pub const HEADER_LEN: usize = 12;
 
 /// A query fit to forward: one question of class IN, opcode QUERY.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,9 +5,9 @@
 
 use agentd_common::{
     AGENT_FLAG_ARMED, AGENT_FLAG_KILLED, AgentState, BindKey, CONFIG_CGROUP_LEVELS,
-    CONFIG_KILL_GATE, CONFIG_LEN, CONFIG_LEVEL_MAX, CanaryInode, CanaryKey, CanaryPath, DnsKey,
-    DnsOrig, EVENT_FLAG_HELD, EVENT_FLAG_TRIPPED, GuardedName, MAX_CGROUP_LEVEL, NetKey, PATH_LEN,
-    RawEvent, SYSCALL_TABLE_LEN,
+    CONFIG_KILL_GATE, CONFIG_LEN, CONFIG_LEVEL_MAX, CanaryInode, CanaryKey, CanaryPath, DnsClient,
+    DnsKey, DnsOrig, EVENT_FLAG_HELD, EVENT_FLAG_TRIPPED, GuardedName, MAX_CGROUP_LEVEL, NetKey,
+    PATH_LEN, RawEvent, SYSCALL_TABLE_LEN,
 };
 use aya_ebpf::{
     helpers::{
@@ -35,12 +35,22 @@ pub static NET_ALLOW: LpmTrie<NetKey, u8> = LpmTrie::with_max_entries(64 * 1024,
 /// agent's own (the key starts with its cgroup id) -> CLOCK_MONOTONIC ns of its expiry.
 /// User space adds them before the answer reaches the agent and reclaims expired ones.
 #[map]
-pub static DNS_ALLOW: HashMap<DnsKey, u64> = HashMap::with_max_entries(64 * 1024, 0);
+pub static DNS_ALLOW: HashMap<DnsKey, u64> =
+    HashMap::with_max_entries(MAX_AGENTS * 1024, BPF_F_NO_PREALLOC);
+
+/// Entries are allocated as user space adds them (the map's bound is every agent's cap).
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Steered DNS sockets of agents by socket cookie -> the address they sent to, for
 /// `recvmsg` to restore as the replies' source. LRU: closed sockets are never removed.
 #[map]
 pub static DNS_ORIG: LruHashMap<u64, DnsOrig> = LruHashMap::with_max_entries(16 * 1024, 0);
+
+/// Sockets of agents that sent to their resolver, by `agentd_common::dns_client_key`:
+/// the resolver serves a query only when the socket it came from is its agent's (any
+/// other local process could send to its port). LRU: written per packet, never removed.
+#[map]
+pub static DNS_CLIENTS: LruHashMap<u32, DnsClient> = LruHashMap::with_max_entries(16 * 1024, 0);
 
 /// Ports agents may bind.
 #[map]

@@ -17,7 +17,7 @@
 use agentd_common::{
     AGENT_FLAG_INET, AGENT_FLAG_INET6, AGENT_FLAG_KILLED, AGENT_FLAG_MONITOR,
     AGENT_FLAG_NETLINK_ROUTE, AGENT_FLAG_TRIP_BIND, AGENT_FLAG_TRIP_CONNECT,
-    AGENT_FLAG_TRIP_SOCKET, AgentState, BindKey, DnsKey, DnsOrig, EVENT_FLAG_MONITOR,
+    AGENT_FLAG_TRIP_SOCKET, AgentState, BindKey, DnsClient, DnsKey, DnsOrig, EVENT_FLAG_MONITOR,
     EVENT_FLAG_TRIPPED, EventKind, IPPROTO_TCP, IPPROTO_UDP, Layer, NET_KEY_FIXED_BITS,
     NET_LSM_MONITORED, NET_LSM_REFUSED, NetKey, RawEvent, UNIX_PATH_MAX, Verdict,
 };
@@ -35,7 +35,7 @@ use aya_ebpf::{
 
 use crate::maps::{Act, carry_out, trip_bits};
 use crate::maps::{
-    BIND_ALLOW, DNS_ALLOW, DNS_ORIG, EVENTS, NET_ALLOW, NET_PENDING, SOCK_REFUSED,
+    BIND_ALLOW, DNS_ALLOW, DNS_CLIENTS, DNS_ORIG, EVENTS, NET_ALLOW, NET_PENDING, SOCK_REFUSED,
     agent_by_ancestor, count_lost, current_agent, fill_header, fill_header_without_task, trip,
 };
 
@@ -123,6 +123,73 @@ pub fn sock_create(ctx: SockContext) -> i32 {
 #[cgroup_skb(ingress)]
 pub fn inbound(ctx: SkBuffContext) -> i32 {
     try_inbound(&ctx)
+}
+
+/// Outbound packets of agents: those to the agent's own resolver on loopback record the
+/// socket they came from (protocol, family, local port) as the agent's, for the resolver
+/// to tell its agent's queries from another local process's. Never drops.
+#[cgroup_skb(egress)]
+pub fn outbound(ctx: SkBuffContext) -> i32 {
+    note_dns_client(&ctx);
+    1
+}
+
+#[inline(always)]
+fn note_dns_client(ctx: &SkBuffContext) {
+    let Ok(first) = ctx.load::<u8>(0) else {
+        return;
+    };
+    let (v6, proto, l4) = match first >> 4 {
+        4 => {
+            let Ok(h) = ctx.load::<[u8; 20]>(0) else {
+                return;
+            };
+            // 127.0.0.1, where the resolver listens.
+            if h[16] != 127 || h[17] != 0 || h[18] != 0 || h[19] != 1 {
+                return;
+            }
+            (false, h[9], usize::from(h[0] & 0x0f) * 4)
+        }
+        6 => {
+            let Ok(h) = ctx.load::<[u8; 40]>(0) else {
+                return;
+            };
+            // ::1.
+            let mut i = 24;
+            while i < 39 {
+                if h[i] != 0 {
+                    return;
+                }
+                i += 1;
+            }
+            if h[39] != 1 {
+                return;
+            }
+            (true, h[6], 40)
+        }
+        _ => return,
+    };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return;
+    }
+    let Ok(ports) = ctx.load::<[u8; 4]>(l4) else {
+        return;
+    };
+    let sport = u16::from_be_bytes([ports[0], ports[1]]);
+    let dport = u16::from_be_bytes([ports[2], ports[3]]);
+    let Some((cgroup, state)) = skb_agent(ctx) else {
+        return;
+    };
+    // SAFETY: `state` points into the AGENTS map value for the program's run.
+    if unsafe { (*state).dns_port } != dport || dport == 0 {
+        return;
+    }
+    let client = DnsClient {
+        cgroup_id: cgroup,
+        // SAFETY: the helper has no preconditions.
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let _ = DNS_CLIENTS.insert(&agentd_common::dns_client_key(proto, v6, sport), &client, 0);
 }
 
 /// The agent whose cgroup (or a cgroup below it) owns the packet's socket.

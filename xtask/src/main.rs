@@ -56,7 +56,9 @@ enum Task {
     /// watch, launching, and the breaker's time from violation to an empty cgroup
     Bench {
         /// Only this part: `watch` (the kernel watch's costs and event pipeline),
-        /// `launch`, `breaker` (idle), `load` (the breaker under load)
+        /// `launch`, `breaker` (idle), `load` (the breaker under load), `terminal` (the
+        /// agent's terminal relay), `client` (a real agent CLI), `dns` (lookups through
+        /// agentd's resolver, connects admitted by name)
         #[arg(long, value_enum)]
         only: Option<bench::Part>,
     },

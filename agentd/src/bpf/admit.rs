@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use agentd_common::DnsKey;
+use agentd_common::{DnsClient, DnsKey};
 use aya::maps::{HashMap, MapData};
 
 use crate::run::kernel::monotonic_ns;
@@ -189,5 +189,41 @@ impl Admissions {
                 e.expires = e.expires.min(now);
             }
         }
+    }
+}
+
+/// A handle on `DNS_CLIENTS`: which agent's socket last sent to a resolver from a local
+/// port (written by the `outbound` program).
+#[derive(Debug, Clone)]
+pub struct DnsClients(Arc<Mutex<HashMap<MapData, u32, DnsClient>>>);
+
+impl DnsClients {
+    pub(super) fn new(map: HashMap<MapData, u32, DnsClient>) -> DnsClients {
+        DnsClients(Arc::new(Mutex::new(map)))
+    }
+
+    /// Whether the socket (`proto`, IPv6 or not, local `port`) that sent a query to the
+    /// resolver of the agent in cgroup `cgroup_id` is that agent's, and sent within
+    /// `recent` (a socket closed since and its port reused by another process would
+    /// still be found; the window bounds it).
+    pub fn is_agents(
+        &self,
+        cgroup_id: u64,
+        proto: u8,
+        v6: bool,
+        port: u16,
+        recent: Duration,
+    ) -> bool {
+        let key = agentd_common::dns_client_key(proto, v6, port);
+        let found = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key, 0)
+            .ok();
+        let recent = u64::try_from(recent.as_nanos()).unwrap_or(u64::MAX);
+        found.is_some_and(|c| {
+            c.cgroup_id == cgroup_id && monotonic_ns().saturating_sub(c.ktime_ns) <= recent
+        })
     }
 }

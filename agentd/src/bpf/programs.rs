@@ -317,6 +317,9 @@ pub const SOCK_CREATE: &str = "sock_create";
 /// The `cgroup_skb/ingress` program that drops inbound TCP connection requests to ports
 /// the agent may not bind (attached per agent, like the others).
 pub const INBOUND: &str = "inbound";
+/// The `cgroup_skb/egress` program that records which sockets of agents send to their
+/// resolvers (attached per agent).
+pub const OUTBOUND: &str = "outbound";
 
 /// The BPF LSM programs and their hooks (agentd-ebpf `lsm`): attached where the kernel
 /// accepts LSM programs, all or none.

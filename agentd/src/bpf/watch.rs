@@ -41,7 +41,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use super::{
     BPFFS, BpfError, EBPF_OBJECT, TRACEFS,
-    admit::Admissions,
+    admit::{Admissions, DnsClients},
     btf::{self, Btf as KernelBtf},
     decode::{AT_FDCWD, AgentInfo, ClockOffset, TargetCreds, Targets, decode, normalize},
     encode::{
@@ -134,6 +134,8 @@ pub struct Watch {
     net_allow: LpmTrie<MapData, NetKey, u8>,
     /// `DNS_ALLOW`, shared with the resolvers that admit addresses.
     admissions: Admissions,
+    /// `DNS_CLIENTS`, shared with the resolvers that check who asked.
+    dns_clients: DnsClients,
     bind_allow: HashMap<MapData, BindKey, u8>,
     canaries: HashMap<MapData, CanaryKey, CanaryPath>,
     canary_inodes: HashMap<MapData, CanaryInode, u32>,
@@ -702,12 +704,15 @@ impl Watch {
             p.load().map_err(load_err(programs::SOCK_CREATE))?;
             let p: &mut CgroupSkb = program(&mut ebpf, programs::INBOUND)?;
             p.load().map_err(load_err(programs::INBOUND))?;
+            let p: &mut CgroupSkb = program(&mut ebpf, programs::OUTBOUND)?;
+            p.load().map_err(load_err(programs::OUTBOUND))?;
         }
 
         let agents = take_map(&mut ebpf, "AGENTS", HashMap::try_from)?;
         let net_allow = take_map(&mut ebpf, "NET_ALLOW", LpmTrie::try_from)?;
         let bind_allow = take_map(&mut ebpf, "BIND_ALLOW", HashMap::try_from)?;
         let admissions = Admissions::new(take_map(&mut ebpf, "DNS_ALLOW", HashMap::try_from)?);
+        let dns_clients = DnsClients::new(take_map(&mut ebpf, "DNS_CLIENTS", HashMap::try_from)?);
         let canaries = take_map(&mut ebpf, "CANARIES", HashMap::try_from)?;
         let canary_inodes = take_map(&mut ebpf, "CANARY_INODES", HashMap::try_from)?;
         let guarded = take_map(&mut ebpf, "GUARDED", HashMap::try_from)?;
@@ -720,6 +725,7 @@ impl Watch {
             agents: Mutex::new(agents),
             net_allow,
             admissions,
+            dns_clients,
             bind_allow,
             canaries,
             canary_inodes,
@@ -849,8 +855,34 @@ impl Watch {
     }
 
     /// Steers the DNS traffic of the agent in `handle` to its resolver on port `port` of
-    /// 127.0.0.1 and ::1. Call it before the agent's first process joins its cgroup.
-    pub fn steer_dns(&mut self, handle: &AgentHandle, port: u16) -> Result<(), BpfError> {
+    /// 127.0.0.1 and ::1, and attaches the program that tells its sockets there from any
+    /// other process's. Call it before the agent's first process joins its cgroup.
+    pub fn steer_dns(&mut self, handle: &mut AgentHandle, port: u16) -> Result<(), BpfError> {
+        let target = format!("cgroup {}", handle.cgroup_dir.display());
+        let cgroup = File::open(&handle.cgroup_dir).map_err(|source| BpfError::Read {
+            path: handle.cgroup_dir.clone(),
+            source,
+        })?;
+        let name = programs::OUTBOUND;
+        let p: &mut CgroupSkb = program(&mut self.ebpf, name)?;
+        let attach_err = |source| BpfError::Attach {
+            program: name,
+            target: target.clone(),
+            source,
+        };
+        let id = p
+            .attach(
+                &cgroup,
+                CgroupSkbAttachType::Egress,
+                CgroupAttachMode::Single,
+            )
+            .map_err(attach_err)?;
+        let link = p.take_link(id).map_err(attach_err)?;
+        let link = FdLink::try_from(link).map_err(|e| BpfError::Pin {
+            path: PathBuf::from(&target),
+            reason: format!("{name}: not a BPF link: {e}"),
+        })?;
+        self.hold_links(handle, vec![(name, link)])?;
         let mut agents = lock(&self.agents);
         let mut state = agents
             .get(&handle.cgroup_id, 0)
@@ -859,6 +891,13 @@ impl Watch {
         agents
             .insert(handle.cgroup_id, state, 0)
             .map_err(map_err("AGENTS"))
+    }
+
+    /// The resolver's check that a query came from its agent: the cgroup id of the agent
+    /// whose socket (`proto`, IPv6 or not, local `port`) last sent to a resolver, and
+    /// when (CLOCK_MONOTONIC ns).
+    pub fn dns_clients(&self) -> DnsClients {
+        self.dns_clients.clone()
     }
 
     fn write_entries(&mut self, h: &AgentHandle) -> Result<(), BpfError> {
@@ -975,7 +1014,15 @@ impl Watch {
             .map_err(attach_err(name))?;
         let link = p.take_link(id).map_err(attach_err(name))?;
         links.push((name, FdLink::try_from(link).map_err(fd_err(name))?));
+        self.hold_links(h, links)
+    }
 
+    /// Keeps `links` of the agent in `h`: held by this process, or pinned (the daemon).
+    fn hold_links(
+        &self,
+        h: &mut AgentHandle,
+        links: Vec<(&'static str, FdLink)>,
+    ) -> Result<(), BpfError> {
         for (program, link) in links {
             let link = match &self.pin_dir {
                 None => HeldLink::Fd(link),

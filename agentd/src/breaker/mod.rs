@@ -75,7 +75,12 @@ pub fn classify(ev: &Event) -> Option<ViolationKind> {
         // Attributed to seccomp (handled above) or to the kernel (not denied by policy);
         // any other denying layer would still be a refused call.
         Kind::Syscall => Some(ViolationKind::Syscall),
-        Kind::Dns => Some(ViolationKind::Dns),
+        // A name no rule allows; not a query refused for a bound of the resolver's (its
+        // rate, queries in flight, admitted addresses) nor a message that is no query.
+        Kind::Dns if ev.domain.is_some() && !ev.detail.contains_key("limit") => {
+            Some(ViolationKind::Dns)
+        }
+        Kind::Dns => None,
         // Reported with the layer that refused it; no `trip_on` kind names signals.
         Kind::Signal
         | Kind::Start
@@ -190,6 +195,20 @@ mod tests {
     }
 
     const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_refused_name_is_a_violation_a_resolver_bound_is_not() {
+        let mut name = ev(Kind::Dns, Verdict::Deny, Layer::Resolver);
+        name.domain = Some("evil.test".into());
+        assert_eq!(classify(&name), Some(ViolationKind::Dns));
+        let rate = name.clone().with("limit", "rate");
+        assert_eq!(classify(&rate), None);
+        let malformed = ev(Kind::Dns, Verdict::Deny, Layer::Resolver);
+        assert_eq!(classify(&malformed), None);
+        let mut allowed = ev(Kind::Dns, Verdict::Allow, Layer::Resolver);
+        allowed.domain = Some("ok.test".into());
+        assert_eq!(classify(&allowed), None);
+    }
 
     #[test]
     fn classification() {

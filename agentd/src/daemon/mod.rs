@@ -1390,7 +1390,7 @@ async fn supervisor_line(
 fn resolver_for(
     shared: &Arc<Shared>,
     agent: &str,
-    handle: &bpf::AgentHandle,
+    handle: &mut bpf::AgentHandle,
     policy: &CompiledPolicy,
 ) -> Result<Option<crate::dns::Resolver>, String> {
     if policy.network.names.is_empty() {
@@ -1405,6 +1405,10 @@ fn resolver_for(
     lock(&shared.watch)
         .steer_dns(handle, bound.port())
         .map_err(|e| format!("kernel watch: {e}"))?;
+    let (admissions, clients) = {
+        let w = lock(&shared.watch);
+        (w.admissions(), w.dns_clients())
+    };
     // Weak: the agent's entry holds the resolver, which must not keep the daemon alive.
     let weak = Arc::downgrade(shared);
     let served = bound.serve(crate::dns::Agent {
@@ -1412,7 +1416,8 @@ fn resolver_for(
         cgroup_id: handle.cgroup_id(),
         rules: policy.network.names.clone(),
         upstream,
-        admissions: lock(&shared.watch).admissions(),
+        admissions,
+        clients,
         monitor: policy.mode == crate::profile::Mode::Monitor,
         emit: Box::new(move |ev| {
             if let Some(shared) = weak.upgrade() {
@@ -1439,10 +1444,10 @@ fn attach(
     if agent.is_empty() || agent.contains('/') || lock(&shared.agents).contains_key(agent) {
         return Err(format!("bad or duplicate agent id {agent:?}"));
     }
-    let handle = lock(&shared.watch)
+    let mut handle = lock(&shared.watch)
         .add_agent(agent, cgroup, policy, Some(creds))
         .map_err(|e| format!("kernel watch: {e}"))?;
-    let resolver = match resolver_for(shared, agent, &handle, policy) {
+    let resolver = match resolver_for(shared, agent, &mut handle, policy) {
         Ok(r) => r,
         Err(e) => {
             let _ = lock(&shared.watch).remove_agent(handle);

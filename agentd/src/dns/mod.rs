@@ -24,26 +24,31 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentd_dns::{Answer, Query, Rcode};
+use agentd_common::{IPPROTO_TCP, IPPROTO_UDP};
+use agentd_dns::{Query, Rcode};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream, UdpSocket},
-    sync::Semaphore,
+    sync::{Semaphore, watch},
     task::JoinHandle,
 };
 
 use crate::{
-    bpf::admit::{Admissions, AdmitError, Grant},
+    bpf::admit::{Admissions, AdmitError, DnsClients, Grant},
     event::{Event, Kind, Layer, Verdict},
     profile::NameRule,
 };
 
 /// Queries per second an agent may send (refill rate of its budget).
-pub const RATE: u32 = 50;
+pub const RATE: u32 = 200;
 /// Queries an agent may send at once (its budget when full).
-pub const BURST: u32 = 100;
+pub const BURST: u32 = 400;
 /// Queries of one agent waiting for the upstream at once.
 pub const IN_FLIGHT: usize = 32;
+/// TCP clients of one agent served at once.
+pub const TCP_CLIENTS: usize = 16;
+/// How recently a socket must have sent to the resolver to be found the agent's.
+const CLIENT_RECENT: Duration = Duration::from_secs(2);
 /// How long the upstream has to answer one try (there are two over UDP).
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a TCP client may stay idle between queries.
@@ -79,10 +84,12 @@ fn first_nameserver(text: &str) -> Option<SocketAddr> {
         .map(|ip| SocketAddr::new(ip, 53))
 }
 
-/// One agent's resolver: the tasks serving its sockets. Dropping it stops them.
+/// One agent's resolver: the tasks serving its sockets. Dropping it stops them, and the
+/// queries and clients they were serving.
 #[derive(Debug)]
 pub struct Resolver {
     tasks: Vec<JoinHandle<()>>,
+    _stop: watch::Sender<()>,
 }
 
 impl Drop for Resolver {
@@ -116,6 +123,8 @@ pub struct Agent {
     /// with SERVFAIL: nothing else is asked).
     pub upstream: Result<SocketAddr, String>,
     pub admissions: Admissions,
+    /// Which agent's sockets sent to resolvers (the kernel's record).
+    pub clients: DnsClients,
     /// Monitor mode: names no rule allows are reported, and resolved all the same.
     pub monitor: bool,
     /// Where `dns` events go (the breaker sees them there).
@@ -182,10 +191,13 @@ impl Bound {
 
     /// Serves `agent` on the current tokio runtime until the returned resolver drops.
     pub fn serve(self, agent: Agent) -> std::io::Result<Resolver> {
+        let (stop, stopped) = watch::channel(());
         let state = Arc::new(State {
             agent,
             budget: Mutex::new(Budget::new()),
-            in_flight: Semaphore::new(IN_FLIGHT),
+            in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
+            tcp_clients: Arc::new(Semaphore::new(TCP_CLIENTS)),
+            stopped,
         });
         let mut tasks = Vec::new();
         for s in self.sockets {
@@ -201,14 +213,47 @@ impl Bound {
             }
         }
         tasks.push(tokio::spawn(report_refusals(Arc::clone(&state))));
-        Ok(Resolver { tasks })
+        Ok(Resolver { tasks, _stop: stop })
     }
 }
 
 struct State {
     agent: Agent,
     budget: Mutex<Budget>,
-    in_flight: Semaphore,
+    /// Queries waiting for the upstream ([`IN_FLIGHT`]).
+    in_flight: Arc<Semaphore>,
+    /// TCP clients served at once ([`TCP_CLIENTS`]).
+    tcp_clients: Arc<Semaphore>,
+    /// Closed when the resolver is dropped: the tasks serving queries and clients end.
+    stopped: watch::Receiver<()>,
+}
+
+impl State {
+    /// Runs `work` until it ends or the resolver is dropped (then nothing more is admitted
+    /// or answered for an agent that is gone).
+    fn spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut stopped = self.stopped.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = work => {}
+                _ = stopped.changed() => {}
+            }
+        });
+    }
+
+    /// Whether the query from `peer` over `proto` came from a socket of this agent's (the
+    /// `outbound` program recorded it): any local process can send to the resolver's
+    /// port, and only the agent's queries may admit, count or trip for it.
+    fn from_agent(&self, proto: u8, peer: SocketAddr) -> bool {
+        let agent = &self.agent;
+        agent.clients.is_agents(
+            agent.cgroup_id,
+            proto,
+            peer.is_ipv6(),
+            peer.port(),
+            CLIENT_RECENT,
+        )
+    }
 }
 
 /// The agent's query budget (a token bucket), and the refusals not yet reported.
@@ -258,42 +303,81 @@ async fn serve_udp(socket: Arc<UdpSocket>, state: Arc<State>) {
                 continue;
             }
         };
-        let Some(message) = buf.get(..n).map(<[u8]>::to_vec) else {
+        if !state.from_agent(IPPROTO_UDP, peer) {
+            tracing::debug!(agent = %state.agent.id, %peer, "resolver: a datagram not from the agent, dropped");
+            continue;
+        }
+        let Some(message) = buf.get(..n) else {
             continue;
         };
-        let socket = Arc::clone(&socket);
-        let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            if let Some(reply) = answer(&state, &message, Transport::Udp).await {
+        // Screened here, in order, before anything is spawned: a flood costs a parse and
+        // a refusal each, and at most IN_FLIGHT queries wait for the upstream.
+        match screen(&state, message) {
+            Screened::Reply(reply) => {
                 let _ = socket.send_to(&reply, peer).await;
             }
-        });
+            Screened::Drop => {}
+            Screened::Forward(asked) => {
+                let socket = Arc::clone(&socket);
+                let task = Arc::clone(&state);
+                state.spawn(async move {
+                    let reply = resolve(&task, asked, Transport::Udp).await;
+                    let _ = socket.send_to(&reply, peer).await;
+                });
+            }
+        }
     }
 }
 
 async fn serve_tcp(listener: TcpListener, state: Arc<State>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors, most likely: do not spin.
+                tracing::debug!("resolver: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if !state.from_agent(IPPROTO_TCP, peer) {
+            tracing::debug!(agent = %state.agent.id, %peer, "resolver: a connection not from the agent, closed");
+            continue;
+        }
+        let Ok(slot) = Arc::clone(&state.tcp_clients).try_acquire_owned() else {
+            // As many clients as it may have: this one is closed at once.
             continue;
         };
-        tokio::spawn(serve_tcp_client(stream, Arc::clone(&state)));
+        let task = Arc::clone(&state);
+        state.spawn(async move {
+            serve_tcp_client(stream, &task).await;
+            drop(slot);
+        });
     }
 }
 
 /// Queries of one TCP client, each with its two-byte length, answered in order.
-async fn serve_tcp_client(mut stream: TcpStream, state: Arc<State>) {
+async fn serve_tcp_client(mut stream: TcpStream, state: &State) {
     loop {
-        let mut len = [0u8; 2];
-        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
-            Ok(Ok(_)) => {}
-            _ => return,
-        }
-        let mut message = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        if stream.read_exact(&mut message).await.is_err() {
+        // The whole message within TCP_IDLE, not just its first bytes.
+        let read = async {
+            let mut len = [0u8; 2];
+            stream.read_exact(&mut len).await.ok()?;
+            let len = usize::from(u16::from_be_bytes(len));
+            if len < agentd_dns::HEADER_LEN {
+                return None;
+            }
+            let mut message = vec![0u8; len];
+            stream.read_exact(&mut message).await.ok()?;
+            Some(message)
+        };
+        let Ok(Some(message)) = tokio::time::timeout(TCP_IDLE, read).await else {
             return;
-        }
-        let Some(reply) = answer(&state, &message, Transport::Tcp).await else {
-            continue;
+        };
+        let reply = match screen(state, &message) {
+            Screened::Reply(reply) => reply,
+            Screened::Drop => return,
+            Screened::Forward(asked) => resolve(state, asked, Transport::Tcp).await,
         };
         let Ok(n) = u16::try_from(reply.len()) else {
             return;
@@ -343,8 +427,27 @@ fn rate_refusal(ev: Event, count: u64) -> Event {
         .with("count", count)
 }
 
-/// The reply to one query (None: no reply, the message was not a query at all).
-async fn answer(state: &State, message: &[u8], transport: Transport) -> Option<Vec<u8>> {
+/// What becomes of one message from the agent.
+enum Screened {
+    /// Answered at once (refused, or not a query).
+    Reply(Vec<u8>),
+    /// Not answered (a response, or too short to answer).
+    Drop,
+    /// To resolve: an allowed name (or any name, in monitor mode).
+    Forward(Asked),
+}
+
+/// A query to resolve, with the rules that allow its name and its slot among the
+/// queries waiting for the upstream.
+struct Asked {
+    query: Query,
+    rules: Vec<NameRule>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Decides a message from the agent without waiting: parses it, takes it from the
+/// budget, matches its name against the rules and gives it a slot.
+fn screen(state: &State, message: &[u8]) -> Screened {
     let agent = &state.agent;
     let query = match agentd_dns::parse_query(message) {
         Ok(q) => q,
@@ -352,7 +455,7 @@ async fn answer(state: &State, message: &[u8], transport: Transport) -> Option<V
             (agent.emit)(
                 dns_event(agent, None, Verdict::Deny).with("reason", rejected.reason.clone()),
             );
-            return rejected.reply;
+            return rejected.reply.map_or(Screened::Drop, Screened::Reply);
         }
     };
     let refused = lock(&state.budget).take(Instant::now());
@@ -363,24 +466,25 @@ async fn answer(state: &State, message: &[u8], transport: Transport) -> Option<V
                 1,
             ));
         }
-        return Some(agentd_dns::reply(&query, Rcode::Refused));
+        return Screened::Reply(agentd_dns::reply(&query, Rcode::Refused));
     }
-    let rules: Vec<&NameRule> = agent
+    let rules: Vec<NameRule> = agent
         .rules
         .iter()
         .filter(|r| r.pattern.matches(&query.name))
+        .cloned()
         .collect();
     if rules.is_empty() {
         let ev = dns_event(agent, Some(&query), Verdict::Deny)
             .with("reason", "no network.connect rule names it");
         if !agent.monitor {
             (agent.emit)(ev.with("rcode", "NXDOMAIN"));
-            return Some(agentd_dns::reply(&query, Rcode::NxDomain));
+            return Screened::Reply(agentd_dns::reply(&query, Rcode::NxDomain));
         }
         // Monitor mode: reported, and answered (its connects are not refused either).
         (agent.emit)(ev.with("monitor", true));
     }
-    let Ok(_slot) = state.in_flight.try_acquire() else {
+    let Ok(slot) = Arc::clone(&state.in_flight).try_acquire_owned() else {
         (agent.emit)(
             dns_event(agent, Some(&query), Verdict::Deny)
                 .with("rcode", "REFUSED")
@@ -390,15 +494,29 @@ async fn answer(state: &State, message: &[u8], transport: Transport) -> Option<V
                     format!("{IN_FLIGHT} queries already wait for the upstream"),
                 ),
         );
-        return Some(agentd_dns::reply(&query, Rcode::Refused));
+        return Screened::Reply(agentd_dns::reply(&query, Rcode::Refused));
     };
+    Screened::Forward(Asked {
+        query,
+        rules,
+        _slot: slot,
+    })
+}
+
+/// Asks the upstream for an allowed name, admits the answer's addresses, and gives the
+/// reply for the agent.
+async fn resolve(state: &State, asked: Asked, transport: Transport) -> Vec<u8> {
+    let agent = &state.agent;
+    let Asked { query, rules, .. } = &asked;
+    let rules: Vec<&NameRule> = rules.iter().collect();
+    let query = query.clone();
     let servfail = |why: String| {
         (agent.emit)(
             dns_event(agent, Some(&query), Verdict::Allow)
                 .with("rcode", "SERVFAIL")
                 .with("error", why),
         );
-        Some(agentd_dns::reply(&query, Rcode::ServFail))
+        agentd_dns::reply(&query, Rcode::ServFail)
     };
     let upstream = match &agent.upstream {
         Ok(u) => *u,
@@ -412,45 +530,93 @@ async fn answer(state: &State, message: &[u8], transport: Transport) -> Option<V
         Ok(a) => a,
         Err(e) => return servfail(format!("upstream {upstream}: {e}")),
     };
+    // Addresses of the host itself and of no host are never admitted by name (DNS
+    // rebinding to the host's loopback services, a metadata endpoint): the agent gets
+    // them in the answer, and its connects to them are decided by its CIDR rules alone.
+    let (admissible, refused): (Vec<(IpAddr, u32)>, Vec<(IpAddr, u32)>) = answer
+        .addrs
+        .iter()
+        .partition(|(a, _)| special(*a).is_none());
     // Admitted before the agent has the answer: its connect finds them.
-    if let Err(e) = admit(agent, &query, &answer, &rules) {
-        let ev = dns_event(agent, Some(&query), Verdict::Deny).with("rcode", "SERVFAIL");
+    if let Err(e) = admit(agent, &query, &admissible, &rules) {
+        let ev = dns_event(agent, Some(&query), Verdict::Deny)
+            .with("rcode", "SERVFAIL")
+            .with("limit", "addresses");
         (agent.emit)(match e {
             AdmitError::Full => ev.with("reason", e.to_string()),
             AdmitError::Map(_) => ev.with("error", e.to_string()),
         });
-        return Some(agentd_dns::reply(&query, Rcode::ServFail));
+        return agentd_dns::reply(&query, Rcode::ServFail);
     }
+    let text = |list: &[(IpAddr, u32)]| list.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>();
     let mut ev = dns_event(agent, Some(&query), Verdict::Allow)
         .with("rcode", answer.rcode.clone())
-        .with(
-            "answers",
-            answer
-                .addrs
-                .iter()
-                .map(|(a, _)| a.to_string())
-                .collect::<Vec<_>>(),
+        .with("answers", text(&admissible));
+    if !refused.is_empty() {
+        ev = ev.with("refused_answers", text(&refused)).with(
+            "reason",
+            "addresses of this host or of no host are not admitted by name",
         );
-    if let Some(ttl) = answer.addrs.iter().map(|(_, t)| *t).min() {
+    }
+    if let Some(ttl) = admissible.iter().map(|(_, t)| *t).min() {
         ev = ev.with("ttl", ttl);
     }
     if answer.chain.len() > 1 {
         ev = ev.with("cnames", answer.chain.get(1..).unwrap_or_default().to_vec());
     }
     (agent.emit)(ev);
-    Some(match transport {
+    match transport {
         Transport::Udp => agentd_dns::fit_udp(&query, answer.message),
         Transport::Tcp => answer.message,
-    })
+    }
+}
+
+/// Why `addr` is never admitted by name, if it is not: the host's own (loopback), no
+/// host's (unspecified, broadcast, multicast), the link's (link-local, cloud metadata at
+/// 169.254.169.254 among them); an IPv4-mapped or -compatible IPv6 address as its IPv4.
+pub fn special(addr: IpAddr) -> Option<&'static str> {
+    let v4 = match addr {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(a) => {
+            if let Some(mapped) = a.to_ipv4_mapped() {
+                mapped
+            } else if a.is_unspecified() {
+                return Some("unspecified");
+            } else if a.is_loopback() {
+                return Some("loopback");
+            } else if a.is_multicast() {
+                return Some("multicast");
+            } else if a.segments().first().is_some_and(|s| s & 0xffc0 == 0xfe80) {
+                return Some("link-local");
+            } else if a.segments().get(..6) == Some(&[0; 6]) {
+                return Some("IPv4-compatible");
+            } else {
+                return None;
+            }
+        }
+    };
+    if v4.is_unspecified() || v4.octets()[0] == 0 {
+        Some("unspecified")
+    } else if v4.is_loopback() {
+        Some("loopback")
+    } else if v4.is_link_local() {
+        Some("link-local")
+    } else if v4.is_multicast() {
+        Some("multicast")
+    } else if v4.is_broadcast() {
+        Some("broadcast")
+    } else {
+        None
+    }
 }
 
 fn admit(
     agent: &Agent,
     query: &Query,
-    answer: &Answer,
+    addrs: &[(IpAddr, u32)],
     rules: &[&NameRule],
 ) -> Result<(), AdmitError> {
-    for (addr, ttl) in &answer.addrs {
+    for (addr, ttl) in addrs {
         for r in rules {
             agent.admissions.admit(
                 &agent.id,
@@ -525,6 +691,37 @@ mod tests {
             first_nameserver("nameserver ::1\n"),
             Some("[::1]:53".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn addresses_of_this_host_or_of_none_are_special() {
+        for a in [
+            "127.0.0.1",
+            "127.3.2.1",
+            "0.0.0.0",
+            "0.1.2.3",
+            "169.254.169.254",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "fe80::1",
+            "ff02::1",
+        ] {
+            assert!(special(a.parse().unwrap()).is_some(), "{a}");
+        }
+        for a in [
+            "192.0.2.2",
+            "10.1.2.3",
+            "2001:db8::2",
+            "::ffff:192.0.2.2",
+            "fd00::1",
+        ] {
+            assert_eq!(special(a.parse().unwrap()), None, "{a}");
+        }
     }
 
     #[test]

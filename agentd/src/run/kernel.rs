@@ -118,7 +118,7 @@ pub fn monotonic_ns() -> u64 {
 impl AgentHooks for KernelHooks {
     fn before_spawn(&mut self, agent: AgentInfo<'_>) -> Result<(), HookError> {
         let mut watch = Watch::load().map_err(|e| hook_error("kernel watch", e.into()))?;
-        let handle = watch
+        let mut handle = watch
             .add_agent(
                 agent.agent_id,
                 agent.cgroup_dir,
@@ -134,7 +134,7 @@ impl AgentHooks for KernelHooks {
             }
             let bound = match dns::Bound::new() {
                 Err(e) => Err(KernelHookError::Resolver(format!("cannot bind: {e}"))),
-                Ok(b) => match watch.steer_dns(&handle, b.port()) {
+                Ok(b) => match watch.steer_dns(&mut handle, b.port()) {
                     Err(e) => Err(KernelHookError::Bpf(e)),
                     Ok(()) => Ok((b, up)),
                 },
@@ -184,6 +184,10 @@ impl AgentHooks for KernelHooks {
         };
         // The resolver's `dns` events join the kernel's, before the breaker.
         let (dns_tx, dns_rx) = mpsc::unbounded_channel();
+        let (admissions, clients) = {
+            let w = lock(&watch);
+            (w.admissions(), w.dns_clients())
+        };
         if let Some(Resolving::Bound {
             bound,
             rules,
@@ -196,7 +200,8 @@ impl AgentHooks for KernelHooks {
                 cgroup_id,
                 rules,
                 upstream,
-                admissions: lock(&watch).admissions(),
+                admissions,
+                clients,
                 monitor,
                 emit: Box::new(move |ev| {
                     let _ = dns_tx.send(ev);
