@@ -244,7 +244,7 @@ impl State {
     /// Whether the query from `peer` over `proto` came from a socket of this agent's (the
     /// `outbound` program recorded it): any local process can send to the resolver's
     /// port, and only the agent's queries may admit, count or trip for it.
-    fn from_agent(&self, proto: u8, peer: SocketAddr) -> bool {
+    fn is_agents(&self, proto: u8, peer: SocketAddr) -> bool {
         let agent = &self.agent;
         agent.clients.is_agents(
             agent.cgroup_id,
@@ -303,7 +303,7 @@ async fn serve_udp(socket: Arc<UdpSocket>, state: Arc<State>) {
                 continue;
             }
         };
-        if !state.from_agent(IPPROTO_UDP, peer) {
+        if !state.is_agents(IPPROTO_UDP, peer) {
             tracing::debug!(agent = %state.agent.id, %peer, "resolver: a datagram not from the agent, dropped");
             continue;
         }
@@ -340,7 +340,7 @@ async fn serve_tcp(listener: TcpListener, state: Arc<State>) {
                 continue;
             }
         };
-        if !state.from_agent(IPPROTO_TCP, peer) {
+        if !state.is_agents(IPPROTO_TCP, peer) {
             tracing::debug!(agent = %state.agent.id, %peer, "resolver: a connection not from the agent, closed");
             continue;
         }
@@ -533,7 +533,7 @@ async fn resolve(state: &State, asked: Asked, transport: Transport) -> Vec<u8> {
     // Addresses of the host itself and of no host are never admitted by name (DNS
     // rebinding to the host's loopback services, a metadata endpoint): the agent gets
     // them in the answer, and its connects to them are decided by its CIDR rules alone.
-    let (admissible, refused): (Vec<(IpAddr, u32)>, Vec<(IpAddr, u32)>) = answer
+    let (admissible, refused): (Vec<Addr>, Vec<Addr>) = answer
         .addrs
         .iter()
         .partition(|(a, _)| special(*a).is_none());
@@ -548,7 +548,7 @@ async fn resolve(state: &State, asked: Asked, transport: Transport) -> Vec<u8> {
         });
         return agentd_dns::reply(&query, Rcode::ServFail);
     }
-    let text = |list: &[(IpAddr, u32)]| list.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>();
+    let text = |list: &[Addr]| list.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>();
     let mut ev = dns_event(agent, Some(&query), Verdict::Allow)
         .with("rcode", answer.rcode.clone())
         .with("answers", text(&admissible));
@@ -570,6 +570,9 @@ async fn resolve(state: &State, asked: Asked, transport: Transport) -> Vec<u8> {
         Transport::Tcp => answer.message,
     }
 }
+
+/// An address of an answer, with its (clamped) TTL.
+type Addr = (IpAddr, u32);
 
 /// Why `addr` is never admitted by name, if it is not: the host's own (loopback), no
 /// host's (unspecified, broadcast, multicast), the link's (link-local, cloud metadata at
@@ -613,7 +616,7 @@ pub fn special(addr: IpAddr) -> Option<&'static str> {
 fn admit(
     agent: &Agent,
     query: &Query,
-    addrs: &[(IpAddr, u32)],
+    addrs: &[Addr],
     rules: &[&NameRule],
 ) -> Result<(), AdmitError> {
     for (addr, ttl) in addrs {
