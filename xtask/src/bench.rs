@@ -14,6 +14,9 @@
 //! 5. A real agent client: Codex CLI (`codex exec`, a loop of three tool calls against a
 //!    scripted model server on loopback) as the agent's user directly, and under the
 //!    built-in `codex` profile embedded and through the daemon; idle and loaded.
+//! 6. Egress by domain name: DNS lookups through agentd's resolver and connects to the
+//!    addresses it admitted, against lookups straight to the upstream and connects allowed
+//!    by a CIDR rule; embedded and through the daemon, idle and loaded.
 
 use std::{path::Path, process::Command, time::Instant};
 
@@ -31,6 +34,7 @@ pub enum Part {
     Load,
     Terminal,
     Client,
+    Dns,
 }
 
 pub fn bench(root: &Path, only: Option<Part>) -> anyhow::Result<()> {
@@ -70,6 +74,9 @@ pub fn bench(root: &Path, only: Option<Part>) -> anyhow::Result<()> {
     }
     if part(Part::Client) {
         client_costs(root, &agentd, &ws, &work)?;
+    }
+    if part(Part::Dns) {
+        dns_costs(root, &agentd, &ws, &work)?;
     }
     if part(Part::Load) {
         let threshold = work.join("bench-threshold.toml");
@@ -795,6 +802,276 @@ exec = ["/usr/bin", "/bin", "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"]
 pass = ["PATH"]
 "#;
 
+/// Agents per case of the DNS bench, by name and by CIDR in turn (a run's state, such as
+/// the core it lands on, weighs on all its figures: several runs spread it).
+const DNS_RUNS: usize = 5;
+/// Lookups, and connects, timed in each agent: with the one not timed, within the 100
+/// queries agentd's resolver lets an agent send at once (50 a second after that; beyond,
+/// it answers REFUSED), so they go back to back.
+const DNS_PER_RUN: usize = 60;
+/// The bench's upstream resolver: port 53 (the port the kernel steers), on a loopback
+/// address of its own; its answers last an hour (agentd's longest admission).
+const DNS_UPSTREAM_ADDR: &str = "127.0.0.153";
+const DNS_UPSTREAM_TTL: &str = "3600";
+
+/// Egress by domain name: what agentd's resolver costs an agent's lookups, and what an
+/// address admitted from an answer costs its connects, each against the same operation
+/// allowed by a CIDR rule instead. xtask/bench/dns_upstream.py stands in for the host's
+/// resolver (port 53 of 127.0.0.153, allowed.test -> 127.0.0.2); a listener of the bench
+/// on 127.0.0.2 takes the connects. Inside each agent xtask/bench/dns_agent.py makes
+/// [`DNS_PER_RUN`] raw UDP queries for allowed.test addressed to the upstream (a fresh
+/// socket each, as a stub resolver makes them; not getaddrinfo, whose server is the
+/// host's), then as many TCP connects to the listener, [`DNS_RUNS`] agents each way:
+/// * by name: the profile allows `allowed.test:PORT`; the kernel steers the queries to
+///   agentd's resolver, which asks the upstream and admits 127.0.0.2 before it answers;
+///   the connects find the admitted address;
+/// * by CIDR (the baseline): the profile allows the upstream's and the listener's
+///   addresses; the queries go straight to the upstream.
+///
+/// Embedded (`agentd run --dns-upstream`) and through a daemon of the bench (`agentd
+/// daemon --dns-upstream`), idle and with both cores busy outside any agent.
+fn dns_costs(root: &Path, agentd: &Path, ws: &Path, work: &Path) -> anyhow::Result<()> {
+    let agent = std::fs::read_to_string(root.join("xtask/bench/dns_agent.py"))
+        .context("xtask/bench/dns_agent.py")?;
+    let upstream_at = format!("{DNS_UPSTREAM_ADDR}:53");
+    let dir = work.join("dns");
+    let daemon_dir = work
+        .parent()
+        .map_or_else(|| work.join("dns-daemon"), |t| t.join("bench-dns-daemon"));
+    // Declared before the processes, dropped after them: the files go once they are gone.
+    let _files = RemoveOnDrop(vec![dir.clone(), daemon_dir.clone()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+
+    let mut upstream = Load::default();
+    let mut child = Command::new("python3")
+        .arg(root.join("xtask/bench/dns_upstream.py"))
+        .args([DNS_UPSTREAM_ADDR, "53", DNS_UPSTREAM_TTL])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("python3 xtask/bench/dns_upstream.py")?;
+    let stdout = child.stdout.take().context("dns_upstream.py: no stdout")?;
+    upstream.0.push(child);
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut ready)?;
+    anyhow::ensure!(
+        ready.trim() == "ready",
+        "dns_upstream.py did not start on {upstream_at} (is port 53 there taken?)"
+    );
+    let listener = AcceptLoop::start("127.0.0.2:0")?;
+    let port = listener.addr.port();
+
+    let by_name = dir.join("dns-names.toml");
+    std::fs::write(
+        &by_name,
+        PROFILE_DNS
+            .replace("{name}", "bench-dns-names")
+            .replace("{connect}", &format!("\"allowed.test:{port}\"")),
+    )?;
+    let by_cidr = dir.join("dns-cidr.toml");
+    std::fs::write(
+        &by_cidr,
+        PROFILE_DNS.replace("{name}", "bench-dns-cidr").replace(
+            "{connect}",
+            &format!("\"{DNS_UPSTREAM_ADDR}/32:53/udp\", \"127.0.0.2/32:{port}\""),
+        ),
+    )?;
+    let daemon = BenchDaemon::start_with(agentd, &daemon_dir, &["--dns-upstream", &upstream_at])?;
+
+    let per_run = DNS_PER_RUN.to_string();
+    let port = port.to_string();
+    let measure = |profile: &Path, socket: Option<&Path>, into: &mut DnsSample| {
+        let mut c = Command::new(agentd);
+        c.args(["run", "--quiet"]);
+        match socket {
+            Some(s) => c.arg("--socket").arg(s),
+            // The flag also makes the run embedded, whether a daemon runs or not.
+            None => c.args(["--dns-upstream", &upstream_at]),
+        };
+        c.arg("--profile")
+            .arg(profile)
+            .arg("--workspace")
+            .arg(ws)
+            .args(["--", "/usr/bin/python3", "-c", &agent])
+            .args([DNS_UPSTREAM_ADDR, "53", &per_run, "127.0.0.2", &port])
+            .env("SUDO_UID", "65534")
+            .env("SUDO_GID", "65534");
+        let out = c.output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "dns_agent.py under {}: {}: {}",
+            profile.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: serde_json::Value = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
+            .context("dns_agent.py printed no result")?;
+        into.add(&doc);
+        anyhow::Ok(())
+    };
+    for loaded in [false, true] {
+        let _load = if loaded { Some(Load::busy(2)?) } else { None };
+        eprintln!(
+            "\n[bench] egress by name, {}: lookups (UDP, a fresh socket each) and TCP connects inside agents, \
+             {DNS_RUNS} x {DNS_PER_RUN} each; median (p99) per operation",
+            if loaded { "both cores busy" } else { "idle" }
+        );
+        eprintln!(
+            "  {:<30} {:>38}   {:>38}",
+            "", "lookup allowed.test", "connect 127.0.0.2"
+        );
+        let mut failures = Vec::new();
+        for (how, socket) in [
+            ("embedded", None),
+            ("daemon", Some(daemon.socket.as_path())),
+        ] {
+            let mut base = DnsSample::default();
+            let mut named = DnsSample::default();
+            for _ in 0..DNS_RUNS {
+                measure(&by_cidr, socket, &mut base)?;
+                measure(&by_name, socket, &mut named)?;
+            }
+            base.sort();
+            named.sort();
+            for (label, s) in [("by CIDR (baseline)", &base), ("by name", &named)] {
+                let lm = percentile(&s.lookup, 0.5);
+                let lp = percentile(&s.lookup, 0.99);
+                let cm = percentile(&s.connect, 0.5);
+                let cp = percentile(&s.connect, 0.99);
+                eprintln!(
+                    "  {how:<9} {label:<20} {lm:>7.1} us ({:.2}x) p99 {lp:>7.1} us ({:.2}x)   {cm:>7.1} us ({:.2}x) p99 {cp:>7.1} us ({:.2}x)",
+                    lm / percentile(&base.lookup, 0.5),
+                    lp / percentile(&base.lookup, 0.99),
+                    cm / percentile(&base.connect, 0.5),
+                    cp / percentile(&base.connect, 0.99),
+                );
+                if !s.failures.is_empty() {
+                    let f: Vec<String> = s
+                        .failures
+                        .iter()
+                        .map(|(why, n)| format!("{n} {why}"))
+                        .collect();
+                    failures.push(format!("{how} {label}: {}", f.join(", ")));
+                }
+            }
+        }
+        for f in failures {
+            eprintln!("  failed (left out of the figures): {f}");
+        }
+    }
+    drop(daemon);
+    drop(listener);
+    drop(upstream);
+    Ok(())
+}
+
+/// An agent's profile for the DNS bench: python3, and `{connect}`.
+const PROFILE_DNS: &str = r#"[agent]
+name = "{name}"
+[filesystem]
+read = ["{workspace}", "/usr", "/lib", "/lib64", "/bin", "/etc", "/proc", "/dev/null"]
+write = ["{workspace}", "/dev/null"]
+exec = ["/usr/bin", "/bin", "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"]
+[network]
+connect = [{connect}]
+[environment]
+pass = ["PATH"]
+"#;
+
+/// Runs of dns_agent.py: the times (us) of the lookups and connects that succeeded, and
+/// how many did not, by what and why.
+#[derive(Default)]
+struct DnsSample {
+    lookup: Vec<f64>,
+    connect: Vec<f64>,
+    failures: std::collections::BTreeMap<String, u64>,
+}
+
+impl DnsSample {
+    /// Adds one run's output.
+    fn add(&mut self, doc: &serde_json::Value) {
+        for (times, key) in [
+            (&mut self.lookup, "lookup_us"),
+            (&mut self.connect, "connect_us"),
+        ] {
+            if let Some(a) = doc[key].as_array() {
+                times.extend(a.iter().filter_map(serde_json::Value::as_f64));
+            }
+        }
+        for (what, key) in [
+            ("lookups", "lookup_failures"),
+            ("connects", "connect_failures"),
+        ] {
+            for (why, n) in doc[key].as_object().into_iter().flatten() {
+                *self.failures.entry(format!("{what} {why}")).or_default() +=
+                    n.as_u64().unwrap_or(0);
+            }
+        }
+    }
+
+    /// Sorts the times, for [`percentile`].
+    fn sort(&mut self) {
+        self.lookup.sort_by(f64::total_cmp);
+        self.connect.sort_by(f64::total_cmp);
+    }
+}
+
+/// A TCP listener on a thread that accepts connections and closes them at once; stopped
+/// (and joined) on drop.
+struct AcceptLoop {
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AcceptLoop {
+    fn start(at: &str) -> anyhow::Result<AcceptLoop> {
+        let listener =
+            std::net::TcpListener::bind(at).with_context(|| format!("listening on {at}"))?;
+        let addr = listener.local_addr()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                drop(conn);
+                if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+            }
+        });
+        Ok(AcceptLoop {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for AcceptLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wakes the accept, which then sees the flag.
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Directories the bench made, removed on drop.
+struct RemoveOnDrop(Vec<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
 /// `agentd daemon` with its own socket, state directory and audit log under `dir`;
 /// stopped (SIGTERM) on drop.
 struct BenchDaemon {
@@ -804,6 +1081,11 @@ struct BenchDaemon {
 
 impl BenchDaemon {
     fn start(agentd: &Path, dir: &Path) -> anyhow::Result<BenchDaemon> {
+        BenchDaemon::start_with(agentd, dir, &[])
+    }
+
+    /// As [`BenchDaemon::start`], with more arguments for `agentd daemon`.
+    fn start_with(agentd: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<BenchDaemon> {
         // A fresh state and audit log each run.
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
@@ -817,6 +1099,7 @@ impl BenchDaemon {
             .arg("--audit-log")
             .arg(dir.join("audit.log"))
             .args(["--group", "agentd-bench-no-such-group"])
+            .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(dir.join("daemon.log")).map(std::process::Stdio::from)?)
             .spawn()?;
