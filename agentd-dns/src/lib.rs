@@ -198,6 +198,52 @@ pub fn reply(query: &Query, rcode: Rcode) -> Vec<u8> {
     )
 }
 
+/// The query agentd sends the upstream for `query`: a message of its own with id `id`
+/// (not the agent's: the agent does not choose what an off-path spoofer must guess), the
+/// one question, RD, and EDNS with a 1232-byte payload and the agent's DO bit — nothing
+/// else of the agent's message (no other sections, options or flags) reaches the
+/// upstream. The returned [`Query`] is what to read the upstream's response against.
+pub fn upstream_query(query: &Query, id: u16) -> Result<Query, String> {
+    let asked = Message::from_vec(&query.message).map_err(|e| format!("query: {e}"))?;
+    let [question] = asked.queries() else {
+        return Err("the query has no single question".to_owned());
+    };
+    let mut message = Message::new();
+    message
+        .set_id(id)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true)
+        .add_query(question.clone());
+    let mut edns = hickory_proto::op::Edns::new();
+    edns.set_max_payload(UPSTREAM_PAYLOAD);
+    edns.set_dnssec_ok(
+        asked
+            .extensions()
+            .as_ref()
+            .is_some_and(|e| e.flags().dnssec_ok),
+    );
+    message.set_edns(edns);
+    let bytes = message.to_vec().map_err(|e| format!("query: {e}"))?;
+    Ok(Query {
+        id,
+        message: bytes,
+        ..query.clone()
+    })
+}
+
+/// The EDNS payload size agentd offers the upstream (the DNS flag day 2020 value).
+pub const UPSTREAM_PAYLOAD: u16 = 1232;
+
+/// `message` with its id replaced by `id` (a response to the agent's query, from one to
+/// agentd's). A message shorter than its id is left alone.
+pub fn with_id(mut message: Vec<u8>, id: u16) -> Vec<u8> {
+    if let Some(head) = message.get_mut(..2) {
+        head.copy_from_slice(&id.to_be_bytes());
+    }
+    message
+}
+
 /// `message` (an answer to `query`) as it may go back over UDP: itself when it fits the
 /// size the query allows (512 bytes, or its EDNS payload size), else its header with TC
 /// set and its question only, so the agent asks again over TCP (RFC 1035 4.2.1, RFC 6891).
@@ -516,6 +562,40 @@ mod tests {
 
     fn v4(ip: [u8; 4]) -> IpAddr {
         IpAddr::from(ip)
+    }
+
+    #[test]
+    fn the_upstream_gets_a_query_of_agentds_own() {
+        // The agent's query carries an answer section, an odd id and CD.
+        let mut m = query_message("Www.Example.test", RecordType::AAAA);
+        m.add_answer(a("www.example.test", 60, [10, 0, 0, 1]));
+        m.set_checking_disabled(true);
+        let agent = parse_query(&m.to_vec().unwrap()).unwrap();
+        let up = upstream_query(&agent, 0xbeef).unwrap();
+        assert_eq!(up.id, 0xbeef);
+        assert_eq!(
+            (up.name.as_str(), up.qtype),
+            (agent.name.as_str(), agent.qtype)
+        );
+        let sent = Message::from_vec(&up.message).unwrap();
+        assert_eq!(sent.id(), 0xbeef);
+        assert!(sent.answers().is_empty());
+        assert!(!sent.checking_disabled());
+        assert!(sent.recursion_desired());
+        assert_eq!(sent.queries().len(), 1);
+        assert_eq!(sent.max_payload(), UPSTREAM_PAYLOAD);
+        // The response to it reads against it, and goes back with the agent's id.
+        let mut r = sent.clone();
+        r.set_message_type(MessageType::Response).add_answer(aaaa(
+            "www.example.test",
+            60,
+            "2001:db8::1",
+        ));
+        let answer = read_answer(&up, &r.to_vec().unwrap()).unwrap();
+        assert_eq!(answer.addrs.len(), 1);
+        let back = with_id(answer.message, agent.id);
+        assert_eq!(Message::from_vec(&back).unwrap().id(), ID);
+        assert_eq!(with_id(vec![1], 7), vec![1]);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::run::kernel::monotonic_ns;
 pub const MAX_PER_AGENT: usize = 1024;
 /// How long an expired admission's name is still known, for the events of connections
 /// made just before it expired (their records may be decoded later).
-const NAME_GRACE: Duration = Duration::from_secs(60);
+const NAME_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdmitError {
@@ -46,23 +46,33 @@ pub struct Grant<'a> {
 /// One admission in user space's copy.
 #[derive(Debug, Clone)]
 struct Entry {
-    agent: String,
     domain: String,
     /// CLOCK_MONOTONIC ns, as in the map.
     expires: u64,
 }
 
+/// What user space keeps of the admissions: the live ones (in the kernel map too), how
+/// many each agent has, and the names of expired ones for a while.
 #[derive(Debug)]
 struct Table {
     map: HashMap<MapData, DnsKey, u64>,
-    entries: StdHashMap<DnsKey, Entry>,
+    live: StdHashMap<DnsKey, Entry>,
+    per_agent: StdHashMap<u64, usize>,
+    /// The cgroup id of each agent that has admissions, by agent id (events name agents).
+    cgroups: StdHashMap<String, u64>,
+    /// Names of admissions that expired or whose agent is gone, until their grace ends
+    /// (at most [`EXPIRED_KEPT`]).
+    expired: StdHashMap<DnsKey, (String, u64)>,
 }
+
+/// Expired admissions whose names are kept at once (their events may still be decoded).
+const EXPIRED_KEPT: usize = 64 * 1024;
 
 /// A handle on the admissions, shared by the resolvers and the event reader.
 #[derive(Debug, Clone)]
 pub struct Admissions(Arc<Mutex<Table>>);
 
-fn lock(t: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
+fn lock<T>(t: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -84,11 +94,18 @@ fn key(cgroup_id: u64, addr: IpAddr, port: Option<u16>, proto: u8) -> DnsKey {
     }
 }
 
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 impl Admissions {
     pub(super) fn new(map: HashMap<MapData, DnsKey, u64>) -> Admissions {
         Admissions(Arc::new(Mutex::new(Table {
             map,
-            entries: StdHashMap::new(),
+            live: StdHashMap::new(),
+            per_agent: StdHashMap::new(),
+            cgroups: StdHashMap::new(),
+            expired: StdHashMap::new(),
         })))
     }
 
@@ -102,32 +119,26 @@ impl Admissions {
             domain,
             ttl,
         } = *grant;
-        let now = monotonic_ns();
-        let expires = now.saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX));
+        let expires = monotonic_ns().saturating_add(nanos(ttl));
         let k = key(cgroup_id, addr, port, proto);
         let mut t = lock(&self.0);
-        if !t.entries.contains_key(&k) {
-            let held = t
-                .entries
-                .iter()
-                .filter(|(k, e)| k.cgroup_id == cgroup_id && e.expires > now)
-                .count();
-            if held >= MAX_PER_AGENT {
-                return Err(AdmitError::Full);
-            }
+        let held = t.per_agent.get(&cgroup_id).copied().unwrap_or(0);
+        let known = t.live.get(&k).map(|e| e.expires);
+        if known.is_none() && held >= MAX_PER_AGENT {
+            return Err(AdmitError::Full);
         }
         // A longer admission for the same address (another name, a longer TTL) stays.
-        let expires = t
-            .entries
-            .get(&k)
-            .map_or(expires, |e| e.expires.max(expires));
+        let expires = known.map_or(expires, |e| e.max(expires));
         t.map
             .insert(k, expires, 0)
             .map_err(|e| AdmitError::Map(e.to_string()))?;
-        t.entries.insert(
+        if known.is_none() {
+            *t.per_agent.entry(cgroup_id).or_default() += 1;
+        }
+        t.cgroups.insert(agent.to_owned(), cgroup_id);
+        t.live.insert(
             k,
             Entry {
-                agent: agent.to_owned(),
                 domain: domain.to_owned(),
                 expires,
             },
@@ -139,37 +150,32 @@ impl Admissions {
     /// `proto`, if it was (recently: an event is decoded after the connect it records).
     pub fn domain_of(&self, agent: &str, addr: IpAddr, port: u16, proto: u8) -> Option<String> {
         let t = lock(&self.0);
-        let addr = mapped(addr);
-        let port_be = port.to_be();
-        t.entries
-            .iter()
-            .find(|(k, e)| {
-                e.agent == agent
-                    && k.addr == addr
-                    && k.proto == proto
-                    && (k.port_be == port_be || k.port_be == 0)
-            })
-            .map(|(_, e)| e.domain.clone())
+        let cgroup_id = *t.cgroups.get(agent)?;
+        [Some(port), None].into_iter().find_map(|p| {
+            let k = key(cgroup_id, addr, p, proto);
+            t.live
+                .get(&k)
+                .map(|e| e.domain.clone())
+                .or_else(|| t.expired.get(&k).map(|(d, _)| d.clone()))
+        })
     }
 
-    /// Deletes the expired entries from the map, and forgets their names after a grace.
+    /// Deletes the expired admissions from the map; their names are kept for a while.
     pub fn sweep(&self) {
         let now = monotonic_ns();
-        let grace = u64::try_from(NAME_GRACE.as_nanos()).unwrap_or(u64::MAX);
         let mut t = lock(&self.0);
-        let expired: Vec<(DnsKey, bool)> = t
-            .entries
+        let gone: Vec<DnsKey> = t
+            .live
             .iter()
             .filter(|(_, e)| e.expires <= now)
-            .map(|(k, e)| (*k, e.expires.saturating_add(grace) <= now))
+            .map(|(k, _)| *k)
             .collect();
-        for (k, forget) in expired {
-            // Gone already when swept before.
-            let _ = t.map.remove(&k);
-            if forget {
-                t.entries.remove(&k);
-            }
+        for k in gone {
+            retire(&mut t, k, now);
         }
+        let grace = nanos(NAME_GRACE);
+        t.expired
+            .retain(|_, (_, at)| at.saturating_add(grace) > now);
     }
 
     /// Removes every admission of the agent in cgroup `cgroup_id` (it is gone); their
@@ -178,17 +184,30 @@ impl Admissions {
         let now = monotonic_ns();
         let mut t = lock(&self.0);
         let keys: Vec<DnsKey> = t
-            .entries
+            .live
             .keys()
             .filter(|k| k.cgroup_id == cgroup_id)
             .copied()
             .collect();
         for k in keys {
-            let _ = t.map.remove(&k);
-            if let Some(e) = t.entries.get_mut(&k) {
-                e.expires = e.expires.min(now);
-            }
+            retire(&mut t, k, now);
         }
+        t.per_agent.remove(&cgroup_id);
+    }
+}
+
+/// Moves admission `k` from the map and the live set to the expired names.
+fn retire(t: &mut Table, k: DnsKey, now: u64) {
+    // Gone already if the map was cleared some other way: nothing to undo.
+    let _ = t.map.remove(&k);
+    let Some(e) = t.live.remove(&k) else {
+        return;
+    };
+    if let Some(n) = t.per_agent.get_mut(&k.cgroup_id) {
+        *n = n.saturating_sub(1);
+    }
+    if t.expired.len() < EXPIRED_KEPT {
+        t.expired.insert(k, (e.domain, now));
     }
 }
 

@@ -522,14 +522,22 @@ async fn resolve(state: &State, asked: Asked, transport: Transport) -> Vec<u8> {
         Ok(u) => *u,
         Err(why) => return servfail(why.clone()),
     };
-    let response = match ask_upstream(upstream, &query).await {
+    let Some(id) = random_id() else {
+        return servfail("no random id for the upstream query (getrandom)".to_owned());
+    };
+    let sent = match agentd_dns::upstream_query(&query, id) {
+        Ok(q) => q,
+        Err(e) => return servfail(e),
+    };
+    let response = match ask_upstream(upstream, &sent).await {
         Ok(r) => r,
         Err(e) => return servfail(format!("upstream {upstream}: {e}")),
     };
-    let answer = match agentd_dns::read_answer(&query, &response) {
+    let mut answer = match agentd_dns::read_answer(&sent, &response) {
         Ok(a) => a,
         Err(e) => return servfail(format!("upstream {upstream}: {e}")),
     };
+    answer.message = agentd_dns::with_id(answer.message, query.id);
     // Addresses of the host itself and of no host are never admitted by name (DNS
     // rebinding to the host's loopback services, a metadata endpoint): the agent gets
     // them in the answer, and its connects to them are decided by its CIDR rules alone.
@@ -635,6 +643,15 @@ fn admit(
         }
     }
     Ok(())
+}
+
+/// A fresh DNS message id from the kernel's random pool (None if it gives none: then
+/// nothing is sent, rather than an id an off-path spoofer could guess).
+fn random_id() -> Option<u16> {
+    let mut id = [0u8; 2];
+    // SAFETY: getrandom writes at most `id.len()` bytes into the buffer it is given.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    (n == 2).then(|| u16::from_be_bytes(id))
 }
 
 /// The upstream's answer to `query`: over UDP (two tries), again over TCP when the answer
