@@ -7,7 +7,11 @@
 pub mod dns;
 
 use std::{
-    os::unix::net::UnixStream,
+    net::{Ipv4Addr, Ipv6Addr, UdpSocket},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::net::UnixStream,
+    },
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
@@ -809,4 +813,142 @@ pub fn wait_until_or(limit: Duration, mut pred: impl FnMut() -> bool, why: impl 
         assert!(started.elapsed() < limit, "{}", why());
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// A network namespace of the test's own.
+
+/// Moves the calling thread into a network namespace of its own, whose loopback is up
+/// (127.0.0.1/8 and ::1, as always) and also carries `v4` (each a /32, on aliases `lo:1`,
+/// `lo:2`...) and `v6` (each a /128): addresses a test may give its listeners and its fake
+/// DNS answers without touching the host's network. Panics (the test fails) if anything
+/// does not work.
+///
+/// Namespaces belong to threads: only this thread moves, and what it creates afterwards
+/// (sockets, threads, child processes: `agentd run`, `agentd daemon` and their agents)
+/// lives in the new namespace. So the caller is the test's own thread and calls this
+/// first, before anything binds or spawns.
+///
+/// No cleanup: the namespace goes away with the last thing that holds it (the test's
+/// thread, when it ends, and whatever it spawned).
+///
+/// No `ip` binary is needed (the test guests may not have one): the interface ioctls
+/// `ifconfig` uses.
+pub fn private_netns(v4: &[Ipv4Addr], v6: &[Ipv6Addr]) {
+    // SAFETY: unshare takes flags only; CLONE_NEWNET moves the calling thread alone.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        panic!(
+            "unshare(CLONE_NEWNET): {} (a private network namespace needs CAP_SYS_ADMIN)",
+            std::io::Error::last_os_error()
+        );
+    }
+    let inet = ioctl_socket(libc::AF_INET);
+    let mut req = ifreq("lo");
+    ioctl(&inet, libc::SIOCGIFFLAGS, &mut req, "SIOCGIFFLAGS lo");
+    // SAFETY: SIOCGIFFLAGS succeeded: it set the union's flags member.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    // IFF_UP fits a c_short (it is 1).
+    req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    ioctl(&inet, libc::SIOCSIFFLAGS, &mut req, "SIOCSIFFLAGS lo up");
+    for (i, addr) in v4.iter().enumerate() {
+        let label = format!("lo:{}", i + 1);
+        let mut req = ifreq(&label);
+        req.ifr_ifru.ifru_addr = sockaddr_v4(*addr);
+        ioctl(
+            &inet,
+            libc::SIOCSIFADDR,
+            &mut req,
+            &format!("SIOCSIFADDR {label} {addr}"),
+        );
+        // SIOCSIFADDR gave it its class's mask (192.0.2.2: /24): a host address instead.
+        req.ifr_ifru.ifru_netmask = sockaddr_v4(Ipv4Addr::BROADCAST);
+        ioctl(
+            &inet,
+            libc::SIOCSIFNETMASK,
+            &mut req,
+            &format!("SIOCSIFNETMASK {label} /32"),
+        );
+    }
+    if v6.is_empty() {
+        return;
+    }
+    let mut req = ifreq("lo");
+    ioctl(&inet, libc::SIOCGIFINDEX, &mut req, "SIOCGIFINDEX lo");
+    // SAFETY: SIOCGIFINDEX succeeded: it set the union's ifindex member.
+    let ifindex = unsafe { req.ifr_ifru.ifru_ifindex };
+    // `ifconfig lo inet6 add ADDR/128`: SIOCSIFADDR with an in6_ifreq, on an IPv6 socket.
+    let inet6 = ioctl_socket(libc::AF_INET6);
+    for addr in v6 {
+        let mut req = libc::in6_ifreq {
+            ifr6_addr: libc::in6_addr {
+                s6_addr: addr.octets(),
+            },
+            ifr6_prefixlen: 128,
+            ifr6_ifindex: ifindex,
+        };
+        ioctl(
+            &inet6,
+            libc::SIOCSIFADDR,
+            &mut req,
+            &format!("SIOCSIFADDR lo {addr}/128"),
+        );
+    }
+    // A new IPv6 address is tentative until duplicate address detection ends: skipped on
+    // loopback, but done by a kernel worker, so not always by now. Bindable means ready.
+    for addr in v6 {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{addr} to be bindable"),
+            || UdpSocket::bind((*addr, 0)).is_ok(),
+        );
+    }
+}
+
+/// A socket to address interface ioctls to.
+fn ioctl_socket(family: libc::c_int) -> OwnedFd {
+    // SAFETY: socket takes integers only and returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(
+        fd >= 0,
+        "socket(family {family}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: fd is a descriptor just opened, owned by nothing else.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// An `ifreq` naming interface `name`, its union zeroed.
+fn ifreq(name: &str) -> libc::ifreq {
+    assert!(
+        name.len() < libc::IFNAMSIZ,
+        "interface name {name:?} too long"
+    );
+    // SAFETY: ifreq is plain C data (integers, arrays, a union of such and of a pointer,
+    // here null): all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (c, b) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *c = libc::c_char::from_ne_bytes([b]);
+    }
+    req
+}
+
+/// `addr` as the `struct sockaddr` an ifreq holds (a sockaddr_in: family, port 0, address).
+fn sockaddr_v4(addr: Ipv4Addr) -> libc::sockaddr {
+    let mut sa_data = [0 as libc::c_char; 14];
+    for (c, b) in sa_data[2..6].iter_mut().zip(addr.octets()) {
+        *c = libc::c_char::from_ne_bytes([b]);
+    }
+    libc::sockaddr {
+        sa_family: libc::AF_INET as libc::sa_family_t,
+        sa_data,
+    }
+}
+
+/// `ioctl(fd, request, arg)`, panicking with `what` when it fails.
+fn ioctl<T>(fd: &OwnedFd, request: libc::Ioctl, arg: &mut T, what: &str) {
+    // SAFETY: every request passed here reads and writes one struct of the type `arg`
+    // points to (an ifreq, or an in6_ifreq for SIOCSIFADDR on an IPv6 socket), live and
+    // exclusively borrowed for the call.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), request, std::ptr::from_mut(arg)) };
+    assert!(ret == 0, "{what}: {}", std::io::Error::last_os_error());
 }
