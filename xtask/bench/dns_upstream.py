@@ -4,7 +4,7 @@ the host's resolver that agentd's resolver forwards allowed names to.
 
 Usage: dns_upstream.py ADDR PORT TTL
 
-Answers over UDP on ADDR:PORT: an A query for allowed.test with 127.0.0.2 (TTL seconds),
+Answers over UDP on ADDR:PORT: an A query for allowed.test with 192.0.2.2 (TTL seconds),
 any other type of allowed.test with no records (NOERROR), any other name with NXDOMAIN.
 Prints "ready" once bound; runs until killed.
 """
@@ -12,7 +12,7 @@ import socket
 import struct
 import sys
 
-NAMES = {b"allowed.test": socket.inet_aton("127.0.0.2")}
+NAMES = {b"allowed.test": socket.inet_aton("192.0.2.2")}
 
 
 def main():

@@ -805,25 +805,30 @@ pass = ["PATH"]
 /// Agents per case of the DNS bench, by name and by CIDR in turn (a run's state, such as
 /// the core it lands on, weighs on all its figures: several runs spread it).
 const DNS_RUNS: usize = 5;
-/// Lookups, and connects, timed in each agent: with the one not timed, within the 100
-/// queries agentd's resolver lets an agent send at once (50 a second after that; beyond,
+/// Lookups, and connects, timed in each agent: with the one not timed, within the 400
+/// queries agentd's resolver lets an agent send at once (200 a second after that; beyond,
 /// it answers REFUSED), so they go back to back.
 const DNS_PER_RUN: usize = 60;
 /// The bench's upstream resolver: port 53 (the port the kernel steers), on a loopback
 /// address of its own; its answers last an hour (agentd's longest admission).
 const DNS_UPSTREAM_ADDR: &str = "127.0.0.153";
 const DNS_UPSTREAM_TTL: &str = "3600";
+/// allowed.test's address, on the loopback of the bench's namespace (a documentation
+/// address: agentd admits no loopback address by name).
+const BENCH_DNS_ADDR: &str = "192.0.2.2";
+/// Set in the dns part's own network namespace.
+const DNS_NETNS_ENV: &str = "AGENTD_BENCH_DNS_NETNS";
 
 /// Egress by domain name: what agentd's resolver costs an agent's lookups, and what an
 /// address admitted from an answer costs its connects, each against the same operation
 /// allowed by a CIDR rule instead. xtask/bench/dns_upstream.py stands in for the host's
-/// resolver (port 53 of 127.0.0.153, allowed.test -> 127.0.0.2); a listener of the bench
-/// on 127.0.0.2 takes the connects. Inside each agent xtask/bench/dns_agent.py makes
+/// resolver (port 53 of 127.0.0.153, allowed.test -> 192.0.2.2); a listener of the bench
+/// on 192.0.2.2 takes the connects (in a network namespace of the part's own). Inside each agent xtask/bench/dns_agent.py makes
 /// [`DNS_PER_RUN`] raw UDP queries for allowed.test addressed to the upstream (a fresh
 /// socket each, as a stub resolver makes them; not getaddrinfo, whose server is the
 /// host's), then as many TCP connects to the listener, [`DNS_RUNS`] agents each way:
 /// * by name: the profile allows `allowed.test:PORT`; the kernel steers the queries to
-///   agentd's resolver, which asks the upstream and admits 127.0.0.2 before it answers;
+///   agentd's resolver, which asks the upstream and admits 192.0.2.2 before it answers;
 ///   the connects find the admitted address;
 /// * by CIDR (the baseline): the profile allows the upstream's and the listener's
 ///   addresses; the queries go straight to the upstream.
@@ -831,6 +836,34 @@ const DNS_UPSTREAM_TTL: &str = "3600";
 /// Embedded (`agentd run --dns-upstream`) and through a daemon of the bench (`agentd
 /// daemon --dns-upstream`), idle and with both cores busy outside any agent.
 fn dns_costs(root: &Path, agentd: &Path, ws: &Path, work: &Path) -> anyhow::Result<()> {
+    // agentd admits no loopback address by name (DNS rebinding): the listener's address
+    // must be another, and the bench adds none to the host. So the part runs again in a
+    // network namespace of its own, with BENCH_DNS_ADDR on its loopback.
+    if std::env::var_os(DNS_NETNS_ENV).is_none() {
+        let status = Command::new("unshare")
+            .args(["--net", "--"])
+            .arg(std::env::current_exe()?)
+            .args(["bench", "--only", "dns"])
+            .env(DNS_NETNS_ENV, "1")
+            .current_dir(root)
+            .status()
+            .context("unshare --net (util-linux)")?;
+        anyhow::ensure!(
+            status.success(),
+            "the dns bench failed in its namespace: {status}"
+        );
+        return Ok(());
+    }
+    for args in [
+        &["link", "set", "lo", "up"][..],
+        &["addr", "add", &format!("{BENCH_DNS_ADDR}/32"), "dev", "lo"],
+    ] {
+        let status = Command::new("ip")
+            .args(args)
+            .status()
+            .context("ip (iproute2)")?;
+        anyhow::ensure!(status.success(), "ip {}: {status}", args.join(" "));
+    }
     let agent = std::fs::read_to_string(root.join("xtask/bench/dns_agent.py"))
         .context("xtask/bench/dns_agent.py")?;
     let upstream_at = format!("{DNS_UPSTREAM_ADDR}:53");
@@ -858,7 +891,7 @@ fn dns_costs(root: &Path, agentd: &Path, ws: &Path, work: &Path) -> anyhow::Resu
         ready.trim() == "ready",
         "dns_upstream.py did not start on {upstream_at} (is port 53 there taken?)"
     );
-    let listener = AcceptLoop::start("127.0.0.2:0")?;
+    let listener = AcceptLoop::start(&format!("{BENCH_DNS_ADDR}:0"))?;
     let port = listener.addr.port();
 
     let by_name = dir.join("dns-names.toml");
@@ -873,7 +906,7 @@ fn dns_costs(root: &Path, agentd: &Path, ws: &Path, work: &Path) -> anyhow::Resu
         &by_cidr,
         PROFILE_DNS.replace("{name}", "bench-dns-cidr").replace(
             "{connect}",
-            &format!("\"{DNS_UPSTREAM_ADDR}/32:53/udp\", \"127.0.0.2/32:{port}\""),
+            &format!("\"{DNS_UPSTREAM_ADDR}/32:53/udp\", \"{BENCH_DNS_ADDR}/32:{port}\""),
         ),
     )?;
     let daemon = BenchDaemon::start_with(agentd, &daemon_dir, &["--dns-upstream", &upstream_at])?;
@@ -893,7 +926,7 @@ fn dns_costs(root: &Path, agentd: &Path, ws: &Path, work: &Path) -> anyhow::Resu
             .arg("--workspace")
             .arg(ws)
             .args(["--", "/usr/bin/python3", "-c", &agent])
-            .args([DNS_UPSTREAM_ADDR, "53", &per_run, "127.0.0.2", &port])
+            .args([DNS_UPSTREAM_ADDR, "53", &per_run, BENCH_DNS_ADDR, &port])
             .env("SUDO_UID", "65534")
             .env("SUDO_GID", "65534");
         let out = c.output()?;
@@ -921,7 +954,7 @@ fn dns_costs(root: &Path, agentd: &Path, ws: &Path, work: &Path) -> anyhow::Resu
         );
         eprintln!(
             "  {:<30} {:>38}   {:>38}",
-            "", "lookup allowed.test", "connect 127.0.0.2"
+            "", "lookup allowed.test", "connect 192.0.2.2"
         );
         let mut failures = Vec::new();
         for (how, socket) in [
