@@ -954,7 +954,16 @@ mod tests {
 
     #[test]
     fn map_type_layouts() {
-        assert_eq!(size_of::<AgentState>(), 8);
+        assert_eq!(offset_of!(AgentState, dns_port), 8);
+        assert_eq!(size_of::<AgentState>(), 12);
+        assert_eq!(offset_of!(DnsKey, addr), 8);
+        assert_eq!(offset_of!(DnsKey, port_be), 24);
+        assert_eq!(offset_of!(DnsKey, proto), 26);
+        assert_eq!(size_of::<DnsKey>(), 32);
+        assert_eq!(offset_of!(DnsOrig, port_be), 16);
+        assert_eq!(size_of::<DnsOrig>(), 24);
+        assert_eq!(size_of::<DnsClient>(), 16);
+        assert_eq!(dns_client_key(17, true, 0x1234), 17 | 1 << 8 | 0x1234 << 16);
         assert_eq!(offset_of!(NetKey, proto), 4);
         assert_eq!(offset_of!(NetKey, port_be), 6);
         assert_eq!(offset_of!(NetKey, addr), 8);

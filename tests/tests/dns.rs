@@ -19,9 +19,10 @@ use std::{
 use agentd_tests::{
     AgentRun, DEFAULT_LIMITS, Daemon, PY_ATTEMPT, Run, agent_dir,
     dns::{FakeDns, Zone},
-    private_netns, profile_file, require_root, test_profile, wait_until_or,
+    private_netns, profile_file, require_root, test_profile, wait_until, wait_until_or,
 };
 use serde_json::{Value, json};
+use std::os::unix::process::CommandExt as _;
 
 const EPERM: i64 = libc::EPERM as i64;
 /// getaddrinfo's EAI_NONAME: what a program sees for a name agentd answers NXDOMAIN.
@@ -813,6 +814,130 @@ print("survived")
         "{b}"
     );
     assert_eq!(w.allowed.accepted(), 1);
+}
+
+/// A process outside the agent (another user's, in no agent) that sends to the agent's
+/// resolver port gets nothing from it: no answer, no admission, no event in the agent's
+/// name, no breaker trip (the profile trips on `dns`), nothing asked upstream.
+#[test]
+fn dns_resolver_answers_its_agent_only() {
+    if !require_root() {
+        return;
+    }
+    let w = World::new(60);
+    let (_p, profile) = w.profile("dns-outsider", &["allowed.test:{port}"], "\"dns\"");
+    let ws = agent_dir(false);
+    let agent = AgentRun::new(profile.to_str().unwrap(), ws.path())
+        .arg("--dns-upstream")
+        .arg(&w.upstream_addr())
+        .python(&w.script(
+            r#"
+connect("allowed.test", P)
+time.sleep(8)
+print("survived")
+"#,
+        ));
+    // A thread of this test's: the agent is in this test's network namespace.
+    let running = std::thread::spawn(move || agent.run());
+    // The resolver's port: the one UDP socket listening on 127.0.0.1 besides the upstream.
+    let upstream_port = w.upstream.addr().port();
+    let mut port = None;
+    wait_until(Duration::from_secs(10), "the agent's resolver", || {
+        port = listening_udp_127_0_0_1()
+            .into_iter()
+            .find(|p| *p != upstream_port);
+        port.is_some()
+    });
+    let port = port.unwrap();
+    let outsider = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(format!(
+            r#"
+import json, socket, struct
+def q(name):
+    return struct.pack(">HHHHHH", 7, 0x0100, 1, 0, 0, 0) + b"".join(
+        bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+out = {{}}
+for name in ["other.test", "allowed.test"]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(1)
+    s.sendto(q(name), ("127.0.0.1", {port}))
+    try:
+        out["udp " + name] = len(s.recv(512))
+    except OSError as e:
+        out["udp " + name] = type(e).__name__
+    try:
+        t = socket.create_connection(("127.0.0.1", {port}), timeout=1)
+        t.sendall(struct.pack(">H", len(q(name))) + q(name))
+        out["tcp " + name] = len(t.recv(512))
+    except OSError as e:
+        out["tcp " + name] = type(e).__name__
+print(json.dumps(out))
+"#
+        ))
+        .uid(65533)
+        .gid(65533)
+        .output()
+        .unwrap();
+    let got: Value = serde_json::from_slice(&outsider.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&outsider.stderr)));
+    for (what, answer) in got.as_object().unwrap() {
+        // UDP: no answer (a timeout); TCP: closed at once (0 bytes, or reset while the
+        // query was on its way).
+        assert!(
+            answer == "TimeoutError"
+                || answer == 0
+                || answer == "ConnectionResetError"
+                || answer == "BrokenPipeError",
+            "the outsider got an answer to {what}: {got}"
+        );
+    }
+    let run = running.join().unwrap();
+    assert_eq!(run.code(), 0, "the agent lives\n{}", run.explain());
+    assert!(run.stdout().contains("survived"), "{}", run.explain());
+    let names: Vec<&Value> = run
+        .events
+        .iter()
+        .filter(|e| e["kind"] == "dns")
+        .map(|e| &e["domain"])
+        .collect();
+    assert!(
+        names.iter().all(|n| *n == "allowed.test"),
+        "only the agent's own lookups are its events: {names:?}"
+    );
+    assert!(
+        !w.upstream.names().contains(&"other.test".to_owned()),
+        "{:?}",
+        w.upstream.asked()
+    );
+    assert_eq!(
+        w.upstream
+            .asked()
+            .iter()
+            .filter(|a| a.name == "allowed.test" && a.qtype == "A")
+            .count(),
+        1,
+        "the agent's one lookup of allowed.test, not the outsider's: {:?}",
+        w.upstream.asked()
+    );
+}
+
+/// Ports of the UDP sockets listening on 127.0.0.1 (in this thread's network namespace:
+/// /proc/thread-self/net is its own).
+fn listening_udp_127_0_0_1() -> Vec<u16> {
+    let table = std::fs::read_to_string("/proc/thread-self/net/udp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (local, remote) = (f.nth(1)?, f.next()?);
+            let (addr, port) = local.split_once(':')?;
+            (addr == "0100007F" && remote == "00000000:0000")
+                .then(|| u16::from_str_radix(port, 16).ok())
+                .flatten()
+        })
+        .collect()
 }
 
 /// Queries past the rate limit (200/s, burst 400) are answered REFUSED, not forwarded,
