@@ -86,7 +86,7 @@ pub mod selftest;
 mod tracefs;
 pub mod watch;
 
-pub use watch::{AgentHandle, Watch, protect_refused};
+pub use watch::{AgentHandle, Watch};
 
 /// What agentd's BPF LSM programs need that this kernel's BTF lacks: hooks (each needs a
 /// `bpf_lsm_<hook>` function; the `path_*` ones exist only with CONFIG_SECURITY_PATH), as

@@ -549,20 +549,6 @@ fn attach_lsm(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
     Ok(())
 }
 
-/// Why an agent whose policy protects paths is not started here: BPF LSM does not run
-/// (`why`). Also what `agentd run --dry-run` prints for it.
-pub fn protect_refused(protect: &[PathBuf], why: &str) -> String {
-    let list: Vec<String> = protect.iter().map(|p| p.display().to_string()).collect();
-    format!(
-        "the profile protects {} (filesystem.protect), which only BPF LSM programs can \
-         enforce, and this kernel refuses them ({why}); `agentd doctor` shows the \
-         \"bpf lsm\" line. Run the agent on a kernel with BPF LSM active (bpf in the lsm= \
-         boot parameter), or remove filesystem.protect from the profile: agentd does not \
-         start it with the protection missing",
-        list.join(", ")
-    )
-}
-
 impl Watch {
     /// Mounts tracefs and bpffs if needed, loads the BPF object and attaches the
     /// tracepoints. No agent is watched yet: for every process the programs return after
@@ -792,22 +778,9 @@ impl Watch {
             mountinfo.as_deref().ok(),
         );
         match &self.lsm {
-            Err(why) if !policy.protect.is_empty() => {
-                return Err(BpfError::Policy {
-                    agent: agent_id.to_owned(),
-                    reason: protect_refused(&policy.protect, why),
-                });
-            }
-            Err(why) => {
-                if !policy.network.unix.is_empty() {
-                    tracing::warn!(
-                        agent = agent_id,
-                        "network.unix is not enforced: BPF LSM does not run here ({why}); \
-                         the agent's unix-socket connects are decided by file permissions \
-                         only (`agentd doctor`, \"bpf lsm\")"
-                    );
-                }
-            }
+            // Without BPF LSM the agent's mount namespace keeps protected paths read-only
+            // and host sockets under /run out of its view (sandbox::mountns).
+            Err(_) => {}
             Ok(()) => {
                 let mountinfo = mountinfo
                     .as_deref()

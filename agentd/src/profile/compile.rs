@@ -42,6 +42,7 @@ pub struct CompiledPolicy {
     pub breaker: BreakerPolicy,
     pub limits: Limits,
     pub env: EnvPolicy,
+    pub workspace_mode: crate::profile::Workspace,
 }
 
 /// Access granted beneath one path. Landlock rights, from the launch code's mapping:
@@ -237,6 +238,7 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
             action: profile.breaker.action,
         },
         limits: profile.limits.clone(),
+        workspace_mode: profile.workspace.clone(),
         env: EnvPolicy {
             pass: profile.environment.pass.clone(),
             set: profile

@@ -53,7 +53,33 @@ pub struct Profile {
     pub limits: Limits,
     pub breaker: Breaker,
     pub environment: Environment,
+    pub workspace: Workspace,
 }
+
+/// How the agent's writes reach its workspace (`[workspace]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkspaceMode {
+    /// Writes land in the workspace at once.
+    Direct,
+    /// The agent writes to an overlay agentd keeps; a person commits or discards.
+    Transaction,
+    /// A transaction committed when the agent exits 0 without a trip, discarded when the
+    /// breaker trips or the agent is killed.
+    Auto,
+}
+
+/// `[workspace]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Workspace {
+    pub mode: WorkspaceMode,
+    /// The most a transaction may hold (bytes of the files the agent changed); beyond it
+    /// the agent's writes fail with ENOSPC.
+    pub limit: u64,
+}
+
+/// A transaction's size limit when the profile names none.
+pub const DEFAULT_TRANSACTION_LIMIT: u64 = 1 << 30;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Action, Mode, RunAs, ViolationKind};
+use super::{Action, Mode, RunAs, ViolationKind, WorkspaceMode};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,6 +20,7 @@ pub struct RawProfile {
     pub limits: Option<Spanned<RawLimits>>,
     pub breaker: Option<Spanned<RawBreaker>>,
     pub environment: Option<Spanned<RawEnvironment>>,
+    pub workspace: Option<Spanned<RawWorkspace>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,4 +114,11 @@ pub struct RawEnvironment {
     pub pass: Vec<Spanned<String>>,
     #[serde(default)]
     pub set: BTreeMap<Spanned<String>, Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWorkspace {
+    pub mode: Option<Spanned<WorkspaceMode>>,
+    pub limit: Option<Spanned<String>>,
 }

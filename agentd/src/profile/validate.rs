@@ -7,7 +7,7 @@ use toml::Spanned;
 
 use super::{
     Action, Breaker, DEFAULT_TRIP_ON, Environment, Filesystem, Identity, Limits, Mode, Network,
-    PathTemplate, Profile, ProfileError, ProfileErrors, RunAs, Threshold,
+    PathTemplate, Profile, ProfileError, ProfileErrors, RunAs, Threshold, Workspace, WorkspaceMode,
     error::{Locator, closest},
     schema::RawProfile,
     values::{self, Invalid},
@@ -496,6 +496,40 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
     }
     let environment = Environment { pass, set };
 
+    // [workspace]
+    let ws = raw.workspace.map(Spanned::into_inner).unwrap_or_default();
+    let ws_mode = ws
+        .mode
+        .as_ref()
+        .map_or(WorkspaceMode::Direct, |m| *m.get_ref());
+    let limit = ws.limit.as_ref().and_then(|l| {
+        values::parse_bytes(l.get_ref())
+            .map_err(|e| c.push(l.span(), "workspace.limit", e))
+            .ok()
+    });
+    if let (Some(l), Some(span)) = (limit, ws.limit.as_ref().map(Spanned::span))
+        && l < 1 << 20
+    {
+        c.fail(
+            span,
+            "workspace.limit",
+            format!("{} is too small for a transaction", values::format_bytes(l)),
+            Some("write at least \"1MiB\"".into()),
+        );
+    }
+    if let (WorkspaceMode::Direct, Some(l)) = (ws_mode, &ws.limit) {
+        c.fail(
+            l.span(),
+            "workspace.limit",
+            "a limit bounds a transaction, and `mode = \"direct\"` has none",
+            Some("remove `limit`, or set `mode = \"transaction\"` or `\"auto\"`".into()),
+        );
+    }
+    let workspace = Workspace {
+        mode: ws_mode,
+        limit: limit.unwrap_or(super::DEFAULT_TRANSACTION_LIMIT),
+    };
+
     if !c.errors.is_empty() {
         c.errors.sort_by_key(|e| (e.line, e.column));
         return Err(ProfileErrors(c.errors));
@@ -514,6 +548,7 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
         limits,
         breaker,
         environment,
+        workspace,
     })
 }
 

@@ -9,11 +9,13 @@ use serde::Serialize;
 use super::RunError;
 use crate::{
     host,
-    profile::{self, CompileContext, CompiledPolicy, LoadError, Mode, format_duration},
+    profile::{
+        self, CompileContext, CompiledPolicy, LoadError, Mode, WorkspaceMode, format_duration,
+    },
     sandbox::{
         cgroup, command, env,
         identity::{self, Invoker, SystemUserDb},
-        landlock, seccomp,
+        landlock, mountns, seccomp,
     },
 };
 
@@ -30,6 +32,10 @@ pub struct Plan {
     pub landlock: landlock::Plan,
     pub seccomp: seccomp::Summary,
     pub env: Vec<env::Var>,
+    /// How the agent's writes reach the workspace.
+    pub workspace_mode: WorkspaceMode,
+    /// The agent's own view of the filesystem (its mount namespace).
+    pub view: mountns::ViewPlan,
     #[serde(skip)]
     pub policy: CompiledPolicy,
     #[serde(skip)]
@@ -44,7 +50,13 @@ pub struct Request {
     pub profile: String,
     pub workspace: Option<PathBuf>,
     pub command: Vec<OsString>,
+    /// `--transaction`: the workspace is a transaction whatever the profile says (`auto`
+    /// stays `auto`).
+    pub transaction: bool,
 }
+
+/// The Landlock ABI that handles truncation (`LANDLOCK_ACCESS_FS_TRUNCATE`).
+const TRUNCATE_ABI: i32 = 3;
 
 /// `<profile name>-<8 hex digits from getrandom>`.
 pub fn agent_id(profile_name: &str) -> String {
@@ -113,7 +125,7 @@ impl Plan {
         .map_err(|e| fail(e.into()))?;
         let workspace = host::workspace_dir(req.workspace.clone())
             .map_err(|e| fail(RunError::Workspace(format!("{e:#}"))))?;
-        let policy = profile::compile(
+        let mut policy = profile::compile(
             &profile,
             &CompileContext {
                 workspace: workspace.clone(),
@@ -131,7 +143,26 @@ impl Plan {
                 landlock::LandlockError::Unavailable(landlock.kernel_abi).into(),
             ));
         }
+        if landlock.kernel_abi < TRUNCATE_ABI {
+            // Landlock checks truncation by path only from ABI 3: below it, truncate(2)
+            // could shorten any file the agent's uid may write, inside its write scope or
+            // not. ftruncate(2) stays: its fd was opened for writing, which Landlock checked.
+            policy.seccomp.allow.retain(|name| *name != "truncate");
+            policy.seccomp.deny_notes.push((
+                "truncate",
+                "truncation by path (Landlock checks it only from ABI 3; use ftruncate)",
+            ));
+        }
         let filter = seccomp::compile(&policy.seccomp).map_err(|e| fail(e.into()))?;
+        let workspace_mode = match (req.transaction, policy.workspace_mode.mode) {
+            (true, WorkspaceMode::Direct) => WorkspaceMode::Transaction,
+            (_, mode) => mode,
+        };
+        let view = mountns::plan(
+            &policy,
+            (workspace_mode != WorkspaceMode::Direct).then_some(policy.workspace_mode.limit),
+            &mountns::Host,
+        );
         Ok(Plan {
             agent_id,
             profile: origin,
@@ -143,6 +174,8 @@ impl Plan {
             landlock,
             seccomp: filter.summary.clone(),
             env,
+            workspace_mode,
+            view,
             policy,
             filter,
             argv: req.command.clone(),
@@ -189,7 +222,25 @@ impl Plan {
                 self.command.real_path.display()
             ),
         );
-        line("workspace", self.workspace.display().to_string());
+        line(
+            "workspace",
+            match self.workspace_mode {
+                WorkspaceMode::Direct => format!("{} (direct: writes land at once)", self.workspace.display()),
+                WorkspaceMode::Transaction => format!(
+                    "{} (transaction: the agent writes to an overlay of at most {}; `agentd diff|commit|discard ID` after it ends)",
+                    self.workspace.display(),
+                    profile::format_bytes(self.policy.workspace_mode.limit)
+                ),
+                WorkspaceMode::Auto => format!(
+                    "{} (auto: a transaction of at most {}, committed when the agent exits 0 without a trip, discarded when the breaker trips or it is killed)",
+                    self.workspace.display(),
+                    profile::format_bytes(self.policy.workspace_mode.limit)
+                ),
+            },
+        );
+        for (i, text) in self.view.describe().into_iter().enumerate() {
+            line(if i == 0 { "view" } else { "" }, text);
+        }
         let id = &self.identity;
         line(
             "identity",
@@ -365,16 +416,6 @@ impl KernelPlan {
         }
     }
 
-    /// Launching would be refused: the policy protects paths and BPF LSM does not run.
-    pub fn refused(&self) -> Option<String> {
-        match &self.bpf_lsm {
-            BpfLsm::Absent(why) if !self.protect.is_empty() => {
-                Some(crate::bpf::protect_refused(&self.protect, why))
-            }
-            BpfLsm::Absent(_) | BpfLsm::Runs | BpfLsm::Unknown(_) => None,
-        }
-    }
-
     pub fn render(&self) -> String {
         let mut s = String::new();
         let mut line = |label: &str, value: String| {
@@ -441,7 +482,10 @@ impl KernelPlan {
                 if !self.protect.is_empty() {
                     line(
                         "",
-                        format!("protected: {}", paths(&self.protect).join(", ")),
+                        format!(
+                            "protected (also by the read-only mounts of the agent's view): {}",
+                            paths(&self.protect).join(", ")
+                        ),
                     );
                 }
                 line("", format!("unix connects: {unix}"));
@@ -450,23 +494,9 @@ impl KernelPlan {
                 line(
                     "bpf lsm",
                     format!(
-                        "does not run here ({why}): memfd exec is killed at exec; executable mappings and pathname unix connects are not decided{}",
-                        if self.unix.is_empty() {
-                            String::new()
-                        } else {
-                            " (network.unix has no effect)".into()
-                        }
+                        "does not run here ({why}): memfd exec is killed at exec; the agent's view alone keeps protected paths read-only, its writable trees noexec, and host sockets under /run out of reach (but those network.unix lists)"
                     ),
                 );
-                if !self.protect.is_empty() {
-                    line(
-                        "",
-                        format!(
-                            "REFUSED: `agentd run` will not start this agent: it protects {} (filesystem.protect)",
-                            paths(&self.protect).join(", ")
-                        ),
-                    );
-                }
             }
         }
         s
@@ -490,15 +520,14 @@ mod tests {
     }
 
     #[test]
-    fn the_kernel_plan_says_what_bpf_lsm_decides_and_what_its_absence_refuses() {
+    fn the_kernel_plan_says_what_bpf_lsm_decides_and_what_the_view_does_without_it() {
         let toml = "[agent]\nname = \"t\"\n[filesystem]\nwrite = [\"{workspace}\"]\nprotect = [\"{workspace}/.git/hooks\"]\n[network]\nconnect = [\"10.0.0.0/8:443\"]\nunix = [\"/run/docker.sock\"]\n";
         let k = kernel_plan(toml, BpfLsm::Runs);
-        assert_eq!(k.refused(), None);
         let text = k.render();
         assert!(text.contains("connect 10.0.0.0/8:443"), "{text}");
         assert!(!text.contains("dns"), "{text}");
         assert!(text.contains("bind nothing"), "{text}");
-        assert!(text.contains("protected: /w/.git/hooks"), "{text}");
+        assert!(text.contains("/w/.git/hooks"), "{text}");
         assert!(
             text.contains(
                 "unix connects: its own sockets, unnamed ones it is handed, and /run/docker.sock"
@@ -510,22 +539,11 @@ mod tests {
             toml,
             BpfLsm::Absent("refused (EPERM at BPF_PROG_LOAD)".into()),
         );
-        let why = k.refused().unwrap();
-        assert!(
-            why.contains("/w/.git/hooks") && why.contains("EPERM"),
-            "{why}"
-        );
         let text = k.render();
-        assert!(text.contains("REFUSED"), "{text}");
-        assert!(text.contains("network.unix has no effect"), "{text}");
-
-        // Without protect, a missing BPF LSM refuses nothing.
-        let k = kernel_plan("[agent]\nname = \"t\"\n", BpfLsm::Absent("refused".into()));
-        assert_eq!(k.refused(), None);
-        assert!(!k.render().contains("REFUSED"));
-        // Without root the probe cannot tell: nothing is refused, and it says so.
+        assert!(text.contains("the agent's view alone keeps protected paths read-only"), "{text}");
+        assert!(!text.contains("REFUSED"), "{text}");
+        // Without root the probe cannot tell, and it says so.
         let k = kernel_plan(toml, BpfLsm::Unknown("needs root".into()));
-        assert_eq!(k.refused(), None);
         assert!(k.render().contains("cannot tell without root"));
     }
 

@@ -43,10 +43,11 @@ pub enum Step {
     Seccomp,
     Report,
     Exec,
+    MountNamespace,
 }
 
 impl Step {
-    const ALL: [Step; 17] = [
+    const ALL: [Step; 18] = [
         Step::Cgroup,
         Step::Signals,
         Step::Capabilities,
@@ -64,6 +65,7 @@ impl Step {
         Step::Seccomp,
         Step::Report,
         Step::Exec,
+        Step::MountNamespace,
     ];
 
     pub fn name(self) -> &'static str {
@@ -85,6 +87,7 @@ impl Step {
             Step::Seccomp => "seccomp",
             Step::Report => "report",
             Step::Exec => "exec",
+            Step::MountNamespace => "mount namespace",
         }
     }
 

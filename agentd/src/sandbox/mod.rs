@@ -28,6 +28,7 @@ pub mod command;
 pub mod env;
 pub mod identity;
 pub mod landlock;
+pub mod mountns;
 pub mod seccomp;
 pub mod syscalls;
 
@@ -113,9 +114,17 @@ pub struct Prepared {
     /// and controlling terminal. `None`: the agent inherits agentd's stdio and has no
     /// controlling terminal.
     terminal: Option<OwnedFd>,
+    /// The agent's mount namespace ([`mountns`]), entered first.
+    mount_ns: Option<OwnedFd>,
 }
 
 impl Prepared {
+    /// Launches the agent in the mount namespace `ns` (see [`mountns::build`]).
+    pub fn with_mount_ns(mut self, ns: OwnedFd) -> Prepared {
+        self.mount_ns = Some(ns);
+        self
+    }
+
     /// Gives the agent `slave` as its terminal (see [`Prepared::terminal`]).
     pub fn with_terminal(mut self, slave: OwnedFd) -> Prepared {
         self.terminal = Some(slave);
@@ -141,6 +150,7 @@ impl Prepared {
             seccomp,
             exec,
             terminal: None,
+            mount_ns: None,
         })
     }
 }
@@ -158,7 +168,8 @@ pub struct Spawned {
     pub seccomp_listener: Option<OwnedFd>,
 }
 
-fn thread_count() -> Result<usize, SpawnError> {
+/// How many threads this process has now (`/proc/self/status`).
+pub fn thread_count_now() -> Result<usize, SpawnError> {
     let status = std::fs::read_to_string("/proc/self/status").map_err(SpawnError::Status)?;
     Ok(status
         .lines()
@@ -171,7 +182,7 @@ fn thread_count() -> Result<usize, SpawnError> {
 /// and waits until it has exec'd or failed. The caller keeps the cgroup (and removes it if
 /// this fails).
 pub fn spawn(mut prepared: Prepared) -> Result<Spawned, SpawnError> {
-    let threads = thread_count()?;
+    let threads = thread_count_now()?;
     if threads != 1 {
         return Err(SpawnError::Threads(threads));
     }
@@ -288,7 +299,8 @@ fn verify_failure(step: Step) -> impl Fn(VerifyFailure) -> ChildFailure {
 /// THE LAUNCH SEQUENCE, in the child, between fork and exec. Each step fails closed: the
 /// first error ends the child before exec. The order is the security argument:
 ///
-/// 1. cgroup first, so that nothing the agent ever runs is outside its cgroups;
+/// 1. cgroup first, so that nothing the agent ever runs is outside its cgroups; then the
+///    agent's mount namespace (entering one needs the capabilities dropped next);
 /// 2. signals reset (the supervisor blocks some while it starts);
 /// 3. identity: capabilities that need privilege to drop (bounding set) go while still
 ///    root; then groups, gid, uid; then the remaining sets, and a check that all five are
@@ -311,6 +323,10 @@ fn launch_sequence(
     // 1. cgroup: join the agent's v2 cgroup and its v1 cgroups ("0" = the writer).
     for procs in &p.cgroup_procs {
         nix::unistd::write(procs, b"0").map_err(at(Step::Cgroup))?;
+    }
+    if let Some(ns) = p.mount_ns.take() {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNS)
+            .map_err(at(Step::MountNamespace))?;
     }
 
     // 2. signals: default dispositions (Rust ignores SIGPIPE; an ignored signal stays
