@@ -194,6 +194,15 @@ agentd run --dry-run -- python3 agent.py               print the plan; change no
         /// --dns-upstream applies
         #[arg(long, value_name = "ADDR:PORT")]
         dns_upstream: Option<std::net::SocketAddr>,
+        /// The workspace is a transaction (whatever the profile's [workspace] mode, but
+        /// `auto` stays `auto`): the agent's writes go to an overlay agentd keeps, and
+        /// nothing reaches the workspace until `agentd commit ID`; see `agentd diff`
+        #[arg(long)]
+        transaction: bool,
+        /// Where transactions are kept (an embedded run; through the daemon, the daemon's
+        /// --state-dir applies)
+        #[arg(long, value_name = "DIR", default_value = crate::daemon::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
         /// The program and its arguments, after `--`
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<std::ffi::OsString>,
@@ -203,6 +212,8 @@ agentd run --dry-run -- python3 agent.py               print the plan; change no
     /// Verify the tamper-evident audit log
     #[command(subcommand)]
     Audit(crate::audit::AuditCommand),
+    #[command(flatten)]
+    Transaction(crate::transaction::cmd::TxCommand),
     /// Internal: end-to-end self-test of the kernel watch (root); see tests/tests/bpf_watch.rs
     #[command(hide = true)]
     WatchTest {
@@ -297,6 +308,7 @@ pub fn main() -> ExitCode {
         Command::Profile(ProfileCommand::List { json }) => profile_list(json),
         Command::Profile(ProfileCommand::Show { name }) => profile_show(&name),
         Command::Audit(cmd) => crate::audit::command(cmd),
+        Command::Transaction(cmd) => Ok(crate::transaction::cmd::main(cmd)),
         Command::WatchTest { args } => crate::bpf::selftest::watch_selftest(&args),
         Command::Run {
             profile,
@@ -306,6 +318,8 @@ pub fn main() -> ExitCode {
             json,
             quiet,
             dns_upstream,
+            transaction,
+            state_dir,
             command,
             socket,
         } => {
@@ -324,6 +338,7 @@ pub fn main() -> ExitCode {
                     workspace.clone(),
                     events.clone(),
                     quiet,
+                    transaction,
                     &command,
                 ) {
                     Ok(Some(code)) => return code,
@@ -337,6 +352,8 @@ pub fn main() -> ExitCode {
             let mut args = crate::run::args(profile, workspace, events, dry_run, json, command);
             args.quiet = quiet;
             args.dns_upstream = dns_upstream;
+            args.state_dir = state_dir;
+            args.request.transaction = transaction;
             Ok(crate::run::run(args))
         }
     };
@@ -356,6 +373,7 @@ fn daemon_run(
     workspace: Option<PathBuf>,
     events: Option<String>,
     quiet: bool,
+    transaction: bool,
     command: &[std::ffi::OsString],
 ) -> anyhow::Result<Option<ExitCode>> {
     let (path, explicit) = crate::daemon::client::socket_path(socket.clone());
@@ -391,6 +409,7 @@ fn daemon_run(
         events: true,
         // The client decides, when it makes the agent's terminal.
         terminal: false,
+        transaction,
     };
     Ok(crate::daemon::client::run(socket, request, events, quiet))
 }

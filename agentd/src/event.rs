@@ -114,6 +114,9 @@ pub enum Kind {
     /// A refused call of the ones the watch sees at their exit only (`detail.syscall`;
     /// `errno`): the dangerous calls the seccomp filter refuses, and refused sockets.
     Syscall,
+    /// The agent's workspace transaction when it ended (`detail.state`: pending,
+    /// committed, discarded; `detail.files`, `detail.bytes`, `detail.conflicts`).
+    Transaction,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -145,6 +148,10 @@ pub enum Layer {
     Permission,
     /// agentd's resolver: the names the profile allows, and the addresses it admits.
     Resolver,
+    /// The agent's own view of the filesystem (its mount namespace): a protected path's
+    /// read-only mount (EROFS), its pinned ancestors (EBUSY), a link or rename across its
+    /// mounts (EXDEV), the private read-only /run.
+    View,
 }
 
 /// Detail key: the kernel tripped the agent's breaker in the call this event reports

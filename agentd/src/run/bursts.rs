@@ -120,7 +120,12 @@ fn key_of(ev: &Event) -> Option<Key> {
         || ev.tripped_in_kernel()
         || matches!(
             ev.kind,
-            Kind::Breaker | Kind::Lost | Kind::Exit | Kind::LaunchFailed | Kind::Limit
+            Kind::Breaker
+                | Kind::Lost
+                | Kind::Exit
+                | Kind::LaunchFailed
+                | Kind::Limit
+                | Kind::Transaction
         )
     {
         return None;

@@ -26,6 +26,7 @@ pub mod summary;
 pub mod supervise;
 pub mod supervised;
 pub mod terminal;
+pub mod txn;
 
 use std::{os::fd::AsFd as _, path::PathBuf, process::ExitCode, sync::Arc};
 
@@ -94,6 +95,8 @@ pub enum RunError {
     Runtime(#[source] std::io::Error),
     #[error("mount namespace: {0}")]
     View(#[source] ViewError),
+    #[error("transaction: {0}")]
+    Transaction(#[source] crate::transaction::TxError),
 }
 
 impl RunError {
@@ -115,6 +118,7 @@ impl RunError {
             RunError::Spawn(e) => e.step(),
             RunError::Runtime(_) => "runtime",
             RunError::View(_) => "mount namespace",
+            RunError::Transaction(_) => "transaction",
         }
     }
 
@@ -144,7 +148,8 @@ impl RunError {
             | RunError::Signals(_)
             | RunError::Spawn(_)
             | RunError::Runtime(_)
-            | RunError::View(_) => EXIT_CANNOT_LAUNCH,
+            | RunError::View(_)
+            | RunError::Transaction(_) => EXIT_CANNOT_LAUNCH,
         }
     }
 }
@@ -161,6 +166,8 @@ pub struct RunArgs {
     /// Where the agent's resolver asks for the names its profile allows (default: the
     /// first nameserver of /etc/resolv.conf).
     pub dns_upstream: Option<std::net::SocketAddr>,
+    /// Where workspace transactions are kept.
+    pub state_dir: PathBuf,
 }
 
 /// `agentd run`.
@@ -226,11 +233,17 @@ pub fn run_with_hooks(args: RunArgs, hooks: &mut dyn AgentHooks) -> ExitCode {
     ) {
         eprintln!("agentd: warning: {line}");
     }
+    for path in &plan.view.unprotected {
+        eprintln!(
+            "agentd: warning: filesystem.protect names {}, which does not exist: there is nothing to make read-only; where BPF LSM runs, creating it is refused, elsewhere the agent may create it (`agentd doctor`, \"bpf lsm\")",
+            path.display()
+        );
+    }
     let summary = summary::Said {
         quiet: args.quiet,
         events: args.events.clone().filter(|e| e != "-"),
     };
-    match launch(&plan, hooks, sink, summary) {
+    match launch(&plan, hooks, sink, summary, &args.state_dir) {
         Ok(code) => ExitCode::from(code),
         Err((e, mut sink)) => failed(&mut sink, &e, Some(&plan.agent_id), &plan.comm()),
     }
@@ -372,6 +385,7 @@ fn launch(
     hooks: &mut dyn AgentHooks,
     sink: Option<Sink>,
     summary: summary::Said,
+    state_dir: &std::path::Path,
 ) -> LaunchResult {
     let fail = |e: RunError, sink: Option<Sink>| Err((e, sink));
     if !nix::unistd::geteuid().is_root() {
@@ -400,16 +414,45 @@ fn launch(
     // Everything the child needs, allocated and opened before fork. The agent's mount
     // namespace first, and the Landlock ruleset inside it: its rules name the inodes the
     // agent will see (an overlay's, in a transaction).
+    let transaction = match txn::begin(plan, state_dir) {
+        Ok(t) => t,
+        Err(e) => return fail(RunError::Transaction(e), sink),
+    };
+    // Until the agent runs, a failure removes the transaction's record.
+    let abandon = |t: Option<crate::transaction::Transaction>| {
+        if let Some(t) = t
+            && let Err(e) = t.discard()
+        {
+            eprintln!("agentd: removing the transaction: {e}");
+        }
+    };
     let threads = match sandbox::thread_count_now() {
         Ok(n) => n,
-        Err(e) => return fail(e.into(), sink),
+        Err(e) => {
+            abandon(transaction);
+            return fail(e.into(), sink);
+        }
     };
     let (view, ruleset) = match mountns::build(&plan.view, threads, || {
         landlock::prepare(&plan.policy.landlock)
     }) {
         Ok((view, Ok(r))) => (view, r),
-        Ok((_, Err(e))) => return fail(e.into(), sink),
-        Err(e) => return fail(RunError::View(e), sink),
+        Ok((_, Err(e))) => {
+            abandon(transaction);
+            return fail(e.into(), sink);
+        }
+        Err(e) => {
+            abandon(transaction);
+            return fail(RunError::View(e), sink);
+        }
+    };
+    let transaction = match (transaction, view.upper) {
+        (Some(t), Some(upper)) => txn::Guard::new(txn::Open::new(t, upper)),
+        (None, None) => txn::Guard::none(),
+        (t, _) => {
+            abandon(t);
+            return fail(RunError::View(ViewError::NoUpper), sink);
+        }
     };
     let exec = match Exec::new(&plan.command.path, &plan.argv, &plan.env) {
         Ok(x) => x,
@@ -508,6 +551,7 @@ fn launch(
         sink,
         terminal: session.as_ref(),
         summary,
+        transaction: transaction.release(),
     }));
     drop(runtime);
     if let Some(s) = session {
@@ -546,6 +590,7 @@ pub fn args(
         json,
         quiet: false,
         dns_upstream: None,
+        state_dir: PathBuf::from(crate::daemon::DEFAULT_STATE_DIR),
     }
 }
 

@@ -225,7 +225,9 @@ impl Plan {
         line(
             "workspace",
             match self.workspace_mode {
-                WorkspaceMode::Direct => format!("{} (direct: writes land at once)", self.workspace.display()),
+                WorkspaceMode::Direct => {
+                    format!("{} (direct: writes land at once)", self.workspace.display())
+                }
                 WorkspaceMode::Transaction => format!(
                     "{} (transaction: the agent writes to an overlay of at most {}; `agentd diff|commit|discard ID` after it ends)",
                     self.workspace.display(),
@@ -540,7 +542,10 @@ mod tests {
             BpfLsm::Absent("refused (EPERM at BPF_PROG_LOAD)".into()),
         );
         let text = k.render();
-        assert!(text.contains("the agent's view alone keeps protected paths read-only"), "{text}");
+        assert!(
+            text.contains("the agent's view alone keeps protected paths read-only"),
+            "{text}"
+        );
         assert!(!text.contains("REFUSED"), "{text}");
         // Without root the probe cannot tell, and it says so.
         let k = kernel_plan(toml, BpfLsm::Unknown("needs root".into()));

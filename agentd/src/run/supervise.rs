@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{
     event::{Event, Kind, Layer, Verdict},
-    profile::format_duration,
+    profile::{format_bytes, format_duration},
     sandbox::{Spawned, cgroup::AgentCgroup, landlock::Enforcement},
 };
 
@@ -139,6 +139,8 @@ pub struct Supervision<'a> {
     pub terminal: Option<&'a super::terminal::Session>,
     /// The summary of refusals at exit.
     pub summary: super::summary::Said,
+    /// The workspace transaction, when the workspace is one.
+    pub transaction: Option<super::txn::Open>,
 }
 
 fn event(plan: &Plan, pid: i32, kind: Kind) -> Event {
@@ -237,6 +239,7 @@ pub async fn supervise(s: Supervision<'_>) -> u8 {
         sink,
         terminal,
         summary,
+        mut transaction,
     } = s;
     let (tx, writer) = events::start_writer(sink);
     let pid = spawned.pid;
@@ -303,7 +306,16 @@ pub async fn supervise(s: Supervision<'_>) -> u8 {
                 .ok()
                 .and_then(Ended::from_wait);
             return finish(
-                plan, pid, status, &cgroup, hooks, &handle, tx, writer, &summary,
+                plan,
+                pid,
+                status,
+                &cgroup,
+                hooks,
+                &handle,
+                tx,
+                writer,
+                &summary,
+                transaction,
             )
             .await;
         }
@@ -311,8 +323,20 @@ pub async fn supervise(s: Supervision<'_>) -> u8 {
     let deadline = plan.cgroup.wall_time.map(|d| Instant::now() + d);
     let mut deadline_passed = false;
     let (mut int, mut term, mut hup, mut quit, mut winch) = split(streams);
+    let mut fill_check = tokio::time::interval(FILL_CHECK);
     loop {
         tokio::select! {
+            _ = fill_check.tick(), if transaction.as_ref().is_some_and(|t| !t.full_reported) => {
+                if let Some(t) = transaction.as_mut()
+                    && crate::sandbox::mountns::is_full(t.upper())
+                {
+                    t.full_reported = true;
+                    send(&tx, event(plan, pid, Kind::Limit)
+                        .with("limit", "transaction")
+                        .with("transaction", format_bytes(plan.policy.workspace_mode.limit))
+                        .with("action", "ENOSPC: the agent's writes to the workspace fail")).await;
+                }
+            }
             r = exited.readable() => {
                 match r {
                     Ok(_) => break,
@@ -365,7 +389,16 @@ pub async fn supervise(s: Supervision<'_>) -> u8 {
         .ok()
         .and_then(Ended::from_wait);
     finish(
-        plan, pid, status, &cgroup, hooks, &handle, tx, writer, &summary,
+        plan,
+        pid,
+        status,
+        &cgroup,
+        hooks,
+        &handle,
+        tx,
+        writer,
+        &summary,
+        transaction,
     )
     .await
 }
@@ -395,6 +428,9 @@ async fn next(stream: &mut Stream) -> Option<Signal> {
         None => std::future::pending().await,
     }
 }
+
+/// How often a transaction's upper tmpfs is checked for being full.
+const FILL_CHECK: Duration = Duration::from_millis(500);
 
 /// A second SIGINT within this long of the first is the kill switch.
 const DOUBLE_INTERRUPT: Duration = Duration::from_secs(2);
@@ -428,6 +464,7 @@ async fn finish(
     tx: mpsc::Sender<Event>,
     writer: tokio::task::JoinHandle<super::summary::Tally>,
     summary: &super::summary::Said,
+    transaction: Option<super::txn::Open>,
 ) -> u8 {
     for (limit, count) in cgroup.limit_hits() {
         send(
@@ -448,7 +485,9 @@ async fn finish(
         Some(s) => s.detail(exit),
         None => exit.with("reason", "the agent's exit status is unknown"),
     };
+    let mut stopped = false;
     if let Some((verdict, line)) = hooks.verdict() {
+        stopped = true;
         match status.filter(|s| !s.killed()) {
             // Killed (SIGKILL: the kill reached it), or unknown: the trip's status.
             None => {
@@ -475,6 +514,44 @@ async fn finish(
         Ok(Ok(())) => {}
         Ok(Err(e)) => eprintln!("agentd: cleaning up the agent: {e}"),
         Err(e) => eprintln!("agentd: cleaning up the agent: {e}"),
+    }
+    // The transaction, now that no process of the agent can write to it.
+    if let Some(open) = transaction {
+        let outcome = super::txn::Outcome {
+            exit_code: code,
+            stopped: stopped || status.is_none_or(Ended::killed),
+            describe: match status {
+                Some(s) if stopped => format!("stopped ({})", s.describe()),
+                Some(s) => s.describe(),
+                None => "unknown".into(),
+            },
+        };
+        let ended = match tokio::task::spawn_blocking(move || super::txn::end(open, &outcome)).await
+        {
+            Ok(e) => Some(e),
+            Err(e) => {
+                eprintln!("agentd: the transaction: {e}");
+                None
+            }
+        };
+        if let Some(ended) = ended {
+            let mut ev = event(plan, pid, Kind::Transaction)
+                .with("transaction", ended.id.as_str())
+                .with("state", ended.state)
+                .with("files", ended.files)
+                .with("bytes", ended.bytes);
+            if !ended.conflicts.is_empty() {
+                ev = ev.with("conflicts", ended.conflicts.len());
+            }
+            if let Some(e) = &ended.error {
+                eprintln!("agentd: transaction {}: {e}", ended.id);
+                ev = ev.with("reason", e.as_str());
+            }
+            send(&tx, ev).await;
+            if !ended.text.is_empty() {
+                eprint!("{}", ended.text);
+            }
+        }
     }
     drop(tx);
     let tally = tokio::time::timeout(Duration::from_secs(5), writer)

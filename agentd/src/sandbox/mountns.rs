@@ -71,6 +71,9 @@ pub struct OverlayPlan {
     pub workspace: PathBuf,
     /// The upper layer's size (tmpfs `size=`).
     pub limit: u64,
+    /// Canaries in the workspace: the real files, bound read-only over the overlay's, so
+    /// that opening one opens the inode the kernel watch knows.
+    pub canaries: Vec<PathBuf>,
 }
 
 impl ViewPlan {
@@ -89,6 +92,12 @@ impl ViewPlan {
                 o.workspace.display(),
                 crate::profile::format_bytes(o.limit)
             ));
+            if !o.canaries.is_empty() {
+                out.push(format!(
+                    "canaries in it, the real files, read-only: {}",
+                    paths(&o.canaries)
+                ));
+            }
         }
         if !self.noexec.is_empty() {
             out.push(format!(
@@ -97,10 +106,16 @@ impl ViewPlan {
             ));
         }
         if !self.exec_again.is_empty() {
-            out.push(format!("exec again inside those: {}", paths(&self.exec_again)));
+            out.push(format!(
+                "exec again inside those: {}",
+                paths(&self.exec_again)
+            ));
         }
         if !self.protect.is_empty() {
-            out.push(format!("read-only (filesystem.protect): {}", paths(&self.protect)));
+            out.push(format!(
+                "read-only (filesystem.protect): {}",
+                paths(&self.protect)
+            ));
         }
         if !self.pins.is_empty() {
             out.push(format!(
@@ -222,11 +237,23 @@ pub fn plan(policy: &CompiledPolicy, overlay: Option<u64>, fs: &dyn Lookup) -> V
         keep
     });
 
-    let overlay = overlay.map(|limit| OverlayPlan {
-        workspace: fs
+    let overlay = overlay.map(|limit| {
+        let workspace = fs
             .real(&policy.workspace)
-            .unwrap_or_else(|| policy.workspace.clone()),
-        limit,
+            .unwrap_or_else(|| policy.workspace.clone());
+        let mut canaries: Vec<PathBuf> = policy
+            .canaries
+            .iter()
+            .filter_map(|c| fs.real(c))
+            .filter(|c| c.starts_with(&workspace) && *c != workspace)
+            .collect();
+        canaries.sort();
+        canaries.dedup();
+        OverlayPlan {
+            workspace,
+            limit,
+            canaries,
+        }
     });
     ViewPlan {
         noexec,
@@ -258,6 +285,8 @@ pub enum ViewError {
         "cannot return to the host's mount namespace ({0}): agentd stops rather than supervise from the agent's view"
     )]
     Return(nix::Error),
+    #[error("the transaction's upper layer was not made (a bug in agentd)")]
+    NoUpper,
 }
 
 fn call(call: &'static str, path: &Path) -> impl Fn(nix::Error) -> ViewError {
@@ -493,6 +522,19 @@ fn overlay(o: &OverlayPlan) -> Result<OwnedFd, ViewError> {
         path: ws.clone(),
         source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
     })?;
+    // The real canaries, opened before the overlay covers them.
+    let mut canaries = Vec::new();
+    for c in &o.canaries {
+        match open(
+            c.as_path(),
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => canaries.push((c, fd)),
+            Err(nix::Error::ENOENT) => {}
+            Err(e) => return Err(call("open", c)(e)),
+        }
+    }
     let tmpfs = detached_tmpfs(&[("size", o.limit.to_string()), ("mode", "0700".into())])?;
     let top = fd_path(tmpfs.as_raw_fd());
     let upper = top.join(UPPER);
@@ -531,6 +573,17 @@ fn overlay(o: &OverlayPlan) -> Result<OwnedFd, ViewError> {
         Some(data.as_str()),
     )
     .map_err(call("mount overlay on", ws))?;
+    for (c, fd) in &canaries {
+        mount(
+            Some(fd_path(fd.as_raw_fd()).as_path()),
+            c.as_path(),
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(call("bind mount", c))?;
+        setattr(c, MOUNT_ATTR_RDONLY, 0)?;
+    }
     Ok(tmpfs)
 }
 
@@ -566,17 +619,11 @@ fn private_run(keep: &[PathBuf]) -> Result<(), ViewError> {
         {
             for part in parent.components() {
                 dir.push(part);
-                match nix::unistd::mkdir(&dir, Mode::from_bits_truncate(0o755)) {
-                    Ok(()) | Err(nix::Error::EEXIST) => {}
-                    Err(e) => return Err(call("mkdir", &dir)(e)),
-                }
+                make_dir(&dir)?;
             }
         }
         if *is_dir {
-            match nix::unistd::mkdir(k.as_path(), Mode::from_bits_truncate(0o755)) {
-                Ok(()) | Err(nix::Error::EEXIST) => {}
-                Err(e) => return Err(call("mkdir", k)(e)),
-            }
+            make_dir(k)?;
         } else {
             open(
                 k.as_path(),
@@ -599,12 +646,30 @@ fn private_run(keep: &[PathBuf]) -> Result<(), ViewError> {
         None::<&str>,
         run,
         None::<&str>,
-        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
             | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
     .map_err(call("remount read-only", run))?;
     Ok(())
+}
+
+/// A directory of the private /run, 0755 whatever the umask (the daemon's is 077).
+fn make_dir(dir: &Path) -> Result<(), ViewError> {
+    match nix::unistd::mkdir(dir, Mode::from_bits_truncate(0o755)) {
+        Ok(()) | Err(nix::Error::EEXIST) => {}
+        Err(e) => return Err(call("mkdir", dir)(e)),
+    }
+    nix::sys::stat::fchmodat(
+        nix::fcntl::AT_FDCWD,
+        dir,
+        Mode::from_bits_truncate(0o755),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    )
+    .map_err(call("chmod", dir))
 }
 
 /// Whether an overlay upper tmpfs is full (no block or no inode free): the agent's writes
@@ -638,8 +703,7 @@ mod tests {
             Some(path.to_path_buf())
         }
         fn is_dir(&self, path: &Path) -> bool {
-            !path.starts_with("/dev") && path.extension().is_none()
-                && !path.ends_with("config")
+            !path.starts_with("/dev") && path.extension().is_none() && !path.ends_with("config")
         }
     }
 
@@ -685,7 +749,10 @@ mod tests {
         assert_eq!(v.pins, vec![PathBuf::from("/w/.git")]);
         assert_eq!(
             v.protect,
-            vec![PathBuf::from("/w/.git/config"), PathBuf::from("/w/.git/hooks")]
+            vec![
+                PathBuf::from("/w/.git/config"),
+                PathBuf::from("/w/.git/hooks")
+            ]
         );
         assert_eq!(v.unprotected, vec![PathBuf::from("/w/sub/deep/x")]);
     }
@@ -719,7 +786,8 @@ mod tests {
             v.overlay,
             Some(OverlayPlan {
                 workspace: "/w".into(),
-                limit: 1 << 20
+                limit: 1 << 20,
+                canaries: Vec::new(),
             })
         );
     }
