@@ -35,6 +35,8 @@ pub enum Part {
     Terminal,
     Client,
     Dns,
+    /// The workspace as a transaction, and the agent's mount namespace.
+    Transaction,
 }
 
 pub fn bench(root: &Path, only: Option<Part>) -> anyhow::Result<()> {
@@ -77,6 +79,9 @@ pub fn bench(root: &Path, only: Option<Part>) -> anyhow::Result<()> {
     }
     if part(Part::Dns) {
         dns_costs(root, &agentd, &ws, &work)?;
+    }
+    if part(Part::Transaction) {
+        transaction_costs(&agentd, &work)?;
     }
     if part(Part::Load) {
         let threshold = work.join("bench-threshold.toml");
@@ -288,6 +293,182 @@ action = "kill"
 [environment]
 pass = ["PATH"]
 "#;
+
+/// A build: 300 sources written, 20 of them compiled, all read back into an archive.
+const BUILD: &str = "rm -rf src out; mkdir src out; \
+    for i in $(seq 1 300); do printf 'int f%d(int x) { return x * %d; }\\n' $i $i > src/f$i.c; done; \
+    for i in $(seq 1 20); do cc -pipe -O1 -c src/f$i.c -o out/f$i.o; done; \
+    tar cf out/src.tar src";
+
+/// The build's profile: the compiler's trees executable, the workspace writable.
+const PROFILE_BUILD: &str = r#"[agent]
+name = "bench-build"
+[filesystem]
+read = ["{workspace}", "/usr", "/lib", "/lib64", "/bin", "/etc", "/proc", "/dev/null"]
+write = ["{workspace}", "/dev/null"]
+exec = ["/usr/bin", "/bin", "/usr/lib", "/usr/libexec"]
+[workspace]
+limit = "1GiB"
+[breaker]
+trip_on = ["canary"]
+[environment]
+pass = ["PATH"]
+"#;
+
+/// The workspace as a transaction against writing it directly: a build-like workload
+/// ([`BUILD`]), each `agentd run` whole (launch, build, the transaction persisted); then
+/// `agentd commit` and `agentd undo` of 10 000 files, per file; and what the agent's
+/// mount namespace costs a launch (the start event's `view_us`).
+fn transaction_costs(agentd: &Path, work: &Path) -> anyhow::Result<()> {
+    const RUNS: usize = 7;
+    const FILES: usize = 10_000;
+    let dir = work.join("transaction");
+    let _ = std::fs::remove_dir_all(&dir);
+    let ws = dir.join("workspace");
+    let state = dir.join("state");
+    let bare_dir = dir.join("bare");
+    std::fs::create_dir_all(&ws)?;
+    std::fs::create_dir_all(&bare_dir)?;
+    let status = Command::new("chmod")
+        .arg("-R")
+        .arg("a+rwX")
+        .arg(&dir)
+        .status()?;
+    anyhow::ensure!(status.success(), "chmod failed");
+    let profile = dir.join("build.toml");
+    std::fs::write(&profile, PROFILE_BUILD)?;
+    let run = |transaction: bool, script: &str, events: Option<&Path>| -> anyhow::Result<f64> {
+        let mut c = agent_command(agentd, &profile, &ws);
+        c.arg("--quiet").arg("--state-dir").arg(&state);
+        if transaction {
+            c.arg("--transaction");
+        }
+        if let Some(e) = events {
+            c.arg("--events").arg(e);
+        }
+        c.args(["--", "/bin/sh", "-c", script])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let t = Instant::now();
+        let st = c.status()?;
+        anyhow::ensure!(st.success(), "{c:?} failed: {st}");
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let discard_all = || -> anyhow::Result<()> {
+        let out = Command::new(agentd)
+            .args(["transactions", "--json", "--state-dir"])
+            .arg(&state)
+            .output()?;
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        for t in list.as_array().into_iter().flatten() {
+            if let Some(id) = t["id"].as_str() {
+                let st = Command::new(agentd)
+                    .args(["discard", id, "--state-dir"])
+                    .arg(&state)
+                    .status()?;
+                anyhow::ensure!(st.success(), "agentd discard {id} failed");
+            }
+        }
+        Ok(())
+    };
+    let bare = || -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let st = Command::new("/bin/sh")
+            .args(["-c", BUILD])
+            .current_dir(&bare_dir)
+            .status()?;
+        anyhow::ensure!(st.success(), "the bare build failed");
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let (mut b, mut direct, mut tx) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        b.push(bare()?);
+        direct.push(run(false, BUILD, None)?);
+        tx.push(run(true, BUILD, None)?);
+        discard_all()?;
+    }
+    for v in [&mut b, &mut direct, &mut tx] {
+        v.sort_by(f64::total_cmp);
+    }
+    let (b, d, t) = (
+        percentile(&b, 0.5),
+        percentile(&direct, 0.5),
+        percentile(&tx, 0.5),
+    );
+    eprintln!(
+        "\n[bench] transaction: a build (300 sources written, 20 compiled, archived), median of {RUNS}:"
+    );
+    eprintln!("  bare                             {b:>8.1} ms");
+    eprintln!(
+        "  agentd run, direct               {d:>8.1} ms ({:.2}x bare)",
+        d / b
+    );
+    eprintln!(
+        "  agentd run --transaction         {t:>8.1} ms ({:.2}x direct; the changes kept when it ends)",
+        t / d
+    );
+
+    // The mount namespace's share of a launch.
+    let mut launches = Vec::new();
+    let mut views = Vec::new();
+    for i in 0..RUNS {
+        let events = dir.join(format!("launch-{i}.jsonl"));
+        launches.push(run(false, "true", Some(&events))?);
+        let text = std::fs::read_to_string(&events)?;
+        let view = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|e| e["kind"] == "start")
+            .and_then(|e| e["detail"]["view_us"].as_f64())
+            .ok_or_else(|| anyhow::anyhow!("no view_us in the start event"))?;
+        views.push(view / 1e3);
+    }
+    launches.sort_by(f64::total_cmp);
+    views.sort_by(f64::total_cmp);
+    let (l, v) = (percentile(&launches, 0.5), percentile(&views, 0.5));
+    eprintln!(
+        "  the agent's mount namespace      {v:>8.2} ms of a {l:.1} ms launch ({:.1}%; without it a launch is {:.3}x as long)",
+        v / l * 100.0,
+        (l - v) / l
+    );
+
+    // Commit and undo of many files.
+    let many =
+        format!("mkdir many && cd many && seq 1 {FILES} | while read i; do echo $i > f$i; done");
+    run(true, &many, None)?;
+    let out = Command::new(agentd)
+        .args(["transactions", "--json", "--state-dir"])
+        .arg(&state)
+        .output()?;
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let id = list[0]["id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no transaction after the run"))?
+        .to_owned();
+    let timed = |args: &[&str]| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let st = Command::new(agentd)
+            .args(args)
+            .arg("--state-dir")
+            .arg(&state)
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(st.success(), "agentd {args:?} failed: {st}");
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let c = timed(&["commit", &id])?;
+    let u = timed(&["undo", &id])?;
+    eprintln!(
+        "  agentd commit, {FILES} files      {c:>8.1} ms ({:.1} µs per file)",
+        c * 1e3 / FILES as f64
+    );
+    eprintln!(
+        "  agentd undo, {FILES} files        {u:>8.1} ms ({:.1} µs per file)",
+        u * 1e3 / FILES as f64
+    );
+    discard_all()?;
+    Ok(())
+}
 
 fn agent_command(agentd: &Path, profile: &Path, ws: &Path) -> Command {
     let mut c = Command::new(agentd);

@@ -233,6 +233,7 @@ mod tests {
                 env: vec![("PATH".into(), "/bin".into())],
                 events: false,
                 terminal: true,
+                transaction: true,
             }),
         ];
         for r in reqs {
@@ -301,6 +302,7 @@ mod tests {
                 env: vec![("K".into(), "V".into())],
                 events: true,
                 terminal: false,
+                transaction: false,
             })),
             encode(&SupervisorLine::Attach {
                 agent: "a".into(),

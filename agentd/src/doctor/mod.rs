@@ -651,9 +651,9 @@ fn bpf_lines(f: &Findings, push: &mut impl FnMut(Mark, &'static str, String)) {
         ),
     );
     let lsm_text = match &f.bpf.lsm {
-        Status::Usable => "loads and attaches, bpf is an active LSM — filesystem.protect is enforced, an agent's memfd exec and executable mappings of files it could write are refused, its unix-socket connects are limited to its own sockets and network.unix".to_owned(),
+        Status::Usable => "loads and attaches, bpf is an active LSM — besides the agent's own view (read-only protect mounts, noexec writable trees, a private /run), its programs refuse changes to filesystem.protect paths and the creation of missing ones, an agent's memfd exec and executable mappings of files it could write, and unix-socket connects beyond its own sockets and network.unix".to_owned(),
         Status::Unusable(why) => format!(
-            "{why}{} — profiles with filesystem.protect are refused; an agent's memfd exec is killed at exec instead of refused; executable mappings and pathname unix-socket connects are not decided (file permissions only)",
+            "{why}{} — the agent's own view alone enforces filesystem.protect (read-only mounts; a protected path missing at launch is not protected), refuses executable mappings in writable trees without exec (noexec mounts) and keeps host sockets under /run out of reach but those network.unix lists; an agent's memfd exec is killed at exec instead of refused",
             match why {
                 Unavailable::Refused { .. } if bpf_lsm_listed => " although bpf is an active LSM",
                 Unavailable::Refused { .. }
@@ -776,7 +776,7 @@ mod tests {
         assert!(r.missing.is_empty());
         let text = render(&r);
         assert!(text.contains(
-            "bpf lsm             refused (EPERM at BPF_PROG_LOAD) although bpf is an active LSM — profiles with filesystem.protect are refused; an agent's memfd exec is killed at exec instead of refused; executable mappings and pathname unix-socket connects are not decided (file permissions only)"
+            "bpf lsm             refused (EPERM at BPF_PROG_LOAD) although bpf is an active LSM — the agent's own view alone enforces filesystem.protect"
         ), "{text}");
         assert!(text.contains("  --    bpf lsm"), "{text}");
         assert!(text.contains("  ok    landlock            ABI 7"), "{text}");

@@ -433,8 +433,13 @@ fn launch(
             return fail(e.into(), sink);
         }
     };
+    let began = std::time::Instant::now();
+    let mut ruleset_took = std::time::Duration::ZERO;
     let (view, ruleset) = match mountns::build(&plan.view, threads, || {
-        landlock::prepare(&plan.policy.landlock)
+        let t = std::time::Instant::now();
+        let r = landlock::prepare(&plan.policy.landlock);
+        ruleset_took = t.elapsed();
+        r
     }) {
         Ok((view, Ok(r))) => (view, r),
         Ok((_, Err(e))) => {
@@ -446,6 +451,7 @@ fn launch(
             return fail(RunError::View(e), sink);
         }
     };
+    let view_took = began.elapsed().saturating_sub(ruleset_took);
     let transaction = match (transaction, view.upper) {
         (Some(t), Some(upper)) => txn::Guard::new(txn::Open::new(t, upper)),
         (None, None) => txn::Guard::none(),
@@ -552,6 +558,7 @@ fn launch(
         terminal: session.as_ref(),
         summary,
         transaction: transaction.release(),
+        view: view_took,
     }));
     drop(runtime);
     if let Some(s) = session {

@@ -141,6 +141,8 @@ pub struct Supervision<'a> {
     pub summary: super::summary::Said,
     /// The workspace transaction, when the workspace is one.
     pub transaction: Option<super::txn::Open>,
+    /// How long making the agent's mount namespace took.
+    pub view: Duration,
 }
 
 fn event(plan: &Plan, pid: i32, kind: Kind) -> Event {
@@ -155,7 +157,7 @@ fn event(plan: &Plan, pid: i32, kind: Kind) -> Event {
 }
 
 /// The start event: what the agent runs under.
-pub fn start_event(plan: &Plan, spawned: &Spawned) -> Event {
+pub fn start_event(plan: &Plan, spawned: &Spawned, view: Duration) -> Event {
     let ll = &plan.landlock;
     let limits = &plan.policy.limits;
     event(plan, spawned.pid, Kind::Start)
@@ -194,6 +196,15 @@ pub fn start_event(plan: &Plan, spawned: &Spawned) -> Event {
         )
         .with("seccomp_allowed", plan.seccomp.allowed)
         .with("seccomp_listener", spawned.seccomp_listener.is_some())
+        .with(
+            "workspace_mode",
+            format!("{:?}", plan.workspace_mode).to_lowercase(),
+        )
+        // What making the agent's mount namespace took, Landlock's ruleset aside.
+        .with(
+            "view_us",
+            u64::try_from(view.as_micros()).unwrap_or(u64::MAX),
+        )
         .with(
             "limits",
             json!({
@@ -240,6 +251,7 @@ pub async fn supervise(s: Supervision<'_>) -> u8 {
         terminal,
         summary,
         mut transaction,
+        view,
     } = s;
     let (tx, writer) = events::start_writer(sink);
     let pid = spawned.pid;
@@ -284,7 +296,7 @@ pub async fn supervise(s: Supervision<'_>) -> u8 {
             plan.landlock.missing.join(", ")
         );
     }
-    send(&tx, start_event(plan, &spawned)).await;
+    send(&tx, start_event(plan, &spawned, view)).await;
     hooks.started(&handle, &tx);
     // Seccomp user notifications: nothing in the embedded supervisor answers them yet (no
     // profile routes a call to it today). Closing the listener makes any notified call fail
