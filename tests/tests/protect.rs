@@ -67,8 +67,15 @@ fn run(profile: &str, ws: &Path, script: &str) -> Run {
 }
 
 /// The errors a protected path's change may meet: BPF LSM's EACCES, the read-only mount's
-/// EROFS, a pinned mount point's EBUSY, a link or rename across mounts' EXDEV.
-const REFUSED: [i32; 4] = [libc::EACCES, libc::EROFS, libc::EBUSY, libc::EXDEV];
+/// EROFS, a pinned mount point's EBUSY, a link or rename across mounts' EXDEV, and
+/// seccomp's EPERM for truncate(2) below Landlock ABI 3.
+const REFUSED: [i32; 5] = [
+    libc::EACCES,
+    libc::EROFS,
+    libc::EBUSY,
+    libc::EXDEV,
+    libc::EPERM,
+];
 
 /// The refused event of `kind` on `path`, from the BPF LSM programs, naming `protected`.
 fn assert_lsm_refused(run: &Run, kind: &str, path: &Path, protected: &Path) {

@@ -518,3 +518,104 @@ fn a_killed_supervisor_leaves_no_mount_and_its_record_is_removed_at_the_next_sta
         "the dead supervisor's record was kept: {out}{err}"
     );
 }
+
+/// `agentd` as `uid` (gid nogroup, the test daemon's group), outside any agent.
+fn as_user(uid: &str, args: &[&str]) -> (i32, String, String) {
+    let o = Command::new("setpriv")
+        .args(["--reuid", uid, "--regid", "65534", "--clear-groups", "--"])
+        .arg(agentd_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Through the daemon, a transaction belongs to its agent's owner: the owner (not root)
+/// reviews and commits it over the daemon's socket; another user cannot; and no process
+/// inside an agent can, though it runs as the owner's uid (an agent committing what a
+/// person has to review, its own earlier run's or another's).
+#[test]
+fn only_the_owner_outside_any_agent_may_act_on_a_transaction() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace();
+    let d = Daemon::start_with_group("nogroup");
+    // The socket's directory, traversable by the agent's user.
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = d.socket();
+    let socket_s = socket.to_str().unwrap();
+    let (_p, profile) = profile_file(&tx_profile(
+        "mode = \"transaction\"",
+        "trip_on = [\"canary\"]",
+    ));
+    let out = d
+        .run(
+            &profile,
+            ws.path(),
+            &["/bin/sh", "-c", "printf 'agent\\n' > a.txt"],
+        )
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, list, err) = as_user("65534", &["transactions", "--json", "--socket", socket_s]);
+    assert_eq!(code, 0, "{err}");
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let id = list[0]["id"].as_str().unwrap().to_owned();
+
+    // Another user: refused, nothing committed.
+    let (code, _, err) = as_user("12345", &["commit", &id, "--socket", socket_s]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("belongs to uid 65534"), "{err}");
+    let (_, list, _) = as_user("12345", &["transactions", "--json", "--socket", socket_s]);
+    assert_eq!(
+        list.trim(),
+        "[]",
+        "another user sees the transaction: {list}"
+    );
+
+    // An agent of the same owner speaks the protocol to the daemon: refused.
+    let attack = format!(
+        r#"
+import json, socket
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect({socket_s:?})
+s.sendall(json.dumps({{"op": "transaction", "command": "commit", "id": {id:?}, "paths": [], "json": False}}).encode() + b"\n")
+print(s.makefile().readline().strip())
+"#
+    );
+    let out = d
+        .run(&profile, ws.path(), &["/usr/bin/python3", "-c", &attack])
+        .wait_with_output()
+        .unwrap();
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        reply.contains("is a process of agent") && reply.contains("may not act on transactions"),
+        "{reply}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.path().join("a.txt")).unwrap(),
+        "one\ntwo\n"
+    );
+
+    // The owner, outside any agent: diff and commit.
+    let (code, diff, err) = as_user("65534", &["diff", &id, "--socket", socket_s]);
+    assert_eq!(code, 0, "{err}");
+    assert!(diff.contains("+agent"), "{diff}");
+    let (code, out, err) = as_user("65534", &["commit", &id, "--socket", socket_s]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        std::fs::read_to_string(ws.path().join("a.txt")).unwrap(),
+        "agent\n"
+    );
+}

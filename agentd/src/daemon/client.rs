@@ -175,7 +175,8 @@ pub fn events(
             | Reply::Exit { .. }
             | Reply::Frozen(_)
             | Reply::Agents(_)
-            | Reply::Stats(_)) => bail!("unexpected reply from the daemon: {other:?}"),
+            | Reply::Stats(_)
+            | Reply::Transaction(_)) => bail!("unexpected reply from the daemon: {other:?}"),
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -196,6 +197,25 @@ pub fn kill(socket: Option<PathBuf>, id: &str) -> anyhow::Result<Option<ExitCode
             Ok(Some(ExitCode::SUCCESS))
         }
         Some(Reply::Error(e)) if e.starts_with("no running agent") && !explicit => Ok(None),
+        Some(Reply::Error(e)) => bail!("{e}"),
+        other => bail!("unexpected reply from the daemon: {other:?}"),
+    }
+}
+
+/// A transaction command through the daemon: `None` when none answers at the default
+/// socket.
+pub fn transaction(
+    socket: Option<PathBuf>,
+    req: crate::transaction::cmd::TxRequest,
+) -> anyhow::Result<Option<crate::transaction::cmd::Output>> {
+    let (path, explicit) = socket_path(socket);
+    let mut r = match request(&path, &Request::Transaction(req)) {
+        Ok(r) => r,
+        Err(_) if !explicit => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match next_reply(&mut r)? {
+        Some(Reply::Transaction(out)) => Ok(Some(out)),
         Some(Reply::Error(e)) => bail!("{e}"),
         other => bail!("unexpected reply from the daemon: {other:?}"),
     }
@@ -361,7 +381,10 @@ fn run_with(
                                 let _ = done.try_send(());
                             }
                         }
-                        other @ (Reply::Ok(_) | Reply::Agents(_) | Reply::Stats(_)) => {
+                        other @ (Reply::Ok(_)
+                        | Reply::Agents(_)
+                        | Reply::Stats(_)
+                        | Reply::Transaction(_)) => {
                             tracing::warn!("unexpected reply: {other:?}");
                         }
                     }

@@ -847,8 +847,45 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<(
             kind,
         } => events(&shared, &mut write, read, follow, agent, kind).await?,
         Request::Run(req) => run(shared, who, req, fds, read, rest, write).await?,
+        Request::Transaction(req) => {
+            // An agent runs as its owner's uid: its own processes must not commit what a
+            // person has to review.
+            let reply = match agent_of(who.pid) {
+                Some(agent) => Reply::Error(format!(
+                    "permission denied: the caller (pid {}) is a process of agent {agent}: agents may not act on transactions",
+                    who.pid
+                )),
+                None => {
+                    let state = shared.state_dir.clone();
+                    let uid = who.uid;
+                    match tokio::task::spawn_blocking(move || {
+                        crate::transaction::cmd::execute(req, &state, uid)
+                    })
+                    .await
+                    {
+                        Ok(out) => Reply::Transaction(out),
+                        Err(e) => Reply::Error(format!("transaction: {e}")),
+                    }
+                }
+            };
+            send(&mut write, &reply).await?;
+        }
     }
     Ok(())
+}
+
+/// The agent whose cgroup `pid` is in, if any; fails closed: a process whose cgroup
+/// cannot be read counts as an agent's.
+fn agent_of(pid: u32) -> Option<String> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return Some("unknown (its cgroup cannot be read)".into());
+    };
+    text.lines().find_map(|line| {
+        let path = line.splitn(3, ':').nth(2)?;
+        let mut parts = path.split('/');
+        parts.find(|p| *p == crate::sandbox::cgroup::PARENT)?;
+        parts.next().filter(|p| !p.is_empty()).map(str::to_owned)
+    })
 }
 
 fn ps_rows(shared: &Shared) -> Vec<AgentRow> {

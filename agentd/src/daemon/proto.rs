@@ -49,6 +49,8 @@ pub enum Request {
     },
     /// The kill switch.
     Kill { id: String },
+    /// `agentd diff|commit|discard|undo|transactions` for a caller who is not root.
+    Transaction(crate::transaction::cmd::TxRequest),
     /// Counters.
     Stats {},
 }
@@ -106,6 +108,8 @@ pub enum Reply {
     Event(Box<Event>),
     Agents(Vec<AgentRow>),
     Stats(Stats),
+    /// A transaction command's output.
+    Transaction(crate::transaction::cmd::Output),
 }
 
 /// One agent in `agentd ps`.
@@ -221,6 +225,13 @@ mod tests {
             Request::Ps {},
             Request::Stats {},
             Request::Kill { id: "a-1".into() },
+            Request::Transaction(crate::transaction::cmd::TxRequest::Diff {
+                id: "a-1".into(),
+                stat: true,
+                json: false,
+                paths: Vec::new(),
+            }),
+            Request::Transaction(crate::transaction::cmd::TxRequest::Transactions { json: true }),
             Request::Events {
                 follow: true,
                 agent: Some("a-1".into()),
@@ -295,6 +306,13 @@ mod tests {
         let valid: Vec<Vec<u8>> = [
             encode(&Request::Ps {}),
             encode(&Request::Kill { id: "x".into() }),
+            encode(&Request::Transaction(
+                crate::transaction::cmd::TxRequest::Commit {
+                    id: "t-1".into(),
+                    paths: vec!["src".into()],
+                    json: false,
+                },
+            )),
             encode(&Request::Run(RunRequest {
                 profile: "p".into(),
                 workspace: "/w".into(),

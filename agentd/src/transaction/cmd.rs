@@ -21,9 +21,14 @@ pub const EXIT_FAILED: u8 = 2;
 /// Where the transactions are.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StateDirArg {
-    /// The state directory: transactions are in DIR/transactions
+    /// The state directory: transactions are in DIR/transactions (as root; anyone else
+    /// asks the daemon, whose own state directory applies)
     #[arg(long, value_name = "DIR", default_value = crate::daemon::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// The daemon's control socket, for a caller who is not root (default:
+    /// /run/agentd/agentd.sock, or AGENTD_SOCKET)
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,15 +118,114 @@ sudo agentd commit coding-agent-1a2b3c src/ README.md")]
     },
 }
 
-/// Runs a transaction command.
-pub fn main(cmd: TxCommand) -> ExitCode {
-    match run(cmd) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("agentd: {e}");
-            ExitCode::from(EXIT_FAILED)
+/// What a transaction command printed, and its exit status: made in-process, or by the
+/// daemon for a caller who is not root.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+    pub code: u8,
+}
+
+/// A transaction command as the daemon takes it: the daemon's own state directory
+/// applies, and the caller is the peer of its socket.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TxRequest {
+    Diff {
+        id: String,
+        stat: bool,
+        json: bool,
+        paths: Vec<PathBuf>,
+    },
+    Commit {
+        id: String,
+        paths: Vec<PathBuf>,
+        json: bool,
+    },
+    Discard {
+        id: String,
+    },
+    Undo {
+        id: String,
+        json: bool,
+    },
+    Transactions {
+        json: bool,
+    },
+}
+
+impl TxCommand {
+    /// The request without where it goes, and where it goes.
+    pub fn split(self) -> (TxRequest, StateDirArg) {
+        match self {
+            TxCommand::Diff {
+                id,
+                stat,
+                json,
+                paths,
+                state,
+            } => (
+                TxRequest::Diff {
+                    id,
+                    stat,
+                    json,
+                    paths,
+                },
+                state,
+            ),
+            TxCommand::Commit {
+                id,
+                paths,
+                json,
+                state,
+            } => (TxRequest::Commit { id, paths, json }, state),
+            TxCommand::Discard { id, state } => (TxRequest::Discard { id }, state),
+            TxCommand::Undo { id, json, state } => (TxRequest::Undo { id, json }, state),
+            TxCommand::Transactions { json, state } => (TxRequest::Transactions { json }, state),
         }
     }
+}
+
+/// `agentd diff|commit|discard|undo|transactions`. Root acts on the state directory
+/// itself; anyone else asks the daemon (at `socket`, or the default one), which acts for
+/// its socket's peer: only on the peer's own transactions, never for a process inside an
+/// agent.
+pub fn main(cmd: TxCommand) -> ExitCode {
+    let (req, at) = cmd.split();
+    let out = if nix::unistd::getuid().is_root() {
+        execute(req, &at.state_dir, 0)
+    } else {
+        match crate::daemon::client::transaction(at.socket, req.clone()) {
+            Ok(Some(out)) => out,
+            // No daemon: the store itself (readable by root only, so this says to use
+            // sudo).
+            Ok(None) => execute(req, &at.state_dir, nix::unistd::getuid().as_raw()),
+            Err(e) => Output {
+                stdout: String::new(),
+                stderr: format!("agentd: {e:#}\n"),
+                code: EXIT_FAILED,
+            },
+        }
+    };
+    print!("{}", out.stdout);
+    eprint!("{}", out.stderr);
+    ExitCode::from(out.code)
+}
+
+/// Runs `req` on the store in `state_dir` for the caller `uid` (root: any transaction;
+/// anyone else: their own).
+pub fn execute(req: TxRequest, state_dir: &std::path::Path, uid: u32) -> Output {
+    let mut out = Output::default();
+    match run(req, state_dir, uid, &mut out) {
+        Ok(code) => out.code = code,
+        Err(e) => {
+            out.stderr.push_str(&format!("agentd: {e}\n"));
+            out.code = EXIT_FAILED;
+        }
+    }
+    out
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,16 +240,9 @@ enum CmdError {
     Json(#[from] serde_json::Error),
 }
 
-/// The caller's uid: the real uid (root under sudo stays root, who may act on any
-/// transaction; `SUDO_UID` only names who asked).
-fn caller() -> u32 {
-    nix::unistd::getuid().as_raw()
-}
-
-fn open_checked(state: &StateDirArg, id: &str) -> Result<Transaction, CmdError> {
-    let store = Store::open(&state.state_dir)?;
+fn open_checked(state_dir: &std::path::Path, id: &str, uid: u32) -> Result<Transaction, CmdError> {
+    let store = Store::open(state_dir)?;
     let tx = store.get(id)?;
-    let uid = caller();
     if !may_act(tx.meta(), uid) {
         return Err(CmdError::NotOwner {
             id: printable(id.as_bytes()),
@@ -156,54 +253,55 @@ fn open_checked(state: &StateDirArg, id: &str) -> Result<Transaction, CmdError> 
     Ok(tx)
 }
 
-fn run(cmd: TxCommand) -> Result<ExitCode, CmdError> {
-    match cmd {
-        TxCommand::Diff {
+fn run(
+    req: TxRequest,
+    state_dir: &std::path::Path,
+    uid: u32,
+    out: &mut Output,
+) -> Result<u8, CmdError> {
+    use std::fmt::Write as _;
+    match req {
+        TxRequest::Diff {
             id,
             stat,
             json,
             paths,
-            state,
         } => {
-            let tx = open_checked(&state, &id)?;
+            let tx = open_checked(state_dir, &id, uid)?;
             if tx.meta().state == State::Running {
-                eprintln!(
+                let _ = writeln!(
+                    out.stderr,
                     "agentd: the agent of `{}` still runs: its changes are kept when it ends",
                     printable(id.as_bytes())
                 );
-                return Ok(ExitCode::SUCCESS);
+                return Ok(0);
             }
             let changes = tx.changes(&paths)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&changes)?);
+                let _ = writeln!(out.stdout, "{}", serde_json::to_string_pretty(&changes)?);
             } else if stat {
-                print!("{}", render_stat(&changes));
+                let _ = write!(out.stdout, "{}", render_stat(&changes));
             } else {
-                print!("{}", render_diff(&tx, &changes)?);
+                let _ = write!(out.stdout, "{}", render_diff(&tx, &changes)?);
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(0)
         }
-        TxCommand::Commit {
-            id,
-            paths,
-            json,
-            state,
-        } => {
-            let mut tx = open_checked(&state, &id)?;
+        TxRequest::Commit { id, paths, json } => {
+            let mut tx = open_checked(state_dir, &id, uid)?;
             let report = tx.commit(&paths)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let _ = writeln!(out.stdout, "{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", commit_text(&id, &tx, &report));
+                let _ = write!(out.stdout, "{}", commit_text(&id, &tx, &report));
             }
             Ok(if report.conflicts.is_empty() {
-                ExitCode::SUCCESS
+                0
             } else {
-                ExitCode::from(EXIT_CONFLICTS)
+                EXIT_CONFLICTS
             })
         }
-        TxCommand::Discard { id, state } => {
-            let tx = open_checked(&state, &id)?;
+        TxRequest::Discard { id } => {
+            let tx = open_checked(state_dir, &id, uid)?;
             if tx.meta().state == State::Running {
                 return Err(TxError::WrongState {
                     id: printable(id.as_bytes()),
@@ -213,29 +311,29 @@ fn run(cmd: TxCommand) -> Result<ExitCode, CmdError> {
                 .into());
             }
             tx.discard()?;
-            println!("discarded {}", printable(id.as_bytes()));
-            Ok(ExitCode::SUCCESS)
+            let _ = writeln!(out.stdout, "discarded {}", printable(id.as_bytes()));
+            Ok(0)
         }
-        TxCommand::Undo { id, json, state } => {
-            let mut tx = open_checked(&state, &id)?;
+        TxRequest::Undo { id, json } => {
+            let mut tx = open_checked(state_dir, &id, uid)?;
             let report = tx.undo()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let _ = writeln!(out.stdout, "{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", undo_text(&id, &report));
+                let _ = write!(out.stdout, "{}", undo_text(&id, &report));
             }
             Ok(if report.refused.is_empty() {
-                ExitCode::SUCCESS
+                0
             } else {
-                ExitCode::from(EXIT_CONFLICTS)
+                EXIT_CONFLICTS
             })
         }
-        TxCommand::Transactions { json, state } => {
-            let store = Store::open(&state.state_dir)?;
-            let uid = caller();
+        TxRequest::Transactions { json } => {
+            let store = Store::open(state_dir)?;
             if uid == 0 {
                 for id in store.reap_stale()? {
-                    eprintln!(
+                    let _ = writeln!(
+                        out.stderr,
                         "agentd: removed transaction {} (its supervisor died before keeping anything)",
                         printable(id.as_bytes())
                     );
@@ -247,11 +345,11 @@ fn run(cmd: TxCommand) -> Result<ExitCode, CmdError> {
                 .filter(|m| may_act(m, uid))
                 .collect();
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                let _ = writeln!(out.stdout, "{}", serde_json::to_string_pretty(&list)?);
             } else {
-                print!("{}", table(&list));
+                let _ = write!(out.stdout, "{}", table(&list));
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(0)
         }
     }
 }

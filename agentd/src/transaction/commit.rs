@@ -627,6 +627,11 @@ impl Transaction {
         let n = self.meta.commits + 1;
         let commits = self.dir.join(COMMITS);
         let cdir = commits.join(n.to_string());
+        if cdir.exists() && read_records(&cdir)?.is_none() {
+            // A commit that failed before it changed anything (no journal): nothing to
+            // undo, so nothing to keep.
+            std::fs::remove_dir_all(&cdir).map_err(io_err("remove", &cdir))?;
+        }
         if cdir.exists() {
             // A commit that never finished: make it the last one, so undo sees it.
             self.meta.commits = n;
@@ -760,6 +765,18 @@ impl Transaction {
         let n = self.meta.commits;
         let cdir = self.dir.join(COMMITS).join(n.to_string());
         let records = match (n, read_records(&cdir)?) {
+            (1.., None) if cdir.exists() => {
+                // A commit that failed before it changed anything: forget it.
+                std::fs::remove_dir_all(&cdir).map_err(io_err("remove", &cdir))?;
+                self.meta.commits = n - 1;
+                self.save_meta()?;
+                return Ok(UndoReport {
+                    commit: n,
+                    restored: Vec::new(),
+                    refused: Vec::new(),
+                    state: self.meta.state,
+                });
+            }
             (0, _) | (_, None) => {
                 return Err(TxError::NoManifest {
                     id: self.meta.id.clone(),

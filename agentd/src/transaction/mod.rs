@@ -319,6 +319,9 @@ impl Store {
         }
         // Non-root callers fail here rather than later, with the hint to use sudo.
         std::fs::read_dir(&root).map_err(io_err("read", &root))?;
+        // Absolute, without symbolic links: paths below it are opened from `/` refusing
+        // any link (`fsx::open_dir_nosymlinks`), and `--state-dir` may be relative.
+        let root = std::fs::canonicalize(&root).map_err(io_err("resolve", &root))?;
         Ok(Store { root })
     }
 
