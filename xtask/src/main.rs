@@ -58,7 +58,9 @@ enum Task {
         /// Only this part: `watch` (the kernel watch's costs and event pipeline),
         /// `launch`, `breaker` (idle), `load` (the breaker under load), `terminal` (the
         /// agent's terminal relay), `client` (a real agent CLI), `dns` (lookups through
-        /// agentd's resolver, connects admitted by name)
+        /// agentd's resolver, connects admitted by name), `transaction` (a build in a
+        /// transaction against direct, commit and undo of 10 000 files, the mount
+        /// namespace's share of a launch)
         #[arg(long, value_enum)]
         only: Option<bench::Part>,
     },

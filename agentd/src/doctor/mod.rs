@@ -248,6 +248,8 @@ pub struct Mounts {
     pub securityfs: Filesystem,
     /// The active LSMs, from /sys/kernel/security/lsm; None when it cannot be read.
     pub lsm: Option<Vec<String>>,
+    /// overlay is in /proc/filesystems (workspace transactions need it).
+    pub overlay: bool,
 }
 
 /// Everything the probes found.
@@ -587,6 +589,15 @@ fn mount_lines(f: &Findings, push: &mut impl FnMut(Mark, &'static str, String)) 
             None => "unknown (/sys/kernel/security/lsm cannot be read)".into(),
         },
     );
+    push(
+        Mark::optional(f.mounts.overlay),
+        "overlay",
+        if f.mounts.overlay {
+            "available — a workspace can be a transaction ([workspace] mode, --transaction)".into()
+        } else {
+            "not in /proc/filesystems — the kernel may load it at the first transaction; if it cannot, `[workspace] mode = \"transaction\"` and `\"auto\"` fail to launch (modprobe overlay)".into()
+        },
+    );
 }
 
 fn bpf_lines(f: &Findings, push: &mut impl FnMut(Mark, &'static str, String)) {
@@ -764,6 +775,7 @@ mod tests {
                     state: MountState::Mounted,
                 },
                 lsm: Some(vec!["capability".into(), "landlock".into(), "bpf".into()]),
+                overlay: true,
             },
             notes: Vec::new(),
         }

@@ -106,6 +106,10 @@ pub fn probe_host() -> Findings {
             tracefs,
             securityfs,
             lsm,
+            overlay: fs::read_to_string("/proc/filesystems").is_ok_and(|t| {
+                t.lines()
+                    .any(|l| l.split_whitespace().last() == Some("overlay"))
+            }),
         },
         notes,
     }
