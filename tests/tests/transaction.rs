@@ -619,3 +619,59 @@ print(s.makefile().readline().strip())
         "agent\n"
     );
 }
+
+/// Hard links are kept as links when the agent's changes are kept (a file linked 200
+/// times is stored once), and a sparse file larger than the transaction's limit is not
+/// written out whole: the changes are refused, said so, and the workspace is untouched.
+#[test]
+fn hard_links_and_sparse_files_cannot_make_a_transaction_outgrow_its_limit() {
+    if !require_root() {
+        return;
+    }
+    let ws = workspace();
+    let state = state_dir();
+    let profile = tx_profile(
+        "mode = \"transaction\"\nlimit = \"8MiB\"",
+        "trip_on = [\"canary\"]",
+    );
+    let run = run_tx(
+        &profile,
+        ws.path(),
+        state.path(),
+        "head -c 1048576 /dev/urandom > big && for i in $(seq 1 200); do ln big link$i; done",
+        false,
+    );
+    assert_eq!(run.code(), 0, "{}", run.explain());
+    let (id, st) = transaction_event(&run);
+    assert_eq!(st, "pending", "{}", run.explain());
+    let e = run.event("transaction").unwrap();
+    assert!(
+        e["detail"]["bytes"].as_u64().unwrap() < 2 << 20,
+        "the links were copied: {e}"
+    );
+    let (code, out, err) = tx_cmd(state.path(), &["discard", &id]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    let before = tree(ws.path());
+    let run = run_tx(
+        &profile,
+        ws.path(),
+        state.path(),
+        "python3 -c 'import os; f = os.open(\"sparse\", os.O_WRONLY | os.O_CREAT); os.ftruncate(f, 64 << 30)'",
+        false,
+    );
+    assert_eq!(run.code(), 0, "{}", run.explain());
+    let (sparse, st) = transaction_event(&run);
+    assert_eq!(st, "failed", "{}", run.explain());
+    assert!(
+        run.stderr().contains("could not be kept"),
+        "{}",
+        run.explain()
+    );
+    assert_eq!(tree(ws.path()), before);
+    let (_, list, _) = tx_cmd(state.path(), &["transactions", "--json"]);
+    assert!(
+        !list.contains(&sparse),
+        "the failed transaction is kept: {list}"
+    );
+}

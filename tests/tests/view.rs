@@ -94,7 +94,7 @@ fn assert_noexec(run: &Run) {
 
 /// `ld.so /tmp/payload` (and any executable mapping or exec of a file in a writable tree
 /// the profile grants no exec on) fails, without BPF LSM; the workspace, which `exec`
-/// covers, still runs what the agent builds. Embedded and through the daemon.
+/// covers, still runs what the agent builds. (Through the daemon: below.)
 #[test]
 fn what_the_agent_wrote_outside_its_exec_trees_cannot_be_mapped_executable() {
     if !require_root() {
@@ -104,21 +104,6 @@ fn what_the_agent_wrote_outside_its_exec_trees_cannot_be_mapped_executable() {
     let profile = view_profile("");
     let before = host_mounts();
     assert_noexec(&run(&profile, ws.path(), NOEXEC));
-
-    let d = Daemon::start();
-    let (_p, path) = profile_file(&profile);
-    let child = d.run(
-        &path,
-        ws.path(),
-        &["/usr/bin/python3", "-c", &format!("{PY_ATTEMPT}\n{NOEXEC}")],
-    );
-    let out = child.wait_with_output().unwrap();
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-    let mmap = r["mmap_exec"].as_i64().unwrap() as i32;
-    assert!([libc::EPERM, libc::EACCES].contains(&mmap), "{r}");
-    assert_eq!(r["exec"], libc::EACCES, "{r}");
-    assert_eq!(r["ws_exec"], 0, "{r}");
     assert_eq!(host_mounts(), before, "mounts left on the host");
 }
 
@@ -166,16 +151,8 @@ impl Drop for HostSocket {
     }
 }
 
-/// A host service's socket under /run that `network.unix` does not list is not in the
-/// agent's view (ENOENT), though its file permissions would let the agent in; a listed
-/// one is reachable. Without BPF LSM; embedded and through the daemon.
-#[test]
-fn host_sockets_under_run_are_out_of_reach_unless_listed() {
-    if !require_root() {
-        return;
-    }
-    let listed = HostSocket::new("listed");
-    let unlisted = HostSocket::new("unlisted");
+/// The profile listing `listed` in `network.unix`, and the script connecting to both.
+fn sockets_case(listed: &HostSocket, unlisted: &HostSocket) -> (String, String) {
     let profile = view_profile(&format!(
         "[network]\nunix = [{:?}]\n",
         listed.path().to_str().unwrap()
@@ -191,13 +168,27 @@ def connect(path):
         s.close()
 attempt("listed", lambda: connect({listed:?}))
 attempt("unlisted", lambda: connect({unlisted:?}))
-attempt("list_run", lambda: os.stat("/run/agentd-view-test-{pid}-unlisted"))
+attempt("list_run", lambda: os.stat({unlisted_dir:?}))
 print(json.dumps(out))
 "#,
         listed = listed.path().to_str().unwrap(),
         unlisted = unlisted.path().to_str().unwrap(),
-        pid = std::process::id(),
+        unlisted_dir = unlisted.dir.to_str().unwrap(),
     );
+    (profile, script)
+}
+
+/// A host service's socket under /run that `network.unix` does not list is not in the
+/// agent's view (ENOENT), though its file permissions would let the agent in; a listed
+/// one is reachable. Without BPF LSM. (Through the daemon: below.)
+#[test]
+fn host_sockets_under_run_are_out_of_reach_unless_listed() {
+    if !require_root() {
+        return;
+    }
+    let listed = HostSocket::new("listed");
+    let unlisted = HostSocket::new("unlisted");
+    let (profile, script) = sockets_case(&listed, &unlisted);
     let ws = agent_dir(true);
     let r = run(&profile, ws.path(), &script);
     assert_eq!(r.code(), 0, "{}", r.explain());
@@ -205,21 +196,6 @@ print(json.dumps(out))
     assert_eq!(out["listed"], 0, "{out}\n{}", r.explain());
     assert_eq!(out["unlisted"], libc::ENOENT, "{out}");
     assert_eq!(out["list_run"], libc::ENOENT, "{out}");
-    assert_eq!(listed.accepted(), 1);
-    assert_eq!(unlisted.accepted(), 0, "the unlisted service was reached");
-
-    let d = Daemon::start();
-    let (_p, path) = profile_file(&profile);
-    let child = d.run(
-        &path,
-        ws.path(),
-        &["/usr/bin/python3", "-c", &format!("{PY_ATTEMPT}\n{script}")],
-    );
-    let o = child.wait_with_output().unwrap();
-    let out: serde_json::Value = serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)));
-    assert_eq!(out["listed"], 0, "{out}");
-    assert_eq!(out["unlisted"], libc::ENOENT, "{out}");
     assert_eq!(listed.accepted(), 1);
     assert_eq!(unlisted.accepted(), 0, "the unlisted service was reached");
 }
@@ -310,4 +286,45 @@ print(json.dumps(out))
         std::fs::read_to_string(ws.path().join("mine.txt")).unwrap(),
         "m"
     );
+}
+
+/// Through the daemon (whose supervisors build the same view): what the agent wrote in
+/// /tmp cannot be mapped executable, and an unlisted host socket under /run is not there.
+#[test]
+fn the_view_through_the_daemon() {
+    if !require_root() {
+        return;
+    }
+    let before = host_mounts();
+    let ws = agent_dir(true);
+    let d = Daemon::start();
+    let agent = |profile: &str, script: &str| -> serde_json::Value {
+        let (_p, path) = profile_file(profile);
+        let o = d
+            .run(
+                &path,
+                ws.path(),
+                &["/usr/bin/python3", "-c", &format!("{PY_ATTEMPT}\n{script}")],
+            )
+            .wait_with_output()
+            .unwrap();
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)))
+    };
+    let r = agent(&view_profile(""), NOEXEC);
+    let mmap = r["mmap_exec"].as_i64().unwrap() as i32;
+    assert!([libc::EPERM, libc::EACCES].contains(&mmap), "{r}");
+    assert_eq!(r["exec"], libc::EACCES, "{r}");
+    assert_eq!(r["ws_exec"], 0, "{r}");
+
+    let listed = HostSocket::new("dlisted");
+    let unlisted = HostSocket::new("dunlisted");
+    let (profile, script) = sockets_case(&listed, &unlisted);
+    let out = agent(&profile, &script);
+    assert_eq!(out["listed"], 0, "{out}");
+    assert_eq!(out["unlisted"], libc::ENOENT, "{out}");
+    assert_eq!(listed.accepted(), 1);
+    assert_eq!(unlisted.accepted(), 0, "the unlisted service was reached");
+    drop(d);
+    assert_eq!(host_mounts(), before, "mounts left on the host");
 }

@@ -164,7 +164,17 @@ pub fn end(open: Open, outcome: &Outcome) -> Ended {
         crate::sandbox::mountns::UPPER
     ));
     if let Err(e) = tx.persist(&layer, &outcome.describe) {
-        return failed("failed", format!("keeping the agent's changes: {e}"));
+        // Nothing of it can be kept: the record goes too (the workspace is untouched).
+        let removed = match tx.discard() {
+            Ok(()) => String::new(),
+            Err(d) => format!(" (and removing its record: {d})"),
+        };
+        return failed(
+            "failed",
+            format!(
+                "the agent's changes could not be kept, the workspace is as it was: {e}{removed}"
+            ),
+        );
     }
     drop(upper);
     let bytes = tx.meta().bytes;

@@ -329,6 +329,8 @@ impl Committer<'_> {
                     fsync: true,
                     check: &check,
                     bytes: 0,
+                    budget: None,
+                    links: None,
                 };
                 let copied = fsx::copy_tree(
                     pfd.as_fd(),
@@ -894,6 +896,8 @@ fn undo_one(
         fsync: true,
         check: &ok_check,
         bytes: 0,
+        budget: None,
+        links: None,
     };
     let saved_name = OsString::from(rec.index.to_string());
     let (action, file_type) = match &rec.before {

@@ -74,6 +74,7 @@ pub struct Stat {
     pub size: u64,
     pub ino: u64,
     pub dev: u64,
+    pub nlink: u64,
     pub rdev: u64,
     pub atime: (i64, u32),
     pub mtime: (i64, u32),
@@ -115,6 +116,7 @@ impl From<&FileStat> for Stat {
             size: u64::try_from(st.st_size).unwrap_or(0),
             ino: st.st_ino,
             dev: st.st_dev,
+            nlink: st.st_nlink,
             rdev,
             atime: (st.st_atime, nsec(st.st_atime_nsec)),
             mtime: (st.st_mtime, nsec(st.st_mtime_nsec)),
@@ -382,6 +384,29 @@ pub struct CopyOpts<'a> {
     pub check: &'a dyn Fn(&Path, &Stat) -> Result<(), String>,
     /// Bytes copied (regular files' sizes and symlink targets' lengths).
     pub bytes: u64,
+    /// The most `bytes` may reach: beyond it the copy stops (a sparse file or hard links
+    /// the source holds in little space must not fill the destination's disk).
+    pub budget: Option<u64>,
+    /// Hard links kept as hard links: each source file with more than one link is copied
+    /// once, and linked to its first copy (`rel` paths, below `root` on the destination,
+    /// which are the same as on the source).
+    pub links: Option<Links<'a>>,
+}
+
+/// The hard links of a copy (see [`CopyOpts::links`]).
+#[derive(Debug)]
+pub struct Links<'a> {
+    pub root: BorrowedFd<'a>,
+    pub first: std::collections::HashMap<(u64, u64), std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for CopyOpts<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyOpts")
+            .field("bytes", &self.bytes)
+            .field("budget", &self.budget)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a copy stopped.
@@ -400,7 +425,8 @@ impl From<FsError> for CopyError {
 /// Copies the entry `src_name` of `src_dir` to the new name `dst_name` in `dst_dir`,
 /// recursively, never following a symlink: regular files, directories, symlinks, whiteouts,
 /// FIFOs and devices (`mknodat`), with mode, owner and times. Sockets are skipped. Hard links
-/// become separate files. `rel` is the source's path for messages and `check`.
+/// become separate files unless `opts.links` keeps them. `rel` is the source's path for
+/// messages, `check` and `opts.links`.
 pub fn copy_tree(
     src_dir: BorrowedFd<'_>,
     src_name: &OsStr,
@@ -415,6 +441,28 @@ pub fn copy_tree(
     (opts.check)(rel, &st).map_err(CopyError::Check)?;
     match st.kind {
         FileType::File => {
+            if st.nlink > 1
+                && let Some(links) = opts.links.as_ref()
+                && let Some(first) = links.first.get(&(st.dev, st.ino))
+            {
+                nix::unistd::linkat(
+                    links.root,
+                    first.as_path(),
+                    dst_dir,
+                    dst_name,
+                    nix::fcntl::AtFlags::empty(),
+                )
+                .ctx("linkat", rel)?;
+                return Ok(());
+            }
+            if let Some(budget) = opts.budget
+                && opts.bytes.saturating_add(st.size) > budget
+            {
+                return Err(CopyError::Check(format!(
+                    "{}: more than {budget} bytes in all, the transaction's limit",
+                    rel.display()
+                )));
+            }
             let src = open_regular(src_dir, Path::new(src_name)).ctx("openat2", rel)?;
             let dst = openat(
                 dst_dir,
@@ -429,9 +477,16 @@ pub fn copy_tree(
             .ctx("openat", rel)?;
             let mut dst = File::from(dst);
             let mut src = src;
-            let n = std::io::copy(&mut src, &mut dst).ctx("copy", rel)?;
+            // No more than the size it had: a file that grows meanwhile stops there.
+            let n = std::io::copy(&mut std::io::Read::take(&mut src, st.size), &mut dst)
+                .ctx("copy", rel)?;
             opts.bytes = opts.bytes.saturating_add(n);
             finish_file(&dst, &st, opts.strip_setid, opts.fsync, rel)?;
+            if st.nlink > 1
+                && let Some(links) = opts.links.as_mut()
+            {
+                links.first.insert((st.dev, st.ino), rel.to_path_buf());
+            }
             Ok(())
         }
         FileType::Dir => {

@@ -530,19 +530,27 @@ impl Transaction {
         // The source root is opened following links (it may be a /proc/self/fd magic
         // link); nothing below it is.
         let src = File::open(upper).map_err(io_err("open", upper))?;
-        let mut opts = fsx::CopyOpts {
-            opaque: true,
-            strip_setid: false,
-            fsync: false,
-            check: &|_, _| Ok(()),
-            bytes: 0,
-        };
         // Copy the root's children into a fresh directory, synced once at the end.
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&tmp)
             .map_err(io_err("mkdir", &tmp))?;
         let dst = File::open(&tmp).map_err(io_err("open", &tmp))?;
+        // The layer fit in `limit_bytes` of tmpfs: its copy fits in as many bytes, hard
+        // links kept (a file linked a thousand times is not copied a thousand times) and
+        // sparse files counted whole.
+        let mut opts = fsx::CopyOpts {
+            opaque: true,
+            strip_setid: false,
+            fsync: false,
+            check: &|_, _| Ok(()),
+            bytes: 0,
+            budget: Some(self.meta.limit_bytes),
+            links: Some(fsx::Links {
+                root: dst.as_fd(),
+                first: std::collections::HashMap::new(),
+            }),
+        };
         let names = fsx::list(src.as_fd()).map_err(|e| TxError::io("getdents", upper, e.into()))?;
         for name in names {
             fsx::copy_tree(
