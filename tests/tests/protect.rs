@@ -295,3 +295,38 @@ print(json.dumps(out))
         &real.join(".git/hooks"),
     );
 }
+
+/// In a git worktree (or submodule) `.git` is a file naming the repository: with
+/// `.git/hooks` protected, that file is protected itself, so the agent cannot point it at
+/// a repository of its own (with hooks, or `core.fsmonitor`).
+#[test]
+fn protect_keeps_a_worktrees_git_file() {
+    if !require_root() {
+        return;
+    }
+    let ws = agent_dir(true);
+    std::fs::write(
+        ws.path().join(".git"),
+        "gitdir: /srv/repo/.git/worktrees/w\n",
+    )
+    .unwrap();
+    give_to_agent(ws.path());
+    let profile = protect_profile(&["{workspace}/.git/hooks", "{workspace}/.git/config"]);
+    let script = r#"
+attempt("rewrite", lambda: open(".git", "w").write("gitdir: /tmp/evil\n"))
+attempt("replace", lambda: (open("g", "w").write("gitdir: /tmp/evil\n"), os.rename("g", ".git")))
+attempt("unlink", lambda: os.unlink(".git"))
+print(json.dumps(out))
+"#;
+    let run = run(&profile, ws.path(), script);
+    assert_eq!(run.code(), 0, "{}", run.explain());
+    let r = run.json();
+    for attack in ["rewrite", "replace", "unlink"] {
+        let errno = r[attack].as_i64().unwrap_or(0) as i32;
+        assert!(REFUSED.contains(&errno), "{attack}: {r}\n{}", run.explain());
+    }
+    assert_eq!(
+        std::fs::read_to_string(ws.path().join(".git")).unwrap(),
+        "gitdir: /srv/repo/.git/worktrees/w\n"
+    );
+}

@@ -178,6 +178,30 @@ print(json.dumps(out))
     (profile, script)
 }
 
+/// A listed socket in a directory the agent's user cannot enter on the host (another
+/// user's 0700 `/run/user/UID`) stays out of its reach in its view: the private /run's
+/// directories have the host's owners and modes.
+#[test]
+fn a_listed_socket_is_no_easier_to_reach_than_on_the_host() {
+    if !require_root() {
+        return;
+    }
+    let private = HostSocket::new("private");
+    std::fs::set_permissions(&private.dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let other = HostSocket::new("other");
+    let (profile, script) = sockets_case(&private, &other);
+    let ws = agent_dir(true);
+    let r = run(&profile, ws.path(), &script);
+    assert_eq!(r.code(), 0, "{}", r.explain());
+    let out = r.json();
+    assert_eq!(out["listed"], libc::EACCES, "{out}");
+    assert_eq!(
+        private.accepted(),
+        0,
+        "the socket behind a 0700 directory was reached"
+    );
+}
+
 /// A host service's socket under /run that `network.unix` does not list is not in the
 /// agent's view (ENOENT), though its file permissions would let the agent in; a listed
 /// one is reachable. Without BPF LSM. (Through the daemon: below.)

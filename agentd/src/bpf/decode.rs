@@ -173,7 +173,8 @@ pub struct FileOutcome<'a> {
 /// Whether one of `paths` is where the agent's view refuses changes: a protected path,
 /// beneath one, or one of its ancestors (pinned as mount points); the private /run.
 fn in_view(policy: &CompiledPolicy, paths: [Option<&Path>; 2]) -> bool {
-    paths.iter().flatten().any(|p| {
+    // Only absolute paths: an unresolved relative or empty one would match any ancestor.
+    paths.iter().flatten().filter(|p| p.is_absolute()).any(|p| {
         p.starts_with("/run")
             || policy
                 .protect

@@ -525,6 +525,19 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
             Some("remove `limit`, or set `mode = \"transaction\"` or `\"auto\"`".into()),
         );
     }
+    // `auto` discards what a tripped agent wrote; an agent that is not stopped at a trip
+    // (monitor mode, or `action = "deny"`) could exit 0 after it and be committed.
+    if let Some(m) = &ws.mode
+        && ws_mode == WorkspaceMode::Auto
+        && (mode == Mode::Monitor || action == Action::Deny)
+    {
+        c.fail(
+            m.span(),
+            "workspace.mode",
+            "`mode = \"auto\"` commits when the agent exits 0 without a trip, and with monitor mode or `action = \"deny\"` a trip does not stop it",
+            Some("use `mode = \"transaction\"` (a person commits), or `action = \"kill\"` in enforce mode".into()),
+        );
+    }
     let workspace = Workspace {
         mode: ws_mode,
         limit: limit.unwrap_or(super::DEFAULT_TRANSACTION_LIMIT),

@@ -522,16 +522,23 @@ async fn finish(
 
     // No process of the agent survives agentd run: kill, wait until empty, rmdir.
     let cg = cgroup.clone();
-    match tokio::task::spawn_blocking(move || cg.destroy()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!("agentd: cleaning up the agent: {e}"),
-        Err(e) => eprintln!("agentd: cleaning up the agent: {e}"),
-    }
+    let emptied = match tokio::task::spawn_blocking(move || cg.destroy()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            eprintln!("agentd: cleaning up the agent: {e}");
+            false
+        }
+        Err(e) => {
+            eprintln!("agentd: cleaning up the agent: {e}");
+            false
+        }
+    };
     // The transaction, now that no process of the agent can write to it.
     if let Some(open) = transaction {
         let outcome = super::txn::Outcome {
             exit_code: code,
             stopped: stopped || status.is_none_or(Ended::killed),
+            emptied,
             describe: match status {
                 Some(s) if stopped => format!("stopped ({})", s.describe()),
                 Some(s) => s.describe(),

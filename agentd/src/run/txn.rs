@@ -3,7 +3,10 @@
 //! commit or discard. The store itself (diff, commit, undo) is [`crate::transaction`].
 
 use std::{
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::{
+        fd::{AsRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -65,6 +68,17 @@ pub fn begin(plan: &Plan, state_dir: &Path) -> Result<Option<Transaction>, TxErr
         exit: None,
         bytes: 0,
         commits: 0,
+        protect: plan
+            .policy
+            .protect
+            .iter()
+            .filter_map(|p| p.strip_prefix(&plan.workspace).ok())
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(std::path::Path::to_path_buf)
+            .collect(),
+        workspace_id: std::fs::metadata(&plan.workspace)
+            .ok()
+            .map(|m| (m.dev(), m.ino())),
     };
     store.create(meta).map(Some)
 }
@@ -121,6 +135,8 @@ pub struct Outcome {
     pub exit_code: u8,
     /// The breaker tripped, or the kill switch or a limit killed it.
     pub stopped: bool,
+    /// Its cgroup was emptied and removed: no process of it can still write.
+    pub emptied: bool,
     /// For the record: `exit 0`, `tripped: ...`.
     pub describe: String,
 }
@@ -198,7 +214,7 @@ pub fn end(open: Open, outcome: &Outcome) -> Ended {
             Err(e) => failed("pending", format!("discarding: {e}")),
         };
     }
-    if mode == Mode::Auto && outcome.exit_code == 0 {
+    if mode == Mode::Auto && outcome.exit_code == 0 && outcome.emptied {
         return match tx.commit(&[]) {
             Ok(report) => {
                 let conflicts = report.conflict_paths();

@@ -202,9 +202,20 @@ pub fn plan(policy: &CompiledPolicy, overlay: Option<u64>, fs: &dyn Lookup) -> V
     let mut protect = Vec::new();
     let mut unprotected = Vec::new();
     for p in &policy.protect {
-        let Some(real) = fs.real(p) else {
-            unprotected.push(p.clone());
-            continue;
+        let real = match fs.real(p) {
+            Some(real) => real,
+            // Missing: where its deepest existing ancestor is a file where a directory
+            // should be (a git worktree's or submodule's `.git` file, which names the
+            // repository), that file is what is protected.
+            None => match p.ancestors().skip(1).find_map(|a| fs.real(a)) {
+                Some(file) if !fs.is_dir(&file) && write.iter().any(|w| file.starts_with(w)) => {
+                    file
+                }
+                Some(_) | None => {
+                    unprotected.push(p.clone());
+                    continue;
+                }
+            },
         };
         for a in real.ancestors().skip(1) {
             let Some(parent) = a.parent() else { break };
@@ -460,8 +471,7 @@ fn detached_tmpfs(options: &[(&str, String)]) -> Result<OwnedFd, ViewError> {
     if fs < 0 {
         return Err(call("fsopen", at)(nix::Error::last()));
     }
-    // SAFETY: fsopen returned a new fd that nothing else owns.
-    let fs = unsafe { OwnedFd::from_raw_fd(RawFd::try_from(fs).unwrap_or(-1)) };
+    let fs = owned(fs, "fsopen")?;
     for (key, value) in options {
         let k = CString::new(*key).map_err(|_| ViewError::Nul(PathBuf::from(key)))?;
         let v = CString::new(value.as_str()).map_err(|_| ViewError::Nul(PathBuf::from(value)))?;
@@ -499,8 +509,16 @@ fn detached_tmpfs(options: &[(&str, String)]) -> Result<OwnedFd, ViewError> {
     if mnt < 0 {
         return Err(call("fsmount", at)(nix::Error::last()));
     }
-    // SAFETY: fsmount returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(RawFd::try_from(mnt).unwrap_or(-1)) })
+    owned(mnt, "fsmount")
+}
+
+/// The fd a system call returned (non-negative), owned.
+fn owned(ret: libc::c_long, call_name: &'static str) -> Result<OwnedFd, ViewError> {
+    let fd =
+        RawFd::try_from(ret).map_err(|_| call(call_name, Path::new("tmpfs"))(nix::Error::EBADF))?;
+    // SAFETY: the system call returned this new fd (checked non-negative by the caller,
+    // and in range above), and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// The directory of the upper tmpfs that holds what the agent changed.
@@ -535,7 +553,13 @@ fn overlay(o: &OverlayPlan) -> Result<OwnedFd, ViewError> {
             Err(e) => return Err(call("open", c)(e)),
         }
     }
-    let tmpfs = detached_tmpfs(&[("size", o.limit.to_string()), ("mode", "0700".into())])?;
+    // One inode per 4 KiB of the limit: what is kept is bounded in files as in bytes.
+    let inodes = (o.limit / 4096).max(1024);
+    let tmpfs = detached_tmpfs(&[
+        ("size", o.limit.to_string()),
+        ("nr_inodes", inodes.to_string()),
+        ("mode", "0700".into()),
+    ])?;
     let top = fd_path(tmpfs.as_raw_fd());
     let upper = top.join(UPPER);
     let work = top.join(WORK);
@@ -590,6 +614,33 @@ fn overlay(o: &OverlayPlan) -> Result<OwnedFd, ViewError> {
 /// /run as a fresh tmpfs holding `keep`, each bound from the host's, then read-only.
 fn private_run(keep: &[PathBuf]) -> Result<(), ViewError> {
     let run = Path::new(RUN);
+    // The host's directories on the way to each kept path, with their owner and mode:
+    // the private /run has the same, so a kept path is no easier to reach than on the
+    // host (a user's 0700 /run/user/UID stays closed to others).
+    let mut dirs: Vec<(PathBuf, std::fs::Metadata)> = Vec::new();
+    for k in keep {
+        let mut at = PathBuf::from(RUN);
+        if let Ok(rest) = k.strip_prefix(RUN)
+            && let Some(parent) = rest.parent()
+        {
+            for part in parent.components() {
+                at.push(part);
+                if dirs.iter().any(|(d, _)| *d == at) {
+                    continue;
+                }
+                let m = std::fs::symlink_metadata(&at).map_err(|e| {
+                    call("stat", &at)(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
+                })?;
+                if !m.is_dir() {
+                    return Err(call("stat", &at)(nix::Error::ENOTDIR));
+                }
+                dirs.push((at.clone(), m));
+            }
+        }
+    }
+    let run_meta = std::fs::metadata(run).map_err(|e| {
+        call("stat", run)(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
+    })?;
     // Opened before the tmpfs hides them.
     let mut sources = Vec::new();
     for k in keep {
@@ -613,17 +664,12 @@ fn private_run(keep: &[PathBuf]) -> Result<(), ViewError> {
     )
     .map_err(call("mount tmpfs on", run))?;
     for (k, fd, is_dir) in &sources {
-        let mut dir = PathBuf::from(RUN);
-        if let Ok(rest) = k.strip_prefix(RUN)
-            && let Some(parent) = rest.parent()
-        {
-            for part in parent.components() {
-                dir.push(part);
-                make_dir(&dir)?;
-            }
+        for (dir, meta) in dirs.iter().filter(|(d, _)| k.starts_with(d)) {
+            make_dir(dir, Some(meta))?;
         }
         if *is_dir {
-            make_dir(k)?;
+            // A mount point: what is bound over it shows its own owner and mode.
+            make_dir(k, None)?;
         } else {
             open(
                 k.as_path(),
@@ -641,6 +687,7 @@ fn private_run(keep: &[PathBuf]) -> Result<(), ViewError> {
         )
         .map_err(call("bind mount", k))?;
     }
+    set_owner_mode(run, &run_meta)?;
     // Read-only: the tmpfs itself only (what is bound into it keeps its own flags).
     mount(
         None::<&str>,
@@ -657,19 +704,42 @@ fn private_run(keep: &[PathBuf]) -> Result<(), ViewError> {
     Ok(())
 }
 
-/// A directory of the private /run, 0755 whatever the umask (the daemon's is 077).
-fn make_dir(dir: &Path) -> Result<(), ViewError> {
-    match nix::unistd::mkdir(dir, Mode::from_bits_truncate(0o755)) {
-        Ok(()) | Err(nix::Error::EEXIST) => {}
+/// A directory of the private /run: with the owner and mode of the host's directory it
+/// stands for, or 0755 root (whatever the umask: the daemon's is 077).
+fn make_dir(dir: &Path, like: Option<&std::fs::Metadata>) -> Result<(), ViewError> {
+    match nix::unistd::mkdir(dir, Mode::from_bits_truncate(0o700)) {
+        Ok(()) => {}
+        // Made for an earlier kept path: already right.
+        Err(nix::Error::EEXIST) => return Ok(()),
         Err(e) => return Err(call("mkdir", dir)(e)),
     }
+    match like {
+        Some(m) => set_owner_mode(dir, m),
+        None => nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            dir,
+            Mode::from_bits_truncate(0o755),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(call("chmod", dir)),
+    }
+}
+
+/// Gives `path` (in the private /run) the owner and mode of `like`.
+fn set_owner_mode(path: &Path, like: &std::fs::Metadata) -> Result<(), ViewError> {
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(like.uid())),
+        Some(nix::unistd::Gid::from_raw(like.gid())),
+    )
+    .map_err(call("chown", path))?;
     nix::sys::stat::fchmodat(
         nix::fcntl::AT_FDCWD,
-        dir,
-        Mode::from_bits_truncate(0o755),
+        path,
+        Mode::from_bits_truncate(like.mode() & 0o7777),
         nix::sys::stat::FchmodatFlags::FollowSymlink,
     )
-    .map_err(call("chmod", dir))
+    .map_err(call("chmod", path))
 }
 
 /// Whether an overlay upper tmpfs is full (no block or no inode free): the agent's writes
@@ -755,6 +825,27 @@ mod tests {
             ]
         );
         assert_eq!(v.unprotected, vec![PathBuf::from("/w/sub/deep/x")]);
+    }
+
+    #[test]
+    fn a_file_where_a_protected_directory_should_be_is_protected_itself() {
+        // A git worktree: `.git` is a file naming the repository.
+        let p = policy(
+            "[agent]\nname = \"t\"\n[filesystem]\nwrite = [\"{workspace}\"]\nprotect = [\"{workspace}/.git/hooks\", \"{workspace}/.git/config\"]\n",
+        );
+        struct Worktree;
+        impl Lookup for Worktree {
+            fn real(&self, path: &Path) -> Option<PathBuf> {
+                // Nothing below the `.git` file.
+                (path.parent() != Some(Path::new("/w/.git"))).then(|| path.to_path_buf())
+            }
+            fn is_dir(&self, path: &Path) -> bool {
+                path != Path::new("/w/.git")
+            }
+        }
+        let v = plan(&p, None, &Worktree);
+        assert_eq!(v.protect, vec![PathBuf::from("/w/.git")]);
+        assert!(v.unprotected.is_empty(), "{v:?}");
     }
 
     #[test]

@@ -709,6 +709,20 @@ impl Transaction {
                 });
                 continue;
             }
+            // Inside a protected path, or replacing or removing one of its ancestors.
+            if let Some(p) = self.meta.protect.iter().find(|p| {
+                item.rel.starts_with(p)
+                    || (p.starts_with(&item.rel) && item.upper_kind() != FileType::Dir)
+            }) {
+                conflicts.push(Issue {
+                    path: item.rel.clone(),
+                    reason: format!(
+                        "protected by the profile ({}): never committed",
+                        printable_path(p)
+                    ),
+                });
+                continue;
+            }
             match c.apply(item)? {
                 Outcome::Done(applied) => {
                     committed.push(applied);
@@ -787,7 +801,7 @@ impl Transaction {
             }
             (_, Some(r)) => r,
         };
-        let ws = plan::open_workspace(&self.meta.workspace)?;
+        let ws = plan::open_workspace(&self.meta.workspace, self.meta.workspace_id)?;
         let saved = fsx::open_dir_nosymlinks(&cdir.join(SAVED))
             .and_then(|fd| {
                 fsx::open_beneath(

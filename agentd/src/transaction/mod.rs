@@ -166,6 +166,15 @@ pub struct Meta {
     pub bytes: u64,
     #[serde(default)]
     pub commits: u32,
+    /// The profile's `filesystem.protect` paths inside the workspace (relative): never
+    /// committed, whatever the agent did to them (a protected path missing at launch has
+    /// no read-only mount in the agent's view).
+    #[serde(default)]
+    pub protect: Vec<PathBuf>,
+    /// The workspace's (device, inode) at launch: a commit or undo refuses a workspace
+    /// path that names another directory now.
+    #[serde(default)]
+    pub workspace_id: Option<(u64, u64)>,
 }
 
 /// Root or the agent's owner.

@@ -41,11 +41,28 @@ impl Item {
 }
 
 /// The workspace, as an `O_PATH` fd, opened without following any symlink.
-pub(super) fn open_workspace(workspace: &Path) -> Result<OwnedFd, TxError> {
-    fsx::open_dir_nosymlinks(workspace).map_err(|e| TxError::Workspace {
+/// With `id`, the directory must be the one the agent ran in (device and inode at launch):
+/// a path renamed since names another directory, and nothing is written there.
+pub(super) fn open_workspace(workspace: &Path, id: Option<(u64, u64)>) -> Result<OwnedFd, TxError> {
+    let fd = fsx::open_dir_nosymlinks(workspace).map_err(|e| TxError::Workspace {
         path: workspace.to_path_buf(),
         source: e.into(),
-    })
+    })?;
+    if let Some(want) = id {
+        let st = fsx::stat_fd(fd.as_fd()).map_err(|e| TxError::Workspace {
+            path: workspace.to_path_buf(),
+            source: e.into(),
+        })?;
+        if (st.dev, st.ino) != want {
+            return Err(TxError::Workspace {
+                path: workspace.to_path_buf(),
+                source: std::io::Error::other(
+                    "this path names another directory than the one the agent ran in (moved or replaced since): nothing is written there",
+                ),
+            });
+        }
+    }
+    Ok(fd)
 }
 
 /// The upper directory opened for reading, or `None` if there is none (nothing persisted,
@@ -216,13 +233,27 @@ pub struct Change {
 pub(super) struct Sides {
     pub ws: OwnedFd,
     pub upper: Option<File>,
+    /// The transaction's owner: the workspace's files are shown only as far as they
+    /// could read them (the store reads them as root).
+    pub owner: u32,
 }
 
 impl Sides {
     pub fn open(tx: &Transaction) -> Result<Sides, TxError> {
         Ok(Sides {
-            ws: open_workspace(&tx.meta.workspace)?,
+            ws: open_workspace(&tx.meta.workspace, tx.meta.workspace_id)?,
             upper: open_upper(&tx.upper())?,
+            owner: tx.meta.owner_uid,
+        })
+    }
+
+    /// Whether the workspace file `old` may be shown (its contents) to the owner: owned by
+    /// them and readable by its owner, or readable by anyone. Group permissions are not
+    /// counted (the owner's groups are not known here): such a file shows as sizes and
+    /// hashes only.
+    pub fn may_show(&self, old: Option<&Entry>) -> bool {
+        old.is_none_or(|e| {
+            self.owner == 0 || (e.uid == self.owner && e.mode & 0o400 != 0) || e.mode & 0o004 != 0
         })
     }
 
@@ -570,7 +601,11 @@ impl Transaction {
                 .as_ref()
                 .is_some_and(|n| n.file_type == FileType::File);
             let small = |e: &Option<Entry>| e.as_ref().is_none_or(|e| e.size <= DIFF_MAX);
-            if !(old_file || new_file) || !small(&c.old) || !small(&c.new) {
+            if !(old_file || new_file)
+                || !small(&c.old)
+                || !small(&c.new)
+                || !sides.may_show(c.old.as_ref())
+            {
                 continue;
             }
             let old = if old_file {

@@ -324,7 +324,7 @@ fn file_diff(
     out: &mut String,
 ) -> Result<(), TxError> {
     let big = |e: &Option<Entry>| e.as_ref().is_some_and(|e| e.size > DIFF_MAX);
-    let old = if old_file && !big(&c.old) {
+    let old = if old_file && !big(&c.old) && sides.may_show(c.old.as_ref()) {
         Some(sides.old_bytes(&c.path, DIFF_MAX)?)
     } else {
         None

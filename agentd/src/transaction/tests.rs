@@ -99,6 +99,8 @@ impl Fx {
             exit: None,
             bytes: 0,
             commits: 0,
+            protect: Vec::new(),
+            workspace_id: None,
         }
     }
 
@@ -566,7 +568,7 @@ fn transaction_resolution_refuses_symlinks_dotdot_and_absolute() {
     std::fs::create_dir_all(f.ws.join("real")).unwrap();
     symlink("/etc", f.ws.join("link")).unwrap();
     symlink("real", f.ws.join("rel_link")).unwrap();
-    let ws = plan::open_workspace(&f.ws).unwrap();
+    let ws = plan::open_workspace(&f.ws, None).unwrap();
     let flags = nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY;
     assert!(fsx::open_beneath(ws.as_fd(), Path::new("real"), flags).is_ok());
     for bad in ["link", "link/ssl", "rel_link", "../", "real/../..", "/etc"] {
@@ -576,7 +578,7 @@ fn transaction_resolution_refuses_symlinks_dotdot_and_absolute() {
         );
     }
     // A workspace path through a symlink is refused too.
-    assert!(plan::open_workspace(&f.ws.join("rel_link")).is_err());
+    assert!(plan::open_workspace(&f.ws.join("rel_link"), None).is_err());
 }
 
 #[test]
