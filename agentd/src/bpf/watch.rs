@@ -1392,7 +1392,11 @@ fn guard_entries(
         let real = loop {
             match std::fs::canonicalize(existing) {
                 Ok(real) => break real,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // ENOTDIR: a file where a directory should be (a git worktree's `.git`).
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        || e.raw_os_error() == Some(libc::ENOTDIR) =>
+                {
                     let (Some(name), Some(parent)) = (existing.file_name(), existing.parent())
                     else {
                         return Err(format!("cannot protect {}: {e}", path.display()));
@@ -1410,6 +1414,10 @@ fn guard_entries(
             }
         };
         missing.reverse();
+        if !missing.is_empty() && !real.is_dir() {
+            // That file is what is protected (as in the agent's view, sandbox::mountns).
+            missing.clear();
+        }
         let plan = guard_plan(&real, &missing);
         for (p, bits) in plan.inodes {
             let md = std::fs::metadata(&p)
