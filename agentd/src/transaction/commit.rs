@@ -14,7 +14,7 @@ use std::{
 
 use nix::{
     errno::Errno,
-    fcntl::{OFlag, openat, readlinkat, renameat},
+    fcntl::{OFlag, readlinkat, renameat},
     sys::stat::{Mode as FileMode, SFlag, fchmod, mkdirat, mknodat},
     unistd::{Gid, Uid, UnlinkatFlags, fchown, fchownat, symlinkat, unlinkat},
 };
@@ -226,6 +226,31 @@ struct Committer<'a> {
 }
 
 /// Runs `f` with a fresh temporary name until the name was free.
+/// Renames the temporary `tmp` (made ready: `ready`) over `name` in `pfd`, removing the
+/// real directory there first (`real_is_dir`); on any failure the temporary is removed.
+fn put_in_place(
+    pfd: BorrowedFd<'_>,
+    tmp: &OsStr,
+    name: &OsStr,
+    rel: &Path,
+    real_is_dir: bool,
+    ready: fsx::FsResult<()>,
+) -> fsx::FsResult<()> {
+    let moved = ready
+        .and_then(|()| {
+            if real_is_dir {
+                fsx::remove_tree(pfd, name, rel)
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| renameat(pfd, tmp, pfd, name).ctx("renameat", rel));
+    if moved.is_err() {
+        let _ = unlinkat(pfd, tmp, UnlinkatFlags::NoRemoveDir);
+    }
+    moved
+}
+
 fn with_temp<T>(mut f: impl FnMut(&OsStr) -> nix::Result<T>) -> nix::Result<(OsString, T)> {
     let mut last = Errno::EEXIST;
     for _ in 0..16 {
@@ -399,37 +424,13 @@ impl Committer<'_> {
         match u.kind {
             FileType::File => {
                 let mut src = fsx::open_regular(self.upper, rel).ctx("openat2", rel)?;
-                let (tmp, fd) = with_temp(|n| {
-                    openat(
-                        pfd,
-                        n,
-                        OFlag::O_WRONLY
-                            | OFlag::O_CREAT
-                            | OFlag::O_EXCL
-                            | OFlag::O_NOFOLLOW
-                            | OFlag::O_CLOEXEC,
-                        FileMode::from_bits_truncate(0o600),
-                    )
-                })
-                .ctx("openat", rel)?;
+                let (tmp, fd) = with_temp(|n| fsx::create_exclusive(pfd, n)).ctx("openat", rel)?;
                 let mut dst = File::from(fd);
                 let written = std::io::copy(&mut src, &mut dst)
                     .ctx("write", rel)
                     .and_then(|_| fsx::finish_file(&dst, u, true, true, rel));
                 drop(dst);
-                let moved = written
-                    .and_then(|()| {
-                        if real_is_dir {
-                            fsx::remove_tree(pfd, name, rel)
-                        } else {
-                            Ok(())
-                        }
-                    })
-                    .and_then(|()| renameat(pfd, tmp.as_os_str(), pfd, name).ctx("renameat", rel));
-                if let Err(e) = moved {
-                    let _ = unlinkat(pfd, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
-                    return Err(e);
-                }
+                put_in_place(pfd, &tmp, name, rel, real_is_dir, written)?;
                 Ok(replaced_or_created)
             }
             FileType::Symlink => {
@@ -441,26 +442,15 @@ impl Committer<'_> {
                 };
                 let (tmp, ()) =
                     with_temp(|n| symlinkat(target.as_os_str(), pfd, n)).ctx("symlinkat", rel)?;
-                let moved = fchownat(
+                let owned = fchownat(
                     pfd,
                     tmp.as_os_str(),
                     Some(Uid::from_raw(u.uid)),
                     Some(Gid::from_raw(u.gid)),
                     nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
                 )
-                .ctx("fchownat", rel)
-                .and_then(|()| {
-                    if real_is_dir {
-                        fsx::remove_tree(pfd, name, rel)
-                    } else {
-                        Ok(())
-                    }
-                })
-                .and_then(|()| renameat(pfd, tmp.as_os_str(), pfd, name).ctx("renameat", rel));
-                if let Err(e) = moved {
-                    let _ = unlinkat(pfd, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
-                    return Err(e);
-                }
+                .ctx("fchownat", rel);
+                put_in_place(pfd, &tmp, name, rel, real_is_dir, owned)?;
                 Ok(replaced_or_created)
             }
             FileType::Dir => {

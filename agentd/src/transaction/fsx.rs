@@ -371,6 +371,17 @@ pub fn read_at(dir: BorrowedFd<'_>, rel: &Path, max: u64) -> FsResult<Vec<u8>> {
     Ok(out)
 }
 
+/// A new regular file `name` in `dir`, 0600 until its owner and mode are set: never an
+/// existing file, never through a symlink.
+pub fn create_exclusive(dir: BorrowedFd<'_>, name: &OsStr) -> nix::Result<OwnedFd> {
+    openat(
+        dir,
+        name,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        FileMode::from_bits_truncate(0o600),
+    )
+}
+
 /// Options of [`copy_tree`].
 pub struct CopyOpts<'a> {
     /// Copy the opaque xattr of directories (persisting an upper tree).
@@ -464,17 +475,7 @@ pub fn copy_tree(
                 )));
             }
             let src = open_regular(src_dir, Path::new(src_name)).ctx("openat2", rel)?;
-            let dst = openat(
-                dst_dir,
-                dst_name,
-                OFlag::O_WRONLY
-                    | OFlag::O_CREAT
-                    | OFlag::O_EXCL
-                    | OFlag::O_NOFOLLOW
-                    | OFlag::O_CLOEXEC,
-                FileMode::from_bits_truncate(0o600),
-            )
-            .ctx("openat", rel)?;
+            let dst = create_exclusive(dst_dir, dst_name).ctx("openat", rel)?;
             let mut dst = File::from(dst);
             let mut src = src;
             // No more than the size it had: a file that grows meanwhile stops there.
