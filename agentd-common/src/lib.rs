@@ -138,13 +138,15 @@ pub struct RawEvent {
     /// the child's pid for fork, the raw `task_struct.exit_code` (status << 8 | signal) for
     /// exit, the protocol for socket creation, the call's result for a connect or bind
     /// reported at its exit (unix sockets; inet calls a host security module refused before
-    /// the cgroup programs); 0 for the other network events.
+    /// the cgroup programs), the file's inode number for an exec the exec program refused
+    /// ([`EXEC_REFUSED_SHIFT`]); 0 for the other network events.
     pub ret: i64,
     /// Kind-specific extra: open flags (open, openat, openat2's `open_how.flags`; creat is
     /// `O_CREAT|O_WRONLY|O_TRUNC`), mode for chmod and mkdir, `uid | gid << 32` for chown
     /// (`u32::MAX` = unchanged), length for truncate, flags for unlinkat, renameat2, linkat,
     /// execveat and setxattr, the socket type for network events, the length of the name in
-    /// `path` for unix-socket connect and bind.
+    /// `path` for unix-socket connect and bind, the reason and device of an exec the exec
+    /// program refused ([`EXEC_REFUSED_SHIFT`]).
     pub aux: u64,
     /// Thread group id (the user-visible pid).
     pub pid: u32,
@@ -239,6 +241,19 @@ pub const EVENT_FLAG_HELD: u16 = 1 << 11;
 
 /// A `Signal` event whose target (`dfd`) is a pidfd of the calling process.
 pub const EVENT_FLAG_PIDFD: u16 = 1 << 12;
+
+/// Exec events the `sched_process_exec` program refused (layer [`Layer::Bpf`], no
+/// syscall): why, in `aux >> EXEC_REFUSED_SHIFT`; the loaded file's `i_sb->s_dev` (kernel
+/// encoding) in the low 32 bits of `aux` and its `i_ino` in `ret` (as u64), except for
+/// [`EXEC_REFUSED_PSEUDO`] (both 0).
+pub const EXEC_REFUSED_SHIFT: u32 = 32;
+/// The program exec'd is a file no path names (a memfd or another pseudo file).
+pub const EXEC_REFUSED_PSEUDO: u64 = 0;
+/// The exec a person approved once (`EXEC_GRANT`) loaded another file than the one
+/// approved: the path was swapped between the approval and the exec.
+pub const EXEC_REFUSED_SWAPPED: u64 = 1;
+/// A program the profile asks about (`ASK_EXEC`) was run without a live approval.
+pub const EXEC_REFUSED_NOT_APPROVED: u64 = 2;
 
 /// Exec events: argv entries carried in `path2`.
 pub const EXEC_ARGS: usize = 4;
@@ -852,6 +867,44 @@ pub struct DnsKey {
     pub _pad: [u8; 5],
 }
 
+/// Bit of a `DNS_ALLOW` value: the entry admits one connection (or one datagram) only,
+/// a person's approval "once". The program that allows by it deletes it, and allows only
+/// if its delete succeeded (two racing connects cannot both use it). The rest of the
+/// value is the expiry as for any entry (CLOCK_MONOTONIC ns never reach 2^63).
+pub const DNS_ALLOW_ONCE: u64 = 1 << 63;
+
+/// Key of the `ASK_EXEC` map: a program (by inode) the agent's profile asks a person
+/// about (`filesystem.ask_exec`). The value is the CLOCK_MONOTONIC ns until which the
+/// agent may run it without asking again (0: every exec needs its own approval, given as
+/// an [`ExecGrant`]). At exec the kernel kills an agent process that loaded such a file
+/// with no live approval.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExecKey {
+    /// The agent's cgroup id.
+    pub cgroup_id: u64,
+    /// `inode.i_sb->s_dev` in the kernel's encoding `major << 20 | minor` (not stat(2)'s
+    /// `st_dev` encoding).
+    pub dev: u64,
+    /// `inode.i_ino`.
+    pub ino: u64,
+}
+
+/// Value of the `EXEC_GRANT` map, keyed by the id (global tid) of the thread whose exec a
+/// person approved once: the file approved. The kernel deletes it at that thread's next
+/// exec, and kills the process if the file loaded is another one. A grant of another
+/// agent than the exec's (a thread id reused) is deleted unused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExecGrant {
+    /// The agent's cgroup id.
+    pub cgroup_id: u64,
+    /// As [`ExecKey::dev`].
+    pub dev: u64,
+    /// As [`ExecKey::ino`].
+    pub ino: u64,
+}
+
 /// Where a steered DNS socket of an agent meant to send (`DNS_ORIG`, by socket cookie),
 /// for `recvmsg` to give its replies that source back.
 #[repr(C)]
@@ -920,6 +973,10 @@ mod pod {
     unsafe impl aya::Pod for super::CanaryInode {}
     // SAFETY: as above (16 + 64 bytes, no padding).
     unsafe impl aya::Pod for super::GuardedName {}
+    // SAFETY: repr(C), three u64s, no padding.
+    unsafe impl aya::Pod for super::ExecKey {}
+    // SAFETY: repr(C), three u64s, no padding.
+    unsafe impl aya::Pod for super::ExecGrant {}
 }
 
 #[cfg(test)]
@@ -977,6 +1034,29 @@ mod tests {
         assert_eq!(offset_of!(CanaryInode, dev), 8);
         assert_eq!(offset_of!(CanaryInode, policy_id), 12);
         assert_eq!(size_of::<CanaryInode>(), 16);
+        assert_eq!(offset_of!(ExecKey, dev), 8);
+        assert_eq!(offset_of!(ExecKey, ino), 16);
+        assert_eq!(size_of::<ExecKey>(), 24);
+        assert_eq!(offset_of!(ExecGrant, dev), 8);
+        assert_eq!(offset_of!(ExecGrant, ino), 16);
+        assert_eq!(size_of::<ExecGrant>(), 24);
+    }
+
+    #[test]
+    fn once_bit_and_exec_reasons_fit() {
+        // CLOCK_MONOTONIC ns reach 2^63 after 292 years of uptime.
+        assert_eq!(DNS_ALLOW_ONCE, 1 << 63);
+        // The reason sits above a 32-bit s_dev.
+        for r in [
+            EXEC_REFUSED_PSEUDO,
+            EXEC_REFUSED_SWAPPED,
+            EXEC_REFUSED_NOT_APPROVED,
+        ] {
+            assert_eq!(
+                (r << EXEC_REFUSED_SHIFT | u64::from(u32::MAX)) >> EXEC_REFUSED_SHIFT,
+                r
+            );
+        }
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! Maps shared by every hook family, the agent lookup every program starts with, and the
 //! ring-buffer helpers. User space writes the policy maps (`AGENTS`, `NET_ALLOW`,
-//! `BIND_ALLOW`, `CANARIES`, `CANARY_INODES`, `CONFIG`, `SYSCALLS`); the programs only
-//! read them.
+//! `BIND_ALLOW`, `CANARIES`, `CANARY_INODES`, `CONFIG`, `SYSCALLS`, `ASK_EXEC`); the
+//! programs only read them. `DNS_ALLOW` and `EXEC_GRANT` entries a person approved once
+//! are deleted by the program that uses them.
 
 use agentd_common::{
     AGENT_FLAG_ARMED, AGENT_FLAG_KILLED, AgentState, BindKey, CONFIG_CGROUP_LEVELS,
     CONFIG_KILL_GATE, CONFIG_LEN, CONFIG_LEVEL_MAX, CanaryInode, CanaryKey, CanaryPath, DnsClient,
-    DnsKey, DnsOrig, EVENT_FLAG_HELD, EVENT_FLAG_TRIPPED, GuardedName, MAX_CGROUP_LEVEL, NetKey,
-    PATH_LEN, RawEvent, SYSCALL_TABLE_LEN,
+    DnsKey, DnsOrig, EVENT_FLAG_HELD, EVENT_FLAG_TRIPPED, ExecGrant, ExecKey, GuardedName,
+    MAX_CGROUP_LEVEL, NetKey, PATH_LEN, RawEvent, SYSCALL_TABLE_LEN,
 };
 use aya_ebpf::{
     helpers::{
@@ -40,6 +41,18 @@ pub static DNS_ALLOW: HashMap<DnsKey, u64> =
 
 /// Entries are allocated as user space adds them (the map's bound is every agent's cap).
 const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Programs agents' profiles ask a person about (`filesystem.ask_exec`), by agent and
+/// inode -> CLOCK_MONOTONIC ns until which they are approved (0: each exec needs its own
+/// approval, an `EXEC_GRANT` entry). Written by user space; read at exec.
+#[map]
+pub static ASK_EXEC: HashMap<ExecKey, u64> = HashMap::with_max_entries(4096, 0);
+
+/// Execs a person approved once, by the id of the thread whose exec was held -> the file
+/// approved. Written by user space before the exec continues; deleted by the exec
+/// program at that thread's next exec.
+#[map]
+pub static EXEC_GRANT: HashMap<u32, ExecGrant> = HashMap::with_max_entries(1024, 0);
 
 /// Steered DNS sockets of agents by socket cookie -> the address they sent to, for
 /// `recvmsg` to restore as the replies' source. LRU: closed sockets are never removed.

@@ -17,9 +17,10 @@
 use agentd_common::{
     AGENT_FLAG_INET, AGENT_FLAG_INET6, AGENT_FLAG_KILLED, AGENT_FLAG_MONITOR,
     AGENT_FLAG_NETLINK_ROUTE, AGENT_FLAG_TRIP_BIND, AGENT_FLAG_TRIP_CONNECT,
-    AGENT_FLAG_TRIP_SOCKET, AgentState, BindKey, DnsClient, DnsKey, DnsOrig, EVENT_FLAG_MONITOR,
-    EVENT_FLAG_TRIPPED, EventKind, IPPROTO_TCP, IPPROTO_UDP, Layer, NET_KEY_FIXED_BITS,
-    NET_LSM_MONITORED, NET_LSM_REFUSED, NetKey, RawEvent, UNIX_PATH_MAX, Verdict,
+    AGENT_FLAG_TRIP_SOCKET, AgentState, BindKey, DNS_ALLOW_ONCE, DnsClient, DnsKey, DnsOrig,
+    EVENT_FLAG_MONITOR, EVENT_FLAG_TRIPPED, EventKind, IPPROTO_TCP, IPPROTO_UDP, Layer,
+    NET_KEY_FIXED_BITS, NET_LSM_MONITORED, NET_LSM_REFUSED, NetKey, RawEvent, UNIX_PATH_MAX,
+    Verdict,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -354,7 +355,8 @@ fn net_allowed(policy_id: u32, proto: u8, port_be: u16, addr: [u8; 16]) -> bool 
 }
 
 /// Whether the agent's resolver admitted (proto, addr, port), or (proto, addr, any
-/// port), for an allowed name, and the admission has not expired.
+/// port), for an allowed name, or a person approved it, and the admission has not
+/// expired. An approval for one connection ([`DNS_ALLOW_ONCE`]) is used up here.
 #[inline(always)]
 fn dns_admitted(cgroup: u64, proto: u8, port_be: u16, addr: [u8; 16]) -> bool {
     let mut key = DnsKey {
@@ -366,13 +368,26 @@ fn dns_admitted(cgroup: u64, proto: u8, port_be: u16, addr: [u8; 16]) -> bool {
     };
     // SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: the value is copied out at once.
-    if unsafe { DNS_ALLOW.get(&key) }.is_some_and(|expires| now < *expires) {
+    if admitted_by(&key, now) {
         return true;
     }
     key.port_be = 0;
-    // SAFETY: as above.
-    unsafe { DNS_ALLOW.get(&key) }.is_some_and(|expires| now < *expires)
+    admitted_by(&key, now)
+}
+
+/// Whether the `DNS_ALLOW` entry `key` admits a connection at `now`. An entry for one
+/// connection is deleted, and admits only if this program's delete is the one that
+/// succeeded: of two connects racing on two CPUs, one gets it.
+#[inline(always)]
+fn admitted_by(key: &DnsKey, now: u64) -> bool {
+    // SAFETY: the value is copied out at once.
+    let Some(value) = (unsafe { DNS_ALLOW.get(key) }).copied() else {
+        return false;
+    };
+    if now >= value & !DNS_ALLOW_ONCE {
+        return false;
+    }
+    value & DNS_ALLOW_ONCE == 0 || DNS_ALLOW.remove(key).is_ok()
 }
 
 const DNS_PORT: u16 = 53;

@@ -1,15 +1,21 @@
-//! The process tree: forks and process exits of agents, from BTF tracepoints (`tp_btf`),
-//! which hand over the `task_struct`s. Rust BPF has no CO-RE relocations, so the field
+//! The process tree: forks, execs and process exits of agents, from BTF tracepoints
+//! (`tp_btf`), which hand over the `task_struct`s; at exec, the gate on memfds and on the
+//! programs a person is asked about. Rust BPF has no CO-RE relocations, so the field
 //! offsets are globals user space sets from the running kernel's BTF before loading.
 
-use agentd_common::{AGENT_FLAG_KILLED, EventKind, Layer, RawEvent, Verdict};
+use agentd_common::{
+    AGENT_FLAG_KILLED, AgentState, EXEC_REFUSED_NOT_APPROVED, EXEC_REFUSED_PSEUDO,
+    EXEC_REFUSED_SHIFT, EXEC_REFUSED_SWAPPED, EventKind, ExecKey, Layer, RawEvent, Verdict,
+};
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_send_signal},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_send_signal},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
 
-use crate::maps::{EVENTS, NET_PENDING, PENDING, count_lost, current_agent, fill_header};
+use crate::maps::{
+    ASK_EXEC, EVENTS, EXEC_GRANT, NET_PENDING, PENDING, count_lost, current_agent, fill_header,
+};
 
 /// `offsetof(struct task_struct, pid)`, from BTF.
 #[unsafe(no_mangle)]
@@ -65,9 +71,14 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
 
 /// TP_PROTO(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm); runs in the
 /// task that exec'd, after the new program is loaded and before it runs an instruction.
-/// An agent's exec of a file no path names (a memfd: code the agent wrote to memory,
-/// which Landlock's `exec` rules cannot see) is answered with SIGKILL, delivered before
-/// the program starts, and reported as a refused exec.
+/// An agent's exec is answered with SIGKILL, delivered before the program starts, and
+/// reported as a refused exec (`EXEC_REFUSED_*` says why) when:
+/// - the file is one no path names (a memfd: code the agent wrote to memory, which
+///   Landlock's `exec` rules cannot see);
+/// - a person approved this thread's exec once (`EXEC_GRANT`), and the file loaded is
+///   not the one approved (the path was swapped after the approval);
+/// - else the profile asks about the file (`ASK_EXEC`, by inode whatever path led to it)
+///   and no approval of it is live.
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
     try_exec(&ctx);
@@ -87,12 +98,64 @@ fn try_exec(ctx: &BtfTracePointContext) {
         // SAFETY: as above; every writer only adds bits.
         unsafe { (*state).flags |= agentd_common::AGENT_FLAG_ARMED };
     }
+    // `old_pid` is the global id of the thread that called exec (a thread other than the
+    // leader takes the leader's id during the exec): the thread a held exec was of. A
+    // once approval is used up by that thread's next exec, whatever it loaded.
+    let old_pid: u64 = ctx.arg(1);
+    let tid = old_pid as u32;
+    // SAFETY: the value is copied out at once.
+    let grant = unsafe { EXEC_GRANT.get(&tid) }.copied();
+    if grant.is_some() {
+        let _ = EXEC_GRANT.remove(&tid);
+    }
     let Some(file) = bprm_file(ctx.arg(2)) else {
         return;
     };
-    if crate::vfs::is_pseudo_file(file) != Some(true) {
-        return;
-    }
+    let (reason, dev, ino) = if crate::vfs::is_pseudo_file(file) == Some(true) {
+        (EXEC_REFUSED_PSEUDO, 0, 0)
+    } else {
+        // (0, 0) when unreadable: it matches no approval, and no ask entry.
+        let (dev, ino) = crate::vfs::file_dev_ino(file).map_or((0, 0), |(d, i)| (u64::from(d), i));
+        match grant {
+            // A grant of another agent is a stale one of a reused thread id: not this
+            // exec's.
+            Some(g) if g.cgroup_id == cgroup => {
+                if ino != 0 && g.dev == dev && g.ino == ino {
+                    return;
+                }
+                (EXEC_REFUSED_SWAPPED, dev, ino)
+            }
+            Some(_) | None => {
+                let key = ExecKey {
+                    cgroup_id: cgroup,
+                    dev,
+                    ino,
+                };
+                // SAFETY: the value is copied out at once.
+                let Some(until) = (unsafe { ASK_EXEC.get(&key) }).copied() else {
+                    return;
+                };
+                // SAFETY: the helper has no preconditions.
+                if until > unsafe { bpf_ktime_get_ns() } {
+                    return;
+                }
+                (EXEC_REFUSED_NOT_APPROVED, dev, ino)
+            }
+        }
+    };
+    refuse_exec(
+        cgroup,
+        state,
+        flags,
+        reason << EXEC_REFUSED_SHIFT | dev,
+        ino,
+    );
+}
+
+/// Kills the current process at its exec (unless the agent is in monitor mode) and
+/// reports the refusal: `aux` and `ino` as `EXEC_REFUSED_SHIFT` says.
+#[inline(always)]
+fn refuse_exec(cgroup: u64, state: *mut AgentState, flags: u32, aux: u64, ino: u64) {
     let monitor = flags & agentd_common::AGENT_FLAG_MONITOR != 0;
     // An exec outside the profile, decided here: it trips a breaker that trips on `exec`.
     let tripped =
@@ -125,6 +188,8 @@ fn try_exec(ctx: &BtfTracePointContext) {
         );
         (*ev).layer = Layer::Bpf as u8;
         (*ev).verdict = Verdict::Deny as u8;
+        (*ev).aux = aux;
+        (*ev).ret = ino as i64;
         (*ev).path[0] = 0;
         (*ev).path2[0] = 0;
     }

@@ -44,6 +44,7 @@ offsets! {
     FDT_FD_OFFSET: "struct fdtable, fd";
     FILE_F_PATH_OFFSET: "struct file, f_path";
     FILE_F_MODE_OFFSET: "struct file, f_mode";
+    FILE_F_INODE_OFFSET: "struct file, f_inode";
     VMA_VM_FILE_OFFSET: "struct vm_area_struct, vm_file";
     FS_ROOT_OFFSET: "struct fs_struct, root";
     FS_PWD_OFFSET: "struct fs_struct, pwd";
@@ -321,14 +322,28 @@ pub fn guard_flags(policy_id: u32, dentry: u64) -> Option<u32> {
 /// `(i_ino, i_sb->s_dev)` of `inode` as a map key of `policy_id`.
 #[inline(always)]
 pub fn inode_key(inode: u64, policy_id: u32) -> Option<CanaryInode> {
+    let (dev, ino) = inode_dev_ino(inode)?;
+    Some(CanaryInode {
+        ino,
+        dev,
+        policy_id,
+    })
+}
+
+/// `(i_sb->s_dev, i_ino)` of `inode` (a `struct inode *`).
+#[inline(always)]
+fn inode_dev_ino(inode: u64) -> Option<(u32, u64)> {
     let w = window(inode, &INODE_WINDOW)?;
     let ino = field(inode, &w, &INODE_INO_WORD, &INODE_I_INO_OFFSET)?;
     let sb = field(inode, &w, &INODE_SB_WORD, &INODE_I_SB_OFFSET)?;
-    Some(CanaryInode {
-        ino,
-        dev: sb_dev(sb)?,
-        policy_id,
-    })
+    Some((sb_dev(sb)?, ino))
+}
+
+/// `(i_sb->s_dev, i_ino)` of `file->f_inode` (a `struct file *`), the device in the
+/// kernel's encoding `major << 20 | minor`.
+#[inline(always)]
+pub fn file_dev_ino(file: u64) -> Option<(u32, u64)> {
+    inode_dev_ino(ptr_at(file, off(&FILE_F_INODE_OFFSET))?)
 }
 
 /// The inode of `dentry` (NULL for a negative dentry: `None`).

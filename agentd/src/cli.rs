@@ -92,6 +92,14 @@ sudo agentd daemon --socket /tmp/a.sock --state-dir /tmp/a --audit-log /tmp/a/au
         /// the first nameserver of /etc/resolv.conf)
         #[arg(long, value_name = "ADDR:PORT")]
         dns_upstream: Option<std::net::SocketAddr>,
+        /// Members of this group may answer any agent's held calls (root and each
+        /// agent's owner always may; no process inside an agent ever may)
+        #[arg(long, value_name = "NAME")]
+        approvers: Option<String>,
+        /// The keys approvals may be signed with, in ssh-keygen's ALLOWED SIGNERS format
+        /// (needed by profiles that set `[ask] require_signature`)
+        #[arg(long, value_name = "PATH", default_value = crate::daemon::DEFAULT_ALLOWED_SIGNERS)]
+        allowed_signers: PathBuf,
     },
     /// List the agents a daemon supervises
     ///
@@ -130,6 +138,101 @@ agentd events --json | jq 'select(.verdict == \"deny\")'")]
     Stats {
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Calls held for a person: list them, or follow them live
+    ///
+    /// A profile's `network.ask` and `filesystem.ask_exec` rules hold the agent's
+    /// `connect` or `execve` in the kernel until someone answers (`agentd approve`,
+    /// `agentd deny`, or the prompt on the agent's own terminal). Each request shows the
+    /// agent, the calling process and its command line, and what it asks for: the
+    /// destination and the name it was resolved from, or the program and its SHA-256.
+    /// While at least one `agentd approvals --follow` runs, the daemon holds such calls;
+    /// with nobody to ask (no follower, no terminal) they are denied at once. Only root,
+    /// the agent's owner and members of the daemon's --approvers group see requests; no
+    /// process inside an agent does.
+    #[command(after_help = "Examples:\n  \
+agentd approvals                     what waits now\n  \
+agentd approvals --follow            each new request and how it ends, live\n  \
+agentd approvals --message r-analyze-only-1a2b3c4d-1 > msg\n  \
+ssh-keygen -Y sign -n agentd-approval -f ~/.ssh/id_ed25519 msg\n  \
+agentd approve r-analyze-only-1a2b3c4d-1 --signature msg.sig")]
+    Approvals {
+        /// Keep streaming new requests and their outcomes; counts as someone to ask
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only this agent's requests
+        #[arg(long, value_name = "ID")]
+        agent: Option<String>,
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+        /// Print the exact text to sign for `approve REQ --once` (see `ssh-keygen -Y sign`)
+        #[arg(long, value_name = "REQ", conflicts_with = "follow")]
+        message: Option<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Allow a held call: once, for a while, or for the agent's session
+    ///
+    /// The approval is written to the agent's kernel allow-map (a connect: the exact
+    /// address, port and protocol; an exec: the exact file, by device and inode) before
+    /// the call continues, so the kernel decides on what it really uses. `--for` and
+    /// `--session` create a grant (`agentd grants`, `agentd revoke`). When the agent's
+    /// profile sets `require_signature`, the approval must be signed with a key listed in
+    /// the daemon's --allowed-signers file.
+    #[command(after_help = "Examples:\n  \
+agentd approve r-coding-agent-1a2b3c4d-3               this call only\n  \
+agentd approve r-coding-agent-1a2b3c4d-3 --for 10m     and the same calls for 10 minutes\n  \
+agentd approve r-coding-agent-1a2b3c4d-3 --session --sign ~/.ssh/id_ed25519")]
+    Approve {
+        #[arg(value_name = "REQ")]
+        request: String,
+        /// This call only (the default): the next one is held again
+        #[arg(long, conflicts_with_all = ["for_", "session"])]
+        once: bool,
+        /// Calls to the same destination or program for this long (e.g. 30s, 10m; at
+        /// most 24h)
+        #[arg(long = "for", value_name = "DURATION", value_parser = parse_for)]
+        for_: Option<u64>,
+        /// Calls to the same destination or program until the agent ends
+        #[arg(long, conflicts_with = "for_")]
+        session: bool,
+        #[command(flatten)]
+        signing: SigningArgs,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Refuse a held call: it fails (EPERM for a connect, EACCES for an exec)
+    ///
+    /// A denial is a breaker violation of kind `denied`: a profile whose breaker trips on
+    /// it stops an agent that keeps asking for what it was refused.
+    Deny {
+        #[arg(value_name = "REQ")]
+        request: String,
+        /// Why, for the audit log and the agent's events
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        #[command(flatten)]
+        signing: SigningArgs,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Approvals still in force (`approve --for`, `--session`)
+    Grants {
+        /// Only this agent's grants
+        #[arg(long, value_name = "ID")]
+        agent: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// End a grant now: the next such call is held again
+    Revoke {
+        #[arg(value_name = "GRANT")]
+        grant: String,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -222,6 +325,42 @@ agentd run --dry-run -- python3 agent.py               print the plan; change no
     },
 }
 
+/// How a decision is signed.
+#[derive(Debug, clap::Args)]
+struct SigningArgs {
+    /// Sign the decision with this SSH private key (runs `ssh-keygen -Y sign -n
+    /// agentd-approval`)
+    #[arg(long, value_name = "KEY", conflicts_with = "signature")]
+    sign: Option<PathBuf>,
+    /// A signature made beforehand over the text `agentd approvals --message REQ` prints
+    #[arg(long, value_name = "FILE")]
+    signature: Option<PathBuf>,
+}
+
+impl SigningArgs {
+    fn signing(self) -> crate::daemon::client::Signing {
+        match (self.sign, self.signature) {
+            (Some(k), _) => crate::daemon::client::Signing::Key(k),
+            (None, Some(f)) => crate::daemon::client::Signing::File(f),
+            (None, None) => crate::daemon::client::Signing::None,
+        }
+    }
+}
+
+/// `--for`: a duration as profiles write them, in whole seconds.
+fn parse_for(s: &str) -> Result<u64, String> {
+    let d = crate::profile::parse_duration(s).map_err(|e| match e.hint {
+        Some(h) => format!("{}; {h}", e.message),
+        None => e.message,
+    })?;
+    if d.is_zero() || d > crate::ask::Scope::MAX_FOR {
+        return Err(
+            "give between 1s and 24h (a standing permission belongs in the profile)".into(),
+        );
+    }
+    Ok(d.as_secs().max(1))
+}
+
 /// The daemon's control socket, for the client commands.
 #[derive(Debug, clap::Args)]
 struct SocketArg {
@@ -284,12 +423,16 @@ pub fn main() -> ExitCode {
             audit_log,
             group,
             dns_upstream,
+            approvers,
+            allowed_signers,
         } => crate::daemon::daemon(crate::daemon::DaemonArgs {
             socket,
             state_dir,
             audit_log,
             group,
             dns_upstream,
+            approvers,
+            allowed_signers,
         }),
         Command::Ps { json, socket } => crate::daemon::client::ps(socket.socket, json),
         Command::Events {
@@ -300,6 +443,50 @@ pub fn main() -> ExitCode {
             socket,
         } => crate::daemon::client::events(socket.socket, follow, agent, kind, json),
         Command::Stats { json, socket } => crate::daemon::client::stats(socket.socket, json),
+        Command::Approvals {
+            follow,
+            agent,
+            json,
+            message,
+            socket,
+        } => crate::daemon::client::approvals(socket.socket, follow, agent, json, message),
+        Command::Approve {
+            request,
+            once: _,
+            for_,
+            session,
+            signing,
+            socket,
+        } => {
+            let scope = match (for_, session) {
+                (Some(s), _) => crate::ask::Scope::For(s),
+                (None, true) => crate::ask::Scope::Session,
+                (None, false) => crate::ask::Scope::Once,
+            };
+            crate::daemon::client::decide(
+                socket.socket,
+                &request,
+                crate::ask::Answer::Allow { scope },
+                &signing.signing(),
+            )
+        }
+        Command::Deny {
+            request,
+            reason,
+            signing,
+            socket,
+        } => crate::daemon::client::decide(
+            socket.socket,
+            &request,
+            crate::ask::Answer::Deny { reason },
+            &signing.signing(),
+        ),
+        Command::Grants {
+            agent,
+            json,
+            socket,
+        } => crate::daemon::client::grants(socket.socket, agent, json),
+        Command::Revoke { grant, socket } => crate::daemon::client::revoke(socket.socket, &grant),
         Command::Profile(ProfileCommand::Check {
             profiles,
             workspace,

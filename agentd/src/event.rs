@@ -117,6 +117,13 @@ pub enum Kind {
     /// The agent's workspace transaction when it ended (`detail.state`: pending,
     /// committed, discarded; `detail.files`, `detail.bytes`, `detail.conflicts`).
     Transaction,
+    /// A call matching an ask rule is held for a person (`detail.request`, `detail.what`,
+    /// `detail.chain`, `detail.timeout_s`; the destination or `path`).
+    Ask,
+    /// How a held call ended (`verdict` allow or deny; `detail.request`, `detail.via`,
+    /// `detail.by_uid`, `detail.waited_ms`, `detail.scope` or `detail.reason`,
+    /// `detail.signed_by` when signed). A denial is a breaker violation (`denied`).
+    Approval,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -152,6 +159,9 @@ pub enum Layer {
     /// read-only mount (EROFS), its pinned ancestors (EBUSY), a link or rename across its
     /// mounts (EXDEV), the private read-only /run.
     View,
+    /// agentd's hold of a call an ask rule matches (seccomp user notification), and the
+    /// person's answer.
+    Ask,
 }
 
 /// Detail key: the kernel tripped the agent's breaker in the call this event reports

@@ -1,5 +1,6 @@
 //! agentd: the kernel, not the agent, decides what an AI agent may do.
 
+mod ask;
 mod audit;
 mod bpf;
 mod breaker;

@@ -9,9 +9,41 @@ pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `text` with every control character (an agent-chosen string may carry terminal
+/// escapes) shown as `\u{..}` instead of acted on by the terminal.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 use std::fmt::Write as _;
 
 use crate::profile::{CompiledPolicy, format_bytes, format_duration};
+
+/// What a profile's ask rules hold, and how long a person has.
+pub fn ask_line(a: &crate::profile::AskPolicy) -> String {
+    let mut what: Vec<String> = a.connect.iter().map(|r| format!("connect {r}")).collect();
+    what.extend(a.names.iter().map(|r| format!("connect {r} (by name)")));
+    what.extend(a.exec.iter().map(|e| format!("exec {}", e.display())));
+    format!(
+        "{} (held for a person; denied after {}, beyond {} pending, or with nobody to ask{})",
+        what.join(", "),
+        format_duration(a.timeout),
+        a.max_pending,
+        if a.require_signature {
+            "; approvals must be signed"
+        } else {
+            ""
+        }
+    )
+}
 
 /// The compiled policy as `profile check` and `run --dry-run` show it.
 pub fn render_policy(origin: &str, p: &CompiledPolicy) -> String {
@@ -107,7 +139,7 @@ pub fn render_policy(origin: &str, p: &CompiledPolicy) -> String {
     line(
         "seccomp",
         format!(
-            "allow-list of {} calls, {} with argument checks ({}); {} -> ENOSYS; all else -> {} (e.g. {})",
+            "allow-list of {} calls, {} with argument checks ({}); {} -> ENOSYS; {}all else -> {} (e.g. {})",
             p.seccomp.allow.len(),
             p.seccomp.allow_if.len(),
             p.seccomp
@@ -117,6 +149,14 @@ pub fn render_policy(origin: &str, p: &CompiledPolicy) -> String {
                 .collect::<Vec<_>>()
                 .join(", "),
             p.seccomp.enosys.join(", "),
+            if p.seccomp.notify.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "{} -> agentd (held or let through); ",
+                    p.seccomp.notify.join(", ")
+                )
+            },
             p.seccomp.default_errno,
             p.seccomp
                 .deny_notes
@@ -127,6 +167,9 @@ pub fn render_policy(origin: &str, p: &CompiledPolicy) -> String {
                 .join(", "),
         ),
     );
+    if let Some(a) = &p.ask {
+        line("ask", ask_line(a));
+    }
     line(
         "limits",
         format!(

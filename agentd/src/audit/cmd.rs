@@ -15,7 +15,10 @@ use super::{
     verify::{self, FileSummary, Incomplete, Outcome, Remnant, Report},
     writer::{self, AuditLog, Options},
 };
-use crate::event::{Event, Kind, Layer, Verdict};
+use crate::{
+    ask::sign::AllowedSigners,
+    event::{Event, Kind, Layer, Verdict},
+};
 
 /// Where the daemon keeps its audit log.
 pub const DEFAULT_PATH: &str = "/var/log/agentd/audit.log";
@@ -35,13 +38,22 @@ pub enum AuditCommand {
     /// hash) can be kept elsewhere: --expect-head HASH later fails if the log no longer
     /// contains it (rolled back, replaced, or rewritten from before it).
     ///
+    /// Signed approvals and denials are checked too: the SSH signature a person made
+    /// (ssh-keygen -Y sign -n agentd-approval) must hold over the message recorded, with
+    /// the key recorded, and that message must state the record's decision and request.
+    /// With --allowed-signers, each such key must also be listed in that file for the
+    /// agentd-approval namespace at the time of its record. A bad signature fails like
+    /// any other tampering, naming the record.
+    ///
     /// Exit status: 0 intact; 1 tampered, or the expected head is missing; 2 unreadable,
-    /// or bad usage; 3 intact up to an incomplete final record or empty (a write was
-    /// interrupted: agentd notes it and continues the chain when it next opens the log).
+    /// or bad usage (an unreadable or invalid --allowed-signers file too); 3 intact up to
+    /// an incomplete final record or empty (a write was interrupted: agentd notes it and
+    /// continues the chain when it next opens the log).
     #[command(after_help = "Examples:\n  \
 agentd audit verify                                  /var/log/agentd/audit.log\n  \
 agentd audit verify --all /var/log/agentd/audit.log  with its rotated files\n  \
-agentd audit verify --all --expect-head 3b1f...      fails if the log was rolled back")]
+agentd audit verify --all --expect-head 3b1f...      fails if the log was rolled back\n  \
+agentd audit verify --allowed-signers FILE           only keys listed in FILE may sign")]
     Verify {
         /// The log
         #[arg(value_name = "PATH", default_value = DEFAULT_PATH)]
@@ -49,12 +61,18 @@ agentd audit verify --all --expect-head 3b1f...      fails if the log was rolled
         /// Verify the rotated files (PATH.N ... PATH.1) and the links between them too
         #[arg(long)]
         all: bool,
-        /// Print one JSON object: status, records, head, files, remnants, problem
+        /// Print one JSON object: status, records, head, files, remnants, signed_decisions,
+        /// problem
         #[arg(long)]
         json: bool,
         /// Fail unless the record with this hash (a head printed earlier) is in the log
         #[arg(long, value_name = "HASH")]
         expect_head: Option<RecordHash>,
+        /// Fail unless every signed decision's key is listed in this allowed-signers file
+        /// (ssh-keygen(1) ALLOWED SIGNERS format) for the agentd-approval namespace, at
+        /// the time of its record
+        #[arg(long, value_name = "FILE")]
+        allowed_signers: Option<PathBuf>,
     },
     /// Internal: writes a sample log for tests/tests/audit.rs (refuses existing files)
     #[command(hide = true)]
@@ -80,7 +98,14 @@ pub fn command(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             all,
             json,
             expect_head,
-        } => Ok(verify(&path, all, json, expect_head)),
+            allowed_signers,
+        } => Ok(verify(
+            &path,
+            all,
+            json,
+            expect_head,
+            allowed_signers.as_deref(),
+        )),
         AuditCommand::Sample {
             path,
             records,
@@ -100,6 +125,10 @@ struct JsonReport<'a> {
     continues_from: Option<u64>,
     files: &'a [FileSummary],
     remnants: &'a [Remnant],
+    /// Signed decisions whose signature was checked and holds.
+    signed_decisions: u64,
+    /// The file their keys were checked against, if any.
+    allowed_signers: Option<&'a Path>,
     problem: Option<JsonProblem<'a>>,
     incomplete: Option<&'a Incomplete>,
     message: Option<String>,
@@ -113,11 +142,33 @@ struct JsonProblem<'a> {
     message: String,
 }
 
-fn verify(path: &Path, all: bool, json: bool, expect_head: Option<RecordHash>) -> ExitCode {
+fn verify(
+    path: &Path,
+    all: bool,
+    json: bool,
+    expect_head: Option<RecordHash>,
+    allowed_signers: Option<&Path>,
+) -> ExitCode {
+    let signers = match allowed_signers.map(AllowedSigners::load).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            if json {
+                print_json(&serde_json::json!({
+                    "path": path,
+                    "status": "unreadable",
+                    "allowed_signers": allowed_signers,
+                    "message": e.to_string(),
+                }));
+            } else {
+                eprintln!("agentd: {e}");
+            }
+            return ExitCode::from(EXIT_UNREADABLE);
+        }
+    };
     let result = if all {
-        verify::verify_all(path, expect_head)
+        verify::verify_all(path, expect_head, signers.as_ref())
     } else {
-        verify::verify_file(path, expect_head)
+        verify::verify_file(path, expect_head, signers.as_ref())
     };
     let report = match result {
         Ok(r) => r,
@@ -162,17 +213,19 @@ fn verify(path: &Path, all: bool, json: bool, expect_head: Option<RecordHash>) -
             continues_from: report.continues_from,
             files: &report.files,
             remnants: &report.remnants,
+            signed_decisions: report.signed_decisions,
+            allowed_signers,
             problem,
             incomplete,
             message,
         });
         return code;
     }
-    print_text(&report, all);
+    print_text(&report, all, allowed_signers);
     code
 }
 
-fn print_text(report: &Report, all: bool) {
+fn print_text(report: &Report, all: bool, allowed_signers: Option<&Path>) {
     for r in &report.remnants {
         eprintln!(
             "agentd: audit log {}: line {}: note: {} bytes of an interrupted write, noted by record {}",
@@ -200,11 +253,21 @@ fn print_text(report: &Report, all: bool) {
         ),
         None => "0 records".to_owned(),
     };
-    let files = if all {
+    let mut files = if all {
         format!(" across {} files", report.files.len())
     } else {
         String::new()
     };
+    let n = report.signed_decisions;
+    let plural = if n == 1 { "" } else { "s" };
+    match allowed_signers {
+        Some(signers) => files.push_str(&format!(
+            "; {n} signed decision{plural} verified, by keys in {}",
+            signers.display()
+        )),
+        None if n > 0 => files.push_str(&format!("; {n} signed decision{plural} verified")),
+        None => {}
+    }
     match &report.outcome {
         Outcome::Intact => println!("ok: {summary}{files}"),
         Outcome::Incomplete(i) => {

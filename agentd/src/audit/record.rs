@@ -140,7 +140,8 @@ pub enum RecordKind {
     Rotate,
     /// An [`Event`].
     Event,
-    /// A control action: who launched, stopped or killed an agent.
+    /// A control action: who launched, stopped or killed an agent; a call held for a
+    /// person, and what they decided.
     Control,
 }
 
@@ -206,7 +207,8 @@ impl Partial {
     }
 }
 
-/// Body of a `control` record: a control action and who asked for it.
+/// Body of a `control` record: a control action and who asked for it (for a decision:
+/// who answered).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Control {
@@ -230,6 +232,18 @@ pub enum Action {
     Stop,
     /// An agent was killed (its cgroup killed).
     Kill,
+    /// A call of an agent was held for a person to decide (`detail`: the request id,
+    /// what was asked, the calling process...).
+    Ask,
+    /// A person allowed a held call (`detail`: `request`, `scope`, `expires`,
+    /// `waited_ms`; when signed, `message`, `signature`, `key`, `principal`,
+    /// `fingerprint`: see [`SignedDecision`]).
+    Approve,
+    /// A held call was refused: by a person (`detail` as for [`Action::Approve`]), or on
+    /// timeout or the pending cap.
+    Deny,
+    /// A person revoked a grant (an approval that outlived its call).
+    Revoke,
 }
 
 /// Who asked: the peer credentials of a control-socket client (`SO_PEERCRED`), or the
@@ -302,6 +316,48 @@ pub struct Parsed {
     pub kind: RecordKind,
     /// The remnant an `open` or `rotate` record notes.
     pub partial: Option<Partial>,
+    /// The signature of a signed decision, to check.
+    pub signed: Option<SignedDecision>,
+}
+
+/// What was decided, as a decision record's action says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// [`Action::Approve`].
+    Allow,
+    /// [`Action::Deny`].
+    Deny,
+}
+
+impl Decision {
+    /// How the signed message states it: `decision: allow`.
+    pub fn word(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+        }
+    }
+}
+
+/// A signed decision: a `control` record whose action is `approve` or `deny` and whose
+/// `detail` carries a `signature` (then `message` and `key` too). The signature is an
+/// `ssh-keygen -Y sign -n agentd-approval` signature over `message`, the exact text the
+/// person signed, by `key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedDecision {
+    pub decision: Decision,
+    /// The record's `ts`: when the decision was recorded.
+    pub ts: String,
+    /// `detail.request`: the request it answers, when stated.
+    pub request: Option<String>,
+    /// `detail.message`: the text signed.
+    pub message: String,
+    /// `detail.signature`: armored (`-----BEGIN SSH SIGNATURE-----`).
+    pub signature: String,
+    /// `detail.key`: the signer's public key, OpenSSH format.
+    pub key: String,
+    /// `detail.fingerprint`: the key's `SHA256:` fingerprint, when stated.
+    pub fingerprint: Option<String>,
 }
 
 impl Parsed {
@@ -331,8 +387,7 @@ pub enum LineError {
 #[serde(deny_unknown_fields)]
 struct RawRecord {
     seq: u64,
-    #[serde(rename = "ts")]
-    _ts: String,
+    ts: String,
     prev: RecordHash,
     kind: RecordKind,
     open: Option<Open>,
@@ -389,13 +444,58 @@ pub fn parse(line: &[u8]) -> Result<Parsed, LineError> {
             "format version {v}; this agentd reads version {FORMAT_VERSION}"
         )));
     }
+    let signed = match &raw.control {
+        Some(control) => signed_decision(control, &raw.ts)?,
+        None => None,
+    };
     Ok(Parsed {
         seq: raw.seq,
         prev: raw.prev,
         hash: stated,
         kind: raw.kind,
         partial,
+        signed,
     })
+}
+
+/// The signature of a `control` body to check, if it is a signed decision.
+fn signed_decision(
+    control: &serde_json::Map<String, serde_json::Value>,
+    ts: &str,
+) -> Result<Option<SignedDecision>, LineError> {
+    let decision = match control.get("action").and_then(serde_json::Value::as_str) {
+        Some("approve") => Decision::Allow,
+        Some("deny") => Decision::Deny,
+        // Other actions carry no signature; an unknown action is a later agentd's.
+        Some(_) | None => return Ok(None),
+    };
+    let Some(detail) = control.get("detail").and_then(serde_json::Value::as_object) else {
+        return Ok(None);
+    };
+    if !detail.contains_key("signature") {
+        return Ok(None);
+    }
+    let text = |name: &str| match detail.get(name) {
+        None => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(LineError::Malformed(format!(
+            "a signed decision whose \"{name}\" is not a string"
+        ))),
+    };
+    let required = |name: &str| {
+        text(name)?.ok_or_else(|| {
+            LineError::Malformed(format!("a signed decision without its \"{name}\""))
+        })
+    };
+    Ok(Some(SignedDecision {
+        decision,
+        ts: ts.to_owned(),
+        request: text("request")?,
+        message: required("message")?,
+        signature: required("signature")?,
+        key: required("key")?,
+        fingerprint: text("fingerprint")?,
+    }))
 }
 
 /// An incremental SHA-256, for remnants that span several lines.

@@ -17,7 +17,10 @@ use super::{
     verify::{Fault, Outcome, Problem, Report, verify_all, verify_file},
     writer::{self, rotated},
 };
-use crate::event::{Event, Kind, Layer, Verdict};
+use crate::{
+    ask::sign::{self, AllowedSigners},
+    event::{Event, Kind, Layer, Verdict},
+};
 
 /// Records in [`sample`]: one `open`, then this many events and control actions.
 const N: usize = 20;
@@ -93,7 +96,7 @@ fn write_lines(path: &Path, lines: &[Vec<u8>]) {
 }
 
 fn check(path: &Path) -> Report {
-    verify_file(path, None).unwrap()
+    verify_file(path, None, None).unwrap()
 }
 
 #[track_caller]
@@ -159,7 +162,7 @@ fn intact_log_verifies_and_reports_its_head() {
     assert!(report.remnants.is_empty() && report.continues_from.is_none());
     // The anchor of any record in the log is found.
     assert_eq!(
-        verify_file(&path, Some(head.hash)).unwrap().outcome,
+        verify_file(&path, Some(head.hash), None).unwrap().outcome,
         Outcome::Intact
     );
 
@@ -266,7 +269,7 @@ fn a_rewritten_and_rehashed_record_is_caught_at_the_next() {
     copy[last] = rewrite(last);
     write_lines(&path, &copy);
     assert_eq!(check(&path).outcome, Outcome::Intact);
-    let report = verify_file(&path, head.map(|h| h.hash)).unwrap();
+    let report = verify_file(&path, head.map(|h| h.hash), None).unwrap();
     assert!(matches!(
         tampered(&report).fault,
         Fault::AnchorMissing { .. }
@@ -303,7 +306,7 @@ fn deleting_a_line_names_the_record_after_it() {
     copy.pop();
     write_lines(&path, &copy);
     assert_eq!(check(&path).outcome, Outcome::Intact);
-    let report = verify_file(&path, Some(full_head.hash)).unwrap();
+    let report = verify_file(&path, Some(full_head.hash), None).unwrap();
     let p = tampered(&report);
     assert_eq!(
         (p.line, &p.fault),
@@ -581,7 +584,7 @@ fn rotation_keeps_one_chain_across_files() {
     let head = log.head();
     drop(log);
     assert!(rotated(&path, 2).exists() && !rotated(&path, 3).exists());
-    let report = verify_all(&path, None).unwrap();
+    let report = verify_all(&path, None, None).unwrap();
     assert_eq!(report.outcome, Outcome::Intact);
     assert_eq!(report.files.len(), 3);
     assert_eq!(report.records, 1 + 3 * 7 + 2);
@@ -600,11 +603,11 @@ fn rotation_keeps_one_chain_across_files() {
     // The head kept before a rotation is still found with --all, not in the new file.
     let old_head = report.files[0].last.unwrap().hash;
     assert_eq!(
-        verify_all(&path, Some(old_head)).unwrap().outcome,
+        verify_all(&path, Some(old_head), None).unwrap().outcome,
         Outcome::Intact
     );
     assert!(matches!(
-        verify_file(&path, Some(old_head)).unwrap().outcome,
+        verify_file(&path, Some(old_head), None).unwrap().outcome,
         Outcome::Tampered(_)
     ));
 }
@@ -621,7 +624,7 @@ fn an_edited_or_removed_middle_file_is_detected() {
     let mut copy = original.clone();
     copy[3] = replace(&copy[3], "\"ts\":\"2", "\"ts\":\"1");
     write_lines(&middle, &copy);
-    let report = verify_all(&path, None).unwrap();
+    let report = verify_all(&path, None, None).unwrap();
     let p = tampered(&report);
     assert_eq!(
         (p.path.as_path(), p.line),
@@ -629,13 +632,16 @@ fn an_edited_or_removed_middle_file_is_detected() {
         "{p}"
     );
     write_lines(&middle, &original);
-    assert_eq!(verify_all(&path, None).unwrap().outcome, Outcome::Intact);
+    assert_eq!(
+        verify_all(&path, None, None).unwrap().outcome,
+        Outcome::Intact
+    );
 
     // The middle file's last record removed: the next file's link breaks.
     let mut copy = original.clone();
     copy.pop();
     write_lines(&middle, &copy);
-    let report = verify_all(&path, None).unwrap();
+    let report = verify_all(&path, None, None).unwrap();
     let p = tampered(&report);
     assert_eq!((p.path.as_path(), p.line), (path.as_path(), Some(1)), "{p}");
     assert!(matches!(p.fault, Fault::BrokenFileLink { .. }));
@@ -643,7 +649,7 @@ fn an_edited_or_removed_middle_file_is_detected() {
 
     // The middle file removed.
     fs::rename(&middle, dir.path().join("elsewhere")).unwrap();
-    let p = verify_all(&path, None).unwrap();
+    let p = verify_all(&path, None, None).unwrap();
     assert!(
         matches!(tampered(&p).fault, Fault::BrokenFileLink { .. }),
         "{:?}",
@@ -653,7 +659,7 @@ fn an_edited_or_removed_middle_file_is_detected() {
     // Two files swapped.
     fs::rename(rotated(&path, 2), &middle).unwrap();
     fs::rename(dir.path().join("elsewhere"), rotated(&path, 2)).unwrap();
-    let p = verify_all(&path, None).unwrap();
+    let p = verify_all(&path, None, None).unwrap();
     assert!(
         matches!(tampered(&p).fault, Fault::ExpectedRotate { .. }),
         "{:?}",
@@ -667,7 +673,7 @@ fn retention_drops_the_oldest_files_and_the_rest_still_verify() {
     let (path, log) = rotated_sample(dir.path(), 2, 4);
     drop(log);
     assert!(rotated(&path, 2).exists() && !rotated(&path, 3).exists());
-    let report = verify_all(&path, None).unwrap();
+    let report = verify_all(&path, None, None).unwrap();
     assert_eq!(report.outcome, Outcome::Intact);
     assert_eq!(report.files.len(), 3);
     // The chain starts after what retention removed.
@@ -687,7 +693,7 @@ fn a_rotation_interrupted_after_the_rename_is_completed_on_open() {
         let mut log = AuditLog::open(&path).unwrap();
         log.append_event(&event(1)).unwrap();
         drop(log);
-        let report = verify_all(&path, None).unwrap();
+        let report = verify_all(&path, None, None).unwrap();
         assert_eq!(report.outcome, Outcome::Intact);
         assert_eq!(report.records, 1 + N as u64 + 3, "rotate, open, event");
     }
@@ -716,7 +722,7 @@ fn concurrent_appends_through_one_log_stay_one_chain() {
         t.join().unwrap();
     }
     drop(log);
-    let report = verify_all(&path, None).unwrap();
+    let report = verify_all(&path, None, None).unwrap();
     assert_eq!(report.outcome, Outcome::Intact);
     assert_eq!(report.records, 1 + 200 + 1);
 }
@@ -852,5 +858,317 @@ fn every_random_single_byte_change_is_detected_at_its_line() {
         }
         let p = tampered(&report);
         assert_eq!(p.line, Some(line_of[at] as u64), "{what}: {p}");
+    }
+}
+
+// ---- signed decisions ----
+
+/// What a person signs to approve request r-ab12cd-3 (the format of `ask::message`).
+const SIGNED: &str = "agentd-approval v1\nrequest: r-ab12cd-3\nagent: ab12cd\nprofile: analyze-only\n\
+what: connect tcp 93.184.216.34:443 (forum.example.com)\ndecision: allow\nscope: for 600s\n";
+
+/// Makes an ed25519 key `dir/name` with ssh-keygen; returns its public key line.
+fn keygen(dir: &Path, name: &str) -> String {
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(dir.join(name))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let line = fs::read_to_string(dir.join(format!("{name}.pub"))).unwrap();
+    line.split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `ssh-keygen -Y sign -n agentd-approval` over `message` with key `dir/name`.
+fn ssh_sign(dir: &Path, name: &str, message: &str) -> String {
+    let file = dir.join(format!("message-{name}"));
+    fs::write(&file, message).unwrap();
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-Y", "sign", "-n", sign::NAMESPACE, "-f"])
+        .arg(dir.join(name))
+        .arg(&file)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    fs::read_to_string(file.with_extension("sig")).unwrap()
+}
+
+/// A decision record as the daemon writes it; signed when `signature` is given.
+fn decision(action: Action, signed: Option<(&str, &str, &str)>) -> Control {
+    let mut detail = serde_json::json!({
+        "request": "r-ab12cd-3",
+        "what": "connect tcp 93.184.216.34:443 (forum.example.com)",
+        "scope": "for 600s",
+        "expires": 1_800_000_600u64,
+        "waited_ms": 4200,
+    });
+    if let Some((message, signature, key)) = signed {
+        detail["message"] = message.into();
+        detail["signature"] = signature.into();
+        detail["key"] = key.into();
+        detail["principal"] = "alice@example.com".into();
+        let fingerprint = sign::verify_with_key(key, message.as_bytes(), signature)
+            .unwrap_or_else(|_| "SHA256:(does not verify)".into());
+        detail["fingerprint"] = fingerprint.into();
+    }
+    Control {
+        action,
+        agent: Some("ab12cd".into()),
+        by: writer::this_process(),
+        detail: detail.as_object().unwrap().clone(),
+    }
+}
+
+/// A log of events, a held call and its signed approval, and an unsigned denial; the
+/// approval's line (0-based) and seq.
+fn signed_sample(dir: &Path, approval: &Control) -> (PathBuf, usize, u64) {
+    let path = dir.join("audit.log");
+    let mut log = AuditLog::open(&path).unwrap();
+    for i in 0..3 {
+        log.append_event(&event(i)).unwrap();
+    }
+    let mut ask = decision(Action::Ask, None);
+    ask.detail.remove("scope");
+    log.append_control(&ask).unwrap();
+    log.append_control(approval).unwrap();
+    let seq = log.head().seq;
+    log.append_control(&decision(Action::Deny, None)).unwrap();
+    log.append_event(&event(9)).unwrap();
+    (path, usize::try_from(seq).unwrap() - 1, seq)
+}
+
+/// Rewrites line `k` (a control record) through `edit` and re-hashes it, as someone with
+/// write access to the log would.
+fn rewrite_control(path: &Path, k: usize, edit: impl FnOnce(&mut Control)) {
+    let mut copy = lines(path);
+    let rec = record::parse(&copy[k]).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&copy[k]).unwrap();
+    let mut control: Control = serde_json::from_value(v["control"].clone()).unwrap();
+    edit(&mut control);
+    copy[k] = record::encode(
+        rec.seq,
+        v["ts"].as_str().unwrap(),
+        rec.prev,
+        Body::Control(&control),
+    )
+    .unwrap()
+    .0;
+    write_lines(path, &copy);
+}
+
+fn signers(text: &str) -> AllowedSigners {
+    AllowedSigners::parse("allowed_signers", text).unwrap()
+}
+
+#[test]
+fn a_signed_decision_verifies_and_is_counted() {
+    let dir = tempdir();
+    let alice = keygen(dir.path(), "alice");
+    let other = keygen(dir.path(), "other");
+    let sig = ssh_sign(dir.path(), "alice", SIGNED);
+    let approval = decision(Action::Approve, Some((SIGNED, &sig, &alice)));
+    let (path, k, seq) = signed_sample(dir.path(), &approval);
+
+    let report = check(&path);
+    assert_eq!(report.outcome, Outcome::Intact);
+    assert_eq!((report.records, report.signed_decisions), (1 + 7, 1));
+    let v: serde_json::Value = serde_json::from_slice(&lines(&path)[k]).unwrap();
+    assert_eq!(v["control"]["action"], "approve");
+    assert_eq!(v["control"]["detail"]["principal"], "alice@example.com");
+    let values: Vec<serde_json::Value> = lines(&path)
+        .iter()
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    assert_eq!(values[4]["control"]["action"], "ask");
+    assert_eq!(values[6]["control"]["action"], "deny");
+
+    // Against allowed signers: listed, for the namespace, at the record's time.
+    let listed = signers(&format!("alice@example.com {alice}\n"));
+    let report = verify_file(&path, None, Some(&listed)).unwrap();
+    assert_eq!(
+        (report.outcome, report.signed_decisions),
+        (Outcome::Intact, 1)
+    );
+    for refused in [
+        format!("bob@example.com {other}\n"),
+        format!("alice@example.com namespaces=\"git\" {alice}\n"),
+        format!("alice@example.com valid-before=\"20200101Z\" {alice}\n"),
+        format!("alice@example.com valid-after=\"29990101Z\" {alice}\n"),
+    ] {
+        let report = verify_file(&path, None, Some(&signers(&refused))).unwrap();
+        assert_at(&report, k + 1, Some(seq as usize), &refused);
+        assert!(
+            matches!(tampered(&report).fault, Fault::SignerNotAllowed { .. }),
+            "{refused}: {}",
+            tampered(&report)
+        );
+        assert_eq!(report.signed_decisions, 0);
+        assert_eq!(report.records, seq - 1);
+    }
+    let report = verify_all(&path, None, Some(&signers(&format!("x {other}")))).unwrap();
+    let shown = tampered(&report).to_string();
+    assert!(
+        shown.contains(&format!("record {seq} (line {})", k + 1))
+            && shown.contains("is not in allowed signers"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn a_signed_decision_altered_and_rehashed_fails_on_its_signature() {
+    let dir = tempdir();
+    let alice = keygen(dir.path(), "alice");
+    let sig = ssh_sign(dir.path(), "alice", SIGNED);
+    let approval = decision(Action::Approve, Some((SIGNED, &sig, &alice)));
+    let (path, k, seq) = signed_sample(dir.path(), &approval);
+    let original = lines(&path);
+
+    // The approval stretched from 600 s to the whole session, message and all: the record's
+    // hash holds, its signature does not.
+    rewrite_control(&path, k, |c| {
+        let stretched = SIGNED.replace("scope: for 600s", "scope: session");
+        c.detail["message"] = stretched.into();
+        c.detail["scope"] = "session".into();
+    });
+    let report = check(&path);
+    assert_at(&report, k + 1, Some(seq as usize), "stretched");
+    let p = tampered(&report);
+    assert!(matches!(p.fault, Fault::BadSignature { .. }), "{p}");
+    assert!(p.to_string().contains("does not match the message"), "{p}");
+
+    // The same as the last record, where the chain alone tells nothing.
+    let mut cut = original.clone();
+    cut.truncate(k + 1);
+    write_lines(&path, &cut);
+    assert_eq!(check(&path).outcome, Outcome::Intact);
+    rewrite_control(&path, k, |c| {
+        c.detail["message"] = SIGNED.replace("for 600s", "for 86400s").into();
+    });
+    let report = check(&path);
+    assert!(matches!(
+        tampered(&report).fault,
+        Fault::BadSignature { .. }
+    ));
+    assert_at(&report, k + 1, Some(seq as usize), "stretched, last");
+
+    // The signed message kept, the record around it changed: a signed approval passed off
+    // for another request, or as a denial.
+    for (what, edit) in [
+        (
+            "other request",
+            Box::new(|c: &mut Control| c.detail["request"] = "r-ab12cd-4".into())
+                as Box<dyn Fn(&mut Control)>,
+        ),
+        (
+            "denial",
+            Box::new(|c: &mut Control| c.action = Action::Deny),
+        ),
+        (
+            "other fingerprint",
+            Box::new(|c: &mut Control| c.detail["fingerprint"] = "SHA256:AAAA".into()),
+        ),
+    ] {
+        write_lines(&path, &original);
+        rewrite_control(&path, k, edit);
+        let report = check(&path);
+        assert_at(&report, k + 1, Some(seq as usize), what);
+        assert!(
+            matches!(tampered(&report).fault, Fault::NotAsSigned { .. }),
+            "{what}: {}",
+            tampered(&report)
+        );
+    }
+
+    // A signed decision missing its message is malformed, though its hash holds.
+    write_lines(&path, &original);
+    rewrite_control(&path, k, |c| {
+        c.detail.remove("message");
+    });
+    let report = check(&path);
+    assert_at(&report, k + 1, Some(seq as usize), "no message");
+    assert!(
+        tampered(&report)
+            .to_string()
+            .contains("without its \"message\""),
+        "{}",
+        tampered(&report)
+    );
+}
+
+#[test]
+fn a_signature_by_another_key_fails() {
+    let dir = tempdir();
+    let alice = keygen(dir.path(), "alice");
+    let mallory = keygen(dir.path(), "mallory");
+    let forged = ssh_sign(dir.path(), "mallory", SIGNED);
+
+    // Alice's key recorded, Mallory's signature.
+    let approval = decision(Action::Approve, Some((SIGNED, &forged, &alice)));
+    let (path, k, seq) = signed_sample(dir.path(), &approval);
+    let report = check(&path);
+    assert_at(&report, k + 1, Some(seq as usize), "other key");
+    let p = tampered(&report);
+    assert!(matches!(p.fault, Fault::BadSignature { .. }), "{p}");
+    assert!(p.to_string().contains("made by key"), "{p}");
+
+    // Mallory's key and signature throughout: it holds, and only the allowed signers
+    // tell that Mallory may not decide.
+    let dir = tempdir();
+    let approval = decision(Action::Approve, Some((SIGNED, &forged, &mallory)));
+    let (path, k, seq) = signed_sample(dir.path(), &approval);
+    assert_eq!(check(&path).outcome, Outcome::Intact);
+    let only_alice = signers(&format!("alice@example.com {alice}"));
+    let report = verify_file(&path, None, Some(&only_alice)).unwrap();
+    assert_at(&report, k + 1, Some(seq as usize), "unlisted signer");
+    assert!(matches!(
+        tampered(&report).fault,
+        Fault::SignerNotAllowed { .. }
+    ));
+
+    // A signature for another namespace (`-n git`) over the same text.
+    let dir = tempdir();
+    let alice = keygen(dir.path(), "alice");
+    let file = dir.path().join("m");
+    fs::write(&file, SIGNED).unwrap();
+    assert!(
+        std::process::Command::new("ssh-keygen")
+            .args(["-q", "-Y", "sign", "-n", "git", "-f"])
+            .arg(dir.path().join("alice"))
+            .arg(&file)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let git = fs::read_to_string(file.with_extension("sig")).unwrap();
+    let approval = decision(Action::Approve, Some((SIGNED, &git, &alice)));
+    let (path, _, _) = signed_sample(dir.path(), &approval);
+    let report = check(&path);
+    assert!(
+        tampered(&report).to_string().contains("namespace `git`"),
+        "{}",
+        tampered(&report)
+    );
+}
+
+#[test]
+fn record_times_parse_to_the_second() {
+    let at = |ts| {
+        super::verify::record_time(ts)
+            .map(|t| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs())
+    };
+    assert_eq!(at("2026-01-02T03:04:05.123456789Z"), Some(1_767_323_045));
+    assert_eq!(at("2026-01-02T03:04:05Z"), Some(1_767_323_045));
+    for bad in [
+        "2026-01-02T03:04:05",
+        "2026-01-02 03:04:05Z",
+        "2026-02-30T03:04:05Z",
+        "2026-01-02T03:04:05.Z",
+        "2026-01-02T03:04:05+01:00",
+        "",
+    ] {
+        assert_eq!(at(bad), None, "{bad}");
     }
 }

@@ -8,7 +8,13 @@
 //! 2. its form (strict JSON, known kind, the body its kind names);
 //! 3. its link: `prev` is the hash of the record before it and `seq` is one more, which
 //!    names the first record after a removal, at an insertion or where records were
-//!    swapped; and the record after a line that was rewritten and re-hashed.
+//!    swapped; and the record after a line that was rewritten and re-hashed;
+//! 4. for a signed decision (a `control` record, `approve` or `deny`, with a
+//!    `signature`): the signature holds over its `message` with its `key` in the
+//!    `agentd-approval` namespace, and the message states the record's decision and
+//!    request; with allowed signers, the key is listed there for that namespace at the
+//!    record's `ts`. The chain alone cannot tell a decision rewritten and re-hashed from
+//!    the last record on; the signature can: only the key's holder could have made it.
 //!
 //! Lines that are not records are accepted only as the remnant of an interrupted write,
 //! when the next record notes exactly their bytes (`partial`). Bytes after the last newline
@@ -20,14 +26,16 @@ use std::{
     fs::File,
     io::{self, BufRead, BufReader, Read as _},
     path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use serde::Serialize;
 
 use super::{
-    record::{self, Hasher, Head, LineError, Parsed, RecordHash, RecordKind},
+    record::{self, Hasher, Head, LineError, Parsed, RecordHash, RecordKind, SignedDecision},
     writer::MAX_LINE,
 };
+use crate::ask::sign::{self, AllowedSigners};
 
 /// The first problem found, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,6 +113,12 @@ pub enum Fault {
         "the expected head {hash} is not in the log: it was rolled back, replaced or rewritten (or the head is in an older, rotated file: use --all)"
     )]
     AnchorMissing { hash: RecordHash },
+    #[error("a signed decision whose signature does not hold: {reason}")]
+    BadSignature { reason: String },
+    #[error("a signed decision that differs from the message signed: {what}")]
+    NotAsSigned { what: String },
+    #[error("a signed decision by a key the allowed signers do not admit: {reason}")]
+    SignerNotAllowed { reason: String },
 }
 
 /// The log ends without a complete final record; everything before it is intact.
@@ -176,6 +190,9 @@ pub struct Report {
     /// verified (rotated away, or not asked for without `--all`): that predecessor's seq.
     pub continues_from: Option<u64>,
     pub remnants: Vec<Remnant>,
+    /// Signed decisions whose signature was checked and holds (before the outcome's
+    /// problem, if any).
+    pub signed_decisions: u64,
     pub outcome: Outcome,
 }
 
@@ -189,18 +206,27 @@ pub struct ReadError {
 }
 
 /// Verifies one file. Its first record must begin a log (`open`, seq 1, prev 000…0) or
-/// continue one from a rotated file (`rotate`, whose link is not checked here).
-pub fn verify_file(path: &Path, expect_head: Option<RecordHash>) -> Result<Report, ReadError> {
-    verify_files(&[path.to_path_buf()], expect_head)
+/// continue one from a rotated file (`rotate`, whose link is not checked here). With
+/// `signers`, every signed decision's key must be listed there.
+pub fn verify_file(
+    path: &Path,
+    expect_head: Option<RecordHash>,
+    signers: Option<&AllowedSigners>,
+) -> Result<Report, ReadError> {
+    verify_files(&[path.to_path_buf()], expect_head, signers)
 }
 
 /// Verifies `PATH.N` … `PATH.1`, `PATH` as one chain, the links between files included.
 /// Files are taken by number from the directory; a gap in the numbers is fine (a rotation
 /// that stopped half-way), a missing or swapped file breaks a link.
-pub fn verify_all(path: &Path, expect_head: Option<RecordHash>) -> Result<Report, ReadError> {
+pub fn verify_all(
+    path: &Path,
+    expect_head: Option<RecordHash>,
+    signers: Option<&AllowedSigners>,
+) -> Result<Report, ReadError> {
     let mut files = rotated_files(path)?;
     files.push(path.to_path_buf());
-    verify_files(&files, expect_head)
+    verify_files(&files, expect_head, signers)
 }
 
 /// The rotated files of `path`, oldest (highest number) first.
@@ -235,7 +261,11 @@ pub fn rotated_files(path: &Path) -> Result<Vec<PathBuf>, ReadError> {
     Ok(numbered.into_iter().map(|(_, p)| p).collect())
 }
 
-fn verify_files(files: &[PathBuf], expect_head: Option<RecordHash>) -> Result<Report, ReadError> {
+fn verify_files(
+    files: &[PathBuf],
+    expect_head: Option<RecordHash>,
+    signers: Option<&AllowedSigners>,
+) -> Result<Report, ReadError> {
     let mut v = Verifier {
         report: Report {
             files: Vec::new(),
@@ -243,10 +273,12 @@ fn verify_files(files: &[PathBuf], expect_head: Option<RecordHash>) -> Result<Re
             head: None,
             continues_from: None,
             remnants: Vec::new(),
+            signed_decisions: 0,
             outcome: Outcome::Intact,
         },
         anchor: expect_head,
         anchor_seen: false,
+        signers,
     };
     let mut previous: Option<&Path> = None;
     for (i, path) in files.iter().enumerate() {
@@ -279,10 +311,11 @@ fn verify_files(files: &[PathBuf], expect_head: Option<RecordHash>) -> Result<Re
     Ok(v.report)
 }
 
-struct Verifier {
+struct Verifier<'a> {
     report: Report,
     anchor: Option<RecordHash>,
     anchor_seen: bool,
+    signers: Option<&'a AllowedSigners>,
 }
 
 /// Lines that are not records, held until the next record says whether they are the
@@ -319,7 +352,7 @@ fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<Line> {
     })
 }
 
-impl Verifier {
+impl Verifier<'_> {
     /// Verifies one file, continuing the chain from the files before it. `Some` ends the
     /// verification (a problem, or an incomplete final record).
     fn file(
@@ -420,6 +453,12 @@ impl Verifier {
             if let Err(fault) = self.link(&rec, &summary, previous) {
                 break problem(Some(record_no), line_no, fault);
             }
+            if let Some(signed) = &rec.signed {
+                if let Err(fault) = self.signed(signed) {
+                    break problem(Some(record_no), line_no, fault);
+                }
+                self.report.signed_decisions += 1;
+            }
             self.accept(&rec, &mut summary);
         };
         self.report.files.push(summary);
@@ -473,6 +512,69 @@ impl Verifier {
                 }
             }
         }
+    }
+
+    /// Whether a signed decision is what its signer signed.
+    fn signed(&self, d: &SignedDecision) -> Result<(), Fault> {
+        let fingerprint = sign::verify_with_key(&d.key, d.message.as_bytes(), &d.signature)
+            .map_err(|e| Fault::BadSignature {
+                reason: e.to_string(),
+            })?;
+        let not_as_signed = |what: String| Err(Fault::NotAsSigned { what });
+        if let Some(stated) = d.fingerprint.as_ref().filter(|f| **f != fingerprint) {
+            return not_as_signed(format!(
+                "it names key {stated}, but its key is {fingerprint}"
+            ));
+        }
+        if d.message.lines().next() != Some(MESSAGE_HEADER) {
+            return not_as_signed(format!(
+                "the message signed does not begin `{MESSAGE_HEADER}`"
+            ));
+        }
+        // `name: value`, on exactly one line of the message.
+        let field = |name: &str| -> Result<&str, Fault> {
+            let mut values = d
+                .message
+                .lines()
+                .filter_map(|l| l.strip_prefix(name)?.strip_prefix(": "));
+            match (values.next(), values.next()) {
+                (Some(value), None) => Ok(value),
+                (None, _) => Err(Fault::NotAsSigned {
+                    what: format!("the message signed has no `{name}:` line"),
+                }),
+                (Some(_), Some(_)) => Err(Fault::NotAsSigned {
+                    what: format!("the message signed has more than one `{name}:` line"),
+                }),
+            }
+        };
+        let word = d.decision.word();
+        let signed = field("decision")?;
+        if signed != word {
+            return not_as_signed(format!(
+                "the record says {word}, the message signed says {signed}"
+            ));
+        }
+        if let Some(request) = &d.request {
+            let signed = field("request")?;
+            if signed != request {
+                return not_as_signed(format!(
+                    "the record answers {request}, the message signed answers {signed}"
+                ));
+            }
+        }
+        if let Some(signers) = self.signers {
+            let Some(at) = record_time(&d.ts) else {
+                return Err(Fault::SignerNotAllowed {
+                    reason: format!("its ts `{}` is not an RFC 3339 UTC time", d.ts),
+                });
+            };
+            signers
+                .principal_for(&d.key, at)
+                .map_err(|e| Fault::SignerNotAllowed {
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(())
     }
 
     fn accept(&mut self, rec: &Parsed, summary: &mut FileSummary) {
@@ -558,6 +660,40 @@ impl Verifier {
             }
         }
     }
+}
+
+/// The first line of every message a decision's signer signs (`ask::message`).
+const MESSAGE_HEADER: &str = "agentd-approval v1";
+
+/// A record's `ts`, `YYYY-MM-DDTHH:MM:SS[.frac]Z`, to the second.
+pub(super) fn record_time(ts: &str) -> Option<SystemTime> {
+    let number = |from: usize, to: usize| {
+        ts.get(from..to)
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse::<u32>().ok())
+    };
+    let separators = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
+    let fraction = ts.get(19..)?.strip_suffix('Z')?;
+    let fraction_ok = fraction.is_empty()
+        || fraction
+            .strip_prefix('.')
+            .is_some_and(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()));
+    if !fraction_ok
+        || separators
+            .iter()
+            .any(|&(at, c)| ts.as_bytes().get(at) != Some(&c))
+    {
+        return None;
+    }
+    let secs = sign::unix_utc(
+        number(0, 4)?,
+        number(5, 7)?,
+        number(8, 10)?,
+        number(11, 13)?,
+        number(14, 16)?,
+        number(17, 19)?,
+    )?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 fn check_seq(rec: &Parsed, head: Head) -> Result<(), Fault> {

@@ -14,7 +14,7 @@ const MAGIC: u16 = 0xeb9f;
 /// The struct members the file programs' dentry walks read (agentd-ebpf `vfs`): (the
 /// program global the offset is loaded into, struct, member). Resolved by [`Btf::offsets`]
 /// at load; a kernel missing one fails the load rather than walking garbage.
-pub const VFS_MEMBERS: [(&str, &str, &str); 23] = [
+pub const VFS_MEMBERS: [(&str, &str, &str); 24] = [
     ("TASK_FILES_OFFSET", "task_struct", "files"),
     ("TASK_FS_OFFSET", "task_struct", "fs"),
     ("FILES_FDT_OFFSET", "files_struct", "fdt"),
@@ -22,6 +22,7 @@ pub const VFS_MEMBERS: [(&str, &str, &str); 23] = [
     ("FDT_FD_OFFSET", "fdtable", "fd"),
     ("FILE_F_PATH_OFFSET", "file", "f_path"),
     ("FILE_F_MODE_OFFSET", "file", "f_mode"),
+    ("FILE_F_INODE_OFFSET", "file", "f_inode"),
     ("VMA_VM_FILE_OFFSET", "vm_area_struct", "vm_file"),
     ("FS_ROOT_OFFSET", "fs_struct", "root"),
     ("FS_PWD_OFFSET", "fs_struct", "pwd"),

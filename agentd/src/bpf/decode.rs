@@ -13,8 +13,9 @@ use agentd_common::{
     EVENT_FLAG_CANARY_CANDIDATE, EVENT_FLAG_CANARY_SENT, EVENT_FLAG_DIR, EVENT_FLAG_HELD,
     EVENT_FLAG_MAPPED, EVENT_FLAG_MONITOR, EVENT_FLAG_NO_ENTER, EVENT_FLAG_PATH_TRUNCATED,
     EVENT_FLAG_PATH_UNREAD, EVENT_FLAG_PATH2_TRUNCATED, EVENT_FLAG_TRIPPED,
-    EVENT_FLAG_WRITE_INTENT, EXEC_ARG_LEN, EXEC_ARGS, EventKind, IPPROTO_TCP, IPPROTO_UDP,
-    RawEvent, Syscall,
+    EVENT_FLAG_WRITE_INTENT, EXEC_ARG_LEN, EXEC_ARGS, EXEC_REFUSED_NOT_APPROVED,
+    EXEC_REFUSED_PSEUDO, EXEC_REFUSED_SHIFT, EXEC_REFUSED_SWAPPED, EventKind, IPPROTO_TCP,
+    IPPROTO_UDP, RawEvent, Syscall,
 };
 
 use crate::{
@@ -655,22 +656,18 @@ pub fn decode(
         }
         EventKind::Exec if layer_of_raw(raw.layer) == Some(Layer::Bpf) => {
             // From `sched_process_exec`: the program exec'd is no file a path names (a
-            // memfd); the process was killed before its first instruction.
+            // memfd), or not the one a person approved, or one the profile asks about
+            // that no one approved; the process was killed before its first instruction.
             e.layer = Layer::Bpf;
             e.verdict = verdict_of_raw(raw.verdict);
-            e = e
-                .with(
-                    "reason",
-                    "exec of a file no path names (memfd or another pseudo file)",
-                )
-                .with(
-                    "action",
-                    if monitor {
-                        "none (monitor mode)"
-                    } else {
-                        "the process was killed at exec"
-                    },
-                );
+            e = exec_refusal(raw, e).with(
+                "action",
+                if monitor {
+                    "none (monitor mode)"
+                } else {
+                    "the process was killed at exec"
+                },
+            );
         }
         EventKind::Exec
         | EventKind::OpenWrite
@@ -690,6 +687,27 @@ pub fn decode(
         }
     }
     Some(e)
+}
+
+/// The reason (`EXEC_REFUSED_*`) an exec program's refusal carries in `aux`, and the
+/// file's device and inode when it names one.
+fn exec_refusal(raw: &RawEvent, e: Event) -> Event {
+    let file = |e: Event| {
+        let dev = raw.aux & 0xffff_ffff;
+        e.with("dev", format!("{}:{}", dev >> 20, dev & 0xf_ffff))
+            .with("ino", raw.ret as u64)
+    };
+    match raw.aux >> EXEC_REFUSED_SHIFT {
+        EXEC_REFUSED_PSEUDO => e.with(
+            "reason",
+            "exec of a file no path names (memfd or another pseudo file)",
+        ),
+        // The program loaded is not the one a person approved (swapped after).
+        EXEC_REFUSED_SWAPPED => file(e.with("reason", "swapped")),
+        // A program the profile asks about, run with no approval.
+        EXEC_REFUSED_NOT_APPROVED => file(e.with("reason", "not approved")),
+        other => file(e.with("reason", format!("unknown ({other})"))),
+    }
 }
 
 fn decode_file(
@@ -1394,6 +1412,36 @@ connect = ["127.0.0.1/32:8080"]
             dec(&r).detail.get("action"),
             Some(&serde_json::json!("none (monitor mode)"))
         );
+    }
+
+    #[test]
+    fn exec_refusals_of_the_gate_say_why_and_which_file() {
+        let mut r = raw(EventKind::Exec);
+        r.layer = agentd_common::Layer::Bpf as u8;
+        r.verdict = agentd_common::Verdict::Deny as u8;
+        r.aux = EXEC_REFUSED_SWAPPED << EXEC_REFUSED_SHIFT | (254 << 20 | 3);
+        r.ret = 1234;
+        let e = dec(&r);
+        assert_eq!(
+            (e.kind, e.layer, e.verdict, e.errno),
+            (Kind::Exec, Layer::Bpf, Verdict::Deny, None)
+        );
+        assert_eq!(e.detail["reason"], "swapped");
+        assert_eq!(e.detail["dev"], "254:3");
+        assert_eq!(e.detail["ino"], 1234);
+        assert_eq!(e.detail["action"], "the process was killed at exec");
+        r.aux = EXEC_REFUSED_NOT_APPROVED << EXEC_REFUSED_SHIFT | 27;
+        // Inode numbers use all 64 bits (overlayfs with xino).
+        r.ret = (1u64 << 63 | 5) as i64;
+        let e = dec(&r);
+        assert_eq!(e.detail["reason"], "not approved");
+        assert_eq!(e.detail["dev"], "0:27");
+        assert_eq!(e.detail["ino"], 1u64 << 63 | 5);
+        r.aux = 9 << EXEC_REFUSED_SHIFT;
+        assert_eq!(dec(&r).detail["reason"], "unknown (9)");
+        // A memfd names no file.
+        r.aux = 0;
+        assert!(!dec(&r).detail.contains_key("ino"));
     }
 
     #[test]

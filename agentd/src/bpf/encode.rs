@@ -132,7 +132,7 @@ pub fn kernel_dev_of_st_dev(st_dev: u64) -> Option<u32> {
 /// with the superblock's device could match another subvolume's inode, so only the
 /// `st_dev` one is kept, which the kernel never sees. Canaries on them are matched by
 /// path string only.
-const PER_SUBVOLUME_INODES: [&str; 2] = ["btrfs", "bcachefs"];
+pub const PER_SUBVOLUME_INODES: [&str; 2] = ["btrfs", "bcachefs"];
 
 /// A canary as found on disk when its agent was added, for [`canary_inode_keys`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,6 +247,8 @@ pub fn trip_flags(breaker: &BreakerPolicy) -> u32 {
                 ViolationKind::Syscall => AGENT_FLAG_TRIP_SYSCALL,
                 // Decided by agentd's resolver, in user space, before it answers.
                 ViolationKind::Dns => 0,
+                // Decided in user space: a held call's denial, timeout or cap.
+                ViolationKind::Denied => 0,
             }
     })
 }

@@ -4,6 +4,8 @@
 //!   flag, the event stream);
 //! - `encode`: CompiledPolicy -> map entries (pure); [`decode`]: ring-buffer record ->
 //!   [`crate::event::Event`] and errno -> layer attribution (pure);
+//! - [`admit`], [`ask`]: the maps of addresses and programs agents may use beyond their
+//!   policy (admitted from DNS answers, approved by a person);
 //! - `btf`, `tracefs`: kernel struct offsets and tracepoint layouts, checked at load;
 //! - `programs`: which program attaches where;
 //! - [`selftest`], [`bench`]: `agentd watch-test` (hidden), the privileged end-to-end
@@ -77,6 +79,7 @@ pub fn ensure_mounted((fstype, dir): (&'static str, &'static str)) -> Result<boo
 }
 
 pub mod admit;
+pub mod ask;
 pub mod bench;
 mod btf;
 pub mod decode;
@@ -182,6 +185,8 @@ pub enum BpfError {
     NoRuntime,
     #[error("cannot poll the ring buffer: {0}")]
     Poll(#[source] std::io::Error),
+    #[error(transparent)]
+    ExecGate(#[from] ask::ExecGateError),
 }
 
 #[cfg(test)]

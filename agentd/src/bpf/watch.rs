@@ -42,6 +42,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 use super::{
     BPFFS, BpfError, EBPF_OBJECT, TRACEFS,
     admit::{Admissions, DnsClients},
+    ask::ExecGate,
     btf::{self, Btf as KernelBtf},
     decode::{AT_FDCWD, AgentInfo, ClockOffset, TargetCreds, Targets, decode, normalize},
     encode::{
@@ -136,6 +137,8 @@ pub struct Watch {
     admissions: Admissions,
     /// `DNS_CLIENTS`, shared with the resolvers that check who asked.
     dns_clients: DnsClients,
+    /// `ASK_EXEC` and `EXEC_GRANT`, shared with whoever answers held execs.
+    exec_gate: ExecGate,
     bind_allow: HashMap<MapData, BindKey, u8>,
     canaries: HashMap<MapData, CanaryKey, CanaryPath>,
     canary_inodes: HashMap<MapData, CanaryInode, u32>,
@@ -699,6 +702,10 @@ impl Watch {
         let bind_allow = take_map(&mut ebpf, "BIND_ALLOW", HashMap::try_from)?;
         let admissions = Admissions::new(take_map(&mut ebpf, "DNS_ALLOW", HashMap::try_from)?);
         let dns_clients = DnsClients::new(take_map(&mut ebpf, "DNS_CLIENTS", HashMap::try_from)?);
+        let exec_gate = ExecGate::new(
+            take_map(&mut ebpf, "ASK_EXEC", HashMap::try_from)?,
+            take_map(&mut ebpf, "EXEC_GRANT", HashMap::try_from)?,
+        );
         let canaries = take_map(&mut ebpf, "CANARIES", HashMap::try_from)?;
         let canary_inodes = take_map(&mut ebpf, "CANARY_INODES", HashMap::try_from)?;
         let guarded = take_map(&mut ebpf, "GUARDED", HashMap::try_from)?;
@@ -712,6 +719,7 @@ impl Watch {
             net_allow,
             admissions,
             dns_clients,
+            exec_gate,
             bind_allow,
             canaries,
             canary_inodes,
@@ -825,6 +833,12 @@ impl Watch {
     /// The addresses admitted from agents' DNS answers, for a resolver to add to.
     pub fn admissions(&self) -> Admissions {
         self.admissions.clone()
+    }
+
+    /// The programs agents are asked about and the approvals of their execs, for
+    /// whoever answers held execs to write to.
+    pub fn exec_gate(&self) -> ExecGate {
+        self.exec_gate.clone()
     }
 
     /// Steers the DNS traffic of the agent in `handle` to its resolver on port `port` of
@@ -1071,6 +1085,11 @@ impl Watch {
         };
         let was_present = lock(&self.agents).get(&handle.cgroup_id, 0).is_ok();
         self.admissions.forget_agent(handle.cgroup_id);
+        keep(
+            self.exec_gate
+                .clear_agent(handle.cgroup_id)
+                .map_err(BpfError::from),
+        );
         keep(absent_ok(
             "AGENTS",
             lock(&self.agents).remove(&handle.cgroup_id),

@@ -43,7 +43,8 @@ pub fn classify(ev: &Event) -> Option<ViolationKind> {
             | Layer::Bpf
             | Layer::BpfLsm
             | Layer::Resolver
-            | Layer::View,
+            | Layer::View
+            | Layer::Ask,
         ) => true,
         (Verdict::Deny, Layer::Agentd | Layer::Kernel | Layer::Permission) => false,
         (Verdict::Allow | Verdict::Killed | Verdict::None, _) => false,
@@ -86,6 +87,8 @@ pub fn classify(ev: &Event) -> Option<ViolationKind> {
             Some(ViolationKind::Dns)
         }
         Kind::Dns => None,
+        // A held call that ended refused: a person's denial, no answer in time, the cap.
+        Kind::Approval => Some(ViolationKind::Denied),
         // Reported with the layer that refused it; no `trip_on` kind names signals.
         Kind::Signal
         | Kind::Start
@@ -97,6 +100,7 @@ pub fn classify(ev: &Event) -> Option<ViolationKind> {
         | Kind::Canary
         | Kind::Breaker
         | Kind::Transaction
+        | Kind::Ask
         | Kind::Lost => None,
     }
 }

@@ -176,7 +176,12 @@ pub fn events(
             | Reply::Frozen(_)
             | Reply::Agents(_)
             | Reply::Stats(_)
-            | Reply::Transaction(_)) => bail!("unexpected reply from the daemon: {other:?}"),
+            | Reply::Transaction(_)
+            | Reply::Approvals(_)
+            | Reply::Held(_)
+            | Reply::Prompt(_)
+            | Reply::Settled { .. }
+            | Reply::Grants(_)) => bail!("unexpected reply from the daemon: {other:?}"),
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -348,8 +353,14 @@ fn run_with(
             });
         }
         let mut freeze_done: Option<(bool, std::sync::mpsc::SyncSender<()>)> = None;
+        // Answers given at the agent's terminal to the daemon's requests.
+        let prompter = session.as_ref().map(crate::run::terminal::Session::prompter);
+        let (answer_tx, mut answer_rx) = tokio::sync::mpsc::unbounded_channel::<ClientLine>();
         loop {
             tokio::select! {
+                Some(answer) = answer_rx.recv() => {
+                    write.write_all(&proto::encode(&answer)).await?;
+                }
                 line = lines.next_line() => {
                     let Some(line) = line? else {
                         bail!("the daemon went away before the agent's exit status came (its supervisor kills the agent when the daemon dies)");
@@ -381,10 +392,33 @@ fn run_with(
                                 let _ = done.try_send(());
                             }
                         }
+                        Reply::Prompt(request) => match &prompter {
+                            Some(p) => {
+                                let key = p.ask(request.id.clone(), crate::run::asking::prompt_text(&request));
+                                let tx = answer_tx.clone();
+                                tokio::spawn(async move {
+                                    if let Ok(key) = key.await {
+                                        let _ = tx.send(ClientLine::Answer {
+                                            request: request.id,
+                                            answer: crate::run::asking::answer_of(key),
+                                        });
+                                    }
+                                });
+                            }
+                            None => tracing::warn!("a request to show, and no terminal: {}", request.id),
+                        },
+                        Reply::Settled { request, outcome } => {
+                            if let Some(p) = &prompter {
+                                p.cancel(&request, &outcome);
+                            }
+                        }
                         other @ (Reply::Ok(_)
                         | Reply::Agents(_)
                         | Reply::Stats(_)
-                        | Reply::Transaction(_)) => {
+                        | Reply::Transaction(_)
+                        | Reply::Approvals(_)
+                        | Reply::Held(_)
+                        | Reply::Grants(_)) => {
                             tracing::warn!("unexpected reply: {other:?}");
                         }
                     }
@@ -419,3 +453,272 @@ fn run_with(
 /// How long the client waits for the supervisor's last messages once the agent's terminal
 /// is restored.
 const HELD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+// ---- asking a person -----------------------------------------------------------------
+
+/// How `agentd approve` or `deny` signs its decision.
+#[derive(Debug, Clone)]
+pub enum Signing {
+    None,
+    /// Sign with this SSH private key (`ssh-keygen -Y sign`; an agent-held key through
+    /// its public key file works too).
+    Key(PathBuf),
+    /// A signature made beforehand over the message `agentd approvals --message REQ`
+    /// prints.
+    File(PathBuf),
+}
+
+/// The pending requests a caller may see (and answer).
+fn pending(
+    path: &std::path::Path,
+    agent: Option<String>,
+) -> anyhow::Result<Vec<crate::ask::Request>> {
+    let mut r = request(
+        path,
+        &Request::Approvals {
+            follow: false,
+            agent,
+        },
+    )?;
+    match next_reply(&mut r)? {
+        Some(Reply::Approvals(list)) => Ok(list),
+        Some(Reply::Error(e)) => bail!("{e}"),
+        other => bail!("unexpected reply from the daemon: {other:?}"),
+    }
+}
+
+fn request_line(r: &crate::ask::Request) -> String {
+    let caller = r.chain.first().map_or_else(String::new, |p| {
+        format!(
+            " by pid {} `{}`",
+            p.pid,
+            crate::report::printable(&p.cmdline)
+        )
+    });
+    format!(
+        "{}  agent {} ({}): {}{caller}; since {}, waits {} s{}",
+        r.id,
+        r.agent,
+        r.profile,
+        crate::report::printable(&r.target.to_string()),
+        r.since,
+        r.timeout_s,
+        if r.require_signature {
+            "; needs a signed approval"
+        } else {
+            ""
+        }
+    )
+}
+
+/// `agentd approvals [--follow] [--json] [--message REQ]`.
+pub fn approvals(
+    socket: Option<PathBuf>,
+    follow: bool,
+    agent: Option<String>,
+    json: bool,
+    message_of: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let (path, _) = socket_path(socket);
+    if let Some(id) = message_of {
+        let list = pending(&path, agent)?;
+        let Some(r) = list.iter().find(|r| r.id == id) else {
+            bail!("no pending request `{id}` (see `agentd approvals`)");
+        };
+        print!(
+            "{}",
+            crate::ask::message(
+                r,
+                &crate::ask::Answer::Allow {
+                    scope: crate::ask::Scope::Once
+                }
+            )
+        );
+        eprintln!(
+            "agentd: this is the message for `approve {id} --once`; the scope line differs for --for and --session, and a denial says `decision: deny` and `scope: -`"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut r = request(&path, &Request::Approvals { follow, agent })?;
+    let mut out = std::io::stdout().lock();
+    while let Some(reply) = next_reply(&mut r)? {
+        let line = match reply {
+            Reply::Approvals(list) => {
+                if json {
+                    list.iter()
+                        .map(serde_json::to_string)
+                        .collect::<Result<Vec<_>, _>>()?
+                        .join("\n")
+                } else if list.is_empty() && !follow {
+                    "no pending requests".to_owned()
+                } else {
+                    list.iter().map(request_line).collect::<Vec<_>>().join("\n")
+                }
+            }
+            Reply::Held(req) => {
+                if json {
+                    serde_json::to_string(&serde_json::json!({ "held": req }))?
+                } else {
+                    format!("held     {}", request_line(&req))
+                }
+            }
+            Reply::Settled { request, outcome } => {
+                if json {
+                    serde_json::to_string(
+                        &serde_json::json!({ "settled": request, "outcome": outcome }),
+                    )?
+                } else {
+                    format!("settled  {}", crate::report::printable(&outcome))
+                }
+            }
+            Reply::Error(e) => bail!("{e}"),
+            other @ (Reply::Ok(_)
+            | Reply::Started { .. }
+            | Reply::Frozen(_)
+            | Reply::Exit { .. }
+            | Reply::Event(_)
+            | Reply::Agents(_)
+            | Reply::Stats(_)
+            | Reply::Transaction(_)
+            | Reply::Prompt(_)
+            | Reply::Grants(_)) => bail!("unexpected reply from the daemon: {other:?}"),
+        };
+        if line.is_empty() {
+            continue;
+        }
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The signature for `answer` to `id`, as `signing` says.
+fn signature(
+    path: &std::path::Path,
+    id: &str,
+    answer: &crate::ask::Answer,
+    signing: &Signing,
+) -> anyhow::Result<Option<String>> {
+    match signing {
+        Signing::None => Ok(None),
+        Signing::File(f) => Ok(Some(
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        )),
+        Signing::Key(key) => {
+            let list = pending(path, None)?;
+            let Some(r) = list.iter().find(|r| r.id == id) else {
+                bail!("no pending request `{id}` (see `agentd approvals`)");
+            };
+            let message = crate::ask::message(r, answer);
+            let mut child = std::process::Command::new("ssh-keygen")
+                .args(["-q", "-Y", "sign", "-n", crate::ask::sign::NAMESPACE, "-f"])
+                .arg(key)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .context("running ssh-keygen -Y sign (is openssh-client installed?)")?;
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all(message.as_bytes())?;
+            }
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                bail!(
+                    "ssh-keygen -Y sign -f {} failed ({})",
+                    key.display(),
+                    out.status
+                );
+            }
+            Ok(Some(
+                String::from_utf8(out.stdout).context("ssh-keygen's signature")?,
+            ))
+        }
+    }
+}
+
+/// `agentd approve REQ` / `agentd deny REQ`.
+pub fn decide(
+    socket: Option<PathBuf>,
+    id: &str,
+    answer: crate::ask::Answer,
+    signing: &Signing,
+) -> anyhow::Result<ExitCode> {
+    let (path, _) = socket_path(socket);
+    let signature = signature(&path, id, &answer, signing)?;
+    let mut r = request(
+        &path,
+        &Request::Decide {
+            request: id.to_owned(),
+            answer,
+            signature,
+        },
+    )?;
+    match next_reply(&mut r)? {
+        Some(Reply::Ok(msg)) => {
+            println!("agentd: {msg}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Reply::Error(e)) => bail!("{e}"),
+        other => bail!("unexpected reply from the daemon: {other:?}"),
+    }
+}
+
+/// `agentd grants`.
+pub fn grants(
+    socket: Option<PathBuf>,
+    agent: Option<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let (path, _) = socket_path(socket);
+    let mut r = request(&path, &Request::Grants { agent })?;
+    match next_reply(&mut r)? {
+        Some(Reply::Grants(rows)) => {
+            if json {
+                crate::report::print_json(&rows)?;
+            } else if rows.is_empty() {
+                println!("no grants");
+            } else {
+                for g in rows {
+                    let ends = match g.expires {
+                        Some(t) => {
+                            format!("ends in {} s", t.saturating_sub(crate::ask::unix_now()))
+                        }
+                        None => "until the agent ends".to_owned(),
+                    };
+                    println!(
+                        "{}  agent {}: {} ({}, {ends}; from {} by uid {} via {})",
+                        g.id,
+                        g.agent,
+                        crate::report::printable(&g.target.to_string()),
+                        g.scope,
+                        g.request,
+                        g.by.uid,
+                        g.by.via
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Reply::Error(e)) => bail!("{e}"),
+        other => bail!("unexpected reply from the daemon: {other:?}"),
+    }
+}
+
+/// `agentd revoke GRANT`.
+pub fn revoke(socket: Option<PathBuf>, grant: &str) -> anyhow::Result<ExitCode> {
+    let (path, _) = socket_path(socket);
+    let mut r = request(
+        &path,
+        &Request::Revoke {
+            grant: grant.to_owned(),
+        },
+    )?;
+    match next_reply(&mut r)? {
+        Some(Reply::Ok(msg)) => {
+            println!("agentd: {msg}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Reply::Error(e)) => bail!("{e}"),
+        other => bail!("unexpected reply from the daemon: {other:?}"),
+    }
+}

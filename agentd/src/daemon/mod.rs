@@ -17,8 +17,11 @@
 //! its state directory, kills and removes whatever is left of them, unpins their
 //! programs, and records that in the audit log.
 
+mod ask;
 pub mod client;
 pub mod proto;
+
+pub use ask::DEFAULT_ALLOWED_SIGNERS;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -97,6 +100,10 @@ pub struct DaemonArgs {
     pub group: String,
     /// `--dns-upstream`: where the agents' resolver asks.
     pub dns_upstream: Option<std::net::SocketAddr>,
+    /// `--approvers`: members may answer any agent's requests.
+    pub approvers: Option<String>,
+    /// `--allowed-signers`: the keys whose signatures approvals may carry.
+    pub allowed_signers: PathBuf,
 }
 
 /// One agent the daemon knows.
@@ -121,6 +128,13 @@ struct Agent {
     early_exits: Vec<u32>,
     /// The agent's resolver, when its profile names domains (dropping it stops it).
     resolver: Option<crate::dns::Resolver>,
+    /// The invoking user (the peer, or the user `sudo` names for root).
+    owner_uid: u32,
+    /// The `agentd run` that supervises it.
+    supervisor_pid: u32,
+    /// Its compiled policy (asking needs its rules).
+    policy: CompiledPolicy,
+    asking: ask::AgentAsking,
 }
 
 /// Bound of [`Agent::early_exits`].
@@ -160,6 +174,7 @@ struct Shared {
     pins: PathBuf,
     /// `--dns-upstream`.
     dns_upstream: Option<std::net::SocketAddr>,
+    asking: ask::Asking,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -287,6 +302,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         state_dir: args.state_dir.clone(),
         pins: pins.clone(),
         dns_upstream: args.dns_upstream,
+        asking: ask::Asking::new(args.approvers.clone(), args.allowed_signers.clone()),
     });
     let recorder = {
         let shared = Arc::clone(&shared);
@@ -767,6 +783,11 @@ fn may_watch(shared: &Shared, who: &Actor) -> bool {
     let Some(gid) = shared.group_gid else {
         return false;
     };
+    in_group(who, gid)
+}
+
+/// Whether the peer's primary or supplementary groups include `gid`.
+fn in_group(who: &Actor, gid: u32) -> bool {
     if who.gid == gid {
         return true;
     }
@@ -847,6 +868,25 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<(
             kind,
         } => events(&shared, &mut write, read, follow, agent, kind).await?,
         Request::Run(req) => run(shared, who, req, fds, read, rest, write).await?,
+        Request::Approvals { follow, agent } => {
+            ask::approvals(&shared, &who, &mut write, read, follow, agent).await?;
+        }
+        Request::Decide {
+            request,
+            answer,
+            signature,
+        } => {
+            let reply = ask::decide(&shared, &who, &request, answer, signature);
+            send(&mut write, &reply).await?;
+        }
+        Request::Grants { agent } => {
+            let reply = ask::grants(&shared, &who, agent.as_deref());
+            send(&mut write, &reply).await?;
+        }
+        Request::Revoke { grant } => {
+            let reply = ask::revoke(&shared, &who, &grant);
+            send(&mut write, &reply).await?;
+        }
         Request::Transaction(req) => {
             // An agent runs as its owner's uid: its own processes must not commit what a
             // person has to review.
@@ -1159,16 +1199,25 @@ async fn run(
     let mut agent_events: Option<broadcast::Receiver<Arc<Event>>> = None;
     let mut sup_events_open = true;
     let mut sup_open = true;
+    // Requests to show on the agent's terminal (the client relays it), and what became
+    // of them.
+    let (prompts_tx, mut prompts_rx) = tokio::sync::mpsc::unbounded_channel::<Reply>();
 
     let status = loop {
         tokio::select! {
+            Some(reply) = prompts_rx.recv(), if client_open => {
+                let _ = send(&mut write, &reply).await;
+            },
             line = sup_lines.next_line(), if sup_open => match line {
                 Ok(Some(line)) => {
-                    let reply = supervisor_line(&shared, &who, &req, &line, &mut agent_id).await;
+                    let reply = supervisor_line(&shared, &who, &req, &line, &mut agent_id, supervisor_pid).await;
                     if let Some(reply) = reply {
                         if matches!(reply, ToSupervisor::Attached)
                             && let Some(id) = &agent_id
                         {
+                            if let Some(a) = lock(&shared.agents).get_mut(id) {
+                                a.asking.to_client = Some(prompts_tx.clone());
+                            }
                             if req.events {
                                 agent_events = Some(shared.events.subscribe());
                             }
@@ -1213,6 +1262,11 @@ async fn run(
                             std::fs::read_to_string(&file).is_ok_and(|v| v.trim() == "1")
                         });
                         let _ = send(&mut write, &Reply::Frozen(now)).await;
+                    }
+                    Ok(ClientLine::Answer { request, answer }) => {
+                        if let Some(id) = agent_id.as_ref() {
+                            ask::terminal_answer(&shared, id, &request, answer);
+                        }
                     }
                     Err(e) => {
                         let _ = send(&mut write, &Reply::Error(e.to_string())).await;
@@ -1280,6 +1334,18 @@ async fn run(
     Ok(())
 }
 
+/// The user an agent is launched for: the peer, or for root the user `sudo` names.
+fn invoking_uid(who: &Actor, req: &RunRequest) -> u32 {
+    if who.uid != 0 {
+        return who.uid;
+    }
+    req.env
+        .iter()
+        .find(|(k, _)| k == "SUDO_UID")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Who may launch under which identity: root as anyone the profile says; anyone else as
 /// themselves (`invoker`), a transient uid, or a named user that is themselves.
 fn check_identity(profile: &Profile, who: &Actor) -> Result<(), String> {
@@ -1316,6 +1382,7 @@ async fn supervisor_line(
     req: &RunRequest,
     line: &str,
     agent_id: &mut Option<String>,
+    supervisor_pid: u32,
 ) -> Option<ToSupervisor> {
     let msg = match proto::decode::<SupervisorLine>(line.as_bytes()) {
         Ok(m) => m,
@@ -1353,7 +1420,16 @@ async fn supervisor_line(
                 groups: vec![gid],
             };
             Some(
-                match attach(shared, who, req, &policy, &agent, &cgroup, creds) {
+                match attach(
+                    shared,
+                    who,
+                    req,
+                    &policy,
+                    &agent,
+                    &cgroup,
+                    creds,
+                    supervisor_pid,
+                ) {
                     Ok(()) => {
                         *agent_id = Some(agent);
                         ToSupervisor::Attached
@@ -1375,6 +1451,22 @@ async fn supervisor_line(
                 }
             }
             None
+        }
+        SupervisorLine::Listener { fd } => {
+            let Some(id) = agent_id.as_ref() else {
+                return Some(ToSupervisor::Listening(false));
+            };
+            let policy = lock(&shared.agents).get(id).map(|a| a.policy.clone());
+            let taken = match policy {
+                Some(p) => ask::take_listener(shared, id, supervisor_pid, fd, req.terminal, &p),
+                None => Err(format!("no agent {id}")),
+            };
+            if let Err(e) = &taken {
+                // The supervisor closes its copy: held calls then fail (ENOSYS), never
+                // wait for an answer nobody can give.
+                eprintln!("agentd daemon: {id}: {e}; its held calls are refused");
+            }
+            Some(ToSupervisor::Listening(taken.is_ok()))
         }
         SupervisorLine::KillSwitch { reason } => {
             if let Some(id) = agent_id.as_ref() {
@@ -1434,8 +1526,14 @@ fn resolver_for(
     agent: &str,
     handle: &mut bpf::AgentHandle,
     policy: &CompiledPolicy,
+    asked: &crate::dns::AskedNames,
 ) -> Result<Option<crate::dns::Resolver>, String> {
-    if policy.network.names.is_empty() {
+    let ask_names = policy
+        .ask
+        .as_ref()
+        .map(|a| a.names.clone())
+        .unwrap_or_default();
+    if policy.network.names.is_empty() && ask_names.is_empty() {
         return Ok(None);
     }
     let upstream = crate::dns::upstream(shared.dns_upstream);
@@ -1457,6 +1555,8 @@ fn resolver_for(
         id: agent.to_owned(),
         cgroup_id: handle.cgroup_id(),
         rules: policy.network.names.clone(),
+        ask: ask_names,
+        asked: asked.clone(),
         upstream,
         admissions,
         clients,
@@ -1474,6 +1574,10 @@ fn resolver_for(
 
 /// Attaches the watch to the agent's cgroup and registers it (state file first: if the
 /// daemon dies from here on, the next one reaps the agent).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "everything the registry entry is made of, once"
+)]
 fn attach(
     shared: &Arc<Shared>,
     who: &Actor,
@@ -1482,6 +1586,7 @@ fn attach(
     agent: &str,
     cgroup: &Path,
     creds: crate::host::Creds,
+    supervisor_pid: u32,
 ) -> Result<(), String> {
     if agent.is_empty() || agent.contains('/') || lock(&shared.agents).contains_key(agent) {
         return Err(format!("bad or duplicate agent id {agent:?}"));
@@ -1489,7 +1594,8 @@ fn attach(
     let mut handle = lock(&shared.watch)
         .add_agent(agent, cgroup, policy, Some(creds))
         .map_err(|e| format!("kernel watch: {e}"))?;
-    let resolver = match resolver_for(shared, agent, &mut handle, policy) {
+    let asked = crate::dns::AskedNames::default();
+    let resolver = match resolver_for(shared, agent, &mut handle, policy, &asked) {
         Ok(r) => r,
         Err(e) => {
             let _ = lock(&shared.watch).remove_agent(handle);
@@ -1529,6 +1635,15 @@ fn attach(
             drained,
             early_exits: Vec::new(),
             resolver,
+            owner_uid: invoking_uid(who, req),
+            supervisor_pid,
+            policy: policy.clone(),
+            asking: ask::AgentAsking {
+                terminal: false,
+                to_client: None,
+                task: None,
+                asked,
+            },
         },
     );
     lock(&shared.counters).agents_total += 1;
@@ -1562,6 +1677,8 @@ fn retire(shared: &Shared, id: &str) {
         eprintln!("agentd daemon: detaching {id}: {e}");
     }
     forget_record(&shared.state_dir, id);
+    // Its grants end with it (the kernel forgot its entries with its cgroup).
+    shared.asking.board.forget_agent(id);
     if a.state != AgentState::Tripped {
         a.state = AgentState::Exited;
     }

@@ -53,6 +53,29 @@ pub enum Request {
     Transaction(crate::transaction::cmd::TxRequest),
     /// Counters.
     Stats {},
+    /// Held calls waiting for a person: the pending ones, then (with `follow`) each new
+    /// one and how each ends. A follower counts as someone to ask.
+    Approvals {
+        #[serde(default)]
+        follow: bool,
+        #[serde(default)]
+        agent: Option<String>,
+    },
+    /// Answers a held call: allow it (`scope`) or deny it. `signature`: an armored
+    /// `ssh-keygen -Y sign -n agentd-approval` signature over the request's message.
+    Decide {
+        request: String,
+        answer: crate::ask::Answer,
+        #[serde(default)]
+        signature: Option<String>,
+    },
+    /// Grants (approvals `--for` or `--session`) still in force.
+    Grants {
+        #[serde(default)]
+        agent: Option<String>,
+    },
+    /// Ends a grant now.
+    Revoke { grant: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +108,12 @@ pub enum ClientLine {
     /// Freeze (`true`) or thaw the agent's cgroup: the user suspended the agent's terminal
     /// (Ctrl-Z) or resumed it (`fg`).
     Freeze(bool),
+    /// The person at the agent's terminal answered a request shown there
+    /// ([`Reply::Prompt`]).
+    Answer {
+        request: String,
+        answer: crate::ask::Answer,
+    },
 }
 
 /// The daemon's answer lines.
@@ -110,6 +139,18 @@ pub enum Reply {
     Stats(Stats),
     /// A transaction command's output.
     Transaction(crate::transaction::cmd::Output),
+    /// `approvals`: the pending requests; with `follow`, `Held` and `Settled` follow.
+    Approvals(Vec<crate::ask::Request>),
+    Held(crate::ask::Request),
+    /// `run` with a terminal: show this request there; the answer comes back as
+    /// [`ClientLine::Answer`].
+    Prompt(crate::ask::Request),
+    /// A request ended (`approvals --follow`; `run`: one shown on its terminal).
+    Settled {
+        request: String,
+        outcome: String,
+    },
+    Grants(Vec<crate::ask::GrantRow>),
 }
 
 /// One agent in `agentd ps`.
@@ -173,6 +214,9 @@ pub enum SupervisorLine {
     KillSwitch { reason: String },
     /// The first process exited: drain its events, detach, answer the verdict.
     Finished,
+    /// The seccomp listener of the agent's held calls is this process's descriptor
+    /// `fd`: the daemon takes a copy (`pidfd_getfd`) and answers them.
+    Listener { fd: i32 },
 }
 
 /// What the daemon tells a supervisor.
@@ -184,6 +228,8 @@ pub enum ToSupervisor {
     /// After `finished`: the line `agentd run` prints and exit 137, when the agent was
     /// killed by the breaker or the kill switch.
     Verdict(Option<String>),
+    /// After `listener`: whether the daemon took it (the supervisor closes its copy).
+    Listening(bool),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -114,11 +114,45 @@ enum Listener {
     Tcp(std::net::TcpListener),
 }
 
+/// Addresses the resolver answered for names only an ask rule names, with the name and
+/// until when (the answer's TTL): a connect to one is held and shows the name. Bounded
+/// ([`ASKED_MAX`]); expired entries go first.
+#[derive(Debug, Clone, Default)]
+pub struct AskedNames(Arc<Mutex<std::collections::HashMap<IpAddr, (String, Instant)>>>);
+
+/// Most addresses [`AskedNames`] keeps for one agent.
+pub const ASKED_MAX: usize = 4096;
+
+impl AskedNames {
+    pub fn note(&self, addr: IpAddr, name: &str, ttl: Duration) {
+        let mut m = lock(&self.0);
+        let now = Instant::now();
+        if m.len() >= ASKED_MAX {
+            m.retain(|_, (_, until)| *until > now);
+        }
+        if m.len() < ASKED_MAX || m.contains_key(&addr) {
+            m.insert(addr, (name.to_owned(), now + ttl));
+        }
+    }
+
+    /// The name `addr` was answered for, while its TTL lasts.
+    pub fn domain(&self, addr: IpAddr) -> Option<String> {
+        lock(&self.0)
+            .get(&addr)
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(name, _)| name.clone())
+    }
+}
+
 /// Who the resolver serves and how it reports.
 pub struct Agent {
     pub id: String,
     pub cgroup_id: u64,
     pub rules: Vec<NameRule>,
+    /// `network.ask` rules by name: such a name is resolved and answered, its addresses
+    /// are not admitted but noted in `asked`, and a connect to one is held for a person.
+    pub ask: Vec<NameRule>,
+    pub asked: AskedNames,
     /// Where allowed names are resolved; why there is nowhere (their lookups then fail
     /// with SERVFAIL: nothing else is asked).
     pub upstream: Result<SocketAddr, String>,
@@ -442,6 +476,8 @@ enum Screened {
 struct Asked {
     query: Query,
     rules: Vec<NameRule>,
+    /// Named by an ask rule only: nothing is admitted.
+    ask: bool,
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -474,7 +510,9 @@ fn screen(state: &State, message: &[u8]) -> Screened {
         .filter(|r| r.pattern.matches(&query.name))
         .cloned()
         .collect();
-    if rules.is_empty() {
+    // A name only an ask rule names: answered, its connects held for a person.
+    let ask = rules.is_empty() && agent.ask.iter().any(|r| r.pattern.matches(&query.name));
+    if rules.is_empty() && !ask {
         let ev = dns_event(agent, Some(&query), Verdict::Deny)
             .with("reason", "no network.connect rule names it");
         if !agent.monitor {
@@ -499,6 +537,7 @@ fn screen(state: &State, message: &[u8]) -> Screened {
     Screened::Forward(Asked {
         query,
         rules,
+        ask,
         _slot: slot,
     })
 }
@@ -507,7 +546,9 @@ fn screen(state: &State, message: &[u8]) -> Screened {
 /// reply for the agent.
 async fn resolve(state: &State, asked: Asked, transport: Transport) -> Vec<u8> {
     let agent = &state.agent;
-    let Asked { query, rules, .. } = &asked;
+    let Asked {
+        query, rules, ask, ..
+    } = &asked;
     let rules: Vec<&NameRule> = rules.iter().collect();
     let query = query.clone();
     let servfail = |why: String| {
@@ -556,10 +597,20 @@ async fn resolve(state: &State, asked: Asked, transport: Transport) -> Vec<u8> {
         });
         return agentd_dns::reply(&query, Rcode::ServFail);
     }
+    if *ask {
+        for (addr, ttl) in &admissible {
+            agent
+                .asked
+                .note(*addr, &query.name, Duration::from_secs(u64::from(*ttl)));
+        }
+    }
     let text = |list: &[Addr]| list.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>();
     let mut ev = dns_event(agent, Some(&query), Verdict::Allow)
         .with("rcode", answer.rcode.clone())
         .with("answers", text(&admissible));
+    if *ask {
+        ev = ev.with("ask", true);
+    }
     if !refused.is_empty() {
         ev = ev.with("refused_answers", text(&refused)).with(
             "reason",

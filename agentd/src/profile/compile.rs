@@ -5,13 +5,15 @@ use std::{
     collections::BTreeMap,
     net::Ipv6Addr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Serialize;
 
 use super::{
     Action, BindRule, ConnectRule, Identity, Limits, Mode, NameRule, Profile, Threshold,
-    ViolationKind, syscalls, values::mapped_v6,
+    ViolationKind, syscalls,
+    values::{self, mapped_v6},
 };
 
 /// What `{workspace}` and `{home}` stand for in this launch.
@@ -43,6 +45,29 @@ pub struct CompiledPolicy {
     pub limits: Limits,
     pub env: EnvPolicy,
     pub workspace_mode: crate::profile::Workspace,
+    /// What is held for a person's decision, and how it waits; `None` without ask rules.
+    pub ask: Option<AskPolicy>,
+}
+
+/// The calls held for a person (seccomp user notification: `connect` with network ask
+/// rules, `execve` and `execveat` with ask_exec programs) and how they wait.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AskPolicy {
+    /// `network.ask` rules by address.
+    pub connect: Vec<ConnectRule>,
+    /// `network.ask` rules by name, sorted: the agent's resolver answers for these names
+    /// without admitting the addresses (a person does).
+    pub names: Vec<NameRule>,
+    /// `filesystem.ask_exec`, resolved and sorted; each has Landlock exec rights (unless a
+    /// write rule covers it, see [`compile`]), so that an approved exec can run.
+    pub exec: Vec<PathBuf>,
+    /// How long a held call waits; expiry denies it.
+    #[serde(with = "values::duration")]
+    pub timeout: Duration,
+    /// Most calls of the agent held at once; beyond it a call is denied.
+    pub max_pending: u32,
+    /// Decisions must carry an SSH signature of an allowed signer.
+    pub require_signature: bool,
 }
 
 /// Access granted beneath one path. Landlock rights, from the launch code's mapping:
@@ -83,8 +108,9 @@ pub struct SeccompPolicy {
     pub allow_if: Vec<(&'static str, &'static str)>,
     /// Answered with ENOSYS.
     pub enosys: Vec<&'static str>,
-    /// Handed to the supervisor for a decision (seccomp user notification). Empty today;
-    /// the filter is built with a listener slot so a profile action can fill it.
+    /// Handed to the supervisor for a decision (seccomp user notification): `connect`
+    /// with network ask rules, `execve` and `execveat` with ask_exec programs. Never also
+    /// in `allow`.
     pub notify: Vec<&'static str>,
     /// Notable refusals and why.
     pub deny_notes: Vec<(&'static str, &'static str)>,
@@ -161,6 +187,24 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
     grant(&fs.read, |a| a.read = true);
     grant(&fs.write, |a| a.write = true);
     grant(&fs.exec, |a| a.exec = true);
+    // An ask_exec program gets exec (and read) rights so that an approved exec can run;
+    // the kernel kills an unapproved one at exec. Not where a write rule covers it
+    // (validation refuses the cases it can see; `{home}` and `{workspace}` are only known
+    // now): the agent could change the program after the approval, so it stays
+    // unrunnable (fail closed).
+    let mut ask_exec: Vec<PathBuf> = fs.ask_exec.iter().map(|p| p.resolve(ctx)).collect();
+    ask_exec.sort();
+    ask_exec.dedup();
+    let writable: Vec<PathBuf> = merged
+        .iter()
+        .filter(|(_, a)| a.write)
+        .map(|(p, _)| p.clone())
+        .collect();
+    for path in &ask_exec {
+        if !writable.iter().any(|w| path.starts_with(w)) {
+            merged.entry(path.clone()).or_default().exec = true;
+        }
+    }
     let rules = merged
         .into_iter()
         .map(|(path, access)| FsRule { path, access })
@@ -171,7 +215,12 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
     // address, by the cgroup programs at connect, sendmsg and bind (and reported with the
     // address); a socket alone reaches nothing. NETLINK_ROUTE only with network rules.
     let mut families = vec![SocketFamily::Unix, SocketFamily::Inet, SocketFamily::Inet6];
-    if !net.connect.is_empty() || !net.names.is_empty() || !net.bind.is_empty() {
+    if !net.connect.is_empty()
+        || !net.names.is_empty()
+        || !net.bind.is_empty()
+        || !net.ask.is_empty()
+        || !net.ask_names.is_empty()
+    {
         families.push(SocketFamily::NetlinkRoute);
     }
     let mut connect_entries: Vec<NetEntry> = net
@@ -200,6 +249,35 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
     unix.sort();
     unix.dedup();
 
+    // Calls held for a person go to the supervisor (seccomp user notification) instead of
+    // being allowed outright: a call in two lists of the filter is an error.
+    let ask_network = !net.ask.is_empty() || !net.ask_names.is_empty();
+    let mut notify: Vec<&'static str> = Vec::new();
+    if ask_network {
+        notify.push("connect");
+    }
+    if !ask_exec.is_empty() {
+        notify.extend(["execve", "execveat"]);
+    }
+    let allow: Vec<&'static str> = syscalls::ALLOW
+        .iter()
+        .copied()
+        .filter(|call| !notify.contains(call))
+        .collect();
+    let ask = (ask_network || !ask_exec.is_empty()).then(|| {
+        let mut names = net.ask_names.clone();
+        names.sort();
+        names.dedup();
+        AskPolicy {
+            connect: net.ask.clone(),
+            names,
+            exec: ask_exec,
+            timeout: profile.ask.timeout,
+            max_pending: profile.ask.max_pending,
+            require_signature: profile.ask.require_signature,
+        }
+    });
+
     CompiledPolicy {
         name: profile.name.clone(),
         mode: profile.mode,
@@ -214,10 +292,10 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
         },
         seccomp: SeccompPolicy {
             default_errno: "EPERM",
-            allow: syscalls::ALLOW.to_vec(),
+            allow,
             allow_if: syscalls::ARG_RULES.to_vec(),
             enosys: syscalls::ENOSYS.to_vec(),
-            notify: Vec::new(),
+            notify,
             deny_notes: syscalls::DENY_NOTES.to_vec(),
             socket_families: families.clone(),
         },
@@ -248,6 +326,7 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
                 .map(|(name, value)| (name.clone(), expand(value, ctx)))
                 .collect(),
         },
+        ask,
     }
 }
 

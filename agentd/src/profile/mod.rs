@@ -31,11 +31,11 @@ pub use builtin::{BUILTIN, builtin};
 #[cfg(test)]
 pub use compile::FsRule;
 pub use compile::{
-    BreakerPolicy, CompileContext, CompiledPolicy, EnvPolicy, FsAccess, LandlockPolicy, NetEntry,
-    SeccompPolicy, SocketFamily, compile,
+    AskPolicy, BreakerPolicy, CompileContext, CompiledPolicy, EnvPolicy, FsAccess, LandlockPolicy,
+    NetEntry, SeccompPolicy, SocketFamily, compile,
 };
 pub use error::{LoadError, ProfileError, ProfileErrors};
-pub use values::{BindRule, ConnectRule, NameRule, format_bytes, format_duration};
+pub use values::{BindRule, ConnectRule, NameRule, format_bytes, format_duration, parse_duration};
 
 /// Where installed profiles live; a name given to `--profile` is looked up here first.
 pub const SYSTEM_PROFILE_DIR: &str = "/etc/agentd/profiles";
@@ -54,6 +54,40 @@ pub struct Profile {
     pub breaker: Breaker,
     pub environment: Environment,
     pub workspace: Workspace,
+    /// `[ask]`: how held calls wait for a person (defaults when the table is absent).
+    pub ask: Ask,
+}
+
+/// `[ask]`: how a call held for a person (`network.ask`, `filesystem.ask_exec`) waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Ask {
+    /// How long a held call waits for a decision; expiry denies it.
+    #[serde(with = "values::duration")]
+    pub timeout: Duration,
+    /// Most calls of one agent held at once; beyond it a call is denied (and counted).
+    pub max_pending: u32,
+    /// Approvals (and denials) must carry an SSH signature of an allowed signer.
+    pub require_signature: bool,
+}
+
+/// `ask.timeout` when the profile names none.
+pub const DEFAULT_ASK_TIMEOUT: Duration = Duration::from_secs(60);
+/// `ask.timeout` bounds.
+pub const ASK_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+/// `ask.max_pending` when the profile names none.
+pub const DEFAULT_ASK_MAX_PENDING: u32 = 4;
+/// `ask.max_pending` bounds.
+pub const ASK_MAX_PENDING_RANGE: std::ops::RangeInclusive<u32> = 1..=64;
+
+impl Default for Ask {
+    fn default() -> Ask {
+        Ask {
+            timeout: DEFAULT_ASK_TIMEOUT,
+            max_pending: DEFAULT_ASK_MAX_PENDING,
+            require_signature: false,
+        }
+    }
 }
 
 /// How the agent's writes reach its workspace (`[workspace]`).
@@ -177,6 +211,8 @@ pub struct Filesystem {
     pub canaries: Vec<PathTemplate>,
     /// Paths inside writable trees the agent may not change (BPF LSM).
     pub protect: Vec<PathTemplate>,
+    /// Programs whose exec is held for a person's decision (`filesystem.ask_exec`).
+    pub ask_exec: Vec<PathTemplate>,
     /// Grants marked optional (`"path?"`) wherever they are listed: they may not exist.
     pub optional: Vec<PathTemplate>,
 }
@@ -190,6 +226,10 @@ pub struct Network {
     pub bind: Vec<BindRule>,
     /// Pathname unix sockets outside the agent it may connect to (host services).
     pub unix: Vec<PathTemplate>,
+    /// `network.ask` rules by address: a connect there is held for a person.
+    pub ask: Vec<ConnectRule>,
+    /// `network.ask` rules by DNS name, sorted.
+    pub ask_names: Vec<NameRule>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -223,6 +263,9 @@ pub enum ViolationKind {
     Syscall,
     /// A DNS query for a name no `network.connect` rule allows (answered NXDOMAIN).
     Dns,
+    /// A call held for a person (`network.ask`, `filesystem.ask_exec`) that ended refused:
+    /// a person's denial, a wait past `ask.timeout`, or one beyond `ask.max_pending`.
+    Denied,
 }
 
 impl ViolationKind {
@@ -237,6 +280,7 @@ impl ViolationKind {
             ViolationKind::Socket => "socket",
             ViolationKind::Syscall => "syscall",
             ViolationKind::Dns => "dns",
+            ViolationKind::Denied => "denied",
         }
     }
 }

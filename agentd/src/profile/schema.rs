@@ -21,6 +21,7 @@ pub struct RawProfile {
     pub breaker: Option<Spanned<RawBreaker>>,
     pub environment: Option<Spanned<RawEnvironment>>,
     pub workspace: Option<Spanned<RawWorkspace>>,
+    pub ask: Option<Spanned<RawAsk>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,6 +52,8 @@ pub struct RawFilesystem {
     pub canaries: Vec<Spanned<String>>,
     #[serde(default)]
     pub protect: Vec<Spanned<String>>,
+    /// Spanned as a whole, so that errors about the list itself point at it.
+    pub ask_exec: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -62,6 +65,8 @@ pub struct RawNetwork {
     pub bind: Vec<Spanned<RawPort>>,
     #[serde(default)]
     pub unix: Vec<Spanned<String>>,
+    /// Spanned as a whole, so that errors about the list itself point at it.
+    pub ask: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// A bind entry: `8080` (TCP) or `"5353/udp"`.
@@ -121,4 +126,12 @@ pub struct RawEnvironment {
 pub struct RawWorkspace {
     pub mode: Option<Spanned<WorkspaceMode>>,
     pub limit: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAsk {
+    pub timeout: Option<Spanned<String>>,
+    pub max_pending: Option<Spanned<i64>>,
+    pub require_signature: Option<Spanned<bool>>,
 }

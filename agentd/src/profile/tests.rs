@@ -1,6 +1,9 @@
 //! Profile parsing, validation and compilation, end to end on text. No root needed.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use super::*;
 
@@ -498,4 +501,507 @@ fn network_connect_name_errors_name_line_key_and_fix() {
         Some("write \"api.example.com:443\"")
     );
     assert!(errs[2].message.contains("listed twice"), "{}", errs[2]);
+}
+
+const ASKING: &str = "[agent]\nname = \"t\"\n[filesystem]\nread = [\"/usr\"]\nwrite = [\"{workspace}\"]\nexec = [\"/usr/lib\"]\nask_exec = [\"/usr/bin/git\", \"{home}/.local/bin/tool?\"]\n[network]\nconnect = [\"api.example.com:443\", \"10.1.0.0/16:443\"]\nask = [\"*.example.org:443\", \"10.0.0.0/8:*\", \"forum.example.com:443\"]\n[ask]\ntimeout = \"5m\"\nmax_pending = 8\nrequire_signature = true\n";
+
+#[test]
+fn ask_rules_parse_and_compile() {
+    let p = parse("t.toml", ASKING).unwrap();
+    assert_eq!(
+        p.ask,
+        Ask {
+            timeout: Duration::from_secs(300),
+            max_pending: 8,
+            require_signature: true
+        }
+    );
+    let c = compile(&p, &ctx());
+    let ask = c.ask.as_ref().expect("ask rules compile to an ask policy");
+    assert_eq!(
+        ask.connect
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["10.0.0.0/8:*/tcp"]
+    );
+    assert_eq!(
+        ask.names
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["forum.example.com:443/tcp", "*.example.org:443/tcp"]
+    );
+    assert_eq!(
+        ask.exec,
+        [
+            PathBuf::from("/home/u/.local/bin/tool"),
+            PathBuf::from("/usr/bin/git")
+        ]
+    );
+    assert_eq!(
+        (ask.timeout, ask.max_pending, ask.require_signature),
+        (Duration::from_secs(300), 8, true)
+    );
+    // Ask rules are not allow rules: no trie entry, no name the resolver admits for.
+    assert_eq!(
+        c.network
+            .connect
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["10.1.0.0/16:443/tcp"]
+    );
+    assert_eq!(c.network.connect_entries.len(), 1);
+    assert_eq!(
+        c.network
+            .names
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["api.example.com:443/tcp"]
+    );
+    // The optional mark carries over, as for any grant.
+    assert_eq!(
+        c.landlock.optional,
+        [PathBuf::from("/home/u/.local/bin/tool")]
+    );
+    let json = serde_json::to_value(&c).unwrap();
+    assert_eq!(json["ask"]["timeout"], "5m");
+    assert_eq!(json["ask"]["names"][1], "*.example.org:443/tcp");
+    assert_eq!(json["ask"]["exec"][1], "/usr/bin/git");
+}
+
+#[test]
+fn held_calls_go_to_notify_and_leave_the_allow_list() {
+    let notify_of = |toml: &str| {
+        let c = compile(&parse("t.toml", toml).unwrap(), &ctx());
+        for call in &c.seccomp.notify {
+            assert!(
+                !c.seccomp.allow.contains(call),
+                "{call} is both allowed and notified"
+            );
+        }
+        (c.seccomp.notify.clone(), c.seccomp.allow.len())
+    };
+    let (notify, plain) = notify_of(MINIMAL);
+    assert!(notify.is_empty());
+    assert!(compile(&parse("t", MINIMAL).unwrap(), &ctx()).ask.is_none());
+
+    let (notify, allowed) = notify_of(ASKING);
+    assert_eq!(notify, ["connect", "execve", "execveat"]);
+    assert_eq!(allowed, plain - 3);
+    // The filter builds: no call is in two lists.
+    let c = compile(&parse("t.toml", ASKING).unwrap(), &ctx());
+    let filter = crate::sandbox::seccomp::compile(&c.seccomp).unwrap();
+    assert_eq!(filter.summary.notify, ["connect", "execve", "execveat"]);
+
+    let (notify, allowed) = notify_of(&format!(
+        "{MINIMAL}[network]\nask = [\"forum.example.com:443\"]\n"
+    ));
+    assert_eq!(notify, ["connect"]);
+    assert_eq!(allowed, plain - 1);
+
+    let (notify, allowed) = notify_of(&format!(
+        "{MINIMAL}[filesystem]\nask_exec = [\"/usr/bin/git\"]\n"
+    ));
+    assert_eq!(notify, ["execve", "execveat"]);
+    assert_eq!(allowed, plain - 2);
+}
+
+#[test]
+fn ask_exec_programs_get_landlock_exec_rights() {
+    let c = compile(&parse("t.toml", ASKING).unwrap(), &ctx());
+    let rule = |path: &str| {
+        c.landlock
+            .rules
+            .iter()
+            .find(|r| r.path == Path::new(path))
+            .unwrap_or_else(|| panic!("no rule for {path}"))
+            .access
+    };
+    // exec = EXECUTE | READ_FILE in the launch's mapping.
+    assert_eq!(
+        rule("/usr/bin/git"),
+        FsAccess {
+            read: false,
+            write: false,
+            exec: true
+        }
+    );
+    assert!(rule("/home/u/.local/bin/tool").exec);
+    assert!(c.fs_allows(Path::new("/usr/bin/git"), |a| a.exec));
+    assert!(!c.fs_allows(Path::new("/usr/bin/ls"), |a| a.exec));
+    // Merged with the path's other rights.
+    let c = compile(
+        &parse(
+            "t.toml",
+            &format!(
+                "{MINIMAL}[filesystem]\nread = [\"/opt/t/run\"]\nask_exec = [\"/opt/t/run\"]\n"
+            ),
+        )
+        .unwrap(),
+        &ctx(),
+    );
+    assert_eq!(
+        c.landlock.rules,
+        [FsRule {
+            path: PathBuf::from("/opt/t/run"),
+            access: FsAccess {
+                read: true,
+                write: false,
+                exec: true
+            }
+        }]
+    );
+}
+
+#[test]
+fn an_ask_exec_program_the_agent_could_write_gets_no_exec_right() {
+    // Different bases: only the launch context tells that {home}/bin lies in /home.
+    let p = parse(
+        "t.toml",
+        &format!(
+            "{MINIMAL}[filesystem]\nwrite = [\"/home\"]\nask_exec = [\"{{home}}/bin/tool\"]\n"
+        ),
+    )
+    .unwrap();
+    let c = compile(&p, &ctx());
+    assert!(!c.fs_allows(Path::new("/home/u/bin/tool"), |a| a.exec));
+    assert_eq!(
+        c.ask.unwrap().exec,
+        [PathBuf::from("/home/u/bin/tool")],
+        "still held (and refused): never run without a person"
+    );
+}
+
+#[test]
+fn ask_defaults() {
+    let p = parse(
+        "t.toml",
+        &format!("{MINIMAL}[network]\nask = [\"10.0.0.0/8:443\"]\n"),
+    )
+    .unwrap();
+    assert_eq!(p.ask, Ask::default());
+    assert_eq!(
+        Ask::default(),
+        Ask {
+            timeout: Duration::from_secs(60),
+            max_pending: 4,
+            require_signature: false
+        }
+    );
+    let c = compile(&p, &ctx());
+    let ask = c.ask.unwrap();
+    assert_eq!(
+        (ask.timeout, ask.max_pending, ask.require_signature),
+        (Duration::from_secs(60), 4, false)
+    );
+    assert!(ask.names.is_empty() && ask.exec.is_empty());
+    assert!(c.network.families.contains(&SocketFamily::NetlinkRoute));
+    // Bounds are inclusive.
+    let p = parse(
+        "t.toml",
+        &format!(
+            "{MINIMAL}[network]\nask = [\"10.0.0.0/8:443\"]\n[ask]\ntimeout = \"24h\"\nmax_pending = 64\n"
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        (p.ask.timeout, p.ask.max_pending),
+        (Duration::from_secs(86400), 64)
+    );
+    let p = parse(
+        "t.toml",
+        &format!(
+            "{MINIMAL}[network]\nask = [\"10.0.0.0/8:443\"]\n[ask]\ntimeout = \"1s\"\nmax_pending = 1\n"
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        (p.ask.timeout, p.ask.max_pending),
+        (Duration::from_secs(1), 1)
+    );
+}
+
+/// (key, line) of each error.
+fn located(text: &str) -> Vec<(String, usize)> {
+    errors(text)
+        .into_iter()
+        .map(|e| (e.key.unwrap_or_default(), e.line.unwrap_or(0)))
+        .collect()
+}
+
+#[test]
+fn an_ask_rule_network_connect_allows_already_is_an_error() {
+    let text = format!(
+        "{MINIMAL}[network]\nconnect = [\"api.example.com:443\", \"*.example.net:*\", \"10.0.0.0/8:443\", \"0.0.0.0/0:*/udp\"]\nask = [\n  \"api.example.com:443\",\n  \"a.example.net:443\",\n  \"10.0.0.0/8:443\",\n  \"10.1.0.0/16:443\",\n  \"10.0.0.0/8:80\",\n  \"10.0.0.0/8:*\",\n  \"192.168.0.0/16:53/udp\",\n  \"example.net:443\",\n]\n"
+    );
+    let errs = errors(&text);
+    assert_eq!(
+        errs.iter()
+            .map(|e| (e.key.as_deref().unwrap(), e.line.unwrap()))
+            .collect::<Vec<_>>(),
+        [
+            ("network.ask[0]", 6),
+            ("network.ask[1]", 7),
+            ("network.ask[2]", 8),
+            ("network.ask[3]", 9),
+            ("network.ask[6]", 12),
+        ],
+        "{errs:?}"
+    );
+    assert!(
+        errs[0]
+            .message
+            .contains("`api.example.com:443/tcp` is also in network.connect"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        errs[1]
+            .message
+            .contains("already allowed by network.connect `*.example.net:*/tcp`"),
+        "{}",
+        errs[1]
+    );
+    assert!(
+        errs[2].message.contains("also in network.connect"),
+        "{}",
+        errs[2]
+    );
+    assert!(
+        errs[3].message.contains("`10.0.0.0/8:443/tcp`"),
+        "{}",
+        errs[3]
+    );
+    assert!(errs[4].message.contains("`0.0.0.0/0:*/udp`"), "{}", errs[4]);
+    for e in &errs {
+        assert!(e.message.contains("never be held for a person"), "{e}");
+        assert_eq!(
+            e.hint.as_deref(),
+            Some("remove it from one of the two lists")
+        );
+    }
+}
+
+#[test]
+fn ask_entries_get_the_connect_syntax_errors() {
+    let errs = errors(&format!(
+        "{MINIMAL}[network]\nask = [\"Forum.Example.com:443\", \"10.0.0.1/8:443\", \"x.example.com:443\", \"x.example.com:443/tcp\"]\n"
+    ));
+    assert_eq!(
+        errs.iter()
+            .map(|e| e.key.as_deref().unwrap())
+            .collect::<Vec<_>>(),
+        ["network.ask[0]", "network.ask[1]", "network.ask[3]"]
+    );
+    assert!(errs.iter().all(|e| e.line == Some(4)));
+    assert_eq!(
+        errs[0].hint.as_deref(),
+        Some("write \"forum.example.com:443\"")
+    );
+    assert!(errs[1].hint.as_deref().unwrap().contains("10.0.0.0/8"));
+    assert!(errs[2].message.contains("listed twice"));
+}
+
+#[test]
+fn an_ask_exec_program_exec_allows_already_is_an_error() {
+    let text = format!(
+        "{MINIMAL}[filesystem]\nexec = [\"/usr/bin/git\", \"/opt/tools\"]\nask_exec = [\n  \"/usr/bin/git\",\n  \"/opt/tools/bin/x\",\n  \"/usr/bin/gitk\",\n  \"{{home}}/tools/x\",\n]\n"
+    );
+    let errs = errors(&text);
+    assert_eq!(
+        errs.iter()
+            .map(|e| (e.key.as_deref().unwrap(), e.line.unwrap()))
+            .collect::<Vec<_>>(),
+        [("filesystem.ask_exec[0]", 6), ("filesystem.ask_exec[1]", 7)],
+        "{errs:?}"
+    );
+    assert!(
+        errs[0]
+            .message
+            .contains("`/usr/bin/git` is also in filesystem.exec"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        errs[1]
+            .message
+            .contains("already allowed by filesystem.exec `/opt/tools`"),
+        "{}",
+        errs[1]
+    );
+    for e in &errs {
+        assert!(e.message.contains("never be held for a person"), "{e}");
+        assert_eq!(
+            e.hint.as_deref(),
+            Some("remove it from one of the two lists")
+        );
+    }
+}
+
+#[test]
+fn ask_exec_paths_are_checked_as_exec_paths() {
+    let errs = errors(&format!(
+        "{MINIMAL}[filesystem]\nwrite = [\"{{workspace}}\"]\ncanaries = [\"{{home}}/.ssh/x\"]\nask_exec = [\n  \"bin/git\",\n  \"/usr/../bin/sh\",\n  \"/usr/bin/git\",\n  \"/usr/bin/git\",\n  \"/\",\n  \"{{workspace}}/run.sh\",\n  \"{{home}}/.ssh/x\",\n]\n"
+    ));
+    assert_eq!(
+        errs.iter()
+            .map(|e| (e.key.as_deref().unwrap(), e.line.unwrap()))
+            .collect::<Vec<_>>(),
+        [
+            ("filesystem.canaries[0]", 5),
+            ("filesystem.ask_exec[0]", 7),
+            ("filesystem.ask_exec[1]", 8),
+            ("filesystem.ask_exec[3]", 10),
+            ("filesystem.ask_exec[4]", 11),
+            ("filesystem.ask_exec[5]", 12),
+        ],
+        "{errs:?}"
+    );
+    assert!(
+        errs[0].message.contains("granted in filesystem.ask_exec"),
+        "{}",
+        errs[0]
+    );
+    assert!(errs[1].message.contains("relative path"), "{}", errs[1]);
+    assert!(errs[2].message.contains("`..`"), "{}", errs[2]);
+    assert!(errs[3].message.contains("listed twice"), "{}", errs[3]);
+    assert!(errs[4].message.contains("is a directory"), "{}", errs[4]);
+    assert!(
+        errs[5]
+            .message
+            .contains("inside filesystem.write `{workspace}`: the agent could change the program"),
+        "{}",
+        errs[5]
+    );
+}
+
+#[test]
+fn ask_rules_in_monitor_mode_are_errors() {
+    let text = "[agent]\nname = \"t\"\nmode = \"monitor\"\n[filesystem]\nask_exec = [\"/usr/bin/git\"]\n[network]\nask = [\"10.0.0.0/8:443\"]\n[breaker]\naction = \"deny\"\n";
+    let errs = errors(text);
+    assert_eq!(
+        errs.iter()
+            .map(|e| (e.key.as_deref().unwrap(), e.line.unwrap()))
+            .collect::<Vec<_>>(),
+        [("filesystem.ask_exec", 5), ("network.ask", 7)],
+        "{errs:?}"
+    );
+    assert!(errs[0].message.contains("monitor"), "{}", errs[0]);
+    assert!(
+        errs[0]
+            .hint
+            .as_deref()
+            .unwrap()
+            .contains("mode = \"enforce\"")
+    );
+    // Empty lists hold nothing: no contradiction.
+    assert!(
+        parse(
+            "t.toml",
+            "[agent]\nname = \"t\"\nmode = \"monitor\"\n[network]\nask = []\n[breaker]\naction = \"deny\"\n"
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn an_ask_table_without_ask_rules_is_an_error() {
+    for text in [
+        format!("{MINIMAL}[ask]\ntimeout = \"30s\"\n"),
+        format!("{MINIMAL}[network]\nask = []\n[ask]\ntimeout = \"30s\"\n"),
+    ] {
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].key.as_deref(), Some("ask"));
+        assert!(
+            errs[0].message.contains("nothing to ask about"),
+            "{}",
+            errs[0]
+        );
+        assert!(
+            errs[0]
+                .hint
+                .as_deref()
+                .unwrap()
+                .contains("add network.ask or filesystem.ask_exec")
+        );
+        let header = text.lines().position(|l| l == "[ask]").unwrap() + 1;
+        assert_eq!(errs[0].line, Some(header), "the [ask] header");
+    }
+}
+
+#[test]
+fn ask_settings_out_of_range_are_errors() {
+    let base = format!("{MINIMAL}[network]\nask = [\"10.0.0.0/8:443\"]\n[ask]\n");
+    for (setting, key, needle) in [
+        ("timeout = \"500ms\"", "ask.timeout", "between 1s and 24h"),
+        ("timeout = \"25h\"", "ask.timeout", "between 1s and 24h"),
+        ("timeout = \"0s\"", "ask.timeout", "0"),
+        ("timeout = \"soon\"", "ask.timeout", "not a duration"),
+        ("max_pending = 0", "ask.max_pending", "between 1 and 64"),
+        ("max_pending = 65", "ask.max_pending", "between 1 and 64"),
+        ("max_pending = -1", "ask.max_pending", "between 1 and 64"),
+    ] {
+        let errs = errors(&format!("{base}{setting}\n"));
+        assert_eq!(errs.len(), 1, "{setting}: {errs:?}");
+        assert_eq!(errs[0].key.as_deref(), Some(key), "{setting}");
+        assert_eq!(errs[0].line, Some(6), "{setting}");
+        assert!(errs[0].message.contains(needle), "{setting}: {}", errs[0]);
+        assert!(errs[0].hint.is_some(), "{setting}");
+    }
+    // Wrong types and unknown keys, as everywhere.
+    assert_eq!(
+        located(&format!("{base}require_signature = \"yes\"\n")),
+        [("ask.require_signature".to_owned(), 6)]
+    );
+    let e = &errors(&format!("{base}max_pendng = 2\n"))[0];
+    assert_eq!(e.key.as_deref(), Some("ask.max_pendng"));
+    assert!(e.hint.as_deref().unwrap().contains("`max_pending`"), "{e}");
+}
+
+#[test]
+fn denied_is_a_breaker_kind() {
+    let p = parse(
+        "t.toml",
+        &format!(
+            "{MINIMAL}[network]\nask = [\"10.0.0.0/8:443\"]\n[breaker]\ntrip_on = [\"denied\", \"canary\"]\n"
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        p.breaker.trip_on,
+        [ViolationKind::Denied, ViolationKind::Canary]
+    );
+    assert_eq!(ViolationKind::Denied.as_str(), "denied");
+    assert_eq!(
+        serde_json::to_value(ViolationKind::Denied).unwrap(),
+        "denied"
+    );
+    assert!(!DEFAULT_TRIP_ON.contains(&ViolationKind::Denied));
+}
+
+#[test]
+fn entry_keys_count_every_entry_as_written() {
+    // An invalid entry before another does not shift the other's index.
+    assert_eq!(
+        located(&format!(
+            "{MINIMAL}[network]\nunix = [\"rel.sock\", \"/\"]\n"
+        )),
+        [
+            ("network.unix[0]".to_owned(), 4),
+            ("network.unix[1]".to_owned(), 4)
+        ]
+    );
+    assert_eq!(
+        located(&format!(
+            "{MINIMAL}[filesystem]\nwrite = [\"{{workspace}}/out\"]\nprotect = [\"rel\", \"{{workspace}}/.git\"]\n"
+        )),
+        [
+            ("filesystem.protect[0]".to_owned(), 5),
+            ("filesystem.protect[1]".to_owned(), 5)
+        ]
+    );
 }

@@ -6,8 +6,9 @@ use std::ops::Range;
 use toml::Spanned;
 
 use super::{
-    Action, Breaker, DEFAULT_TRIP_ON, Environment, Filesystem, Identity, Limits, Mode, Network,
-    PathTemplate, Profile, ProfileError, ProfileErrors, RunAs, Threshold, Workspace, WorkspaceMode,
+    ASK_MAX_PENDING_RANGE, ASK_TIMEOUT_RANGE, Action, Ask, Breaker, DEFAULT_TRIP_ON, Environment,
+    Filesystem, Identity, Limits, Mode, Network, PathTemplate, Profile, ProfileError,
+    ProfileErrors, RunAs, Threshold, Workspace, WorkspaceMode,
     error::{Locator, closest},
     schema::RawProfile,
     values::{self, Invalid},
@@ -55,11 +56,12 @@ impl Checker<'_> {
         );
     }
 
-    /// Reports the entry of `list` (under `key`) past the first `max`: "at most `max`
-    /// `what` per profile".
+    /// Reports the entry of `list` (valid entries of `items`, under `key`) past the first
+    /// `max`: "at most `max` `what` per profile".
     fn at_most<T>(
         &mut self,
         key: &str,
+        items: &[Spanned<impl AsRef<str>>],
         list: &[(T, Range<usize>)],
         max: u32,
         what: &str,
@@ -68,7 +70,7 @@ impl Checker<'_> {
         if let Some((_, span)) = list.get(max as usize) {
             self.fail(
                 span.clone(),
-                format!("{key}[{max}]"),
+                entry_key(key, items, span),
                 format!("at most {max} {what} per profile"),
                 Some(hint.into()),
             );
@@ -176,9 +178,11 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
     let read = c.list("filesystem.read", &fs.read, values::parse_grant);
     let write = c.list("filesystem.write", &fs.write, values::parse_grant);
     let exec = c.list("filesystem.exec", &fs.exec, values::parse_grant);
+    let ask_exec_raw: &[Spanned<String>] = fs.ask_exec.as_ref().map_or(&[], |l| l.get_ref());
+    let ask_exec = c.list("filesystem.ask_exec", ask_exec_raw, values::parse_grant);
     // Optional: marked so in every list that names it.
     let mut optional: Vec<PathTemplate> = Vec::new();
-    for ((path, opt), _) in read.iter().chain(&write).chain(&exec) {
+    for ((path, opt), _) in read.iter().chain(&write).chain(&exec).chain(&ask_exec) {
         if *opt && !optional.contains(path) {
             optional.push(path.clone());
         }
@@ -188,6 +192,7 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
             .iter()
             .chain(&write)
             .chain(&exec)
+            .chain(&ask_exec)
             .any(|((p, opt), _)| p == o && !*opt)
     });
     let unmark = |v: Vec<((PathTemplate, bool), Range<usize>)>| {
@@ -196,24 +201,31 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
             .collect::<Vec<_>>()
     };
     let (read, write, exec) = (unmark(read), unmark(write), unmark(exec));
+    let ask_exec = unmark(ask_exec);
     let canaries = c.list("filesystem.canaries", &fs.canaries, values::parse_path);
-    for (i, (canary, span)) in canaries.iter().enumerate() {
-        for (list, granted) in [("read", &read), ("write", &write), ("exec", &exec)] {
+    for (canary, span) in &canaries {
+        for (list, granted) in [
+            ("read", &read),
+            ("write", &write),
+            ("exec", &exec),
+            ("ask_exec", &ask_exec),
+        ] {
             if granted.iter().any(|(p, _)| p == canary) {
-                c.fail(span.clone(), format!("filesystem.canaries[{i}]"), format!("`{canary}` is both a canary and granted in filesystem.{list}"), Some("a canary is a path the agent has no business opening: remove it from one of the two lists".into()));
+                c.fail(span.clone(), entry_key("filesystem.canaries", &fs.canaries, span), format!("`{canary}` is both a canary and granted in filesystem.{list}"), Some("a canary is a path the agent has no business opening: remove it from one of the two lists".into()));
             }
         }
     }
     let protect = c.list("filesystem.protect", &fs.protect, values::parse_path);
     c.at_most(
         "filesystem.protect",
+        &fs.protect,
         &protect,
         agentd_common::MAX_PROTECT,
         "protected paths",
         "protect a common parent directory instead",
     );
-    for (i, (path, span)) in protect.iter().enumerate() {
-        let key = format!("filesystem.protect[{i}]");
+    for (path, span) in &protect {
+        let key = entry_key("filesystem.protect", &fs.protect, span);
         if !write.iter().any(|(w, _)| path.maybe_within(w)) {
             c.fail(
                 span.clone(),
@@ -252,6 +264,59 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
             );
         }
     }
+    // ask_exec: programs whose exec is held for a person. A program the agent may run
+    // anyway would never be held; one it may write could be changed after the approval.
+    for (path, span) in &ask_exec {
+        let key = entry_key("filesystem.ask_exec", ask_exec_raw, span);
+        if path.rest.as_os_str().is_empty() {
+            c.fail(
+                span.clone(),
+                key.clone(),
+                format!("`{path}` is a directory: filesystem.ask_exec lists programs"),
+                Some("list each program file, e.g. \"/usr/bin/git\"".into()),
+            );
+        }
+        if let Some((tree, _)) = exec.iter().find(|(e, _)| path.surely_within(e)) {
+            let message = if tree == path {
+                format!(
+                    "`{path}` is also in filesystem.exec, so running it would never be held for a person"
+                )
+            } else {
+                format!(
+                    "`{path}` is already allowed by filesystem.exec `{tree}`, so running it would never be held for a person"
+                )
+            };
+            c.fail(
+                span.clone(),
+                key.clone(),
+                message,
+                Some("remove it from one of the two lists".into()),
+            );
+        }
+        if let Some((tree, _)) = write.iter().find(|(w, _)| path.surely_within(w)) {
+            c.fail(
+                span.clone(),
+                key,
+                format!(
+                    "`{path}` is inside filesystem.write `{tree}`: the agent could change the program after a person approved it"
+                ),
+                Some(
+                    "ask about programs outside the writable trees, or remove the write grant"
+                        .into(),
+                ),
+            );
+        }
+    }
+    if let (Mode::Monitor, Some(list)) = (mode, &fs.ask_exec)
+        && !list.get_ref().is_empty()
+    {
+        c.fail(
+            list.span(),
+            "filesystem.ask_exec",
+            "`mode = \"monitor\"` lets every program run, so nothing would be held for a person",
+            Some("remove filesystem.ask_exec, or set `mode = \"enforce\"` in [agent]".into()),
+        );
+    }
     let paths =
         |v: Vec<(PathTemplate, Range<usize>)>| v.into_iter().map(|(p, _)| p).collect::<Vec<_>>();
     let filesystem = Filesystem {
@@ -260,6 +325,7 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
         exec: paths(exec),
         canaries: paths(canaries),
         protect: paths(protect),
+        ask_exec: paths(ask_exec),
         optional,
     };
 
@@ -291,17 +357,18 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
     let unix = c.list("network.unix", &net.unix, values::parse_path);
     c.at_most(
         "network.unix",
+        &net.unix,
         &unix,
         agentd_common::MAX_UNIX_PEERS,
         "unix sockets",
         "list only the services this agent needs",
     );
-    for (i, (path, span)) in unix.iter().enumerate() {
+    for (path, span) in &unix {
         let name = path.rest.file_name().map_or(0, |n| n.len());
         if name == 0 || name >= agentd_common::GUARDED_NAME_LEN - 1 {
             c.fail(
                 span.clone(),
-                format!("network.unix[{i}]"),
+                entry_key("network.unix", &net.unix, span),
                 format!(
                     "`{path}` does not end in a socket's name of 1 to {} bytes",
                     agentd_common::GUARDED_NAME_LEN - 2
@@ -310,11 +377,130 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
             );
         }
     }
+    // network.ask: destinations whose connect is held for a person. One network.connect
+    // allows already would never be held.
+    let ask_raw: &[Spanned<String>] = net.ask.as_ref().map_or(&[], |l| l.get_ref());
+    let mut ask = Vec::new();
+    let mut ask_names = Vec::new();
+    for (entry, span) in c.list("network.ask", ask_raw, values::parse_connect_entry) {
+        let (written, allowed_by) = match entry {
+            values::ConnectEntry::Cidr(rule) => {
+                let by = by_address
+                    .iter()
+                    .find(|c| c.covers(&rule))
+                    .map(|c| c.to_string());
+                if by.is_none() {
+                    ask.push(rule);
+                }
+                (rule.to_string(), by)
+            }
+            values::ConnectEntry::Name(rule) => {
+                let by = names
+                    .iter()
+                    .find(|c| c.covers(&rule))
+                    .map(|c| c.to_string());
+                let written = rule.to_string();
+                if by.is_none() {
+                    ask_names.push(rule);
+                }
+                (written, by)
+            }
+        };
+        if let Some(by) = allowed_by {
+            let message = if by == written {
+                format!(
+                    "`{written}` is also in network.connect, so a connect to it would never be held for a person"
+                )
+            } else {
+                format!(
+                    "`{written}` is already allowed by network.connect `{by}`, so a connect to it would never be held for a person"
+                )
+            };
+            let key = entry_key("network.ask", ask_raw, &span);
+            c.fail(
+                span,
+                key,
+                message,
+                Some("remove it from one of the two lists".into()),
+            );
+        }
+    }
+    ask_names.sort();
+    if let (Mode::Monitor, Some(list)) = (mode, &net.ask)
+        && !list.get_ref().is_empty()
+    {
+        c.fail(
+            list.span(),
+            "network.ask",
+            "`mode = \"monitor\"` allows every connect, so nothing would be held for a person",
+            Some("remove network.ask, or set `mode = \"enforce\"` in [agent]".into()),
+        );
+    }
     let network = Network {
         connect: by_address,
         names,
         bind,
         unix: paths(unix),
+        ask,
+        ask_names,
+    };
+
+    // [ask]: only with something to ask about.
+    let ask = match raw.ask {
+        None => Ask::default(),
+        Some(table) => {
+            let span = table.span();
+            let table = table.into_inner();
+            if ask_raw.is_empty() && ask_exec_raw.is_empty() {
+                c.fail(
+                    span,
+                    "ask",
+                    "nothing to ask about: [ask] sets how calls held for a person wait, and no rule holds any",
+                    Some("add network.ask or filesystem.ask_exec, or remove [ask]".into()),
+                );
+            }
+            let timeout = table.timeout.as_ref().and_then(|t| {
+                match values::parse_duration(t.get_ref()) {
+                    Err(e) => {
+                        c.push(t.span(), "ask.timeout", e);
+                        None
+                    }
+                    Ok(d) if !ASK_TIMEOUT_RANGE.contains(&d) => {
+                        c.fail(
+                            t.span(),
+                            "ask.timeout",
+                            format!("`{}` is not between 1s and 24h", t.get_ref()),
+                            Some("write a duration from \"1s\" to \"24h\": when it runs out, the call is denied".into()),
+                        );
+                        None
+                    }
+                    Ok(d) => Some(d),
+                }
+            });
+            let max_pending = table.max_pending.as_ref().and_then(|m| {
+                match u32::try_from(*m.get_ref()) {
+                    Ok(n) if ASK_MAX_PENDING_RANGE.contains(&n) => Some(n),
+                    _ => {
+                        c.fail(
+                            m.span(),
+                            "ask.max_pending",
+                            format!("{} is not between 1 and 64", m.get_ref()),
+                            Some("write how many calls of the agent may wait for a person at once, 1 to 64".into()),
+                        );
+                        None
+                    }
+                }
+            });
+            let defaults = Ask::default();
+            Ask {
+                timeout: timeout.unwrap_or(defaults.timeout),
+                max_pending: max_pending.unwrap_or(defaults.max_pending),
+                require_signature: table
+                    .require_signature
+                    .as_ref()
+                    .map_or(defaults.require_signature, |r| *r.get_ref()),
+            }
+        }
     };
 
     // [limits]
@@ -562,7 +748,17 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
         breaker,
         environment,
         workspace,
+        ask,
     })
+}
+
+/// The key of the entry of `items` (listed under `key`) at `span`: `key[i]`, `i` its
+/// index as written (the lists [`Checker::list`] returns leave invalid entries out).
+fn entry_key(key: &str, items: &[Spanned<impl AsRef<str>>], span: &Range<usize>) -> String {
+    match items.iter().position(|item| item.span() == *span) {
+        Some(i) => format!("{key}[{i}]"),
+        None => key.to_owned(),
+    }
 }
 
 /// A TOML or schema error (unknown key, wrong type, missing key), with the table it is in

@@ -78,6 +78,20 @@ impl fmt::Display for ConnectRule {
     }
 }
 
+impl ConnectRule {
+    /// Whether this rule allows every destination `other` names: the same protocol, a
+    /// network containing `other`'s (IPv4 compared in its IPv4-mapped form, as the trie
+    /// matches it), and every port or `other`'s one.
+    pub fn covers(&self, other: &ConnectRule) -> bool {
+        let (net, prefix) = mapped_v6(self.net);
+        let (inner, inner_prefix) = mapped_v6(other.net);
+        self.proto == other.proto
+            && self.port.is_none_or(|p| other.port == Some(p))
+            && prefix <= inner_prefix
+            && Ipv6Net::new(inner, prefix).is_ok_and(|n| n.trunc().network() == net)
+    }
+}
+
 impl Serialize for ConnectRule {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
@@ -192,6 +206,18 @@ impl NamePattern {
     }
 }
 
+impl NamePattern {
+    /// Whether every name `other` matches is one this pattern matches.
+    pub fn covers(&self, other: &NamePattern) -> bool {
+        match (self, other) {
+            (NamePattern::Exact(a), NamePattern::Exact(b)) => a == b,
+            (NamePattern::Exact(_), NamePattern::Below(_)) => false,
+            (NamePattern::Below(_), NamePattern::Exact(b)) => self.matches(b),
+            (NamePattern::Below(a), NamePattern::Below(b)) => a == b || self.matches(b),
+        }
+    }
+}
+
 impl fmt::Display for NamePattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -217,6 +243,16 @@ impl fmt::Display for NameRule {
             Some(p) => write!(f, "{}:{p}/{}", self.pattern, self.proto.as_str()),
             None => write!(f, "{}:*/{}", self.pattern, self.proto.as_str()),
         }
+    }
+}
+
+impl NameRule {
+    /// Whether this rule allows every destination `other` names: the same protocol, a
+    /// pattern covering `other`'s, and every port or `other`'s one.
+    pub fn covers(&self, other: &NameRule) -> bool {
+        self.proto == other.proto
+            && self.port.is_none_or(|p| other.port == Some(p))
+            && self.pattern.covers(&other.pattern)
     }
 }
 
@@ -854,6 +890,45 @@ mod tests {
         assert!(!below.matches("a.xexample.com"));
         assert!(!below.matches("example.com.evil.net"));
         assert!(!below.matches("a.example.co"));
+    }
+
+    #[test]
+    fn connect_rules_cover_narrower_ones_of_the_same_protocol() {
+        let covers =
+            |a: &str, b: &str| parse_connect(a).unwrap().covers(&parse_connect(b).unwrap());
+        assert!(covers("10.0.0.0/8:443", "10.0.0.0/8:443"));
+        assert!(covers("10.0.0.0/8:*", "10.1.0.0/16:443"));
+        assert!(covers("10.0.0.0/8:443", "10.1.2.3/32:443"));
+        assert!(
+            covers("0.0.0.0/0:*", "::ffff:10.0.0.0/104:80"),
+            "IPv4-mapped"
+        );
+        assert!(!covers("10.0.0.0/8:443", "10.0.0.0/8:*"), "narrower port");
+        assert!(!covers("10.0.0.0/8:443", "10.0.0.0/8:80"));
+        assert!(!covers("10.0.0.0/8:443", "10.0.0.0/8:443/udp"));
+        assert!(!covers("10.1.0.0/16:*", "10.0.0.0/8:443"), "wider network");
+        assert!(!covers("10.0.0.0/8:*", "11.0.0.0/8:443"));
+        assert!(
+            covers("::/0:*", "10.0.0.0/8:443"),
+            "the trie holds IPv4 networks IPv4-mapped, so ::/0 matches them"
+        );
+    }
+
+    #[test]
+    fn name_rules_cover_the_names_they_match() {
+        let covers = |a: &str, b: &str| name(a).covers(&name(b));
+        assert!(covers("api.example.com:443", "api.example.com:443"));
+        assert!(covers("*.example.com:443", "api.example.com:443"));
+        assert!(covers("*.example.com:*", "*.a.example.com:443"));
+        assert!(covers("*.example.com:443", "*.example.com:443"));
+        assert!(
+            !covers("*.example.com:443", "example.com:443"),
+            "not the suffix"
+        );
+        assert!(!covers("api.example.com:443", "*.api.example.com:443"));
+        assert!(!covers("*.example.com:443", "api.example.com:*"));
+        assert!(!covers("*.example.com:443", "api.example.com:443/udp"));
+        assert!(!covers("*.a.example.com:443", "*.example.com:443"));
     }
 
     #[test]

@@ -126,6 +126,8 @@ fn key_of(ev: &Event) -> Option<Key> {
                 | Kind::LaunchFailed
                 | Kind::Limit
                 | Kind::Transaction
+                | Kind::Ask
+                | Kind::Approval
         )
     {
         return None;

@@ -122,6 +122,18 @@ pub trait AgentHooks {
         let _ = (agent, events);
     }
 
+    /// The seccomp listener of the agent's held calls (its profile has ask rules), with
+    /// the agent's terminal to ask on, if agentd relays one. The default drops it: held
+    /// calls then fail (ENOSYS) instead of waiting for nobody.
+    fn serve_asks(
+        &mut self,
+        agent: &AgentHandle,
+        listener: std::os::fd::OwnedFd,
+        prompter: Option<super::terminal::Prompter>,
+    ) {
+        let _ = (agent, listener, prompter);
+    }
+
     /// The agent's first process has exited; its cgroup is about to be emptied and removed.
     /// The supervisor awaits the returned future before it reports the exit.
     fn finished<'a>(

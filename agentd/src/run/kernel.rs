@@ -78,6 +78,22 @@ pub struct KernelHooks {
     /// The agent's resolver (its profile names domains): bound before the agent starts,
     /// serving once it has.
     resolver: Option<Resolving>,
+    /// What asking a person needs, when the profile has ask rules.
+    ask: Option<AskContext>,
+    /// Events from agentd's own sources (resolver, held calls), to the breaker.
+    side_events: Option<mpsc::UnboundedSender<Event>>,
+    /// The task answering held calls.
+    ask_task: Option<JoinHandle<()>>,
+}
+
+/// The part of the policy the held calls are decided with.
+#[derive(Debug)]
+struct AskContext {
+    policy: crate::profile::AskPolicy,
+    profile: String,
+    allow: Vec<crate::profile::ConnectRule>,
+    resolver: bool,
+    asked: dns::AskedNames,
 }
 
 #[derive(Debug)]
@@ -85,6 +101,8 @@ enum Resolving {
     Bound {
         bound: dns::Bound,
         rules: Vec<NameRule>,
+        ask: Vec<NameRule>,
+        asked: dns::AskedNames,
         upstream: Result<std::net::SocketAddr, String>,
         monitor: bool,
     },
@@ -127,7 +145,23 @@ impl AgentHooks for KernelHooks {
             )
             .map_err(|e| hook_error("kernel watch", e.into()))?;
         let names = &agent.policy.network.names;
-        if !names.is_empty() {
+        let ask_names = agent
+            .policy
+            .ask
+            .as_ref()
+            .map(|a| a.names.clone())
+            .unwrap_or_default();
+        let asked = dns::AskedNames::default();
+        if let Some(policy) = &agent.policy.ask {
+            self.ask = Some(AskContext {
+                policy: policy.clone(),
+                profile: agent.policy.name.clone(),
+                allow: agent.policy.network.connect.clone(),
+                resolver: !names.is_empty() || !ask_names.is_empty(),
+                asked: asked.clone(),
+            });
+        }
+        if !names.is_empty() || !ask_names.is_empty() {
             let up = dns::upstream(self.dns_upstream);
             if let Err(why) = &up {
                 eprintln!("agentd: warning: {why}: the names the profile allows will not resolve");
@@ -144,6 +178,8 @@ impl AgentHooks for KernelHooks {
                     self.resolver = Some(Resolving::Bound {
                         bound,
                         rules: names.clone(),
+                        ask: ask_names,
+                        asked,
                         upstream,
                         monitor: agent.policy.mode == Mode::Monitor,
                     });
@@ -188,9 +224,12 @@ impl AgentHooks for KernelHooks {
             let w = lock(&watch);
             (w.admissions(), w.dns_clients())
         };
+        self.side_events = Some(dns_tx.clone());
         if let Some(Resolving::Bound {
             bound,
             rules,
+            ask,
+            asked,
             upstream,
             monitor,
         }) = self.resolver.take()
@@ -199,6 +238,8 @@ impl AgentHooks for KernelHooks {
                 id: agent.agent_id.to_string(),
                 cgroup_id,
                 rules,
+                ask,
+                asked,
                 upstream,
                 admissions,
                 clients,
@@ -232,11 +273,67 @@ impl AgentHooks for KernelHooks {
         self.task = Some(tokio::spawn(task.run(rx, dns_rx)));
     }
 
+    fn serve_asks(
+        &mut self,
+        agent: &AgentHandle,
+        listener: std::os::fd::OwnedFd,
+        prompter: Option<super::terminal::Prompter>,
+    ) {
+        let (Some(ctx), Some(watch), Some(bpf_agent), Some(events)) = (
+            self.ask.take(),
+            self.watch.as_ref(),
+            self.agent.as_ref(),
+            self.side_events.clone(),
+        ) else {
+            // Nothing to ask with: held calls fail (ENOSYS) once the listener closes.
+            return;
+        };
+        let maps = {
+            let w = lock(watch);
+            crate::ask::maps::WatchMaps::new(
+                &agent.agent_id,
+                bpf_agent.cgroup_id(),
+                w.admissions(),
+                w.exec_gate(),
+                ctx.asked,
+            )
+        };
+        let board = Arc::new(crate::ask::engine::Board::default());
+        let engine = Arc::new(crate::ask::engine::AgentAsk::new(
+            &agent.agent_id,
+            &ctx.profile,
+            super::asking::invoking_uid(),
+            agent.pid,
+            ctx.policy,
+            ctx.allow,
+            ctx.resolver,
+            Arc::new(maps),
+            Arc::new(super::asking::TerminalFront {
+                prompter,
+                board: Arc::clone(&board),
+            }),
+            board,
+            Arc::new(move |ev| {
+                let _ = events.send(ev);
+            }),
+        ));
+        if let Err(e) = engine.arm() {
+            // An ask_exec file the kernel would not know: fail closed.
+            eprintln!("agentd: cannot mark the programs to ask about: {e}; killing the agent");
+            let _ = agent.signal_kill();
+            return;
+        }
+        self.ask_task = Some(tokio::spawn(engine.serve(listener)));
+    }
+
     fn finished<'a>(
         &'a mut self,
         agent: &'a AgentHandle,
     ) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
         Box::pin(async move {
+            if let Some(t) = self.ask_task.take() {
+                t.abort();
+            }
             if let Some(mut drained) = self.drained.take() {
                 let wait = drained.wait_for(|done| *done);
                 if tokio::time::timeout(DRAIN_TIMEOUT, wait).await.is_err() {

@@ -16,6 +16,7 @@
 //! launch it (one line on stderr: `agentd: cannot launch: STEP: ERROR`); 126 when the
 //! program was found but cannot be executed; 127 when it was not found.
 
+pub mod asking;
 pub mod bursts;
 pub mod control;
 pub mod events;

@@ -386,6 +386,9 @@ pub struct KernelPlan {
     pub protect: Vec<PathBuf>,
     pub unix: Vec<PathBuf>,
     pub bpf_lsm: BpfLsm,
+    /// What is held for a person (the profile's ask rules), as `profile check` says it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ask: Option<String>,
 }
 
 /// Whether BPF LSM programs run here, as far as the dry run could tell.
@@ -409,6 +412,7 @@ impl KernelPlan {
                 .map(|r| r.to_string())
                 .collect(),
             names: policy.network.names.iter().map(|r| r.to_string()).collect(),
+            ask: policy.ask.as_ref().map(crate::report::ask_line),
             monitor: policy.mode == Mode::Monitor,
             bind: policy.network.bind.iter().map(|r| r.to_string()).collect(),
             canaries: policy.canaries.clone(),
@@ -457,6 +461,9 @@ impl KernelPlan {
                     }
                 ),
             );
+        }
+        if let Some(ask) = &self.ask {
+            line("ask", ask.clone());
         }
         if !self.canaries.is_empty() {
             line("canaries", paths(&self.canaries).join(", "));

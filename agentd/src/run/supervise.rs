@@ -298,11 +298,12 @@ pub async fn supervise(s: Supervision<'_>) -> u8 {
     }
     send(&tx, start_event(plan, &spawned, view)).await;
     hooks.started(&handle, &tx);
-    // Seccomp user notifications: nothing in the embedded supervisor answers them yet (no
-    // profile routes a call to it today). Closing the listener makes any notified call fail
-    // with ENOSYS at once instead of blocking the agent forever. A hook that decides such
-    // calls takes the listener here instead.
-    drop(spawned.seccomp_listener);
+    // Held calls (the profile's ask rules): the hooks answer them (the kernel hooks here,
+    // the daemon through its own); a hook that cannot drops the listener, and held calls
+    // fail with ENOSYS instead of waiting for nobody.
+    if let Some(listener) = spawned.seccomp_listener {
+        hooks.serve_asks(&handle, listener, terminal.map(|t| t.prompter()));
+    }
 
     // SAFETY: the pidfd is an OwnedFd moved into the AsyncFd: it stays open, the same file
     // description, for the AsyncFd's whole life.

@@ -72,9 +72,13 @@ fn hook_error(hook: &'static str, e: SupervisedError) -> HookError {
 pub struct DaemonHooks {
     /// Until `started`: the blocking socket.
     blocking: Option<UnixStream>,
-    writer: Option<OwnedWriteHalf>,
+    /// After `started`: the socket's write half (shared with the task that hands over
+    /// the seccomp listener).
+    writer: Arc<tokio::sync::Mutex<Option<OwnedWriteHalf>>>,
     verdicts: Option<mpsc::Receiver<Option<String>>>,
     killed_by: Arc<Mutex<Option<String>>>,
+    /// The seccomp listener, until the daemon said it has its copy.
+    listener: Arc<Mutex<Option<OwnedFd>>>,
 }
 
 impl DaemonHooks {
@@ -123,7 +127,7 @@ impl DaemonHooks {
     }
 
     async fn tell(&mut self, line: &SupervisorLine) {
-        if let Some(w) = self.writer.as_mut()
+        if let Some(w) = self.writer.lock().await.as_mut()
             && let Err(e) = w.write_all(&proto::encode(line)).await
         {
             eprintln!("agentd: telling the daemon: {e}");
@@ -153,7 +157,7 @@ impl AgentHooks for DaemonHooks {
                 "kernel watch (daemon)",
                 SupervisedError::Refused(why),
             )),
-            other => Err(hook_error(
+            other @ (ToSupervisor::Verdict(_) | ToSupervisor::Listening(_)) => Err(hook_error(
                 "kernel watch (daemon)",
                 SupervisedError::Unexpected(format!("{other:?}")),
             )),
@@ -183,11 +187,12 @@ impl AgentHooks for DaemonHooks {
             }
         };
         let (read, write) = sock.into_split();
-        self.writer = Some(write);
+        self.writer = Arc::new(tokio::sync::Mutex::new(Some(write)));
         let (tx, rx) = mpsc::channel(1);
         self.verdicts = Some(rx);
         let agent = agent.clone();
         let killed_by = Arc::clone(&self.killed_by);
+        let listener = Arc::clone(&self.listener);
         tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(read).lines();
             loop {
@@ -195,6 +200,16 @@ impl AgentHooks for DaemonHooks {
                     Ok(Some(line)) => match proto::decode::<ToSupervisor>(line.as_bytes()) {
                         Ok(ToSupervisor::Verdict(v)) => {
                             let _ = tx.send(v).await;
+                        }
+                        Ok(ToSupervisor::Listening(took)) => {
+                            // The daemon has its copy, or will never answer: either way
+                            // this one goes (held calls fail if nobody holds one).
+                            if !took {
+                                eprintln!(
+                                    "agentd: the daemon cannot answer held calls; they are refused"
+                                );
+                            }
+                            lock(&listener).take();
                         }
                         Ok(other) => tracing::warn!("unexpected from the daemon: {other:?}"),
                         Err(e) => tracing::warn!("bad line from the daemon: {e}"),
@@ -212,6 +227,31 @@ impl AgentHooks for DaemonHooks {
                         return;
                     }
                 }
+            }
+        });
+    }
+
+    fn serve_asks(
+        &mut self,
+        _agent: &AgentHandle,
+        listener: OwnedFd,
+        _prompter: Option<super::terminal::Prompter>,
+    ) {
+        // The daemon answers (and the client relaying the agent's terminal prompts): it
+        // takes a copy of the descriptor from this process, which keeps it until then.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        *lock(&self.listener) = Some(listener);
+        let line = proto::encode(&SupervisorLine::Listener { fd });
+        let writer = Arc::clone(&self.writer);
+        let slot = Arc::clone(&self.listener);
+        tokio::spawn(async move {
+            let sent = match writer.lock().await.as_mut() {
+                Some(w) => w.write_all(&line).await,
+                None => Err(std::io::ErrorKind::NotConnected.into()),
+            };
+            if let Err(e) = sent {
+                eprintln!("agentd: telling the daemon: {e}; held calls are refused");
+                lock(&slot).take();
             }
         });
     }

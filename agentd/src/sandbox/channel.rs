@@ -313,11 +313,17 @@ pub enum ReceiveError {
     Recv(#[source] nix::Error),
     #[error("a malformed launch report ({0} bytes)")]
     Malformed(usize),
+    #[error("the agent's own exec was not held as it should be: {0}")]
+    FirstExec(String),
 }
 
 /// Supervisor: reads reports until the child's end closes. Each read waits at most
 /// `timeout`.
-pub fn receive(chan: &OwnedFd, timeout: Duration) -> Result<Reports, ReceiveError> {
+pub fn receive(
+    chan: &OwnedFd,
+    timeout: Duration,
+    mut on_listener: impl FnMut(&OwnedFd) -> Result<(), ReceiveError>,
+) -> Result<Reports, ReceiveError> {
     let tv = TimeVal::new(
         i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
         i64::from(timeout.subsec_micros()),
@@ -371,7 +377,12 @@ pub fn receive(chan: &OwnedFd, timeout: Duration) -> Result<Reports, ReceiveErro
                     Enforcement::Full
                 });
             }
-            KIND_LISTENER => reports.listener = fds.pop(),
+            KIND_LISTENER => {
+                reports.listener = fds.pop();
+                if let Some(l) = &reports.listener {
+                    on_listener(l)?;
+                }
+            }
             KIND_FAILURE => {
                 reports.failure = Some(ChildFailure {
                     step: Step::from_u32(r.step).unwrap_or(Step::Report),
@@ -402,7 +413,7 @@ mod tests {
             },
         );
         drop(child);
-        let r = receive(&sup, Duration::from_secs(5)).unwrap();
+        let r = receive(&sup, Duration::from_secs(5), |_| Ok(())).unwrap();
         assert_eq!(r.landlock, Some(Enforcement::Partial));
         assert!(r.listener.is_some());
         let f = r.failure.unwrap();
@@ -418,7 +429,7 @@ mod tests {
     fn a_silent_child_times_out() {
         let (sup, _child) = pair().unwrap();
         assert!(matches!(
-            receive(&sup, Duration::from_millis(20)),
+            receive(&sup, Duration::from_millis(20), |_| Ok(())),
             Err(ReceiveError::Timeout(_))
         ));
     }

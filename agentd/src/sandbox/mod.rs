@@ -208,6 +208,7 @@ pub fn spawn(mut prepared: Prepared) -> Result<Spawned, SpawnError> {
     // Supervisor. Close our copy of the child's end, or EOF would never come; drop the
     // ruleset and the cgroup.procs fds, which only the child needs.
     drop(child_end);
+    let prepared_holds_exec = prepared.seccomp.holds_exec();
     drop(prepared);
     // SAFETY: pidfd_open takes a pid and flags, no pointers.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -223,7 +224,19 @@ pub fn spawn(mut prepared: Prepared) -> Result<Spawned, SpawnError> {
         unsafe { OwnedFd::from_raw_fd(i32::try_from(pidfd).unwrap_or(-1)) }
     };
 
-    let got = match channel::receive(&reports, LAUNCH_TIMEOUT) {
+    // With `execve` held for a person, the launch's own exec of the agent's command (the
+    // very next call the child makes after handing over the listener) is held too: it is
+    // agentd's code, not the agent's, and is let through here; nothing else runs in the
+    // child yet.
+    let holds_exec = prepared_holds_exec;
+    let first_exec = |listener: &OwnedFd| {
+        if !holds_exec {
+            return Ok(());
+        }
+        seccomp::let_launch_exec(listener, pid, LAUNCH_TIMEOUT)
+            .map_err(|e| channel::ReceiveError::FirstExec(e.to_string()))
+    };
+    let got = match channel::receive(&reports, LAUNCH_TIMEOUT, first_exec) {
         Ok(r) => r,
         Err(e) => {
             kill_and_reap(pid);

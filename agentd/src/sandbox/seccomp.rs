@@ -336,6 +336,153 @@ fn patch_block(mut block: BpfProgram) -> BpfProgram {
     block
 }
 
+impl Filter {
+    /// Whether `execve` goes to the listener (the launch's own exec then waits for it).
+    pub fn holds_exec(&self) -> bool {
+        self.summary.notify.contains(&"execve")
+    }
+}
+
+/// One call the filter handed to the listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Notif {
+    pub id: u64,
+    /// The calling thread.
+    pub tid: u32,
+    pub nr: i64,
+    pub args: [u64; 6],
+}
+
+/// The user-notification listener (`SECCOMP_FILTER_FLAG_NEW_LISTENER`): a held call
+/// sleeps in the kernel until it is answered, continue or fail.
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+}
+
+impl std::os::fd::AsRawFd for Listener {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.raw()
+    }
+}
+
+impl Listener {
+    pub fn new(fd: OwnedFd) -> Listener {
+        Listener { fd }
+    }
+
+    pub fn raw(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+    }
+
+    /// The next notification. Blocks when there is none (poll first); ENOENT means the
+    /// caller died before it could be received: call again.
+    pub fn recv(&self) -> std::io::Result<Notif> {
+        // SAFETY: seccomp_notif is plain data; the kernel requires it zeroed.
+        let mut n: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+        // SAFETY: SECCOMP_IOCTL_NOTIF_RECV writes one seccomp_notif to the pointer, which
+        // points at a live one of the right size.
+        let r = unsafe { libc::ioctl(self.raw(), libc::SECCOMP_IOCTL_NOTIF_RECV, &raw mut n) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Notif {
+            id: n.id,
+            tid: n.pid,
+            nr: i64::from(n.data.nr),
+            args: n.data.args,
+        })
+    }
+
+    /// Whether the call `id` still waits (its thread is alive and the same).
+    pub fn valid(&self, id: u64) -> bool {
+        // SAFETY: SECCOMP_IOCTL_NOTIF_ID_VALID reads one u64 from the pointer.
+        unsafe {
+            libc::ioctl(
+                self.raw(),
+                libc::SECCOMP_IOCTL_NOTIF_ID_VALID,
+                &raw const id,
+            ) == 0
+        }
+    }
+
+    fn send(&self, id: u64, error: i32, flags: u32) -> std::io::Result<()> {
+        let mut resp = libc::seccomp_notif_resp {
+            id,
+            val: 0,
+            error,
+            flags,
+        };
+        // SAFETY: SECCOMP_IOCTL_NOTIF_SEND reads one seccomp_notif_resp from the pointer.
+        let r = unsafe { libc::ioctl(self.raw(), libc::SECCOMP_IOCTL_NOTIF_SEND, &raw mut resp) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Lets the kernel run the call (every other check still applies to it).
+    pub fn resume(&self, id: u64) -> std::io::Result<()> {
+        // The flag is 1; the field is a u32.
+        self.send(id, 0, libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32)
+    }
+
+    /// Fails the call with `errno` without running it.
+    pub fn fail(&self, id: u64, errno: i32) -> std::io::Result<()> {
+        self.send(id, -errno, 0)
+    }
+}
+
+/// Lets through the launch's own `execve` of the agent's command (process `child`): the
+/// first call the filter holds. Anything else held before it is refused.
+pub fn let_launch_exec(
+    listener: &OwnedFd,
+    child: i32,
+    timeout: std::time::Duration,
+) -> std::io::Result<()> {
+    let fd = listener.try_clone()?;
+    let l = Listener::new(fd);
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: l.raw(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: poll reads and writes one pollfd, which is live.
+        let r = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no exec within the launch timeout",
+            ));
+        }
+        if pfd.revents & libc::POLLIN == 0 {
+            // POLLHUP: the child died; its report (or EOF) tells why.
+            return Ok(());
+        }
+        let n = match l.recv() {
+            Ok(n) => n,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINTR)) => continue,
+            Err(e) => return Err(e),
+        };
+        let ours = i32::try_from(n.tid).is_ok_and(|t| t == child);
+        if ours && (n.nr == libc::SYS_execve || n.nr == libc::SYS_execveat) {
+            return l.resume(n.id);
+        }
+        l.fail(n.id, libc::ENOSYS)?;
+    }
+}
+
 /// Installs `filter` on the calling thread (the child, single-threaded, after
 /// `PR_SET_NO_NEW_PRIVS`). Returns the user-notification listener when the filter routes
 /// calls to the supervisor. Called between fork and exec: no allocation.
