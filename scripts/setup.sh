@@ -54,6 +54,8 @@ say "Debian rustc for BPF: $(/usr/bin/rustc -V), LLVM $LLVM_MAJOR"
 apt_install "llvm-$LLVM_MAJOR-dev" python3-minimal python3 util-linux
 # g++: libfuzzer-sys compiles libFuzzer (C++) for `cargo xtask fuzz`.
 apt_install g++
+# ssh-keygen: the person of the ask tests and of the demo signs approvals with it.
+apt_install openssh-client
 
 if rustup toolchain list | grep -q "^$TOOLCHAIN_NAME"; then
     say "rustup toolchain $TOOLCHAIN_NAME present"

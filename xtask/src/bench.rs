@@ -17,6 +17,11 @@
 //! 6. Egress by domain name: DNS lookups through agentd's resolver and connects to the
 //!    addresses it admitted, against lookups straight to the upstream and connects allowed
 //!    by a CIDR rule; embedded and through the daemon, idle and loaded.
+//! 7. The workspace as a transaction (`--only transaction`).
+//! 8. Asking a person (`--only ask`): an allowed connect with and without ask rules in the
+//!    profile (with them, every connect goes to agentd's seccomp listener first), idle and
+//!    with both cores busy; and the time from a person's `agentd approve` to the held
+//!    connect returning in the agent.
 
 use std::{path::Path, process::Command, time::Instant};
 
@@ -37,6 +42,9 @@ pub enum Part {
     Dns,
     /// The workspace as a transaction, and the agent's mount namespace.
     Transaction,
+    /// Asking a person: an allowed connect's cost when the profile has ask rules, and
+    /// the time from a decision to the held call going on.
+    Ask,
 }
 
 pub fn bench(root: &Path, only: Option<Part>) -> anyhow::Result<()> {
@@ -82,6 +90,9 @@ pub fn bench(root: &Path, only: Option<Part>) -> anyhow::Result<()> {
     }
     if part(Part::Transaction) {
         transaction_costs(&agentd, &work)?;
+    }
+    if part(Part::Ask) {
+        ask_costs(&agentd, &work)?;
     }
     if part(Part::Load) {
         let threshold = work.join("bench-threshold.toml");
@@ -1416,6 +1427,234 @@ fn breaker_latency(agentd: &Path, profile: &Path, ws: &Path, work: &Path) -> any
         percentile(&contain, 0.99),
         contain.first().copied().unwrap_or(f64::NAN),
         contain.last().copied().unwrap_or(f64::NAN),
+    );
+    Ok(())
+}
+
+/// The agent of the ask bench: `N` connects to 127.0.0.1:PORT, each timed (µs).
+const ASK_CONNECTS: &str = r#"
+import json, socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+t = []
+for _ in range(n):
+    s = socket.socket()
+    a = time.perf_counter_ns()
+    s.connect(("127.0.0.1", port))
+    t.append((time.perf_counter_ns() - a) / 1000)
+    s.close()
+print(json.dumps(t), flush=True)
+"#;
+
+/// The agent of the decision bench: `N` connects to a destination it must ask about, each
+/// printed with the wall-clock time it returned.
+const ASK_HELD: &str = r#"
+import json, socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+for i in range(n):
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.2", port)); r = 0
+    except OSError as e:
+        r = e.errno
+    print(json.dumps({"i": i, "t": time.time(), "r": r}), flush=True)
+    s.close()
+"#;
+
+fn ask_profile(name: &str, port: u16, ask: &str) -> String {
+    format!(
+        r#"[agent]
+name = "{name}"
+[filesystem]
+read = ["{{workspace}}", "/usr", "/lib", "/lib64", "/bin", "/etc", "/proc", "/dev/null", "/dev/urandom"]
+write = ["/dev/null"]
+exec = ["/usr/bin", "/bin", "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"]
+[network]
+connect = ["127.0.0.1/32:{port}"]
+{ask}
+[breaker]
+trip_on = ["canary"]
+"#
+    )
+}
+
+/// Part 8: what ask rules cost an allowed connect, and how fast an approval lets a held
+/// call go on.
+fn ask_costs(agentd: &Path, work: &Path) -> anyhow::Result<()> {
+    const CONNECTS: usize = 2000;
+    const ROUNDS: usize = 3;
+    const DECISIONS: usize = 20;
+    let dir = work.join("ask");
+    let _files = RemoveOnDrop(vec![dir.clone()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let status = Command::new("chmod").arg("a+rx").arg(&dir).status()?;
+    anyhow::ensure!(status.success(), "chmod failed");
+    let allowed = AcceptLoop::start("127.0.0.1:0")?;
+    let asked = AcceptLoop::start("127.0.0.2:0")?;
+    let port = allowed.addr.port();
+    let plain = dir.join("plain.toml");
+    let with_ask = dir.join("ask.toml");
+    std::fs::write(&plain, ask_profile("bench-plain", port, ""))?;
+    std::fs::write(
+        &with_ask,
+        ask_profile(
+            "bench-ask",
+            port,
+            &format!("ask = [\"127.0.0.2/32:{}\"]", asked.addr.port()),
+        ),
+    )?;
+    let connects = |profile: Option<&Path>| -> anyhow::Result<Vec<f64>> {
+        let mut c = match profile {
+            None => {
+                let mut c = Command::new("setpriv");
+                c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
+                c
+            }
+            Some(p) => {
+                let mut c = Command::new(agentd);
+                c.args(["run", "--quiet", "--profile"])
+                    .arg(p)
+                    .arg("--workspace")
+                    .arg(&dir)
+                    .arg("--")
+                    .env("SUDO_UID", "65534")
+                    .env("SUDO_GID", "65534");
+                c
+            }
+        };
+        let out = c
+            .args(["/usr/bin/python3", "-c", ASK_CONNECTS])
+            .arg(port.to_string())
+            .arg(CONNECTS.to_string())
+            .current_dir(&dir)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "the connect loop failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut t: Vec<f64> = serde_json::from_slice(&out.stdout)?;
+        t.sort_by(f64::total_cmp);
+        Ok(t)
+    };
+    for loaded in [false, true] {
+        let _load = if loaded { Some(Load::busy(2)?) } else { None };
+        let (mut bare, mut plain_t, mut ask_t) = (Vec::new(), Vec::new(), Vec::new());
+        // Interleaved rounds: drift on a shared machine falls on all three alike.
+        for _ in 0..ROUNDS {
+            bare.extend(connects(None)?);
+            plain_t.extend(connects(Some(&plain))?);
+            ask_t.extend(connects(Some(&with_ask))?);
+        }
+        for v in [&mut bare, &mut plain_t, &mut ask_t] {
+            v.sort_by(f64::total_cmp);
+        }
+        let (b50, p50, a50) = (
+            percentile(&bare, 0.5),
+            percentile(&plain_t, 0.5),
+            percentile(&ask_t, 0.5),
+        );
+        let (b99, p99, a99) = (
+            percentile(&bare, 0.99),
+            percentile(&plain_t, 0.99),
+            percentile(&ask_t, 0.99),
+        );
+        eprintln!(
+            "ask: an allowed TCP connect on loopback{} ({} per case, median / p99):",
+            if loaded {
+                ", both cores busy"
+            } else {
+                ", idle"
+            },
+            ROUNDS * CONNECTS
+        );
+        eprintln!("  bare (no agentd)          {b50:8.1} µs / {b99:8.1} µs");
+        eprintln!(
+            "  agent, no ask rules       {p50:8.1} µs / {p99:8.1} µs   ({:.2}x bare)",
+            p50 / b50
+        );
+        eprintln!(
+            "  agent with ask rules      {a50:8.1} µs / {a99:8.1} µs   ({:.2}x bare, {:.2}x the same agent without ask rules)",
+            a50 / b50,
+            a50 / p50
+        );
+    }
+
+    // The decision: from the person's `agentd approve` to the held connect returning.
+    let daemon = BenchDaemon::start(agentd, &dir.join("daemon"))?;
+    let mut follower = Command::new(agentd)
+        .args(["approvals", "--follow", "--json", "--socket"])
+        .arg(&daemon.socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let requests = std::io::BufReader::new(follower.stdout.take().context("follower stdout")?);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut agent = Command::new(agentd)
+        .arg("run")
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .arg("--quiet")
+        .arg("--profile")
+        .arg(&with_ask)
+        .arg("--workspace")
+        .arg(&dir)
+        .args(["--", "/usr/bin/python3", "-c", ASK_HELD])
+        .arg(asked.addr.port().to_string())
+        .arg(DECISIONS.to_string())
+        .env("SUDO_UID", "65534")
+        .env("SUDO_GID", "65534")
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut returned = std::io::BufReader::new(agent.stdout.take().context("agent stdout")?);
+    let mut requests = std::io::BufRead::lines(requests);
+    let (mut to_return, mut cli) = (Vec::new(), Vec::new());
+    for _ in 0..DECISIONS {
+        let id = loop {
+            let line = requests.next().context("the follower ended")??;
+            let v: serde_json::Value = serde_json::from_str(&line)?;
+            if let Some(id) = v["held"]["id"].as_str() {
+                break id.to_owned();
+            }
+        };
+        let asked_at = std::time::SystemTime::now();
+        let started = Instant::now();
+        let out = Command::new(agentd)
+            .args(["approve", &id, "--socket"])
+            .arg(&daemon.socket)
+            .output()?;
+        cli.push(started.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(
+            out.status.success(),
+            "approve: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut returned, &mut line)?;
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        anyhow::ensure!(v["r"] == 0, "the approved connect failed: {line}");
+        let at = v["t"].as_f64().context("the agent's time")?;
+        let asked_s = asked_at
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs_f64();
+        to_return.push((at - asked_s) * 1e3);
+    }
+    let _ = agent.wait();
+    let _ = follower.kill();
+    let _ = follower.wait();
+    drop(daemon);
+    to_return.sort_by(f64::total_cmp);
+    cli.sort_by(f64::total_cmp);
+    eprintln!(
+        "ask: a person's decision to the held connect returning, through the daemon ({DECISIONS} decisions):"
+    );
+    eprintln!(
+        "  `agentd approve` started -> connect returned in the agent   median {:6.2} ms, p99 {:6.2} ms",
+        percentile(&to_return, 0.5),
+        percentile(&to_return, 0.99)
+    );
+    eprintln!(
+        "  of which `agentd approve` itself (start to exit)            median {:6.2} ms",
+        percentile(&cli, 0.5)
     );
     Ok(())
 }

@@ -133,6 +133,9 @@ fn ci(root: &Path) -> anyhow::Result<()> {
     // campaigns are run by hand (`cargo xtask fuzz --seconds 3600`).
     fuzz::fuzz(root, 60)?;
     privileged_tests(root, None)?;
+    // The main job, as a user runs it: the incident contained, then held for a person who
+    // says no (signed), with the audit log verified.
+    demo::demo(root)?;
     // The same suite on the stock kernels users run: Debian 6.1 (Landlock ABI 2) and
     // bookworm-backports 6.12 (ABI 6), with BPF LSM active and cgroup v2 complete.
     vm::vm_test(root, &vm::VmTestArgs::ci())

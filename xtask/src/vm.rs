@@ -59,7 +59,13 @@ const BUSYBOX: &str = "/bin/busybox";
 const HOST_PACKAGES: &[&str] = &["coreutils", "dash"];
 /// Single host programs the guest gets the same way (util-linux is mostly what busybox
 /// already does; the tests run `unshare` to prove it fails).
-const HOST_PROGRAMS: &[&str] = &["/usr/bin/sh", "/usr/bin/unshare", "/usr/bin/python3"];
+const HOST_PROGRAMS: &[&str] = &[
+    "/usr/bin/sh",
+    "/usr/bin/unshare",
+    "/usr/bin/python3",
+    // The ask tests' person signs approvals with it.
+    "/usr/bin/ssh-keygen",
+];
 /// Loaded by glibc at run time (thread cancellation), so ldd does not list it.
 const HOST_LIBRARIES: &[&str] = &["/lib/x86_64-linux-gnu/libgcc_s.so.1"];
 /// Parts of Python's standard library no test needs (`config-*` holds the 25 MB static

@@ -374,6 +374,10 @@ pub(super) fn decide(
             }
         }
     };
+    let decision_answer_word = match &answer {
+        Answer::Allow { .. } => "allow",
+        Answer::Deny { .. } => "deny",
+    };
     let line = match &answer {
         Answer::Allow { scope } => format!("{request}: allowed {scope}"),
         Answer::Deny { .. } => format!("{request}: denied"),
@@ -383,7 +387,10 @@ pub(super) fn decide(
         by: Decider {
             uid: who.uid,
             pid: who.pid,
-            via: "agentd approve".into(),
+            via: match decision_answer_word {
+                "allow" => "agentd approve".into(),
+                _ => "agentd deny".into(),
+            },
         },
         signed,
         signature,

@@ -75,12 +75,13 @@ impl Tally {
             } else {
                 ""
             };
-            let _ = writeln!(
-                s,
-                "  {} {kind} by {layer}: {}{more}",
-                g.count,
-                g.targets.join(", ")
-            );
+            // A held call a person (or nobody in time) refused.
+            let what = if kind == "approval" {
+                "held call denied (ask)".to_owned()
+            } else {
+                format!("{kind} by {layer}")
+            };
+            let _ = writeln!(s, "  {} {what}: {}{more}", g.count, g.targets.join(", "));
         }
         let _ = match events {
             Some(path) => writeln!(s, "  every event is in {path}"),
