@@ -952,21 +952,64 @@ fn embedded_events_carry_the_request_and_the_decision() {
         "timeout = \"5s\"",
         "trip_on = [\"canary\"]",
     ));
-    let script = r#"
+    // Around the program too: its loader run directly (it would load the program without
+    // an exec of it), and a script whose interpreter is the program.
+    let scripts = agent_dir(false);
+    let script_path = scripts.path().join("tool");
+    std::fs::write(&script_path, "#!/usr/bin/env -i\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&script_path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let text = std::fs::read_to_string(&profile).unwrap().replace(
+        "exec = [\"/usr/bin/python3\"",
+        &format!(
+            "exec = [\"{}\", \"/usr/bin/python3\"",
+            scripts.path().display()
+        ),
+    );
+    std::fs::write(&profile, text).unwrap();
+    let script = format!(
+        r#"
 import json, os
-try:
-    os.execv("/usr/bin/env", ["env", "true"])
-except OSError as e:
-    print(json.dumps({"errno": e.errno}), flush=True)
-"#;
+out = {{}}
+for name, argv in [("direct", ["/usr/bin/env", "true"]),
+                   ("loader", ["/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "/usr/bin/env", "-i"]),
+                   ("script", ["{}"])]:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execv(argv[0], argv)
+        except OSError as e:
+            os._exit(e.errno)
+    _, st = os.waitpid(pid, 0)
+    out[name] = os.WEXITSTATUS(st) if os.WIFEXITED(st) else -os.WTERMSIG(st)
+print(json.dumps(out), flush=True)
+"#,
+        script_path.display()
+    );
     let r = AgentRun::new(profile.to_str().unwrap(), ws.path())
-        .python(script)
+        .python(&script)
         .run();
     assert_eq!(r.code(), 0, "{}", r.explain());
-    assert_eq!(r.json()["errno"], libc::EACCES, "{}", r.explain());
-    let ask = r.event("ask").unwrap_or_else(|| panic!("{}", r.explain()));
+    let out = r.json();
+    for case in ["direct", "loader", "script"] {
+        assert_eq!(out[case], libc::EACCES, "{case}: {}", r.explain());
+    }
+    let asks: Vec<&Value> = r.events.iter().filter(|e| e["kind"] == "ask").collect();
+    assert_eq!(asks.len(), 3, "{}", r.explain());
+    let ask = asks[0];
     assert_eq!(ask["path"], "/usr/bin/env");
-    assert_eq!(ask["detail"]["sha256"].as_str().unwrap().len(), 64);
+    assert!(
+        asks[1]["path"].as_str().unwrap().contains("ld-linux"),
+        "the loader is asked about: {}",
+        asks[1]
+    );
+    assert_eq!(
+        asks[2]["path"], "/usr/bin/env",
+        "the script's interpreter: {}",
+        asks[2]
+    );
     assert!(
         r.events
             .iter()

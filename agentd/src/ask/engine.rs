@@ -126,10 +126,12 @@ pub enum DecideError {
 }
 
 struct Pending {
-    request: Request,
+    agent: String,
+    /// None while it is being described (its slot is taken first).
+    request: Option<Request>,
     /// The agent's owner (may answer).
     owner: u32,
-    reply: oneshot::Sender<Decision>,
+    reply: Option<oneshot::Sender<Decision>>,
 }
 
 struct GrantEntry {
@@ -177,8 +179,8 @@ impl Board {
     pub fn pending(&self, agent: Option<&str>) -> Vec<(Request, u32)> {
         let mut v: Vec<(Request, u32)> = lock(&self.pending)
             .values()
-            .filter(|p| agent.is_none_or(|a| p.request.agent == a))
-            .map(|p| (p.request.clone(), p.owner))
+            .filter(|p| agent.is_none_or(|a| p.agent == a))
+            .filter_map(|p| p.request.clone().map(|r| (r, p.owner)))
             .collect();
         v.sort_by(|a, b| a.0.since.cmp(&b.0.since).then(a.0.id.cmp(&b.0.id)));
         v
@@ -188,34 +190,38 @@ impl Board {
     pub fn request(&self, id: &str) -> Option<(Request, u32)> {
         lock(&self.pending)
             .get(id)
-            .map(|p| (p.request.clone(), p.owner))
+            .and_then(|p| p.request.clone().map(|r| (r, p.owner)))
     }
 
-    fn count(&self, agent: &str) -> usize {
-        lock(&self.pending)
-            .values()
-            .filter(|p| p.request.agent == agent)
-            .count()
+    /// The agent ended: whatever of it still waits is answered "no answer" (its
+    /// processes are gone; nothing is granted).
+    pub fn cancel_agent(&self, agent: &str) {
+        lock(&self.pending).retain(|_, p| p.agent != agent);
     }
 
     /// Answers a pending request. An approval of a request that needs a signature must
     /// carry a verified one.
     pub fn decide(&self, id: &str, decision: Decision) -> Result<(), DecideError> {
         let mut pending = lock(&self.pending);
-        let Some(p) = pending.get(id) else {
+        let Some(Pending {
+            request: Some(request),
+            reply,
+            ..
+        }) = pending.get_mut(id)
+        else {
             return Err(DecideError::Unknown(id.to_owned()));
         };
-        if p.request.require_signature
+        if request.require_signature
             && matches!(decision.answer, Answer::Allow { .. })
             && decision.signed.is_none()
         {
             return Err(DecideError::Unsigned(id.to_owned()));
         }
-        let Some(p) = pending.remove(id) else {
-            return Err(DecideError::Unknown(id.to_owned()));
-        };
+        let reply = reply.take();
+        pending.remove(id);
         // The waiter may have timed out at this very moment: then its own denial stands.
-        p.reply
+        reply
+            .ok_or_else(|| DecideError::Unknown(id.to_owned()))?
             .send(decision)
             .map_err(|_| DecideError::Unknown(id.to_owned()))
     }
@@ -277,7 +283,8 @@ pub struct AgentAsk {
 #[derive(Default)]
 struct ExecState {
     ask: HashSet<(u64, u64)>,
-    granted: HashMap<(u64, u64), Instant>,
+    /// Until when (CLOCK_MONOTONIC ns, the kernel's clock and value).
+    granted: HashMap<(u64, u64), u64>,
 }
 
 impl std::fmt::Debug for AgentAsk {
@@ -292,8 +299,8 @@ impl std::fmt::Debug for AgentAsk {
 enum Step {
     Resume,
     Fail(i32),
-    /// With the program's file, for an exec.
-    Hold(Target, Option<OwnedFd>),
+    /// With the program's file and the arguments as the agent passed them, for an exec.
+    Hold(Target, Option<(OwnedFd, Vec<String>)>),
 }
 
 impl AgentAsk {
@@ -328,20 +335,75 @@ impl AgentAsk {
         }
     }
 
-    /// Marks the `ask_exec` files in the kernel. A missing one is warned about (nothing
-    /// can run it: Landlock grants the path, the file does not exist).
+    /// Marks the `ask_exec` programs in the kernel, and the ELF interpreters (program
+    /// loaders) they name: running a loader directly (`ld.so /usr/bin/git`) loads the
+    /// program without an exec of it, so it is asked about too. Refuses what an approval
+    /// could not be bound to: a script (its interpreter is what the kernel runs), a file
+    /// with several hard links, one the agent may write (symbolic links followed). A
+    /// missing one is warned about (nothing can run it).
     pub fn arm(&self) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt as _;
+        let writable: Vec<PathBuf> = self
+            .policy
+            .writable
+            .iter()
+            .map(|w| std::fs::canonicalize(w).unwrap_or_else(|_| w.clone()))
+            .collect();
+        let mut loaders = std::collections::BTreeSet::new();
         for path in &self.policy.exec {
-            match std::fs::metadata(path) {
-                Ok(m) => {
-                    use std::os::unix::fs::MetadataExt as _;
-                    self.kernel.set_ask_exec(path, m.dev(), m.ino())?;
-                    lock(&self.exec).ask.insert((m.dev(), m.ino()));
+            let bytes = match std::fs::read(path) {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    eprintln!(
+                        "agentd: warning: filesystem.ask_exec `{}`: it does not exist; nothing to ask about",
+                        path.display()
+                    );
+                    continue;
                 }
-                Err(e) => eprintln!(
-                    "agentd: warning: filesystem.ask_exec `{}`: {e}; nothing to ask about",
-                    path.display()
-                ),
+                Err(e) => return Err(format!("filesystem.ask_exec `{}`: {e}", path.display())),
+            };
+            let m = std::fs::metadata(path)
+                .map_err(|e| format!("filesystem.ask_exec `{}`: {e}", path.display()))?;
+            let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+            let shown = path.display();
+            if m.nlink() > 1 {
+                return Err(format!(
+                    "filesystem.ask_exec `{shown}` has {} hard links: a link elsewhere would be the same program under another name; ask about a file with one link",
+                    m.nlink()
+                ));
+            }
+            if let Some(w) = writable.iter().find(|w| real.starts_with(w)) {
+                return Err(format!(
+                    "filesystem.ask_exec `{shown}` is `{}`, which the agent may write (beneath `{}`): it could change the program after a person approved it",
+                    real.display(),
+                    w.display()
+                ));
+            }
+            match goblin::elf::Elf::parse(&bytes) {
+                Ok(elf) => {
+                    if let Some(interp) = elf.interpreter {
+                        loaders.insert(PathBuf::from(interp));
+                    }
+                }
+                Err(_) => {
+                    let hint = script_interpreter(&bytes).map_or_else(String::new, |i| {
+                        format!(
+                            " (a script: the kernel runs its interpreter `{}`, which may be asked about instead)",
+                            i.display()
+                        )
+                    });
+                    return Err(format!(
+                        "filesystem.ask_exec `{shown}` is not an ELF program{hint}"
+                    ));
+                }
+            }
+            self.kernel.set_ask_exec(path, m.dev(), m.ino())?;
+            lock(&self.exec).ask.insert((m.dev(), m.ino()));
+        }
+        for loader in loaders {
+            if let Ok(m) = std::fs::metadata(&loader) {
+                self.kernel.set_ask_exec(&loader, m.dev(), m.ino())?;
+                lock(&self.exec).ask.insert((m.dev(), m.ino()));
             }
         }
         Ok(())
@@ -515,6 +577,16 @@ impl AgentAsk {
         if !listener.valid(n.id) {
             return Step::Resume;
         }
+        // A script runs its interpreter: that is the program the kernel loads, and the
+        // one an approval binds to.
+        let file = if lock(&self.exec).ask.contains(&file.id) {
+            file
+        } else {
+            match script_of(n.tid, file) {
+                Some(interpreter) => interpreter,
+                None => return Step::Resume,
+            }
+        };
         let (dev, ino) = file.id;
         {
             let exec = lock(&self.exec);
@@ -524,11 +596,16 @@ impl AgentAsk {
             if exec
                 .granted
                 .get(&(dev, ino))
-                .is_some_and(|until| *until > Instant::now())
+                .is_some_and(|until| *until > crate::run::kernel::monotonic_ns())
             {
                 return Step::Resume;
             }
         }
+        let argv_ptr = if n.nr == libc::SYS_execve {
+            n.args[1]
+        } else {
+            n.args[2]
+        };
         let named = (file.named != file.real).then_some(file.named);
         Step::Hold(
             Target::Exec {
@@ -538,7 +615,7 @@ impl AgentAsk {
                 ino,
                 sha256: String::new(),
             },
-            Some(file.fd),
+            Some((file.fd, read_argv(n.tid, argv_ptr))),
         )
     }
 
@@ -547,17 +624,49 @@ impl AgentAsk {
         listener: &Listener,
         n: Notif,
         mut target: Target,
-        file: Option<OwnedFd>,
+        file: Option<(OwnedFd, Vec<String>)>,
     ) {
         let held = Instant::now();
         let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let id = format!("r-{}-{seq}", self.agent);
-        if let (Target::Exec { sha256, .. }, Some(fd)) = (&mut target, file) {
-            *sha256 = tokio::task::spawn_blocking(move || hash_file(&fd))
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or_else(|| "unreadable".into());
+        // Refused at once, before any work: nobody to ask, or too many waiting (the slot
+        // is taken under the same lock as the count).
+        let (tx, rx) = oneshot::channel();
+        let refusal = if !self.front.can_ask(&self.agent) {
+            Some((
+                "no one to ask: no terminal, no `agentd approvals --follow`",
+                "no one to ask",
+            ))
+        } else {
+            let mut pending = lock(&self.board.pending);
+            let waiting = pending.values().filter(|p| p.agent == self.agent).count();
+            if waiting >= self.policy.max_pending as usize {
+                Some(("too many requests pending (ask.max_pending)", "pending cap"))
+            } else {
+                pending.insert(
+                    id.clone(),
+                    Pending {
+                        agent: self.agent.clone(),
+                        request: None,
+                        owner: self.owner,
+                        reply: Some(tx),
+                    },
+                );
+                None
+            }
+        };
+        let mut argv = Vec::new();
+        if let (Target::Exec { sha256, .. }, Some((fd, args))) = (&mut target, file) {
+            argv = args;
+            *sha256 = if refusal.is_some() {
+                "not read (refused at once)".into()
+            } else {
+                tokio::task::spawn_blocking(move || hash_file(&fd))
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| "unreadable".into())
+            };
         }
         let request = Request {
             id: id.clone(),
@@ -566,23 +675,13 @@ impl AgentAsk {
             tid: n.tid,
             chain: chain(n.tid, self.first_pid),
             target,
+            argv,
             since: crate::event::rfc3339_now(),
             timeout_s: self.policy.timeout.as_secs(),
             require_signature: self.policy.require_signature,
         };
         (self.emit)(ask_event(&request, n.tid));
 
-        // Refused at once: nobody to ask, or too many waiting.
-        let refusal = if !self.front.can_ask(&self.agent) {
-            Some((
-                "no one to ask: no terminal, no `agentd approvals --follow`",
-                "no one to ask",
-            ))
-        } else if self.board.count(&self.agent) >= self.policy.max_pending as usize {
-            Some(("too many requests pending (ask.max_pending)", "pending cap"))
-        } else {
-            None
-        };
         let (decision, waited) = if let Some((reason, via)) = refusal {
             (
                 Decision {
@@ -596,15 +695,9 @@ impl AgentAsk {
                 Duration::ZERO,
             )
         } else {
-            let (tx, rx) = oneshot::channel();
-            lock(&self.board.pending).insert(
-                id.clone(),
-                Pending {
-                    request: request.clone(),
-                    owner: self.owner,
-                    reply: tx,
-                },
-            );
+            if let Some(p) = lock(&self.board.pending).get_mut(&id) {
+                p.request = Some(request.clone());
+            }
             let _ = self.board.changes.send(Change::Held(request.clone()));
             self.front.show(&request);
             let decided = tokio::time::timeout(self.policy.timeout, rx).await;
@@ -660,6 +753,14 @@ impl AgentAsk {
         } = decision;
         let message = signature.as_ref().map(|_| super::message(request, &answer));
         let mut grant = None;
+        if matches!(answer, Answer::Allow { .. }) && !listener.valid(n.id) {
+            // The thread is gone (killed, or its process ended): nothing to let through, and
+            // no grant is written for a call nobody makes.
+            answer = Answer::Deny {
+                reason: Some("the held call's thread is gone".into()),
+            };
+            by = agentd_decider("gone");
+        }
         if let Answer::Allow { scope } = answer {
             match self.grant(n.tid, request, scope, &by) {
                 Ok(g) => grant = g,
@@ -683,10 +784,21 @@ impl AgentAsk {
                 },
             ),
         };
-        if let Err(e) = sent
-            && e.raw_os_error() != Some(libc::ENOENT)
-        {
-            eprintln!("agentd: answering {}: {e}", request.id);
+        if let Err(e) = sent {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                eprintln!("agentd: answering {}: {e}", request.id);
+            }
+            // The call will not use a once grant: take it back.
+            if matches!(answer, Answer::Allow { scope: Scope::Once }) {
+                match &request.target {
+                    Target::Connect {
+                        addr, port, proto, ..
+                    } => self
+                        .kernel
+                        .revoke_connect(*addr, *port, proto_number(proto)),
+                    Target::Exec { .. } => self.kernel.withdraw_once(n.tid),
+                }
+            }
         }
         Settled {
             answer,
@@ -735,11 +847,9 @@ impl AgentAsk {
                 self.kernel.exec_once(tid, *dev, *ino)?;
                 if let Some(ns) = until_ns {
                     self.kernel.exec_until(*dev, *ino, ns)?;
-                    if let Some(d) = lasts {
-                        lock(&self.exec)
-                            .granted
-                            .insert((*dev, *ino), Instant::now() + d);
-                    }
+                    // The same expiry as the kernel's: a call let through here is never
+                    // one the kernel then refuses.
+                    lock(&self.exec).granted.insert((*dev, *ino), ns);
                 }
                 let (k, d, i) = (Arc::clone(&self.kernel), *dev, *ino);
                 Box::new(move || {
@@ -855,26 +965,29 @@ fn resolve_exec(tid: u32, dirfd: i32, path: &[u8], flags: u64) -> Option<ExecFil
         let p = format!("/proc/{tid}/fd/{dirfd}");
         let fd = nix::fcntl::openat2(nix::fcntl::AT_FDCWD, p.as_str(), o_path()).ok()?;
         (fd, std::fs::read_link(&p).ok()?)
-    } else if named.is_absolute() {
-        // Absolute symbolic links resolve in the caller's root too.
-        let root = std::fs::File::open(format!("/proc/{tid}/root")).ok()?;
-        let how = o_path().resolve(nix::fcntl::ResolveFlag::RESOLVE_IN_ROOT);
+    } else if let Some(magic) = magic_path(tid, named) {
+        // The caller's own /proc/self, /dev/fd...: the magic links of its process, which
+        // only its pid names from here.
         (
-            nix::fcntl::openat2(&root, named, how).ok()?,
+            nix::fcntl::openat2(nix::fcntl::AT_FDCWD, &magic, o_path()).ok()?,
             named.to_path_buf(),
         )
     } else {
-        let base = if dirfd == libc::AT_FDCWD {
-            format!("/proc/{tid}/cwd")
+        // In the caller's root, so that absolute symbolic links resolve in its view too; a
+        // relative path from its working directory (or `dirfd`) as it sees it.
+        let full = if named.is_absolute() {
+            named.to_path_buf()
         } else {
-            format!("/proc/{tid}/fd/{dirfd}")
+            let base = if dirfd == libc::AT_FDCWD {
+                format!("/proc/{tid}/cwd")
+            } else {
+                format!("/proc/{tid}/fd/{dirfd}")
+            };
+            std::fs::read_link(&base).ok()?.join(named)
         };
-        let full = Path::new(&base).join(named);
-        let fd = nix::fcntl::openat2(nix::fcntl::AT_FDCWD, &full, o_path()).ok()?;
-        let shown = std::fs::read_link(&base)
-            .map(|b| b.join(named))
-            .unwrap_or_else(|_| named.to_path_buf());
-        (fd, shown)
+        let root = std::fs::File::open(format!("/proc/{tid}/root")).ok()?;
+        let how = o_path().resolve(nix::fcntl::ResolveFlag::RESOLVE_IN_ROOT);
+        (nix::fcntl::openat2(&root, &full, how).ok()?, full)
     };
     let me = format!("/proc/self/fd/{}", fd.as_raw_fd());
     let meta = std::fs::metadata(&me).ok()?;
@@ -885,6 +998,81 @@ fn resolve_exec(tid: u32, dirfd: i32, path: &[u8], flags: u64) -> Option<ExecFil
         real,
         named,
     })
+}
+
+/// `/proc/self/...`, `/proc/thread-self/...`, `/dev/fd/N`, `/proc/PID/...` of the caller
+/// as a path from here (its pid in place of `self`); None for any other path.
+fn magic_path(tid: u32, named: &Path) -> Option<PathBuf> {
+    let tgid = notify::tgid_of(tid).ok()?;
+    let me = PathBuf::from(format!("/proc/{tgid}"));
+    if let Ok(rest) = named.strip_prefix("/proc/self") {
+        return Some(me.join(rest));
+    }
+    if let Ok(rest) = named.strip_prefix("/proc/thread-self") {
+        return Some(me.join("task").join(tid.to_string()).join(rest));
+    }
+    if let Ok(rest) = named.strip_prefix("/dev/fd") {
+        return Some(me.join("fd").join(rest));
+    }
+    // Another pid's /proc entry: the same path from here (no pid namespace between).
+    let mut parts = named.strip_prefix("/proc").ok()?.components();
+    let pid = parts.next()?.as_os_str().to_str()?;
+    pid.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| named.to_path_buf())
+}
+
+/// The interpreter a `#!` script names (its first word), if `head` starts one.
+fn script_interpreter(head: &[u8]) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let line = head.strip_prefix(b"#!")?;
+    let line = line.split(|b| *b == b'\n').next()?;
+    let word = line
+        .split(|b| *b == b' ' || *b == b'\t')
+        .find(|w| !w.is_empty())?;
+    Some(PathBuf::from(std::ffi::OsStr::from_bytes(word)))
+}
+
+/// The interpreter of `file` when it is a `#!` script (found in the caller's view, as
+/// the kernel finds it), None otherwise.
+fn script_of(tid: u32, file: ExecFile) -> Option<ExecFile> {
+    use std::{io::Read as _, os::unix::ffi::OsStrExt as _};
+    let mut f = std::fs::File::open(format!("/proc/self/fd/{}", file.fd.as_raw_fd())).ok()?;
+    let mut head = [0u8; 256];
+    let n = f.read(&mut head).ok()?;
+    let interpreter = script_interpreter(head.get(..n)?)?;
+    let mut found = resolve_exec(tid, libc::AT_FDCWD, interpreter.as_os_str().as_bytes(), 0)?;
+    found.named = file.real;
+    Some(found)
+}
+
+/// The arguments of a held exec as the agent passed them (at most 32, each at most
+/// 256 bytes): shown to the person, not bound to the approval (the agent can change them).
+fn read_argv(tid: u32, argv: u64) -> Vec<String> {
+    const MAX_ARGS: u64 = 32;
+    const MAX_ARG: usize = 256;
+    let mut out = Vec::new();
+    if argv == 0 {
+        return out;
+    }
+    for i in 0..MAX_ARGS {
+        let Ok(ptr) = notify::read_mem(tid, argv + i * 8, 8) else {
+            break;
+        };
+        let Ok(bytes) = <[u8; 8]>::try_from(ptr.as_slice()) else {
+            break;
+        };
+        let p = u64::from_ne_bytes(bytes);
+        if p == 0 {
+            return out;
+        }
+        match notify::read_cstr(tid, p, MAX_ARG) {
+            Ok(a) => out.push(String::from_utf8_lossy(&a).into_owned()),
+            Err(_) => out.push("…".into()),
+        }
+    }
+    out.push("…".into());
+    out
 }
 
 /// SHA-256 of a held program, read through the descriptor it was found by.

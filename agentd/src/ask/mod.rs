@@ -126,6 +126,10 @@ pub struct Request {
     /// The caller and its parents within the agent.
     pub chain: Vec<Proc>,
     pub target: Target,
+    /// An exec's arguments as the agent passed them: shown, not bound to an approval
+    /// (an approval lets the program run with any arguments).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub argv: Vec<String>,
     /// Wall clock when it was held, RFC 3339.
     pub since: String,
     /// Seconds it will wait for an answer in all; expiry is a denial.
@@ -234,13 +238,21 @@ pub fn message(request: &Request, answer: &Answer) -> String {
 fn one_line(text: &str) -> String {
     text.chars()
         .map(|c| {
-            if c.is_control() {
+            if c.is_control() || is_format(c) {
                 c.escape_unicode().to_string()
             } else {
                 c.to_string()
             }
         })
         .collect()
+}
+
+/// Characters that reorder or hide text (bidirectional controls, zero-width and other
+/// format characters, tags): a path could otherwise read differently from what it is.
+fn is_format(c: char) -> bool {
+    matches!(c as u32,
+        0x00AD | 0x061C | 0x180E | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x2064
+        | 0x2066..=0x206F | 0xFEFF | 0xFFF9..=0xFFFB | 0xE0000..=0xE007F)
 }
 
 /// Seconds since the epoch, for grant expiries shown to people.
@@ -279,6 +291,7 @@ mod tests {
             profile: "analyze-only".into(),
             tid: 7,
             chain: vec![],
+            argv: vec![],
             target: Target::Connect {
                 addr: "93.184.216.34".parse().unwrap(),
                 port: 443,

@@ -45,8 +45,9 @@ pub const DEFAULT_ALLOWED_SIGNERS: &str = "/etc/agentd/allowed_signers";
 #[derive(Debug)]
 pub(super) struct Asking {
     pub board: Arc<Board>,
-    /// `agentd approvals --follow` connections now.
-    pub followers: AtomicUsize,
+    /// `agentd approvals --follow` connections now: who, and which agent they follow.
+    followers: std::sync::Mutex<Vec<(u64, Actor, Option<String>)>>,
+    next_follower: AtomicUsize,
     /// `--approvers` and its gid when the group exists.
     pub approvers: Option<String>,
     pub approvers_gid: Option<u32>,
@@ -63,7 +64,8 @@ impl Asking {
         });
         Asking {
             board: Arc::new(Board::default()),
-            followers: AtomicUsize::new(0),
+            followers: std::sync::Mutex::new(Vec::new()),
+            next_follower: AtomicUsize::new(0),
             approvers,
             approvers_gid,
             allowed_signers,
@@ -119,10 +121,19 @@ impl Front for DaemonFront {
         let Some(shared) = self.shared.upgrade() else {
             return false;
         };
-        shared.asking.followers.load(Ordering::SeqCst) > 0
-            || lock(&shared.agents)
-                .get(agent)
-                .is_some_and(|a| a.asking.terminal && a.asking.to_client.is_some())
+        let (owner, terminal) = match lock(&shared.agents).get(agent) {
+            Some(a) => (
+                a.owner_uid,
+                a.asking.terminal && a.asking.to_client.is_some(),
+            ),
+            None => return false,
+        };
+        // Someone who follows this agent's requests and may answer them.
+        terminal
+            || lock(&shared.asking.followers).iter().any(|(_, who, only)| {
+                only.as_deref().is_none_or(|a| a == agent)
+                    && may_answer(&shared, who, owner).is_ok()
+            })
     }
 
     fn show(&self, request: &Request) {
@@ -455,6 +466,7 @@ pub(super) async fn approvals(
         return Ok(());
     }
     let visible = |owner: u32| may_answer(shared, who, owner).is_ok();
+    let owner_of = |agent: &str| lock(&shared.agents).get(agent).map(|a| a.owner_uid);
     let mut rx = shared.asking.board.subscribe();
     let pending: Vec<Request> = shared
         .asking
@@ -468,8 +480,9 @@ pub(super) async fn approvals(
     if !follow {
         return Ok(());
     }
-    shared.asking.followers.fetch_add(1, Ordering::SeqCst);
-    let _count = Follower(&shared.asking.followers);
+    let me = shared.asking.next_follower.fetch_add(1, Ordering::SeqCst) as u64;
+    lock(&shared.asking.followers).push((me, *who, agent.clone()));
+    let _count = Follower(&shared.asking.followers, me);
     let mut gone = BufReader::new(read).lines();
     loop {
         tokio::select! {
@@ -481,7 +494,9 @@ pub(super) async fn approvals(
                     }
                 }
                 Ok(Change::Settled { request, outcome }) => {
-                    if agent.as_deref().is_none_or(|a| a == request.agent) {
+                    if agent.as_deref().is_none_or(|a| a == request.agent)
+                        && owner_of(&request.agent).is_some_and(visible)
+                    {
                         send(write, &Reply::Settled { request: request.id, outcome }).await?;
                     }
                 }
@@ -499,12 +514,12 @@ pub(super) async fn approvals(
     }
 }
 
-/// Counts a follower while it lives.
-struct Follower<'a>(&'a AtomicUsize);
+/// A follower, listed while it lives.
+struct Follower<'a>(&'a std::sync::Mutex<Vec<(u64, Actor, Option<String>)>>, u64);
 
 impl Drop for Follower<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        lock(self.0).retain(|(id, _, _)| *id != self.1);
     }
 }
 

@@ -1677,8 +1677,10 @@ fn retire(shared: &Shared, id: &str) {
         eprintln!("agentd daemon: detaching {id}: {e}");
     }
     forget_record(&shared.state_dir, id);
-    // Its grants end with it (the kernel forgot its entries with its cgroup).
+    // Its grants end with it (the kernel forgot its entries with its cgroup), and what it
+    // still had held goes.
     shared.asking.board.forget_agent(id);
+    shared.asking.board.cancel_agent(id);
     if a.state != AgentState::Tripped {
         a.state = AgentState::Exited;
     }

@@ -68,6 +68,10 @@ pub struct AskPolicy {
     pub max_pending: u32,
     /// Decisions must carry an SSH signature of an allowed signer.
     pub require_signature: bool,
+    /// The trees the agent may write, resolved: an `ask_exec` program found beneath one
+    /// (after its symbolic links are followed, at launch) is refused, since the agent could
+    /// change it after a person approved it.
+    pub writable: Vec<PathBuf>,
 }
 
 /// Access granted beneath one path. Landlock rights, from the launch code's mapping:
@@ -275,6 +279,12 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
             timeout: profile.ask.timeout,
             max_pending: profile.ask.max_pending,
             require_signature: profile.ask.require_signature,
+            writable: profile
+                .filesystem
+                .write
+                .iter()
+                .map(|w| w.resolve(ctx))
+                .collect(),
         }
     });
 

@@ -1005,3 +1005,26 @@ fn entry_keys_count_every_entry_as_written() {
         ]
     );
 }
+
+#[test]
+fn ask_exec_with_a_writable_tree_that_runs_programs_is_an_error() {
+    // The agent could copy the program into {workspace} and run the copy unasked.
+    let text = format!(
+        "{MINIMAL}[filesystem]\nwrite = [\"{{workspace}}\"]\nexec = [\"{{workspace}}/bin\", \"/usr/lib\"]\nask_exec = [\"/usr/bin/git\"]\n"
+    );
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].key.as_deref(), Some("filesystem.ask_exec"));
+    assert!(
+        errs[0]
+            .message
+            .contains("may write `{workspace}` and run programs from `{workspace}/bin`"),
+        "{}",
+        errs[0]
+    );
+    // Writable and executable trees apart: fine.
+    let text = format!(
+        "{MINIMAL}[filesystem]\nwrite = [\"{{workspace}}\"]\nexec = [\"/usr/lib\"]\nask_exec = [\"/usr/bin/git\"]\n"
+    );
+    assert!(parse("t.toml", &text).is_ok());
+}

@@ -307,6 +307,29 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
             );
         }
     }
+    // A copy of an ask_exec program is another file: where the agent may both write and
+    // run programs, it could copy the program there and run the copy without asking.
+    let overlap = write.iter().find_map(|(w, _)| {
+        exec.iter()
+            .find(|(e, _)| e.surely_within(w) || w.surely_within(e))
+            .map(|(e, _)| (w.clone(), e.clone()))
+    });
+    if let (Some(list), Some((w, e))) = (
+        fs.ask_exec.as_ref().filter(|l| !l.get_ref().is_empty()),
+        overlap,
+    ) {
+        c.fail(
+            list.span(),
+            "filesystem.ask_exec",
+            format!(
+                "the agent may write `{w}` and run programs from `{e}`: a copy of a program to ask about, made there, would run without asking"
+            ),
+            Some(
+                "ask about programs only in profiles whose writable trees are not executable (remove the overlap of filesystem.write and filesystem.exec)"
+                    .into(),
+            ),
+        );
+    }
     if let (Mode::Monitor, Some(list)) = (mode, &fs.ask_exec)
         && !list.get_ref().is_empty()
     {

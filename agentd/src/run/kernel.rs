@@ -82,8 +82,9 @@ pub struct KernelHooks {
     ask: Option<AskContext>,
     /// Events from agentd's own sources (resolver, held calls), to the breaker.
     side_events: Option<mpsc::UnboundedSender<Event>>,
-    /// The task answering held calls.
+    /// The task answering held calls, and its requests.
     ask_task: Option<JoinHandle<()>>,
+    ask_board: Option<Arc<crate::ask::engine::Board>>,
 }
 
 /// The part of the policy the held calls are decided with.
@@ -299,6 +300,7 @@ impl AgentHooks for KernelHooks {
             )
         };
         let board = Arc::new(crate::ask::engine::Board::default());
+        self.ask_board = Some(Arc::clone(&board));
         let engine = Arc::new(crate::ask::engine::AgentAsk::new(
             &agent.agent_id,
             &ctx.profile,
@@ -333,6 +335,9 @@ impl AgentHooks for KernelHooks {
         Box::pin(async move {
             if let Some(t) = self.ask_task.take() {
                 t.abort();
+            }
+            if let Some(b) = self.ask_board.take() {
+                b.cancel_agent(&agent.agent_id);
             }
             if let Some(mut drained) = self.drained.take() {
                 let wait = drained.wait_for(|done| *done);

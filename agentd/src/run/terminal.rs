@@ -722,6 +722,11 @@ struct Step {
     resume: Option<Vec<u8>>,
 }
 
+/// Written before each prompt: plain text attributes (the agent may have left its output
+/// concealed, or coloured like the background, to hide the prompt and show its own), the
+/// ASCII character set and shift-in.
+const PROMPT_RESET: &str = "\x1b[0m\x1b(B\x0f";
+
 /// The prompts at the agent's terminal, without the terminal: fed requests, the person's
 /// keys and the agent's output, it says what to write (see [`Step`]).
 #[derive(Default)]
@@ -826,7 +831,7 @@ impl PromptState {
         match self.queue.front() {
             Some(next) => {
                 step.text.push_str(&format!(
-                    "\r\n[agentd] {}: {}\r\n[agentd] allow? y = once, t = 10 minutes, s = this session, n = deny: ",
+                    "{PROMPT_RESET}\r\n[agentd] {}: {}\r\n[agentd] allow? y = once, t = 10 minutes, s = this session, n = deny: ",
                     clean(&next.id),
                     clean(&next.text)
                 ));
@@ -1393,7 +1398,7 @@ mod tests {
 
     fn prompt_line(id: &str, text: &str) -> String {
         format!(
-            "\r\n[agentd] {id}: {text}\r\n[agentd] allow? y = once, t = 10 minutes, s = this session, n = deny: "
+            "{PROMPT_RESET}\r\n[agentd] {id}: {text}\r\n[agentd] allow? y = once, t = 10 minutes, s = this session, n = deny: "
         )
     }
 
