@@ -4,6 +4,7 @@
 //! it skips with a loud message, unless `AGENTD_TEST_MUST_RUN=1` (set by `cargo xtask test`
 //! and CI), in which case the missing requirement fails the test.
 
+pub mod ask;
 pub mod dns;
 
 use std::{

@@ -85,7 +85,7 @@ const TRIPLE: &str = "x86_64-unknown-linux-gnu";
 /// Test binaries the guests do not run: the real agent CLIs (agent_clis.rs) need Node.js,
 /// their npm packages, git and tmux, which the initramfs does not carry; what they rely
 /// on from the kernel, the other suites test in the guests.
-const HOST_ONLY_TESTS: &[&str] = &["agent_clis", "transaction"];
+const HOST_ONLY_TESTS: &[&str] = &["agent_clis", "ask_flows", "transaction"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum KernelChoice {
