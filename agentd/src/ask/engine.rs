@@ -20,10 +20,7 @@ use std::{
 
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    sync::{broadcast, oneshot},
-};
+use tokio::sync::{broadcast, oneshot};
 
 use super::{
     Answer, CMDLINE_MAX, Decider, Decision, GrantRow, Proc, Request, Scope, Target,
@@ -412,51 +409,25 @@ impl AgentAsk {
     /// Serves the agent's notifications until its last process is gone.
     pub async fn serve(self: Arc<Self>, listener: OwnedFd) {
         let listener = Arc::new(Listener::new(listener));
-        // SAFETY: the AsyncFd holds an Arc of the listener, which owns the descriptor: it
-        // stays open, the same file description, for the AsyncFd's whole life.
-        let registered =
-            unsafe { AsyncFd::register_with_interest(Arc::clone(&listener), Interest::READABLE) };
-        let fd = match registered {
-            Ok(fd) => fd,
-            Err(e) => {
-                let (_listener, e) = e.into_parts();
-                // Nothing answers: every held call would wait forever. Fail closed: the
-                // listener closes and held calls fail (ENOSYS).
-                eprintln!("agentd: cannot wait for held calls: {e}; they are refused");
-                return;
-            }
-        };
-        loop {
-            let mut guard = match fd.readable().await {
-                Ok(g) => g,
-                Err(e) => {
-                    eprintln!("agentd: waiting for held calls: {e}");
-                    break;
-                }
-            };
-            if guard.ready().is_read_closed() {
-                // The filter has no task left: the agent is gone.
-                break;
-            }
-            // Readiness is edge-triggered: take every call waiting now, then wait again.
-            let mut failed = false;
-            while pending(&listener) {
-                match listener.recv() {
-                    Ok(n) => self.clone().handle(&listener, n),
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINTR)) => {}
-                    Err(e) => {
-                        eprintln!("agentd: reading a held call: {e}");
-                        failed = true;
-                        break;
-                    }
-                }
-            }
-            if failed {
-                break;
-            }
-            guard.clear_ready();
+        // A thread of its own takes the calls: every connect of the agent waits for it, so
+        // the path is two ioctls and a poll, not a wake-up of the runtime. Held calls go to
+        // the runtime.
+        let runtime = tokio::runtime::Handle::current();
+        let (done, ended) = oneshot::channel::<()>();
+        let (me, l) = (Arc::clone(&self), Arc::clone(&listener));
+        let started = std::thread::Builder::new()
+            .name("agentd-ask".into())
+            .spawn(move || {
+                me.take_calls(&l, &runtime);
+                let _ = done.send(());
+            });
+        if let Err(e) = started {
+            // Nothing answers: held calls would wait forever. Fail closed: the listener
+            // closes and they fail (ENOSYS).
+            eprintln!("agentd: cannot wait for held calls: {e}; they are refused");
+            return;
         }
-        drop(fd);
+        let _ = ended.await;
         // Whatever still waits belonged to processes that are gone.
         let ids: Vec<String> = self
             .board
@@ -479,7 +450,48 @@ impl AgentAsk {
         }
     }
 
-    fn handle(self: Arc<Self>, listener: &Arc<Listener>, n: Notif) {
+    /// Takes the agent's calls until its last process is gone (the listener hangs up).
+    fn take_calls(self: &Arc<Self>, listener: &Arc<Listener>, runtime: &tokio::runtime::Handle) {
+        // The caller and this thread hand over on one CPU instead of waking each other
+        // across CPUs (Linux 6.6; older kernels refuse the flag and keep the usual wake-up).
+        listener.sync_wake_up();
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: listener.raw(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll reads and writes one pollfd, which is live.
+            let r = unsafe { libc::poll(&raw mut pfd, 1, -1) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                eprintln!("agentd: waiting for held calls: {e}");
+                return;
+            }
+            if pfd.revents & libc::POLLIN == 0 {
+                // POLLHUP: the filter has no task left.
+                return;
+            }
+            match listener.recv() {
+                Ok(n) => Arc::clone(self).handle(listener, n, runtime),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINTR)) => {}
+                Err(e) => {
+                    eprintln!("agentd: reading a held call: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(
+        self: Arc<Self>,
+        listener: &Arc<Listener>,
+        n: Notif,
+        runtime: &tokio::runtime::Handle,
+    ) {
         let step = match n.nr {
             libc::SYS_connect => self.classify_connect(listener, &n),
             libc::SYS_execve | libc::SYS_execveat => self.classify_exec(listener, &n),
@@ -491,7 +503,7 @@ impl AgentAsk {
             Step::Fail(errno) => listener.fail(n.id, errno),
             Step::Hold(target, file) => {
                 let listener = Arc::clone(listener);
-                tokio::spawn(async move { self.hold(&listener, n, target, file).await });
+                runtime.spawn(async move { self.hold(&listener, n, target, file).await });
                 Ok(())
             }
         };
@@ -503,6 +515,10 @@ impl AgentAsk {
     }
 
     fn classify_connect(&self, listener: &Listener, n: &Notif) -> Step {
+        // Every connect of the agent comes here: the common case (a destination no ask rule
+        // names, allowed or not) is let through after one read of the sockaddr, and the
+        // kernel decides it as for any agent. Only a destination an ask rule may name costs
+        // more (the socket's protocol, the agent's admissions).
         let len = usize::try_from(n.args[2]).unwrap_or(0).min(128);
         let Ok(bytes) = notify::read_mem(n.tid, n.args[1], len) else {
             // The kernel reads it again and decides (EFAULT, or its rules).
@@ -511,6 +527,28 @@ impl AgentAsk {
         let Some((addr, port)) = notify::inet_sockaddr(&bytes) else {
             return Step::Resume;
         };
+        if port == 53 && self.resolver {
+            // Steered to the agent's resolver by the kernel.
+            return Step::Resume;
+        }
+        let names_it = |r: &ConnectRule| r.net.contains(&addr) && r.port.is_none_or(|p| p == port);
+        let domain = if self.policy.names.is_empty() {
+            None
+        } else {
+            self.kernel.ask_domain(addr)
+        };
+        let named = |proto: Option<u8>| {
+            domain.as_deref().is_some_and(|d| {
+                self.policy.names.iter().any(|r| {
+                    r.pattern.matches(d)
+                        && r.port.is_none_or(|p| p == port)
+                        && proto.is_none_or(|p| r.proto.number() == p)
+                })
+            })
+        };
+        if !named(None) && !self.policy.connect.iter().any(names_it) {
+            return Step::Resume;
+        }
         let proto = match notify::tgid_of(n.tid)
             .and_then(|tgid| notify::socket_protocol(tgid, n.args[0]))
         {
@@ -518,29 +556,17 @@ impl AgentAsk {
             // Not an inet socket, or unreadable: the kernel decides as for any agent.
             Ok(None) | Err(_) => return Step::Resume,
         };
-        if !listener.valid(n.id) {
+        let rule_has = |r: &ConnectRule| names_it(r) && r.proto.number() == proto;
+        if self.allow.iter().any(rule_has) || self.kernel.admitted(addr, port, proto) {
+            // What is allowed outright is never held.
             return Step::Resume;
         }
-        if port == 53 && self.resolver {
-            // Steered to the agent's resolver by the kernel.
-            return Step::Resume;
-        }
-        let rule_allows = |r: &ConnectRule| {
-            r.net.contains(&addr) && r.port.is_none_or(|p| p == port) && r.proto.number() == proto
-        };
-        if self.allow.iter().any(rule_allows) || self.kernel.admitted(addr, port, proto) {
-            return Step::Resume;
-        }
-        let domain = self.kernel.ask_domain(addr);
-        let by_name = domain.as_deref().is_some_and(|d| {
-            self.policy.names.iter().any(|r| {
-                r.pattern.matches(d)
-                    && r.port.is_none_or(|p| p == port)
-                    && r.proto.number() == proto
-            })
-        });
-        if !by_name && !self.policy.connect.iter().any(rule_allows) {
+        if !named(Some(proto)) && !self.policy.connect.iter().any(rule_has) {
             // Neither allowed nor askable: the kernel refuses it, as for any agent.
+            return Step::Resume;
+        }
+        if !listener.valid(n.id) {
+            // What was read may belong to another process now.
             return Step::Resume;
         }
         Step::Hold(
@@ -900,18 +926,6 @@ impl AgentAsk {
         // A grant's revoke may run after the engine is gone: share the state.
         Arc::clone(&self.exec)
     }
-}
-
-/// Whether a call waits on the listener now (poll, no wait).
-fn pending(listener: &Listener) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: listener.raw(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll reads and writes one pollfd, which is live; a zero timeout never waits.
-    let r = unsafe { libc::poll(&raw mut pfd, 1, 0) };
-    r > 0 && pfd.revents & libc::POLLIN != 0
 }
 
 fn nanos(d: Duration) -> u64 {

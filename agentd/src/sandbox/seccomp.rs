@@ -394,6 +394,22 @@ impl Listener {
         })
     }
 
+    /// Asks for synchronous wake-ups (`SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP`, Linux 6.6):
+    /// the calling thread and the one answering hand over on one CPU. Whether the kernel
+    /// took it.
+    pub fn sync_wake_up(&self) -> bool {
+        /// `SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP` (include/uapi/linux/seccomp.h).
+        const SYNC_WAKE_UP: u64 = 1;
+        // SAFETY: SECCOMP_IOCTL_NOTIF_SET_FLAGS takes the flags as its argument, no pointer.
+        unsafe {
+            libc::ioctl(
+                self.raw(),
+                libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS,
+                SYNC_WAKE_UP,
+            ) == 0
+        }
+    }
+
     /// Whether the call `id` still waits (its thread is alive and the same).
     pub fn valid(&self, id: u64) -> bool {
         // SAFETY: SECCOMP_IOCTL_NOTIF_ID_VALID reads one u64 from the pointer.
