@@ -9,20 +9,6 @@ pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `text` with every control character (an agent-chosen string may carry terminal
-/// escapes) shown as `\u{..}` instead of acted on by the terminal.
-pub fn printable(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_unicode().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
-}
-
 use std::fmt::Write as _;
 
 use crate::profile::{CompiledPolicy, format_bytes, format_duration};

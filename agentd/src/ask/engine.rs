@@ -456,24 +456,14 @@ impl AgentAsk {
         // across CPUs (Linux 6.6; older kernels refuse the flag and keep the usual wake-up).
         listener.sync_wake_up();
         loop {
-            let mut pfd = libc::pollfd {
-                fd: listener.raw(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: poll reads and writes one pollfd, which is live.
-            let r = unsafe { libc::poll(&raw mut pfd, 1, -1) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
+            match listener.wait(None) {
+                Ok(Some(true)) => {}
+                // Hung up: the filter has no task left.
+                Ok(Some(false) | None) => return,
+                Err(e) => {
+                    eprintln!("agentd: waiting for held calls: {e}");
+                    return;
                 }
-                eprintln!("agentd: waiting for held calls: {e}");
-                return;
-            }
-            if pfd.revents & libc::POLLIN == 0 {
-                // POLLHUP: the filter has no task left.
-                return;
             }
             match listener.recv() {
                 Ok(n) => Arc::clone(self).handle(listener, n, runtime),

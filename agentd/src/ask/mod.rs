@@ -225,17 +225,17 @@ pub fn message(request: &Request, answer: &Answer) -> String {
     };
     format!(
         "agentd-approval v1\nrequest: {}\nagent: {}\nprofile: {}\nwhat: {}\ndecision: {}\nscope: {scope}\n",
-        one_line(&request.id),
-        one_line(&request.agent),
-        one_line(&request.profile),
-        one_line(&request.target.to_string()),
+        printable(&request.id),
+        printable(&request.agent),
+        printable(&request.profile),
+        printable(&request.target.to_string()),
         answer.word(),
     )
 }
 
-/// `text` with control characters escaped (`\u{a}`): a path or name the agent chose
-/// cannot add lines to the text a person signs.
-fn one_line(text: &str) -> String {
+/// `text` with control and format characters escaped (`\u{a}`): a path or name the agent
+/// chose cannot add lines to the text a person signs, nor act on a terminal it is shown on.
+pub fn printable(text: &str) -> String {
     text.chars()
         .map(|c| {
             if c.is_control() || is_format(c) {

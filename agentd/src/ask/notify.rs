@@ -95,12 +95,11 @@ pub fn tgid_of(tid: u32) -> io::Result<u32> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no Tgid in status"))
 }
 
-/// The IPPROTO of the socket `fd` of process `tgid` (a copy of the descriptor is taken with
-/// `pidfd_getfd` and asked); None when `fd` is not an inet socket.
-pub fn socket_protocol(tgid: u32, fd: u64) -> io::Result<Option<u8>> {
-    let fd = i32::try_from(fd).map_err(|_| io::ErrorKind::InvalidInput)?;
+/// A copy of process `pid`'s descriptor `fd` (`pidfd_getfd`, close-on-exec).
+pub fn pidfd_getfd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::ErrorKind::InvalidInput)?;
     // SAFETY: pidfd_open takes no pointers.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, tgid as libc::pid_t, 0u32) };
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) };
     if pidfd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -112,7 +111,14 @@ pub fn socket_protocol(tgid: u32, fd: u64) -> io::Result<Option<u8>> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: pidfd_getfd returned a new descriptor this function owns.
-    let copy = unsafe { OwnedFd::from_raw_fd(copy as RawFd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(copy as RawFd) })
+}
+
+/// The IPPROTO of the socket `fd` of process `tgid` (a copy of the descriptor is taken with
+/// `pidfd_getfd` and asked); None when `fd` is not an inet socket.
+pub fn socket_protocol(tgid: u32, fd: u64) -> io::Result<Option<u8>> {
+    let fd = i32::try_from(fd).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let copy = pidfd_getfd(tgid, fd)?;
     let domain = sockopt(&copy, libc::SO_DOMAIN)?;
     if domain != libc::AF_INET && domain != libc::AF_INET6 {
         return Ok(None);

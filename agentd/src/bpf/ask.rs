@@ -169,6 +169,15 @@ fn absent(e: &MapError) -> bool {
     matches!(e, MapError::KeyNotFound | MapError::ElementNotFound)
 }
 
+/// The value of `key` in `ASK_EXEC`, None when it has none.
+fn ask_entry(m: &Maps, key: &ExecKey) -> Result<Option<u64>, ExecGateError> {
+    match m.ask.get(key, 0) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if absent(&e) => Ok(None),
+        Err(e) => Err(map_err(ASK_EXEC, "look up an entry of")(e)),
+    }
+}
+
 impl ExecGate {
     pub(super) fn new(
         ask: HashMap<MapData, ExecKey, u64>,
@@ -187,14 +196,12 @@ impl ExecGate {
             ino,
         };
         let mut m = lock(&self.0);
-        match m.ask.get(&key, 0) {
-            Ok(_) => Ok(()),
-            Err(e) if absent(&e) => m
-                .ask
-                .insert(key, 0, 0)
-                .map_err(map_err(ASK_EXEC, "insert into")),
-            Err(e) => Err(map_err(ASK_EXEC, "look up an entry of")(e)),
+        if ask_entry(&m, &key)?.is_some() {
+            return Ok(());
         }
+        m.ask
+            .insert(key, 0, 0)
+            .map_err(map_err(ASK_EXEC, "insert into"))
     }
 
     /// Lets the agent in cgroup `cgroup_id` run the file `(dev, ino)` without asking
@@ -213,11 +220,7 @@ impl ExecGate {
             ino,
         };
         let mut m = lock(&self.0);
-        let until = match m.ask.get(&key, 0) {
-            Ok(v) => v.max(expires_ns),
-            Err(e) if absent(&e) => expires_ns,
-            Err(e) => return Err(map_err(ASK_EXEC, "look up an entry of")(e)),
-        };
+        let until = ask_entry(&m, &key)?.map_or(expires_ns, |v| v.max(expires_ns));
         m.ask
             .insert(key, until, 0)
             .map_err(map_err(ASK_EXEC, "insert into"))
@@ -232,14 +235,12 @@ impl ExecGate {
             ino,
         };
         let mut m = lock(&self.0);
-        match m.ask.get(&key, 0) {
-            Ok(_) => m
-                .ask
-                .insert(key, 0, 0)
-                .map_err(map_err(ASK_EXEC, "insert into")),
-            Err(e) if absent(&e) => Ok(()),
-            Err(e) => Err(map_err(ASK_EXEC, "look up an entry of")(e)),
+        if ask_entry(&m, &key)?.is_none() {
+            return Ok(());
         }
+        m.ask
+            .insert(key, 0, 0)
+            .map_err(map_err(ASK_EXEC, "insert into"))
     }
 
     /// Lets thread `tid` (its global id, as a seccomp notification names it to a

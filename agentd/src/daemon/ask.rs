@@ -11,7 +11,6 @@
 //! SSH signature over the request's message from a key of `--allowed-signers`.
 
 use std::{
-    os::fd::{FromRawFd as _, OwnedFd, RawFd},
     path::PathBuf,
     sync::{
         Arc, Weak,
@@ -220,7 +219,7 @@ pub(super) fn take_listener(
     let Some(ask_policy) = policy.ask.clone() else {
         return Err("the agent's profile has no ask rules".into());
     };
-    let listener = pidfd_getfd(supervisor_pid, fd)
+    let listener = ask::notify::pidfd_getfd(supervisor_pid, fd)
         .map_err(|e| format!("taking the supervisor's listener: {e}"))?;
     let mut agents = lock(&shared.agents);
     let a = agents
@@ -259,30 +258,6 @@ pub(super) fn take_listener(
     a.asking.terminal = terminal;
     a.asking.task = Some(tokio::spawn(engine.serve(listener)));
     Ok(())
-}
-
-fn pidfd_getfd(pid: u32, fd: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes no pointers.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0u32) };
-    if pidfd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: pidfd_open returned a new descriptor owned here.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
-    // SAFETY: pidfd_getfd takes no pointers.
-    let got = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_getfd,
-            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
-            fd,
-            0u32,
-        )
-    };
-    if got < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: pidfd_getfd returned a new descriptor owned here (close-on-exec set).
-    Ok(unsafe { OwnedFd::from_raw_fd(got as RawFd) })
 }
 
 /// Whether `who` may answer requests of an agent owned by `owner`; why not.

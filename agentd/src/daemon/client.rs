@@ -489,18 +489,14 @@ fn pending(
 
 fn request_line(r: &crate::ask::Request) -> String {
     let caller = r.chain.first().map_or_else(String::new, |p| {
-        format!(
-            " by pid {} `{}`",
-            p.pid,
-            crate::report::printable(&p.cmdline)
-        )
+        format!(" by pid {} `{}`", p.pid, crate::ask::printable(&p.cmdline))
     });
     format!(
         "{}  agent {} ({}): {}{caller}; since {}, waits {} s{}",
         r.id,
         r.agent,
         r.profile,
-        crate::report::printable(&r.target.to_string()),
+        crate::ask::printable(&r.target.to_string()),
         r.since,
         r.timeout_s,
         if r.require_signature {
@@ -568,7 +564,7 @@ pub fn approvals(
                         &serde_json::json!({ "settled": request, "outcome": outcome }),
                     )?
                 } else {
-                    format!("settled  {}", crate::report::printable(&outcome))
+                    format!("settled  {}", crate::ask::printable(&outcome))
                 }
             }
             Reply::Error(e) => bail!("{e}"),
@@ -645,14 +641,19 @@ pub fn decide(
 ) -> anyhow::Result<ExitCode> {
     let (path, _) = socket_path(socket);
     let signature = signature(&path, id, &answer, signing)?;
-    let mut r = request(
+    said_ok(
         &path,
         &Request::Decide {
             request: id.to_owned(),
             answer,
             signature,
         },
-    )?;
+    )
+}
+
+/// Sends `req`, whose answer is one `Ok` line, and prints it.
+fn said_ok(path: &std::path::Path, req: &Request) -> anyhow::Result<ExitCode> {
+    let mut r = request(path, req)?;
     match next_reply(&mut r)? {
         Some(Reply::Ok(msg)) => {
             println!("agentd: {msg}");
@@ -689,7 +690,7 @@ pub fn grants(
                         "{}  agent {}: {} ({}, {ends}; from {} by uid {} via {})",
                         g.id,
                         g.agent,
-                        crate::report::printable(&g.target.to_string()),
+                        crate::ask::printable(&g.target.to_string()),
                         g.scope,
                         g.request,
                         g.by.uid,
@@ -707,18 +708,10 @@ pub fn grants(
 /// `agentd revoke GRANT`.
 pub fn revoke(socket: Option<PathBuf>, grant: &str) -> anyhow::Result<ExitCode> {
     let (path, _) = socket_path(socket);
-    let mut r = request(
+    said_ok(
         &path,
         &Request::Revoke {
             grant: grant.to_owned(),
         },
-    )?;
-    match next_reply(&mut r)? {
-        Some(Reply::Ok(msg)) => {
-            println!("agentd: {msg}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Some(Reply::Error(e)) => bail!("{e}"),
-        other => bail!("unexpected reply from the daemon: {other:?}"),
-    }
+    )
 }

@@ -410,6 +410,36 @@ impl Listener {
         }
     }
 
+    /// Waits up to `timeout` (None: for ever) for a call to take: `Some(true)` when one
+    /// waits, `Some(false)` when the filter has no task left (hung up), None on timeout.
+    pub fn wait(&self, timeout: Option<std::time::Duration>) -> std::io::Result<Option<bool>> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            let ms = deadline.map_or(-1, |d| {
+                let left = d.saturating_duration_since(std::time::Instant::now());
+                i32::try_from(left.as_millis()).unwrap_or(i32::MAX)
+            });
+            let mut pfd = libc::pollfd {
+                fd: self.raw(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll reads and writes one pollfd, which is live.
+            let r = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if r == 0 {
+                return Ok(None);
+            }
+            return Ok(Some(pfd.revents & libc::POLLIN != 0));
+        }
+    }
+
     /// Whether the call `id` still waits (its thread is alive and the same).
     pub fn valid(&self, id: u64) -> bool {
         // SAFETY: SECCOMP_IOCTL_NOTIF_ID_VALID reads one u64 from the pointer.
@@ -461,30 +491,16 @@ pub fn let_launch_exec(
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let mut pfd = libc::pollfd {
-            fd: l.raw(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: poll reads and writes one pollfd, which is live.
-        let r = unsafe { libc::poll(&raw mut pfd, 1, ms) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+        match l.wait(Some(left))? {
+            Some(true) => {}
+            // Hung up: the child died; its report (or EOF) tells why.
+            Some(false) => return Ok(()),
+            None => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no exec within the launch timeout",
+                ));
             }
-            return Err(e);
-        }
-        if r == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no exec within the launch timeout",
-            ));
-        }
-        if pfd.revents & libc::POLLIN == 0 {
-            // POLLHUP: the child died; its report (or EOF) tells why.
-            return Ok(());
         }
         let n = match l.recv() {
             Ok(n) => n,
