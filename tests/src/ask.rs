@@ -18,7 +18,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{DEFAULT_LIMITS, Daemon, NOBODY, agentd_bin, test_profile};
+use crate::{DEFAULT_LIMITS, Daemon, NOBODY, agentd_bin, pty::Pty, test_profile};
 
 pub const EPERM: i64 = libc::EPERM as i64;
 
@@ -203,97 +203,24 @@ pub fn agent_of(req: &Value) -> String {
     req["agent"].as_str().unwrap().to_owned()
 }
 
-/// A pseudo-terminal whose slave is the controlling terminal of `agentd run`.
-pub struct Pty {
-    master: std::os::fd::OwnedFd,
-    slave: std::os::fd::OwnedFd,
-}
-
-impl Pty {
-    pub fn open() -> Pty {
-        use std::os::fd::FromRawFd as _;
-        let (mut m, mut s) = (0, 0);
-        let ws = libc::winsize {
-            ws_row: 40,
-            ws_col: 200,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: openpty writes two fds; name and termios may be NULL; `ws` is valid.
-        let rc =
-            unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
-        assert_eq!(rc, 0);
-        // SAFETY: openpty returned two new fds that nothing else owns.
-        unsafe {
-            Pty {
-                master: std::os::fd::OwnedFd::from_raw_fd(m),
-                slave: std::os::fd::OwnedFd::from_raw_fd(s),
+/// Starts `cmd` (an `agentd run`, as the nobody user sudo names) as the leader of a new
+/// session whose controlling terminal is `pty`'s slave.
+pub fn spawn_on(pty: &Pty, mut cmd: Command) -> Child {
+    use std::os::unix::process::CommandExt as _;
+    let slave = pty.slave.as_raw_fd();
+    cmd.env("SUDO_UID", NOBODY)
+        .env("SUDO_GID", NOBODY)
+        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stderr(Stdio::from(pty.slave.try_clone().unwrap()));
+    // SAFETY: setsid and ioctl are async-signal-safe; run in the child before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 || libc::ioctl(slave, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
             }
-        }
-    }
-
-    pub fn spawn(&self, mut cmd: Command) -> Child {
-        use std::os::unix::process::CommandExt as _;
-        let slave = self.slave.as_raw_fd();
-        cmd.env("SUDO_UID", NOBODY)
-            .env("SUDO_GID", NOBODY)
-            .stdin(Stdio::from(self.slave.try_clone().unwrap()))
-            .stdout(Stdio::from(self.slave.try_clone().unwrap()))
-            .stderr(Stdio::from(self.slave.try_clone().unwrap()));
-        // SAFETY: setsid and ioctl are async-signal-safe; run in the child before exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setsid() < 0 || libc::ioctl(slave, libc::TIOCSCTTY, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd.spawn().unwrap()
-    }
-
-    pub fn type_keys(&self, keys: &[u8]) {
-        // SAFETY: writes `keys` to the master.
-        let n = unsafe { libc::write(self.master.as_raw_fd(), keys.as_ptr().cast(), keys.len()) };
-        assert_eq!(n, keys.len() as isize);
-    }
-}
-
-#[derive(Clone)]
-pub struct Screen(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl Screen {
-    pub fn start(pty: &Pty) -> Screen {
-        use std::io::Read as _;
-        let text = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let into = Arc::clone(&text);
-        let mut f = std::fs::File::from(pty.master.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = f.read(&mut buf) {
-                if n == 0 {
-                    return;
-                }
-                into.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
+            Ok(())
         });
-        Screen(text)
     }
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-    pub fn wait_for(&self, what: &str, from: usize, mode: &str) -> usize {
-        let started = std::time::Instant::now();
-        loop {
-            let text = self.text();
-            if let Some(at) = text.get(from.min(text.len())..).and_then(|t| t.find(what)) {
-                return from + at + what.len();
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "{mode}: timed out waiting for {what:?} on the screen:\n{text:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    cmd.spawn().unwrap()
 }

@@ -6,6 +6,7 @@
 
 pub mod ask;
 pub mod dns;
+pub mod pty;
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, UdpSocket},

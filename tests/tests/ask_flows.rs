@@ -12,7 +12,13 @@ use std::{
     time::Duration,
 };
 
-use agentd_tests::{AgentRun, Daemon, agent_dir, agentd_bin, ask::*, profile_file, require_root};
+use agentd_tests::{
+    AgentRun, Daemon, agent_dir, agentd_bin,
+    ask::*,
+    profile_file,
+    pty::{Screen, openpty, type_keys},
+    require_root,
+};
 use serde_json::Value;
 
 #[test]
@@ -493,8 +499,8 @@ fn the_agents_terminal_prompts_in_both_modes() {
     ));
     for through_daemon in [false, true] {
         let before = l.count();
-        let pty = Pty::open();
-        let screen = Screen::start(&pty);
+        let pty = openpty(40, 200);
+        let screen = Screen::start(&pty.master);
         let socket = d.socket();
         let mut cmd = Command::new(agentd_bin());
         cmd.arg("run");
@@ -508,9 +514,9 @@ fn the_agents_terminal_prompts_in_both_modes() {
             .args(["--", "/usr/bin/python3", "-c", CONNECTS])
             .arg(l.port.to_string())
             .args(["s0", "s0"]);
-        let mut child = pty.spawn(cmd);
+        let mut child = spawn_on(&pty, cmd);
         let mode = if through_daemon { "daemon" } else { "embedded" };
-        let at = screen.wait_for("allow? y = once", 0, mode);
+        let at = screen.wait_for("allow? y = once", 0);
         assert!(
             screen
                 .text()
@@ -520,12 +526,12 @@ fn the_agents_terminal_prompts_in_both_modes() {
         );
         // Keys within 400 ms of the prompt are not taken as answers.
         std::thread::sleep(Duration::from_millis(600));
-        pty.type_keys(b"y");
-        let at = screen.wait_for("allowed once", at, mode);
-        let at = screen.wait_for("allow? y = once", at, mode);
+        type_keys(&pty.master, b"y");
+        let at = screen.wait_for("allowed once", at);
+        let at = screen.wait_for("allow? y = once", at);
         std::thread::sleep(Duration::from_millis(600));
-        pty.type_keys(b"n");
-        screen.wait_for("denied", at, mode);
+        type_keys(&pty.master, b"n");
+        screen.wait_for("denied", at);
         let st = child.wait().unwrap();
         assert!(st.success(), "{mode}: {st}\n{}", screen.text());
         let text = screen.text();

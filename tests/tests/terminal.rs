@@ -5,18 +5,17 @@
 //! Embedded and through the daemon.
 
 use std::{
-    io::Read as _,
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        fd::{AsRawFd as _, OwnedFd},
         unix::process::CommandExt as _,
     },
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use agentd_tests::{
     DEFAULT_LIMITS, Daemon, NOBODY, agent_dir, agentd_bin, cgroups_named, profile_file,
+    pty::{Pty, Screen, openpty, type_keys},
     require_root, test_profile, wait_until,
 };
 
@@ -62,31 +61,6 @@ _, status = os.waitpid(pid, 0)
 sys.exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 "#;
 
-struct Pty {
-    master: OwnedFd,
-    slave: OwnedFd,
-}
-
-fn openpty(rows: u16, cols: u16) -> Pty {
-    let (mut m, mut s) = (0, 0);
-    let ws = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: openpty writes two fds; name and termios may be NULL; `ws` is valid.
-    let rc = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
-    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: openpty returned two new fds that nothing else owns.
-    unsafe {
-        Pty {
-            master: OwnedFd::from_raw_fd(m),
-            slave: OwnedFd::from_raw_fd(s),
-        }
-    }
-}
-
 /// The terminal's modes, as `stty -a` compares them.
 fn modes(fd: &OwnedFd) -> (u32, u32, u32, u32, Vec<u8>) {
     // SAFETY: termios is plain data; tcgetattr fills it.
@@ -98,51 +72,6 @@ fn modes(fd: &OwnedFd) -> (u32, u32, u32, u32, Vec<u8>) {
 
 fn raw(fd: &OwnedFd) -> bool {
     modes(fd).3 & libc::ICANON == 0
-}
-
-/// What agentd wrote to the terminal so far (a thread reads the master).
-#[derive(Clone)]
-struct Screen(Arc<Mutex<Vec<u8>>>);
-
-impl Screen {
-    fn start(master: &OwnedFd) -> Screen {
-        let text = Arc::new(Mutex::new(Vec::new()));
-        let into = text.clone();
-        let mut f = std::fs::File::from(master.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = f.read(&mut buf) {
-                if n == 0 {
-                    return;
-                }
-                into.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Screen(text)
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-    fn wait_for(&self, what: &str, from: usize) -> usize {
-        let started = Instant::now();
-        loop {
-            let text = self.text();
-            if let Some(at) = text[from.min(text.len())..].find(what) {
-                return from + at + what.len();
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "timed out waiting for {what:?} on the screen:\n{text:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn type_keys(master: &OwnedFd, keys: &[u8]) {
-    // SAFETY: writes `keys` to the master.
-    let n = unsafe { libc::write(master.as_raw_fd(), keys.as_ptr().cast(), keys.len()) };
-    assert_eq!(n, keys.len() as isize);
 }
 
 /// /proc/PID/stat's state letter.
