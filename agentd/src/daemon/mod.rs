@@ -6,7 +6,7 @@
 //! ([`crate::run::supervised`]): the client's stdio file descriptors (passed over the
 //! socket) become its stdio, the client's uid its invoking user, and it runs the same
 //! launch sequence as the embedded mode. It asks the daemon to attach the watch before
-//! the agent's first process exists ([`proto::SupervisorLine::Attach`]), writes its own
+//! the agent's first process exists ([`crate::link::SupervisorLine::Attach`]), writes its own
 //! events (start, exit, limits) to a pipe the daemon reads, and exits with the agent's
 //! status, which the daemon relays to the client.
 //!
@@ -44,9 +44,9 @@ use tokio::{
     sync::{broadcast, watch},
 };
 
-use self::proto::{
-    AgentRow, AgentState, ClientLine, MAX_LINE, Reply, Request, RunRequest, SUPERVISOR_ENV,
-    SUPERVISOR_FD, SUPERVISOR_TERMINAL_ENV, Stats, SupervisorLine, ToSupervisor,
+use self::proto::{AgentRow, AgentState, ClientLine, MAX_LINE, Reply, Request, RunRequest, Stats};
+use crate::link::{
+    SUPERVISOR_ENV, SUPERVISOR_FD, SUPERVISOR_TERMINAL_ENV, SupervisorLine, ToSupervisor,
 };
 use crate::{
     audit::{

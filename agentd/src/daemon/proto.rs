@@ -5,28 +5,20 @@
 //! signals it receives). The daemon answers with [`Reply`] lines and closes the
 //! connection when the request is done (`events --follow`: when the client goes).
 //!
-//! Between the daemon and an agent's supervisor (an `agentd run` the daemon started, on a
-//! socketpair inherited as fd [`SUPERVISOR_FD`]): [`SupervisorLine`]s one way,
-//! [`ToSupervisor`] the other.
-//!
-//! Every line is decoded by [`decode`]: size-limited, strict (unknown fields are errors),
-//! never panicking on any input; a bad line gets an error reply and the daemon goes on.
+//! The daemon and its supervisors speak their own protocol ([`crate::link`]), framed the
+//! same way: every line is decoded by [`decode`], size-limited, strict (unknown fields are
+//! errors), never panicking on any input; a bad line gets an error reply and the daemon
+//! goes on.
 
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize};
 
+#[cfg(test)]
+use crate::link::DecodeError;
+pub use crate::link::{MAX_LINE, decode, encode};
 use crate::event::Event;
 
-/// The longest line either side accepts (a `run` request with its environment).
-pub const MAX_LINE: usize = 64 * 1024;
-/// The supervisor's end of its socketpair to the daemon.
-pub const SUPERVISOR_FD: i32 = 3;
-/// The environment variable that tells `agentd run` it is a daemon's supervisor.
-pub const SUPERVISOR_ENV: &str = "AGENTD_SUPERVISOR_FD";
-/// Set (to 1) in a supervisor's environment when its stdin is the agent's terminal: the
-/// slave side of a pseudo-terminal the client made and relays.
-pub const SUPERVISOR_TERMINAL_ENV: &str = "AGENTD_SUPERVISOR_TERMINAL";
 
 /// A client's request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,77 +185,10 @@ pub struct Stats {
     pub uptime_s: u64,
 }
 
-/// What a supervisor tells the daemon.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum SupervisorLine {
-    /// The agent's cgroup exists, its process does not: attach the kernel watch.
-    /// The agent runs as `uid`, with `gid` its only group; its sandbox was compiled with
-    /// this `workspace` and `home` (`{workspace}`, `{home}`), and the watch must be too.
-    Attach {
-        agent: String,
-        cgroup: PathBuf,
-        uid: u32,
-        gid: u32,
-        workspace: PathBuf,
-        home: PathBuf,
-    },
-    /// The agent's first process runs.
-    Started { pid: u32 },
-    /// Ctrl-C twice, or SIGUSR1: the kill switch.
-    KillSwitch { reason: String },
-    /// The first process exited: drain its events, detach, answer the verdict.
-    Finished,
-    /// The seccomp listener of the agent's held calls is this process's descriptor
-    /// `fd`: the daemon takes a copy (`pidfd_getfd`) and answers them.
-    Listener { fd: i32 },
-}
-
-/// What the daemon tells a supervisor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum ToSupervisor {
-    Attached,
-    Refused(String),
-    /// After `finished`: the line `agentd run` prints and exit 137, when the agent was
-    /// killed by the breaker or the kill switch.
-    Verdict(Option<String>),
-    /// After `listener`: whether the daemon took it (the supervisor closes its copy).
-    Listening(bool),
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum DecodeError {
-    #[error("request longer than {MAX_LINE} bytes")]
-    TooLong,
-    #[error("request is not UTF-8")]
-    NotUtf8,
-    #[error("bad request: {0}")]
-    Json(String),
-}
-
-/// Decodes one line (without its newline).
-pub fn decode<T: DeserializeOwned>(line: &[u8]) -> Result<T, DecodeError> {
-    if line.len() > MAX_LINE {
-        return Err(DecodeError::TooLong);
-    }
-    let text = std::str::from_utf8(line).map_err(|_| DecodeError::NotUtf8)?;
-    serde_json::from_str(text).map_err(|e| DecodeError::Json(e.to_string()))
-}
-
-/// One line, newline included.
-pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
-    let mut v = serde_json::to_vec(msg).unwrap_or_else(|e| {
-        // Only non-string map keys fail, and these types have none.
-        format!("{{\"error\":\"cannot encode: {e}\"}}").into_bytes()
-    });
-    v.push(b'\n');
-    v
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::link::SupervisorLine;
 
     #[test]
     fn requests_round_trip() {

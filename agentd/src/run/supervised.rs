@@ -31,8 +31,9 @@ use super::{
     kernel::EXIT_TRIPPED,
 };
 use crate::{
-    daemon::proto::{
-        self, SUPERVISOR_ENV, SUPERVISOR_FD, SUPERVISOR_TERMINAL_ENV, SupervisorLine, ToSupervisor,
+    link::{
+        self as proto, SUPERVISOR_ENV, SUPERVISOR_FD, SUPERVISOR_TERMINAL_ENV, SupervisorLine,
+        ToSupervisor,
     },
     event::Event,
 };
