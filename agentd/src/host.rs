@@ -9,6 +9,10 @@ use std::{
 use anyhow::Context as _;
 use nix::unistd::{Uid, User};
 
+/// Where agentd keeps its state (agents' records, transactions), embedded or as a daemon
+/// (`--state-dir`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/agentd";
+
 /// The directory `{workspace}` stands for: `dir`, or the current directory; absolute and
 /// with symlinks resolved, so Landlock rules name the real directory.
 pub fn workspace_dir(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {

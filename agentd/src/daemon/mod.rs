@@ -69,7 +69,7 @@ use crate::{
 
 /// Defaults (the systemd unit in dist/ uses them).
 pub const DEFAULT_SOCKET: &str = "/run/agentd/agentd.sock";
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/agentd";
+pub use crate::host::DEFAULT_STATE_DIR;
 pub const DEFAULT_AUDIT_LOG: &str = crate::audit::cmd::DEFAULT_PATH;
 /// Members of this group (when it exists) may launch and watch agents.
 pub const DEFAULT_GROUP: &str = "agentd";

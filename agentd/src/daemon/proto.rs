@@ -14,11 +14,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::event::Event;
 #[cfg(test)]
 use crate::link::DecodeError;
 pub use crate::link::{MAX_LINE, decode, encode};
-use crate::event::Event;
-
 
 /// A client's request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

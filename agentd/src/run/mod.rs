@@ -598,7 +598,7 @@ pub fn args(
         json,
         quiet: false,
         dns_upstream: None,
-        state_dir: PathBuf::from(crate::daemon::DEFAULT_STATE_DIR),
+        state_dir: PathBuf::from(crate::host::DEFAULT_STATE_DIR),
     }
 }
 

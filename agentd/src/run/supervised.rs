@@ -31,11 +31,11 @@ use super::{
     kernel::EXIT_TRIPPED,
 };
 use crate::{
+    event::Event,
     link::{
         self as proto, SUPERVISOR_ENV, SUPERVISOR_FD, SUPERVISOR_TERMINAL_ENV, SupervisorLine,
         ToSupervisor,
     },
-    event::Event,
 };
 
 /// How long `finished` waits for the daemon's verdict.
