@@ -701,6 +701,10 @@ pub const AGENT_FLAG_TRIP_SYSCALL: u32 = 1 << 15;
 /// `AGENT_FLAG_TRIP_*` bits count from then on. Before, a refusal is the launch sequence's
 /// own (an exec the profile refuses fails the launch), not the agent's.
 pub const AGENT_FLAG_ARMED: u32 = 1 << 16;
+/// `breaker.on_event_loss = "kill"` (enforced): an event of the agent that does not fit in
+/// the ring buffer trips it in the kernel at once (see agentd-ebpf `maps::count_lost`),
+/// armed or not: from the first loss on, nothing the agent does goes unreported.
+pub const AGENT_FLAG_KILL_ON_LOSS: u32 = 1 << 17;
 
 /// Canary paths per agent (`CanaryKey::index` is dense from 0).
 pub const MAX_CANARIES: u32 = 16;

@@ -5,10 +5,10 @@
 //! are deleted by the program that uses them.
 
 use agentd_common::{
-    AGENT_FLAG_ARMED, AGENT_FLAG_KILLED, AgentState, BindKey, CONFIG_CGROUP_LEVELS,
-    CONFIG_KILL_GATE, CONFIG_LEN, CONFIG_LEVEL_MAX, CanaryInode, CanaryKey, CanaryPath, DnsClient,
-    DnsKey, DnsOrig, EVENT_FLAG_HELD, EVENT_FLAG_TRIPPED, ExecGrant, ExecKey, GuardedName,
-    MAX_CGROUP_LEVEL, NetKey, PATH_LEN, RawEvent, SYSCALL_TABLE_LEN,
+    AGENT_FLAG_ARMED, AGENT_FLAG_KILL_ON_LOSS, AGENT_FLAG_KILLED, AgentState, BindKey,
+    CONFIG_CGROUP_LEVELS, CONFIG_KILL_GATE, CONFIG_LEN, CONFIG_LEVEL_MAX, CanaryInode, CanaryKey,
+    CanaryPath, DnsClient, DnsKey, DnsOrig, EVENT_FLAG_HELD, EVENT_FLAG_TRIPPED, ExecGrant,
+    ExecKey, GuardedName, MAX_CGROUP_LEVEL, NetKey, PATH_LEN, RawEvent, SYSCALL_TABLE_LEN,
 };
 use aya_ebpf::{
     helpers::{
@@ -268,7 +268,10 @@ pub fn gate_open() -> bool {
     CONFIG.get(CONFIG_KILL_GATE).is_some_and(|g| *g != 0)
 }
 
-/// Counts an event the ring buffer had no room for, against its agent.
+/// Counts an event the ring buffer had no room for, against its agent; trips the agent
+/// whose profile says `on_event_loss = "kill"` ([`AGENT_FLAG_KILL_ON_LOSS`]): the kill gate
+/// then stops each of its processes at its next system call, so nothing more it does goes
+/// unreported. User space reports the count (and records the trip) when it reads `LOST`.
 #[inline(always)]
 pub fn count_lost(cgroup: u64) {
     match LOST.get_ptr_mut(&cgroup) {
@@ -278,6 +281,12 @@ pub fn count_lost(cgroup: u64) {
         None => {
             let _ = LOST.insert(&cgroup, &1, 0);
         }
+    }
+    if let Some(state) = AGENTS.get_ptr_mut(&cgroup)
+        // SAFETY: `state` points into the AGENTS map value for the program's run.
+        && unsafe { (*state).flags } & AGENT_FLAG_KILL_ON_LOSS != 0
+    {
+        trip(state);
     }
 }
 

@@ -69,9 +69,11 @@ enum Command {
     /// `kill` and `stats` on a Unix socket (peer credentials checked: root and members of
     /// --group may launch and watch; only root and an agent's owner may kill it), runs a
     /// breaker per agent, and appends every event and control action to a hash-chained
-    /// audit log. Runs until SIGTERM, which kills the agents it supervises. If it dies,
-    /// each agent's supervisor kills its agent, and the next daemon reaps what is left
-    /// (docs/daemon.md). A systemd unit is in dist/agentd.service.
+    /// audit log. Runs until SIGTERM, which hands the agents it supervises over to the
+    /// next daemon (`systemctl restart`: they keep running, enforced throughout; with
+    /// no daemon within --handover-grace they are killed), or SIGINT, which kills them.
+    /// If it dies, each agent's supervisor kills its agent, and the next daemon reaps
+    /// what is left (docs/daemon.md). A systemd unit is in dist/agentd.service.
     #[command(after_help = "Examples:\n  \
 sudo agentd daemon\n  \
 sudo agentd daemon --socket /tmp/a.sock --state-dir /tmp/a --audit-log /tmp/a/audit.jsonl")]
@@ -100,6 +102,11 @@ sudo agentd daemon --socket /tmp/a.sock --state-dir /tmp/a --audit-log /tmp/a/au
         /// (needed by profiles that set `[ask] require_signature`)
         #[arg(long, value_name = "PATH", default_value = crate::daemon::DEFAULT_ALLOWED_SIGNERS)]
         allowed_signers: PathBuf,
+        /// After SIGTERM, how long the agents wait for the next daemon to take them over
+        /// before their supervisors kill them; 0: SIGTERM kills them, as SIGINT does
+        #[arg(long, value_name = "SECONDS", default_value_t = 30,
+              value_parser = clap::value_parser!(u64).range(0..=3600))]
+        handover_grace: u64,
     },
     /// List the agents a daemon supervises
     ///
@@ -425,6 +432,7 @@ pub fn main() -> ExitCode {
             dns_upstream,
             approvers,
             allowed_signers,
+            handover_grace,
         } => crate::daemon::daemon(crate::daemon::DaemonArgs {
             socket,
             state_dir,
@@ -433,6 +441,7 @@ pub fn main() -> ExitCode {
             dns_upstream,
             approvers,
             allowed_signers,
+            handover_grace: std::time::Duration::from_secs(handover_grace),
         }),
         Command::Ps { json, socket } => crate::daemon::client::ps(socket.socket, json),
         Command::Events {

@@ -20,6 +20,14 @@ pub const SUPERVISOR_ENV: &str = "AGENTD_SUPERVISOR_FD";
 /// Set (to 1) in a supervisor's environment when its stdin is the agent's terminal: the
 /// slave side of a pseudo-terminal the client made and relays.
 pub const SUPERVISOR_TERMINAL_ENV: &str = "AGENTD_SUPERVISOR_TERMINAL";
+/// A copy of the read end of the supervisor's events pipe (its events go to fd
+/// `SUPERVISOR_FD + 1`): held so that a successor daemon can read on from it.
+pub const SUPERVISOR_EVENTS_READ_FD: i32 = SUPERVISOR_FD + 2;
+/// Set (to [`SUPERVISOR_EVENTS_READ_FD`]) when the daemon passed that descriptor.
+pub const SUPERVISOR_EVENTS_READ_ENV: &str = "AGENTD_SUPERVISOR_EVENTS_READ_FD";
+/// The daemon's control socket, where a supervisor reconnects after a handover
+/// ([`ToSupervisor::Handover`]).
+pub const SUPERVISOR_SOCKET_ENV: &str = "AGENTD_SUPERVISOR_SOCKET";
 
 /// What a supervisor tells the daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,8 +64,19 @@ pub enum ToSupervisor {
     /// After `finished`: the line `agentd run` prints and exit 137, when the agent was
     /// killed by the breaker or the kill switch.
     Verdict(Option<String>),
-    /// After `listener`: whether the daemon took it (the supervisor closes its copy).
+    /// After `listener`: whether the daemon took it (the supervisor keeps its copy for a
+    /// successor when it did, closes it when it did not).
     Listening(bool),
+    /// The daemon is stopping for a successor: keep the agent, and when this socket
+    /// closes, reconnect to the control socket ([`SUPERVISOR_SOCKET_ENV`]) with a
+    /// `resume` request within `grace_s` seconds, or kill the agent.
+    Handover {
+        grace_s: u64,
+    },
+    /// The answer to a `resume`: the daemon watches the agent again. The write end of a
+    /// new pipe for the supervisor's own events comes with it (`SCM_RIGHTS`), to take
+    /// the place of the one the previous daemon read.
+    Adopted,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -87,4 +106,26 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     });
     v.push(b'\n');
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_round_trip_and_strangers_are_refused() {
+        for line in [
+            ToSupervisor::Attached,
+            ToSupervisor::Handover { grace_s: 30 },
+            ToSupervisor::Adopted,
+            ToSupervisor::Listening(true),
+            ToSupervisor::Verdict(Some("tripped".into())),
+        ] {
+            let bytes = encode(&line);
+            let back: ToSupervisor = decode(&bytes[..bytes.len() - 1]).unwrap();
+            assert_eq!(back, line);
+        }
+        assert!(decode::<ToSupervisor>(br#"{"handover":{"grace_s":1,"x":2}}"#).is_err());
+        assert!(decode::<ToSupervisor>(br#"{"handover":{"grace_s":-1}}"#).is_err());
+    }
 }

@@ -170,7 +170,7 @@ pub fn render_policy(origin: &str, p: &CompiledPolicy) -> String {
     line(
         "breaker",
         format!(
-            "{}trips at once on {}; {}; action {}",
+            "{}trips at once on {}; {}; action {}; lost events: {}",
             if p.breaker.enforce {
                 ""
             } else {
@@ -192,6 +192,10 @@ pub fn render_policy(origin: &str, p: &CompiledPolicy) -> String {
                 None => "other violations: counted, no threshold".into(),
             },
             format!("{:?}", p.breaker.action).to_lowercase(),
+            match p.breaker.on_event_loss {
+                crate::profile::OnEventLoss::Report => "reported",
+                crate::profile::OnEventLoss::Kill => "kill the agent (on_event_loss)",
+            },
         ),
     );
     line(

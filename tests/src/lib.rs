@@ -561,7 +561,7 @@ pub fn bpf_lsm_usable() -> bool {
 // ---------------------------------------------------------------------------------------
 // `agentd daemon` for tests.
 
-/// A daemon of a test (its own socket, state directory, audit log and bpffs pins): stopped (SIGTERM) and its files removed on drop.
+/// A daemon of a test (its own socket, state directory, audit log and bpffs pins): stopped (SIGINT) and its files removed on drop.
 pub struct Daemon {
     pub child: Option<Child>,
     /// Its socket, state directory, audit log and log live here.
@@ -613,12 +613,27 @@ impl Daemon {
 
     /// Starts the daemon (again) with this test's paths; returns once it answers.
     pub fn spawn(&mut self) {
+        self.spawn_from(&agentd_bin());
+    }
+
+    /// [`Daemon::spawn`] from another agentd binary (an upgrade).
+    pub fn spawn_from(&mut self, bin: &Path) {
         let log = std::fs::File::options()
             .create(true)
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
-        let child = Command::new(agentd_bin())
+        let mut cmd = Command::new(bin);
+        // A session of its own, as systemd starts it (and so its own share of the CPU
+        // against the agents' sessions, not one shared with this test).
+        // SAFETY: setsid is async-signal-safe and takes no arguments.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = cmd
             .args(["daemon", "--socket"])
             .arg(self.socket())
             .arg("--state-dir")
@@ -704,10 +719,40 @@ impl Daemon {
             .unwrap()
     }
 
+    /// Runs `agentd audit verify` on its log, asserts it passes, and returns the log.
+    pub fn audit_verified(&self) -> String {
+        let out = Command::new(agentd_bin())
+            .args(["audit", "verify"])
+            .arg(self.audit_log())
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "audit verify: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read_to_string(self.audit_log()).unwrap()
+    }
+
+    /// The events recorded in its audit log, in order.
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.audit_log())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["kind"] == "event")
+            .map(|mut r| r["event"].take())
+            .collect()
+    }
+
+    /// Stops it with SIGINT: the agents it still supervises are killed (SIGTERM would
+    /// hand them over to a next daemon: restart.rs).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             // SAFETY: kill takes a pid and a signal number; the pid is our child's.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
             let _ = c.wait();
         }
     }
@@ -717,6 +762,27 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Panics with a background client's output if it has already exited.
+pub fn still_running(child: &mut Child, what: &str) {
+    if let Some(st) = child.try_wait().unwrap() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        panic!("{what}: agentd run exited early ({st}): {err}");
+    }
+}
+
+/// A finished background client: (exit code, stdout, stderr).
+pub fn finish(child: Child) -> (i32, String, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 // ---------------------------------------------------------------------------------------

@@ -5,13 +5,13 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     os::unix::{net::UnixStream, process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use agentd_tests::{
-    AgentRun, DEFAULT_LIMITS, Daemon, TestUser, agent_dir, agentd_bin, process_gone, profile_file,
-    require_root, test_profile, wait_until,
+    AgentRun, DEFAULT_LIMITS, Daemon, TestUser, agent_dir, agentd_bin, finish, process_gone,
+    profile_file, require_root, still_running, test_profile, wait_until,
 };
 use serde_json::Value;
 
@@ -25,30 +25,9 @@ fn pin_dirs() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Panics with a background client's output if it has already exited.
-fn still_running(child: &mut Child, what: &str) {
-    if let Some(st) = child.try_wait().unwrap() {
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        panic!("{what}: agentd run exited early ({st}): {err}");
-    }
-}
-
 fn running<'a>(rows: &'a [Value], profile: &str) -> Option<&'a Value> {
     rows.iter()
         .find(|r| r["profile"] == profile && r["state"] == "running")
-}
-
-/// Output of a finished background client.
-fn finish(child: Child) -> (i32, String, String) {
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// Two agents under different profiles through one daemon: `ps` lists both, `events`
@@ -400,19 +379,7 @@ fn daemon_kill_9_and_restart_leave_no_agent_unwatched() {
         "the restarted daemon unpinned the dead agent's programs"
     );
     d.stop();
-    let out = Command::new(agentd_bin())
-        .args(["audit", "verify"])
-        .arg(d.audit_log())
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = std::fs::read_to_string(d.audit_log()).unwrap();
+    let text = d.audit_verified();
     assert!(
         text.lines().any(|l| l.contains("\"action\":\"kill\"")
             && l.contains(&id)

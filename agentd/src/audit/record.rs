@@ -244,6 +244,12 @@ pub enum Action {
     Deny,
     /// A person revoked a grant (an approval that outlived its call).
     Revoke,
+    /// A daemon stopped for a successor and left its agents running (`detail`: the
+    /// agents, the grace period).
+    Handover,
+    /// A daemon took over an agent a previous one handed over (`detail`: the previous
+    /// daemon's pid, the gap).
+    Adopt,
 }
 
 /// Who asked: the peer credentials of a control-socket client (`SO_PEERCRED`), or the

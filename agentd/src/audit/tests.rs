@@ -1172,3 +1172,72 @@ fn record_times_parse_to_the_second() {
         assert_eq!(at(bad), None, "{bad}");
     }
 }
+
+/// Found while writing the audit_log fuzz target (which reproduces it): a log forged to
+/// begin with a rotate record of seq u64::MAX, after which no seq is left, is refused at
+/// the next record (the seq that would follow overflowed); a line that is no record, or
+/// one cut short, after it is reported as after any record.
+#[test]
+fn no_record_follows_the_last_seq() {
+    let dir = tempdir();
+    let path = dir.path().join("audit.log");
+    let ts = "2026-01-01T00:00:00Z";
+    let rotate = record::Rotate {
+        version: record::FORMAT_VERSION,
+        previous: "audit.log.1".into(),
+        partial: None,
+    };
+    let (last, hash) =
+        record::encode(u64::MAX, ts, RecordHash::GENESIS, Body::Rotate(&rotate)).unwrap();
+    let (next, _) = record::encode(0, ts, hash, Body::Event(&event(1))).unwrap();
+    write_lines(&path, &[last.clone(), next]);
+    let report = check(&path);
+    assert_eq!(tampered(&report).fault, Fault::NoSeqLeft);
+    assert_eq!(
+        (tampered(&report).line, tampered(&report).record),
+        (Some(2), Some(0))
+    );
+
+    write_lines(&path, &[last.clone(), b"not a record".to_vec()]);
+    let report = check(&path);
+    assert_eq!(
+        (tampered(&report).line, tampered(&report).record),
+        (Some(2), None)
+    );
+
+    let mut cut = last;
+    cut.extend_from_slice(b"\n{\"seq\":");
+    fs::write(&path, cut).unwrap();
+    assert!(matches!(check(&path).outcome, Outcome::Incomplete(_)));
+}
+
+/// Group commit: records written without a sync are made durable by a handle taken under
+/// the log and used after it, which counts them; another handle counts none but still
+/// syncs (another thread's records may be in flight).
+#[test]
+fn a_pending_sync_makes_what_was_written_durable_outside_the_log() {
+    let dir = tempdir();
+    let path = dir.path().join("audit.log");
+    let mut log = AuditLog::open_with(
+        &path,
+        Options {
+            sync_every: NonZeroU32::MAX,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    for i in 0..10 {
+        append(&mut log, i);
+    }
+    let pending = log.pending_sync().unwrap().unwrap();
+    // The log goes on while the handle syncs.
+    append(&mut log, 10);
+    // The ten events (the open record was synced when written), not the one after.
+    assert_eq!(pending.sync().unwrap(), 10);
+    assert_eq!(log.pending_sync().unwrap().unwrap().sync().unwrap(), 1);
+    assert_eq!(log.pending_sync().unwrap().unwrap().sync().unwrap(), 0);
+    drop(log);
+    let report = check(&path);
+    assert_eq!(report.outcome, Outcome::Intact);
+    assert_eq!(report.records, 12);
+}

@@ -80,6 +80,13 @@ pub enum Fault {
     },
     #[error("seq is {found}, expected {expected}")]
     WrongSeq { found: u64, expected: u64 },
+    /// After a record of seq u64::MAX (a rotate record may begin a chain with any seq):
+    /// a writer numbering a record a nanosecond would take 584 years to get there.
+    #[error(
+        "follows a record of seq {}, the last a log can number: the log was forged",
+        u64::MAX
+    )]
+    NoSeqLeft,
     #[error("a log begins with an open or rotate record, not a {kind} record")]
     BadStart { kind: RecordKind },
     #[error(
@@ -261,10 +268,37 @@ pub fn rotated_files(path: &Path) -> Result<Vec<PathBuf>, ReadError> {
     Ok(numbered.into_iter().map(|(_, p)| p).collect())
 }
 
+/// Verifies contents held in memory as [`verify_all`] verifies files: `files` oldest first,
+/// each the name problems give it and its bytes (what `agentd audit verify` would read).
+pub fn verify_contents(
+    files: &[(PathBuf, &[u8])],
+    expect_head: Option<RecordHash>,
+    signers: Option<&AllowedSigners>,
+) -> Result<Report, ReadError> {
+    let paths: Vec<PathBuf> = files.iter().map(|(path, _)| path.clone()).collect();
+    verify_sources(&paths, expect_head, signers, |i, _| {
+        files
+            .get(i)
+            .map(|(_, bytes)| *bytes)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+    })
+}
+
 fn verify_files(
     files: &[PathBuf],
     expect_head: Option<RecordHash>,
     signers: Option<&AllowedSigners>,
+) -> Result<Report, ReadError> {
+    verify_sources(files, expect_head, signers, |_, path| File::open(path))
+}
+
+/// Verifies `files` as one chain, reading the `i`th through `open(i, path)` when the
+/// chain reaches it.
+fn verify_sources<R: io::Read>(
+    files: &[PathBuf],
+    expect_head: Option<RecordHash>,
+    signers: Option<&AllowedSigners>,
+    mut open: impl FnMut(usize, &Path) -> io::Result<R>,
 ) -> Result<Report, ReadError> {
     let mut v = Verifier {
         report: Report {
@@ -283,7 +317,7 @@ fn verify_files(
     let mut previous: Option<&Path> = None;
     for (i, path) in files.iter().enumerate() {
         let last_file = i + 1 == files.len();
-        let file = File::open(path).map_err(|source| ReadError {
+        let file = open(i, path).map_err(|source| ReadError {
             path: path.clone(),
             source,
         })?;
@@ -359,7 +393,7 @@ impl Verifier<'_> {
         &mut self,
         path: &Path,
         previous: Option<&Path>,
-        file: File,
+        file: impl io::Read,
         last_file: bool,
     ) -> io::Result<Option<Outcome>> {
         let mut reader = BufReader::new(file);
@@ -380,7 +414,8 @@ impl Verifier<'_> {
                 fault,
             }))
         };
-        let expected = |head: Option<Head>| head.map(|h| h.seq + 1);
+        // None after seq u64::MAX, which leaves no seq (see `check_seq`).
+        let expected = |head: Option<Head>| head.and_then(|h| h.seq.checked_add(1));
         let end = loop {
             let kind = read_line(&mut reader, &mut buf)?;
             line_no += 1;
@@ -604,7 +639,9 @@ impl Verifier<'_> {
         previous: Option<&Path>,
         last_file: bool,
     ) -> Option<Outcome> {
-        let record = self.report.head.map_or(1, |h| h.seq + 1);
+        // What names the place (after seq u64::MAX, a record that is complete is refused
+        // by `check_seq`).
+        let record = self.report.head.map_or(1, |h| h.seq.saturating_add(1));
         let problem = |record, line, fault| {
             Some(Outcome::Tampered(Problem {
                 path: path.to_path_buf(),
@@ -697,13 +734,13 @@ pub(super) fn record_time(ts: &str) -> Option<SystemTime> {
 }
 
 fn check_seq(rec: &Parsed, head: Head) -> Result<(), Fault> {
-    if rec.seq == head.seq + 1 {
-        Ok(())
-    } else {
-        Err(Fault::WrongSeq {
+    match head.seq.checked_add(1) {
+        Some(expected) if rec.seq == expected => Ok(()),
+        Some(expected) => Err(Fault::WrongSeq {
             found: rec.seq,
-            expected: head.seq + 1,
-        })
+            expected,
+        }),
+        None => Err(Fault::NoSeqLeft),
     }
 }
 

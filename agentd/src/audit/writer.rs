@@ -134,6 +134,26 @@ impl Default for Options {
     }
 }
 
+/// Records written to an [`AuditLog`] and not yet on disk: [`PendingSync::sync`] makes
+/// them durable (a descriptor of the log's file, so no lock is needed for it).
+#[derive(Debug)]
+pub struct PendingSync {
+    file: File,
+    path: PathBuf,
+    records: u32,
+}
+
+impl PendingSync {
+    /// `fdatasync`: returns how many records it made durable.
+    pub fn sync(self) -> Result<u32, AuditError> {
+        self.file.sync_data().map_err(|source| AuditError::Sync {
+            path: self.path,
+            source,
+        })?;
+        Ok(self.records)
+    }
+}
+
 /// The append-only, hash-chained audit log. One per file per host (it holds a `flock`);
 /// share it between threads behind a `Mutex`: each append is one record, in chain order.
 #[derive(Debug)]
@@ -199,6 +219,27 @@ impl AuditLog {
         }
         self.unsynced = 0;
         Ok(())
+    }
+
+    /// What was written so far, to be made durable by the caller after it lets go of
+    /// this log (group commit: one `fdatasync` for many records, and none under the lock
+    /// others wait on). Another thread's sync may have taken the records this one wrote:
+    /// syncing anyway is what makes them durable before this caller goes on. `None`: the
+    /// log is not open (an I/O error; the next append reopens it).
+    pub fn pending_sync(&mut self) -> Result<Option<PendingSync>, AuditError> {
+        let Some(file) = &self.file else {
+            return Ok(None);
+        };
+        let file = file.try_clone().map_err(|source| AuditError::Sync {
+            path: self.path.clone(),
+            source,
+        })?;
+        let records = std::mem::take(&mut self.unsynced);
+        Ok(Some(PendingSync {
+            file,
+            path: self.path.clone(),
+            records,
+        }))
     }
 
     /// Rotates: `PATH` becomes `PATH.1` (older files shift up, `PATH.keep` is deleted) and

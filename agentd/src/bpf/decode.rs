@@ -511,6 +511,18 @@ pub fn kernel_dir(raw: &RawEvent) -> Option<PathBuf> {
     Some(dir)
 }
 
+/// The [`RawEvent`] a ring-buffer record holds: its first `size_of::<RawEvent>()` bytes;
+/// `None` when it is shorter.
+pub fn raw_event(record: &[u8]) -> Option<RawEvent> {
+    if record.len() < size_of::<RawEvent>() {
+        return None;
+    }
+    // SAFETY: `record` holds at least size_of::<RawEvent>() bytes; RawEvent is plain data
+    // (integers and byte arrays, no padding: any bit pattern is valid) and the read is
+    // unaligned-safe.
+    Some(unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) })
+}
+
 /// Decodes one ring-buffer record. `None` for a record of an unknown kind (a newer BPF
 /// object than this binary: never happens with the embedded object), and for a successful
 /// read-only open the kernel could not decide that resolves to no canary. `targets` looks
@@ -581,7 +593,7 @@ pub fn decode(
                     // handles no network right).
                     e.layer = Layer::Kernel;
                     e.verdict = Verdict::Deny;
-                    e.errno = Some(i32::try_from(-raw.ret).unwrap_or(i32::MAX));
+                    e.errno = Some(i32::try_from(raw.ret.saturating_neg()).unwrap_or(i32::MAX));
                 }
             }
             e = e.with("family", family_name(raw.family));
@@ -618,7 +630,8 @@ pub fn decode(
             e = exit_detail(raw.ret, e);
         }
         EventKind::Syscall => {
-            let errno = (raw.ret < 0).then(|| i32::try_from(-raw.ret).unwrap_or(i32::MAX));
+            let errno =
+                (raw.ret < 0).then(|| i32::try_from(raw.ret.saturating_neg()).unwrap_or(i32::MAX));
             e.errno = errno;
             let policy = agent.map(|a| a.policy.as_ref());
             (e.layer, e.verdict) = match (Syscall::from_raw(raw.syscall), errno) {
@@ -739,7 +752,7 @@ fn decode_file(
         e = e.with("entry_seen", false);
     }
     let write_intent = raw.flags & EVENT_FLAG_WRITE_INTENT != 0;
-    let errno = (raw.ret < 0).then(|| i32::try_from(-raw.ret).unwrap_or(i32::MAX));
+    let errno = (raw.ret < 0).then(|| i32::try_from(raw.ret.saturating_neg()).unwrap_or(i32::MAX));
     e.errno = errno;
 
     let path_arg = cstr(&raw.path);
@@ -977,7 +990,7 @@ fn signal_event(
     let name =
         nix::sys::signal::Signal::try_from(sig).map_or_else(|_| sig.to_string(), |s| s.to_string());
     e = e.with("signal", sig).with("signal_name", name);
-    e.errno = (raw.ret < 0).then(|| i32::try_from(-raw.ret).unwrap_or(i32::MAX));
+    e.errno = (raw.ret < 0).then(|| i32::try_from(raw.ret.saturating_neg()).unwrap_or(i32::MAX));
     e.verdict = Verdict::Deny;
     let own = agent.and_then(|a| a.creds.get());
     e.layer = match (target, own) {
@@ -1028,7 +1041,7 @@ fn unix_socket_event(
             .to_string_lossy()
             .into_owned()
     };
-    let errno = (raw.ret < 0).then(|| i32::try_from(-raw.ret).unwrap_or(i32::MAX));
+    let errno = (raw.ret < 0).then(|| i32::try_from(raw.ret.saturating_neg()).unwrap_or(i32::MAX));
     let policy = agent.map(|a| a.policy.as_ref());
     let landlock = match (errno, kind) {
         (Some(EPERM), EventKind::Connect) => abstract_name,
@@ -1141,12 +1154,41 @@ fn aux_detail(kind: EventKind, aux: u64, mut e: Event) -> Event {
     e
 }
 
+/// A record as the BPF programs write it, with defaults the tests (and the fuzz seeds)
+/// start from: agent cgroup 4242, `bash`, pid 100, allowed, observed.
+#[cfg(test)]
+pub(crate) fn sample_raw(kind: EventKind) -> RawEvent {
+    let mut comm = [0u8; agentd_common::COMM_LEN];
+    comm[..4].copy_from_slice(b"bash");
+    RawEvent {
+        ktime_ns: 5_000_000_123,
+        agent_cgroup: 4242,
+        ret: 0,
+        aux: 0,
+        pid: 100,
+        tid: 100,
+        kind: kind as u16,
+        flags: 0,
+        layer: agentd_common::Layer::Observed as u8,
+        verdict: 0,
+        proto: 0,
+        syscall: 0,
+        addr: [0; 16],
+        port: 0,
+        family: 0,
+        dfd: AT_FDCWD,
+        comm,
+        path: [0; agentd_common::PATH_LEN],
+        path2: [0; agentd_common::PATH_LEN],
+        canary: 0,
+        dir_parts: 0,
+        dir: [0; agentd_common::PATH_LEN],
+    }
+}
+
 #[cfg(test)]
 mod tests {
-
     use std::sync::Arc;
-
-    use agentd_common::{COMM_LEN, PATH_LEN};
 
     use super::*;
     use crate::profile::{CompileContext, compile, parse};
@@ -1178,32 +1220,7 @@ connect = ["127.0.0.1/32:8080"]
     }
 
     fn raw(kind: EventKind) -> RawEvent {
-        let mut comm = [0u8; COMM_LEN];
-        comm[..4].copy_from_slice(b"bash");
-        RawEvent {
-            ktime_ns: 5_000_000_123,
-            agent_cgroup: 4242,
-            ret: 0,
-            aux: 0,
-            pid: 100,
-            tid: 100,
-            kind: kind as u16,
-            flags: 0,
-            layer: agentd_common::Layer::Observed as u8,
-            verdict: 0,
-            proto: 0,
-            syscall: 0,
-            addr: [0; 16],
-            port: 0,
-            family: 0,
-            dfd: AT_FDCWD,
-            comm,
-            path: [0; PATH_LEN],
-            path2: [0; PATH_LEN],
-            canary: 0,
-            dir_parts: 0,
-            dir: [0; PATH_LEN],
-        }
+        sample_raw(kind)
     }
 
     fn set(buf: &mut [u8], s: &str) {
@@ -1257,6 +1274,25 @@ connect = ["127.0.0.1/32:8080"]
         assert_eq!(e.comm, "bash");
         assert_eq!(e.ts, "2001-09-09T01:46:45.000000123Z");
         assert_eq!(e.ktime_ns, Some(5_000_000_123));
+    }
+
+    /// Found by the kernel_record fuzz target: a return value of i64::MIN, whose negation
+    /// overflows, is an errno beyond any (i32::MAX), not a panic.
+    #[test]
+    fn the_most_negative_return_value_decodes() {
+        let cases = [
+            (EventKind::Connect, libc::AF_INET as u16),
+            (EventKind::Connect, libc::AF_UNIX as u16),
+            (EventKind::Syscall, 0),
+            (EventKind::Signal, 0),
+            (EventKind::OpenWrite, 0),
+        ];
+        for (kind, family) in cases {
+            let mut r = raw(kind);
+            r.family = family;
+            r.ret = i64::MIN;
+            assert_eq!(dec(&r).errno, Some(i32::MAX), "{kind:?}");
+        }
     }
 
     /// The connect/bind exit's report of an inet call refused before the cgroup programs:

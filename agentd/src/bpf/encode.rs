@@ -8,15 +8,17 @@ use std::{
 };
 
 use agentd_common::{
-    AGENT_FLAG_CANARIES, AGENT_FLAG_INET, AGENT_FLAG_INET6, AGENT_FLAG_MONITOR,
-    AGENT_FLAG_NETLINK_ROUTE, AGENT_FLAG_PROTECT, AGENT_FLAG_TRIP_BIND, AGENT_FLAG_TRIP_CANARY,
-    AGENT_FLAG_TRIP_CONNECT, AGENT_FLAG_TRIP_EXEC, AGENT_FLAG_TRIP_READ, AGENT_FLAG_TRIP_SOCKET,
-    AGENT_FLAG_TRIP_SYSCALL, AGENT_FLAG_TRIP_WRITE, AgentState, BindKey, CanaryInode, CanaryKey,
-    CanaryPath, GuardedName, MAX_CANARIES, MAX_CGROUP_LEVEL, NET_KEY_FIXED_BITS, NetKey, PATH_LEN,
+    AGENT_FLAG_CANARIES, AGENT_FLAG_INET, AGENT_FLAG_INET6, AGENT_FLAG_KILL_ON_LOSS,
+    AGENT_FLAG_MONITOR, AGENT_FLAG_NETLINK_ROUTE, AGENT_FLAG_PROTECT, AGENT_FLAG_TRIP_BIND,
+    AGENT_FLAG_TRIP_CANARY, AGENT_FLAG_TRIP_CONNECT, AGENT_FLAG_TRIP_EXEC, AGENT_FLAG_TRIP_READ,
+    AGENT_FLAG_TRIP_SOCKET, AGENT_FLAG_TRIP_SYSCALL, AGENT_FLAG_TRIP_WRITE, AgentState, BindKey,
+    CanaryInode, CanaryKey, CanaryPath, GuardedName, MAX_CANARIES, MAX_CGROUP_LEVEL,
+    NET_KEY_FIXED_BITS, NetKey, PATH_LEN,
 };
 
 use crate::profile::{
-    Action, BindRule, BreakerPolicy, CompiledPolicy, Mode, NetEntry, SocketFamily, ViolationKind,
+    Action, BindRule, BreakerPolicy, CompiledPolicy, Mode, NetEntry, OnEventLoss, SocketFamily,
+    ViolationKind,
 };
 
 /// Every map entry of one agent.
@@ -203,7 +205,7 @@ pub fn mountinfo_dev(mountinfo: &str, mnt_id: u64) -> Option<((u64, u64), String
 }
 
 /// `AGENT_FLAG_*` for a policy: monitor mode, the socket families it may create, whether
-/// it has canaries.
+/// it has canaries, whether a lost event kills it.
 pub fn agent_flags(policy: &CompiledPolicy) -> u32 {
     let mut flags = 0;
     if policy.mode == Mode::Monitor {
@@ -222,6 +224,9 @@ pub fn agent_flags(policy: &CompiledPolicy) -> u32 {
     }
     if !policy.protect.is_empty() {
         flags |= AGENT_FLAG_PROTECT;
+    }
+    if policy.breaker.enforce && policy.breaker.on_event_loss == OnEventLoss::Kill {
+        flags |= AGENT_FLAG_KILL_ON_LOSS;
     }
     // In force from the agent's first exec (the kernel sets AGENT_FLAG_ARMED).
     flags | trip_flags(&policy.breaker)
@@ -435,6 +440,24 @@ mod tests {
             "{base}mode = \"monitor\"\n[breaker]\ntrip_on = [\"canary\"]\n"
         ));
         assert_eq!(trip_flags(&monitor.breaker), 0, "monitor mode never acts");
+    }
+
+    #[test]
+    fn the_kernel_trips_on_a_lost_event_only_when_the_profile_says_kill() {
+        let base = "[agent]\nname = \"t\"\n";
+        let kill = compiled(&format!("{base}[breaker]\non_event_loss = \"kill\"\n"));
+        assert_ne!(agent_flags(&kill) & AGENT_FLAG_KILL_ON_LOSS, 0);
+        // Whatever the breaker does with violations: the loss is its own decision.
+        let deny = compiled(&format!(
+            "{base}[breaker]\naction = \"deny\"\non_event_loss = \"kill\"\n"
+        ));
+        assert_ne!(agent_flags(&deny) & AGENT_FLAG_KILL_ON_LOSS, 0);
+        for report in [
+            compiled(base),
+            compiled(&format!("{base}[breaker]\non_event_loss = \"report\"\n")),
+        ] {
+            assert_eq!(agent_flags(&report) & AGENT_FLAG_KILL_ON_LOSS, 0);
+        }
     }
 
     #[test]

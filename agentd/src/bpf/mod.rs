@@ -187,6 +187,8 @@ pub enum BpfError {
     Poll(#[source] std::io::Error),
     #[error(transparent)]
     ExecGate(#[from] ask::ExecGateError),
+    #[error("handing the watch over: {0}")]
+    Handover(String),
 }
 
 #[cfg(test)]

@@ -33,11 +33,16 @@ use aya::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
         CgroupSockAddr, Lsm, ProgramError, TracePoint,
         links::{FdLink, PinnedLink},
+        lsm::LsmLinkId,
         tp_btf::BtfTracePointLinkId,
         trace_point::TracePointLinkId,
     },
 };
 use tokio::{io::unix::AsyncFd, sync::mpsc};
+
+mod handover;
+
+pub use handover::{LINKS_DIR, MAPS_DIR, layout_stamp, release_previous};
 
 use super::{
     BPFFS, BpfError, EBPF_OBJECT, TRACEFS,
@@ -158,6 +163,10 @@ pub struct Watch {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     /// Syscall tracepoint attachments, detached together when the Watch is dropped.
     tracepoint_links: Vec<(&'static str, TracePointLinkId)>,
+    /// The process tracepoints' attachments (exec, fork, exit).
+    process_links: Vec<(&'static str, BtfTracePointLinkId)>,
+    /// The BPF LSM programs' attachments, where they run.
+    lsm_links: Vec<(&'static str, LsmLinkId)>,
     /// The kill gate's attachments, while agents are watched (empty otherwise).
     gate_links: Vec<(&'static str, BtfTracePointLinkId)>,
     /// Where agents' cgroup links are pinned (the daemon), if anywhere.
@@ -506,7 +515,7 @@ fn exit_program_for(args: usize) -> Option<&'static str> {
 /// never run: checked first, from securityfs, mounted if needed), or the kernel refused
 /// one (BPF LSM disabled by policy, a hook missing). Either all are attached or, on an
 /// error, none stays attached.
-fn attach_lsm(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
+fn attach_lsm(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<(&'static str, LsmLinkId)>, String> {
     ensure_mounted(super::SECURITYFS)
         .map_err(|e| format!("the active LSMs cannot be read: {e}"))?;
     let list = super::active_lsms()
@@ -549,7 +558,7 @@ fn attach_lsm(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
             }
         }
     }
-    Ok(())
+    Ok(links)
 }
 
 impl Watch {
@@ -557,6 +566,12 @@ impl Watch {
     /// tracepoints. No agent is watched yet: for every process the programs return after
     /// one failed lookup.
     pub fn load() -> Result<Watch, BpfError> {
+        Self::load_with(None)
+    }
+
+    /// [`Watch::load`], with every map pinned by name under `maps` when given: a pin
+    /// already there is used as the map, contents and all (see [`handover`]).
+    fn load_with(maps: Option<&Path>) -> Result<Watch, BpfError> {
         ensure_mounted(TRACEFS)?;
         ensure_mounted(BPFFS)?;
         let cgroup_mount = cgroup2_root()?;
@@ -572,6 +587,15 @@ impl Watch {
         let exit_program = process_exit_program()?;
 
         let mut loader = EbpfLoader::new();
+        let names = match maps {
+            Some(_) => handover::map_names()?,
+            None => Vec::new(),
+        };
+        if let Some(dir) = maps {
+            for name in &names {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
         for (name, value) in &offsets {
             loader.override_global(name, value, true);
         }
@@ -654,17 +678,19 @@ impl Watch {
         }
         let btf = Btf::from_sys_fs().map_err(|e| BpfError::Btf(e.to_string()))?;
         tracing::debug!(program = exit_program, "process exit program");
+        let mut process_links = Vec::new();
         for (name, tp) in programs::PROCESS_TRACEPOINTS
             .into_iter()
             .chain([(exit_program, programs::PROCESS_EXIT)])
         {
             let p: &mut BtfTracePoint = program(&mut ebpf, name)?;
             p.load(tp, &btf).map_err(load_err(name))?;
-            p.attach().map_err(|source| BpfError::Attach {
+            let id = p.attach().map_err(|source| BpfError::Attach {
                 program: name,
                 target: format!("tp_btf {tp}"),
                 source,
             })?;
+            process_links.push((name, id));
         }
         // The kill gate runs on every system call of the host: loaded now, attached only
         // while agents are watched (`Watch::gate_attach`).
@@ -672,10 +698,14 @@ impl Watch {
             let p: &mut BtfTracePoint = program(&mut ebpf, name)?;
             p.load(tp, &btf).map_err(load_err(name))?;
         }
-        let lsm = if lsm_missing.is_empty() {
+        let lsm_attached = if lsm_missing.is_empty() {
             attach_lsm(&mut ebpf, &btf)
         } else {
             Err(format!("the kernel's BTF lacks {}", lsm_missing.join(", ")))
+        };
+        let (lsm, lsm_links) = match lsm_attached {
+            Ok(links) => (Ok(()), links),
+            Err(why) => (Err(why), Vec::new()),
         };
         if let Err(reason) = &lsm {
             tracing::info!(
@@ -734,6 +764,8 @@ impl Watch {
             next_policy_id: 1,
             shutdown: None,
             tracepoint_links,
+            process_links,
+            lsm_links,
             gate_links: Vec::new(),
             pin_dir: None,
             reaper: None,
@@ -750,6 +782,47 @@ impl Watch {
         policy: &CompiledPolicy,
         creds: Option<Creds>,
     ) -> Result<AgentHandle, BpfError> {
+        let policy_id = self.next_policy_id;
+        self.next_policy_id = self.next_policy_id.checked_add(1).unwrap_or(1);
+        let handle = self.handle_for(agent_id, cgroup_dir, policy, policy_id, true)?;
+        self.register(&handle, policy, creds);
+        // No agent is in the maps without the gate that kills its processes once tripped.
+        let mut handle = handle;
+        if let Err(e) = self
+            .gate_attach()
+            .and_then(|()| self.write_entries(&handle))
+            .and_then(|()| self.attach(&mut handle))
+        {
+            // Undo what was done; the first error is the one to report.
+            if let Err(undo) = self.remove_agent(handle) {
+                tracing::warn!(agent = agent_id, "cleanup after a failed add_agent: {undo}");
+            }
+            return Err(e);
+        }
+        Ok(handle)
+    }
+
+    /// What the decoder knows of an agent from now on.
+    fn register(&self, handle: &AgentHandle, policy: &CompiledPolicy, creds: Option<Creds>) {
+        let info = AgentInfo::new(&handle.agent_id, Arc::new(policy.with_real_paths()));
+        if let Some(c) = creds {
+            let _ = info.creds.set(c);
+        }
+        lock(&self.registry)
+            .agents
+            .insert(handle.cgroup_id, (info, None));
+    }
+
+    /// The agent's handle: its cgroup, and its map entries as `policy_id` encodes them
+    /// (`fresh`: its cgroup must not be watched yet).
+    fn handle_for(
+        &self,
+        agent_id: &str,
+        cgroup_dir: &Path,
+        policy: &CompiledPolicy,
+        policy_id: u32,
+        fresh: bool,
+    ) -> Result<AgentHandle, BpfError> {
         let cg_err = |reason: String| BpfError::Cgroup {
             path: cgroup_dir.to_path_buf(),
             reason,
@@ -765,14 +838,9 @@ impl Watch {
             .map_err(|e| cg_err(format!("stat: {e}")))?
             .ino();
         let level = cgroup_level(&self.cgroup_mount, &dir).map_err(cg_err)?;
-        {
-            let agents = lock(&self.agents);
-            if agents.get(&cgroup_id, 0).is_ok() {
-                return Err(cg_err(format!("already watched (cgroup id {cgroup_id})")));
-            }
+        if fresh && lock(&self.agents).get(&cgroup_id, 0).is_ok() {
+            return Err(cg_err(format!("already watched (cgroup id {cgroup_id})")));
         }
-        let policy_id = self.next_policy_id;
-        self.next_policy_id = self.next_policy_id.checked_add(1).unwrap_or(1);
         let mut entries = agent_entries(policy_id, policy).map_err(|reason| BpfError::Policy {
             agent: agent_id.to_owned(),
             reason,
@@ -802,32 +870,14 @@ impl Watch {
             }
         }
 
-        let mut handle = AgentHandle {
+        Ok(AgentHandle {
             agent_id: agent_id.to_owned(),
             cgroup_dir: dir,
             cgroup_id,
             level,
             entries,
             links: Vec::new(),
-        };
-        let info = AgentInfo::new(agent_id, Arc::new(policy.with_real_paths()));
-        if let Some(c) = creds {
-            let _ = info.creds.set(c);
-        }
-        lock(&self.registry).agents.insert(cgroup_id, (info, None));
-        // No agent is in the maps without the gate that kills its processes once tripped.
-        if let Err(e) = self
-            .gate_attach()
-            .and_then(|()| self.write_entries(&handle))
-            .and_then(|()| self.attach(&mut handle))
-        {
-            // Undo what was done; the first error is the one to report.
-            if let Err(undo) = self.remove_agent(handle) {
-                tracing::warn!(agent = agent_id, "cleanup after a failed add_agent: {undo}");
-            }
-            return Err(e);
-        }
-        Ok(handle)
+        })
     }
 
     /// The addresses admitted from agents' DNS answers, for a resolver to add to.

@@ -11,15 +11,17 @@ use serde::Serialize;
 
 use crate::{
     event::{Event, Kind, Layer, Verdict},
-    profile::{Action, BreakerPolicy, ViolationKind},
+    profile::{Action, BreakerPolicy, OnEventLoss, ViolationKind},
 };
 
 /// The breaker's decision on one event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Trip {
-    /// The rule that tripped: `"trip_on:canary"` or `"threshold:10/60s"`.
+    /// The rule that tripped: `"trip_on:canary"`, `"threshold:10/60s"`, or
+    /// [`ON_EVENT_LOSS_RULE`].
     pub rule: String,
-    pub violation: ViolationKind,
+    /// The violation that tripped it; `None` for a trip on lost events.
+    pub violation: Option<ViolationKind>,
     /// What the profile says to do. In monitor mode the trip is reported with
     /// `enforced = false` and nothing is done.
     pub action: Action,
@@ -105,6 +107,23 @@ pub fn classify(ev: &Event) -> Option<ViolationKind> {
     }
 }
 
+/// The rule of a trip on events the kernel could not report (`on_event_loss = "kill"`).
+pub const ON_EVENT_LOSS_RULE: &str = "on_event_loss:kill";
+
+/// How many of the agent's events the kernel could not report, if `ev` says so: a `lost`
+/// event of the kernel watch. (A subscriber of the daemon that falls behind is told with
+/// a `lost` event of agentd's own, which is not about the agent and never reaches a
+/// breaker.)
+pub fn kernel_lost(ev: &Event) -> Option<u64> {
+    if ev.kind != Kind::Lost || ev.layer != Layer::Bpf {
+        return None;
+    }
+    ev.detail
+        .get("count")
+        .and_then(serde_json::Value::as_u64)
+        .filter(|&n| n > 0)
+}
+
 /// Per-agent breaker state.
 #[derive(Debug)]
 pub struct Breaker {
@@ -113,6 +132,8 @@ pub struct Breaker {
     recent: VecDeque<u64>,
     violations: u64,
     tripped: bool,
+    /// A trip that kills was returned: later events change nothing.
+    killing: bool,
 }
 
 impl Breaker {
@@ -122,6 +143,7 @@ impl Breaker {
             recent: VecDeque::new(),
             violations: 0,
             tripped: false,
+            killing: false,
         }
     }
 
@@ -131,13 +153,16 @@ impl Breaker {
     }
 
     /// Feeds one event seen at monotonic time `now_ns`. Returns the trip, once: after a trip
-    /// with `action = "kill"` the agent is being killed and later events change nothing;
-    /// with `action = "deny"` (or in monitor mode) later violations are counted and may
-    /// report again.
+    /// that kills (`action = "kill"`, or a lost event with `on_event_loss = "kill"`) the
+    /// agent is being killed and later events change nothing; with `action = "deny"` (or
+    /// in monitor mode) later violations are counted and may report again.
     pub fn observe(&mut self, ev: &Event, now_ns: u64) -> Option<Trip> {
+        if kernel_lost(ev).is_some() {
+            return self.lost();
+        }
         let violation = classify(ev)?;
         self.violations += 1;
-        if self.tripped && self.policy.action == Action::Kill && self.policy.enforce {
+        if self.killing {
             return None;
         }
         let rule = if self.policy.trip_on.contains(&violation) {
@@ -164,11 +189,30 @@ impl Breaker {
             None
         }?;
         self.tripped = true;
+        self.killing = self.policy.enforce && self.policy.action == Action::Kill;
         Some(Trip {
             rule,
-            violation,
+            violation: Some(violation),
             action: self.policy.action,
             enforced: self.policy.enforce,
+        })
+    }
+
+    /// The kernel lost events of the agent: a trip that kills when the profile says
+    /// `on_event_loss = "kill"` (the kernel has tripped the agent already, at the first
+    /// loss); nothing more when it says `report` (the `lost` event is the report).
+    fn lost(&mut self) -> Option<Trip> {
+        let kill = self.policy.enforce && self.policy.on_event_loss == OnEventLoss::Kill;
+        if !kill || self.killing {
+            return None;
+        }
+        self.tripped = true;
+        self.killing = true;
+        Some(Trip {
+            rule: ON_EVENT_LOSS_RULE.to_owned(),
+            violation: None,
+            action: Action::Kill,
+            enforced: true,
         })
     }
 }
@@ -197,6 +241,7 @@ mod tests {
                 window: Duration::from_secs(secs),
             }),
             action,
+            on_event_loss: OnEventLoss::Report,
         }
     }
 
@@ -324,7 +369,7 @@ mod tests {
         assert_eq!(b.observe(&w(), S), None);
         let t = b.observe(&w(), 2 * S).unwrap();
         assert_eq!(t.rule, "threshold:3/10s");
-        assert_eq!(t.violation, ViolationKind::Write);
+        assert_eq!(t.violation, Some(ViolationKind::Write));
     }
 
     #[test]
@@ -376,5 +421,70 @@ mod tests {
             b.observe(&ev(Kind::Exec, Verdict::Deny, Layer::Landlock), 1)
                 .is_some()
         );
+    }
+
+    fn lost(n: u64) -> Event {
+        ev(Kind::Lost, Verdict::None, Layer::Bpf).with("count", n)
+    }
+
+    #[test]
+    fn lost_events_kill_when_the_profile_says_so() {
+        let mut p = policy(&[ViolationKind::Canary], None, Action::Deny, true);
+        p.on_event_loss = OnEventLoss::Kill;
+        let mut b = Breaker::new(p);
+        let t = b.observe(&lost(3), 0).unwrap();
+        assert_eq!(t.rule, ON_EVENT_LOSS_RULE);
+        assert_eq!(t.violation, None);
+        assert_eq!(t.action, Action::Kill, "whatever the violations' action");
+        assert!(t.enforced);
+        assert_eq!(b.violations(), 0, "a loss is no violation of the agent's");
+        assert_eq!(b.observe(&lost(5), 1), None, "a kill trips once");
+        assert_eq!(
+            b.observe(&ev(Kind::Canary, Verdict::Deny, Layer::Landlock), 2),
+            None,
+            "the agent is being killed"
+        );
+    }
+
+    #[test]
+    fn lost_events_are_only_reported_by_default_and_in_monitor_mode() {
+        let mut b = Breaker::new(policy(&[ViolationKind::Canary], None, Action::Kill, true));
+        assert_eq!(b.observe(&lost(3), 0), None);
+        assert!(
+            b.observe(&ev(Kind::Canary, Verdict::Deny, Layer::Landlock), 1)
+                .is_some(),
+            "a reported loss changes nothing else"
+        );
+        let mut p = policy(&[], None, Action::Deny, false);
+        p.on_event_loss = OnEventLoss::Kill;
+        assert_eq!(
+            Breaker::new(p).observe(&lost(3), 0),
+            None,
+            "monitor never acts"
+        );
+    }
+
+    #[test]
+    fn only_the_kernels_losses_count() {
+        let mut p = policy(&[], None, Action::Kill, true);
+        p.on_event_loss = OnEventLoss::Kill;
+        let mut b = Breaker::new(p);
+        let lagged = ev(Kind::Lost, Verdict::None, Layer::Agentd).with("count", 7);
+        assert_eq!(b.observe(&lagged, 0), None, "a subscriber fell behind");
+        assert_eq!(b.observe(&lost(0), 0), None);
+        assert!(b.observe(&lost(1), 0).is_some());
+    }
+
+    #[test]
+    fn a_deny_trip_does_not_spare_a_later_loss() {
+        let mut p = policy(&[ViolationKind::Exec], None, Action::Deny, true);
+        p.on_event_loss = OnEventLoss::Kill;
+        let mut b = Breaker::new(p);
+        assert!(
+            b.observe(&ev(Kind::Exec, Verdict::Deny, Layer::Landlock), 0)
+                .is_some()
+        );
+        let t = b.observe(&lost(1), 1).unwrap();
+        assert_eq!(t.rule, ON_EVENT_LOSS_RULE);
     }
 }

@@ -98,7 +98,13 @@ struct DaemonFront {
     shared: Weak<Shared>,
 }
 
-fn audit(shared: &Shared, action: Action, agent: &str, by: Actor, detail: serde_json::Value) {
+pub(super) fn audit(
+    shared: &Shared,
+    action: Action,
+    agent: &str,
+    by: Actor,
+    detail: serde_json::Value,
+) {
     let detail = if let serde_json::Value::Object(m) = detail {
         m
     } else {
@@ -110,9 +116,7 @@ fn audit(shared: &Shared, action: Action, agent: &str, by: Actor, detail: serde_
         by,
         detail,
     };
-    if let Err(e) = lock(&shared.audit).append_control(&control) {
-        eprintln!("agentd daemon: audit log: {e}");
-    }
+    super::audit_control(shared, &control);
 }
 
 impl Front for DaemonFront {

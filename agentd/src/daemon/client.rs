@@ -81,8 +81,8 @@ pub fn ps(socket: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
 fn ps_table(rows: &[AgentRow]) -> String {
     use std::fmt::Write as _;
     let mut s = format!(
-        "{:<28} {:<16} {:>8} {:<8} {:>8} {:>8} {:>8} {:>6}  CGROUP\n",
-        "ID", "PROFILE", "PID", "STATE", "UPTIME", "EVENTS", "DENIALS", "OWNER"
+        "{:<28} {:<16} {:>8} {:<8} {:>8} {:>8} {:>8} {:>6} {:>6}  CGROUP\n",
+        "ID", "PROFILE", "PID", "STATE", "UPTIME", "EVENTS", "DENIALS", "LOST", "OWNER"
     );
     for r in rows {
         let state = serde_json::to_value(r.state)
@@ -91,7 +91,7 @@ fn ps_table(rows: &[AgentRow]) -> String {
             .unwrap_or_default();
         let _ = writeln!(
             s,
-            "{:<28} {:<16} {:>8} {:<8} {:>7}s {:>8} {:>8} {:>6}  {}",
+            "{:<28} {:<16} {:>8} {:<8} {:>7}s {:>8} {:>8} {:>6} {:>6}  {}",
             r.id,
             r.profile,
             r.pid,
@@ -99,6 +99,7 @@ fn ps_table(rows: &[AgentRow]) -> String {
             r.uptime_s,
             r.events,
             r.denials,
+            r.lost,
             r.owner_uid,
             r.cgroup.display()
         );
@@ -181,7 +182,8 @@ pub fn events(
             | Reply::Held(_)
             | Reply::Prompt(_)
             | Reply::Settled { .. }
-            | Reply::Grants(_)) => bail!("unexpected reply from the daemon: {other:?}"),
+            | Reply::Grants(_)
+            | Reply::Handover { .. }) => bail!("unexpected reply from the daemon: {other:?}"),
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -246,7 +248,7 @@ pub fn run(
             return Some(ExitCode::from(EXIT_REFUSED));
         }
     };
-    Some(match run_with(stream, request, events, quiet) {
+    Some(match run_with(&path, stream, request, events, quiet) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("agentd: {e:#}");
@@ -256,6 +258,7 @@ pub fn run(
 }
 
 fn run_with(
+    path: &std::path::Path,
     stream: UnixStream,
     mut req: RunRequest,
     events: Option<String>,
@@ -353,6 +356,10 @@ fn run_with(
             });
         }
         let mut freeze_done: Option<(bool, std::sync::mpsc::SyncSender<()>)> = None;
+        // The agent's id, once launched; the deadline for following it to the next daemon,
+        // once this one said it hands over.
+        let mut agent_id: Option<String> = None;
+        let mut handover: Option<tokio::time::Instant> = None;
         // Answers given at the agent's terminal to the daemon's requests.
         let prompter = session.as_ref().map(crate::run::terminal::Session::prompter);
         let (answer_tx, mut answer_rx) = tokio::sync::mpsc::unbounded_channel::<ClientLine>();
@@ -362,8 +369,19 @@ fn run_with(
                     write.write_all(&proto::encode(&answer)).await?;
                 }
                 line = lines.next_line() => {
-                    let Some(line) = line? else {
-                        bail!("the daemon went away before the agent's exit status came (its supervisor kills the agent when the daemon dies)");
+                    let line = match line {
+                        Ok(Some(line)) => line,
+                        Ok(None) | Err(_) => {
+                            let (Some(agent), Some(deadline)) = (agent_id.as_ref(), handover) else {
+                                bail!("the daemon went away before the agent's exit status came (its supervisor kills the agent when the daemon dies)");
+                            };
+                            let stream = reattach(path, agent, deadline).await?;
+                            let (r, w) = stream.into_split();
+                            lines = tokio::io::BufReader::new(r).lines();
+                            write = w;
+                            handover = None;
+                            continue;
+                        }
                     };
                     match proto::decode::<Reply>(line.as_bytes()).context("the daemon's reply")? {
                         Reply::Exit { code } => return Ok(code),
@@ -380,7 +398,14 @@ fn run_with(
                                 sink = None;
                             }
                         }
-                        Reply::Started { agent } => tracing::info!(%agent, "launched by the daemon"),
+                        Reply::Started { agent } => {
+                            tracing::info!(%agent, "launched by the daemon");
+                            agent_id = Some(agent);
+                        }
+                        Reply::Handover { grace_s } => {
+                            tracing::info!("the daemon hands the agent over to its successor");
+                            handover = Some(tokio::time::Instant::now() + std::time::Duration::from_secs(grace_s));
+                        }
                         Reply::Frozen(now) => {
                             if let Some((asked, done)) = freeze_done.take() {
                                 if now != asked {
@@ -448,6 +473,32 @@ fn run_with(
         eprint!("{text}");
     }
     code
+}
+
+/// Follows an agent to the daemon that took it over: connects to the socket again until
+/// one answers a `reattach`, or the deadline passes (the agent's supervisor then kills
+/// it, and says so).
+async fn reattach(
+    path: &std::path::Path,
+    agent: &str,
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<tokio::net::UnixStream> {
+    let line = proto::encode(&Request::Reattach {
+        agent: agent.to_owned(),
+    });
+    loop {
+        if let Ok(mut s) = tokio::net::UnixStream::connect(path).await
+            && s.write_all(&line).await.is_ok()
+        {
+            return Ok(s);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "the daemon handed agent {agent} over and no daemon took it within the grace period (its supervisor kills it)"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// How long the client waits for the supervisor's last messages once the agent's terminal
@@ -577,7 +628,8 @@ pub fn approvals(
             | Reply::Stats(_)
             | Reply::Transaction(_)
             | Reply::Prompt(_)
-            | Reply::Grants(_)) => bail!("unexpected reply from the daemon: {other:?}"),
+            | Reply::Grants(_)
+            | Reply::Handover { .. }) => bail!("unexpected reply from the daemon: {other:?}"),
         };
         if line.is_empty() {
             continue;

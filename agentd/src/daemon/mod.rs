@@ -19,7 +19,9 @@
 
 mod ask;
 pub mod client;
+mod handover;
 pub mod proto;
+mod session;
 
 pub use ask::DEFAULT_ALLOWED_SIGNERS;
 
@@ -39,14 +41,15 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream, unix::OwnedWriteHalf},
     sync::{broadcast, watch},
 };
 
-use self::proto::{AgentRow, AgentState, ClientLine, MAX_LINE, Reply, Request, RunRequest, Stats};
+use self::proto::{AgentRow, AgentState, MAX_LINE, Reply, Request, RunRequest, Stats};
 use crate::link::{
-    SUPERVISOR_ENV, SUPERVISOR_FD, SUPERVISOR_TERMINAL_ENV, SupervisorLine, ToSupervisor,
+    SUPERVISOR_ENV, SUPERVISOR_EVENTS_READ_ENV, SUPERVISOR_EVENTS_READ_FD, SUPERVISOR_FD,
+    SUPERVISOR_SOCKET_ENV, SUPERVISOR_TERMINAL_ENV, SupervisorLine, ToSupervisor,
 };
 use crate::{
     audit::{
@@ -54,7 +57,7 @@ use crate::{
         record::{Action, Actor, Control},
     },
     bpf::{self, Watch},
-    breaker::Breaker,
+    breaker::{Breaker, kernel_lost},
     event::{Event, Kind, Layer, Verdict},
     profile::{self, CompileContext, CompiledPolicy, Profile},
     run::{
@@ -104,6 +107,9 @@ pub struct DaemonArgs {
     pub approvers: Option<String>,
     /// `--allowed-signers`: the keys whose signatures approvals may carry.
     pub allowed_signers: PathBuf,
+    /// `--handover-grace`: how long agents wait for the next daemon after a SIGTERM (0:
+    /// they are stopped with the daemon).
+    pub handover_grace: Duration,
 }
 
 /// One agent the daemon knows.
@@ -116,6 +122,8 @@ struct Agent {
     started: Instant,
     events: u64,
     denials: u64,
+    /// Events of the agent the kernel could not report.
+    lost: u64,
     cgroup: PathBuf,
     cgroup_id: u64,
     bpf: Option<bpf::AgentHandle>,
@@ -135,6 +143,13 @@ struct Agent {
     /// Its compiled policy (asking needs its rules).
     policy: CompiledPolicy,
     asking: ask::AgentAsking,
+    /// What it was launched with.
+    launch: Launch,
+    /// Taken over from a previous daemon: where its supervisor's reconnection goes, until
+    /// it comes (handover.rs).
+    resume: Option<tokio::sync::oneshot::Sender<session::Supervisor>>,
+    /// Taken over: where a `run` client that follows it again goes.
+    reattach: Option<tokio::sync::mpsc::UnboundedSender<session::Client>>,
 }
 
 /// Bound of [`Agent::early_exits`].
@@ -175,6 +190,10 @@ struct Shared {
     /// `--dns-upstream`.
     dns_upstream: Option<std::net::SocketAddr>,
     asking: ask::Asking,
+    /// The control socket (absolute): where supervisors reconnect after a handover.
+    socket: PathBuf,
+    /// Set when stopping for a successor: every session tells its supervisor and client.
+    handover: watch::Sender<session::HandoverSignal>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -232,7 +251,13 @@ async fn open_audit(path: &Path) -> anyhow::Result<AuditLog> {
     let waited = Instant::now();
     let mut said = false;
     loop {
-        match AuditLog::open(path) {
+        // Events are made durable in groups (the thread that records them); control
+        // records at once (`audit_control`).
+        let options = crate::audit::Options {
+            sync_every: std::num::NonZeroU32::MAX,
+            ..crate::audit::Options::default()
+        };
+        match AuditLog::open_with(path, options) {
             Err(crate::audit::AuditError::Locked { .. })
                 if waited.elapsed() < Duration::from_secs(60) =>
             {
@@ -271,15 +296,16 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     }
     let mut audit = open_audit(&args.audit_log).await?;
     let pins = pin_dir(&args.state_dir);
-    reap_previous(&args.state_dir, &pins, &mut audit);
+    let previous = handover::previous(&args.state_dir, &pins);
+    reap_previous(&args.state_dir, &pins, &mut audit, previous.as_ref());
 
-    let mut watch = Watch::load().context("loading the kernel watch")?;
+    let mut watch = handover::load_watch(&pins, previous.as_ref())?;
     watch.hold_in_reaper();
     std::fs::create_dir_all(&pins).with_context(|| format!("creating {}", pins.display()))?;
     watch.pin_links_under(&pins);
-    let rx = watch.try_events().context("the kernel watch's events")?;
+    let socket_abs = std::path::absolute(&args.socket)
+        .with_context(|| format!("resolving {}", args.socket.display()))?;
 
-    let listener = bind_socket(&args.socket)?;
     let group_gid = nix::unistd::Group::from_name(&args.group)
         .ok()
         .flatten()
@@ -303,25 +329,72 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         pins: pins.clone(),
         dns_upstream: args.dns_upstream,
         asking: ask::Asking::new(args.approvers.clone(), args.allowed_signers.clone()),
+        socket: socket_abs,
+        handover: watch::channel(None).0,
     });
     let recorder = {
         let shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("agentd-records".into())
             .spawn(move || {
-                for q in records_rx {
-                    match q {
-                        Queued::Event(ev) => record(&shared, *ev),
-                        Queued::Barrier(done) => {
-                            let _ = done.send(());
+                // Group commit: what is queued is recorded (at most GROUP_COMMIT records),
+                // then made durable with one fdatasync, outside the log's lock; whoever
+                // waits on a barrier is told after that.
+                let mut barriers = Vec::new();
+                while let Ok(first) = records_rx.recv() {
+                    let mut next = Some(first);
+                    let mut stop = false;
+                    let mut n = 0;
+                    while let Some(q) = next.take() {
+                        match q {
+                            Queued::Event(ev) => record(&shared, *ev),
+                            Queued::Barrier(done) => barriers.push(done),
+                            Queued::Stop => {
+                                stop = true;
+                                break;
+                            }
                         }
-                        Queued::Stop => break,
+                        n += 1;
+                        if n < GROUP_COMMIT {
+                            next = records_rx.try_recv().ok();
+                        }
+                    }
+                    make_durable(&shared);
+                    for done in barriers.drain(..) {
+                        let _ = done.send(());
+                    }
+                    if stop {
+                        break;
                     }
                 }
             })
             .context("starting the thread that records events")?
     };
-    tokio::spawn(kernel_events(Arc::clone(&shared), rx));
+    // Agents a previous daemon handed over are watched again before the reader starts:
+    // what the ring buffer kept for them decodes as theirs. Then the previous daemon's
+    // programs stop (ours run).
+    if let Some(h) = previous {
+        handover::adopt_all(&shared, h);
+    }
+    handover::release_previous(&pins);
+    let rx = lock(&shared.watch)
+        .try_events()
+        .context("the kernel watch's events")?;
+    // The kernel's events on a thread of their own: a flood of them (100 agents at full
+    // speed) must not queue `ps` and `kill` behind it (tests/tests/storm.rs).
+    {
+        let shared = Arc::clone(&shared);
+        let events = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime of the kernel's events")?;
+        std::thread::Builder::new()
+            .name("agentd-events".into())
+            .spawn(move || events.block_on(kernel_events(shared, rx)))
+            .context("starting the thread of the kernel's events")?;
+    }
+    // Bound last: a supervisor reconnecting after a handover finds its agent taken over.
+    let listener = bind_socket(&args.socket)?;
     eprintln!(
         "agentd daemon: listening on {} (group {}: {}), audit log {}",
         args.socket.display(),
@@ -332,7 +405,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    loop {
+    let hand_over = loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
@@ -345,11 +418,24 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
                 }
                 Err(e) => tracing::warn!("accept: {e}"),
             },
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = term.recv() => break true,
+            _ = int.recv() => break false,
         }
-    }
-    shutdown(&shared, &args.socket);
+    };
+    // SIGTERM with agents running: hand them over to the next daemon (SIGINT, or a
+    // grace of 0: stop them).
+    let _ = std::fs::remove_file(&args.socket);
+    let handed = if hand_over && !args.handover_grace.is_zero() {
+        handover::hand_over(&shared, args.handover_grace)
+            .await
+            .unwrap_or_else(|e| {
+                eprintln!("agentd daemon: cannot hand the agents over ({e}): they are stopped");
+                Vec::new()
+            })
+    } else {
+        Vec::new()
+    };
+    shutdown(&shared, &handed);
     // Every queued event is recorded before the log is synced and closed. (Tasks the
     // runtime no longer runs may hold senders: the thread is told, not left waiting.)
     if let Some(q) = lock(&shared.records).take() {
@@ -365,11 +451,14 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// SIGTERM: every agent is killed (no agent outlives its watch), its programs detached,
-/// the socket removed.
-fn shutdown(shared: &Shared, socket: &Path) {
-    let _ = std::fs::remove_file(socket);
-    let ids: Vec<String> = lock(&shared.agents).keys().cloned().collect();
+/// Stopping: every agent not handed over is killed (no agent outlives its watch), its
+/// programs detached. Without a successor the maps are unpinned too.
+fn shutdown(shared: &Shared, handed: &[String]) {
+    let ids: Vec<String> = lock(&shared.agents)
+        .keys()
+        .filter(|id| !handed.contains(id))
+        .cloned()
+        .collect();
     for id in ids {
         let by = this_actor();
         kill_agent(shared, &id, "the daemon is stopping", by);
@@ -380,6 +469,9 @@ fn shutdown(shared: &Shared, socket: &Path) {
             eprintln!("agentd daemon: detaching {id}: {e}");
         }
         forget_record(&shared.state_dir, &id);
+    }
+    if handed.is_empty() {
+        handover::unpin_maps(&shared.pins);
     }
     // Every agent's pins are gone with it: the directories go too (when empty).
     let _ = std::fs::remove_dir(&shared.pins);
@@ -412,7 +504,12 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
 
 /// What a previous instance left: its recorded agents are killed, their cgroups removed,
 /// their pinned programs unpinned; each reaped agent is a control record.
-fn reap_previous(state_dir: &Path, pins: &Path, audit: &mut AuditLog) {
+fn reap_previous(
+    state_dir: &Path,
+    pins: &Path,
+    audit: &mut AuditLog,
+    handover: Option<&handover::Handover>,
+) {
     let dir = state_dir.join("agents");
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return;
@@ -426,6 +523,9 @@ fn reap_previous(state_dir: &Path, pins: &Path, audit: &mut AuditLog) {
             let _ = std::fs::remove_file(&path);
             continue;
         };
+        if handover::keeps_record(&record, handover) {
+            continue;
+        }
         let mut found = false;
         match AgentCgroup::leftover(&record.id) {
             Ok(Some(cg)) => {
@@ -449,7 +549,7 @@ fn reap_previous(state_dir: &Path, pins: &Path, audit: &mut AuditLog) {
             by: this_actor(),
             detail,
         };
-        if let Err(e) = audit.append_control(&control) {
+        if let Err(e) = audit.append_control(&control).and_then(|_| audit.sync()) {
             eprintln!("agentd daemon: audit log: {e}");
         }
         eprintln!(
@@ -464,9 +564,18 @@ fn reap_previous(state_dir: &Path, pins: &Path, audit: &mut AuditLog) {
         );
         let _ = std::fs::remove_file(&path);
     }
-    // Pins of agents no record names (a crash between pinning and recording).
+    // Pins of agents no record names (a crash between pinning and recording); the
+    // watch's own and the handed-over agents' stay (handover.rs decides).
+    let kept: Vec<String> = handover
+        .map(|h| h.cgroup_ids().map(|c| c.to_string()).collect())
+        .unwrap_or_default();
     if let Ok(stale) = std::fs::read_dir(pins) {
         for e in stale.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == bpf::watch::MAPS_DIR || name == bpf::watch::LINKS_DIR || kept.contains(&name)
+            {
+                continue;
+            }
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
@@ -510,6 +619,11 @@ async fn kernel_events(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::Receiver<
 fn handle_event(shared: &Shared, ev: Event) {
     let now_ns = ev.ktime_ns.unwrap_or_else(monotonic_ns);
     let mut extra = None;
+    // Counted as they are learnt, with the agent's: the audit log can be far behind.
+    let lost = kernel_lost(&ev);
+    if let Some(n) = lost {
+        lock(&shared.counters).lost += n;
+    }
     {
         let mut agents = lock(&shared.agents);
         if let Some(a) = agents.get_mut(&ev.agent) {
@@ -517,6 +631,7 @@ fn handle_event(shared: &Shared, ev: Event) {
             if matches!(ev.verdict, Verdict::Deny | Verdict::Killed) {
                 a.denials += 1;
             }
+            a.lost += lost.unwrap_or(0);
             let trip = a.breaker.observe(&ev, now_ns);
             let kill = trip
                 .as_ref()
@@ -551,6 +666,14 @@ fn handle_event(shared: &Shared, ev: Event) {
                     a.drained.send_replace(true);
                 }
             }
+        } else if let Some(n) = lost
+            && let Some(r) = lock(&shared.exited)
+                .iter_mut()
+                .rev()
+                .find(|r| r.id == ev.agent)
+        {
+            // Lost counts are read each second: the last can come after the agent ended.
+            r.lost += n;
         }
     }
     let records = lock(&shared.bursts).push(ev, now_ns);
@@ -605,6 +728,28 @@ async fn recorded(shared: &Shared) {
 }
 
 /// Audits, counts, keeps and broadcasts one event.
+/// Most records one `fdatasync` makes durable: a crash loses at most this many events
+/// (those recorded since the last one), never a control record.
+const GROUP_COMMIT: usize = 1024;
+
+/// Makes what was recorded durable, without holding the log's lock during `fdatasync`.
+fn make_durable(shared: &Shared) {
+    let pending = lock(&shared.audit).pending_sync();
+    if let Err(e) = pending.and_then(|p| p.map(crate::audit::writer::PendingSync::sync).transpose())
+    {
+        eprintln!("agentd daemon: audit log: {e}");
+    }
+}
+
+/// Appends a control record and makes it durable, with the events recorded before it,
+/// before returning: a control action is on disk before its reply.
+fn audit_control(shared: &Shared, control: &Control) {
+    if let Err(e) = lock(&shared.audit).append_control(control) {
+        eprintln!("agentd daemon: audit log: {e}");
+    }
+    make_durable(shared);
+}
+
 fn record(shared: &Shared, ev: Event) {
     if let Err(e) = lock(&shared.audit).append_event(&ev) {
         eprintln!("agentd daemon: audit log: {e}");
@@ -612,13 +757,6 @@ fn record(shared: &Shared, ev: Event) {
     {
         let mut c = lock(&shared.counters);
         c.events += 1;
-        if ev.kind == Kind::Lost {
-            c.lost += ev
-                .detail
-                .get("count")
-                .and_then(serde_json::Value::as_u64)
-                .unwrap_or(0);
-        }
         if matches!(ev.verdict, Verdict::Deny | Verdict::Killed) {
             c.denials += 1;
         }
@@ -679,9 +817,7 @@ fn kill_agent(shared: &Shared, id: &str, reason: &str, by: Actor) -> bool {
         by,
         detail,
     };
-    if let Err(e) = lock(&shared.audit).append_control(&control) {
-        eprintln!("agentd daemon: audit log: {e}");
-    }
+    audit_control(shared, &control);
     let contain_ns = monotonic_ns().saturating_sub(asked);
     publish(
         shared,
@@ -887,6 +1023,12 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<(
             let reply = ask::revoke(&shared, &who, &grant);
             send(&mut write, &reply).await?;
         }
+        Request::Resume { agent } => {
+            handover::resume(&shared, who, &agent, fds, read, write).await?;
+        }
+        Request::Reattach { agent } => {
+            handover::reattach(&shared, who, &agent, read, rest, write).await?;
+        }
         Request::Transaction(req) => {
             // An agent runs as its owner's uid: its own processes must not commit what a
             // person has to review.
@@ -943,6 +1085,7 @@ fn row(a: &Agent) -> AgentRow {
         uptime_s: a.started.elapsed().as_secs(),
         events: a.events,
         denials: a.denials,
+        lost: a.lost,
         cgroup: a.cgroup.clone(),
         owner_uid: a.owner.uid,
     }
@@ -1141,7 +1284,12 @@ async fn run(
         (who.uid.to_string(), who.gid.to_string())
     };
     cmd.env("SUDO_UID", uid).env("SUDO_GID", gid);
-    cmd.env(SUPERVISOR_ENV, SUPERVISOR_FD.to_string());
+    cmd.env(SUPERVISOR_ENV, SUPERVISOR_FD.to_string())
+        .env(
+            SUPERVISOR_EVENTS_READ_ENV,
+            SUPERVISOR_EVENTS_READ_FD.to_string(),
+        )
+        .env(SUPERVISOR_SOCKET_ENV, &shared.socket);
     if req.terminal {
         cmd.env(SUPERVISOR_TERMINAL_ENV, "1");
     }
@@ -1152,20 +1300,28 @@ async fn run(
     cmd.stdin(Stdio::from(stdin))
         .stdout(Stdio::from(stdout))
         .stderr(Stdio::from(stderr));
+    // The supervisor holds a copy of the pipe's read end: what it writes while no daemon
+    // reads (a handover) waits in the pipe for the successor.
+    let events_r_copy = events_r.try_clone()?;
     let sock_fd = theirs.as_raw_fd();
     let pipe_fd = events_w.as_raw_fd();
+    let read_fd = events_r_copy.as_raw_fd();
     // SAFETY: runs in the forked child before exec and only calls dup2 and fcntl, which
     // are async-signal-safe, on descriptors that are open in the child (inherited copies
-    // of `theirs` and `events_w`, alive in the parent until spawn returns).
+    // of `theirs`, `events_w` and `events_r_copy`, alive in the parent until spawn
+    // returns).
     unsafe {
         cmd.pre_exec(move || {
-            // Out of the way of 3 and 4 first, then into place (dup2 clears CLOEXEC).
+            // Out of the way of 3 to 5 first, then into place (dup2 clears CLOEXEC).
             let s = libc::fcntl(sock_fd, libc::F_DUPFD_CLOEXEC, 10);
             let p = libc::fcntl(pipe_fd, libc::F_DUPFD_CLOEXEC, 10);
+            let r = libc::fcntl(read_fd, libc::F_DUPFD_CLOEXEC, 10);
             if s < 0
                 || p < 0
+                || r < 0
                 || libc::dup2(s, SUPERVISOR_FD) < 0
                 || libc::dup2(p, SUPERVISOR_FD + 1) < 0
+                || libc::dup2(r, SUPERVISOR_EVENTS_READ_FD) < 0
             {
                 return Err(std::io::Error::last_os_error());
             }
@@ -1185,152 +1341,32 @@ async fn run(
     };
     drop(theirs);
     drop(events_w);
+    drop(events_r_copy);
     let supervisor_pid = child.id().unwrap_or(0);
 
     ours.set_nonblocking(true)?;
     let ours = UnixStream::from_std(ours)?;
-    let (sup_read, mut sup_write) = ours.into_split();
-    let mut sup_lines = BufReader::new(sup_read).lines();
-    let events_file = tokio::fs::File::from_std(std::fs::File::from(events_r));
-    let mut sup_events = BufReader::new(events_file).lines();
-    let mut client_lines = BufReader::new(std::io::Cursor::new(rest).chain(read)).lines();
-    let mut client_open = true;
-    let mut agent_id: Option<String> = None;
-    let mut agent_events: Option<broadcast::Receiver<Arc<Event>>> = None;
-    let mut sup_events_open = true;
-    let mut sup_open = true;
-    // Requests to show on the agent's terminal (the client relays it), and what became
-    // of them.
-    let (prompts_tx, mut prompts_rx) = tokio::sync::mpsc::unbounded_channel::<Reply>();
-
-    let status = loop {
-        tokio::select! {
-            Some(reply) = prompts_rx.recv(), if client_open => {
-                let _ = send(&mut write, &reply).await;
-            },
-            line = sup_lines.next_line(), if sup_open => match line {
-                Ok(Some(line)) => {
-                    let reply = supervisor_line(&shared, &who, &req, &line, &mut agent_id, supervisor_pid).await;
-                    if let Some(reply) = reply {
-                        if matches!(reply, ToSupervisor::Attached)
-                            && let Some(id) = &agent_id
-                        {
-                            if let Some(a) = lock(&shared.agents).get_mut(id) {
-                                a.asking.to_client = Some(prompts_tx.clone());
-                            }
-                            if req.events {
-                                agent_events = Some(shared.events.subscribe());
-                            }
-                            send(&mut write, &Reply::Started { agent: id.clone() }).await.ok();
-                        }
-                        if sup_write.write_all(&proto::encode(&reply)).await.is_err() {
-                            sup_open = false;
-                        }
-                    }
-                }
-                Ok(None) | Err(_) => sup_open = false,
-            },
-            line = sup_events.next_line(), if sup_events_open => match line {
-                Ok(Some(line)) => match serde_json::from_str::<Event>(&line) {
-                    Ok(ev) => handle_event(&shared, ev),
-                    Err(e) => tracing::warn!("bad event line from the supervisor: {e}"),
-                },
-                Ok(None) | Err(_) => sup_events_open = false,
-            },
-            ev = async { match agent_events.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
-                if !forward_event(&mut write, agent_id.as_deref(), ev).await {
-                    agent_events = None;
-                }
-            },
-            line = client_lines.next_line(), if client_open => match line {
-                Ok(Some(line)) => match proto::decode::<ClientLine>(line.as_bytes()) {
-                    Ok(ClientLine::Signal(sig)) if FORWARDABLE.contains(&sig) && supervisor_pid != 0 => {
-                        // SAFETY: kill takes a pid and a signal number, no pointers.
-                        unsafe { libc::kill(supervisor_pid as i32, sig) };
-                    }
-                    Ok(ClientLine::Signal(sig)) => {
-                        let _ = send(&mut write, &Reply::Error(format!("signal {sig} is not forwarded"))).await;
-                    }
-                    Ok(ClientLine::Freeze(frozen)) => {
-                        let cgroup = agent_id.as_ref().and_then(|id| lock(&shared.agents).get(id).map(|a| a.cgroup.clone()));
-                        // The answer is the state the cgroup is in now, whatever happened.
-                        let now = cgroup.is_some_and(|dir| {
-                            let file = dir.join("cgroup.freeze");
-                            if let Err(e) = std::fs::write(&file, if frozen { "1" } else { "0" }) {
-                                eprintln!("agentd daemon: {}: {e}", file.display());
-                            }
-                            std::fs::read_to_string(&file).is_ok_and(|v| v.trim() == "1")
-                        });
-                        let _ = send(&mut write, &Reply::Frozen(now)).await;
-                    }
-                    Ok(ClientLine::Answer { request, answer }) => {
-                        if let Some(id) = agent_id.as_ref() {
-                            ask::terminal_answer(&shared, id, &request, answer);
-                        }
-                    }
-                    Err(e) => {
-                        let _ = send(&mut write, &Reply::Error(e.to_string())).await;
-                    }
-                },
-                Ok(None) | Err(_) => {
-                    // The client went away: its terminal hung up. An agent it had frozen
-                    // (Ctrl-Z) is thawed first, or the hangup would wait forever.
-                    client_open = false;
-                    if let Some(dir) = agent_id.as_ref().and_then(|id| lock(&shared.agents).get(id).map(|a| a.cgroup.clone())) {
-                        let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
-                    }
-                    if supervisor_pid != 0 {
-                        // SAFETY: as above.
-                        unsafe { libc::kill(supervisor_pid as i32, libc::SIGHUP) };
-                    }
-                }
-            },
-            st = child.wait() => break st,
-        }
+    let (sup_read, sup_write) = ours.into_split();
+    // Polled, not read in the runtime's blocking pool: a pending read there would hold up
+    // the daemon's exit for as long as the supervisor lives (a handover).
+    let events_file = tokio::net::unix::pipe::Receiver::from_owned_fd(events_r)?;
+    let mut session = session::Session {
+        shared: Arc::clone(&shared),
+        who,
+        req,
+        agent_id: None,
+        sup: session::Supervisor {
+            lines: BufReader::new(sup_read).lines(),
+            write: sup_write,
+            events: BufReader::new(events_file).lines(),
+            pid: supervisor_pid,
+        },
+        client: Some(session::Client::new(read, rest, write)),
+        client_events: None,
+        exit_code: None,
     };
-    // The supervisor's last events (exit) are in the pipe.
-    while sup_events_open {
-        match tokio::time::timeout(Duration::from_secs(2), sup_events.next_line()).await {
-            Ok(Ok(Some(line))) => {
-                if let Ok(ev) = serde_json::from_str::<Event>(&line) {
-                    handle_event(&shared, ev);
-                }
-            }
-            _ => sup_events_open = false,
-        }
-    }
-    // The supervisor's exit can win the race with the event stream above: wait until all
-    // it said is recorded (published to subscribers), then forward what this client has
-    // not had yet, its exit event among it.
-    recorded(&shared).await;
-    if let Some(mut rx) = agent_events.take() {
-        loop {
-            let ev = match rx.try_recv() {
-                Ok(ev) => Ok(ev),
-                Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                    Err(broadcast::error::RecvError::Lagged(n))
-                }
-                Err(_) => break,
-            };
-            if !forward_event(&mut write, agent_id.as_deref(), ev).await {
-                break;
-            }
-        }
-    }
-    let code = match status {
-        Ok(st) => st
-            .code()
-            .and_then(|c| u8::try_from(c).ok())
-            .unwrap_or_else(|| {
-                std::os::unix::process::ExitStatusExt::signal(&st)
-                    .map_or(125, |s| 128u8.saturating_add(s as u8))
-            }),
-        Err(_) => 125,
-    };
-    if let Some(id) = agent_id {
-        retire(&shared, &id);
-    }
-    let _ = send(&mut write, &Reply::Exit { code }).await;
+    let handover = shared.handover.subscribe();
+    session.serve(Some(&mut child), None, handover).await;
     Ok(())
 }
 
@@ -1370,9 +1406,30 @@ fn check_identity(profile: &Profile, who: &Actor) -> Result<(), String> {
 }
 
 /// The agent's policy compiled from `profile` in `ctx`.
-fn compile_for(profile: &str, ctx: CompileContext) -> Result<CompiledPolicy, String> {
-    let (p, _origin) = profile::load(profile).map_err(|e| format!("profile: {e}"))?;
+/// Compiles the profile text an agent was launched with, as the supervisor did.
+fn compile_launch(launch: &Launch) -> Result<CompiledPolicy, String> {
+    let p = profile::parse(&launch.origin, &launch.text).map_err(|e| format!("profile: {e}"))?;
+    let ctx = CompileContext {
+        workspace: launch.workspace.clone(),
+        home: launch.home.clone(),
+    };
     Ok(profile::compile(&p, &ctx))
+}
+
+/// What an agent was launched with: what a successor daemon needs to watch it the same
+/// way (handover.rs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Launch {
+    /// The request, without its environment.
+    request: RunRequest,
+    /// The profile's text and where it came from.
+    origin: String,
+    text: String,
+    uid: u32,
+    gid: u32,
+    workspace: PathBuf,
+    home: PathBuf,
 }
 
 /// One line from a supervisor; the reply to send back, if any.
@@ -1410,24 +1467,34 @@ async fn supervisor_line(
             }
             // The watch matches what the sandbox enforces: the same `{workspace}` and
             // `{home}` (the invoking user's, not the socket peer's: root under sudo).
-            let policy = match compile_for(&req.profile, CompileContext { workspace, home }) {
-                Ok(p) => p,
-                Err(e) => return Some(ToSupervisor::Refused(e)),
+            let (origin, text) = match profile::source(&req.profile) {
+                Ok(s) => s,
+                Err(e) => return Some(ToSupervisor::Refused(format!("profile: {e}"))),
             };
-            let creds = crate::host::Creds {
+            let launch = Launch {
+                request: RunRequest {
+                    env: Vec::new(),
+                    ..req.clone()
+                },
+                origin,
+                text,
                 uid,
                 gid,
-                groups: vec![gid],
+                workspace,
+                home,
+            };
+            let policy = match compile_launch(&launch) {
+                Ok(p) => p,
+                Err(e) => return Some(ToSupervisor::Refused(e)),
             };
             Some(
                 match attach(
                     shared,
                     who,
-                    req,
                     &policy,
                     &agent,
                     &cgroup,
-                    creds,
+                    launch,
                     supervisor_pid,
                 ) {
                     Ok(()) => {
@@ -1527,6 +1594,7 @@ fn resolver_for(
     handle: &mut bpf::AgentHandle,
     policy: &CompiledPolicy,
     asked: &crate::dns::AskedNames,
+    adopted: bool,
 ) -> Result<Option<crate::dns::Resolver>, String> {
     let ask_names = policy
         .ask
@@ -1540,11 +1608,31 @@ fn resolver_for(
     if let Err(why) = &upstream {
         eprintln!("agentd daemon: {agent}: {why}: the names its profile allows will not resolve");
     }
-    let bound =
-        crate::dns::Bound::new().map_err(|e| format!("the agent's resolver cannot bind: {e}"))?;
-    lock(&shared.watch)
-        .steer_dns(handle, bound.port())
-        .map_err(|e| format!("kernel watch: {e}"))?;
+    let cannot_bind = |e: std::io::Error| format!("the agent's resolver cannot bind: {e}");
+    let bound = if adopted {
+        // The kernel steers the agent's DNS to the port its resolver had: bind it again,
+        // or move the steering to a new one.
+        let port = lock(&shared.watch)
+            .dns_port(handle.cgroup_id())
+            .map_err(|e| format!("kernel watch: {e}"))?;
+        match crate::dns::Bound::on(port) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::info!(agent, "port {port} of the previous resolver: {e}; moving");
+                let b = crate::dns::Bound::new().map_err(cannot_bind)?;
+                lock(&shared.watch)
+                    .set_dns_port(handle.cgroup_id(), b.port())
+                    .map_err(|e| format!("kernel watch: {e}"))?;
+                b
+            }
+        }
+    } else {
+        let b = crate::dns::Bound::new().map_err(cannot_bind)?;
+        lock(&shared.watch)
+            .steer_dns(handle, b.port())
+            .map_err(|e| format!("kernel watch: {e}"))?;
+        b
+    };
     let (admissions, clients) = {
         let w = lock(&shared.watch);
         (w.admissions(), w.dns_clients())
@@ -1574,20 +1662,21 @@ fn resolver_for(
 
 /// Attaches the watch to the agent's cgroup and registers it (state file first: if the
 /// daemon dies from here on, the next one reaps the agent).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "everything the registry entry is made of, once"
-)]
 fn attach(
     shared: &Arc<Shared>,
     who: &Actor,
-    req: &RunRequest,
     policy: &CompiledPolicy,
     agent: &str,
     cgroup: &Path,
-    creds: crate::host::Creds,
+    launch: Launch,
     supervisor_pid: u32,
 ) -> Result<(), String> {
+    let req = &launch.request.clone();
+    let creds = crate::host::Creds {
+        uid: launch.uid,
+        gid: launch.gid,
+        groups: vec![launch.gid],
+    };
     if agent.is_empty() || agent.contains('/') || lock(&shared.agents).contains_key(agent) {
         return Err(format!("bad or duplicate agent id {agent:?}"));
     }
@@ -1595,7 +1684,7 @@ fn attach(
         .add_agent(agent, cgroup, policy, Some(creds))
         .map_err(|e| format!("kernel watch: {e}"))?;
     let asked = crate::dns::AskedNames::default();
-    let resolver = match resolver_for(shared, agent, &mut handle, policy, &asked) {
+    let resolver = match resolver_for(shared, agent, &mut handle, policy, &asked, false) {
         Ok(r) => r,
         Err(e) => {
             let _ = lock(&shared.watch).remove_agent(handle);
@@ -1627,6 +1716,7 @@ fn attach(
             started: Instant::now(),
             events: 0,
             denials: 0,
+            lost: 0,
             cgroup: cgroup.to_path_buf(),
             cgroup_id,
             bpf: Some(handle),
@@ -1644,6 +1734,9 @@ fn attach(
                 task: None,
                 asked,
             },
+            launch,
+            resume: None,
+            reattach: None,
         },
     );
     lock(&shared.counters).agents_total += 1;
@@ -1660,9 +1753,7 @@ fn attach(
         by: *who,
         detail,
     };
-    if let Err(e) = lock(&shared.audit).append_control(&control) {
-        eprintln!("agentd daemon: audit log: {e}");
-    }
+    audit_control(shared, &control);
     Ok(())
 }
 

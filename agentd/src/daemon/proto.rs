@@ -67,6 +67,13 @@ pub enum Request {
     },
     /// Ends a grant now.
     Revoke { grant: String },
+    /// A supervisor the previous daemon handed over ([`crate::link::ToSupervisor::Handover`])
+    /// reconnects: from root, from the supervisor's own pid. The connection then carries
+    /// the supervisor protocol.
+    Resume { agent: String },
+    /// A `run` client whose daemon handed its agent over ([`Reply::Handover`]) follows it
+    /// again: its exit status, prompts and signals.
+    Reattach { agent: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +149,11 @@ pub enum Reply {
         outcome: String,
     },
     Grants(Vec<crate::ask::GrantRow>),
+    /// `run`: the daemon is stopping for a successor; the agent keeps running. When the
+    /// connection closes, reconnect within `grace_s` seconds with a `reattach` request.
+    Handover {
+        grace_s: u64,
+    },
 }
 
 /// One agent in `agentd ps`.
@@ -156,6 +168,10 @@ pub struct AgentRow {
     pub uptime_s: u64,
     pub events: u64,
     pub denials: u64,
+    /// Events of the agent the kernel could not report (ring buffer full); `Stats::lost`
+    /// is the sum over every agent the daemon ran.
+    #[serde(default)]
+    pub lost: u64,
     pub cgroup: PathBuf,
     /// Who launched it.
     pub owner_uid: u32,
@@ -178,6 +194,8 @@ pub struct Stats {
     pub events: u64,
     /// Over the last ten seconds.
     pub events_per_s: f64,
+    /// Events the kernel could not report, counted as the daemon learns of them (each
+    /// second), each also against its agent (`AgentRow::lost`).
     pub lost: u64,
     pub denials: u64,
     pub trips: u64,
@@ -202,6 +220,12 @@ mod tests {
                 paths: Vec::new(),
             }),
             Request::Transaction(crate::transaction::cmd::TxRequest::Transactions { json: true }),
+            Request::Resume {
+                agent: "a-1".into(),
+            },
+            Request::Reattach {
+                agent: "a-1".into(),
+            },
             Request::Events {
                 follow: true,
                 agent: Some("a-1".into()),

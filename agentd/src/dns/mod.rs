@@ -181,7 +181,7 @@ impl Bound {
     pub fn new() -> std::io::Result<Bound> {
         let mut last = None;
         for _ in 0..32 {
-            match Self::try_bind() {
+            match Self::try_bind(0) {
                 Ok(b) => return Ok(b),
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
                 Err(e) => return Err(e),
@@ -190,9 +190,16 @@ impl Bound {
         Err(last.unwrap_or_else(|| std::io::Error::other("no free port for the resolver")))
     }
 
-    fn try_bind() -> std::io::Result<Bound> {
+    /// Binds `port` again: the port a previous daemon's resolver of the same agent had,
+    /// which the kernel still steers the agent's DNS to.
+    pub fn on(port: u16) -> std::io::Result<Bound> {
+        Self::try_bind(port)
+    }
+
+    /// Binds `port`, or a free one when 0.
+    fn try_bind(port: u16) -> std::io::Result<Bound> {
         let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let udp = std::net::UdpSocket::bind(SocketAddr::new(v4, 0))?;
+        let udp = std::net::UdpSocket::bind(SocketAddr::new(v4, port))?;
         let port = udp.local_addr()?.port();
         let mut sockets = vec![
             Listener::Udp(udp),

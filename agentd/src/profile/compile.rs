@@ -11,8 +11,8 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    Action, BindRule, ConnectRule, Identity, Limits, Mode, NameRule, Profile, Threshold,
-    ViolationKind, syscalls,
+    Action, BindRule, ConnectRule, Identity, Limits, Mode, NameRule, OnEventLoss, Profile,
+    Threshold, ViolationKind, syscalls,
     values::{self, mapped_v6},
 };
 
@@ -172,6 +172,10 @@ pub struct BreakerPolicy {
     pub trip_on: Vec<ViolationKind>,
     pub threshold: Option<Threshold>,
     pub action: Action,
+    /// `report`: lost events are counted and reported; `kill`: the first one trips the
+    /// agent (in the kernel, see `AGENT_FLAG_KILL_ON_LOSS`; recorded when user space
+    /// reads the count). Only `report` in monitor mode (validation refuses `kill`).
+    pub on_event_loss: OnEventLoss,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -324,6 +328,7 @@ pub fn compile(profile: &Profile, ctx: &CompileContext) -> CompiledPolicy {
             trip_on: profile.breaker.trip_on.clone(),
             threshold: profile.breaker.threshold,
             action: profile.breaker.action,
+            on_event_loss: profile.breaker.on_event_loss,
         },
         limits: profile.limits.clone(),
         workspace_mode: profile.workspace.clone(),

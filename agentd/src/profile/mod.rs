@@ -294,6 +294,20 @@ pub enum Action {
     Deny,
 }
 
+/// What happens when the kernel could not report an event of the agent (the ring buffer
+/// was full: the reader fell behind).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnEventLoss {
+    /// Count the lost events against the agent and report them (`lost` events, `agentd
+    /// ps`); the agent runs on.
+    #[default]
+    Report,
+    /// Fail closed: the first lost event trips the breaker in the kernel (every process of
+    /// the agent is killed at its next system call), and the trip is recorded.
+    Kill,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Breaker {
     /// Violations that trip at the first occurrence.
@@ -301,6 +315,8 @@ pub struct Breaker {
     /// Any other violations: trip when this many happen within `window`.
     pub threshold: Option<Threshold>,
     pub action: Action,
+    /// Events the kernel could not report: counted and reported, or a kill.
+    pub on_event_loss: OnEventLoss,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -343,6 +359,19 @@ pub fn load(spec: &str) -> Result<(Profile, String), LoadError> {
 
 /// [`load`] with the system directory given (tests use a temporary one).
 pub fn load_from(spec: &str, system_dir: &Path) -> Result<(Profile, String), LoadError> {
+    let (origin, text) = source_from(spec, system_dir)?;
+    let profile = parse(&origin, &text)?;
+    Ok((profile, origin))
+}
+
+/// The text `--profile SPEC` names, and where it came from, as [`load`] finds it: a
+/// daemon keeps it, so that a successor compiles the very profile an agent was launched
+/// with whatever happened to the file since.
+pub fn source(spec: &str) -> Result<(String, String), LoadError> {
+    source_from(spec, Path::new(SYSTEM_PROFILE_DIR))
+}
+
+fn source_from(spec: &str, system_dir: &Path) -> Result<(String, String), LoadError> {
     let read = |path: &Path| {
         std::fs::read_to_string(path).map_err(|source| LoadError::Read {
             path: path.to_path_buf(),
@@ -351,22 +380,14 @@ pub fn load_from(spec: &str, system_dir: &Path) -> Result<(Profile, String), Loa
     };
     if is_path(spec) {
         let path = Path::new(spec);
-        let origin = path.display().to_string();
-        let profile = parse(&origin, &read(path)?)?;
-        return Ok((profile, origin));
+        return Ok((path.display().to_string(), read(path)?));
     }
     let installed = system_dir.join(format!("{spec}.toml"));
     if installed.exists() {
-        let origin = installed.display().to_string();
-        let profile = parse(&origin, &read(&installed)?)?;
-        return Ok((profile, origin));
+        return Ok((installed.display().to_string(), read(&installed)?));
     }
     match builtin(spec) {
-        Some(text) => {
-            let origin = format!("builtin:{spec}");
-            let profile = parse(&origin, text)?;
-            Ok((profile, origin))
-        }
+        Some(text) => Ok((format!("builtin:{spec}"), text.to_owned())),
         None => Err(LoadError::UnknownName {
             name: spec.to_owned(),
             builtin: BUILTIN

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Action, Mode, RunAs, ViolationKind, WorkspaceMode};
+use super::{Action, Mode, OnEventLoss, RunAs, ViolationKind, WorkspaceMode};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -110,6 +110,7 @@ pub struct RawBreaker {
     pub threshold: Option<Spanned<i64>>,
     pub window: Option<Spanned<String>>,
     pub action: Option<Spanned<Action>>,
+    pub on_event_loss: Option<Spanned<OnEventLoss>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1028,3 +1028,66 @@ fn ask_exec_with_a_writable_tree_that_runs_programs_is_an_error() {
     );
     assert!(parse("t.toml", &text).is_ok());
 }
+
+#[test]
+fn on_event_loss_reports_by_default_and_kill_is_a_choice() {
+    let c = compile(&parse("t", MINIMAL).unwrap(), &ctx());
+    assert_eq!(c.breaker.on_event_loss, OnEventLoss::Report);
+    for (value, want) in [("report", OnEventLoss::Report), ("kill", OnEventLoss::Kill)] {
+        let text = format!("{MINIMAL}[breaker]\non_event_loss = \"{value}\"\n");
+        let c = compile(&parse("t", &text).unwrap(), &ctx());
+        assert_eq!(c.breaker.on_event_loss, want, "{value}");
+    }
+    // Independent of what violations do: a breaker that only denies may still kill on loss.
+    let text = format!("{MINIMAL}[breaker]\naction = \"deny\"\non_event_loss = \"kill\"\n");
+    let c = compile(&parse("t", &text).unwrap(), &ctx());
+    assert_eq!(
+        (c.breaker.action, c.breaker.on_event_loss),
+        (Action::Deny, OnEventLoss::Kill)
+    );
+    let shown = crate::report::render_policy("t", &c);
+    assert!(shown.contains("lost events: kill the agent"), "{shown}");
+}
+
+#[test]
+fn on_event_loss_is_parsed_strictly() {
+    for bad in ["\"ignore\"", "\"Kill\"", "true", "[\"kill\"]"] {
+        let e = &errors(&format!("{MINIMAL}[breaker]\non_event_loss = {bad}\n"))[0];
+        assert_eq!(e.line, Some(4), "{bad}: {e}");
+        assert_eq!(
+            e.key.as_deref(),
+            Some("breaker.on_event_loss"),
+            "{bad}: {e}"
+        );
+    }
+    let e = &errors(&format!("{MINIMAL}[breaker]\non_event_los = \"kill\"\n"))[0];
+    assert!(
+        e.hint.as_deref().unwrap().contains("`on_event_loss`"),
+        "a typo is named: {e}"
+    );
+}
+
+#[test]
+fn on_event_loss_kill_contradicts_monitor_mode() {
+    let monitor = "[agent]\nname = \"t\"\nmode = \"monitor\"\n[breaker]\naction = \"deny\"\n";
+    let e = errors(&format!("{monitor}on_event_loss = \"kill\"\n"));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].key.as_deref(), Some("breaker.on_event_loss"));
+    assert_eq!(e[0].line, Some(6));
+    assert!(
+        e[0].message
+            .contains("monitor mode records and never kills"),
+        "{}",
+        e[0]
+    );
+    assert!(
+        e[0].hint.as_deref().unwrap().contains("\"report\""),
+        "{}",
+        e[0]
+    );
+    let c = compile(
+        &parse("t", &format!("{monitor}on_event_loss = \"report\"\n")).unwrap(),
+        &ctx(),
+    );
+    assert_eq!(c.breaker.on_event_loss, OnEventLoss::Report);
+}

@@ -7,7 +7,7 @@ use toml::Spanned;
 
 use super::{
     ASK_MAX_PENDING_RANGE, ASK_TIMEOUT_RANGE, Action, Ask, Breaker, DEFAULT_TRIP_ON, Environment,
-    Filesystem, Identity, Limits, Mode, Network, PathTemplate, Profile, ProfileError,
+    Filesystem, Identity, Limits, Mode, Network, OnEventLoss, PathTemplate, Profile, ProfileError,
     ProfileErrors, RunAs, Threshold, Workspace, WorkspaceMode,
     error::{Locator, closest},
     schema::RawProfile,
@@ -639,10 +639,25 @@ pub(super) fn parse_and_validate(origin: &str, text: &str) -> Result<Profile, Pr
     {
         c.fail(a.span(), "breaker.action", "`action = \"kill\"` contradicts `mode = \"monitor\"`: monitor mode records and never kills", Some("write `action = \"deny\"`, or `mode = \"enforce\"` in [agent]".into()));
     }
+    let on_event_loss = br
+        .on_event_loss
+        .as_ref()
+        .map_or(OnEventLoss::Report, |l| *l.get_ref());
+    if let (Mode::Monitor, Some(l)) = (mode, &br.on_event_loss)
+        && *l.get_ref() == OnEventLoss::Kill
+    {
+        c.fail(
+            l.span(),
+            "breaker.on_event_loss",
+            "`on_event_loss = \"kill\"` contradicts `mode = \"monitor\"`: monitor mode records and never kills",
+            Some("write `on_event_loss = \"report\"`, or `mode = \"enforce\"` in [agent]".into()),
+        );
+    }
     let breaker = Breaker {
         trip_on,
         threshold,
         action,
+        on_event_loss,
     };
 
     // [environment]

@@ -32,7 +32,7 @@ use super::{
 };
 use crate::{
     bpf::{self, Watch},
-    breaker::{Breaker, Trip},
+    breaker::{Breaker, Trip, kernel_lost},
     dns,
     event::{Event, Kind, Layer, Verdict},
     profile::{Action, BreakerPolicy, Mode, NameRule},
@@ -541,9 +541,11 @@ pub fn release_held(pid: u32, cgroup_dir: &Path) {
 
 /// `decided` of a breaker event the kernel tripped in the violating call.
 const DECIDED_IN_KERNEL: &str = "kernel: the violating call never returned";
+/// `decided` of a trip on lost events (`AGENT_FLAG_KILL_ON_LOSS`).
+const DECIDED_AT_LOSS: &str = "kernel: at the first event that did not fit in the ring buffer; each process of the agent was killed at its next system call";
 
 /// What `agentd run` says of a trip the kernel made whose event was lost.
-pub const LOST_TRIP: &str = "breaker tripped in the kernel; the event that tripped it did not arrive (lost to a full ring buffer, see the `lost` events, or behind one); the agent's processes were killed";
+pub const LOST_TRIP: &str = "breaker tripped in the kernel; the event that tripped it did not arrive (lost to a full ring buffer, see the `lost` events, or behind one; under `on_event_loss = \"kill\"` the loss itself trips it); the agent's processes were killed";
 
 /// The `breaker` event of a trip the kernel made whose triggering event was lost.
 pub fn lost_trip_event(agent: &str, pid: u32) -> Event {
@@ -582,6 +584,12 @@ pub fn manual_kill_event(agent: &str, pid: u32, reason: &str, contain_ns: u64) -
 
 /// The line `agentd run` prints when the breaker killed the agent.
 pub fn trip_line(trip: &Trip, trigger: &Event) -> String {
+    if let Some(n) = kernel_lost(trigger) {
+        return format!(
+            "breaker tripped: {} (the kernel could not report {n} events of the agent: the ring buffer was full); the agent's processes were killed",
+            trip.rule
+        );
+    }
     format!(
         "breaker tripped: {} ({} {}) by pid {} ({}); the agent's processes were killed",
         trip.rule,
@@ -606,6 +614,7 @@ pub fn trip_event(
         (false, true) => Verdict::Deny,
         (false, false) => Verdict::None,
     };
+    let lost = kernel_lost(trigger);
     let mut ev = Event::new(
         &trigger.agent,
         trigger.pid,
@@ -615,7 +624,6 @@ pub fn trip_event(
         Layer::Agentd,
     )
     .with("rule", trip.rule.clone())
-    .with("violation", trip.violation.as_str())
     .with(
         "action",
         if kill {
@@ -629,7 +637,9 @@ pub fn trip_event(
     .with("enforced", trip.enforced)
     .with(
         "decided",
-        if trigger.tripped_in_kernel() {
+        if lost.is_some() {
+            DECIDED_AT_LOSS
+        } else if trigger.tripped_in_kernel() {
             DECIDED_IN_KERNEL
         } else if trigger.held() {
             "agentd, while the kernel held the violating process"
@@ -639,6 +649,15 @@ pub fn trip_event(
     )
     .with("violations", violations)
     .with("trigger", serde_json::to_value(trigger).unwrap_or_default());
+    if let Some(v) = trip.violation {
+        ev = ev.with("violation", v.as_str());
+    }
+    if let Some(n) = lost {
+        ev = ev.with("lost", n).with(
+            "reason",
+            "the kernel could not report events of the agent (on_event_loss = \"kill\")",
+        );
+    }
     ev.ktime_ns = trigger.ktime_ns;
     if let Some(ns) = contain_ns {
         ev = ev.with("contain_ns", ns);

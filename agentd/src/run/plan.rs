@@ -10,7 +10,8 @@ use super::RunError;
 use crate::{
     host,
     profile::{
-        self, CompileContext, CompiledPolicy, LoadError, Mode, WorkspaceMode, format_duration,
+        self, CompileContext, CompiledPolicy, LoadError, Mode, OnEventLoss, WorkspaceMode,
+        format_duration,
     },
     sandbox::{
         cgroup, command, env,
@@ -386,6 +387,8 @@ pub struct KernelPlan {
     pub protect: Vec<PathBuf>,
     pub unix: Vec<PathBuf>,
     pub bpf_lsm: BpfLsm,
+    /// `breaker.on_event_loss`.
+    pub on_event_loss: OnEventLoss,
     /// What is held for a person (the profile's ask rules), as `profile check` says it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ask: Option<String>,
@@ -419,6 +422,7 @@ impl KernelPlan {
             protect: policy.protect.clone(),
             unix: policy.network.unix.clone(),
             bpf_lsm,
+            on_event_loss: policy.breaker.on_event_loss,
         }
     }
 
@@ -468,6 +472,14 @@ impl KernelPlan {
         if !self.canaries.is_empty() {
             line("canaries", paths(&self.canaries).join(", "));
         }
+        line(
+            "event loss",
+            match self.on_event_loss {
+                OnEventLoss::Report => "events the kernel cannot report (ring buffer full) are counted against the agent and reported; it runs on (breaker.on_event_loss = \"report\")",
+                OnEventLoss::Kill => "the first event the kernel cannot report (ring buffer full) trips the agent in the kernel: each of its processes is killed at its next system call (breaker.on_event_loss = \"kill\")",
+            }
+            .into(),
+        );
         let unix = if self.unix.is_empty() {
             "its own sockets and unnamed ones it is handed, only".to_owned()
         } else {

@@ -6,7 +6,11 @@
 //!
 //! If the daemon goes away (its end of the socketpair closes), the agent is killed at once:
 //! no agent runs without the daemon that watches it (the agent's cgroup programs are
-//! pinned by the daemon and keep deciding its network meanwhile).
+//! pinned by the daemon and keep deciding its network meanwhile). Unless the daemon said
+//! it hands over to a successor ([`ToSupervisor::Handover`]): then this process reconnects
+//! to the control socket with a `resume` request, passing the read end of its events pipe
+//! (which it holds, so nothing it writes meanwhile is lost), and goes on with the daemon
+//! that answers; if none does within the grace period, it kills the agent.
 
 use std::{
     future::Future,
@@ -22,7 +26,7 @@ use std::{
 
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _},
-    net::unix::OwnedWriteHalf,
+    net::unix::{OwnedReadHalf, OwnedWriteHalf},
     sync::mpsc,
 };
 
@@ -31,9 +35,11 @@ use super::{
     kernel::EXIT_TRIPPED,
 };
 use crate::{
+    daemon::proto::Request,
     event::Event,
     link::{
-        self as proto, SUPERVISOR_ENV, SUPERVISOR_FD, SUPERVISOR_TERMINAL_ENV, SupervisorLine,
+        self as proto, SUPERVISOR_ENV, SUPERVISOR_EVENTS_READ_ENV, SUPERVISOR_EVENTS_READ_FD,
+        SUPERVISOR_FD, SUPERVISOR_SOCKET_ENV, SUPERVISOR_TERMINAL_ENV, SupervisorLine,
         ToSupervisor,
     },
 };
@@ -78,8 +84,25 @@ pub struct DaemonHooks {
     writer: Arc<tokio::sync::Mutex<Option<OwnedWriteHalf>>>,
     verdicts: Option<mpsc::Receiver<Option<String>>>,
     killed_by: Arc<Mutex<Option<String>>>,
-    /// The seccomp listener, until the daemon said it has its copy.
+    /// The seccomp listener: kept while a daemon answers held calls (a successor takes
+    /// its copy from here), closed when none can.
     listener: Arc<Mutex<Option<OwnedFd>>>,
+    /// The agent's id, once attached.
+    agent_id: String,
+    /// The read end of the events pipe, held for a successor daemon.
+    events_read: Option<Arc<OwnedFd>>,
+    /// Whether a daemon reads this supervisor's lines, after `started`.
+    linked: Option<tokio::sync::watch::Receiver<Linked>>,
+}
+
+/// The state of the link to the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Linked {
+    Up,
+    /// The daemon handed the agent over: the next one has not taken it yet.
+    HandingOver,
+    /// No daemon, and none to come: the agent was killed.
+    Down,
 }
 
 impl DaemonHooks {
@@ -104,8 +127,23 @@ impl DaemonHooks {
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
         )
         .map_err(|e| hook_error("daemon", SupervisedError::Io(e.into())))?;
+        // The read end of the events pipe (a copy of the daemon's), when it passed one.
+        let passed = std::env::var(SUPERVISOR_EVENTS_READ_ENV)
+            .is_ok_and(|v| v == SUPERVISOR_EVENTS_READ_FD.to_string());
+        // SAFETY: fcntl on an integer descriptor, no pointers; it fails (EBADF) when the
+        // descriptor is not open.
+        let open = passed
+            && unsafe { libc::fcntl(SUPERVISOR_EVENTS_READ_FD, libc::F_SETFD, libc::FD_CLOEXEC) }
+                == 0;
+        let events_read = open.then(|| {
+            // SAFETY: the daemon passes the read end of its events pipe as this fd (its
+            // environment says so, and it is open), and nothing else in this process
+            // owns it.
+            Arc::new(unsafe { OwnedFd::from_raw_fd(SUPERVISOR_EVENTS_READ_FD) })
+        });
         Ok(DaemonHooks {
             blocking: Some(UnixStream::from(owned)),
+            events_read,
             ..DaemonHooks::default()
         })
     }
@@ -128,6 +166,11 @@ impl DaemonHooks {
     }
 
     async fn tell(&mut self, line: &SupervisorLine) {
+        // During a handover the line waits for the next daemon (the link gives up, and
+        // says so, once the grace period is over).
+        if let Some(linked) = self.linked.as_mut() {
+            let _ = linked.wait_for(|l| *l != Linked::HandingOver).await;
+        }
         if let Some(w) = self.writer.lock().await.as_mut()
             && let Err(e) = w.write_all(&proto::encode(line)).await
         {
@@ -140,8 +183,195 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// How often a handed-over supervisor tries the control socket again.
+const RESUME_RETRY: Duration = Duration::from_millis(100);
+
+/// The task that reads the daemon's lines, and follows the agent to a successor daemon.
+struct Link {
+    linked: tokio::sync::watch::Sender<Linked>,
+    agent: AgentHandle,
+    agent_id: String,
+    killed_by: Arc<Mutex<Option<String>>>,
+    listener: Arc<Mutex<Option<OwnedFd>>>,
+    writer: Arc<tokio::sync::Mutex<Option<OwnedWriteHalf>>>,
+    events_read: Option<Arc<OwnedFd>>,
+    verdicts: mpsc::Sender<Option<String>>,
+}
+
+/// Why a `resume` did not go through.
+enum ResumeError {
+    /// A daemon answered, and said no.
+    Refused(String),
+    /// None answered (yet).
+    Unreachable(String),
+}
+
+impl Link {
+    async fn follow(self, read: OwnedReadHalf) {
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        let mut handover: Option<tokio::time::Instant> = None;
+        loop {
+            match lines.next_line().await {
+                Ok(Some(line)) => match proto::decode::<ToSupervisor>(line.as_bytes()) {
+                    Ok(ToSupervisor::Verdict(v)) => {
+                        let _ = self.verdicts.send(v).await;
+                    }
+                    Ok(ToSupervisor::Listening(true)) => {}
+                    Ok(ToSupervisor::Listening(false)) => {
+                        // Nobody will answer: held calls fail (ENOSYS) once no copy of
+                        // the listener is open, instead of waiting forever.
+                        eprintln!("agentd: the daemon cannot answer held calls; they are refused");
+                        lock(&self.listener).take();
+                    }
+                    Ok(ToSupervisor::Handover { grace_s }) => {
+                        handover = Some(tokio::time::Instant::now() + Duration::from_secs(grace_s));
+                        self.linked.send_replace(Linked::HandingOver);
+                    }
+                    Ok(other) => tracing::warn!("unexpected from the daemon: {other:?}"),
+                    Err(e) => tracing::warn!("bad line from the daemon: {e}"),
+                },
+                Ok(None) | Err(_) => {
+                    // The daemon is gone. Unless it handed the agent over, nothing watches
+                    // the agent any more: fail closed.
+                    let Some(deadline) = handover.take() else {
+                        self.fail_closed(
+                            "the agentd daemon went away; the agent was killed (fail closed)",
+                        );
+                        return;
+                    };
+                    match self.resume(deadline).await {
+                        Ok(read) => {
+                            lines = tokio::io::BufReader::new(read).lines();
+                            self.linked.send_replace(Linked::Up);
+                        }
+                        Err(why) => {
+                            self.fail_closed(&format!(
+                                "the agentd daemon handed the agent over and {why}; the agent was killed (fail closed)"
+                            ));
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn fail_closed(&self, why: &str) {
+        self.linked.send_replace(Linked::Down);
+        *lock(&self.killed_by) = Some(why.to_owned());
+        if let Err(e) = self.agent.signal_kill() {
+            eprintln!("agentd: killing the agent: {e}");
+        }
+    }
+
+    /// Reconnects to the daemon that took over, until the deadline: a `resume` request
+    /// with the events pipe's read end, answered `adopted`. Then the held listener goes to
+    /// the new daemon as it went to the old one.
+    async fn resume(&self, deadline: tokio::time::Instant) -> Result<OwnedReadHalf, String> {
+        let path = std::env::var_os(SUPERVISOR_SOCKET_ENV)
+            .map(std::path::PathBuf::from)
+            .ok_or_else(|| format!("no socket to reconnect to ({SUPERVISOR_SOCKET_ENV})"))?;
+        let line = proto::encode(&Request::Resume {
+            agent: self.agent_id.clone(),
+        });
+        loop {
+            let (path, line, events) = (path.clone(), line.clone(), self.events_read.clone());
+            // A daemon that accepted the connection answers once it is ready: wait for
+            // that as long as the grace period lasts.
+            let patience = deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .max(RESUME_RETRY);
+            let tried =
+                tokio::task::spawn_blocking(move || try_resume(&path, &line, events, patience))
+                    .await
+                    .unwrap_or_else(|e| Err(ResumeError::Unreachable(e.to_string())));
+            let last = match tried {
+                Ok(stream) => {
+                    let stream = stream
+                        .set_nonblocking(true)
+                        .and_then(|()| tokio::net::UnixStream::from_std(stream))
+                        .map_err(|e| format!("the new daemon's socket: {e}"))?;
+                    let (read, write) = stream.into_split();
+                    *self.writer.lock().await = Some(write);
+                    let fd = lock(&self.listener)
+                        .as_ref()
+                        .map(std::os::fd::AsRawFd::as_raw_fd);
+                    if let Some(fd) = fd
+                        && let Some(w) = self.writer.lock().await.as_mut()
+                        && let Err(e) = w
+                            .write_all(&proto::encode(&SupervisorLine::Listener { fd }))
+                            .await
+                    {
+                        eprintln!("agentd: telling the daemon: {e}; held calls are refused");
+                        lock(&self.listener).take();
+                    }
+                    return Ok(read);
+                }
+                Err(ResumeError::Refused(why)) => {
+                    return Err(format!("the new daemon refused it: {why}"));
+                }
+                Err(ResumeError::Unreachable(why)) => why,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "no daemon took it within the grace period ({last})"
+                ));
+            }
+            tokio::time::sleep(RESUME_RETRY).await;
+        }
+    }
+}
+
+/// One `resume` attempt: connect, send the request with the events pipe's read end, read
+/// the answer.
+fn try_resume(
+    path: &std::path::Path,
+    line: &[u8],
+    events: Option<Arc<OwnedFd>>,
+    patience: Duration,
+) -> Result<UnixStream, ResumeError> {
+    use std::os::fd::AsRawFd as _;
+    let unreachable = |e: std::io::Error| ResumeError::Unreachable(e.to_string());
+    let sock = UnixStream::connect(path).map_err(unreachable)?;
+    let fds: Vec<i32> = events.iter().map(|fd| fd.as_raw_fd()).collect();
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    let cmsgs: &[nix::sys::socket::ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsg };
+    let sent = nix::sys::socket::sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[std::io::IoSlice::new(line)],
+        cmsgs,
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| unreachable(e.into()))?;
+    if sent != line.len() {
+        return Err(ResumeError::Unreachable("the request was cut".into()));
+    }
+    // Not waited for past the grace period.
+    sock.set_read_timeout(Some(patience)).map_err(unreachable)?;
+    let mut reply = Vec::new();
+    BufReader::new(&sock)
+        .read_until(b'\n', &mut reply)
+        .map_err(unreachable)?;
+    if reply.pop() != Some(b'\n') {
+        return Err(ResumeError::Unreachable(
+            "the daemon closed the connection".into(),
+        ));
+    }
+    sock.set_read_timeout(None).map_err(unreachable)?;
+    match proto::decode::<ToSupervisor>(&reply) {
+        Ok(ToSupervisor::Adopted) => Ok(sock),
+        Ok(ToSupervisor::Refused(why)) => Err(ResumeError::Refused(why)),
+        // An error reply of the control protocol (the daemon is still starting, ...).
+        _ => Err(ResumeError::Refused(
+            String::from_utf8_lossy(&reply).into_owned(),
+        )),
+    }
+}
+
 impl AgentHooks for DaemonHooks {
     fn before_spawn(&mut self, agent: AgentInfo<'_>) -> Result<(), HookError> {
+        self.agent_id = agent.agent_id.to_owned();
         let reply = self
             .ask(&SupervisorLine::Attach {
                 agent: agent.agent_id.to_owned(),
@@ -158,7 +388,10 @@ impl AgentHooks for DaemonHooks {
                 "kernel watch (daemon)",
                 SupervisedError::Refused(why),
             )),
-            other @ (ToSupervisor::Verdict(_) | ToSupervisor::Listening(_)) => Err(hook_error(
+            other @ (ToSupervisor::Verdict(_)
+            | ToSupervisor::Listening(_)
+            | ToSupervisor::Handover { .. }
+            | ToSupervisor::Adopted) => Err(hook_error(
                 "kernel watch (daemon)",
                 SupervisedError::Unexpected(format!("{other:?}")),
             )),
@@ -191,45 +424,19 @@ impl AgentHooks for DaemonHooks {
         self.writer = Arc::new(tokio::sync::Mutex::new(Some(write)));
         let (tx, rx) = mpsc::channel(1);
         self.verdicts = Some(rx);
-        let agent = agent.clone();
-        let killed_by = Arc::clone(&self.killed_by);
-        let listener = Arc::clone(&self.listener);
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(read).lines();
-            loop {
-                match lines.next_line().await {
-                    Ok(Some(line)) => match proto::decode::<ToSupervisor>(line.as_bytes()) {
-                        Ok(ToSupervisor::Verdict(v)) => {
-                            let _ = tx.send(v).await;
-                        }
-                        Ok(ToSupervisor::Listening(took)) => {
-                            // The daemon has its copy, or will never answer: either way
-                            // this one goes (held calls fail if nobody holds one).
-                            if !took {
-                                eprintln!(
-                                    "agentd: the daemon cannot answer held calls; they are refused"
-                                );
-                            }
-                            lock(&listener).take();
-                        }
-                        Ok(other) => tracing::warn!("unexpected from the daemon: {other:?}"),
-                        Err(e) => tracing::warn!("bad line from the daemon: {e}"),
-                    },
-                    Ok(None) | Err(_) => {
-                        // The daemon is gone: nothing watches the agent any more. Fail
-                        // closed.
-                        *lock(&killed_by) = Some(
-                            "the agentd daemon went away; the agent was killed (fail closed)"
-                                .into(),
-                        );
-                        if let Err(e) = agent.signal_kill() {
-                            eprintln!("agentd: killing the agent: {e}");
-                        }
-                        return;
-                    }
-                }
-            }
-        });
+        let (linked, linked_rx) = tokio::sync::watch::channel(Linked::Up);
+        self.linked = Some(linked_rx);
+        let link = Link {
+            linked,
+            agent: agent.clone(),
+            agent_id: self.agent_id.clone(),
+            killed_by: Arc::clone(&self.killed_by),
+            listener: Arc::clone(&self.listener),
+            writer: Arc::clone(&self.writer),
+            events_read: self.events_read.clone(),
+            verdicts: tx,
+        };
+        tokio::spawn(link.follow(read));
     }
 
     fn serve_asks(
@@ -281,12 +488,12 @@ impl AgentHooks for DaemonHooks {
         reason: &'a str,
     ) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
         Box::pin(async move {
-            self.tell(&SupervisorLine::KillSwitch {
+            // The daemon sets the kill flag and kills the cgroup; the kill is made sure of
+            // here too, at once (during a handover the line waits for the next daemon).
+            let line = SupervisorLine::KillSwitch {
                 reason: reason.to_owned(),
-            })
-            .await;
-            // The daemon sets the kill flag and kills the cgroup; make sure of the latter.
-            agent.kill_and_wait("kill switch").await;
+            };
+            tokio::join!(self.tell(&line), agent.kill_and_wait("kill switch"));
             let mut k = lock(&self.killed_by);
             if k.is_none() {
                 *k = Some(format!("killed by the kill switch ({reason})"));

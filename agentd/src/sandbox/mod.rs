@@ -251,6 +251,8 @@ pub fn spawn(mut prepared: Prepared) -> Result<Spawned, SpawnError> {
         let status = kill_and_reap(pid);
         return Err(SpawnError::Vanished(status));
     };
+    // The child began its session (step 4) before it reported: its autogroup is its own.
+    lowest_session_priority(pid);
     Ok(Spawned {
         pid,
         pidfd,
@@ -362,6 +364,9 @@ fn launch_sequence(
     //    clears it); if the supervisor died before that, stop.
     nix::sys::prctl::set_no_new_privs().map_err(at(Step::NoNewPrivs))?;
     nix::unistd::setsid().map_err(at(Step::Setsid))?;
+    // SAFETY: setpriority takes integers; async-signal-safe. Raising one's own nice needs
+    // no privilege; a failure leaves the default priority (not a security decision).
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, AGENT_NICE) };
     if let Some(tty) = p.terminal.take() {
         // The pseudo-terminal agentd relays: the session's controlling terminal (never
         // stolen from another session: argument 0), and the agent's stdio.
@@ -418,6 +423,26 @@ fn launch_sequence(
 
     // 9. exec: returns only on failure.
     Err(at(Step::Exec)(p.exec.exec()))
+}
+
+/// An agent's CPU priority: the lowest, nice 19, for its processes (set by the child after
+/// `setsid`) and for its session (the kernel's autogroup, which decides between sessions:
+/// [`lowest_session_priority`]). On a busy host everything else goes first: the
+/// operator's shell, and agentd's own control plane (`ps` and `kill` answer with 100
+/// agents at full speed: tests/tests/storm.rs). An idle CPU is still the agent's.
+const AGENT_NICE: i32 = 19;
+
+/// Sets the autogroup of the agent's session (it began one) to [`AGENT_NICE`]. From the
+/// supervisor: the agent, no longer dumpable after its identity switch, may not open its
+/// own file. Where the kernel has no autogroups there is no file, and the process nice is
+/// what counts.
+fn lowest_session_priority(pid: i32) {
+    let path = format!("/proc/{pid}/autogroup");
+    if let Err(e) = std::fs::write(&path, AGENT_NICE.to_string())
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::debug!("{path}: {e}");
+    }
 }
 
 /// Default disposition for every catchable signal, and an empty signal mask.
