@@ -29,7 +29,8 @@
 //!   to its end can only be caught against a head kept elsewhere (`--expect-head`), as
 //!   with any unkeyed chain.
 //! - **Crash safety**: one `write(2)` of line + newline per record, `fdatasync` after each
-//!   (configurable: [`writer::Options::sync_every`]). After a crash the file may end in a
+//!   (configurable: [`writer::Options::sync_every`]; the daemon commits in groups through
+//!   [`writer::AuditLog::pending_sync`]). After a crash the file may end in a
 //!   partial line; `verify` reports it as an incomplete final record (exit 3) and the
 //!   next writer leaves it in place, starting a new line with an `open` record whose
 //!   `partial` gives the length and SHA-256 of those bytes, so the chain stays verifiable

@@ -21,6 +21,10 @@ use crate::{
     link::ToSupervisor,
 };
 
+/// How long an agent taken over that has ended waits for its `run` client to reattach,
+/// to give it the exit status.
+const LATE_CLIENT: Duration = Duration::from_secs(10);
+
 /// A `run` client's lines: what came with its request, then the socket.
 pub(super) type ClientReader = tokio::io::Chain<Cursor<Vec<u8>>, OwnedReadHalf>;
 
@@ -171,6 +175,17 @@ impl Session {
                 } => return self.finish(Ended::Child(st)).await,
             }
             if child.is_none() && !sup_open && !events_open {
+                // An agent taken over that ended before its client followed it: the
+                // client is on its way (it retries every 100 ms once its daemon went).
+                if self.client.is_none()
+                    && let Some(rx) = late.as_mut()
+                    && let Ok(Some(client)) = tokio::time::timeout(LATE_CLIENT, rx.recv()).await
+                {
+                    self.client = Some(client);
+                    if let Some(id) = self.agent_id.clone() {
+                        self.started(&id).await;
+                    }
+                }
                 return self.finish(Ended::Closed).await;
             }
         }
