@@ -4,12 +4,29 @@
 //! The BPF crate is compiled by Debian's rustc-web (registered in rustup as `debian-bpf` by
 //! `cargo xtask setup`), which ships a precompiled `core` for the BPF target, and linked by
 //! `bpf-linker` from PATH. Override the toolchain name with AGENTD_EBPF_TOOLCHAIN.
+//!
+//! AGENTD_EBPF_OBJECT=PATH embeds an object built before instead (`cargo xtask fuzz`
+//! passes the workspace's: the fuzz targets never load it, and the build of fuzz/ then
+//! skips its own BPF build).
 use std::env;
 
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=AGENTD_EBPF_TOOLCHAIN");
+    println!("cargo:rerun-if-env-changed=AGENTD_EBPF_OBJECT");
+    if let Ok(prebuilt) = env::var("AGENTD_EBPF_OBJECT") {
+        println!("cargo:rerun-if-changed={prebuilt}");
+        let bytes =
+            std::fs::read(&prebuilt).with_context(|| format!("AGENTD_EBPF_OBJECT: {prebuilt}"))?;
+        anyhow::ensure!(
+            bytes.starts_with(b"\x7fELF"),
+            "AGENTD_EBPF_OBJECT: {prebuilt} is not an ELF object"
+        );
+        let out = format!("{}/agentd-ebpf", env::var("OUT_DIR")?);
+        std::fs::write(&out, bytes).with_context(|| format!("writing {out}"))?;
+        return Ok(());
+    }
     let toolchain = env::var("AGENTD_EBPF_TOOLCHAIN").unwrap_or_else(|_| "debian-bpf".into());
 
     // aya-ebpf needs one unstable feature (asm_experimental_arch). Debian's rustc is a

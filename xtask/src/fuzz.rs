@@ -88,6 +88,31 @@ const RUSTFLAGS: [&str; 7] = [
     "fuzzing",
 ];
 
+/// The newest BPF object a build of the workspace left (`target/*/build/agentd-*/out/`),
+/// for the fuzz build to embed instead of building its own: the fuzz targets never load
+/// it, so which version it is does not matter.
+fn prebuilt_ebpf_object(root: &Path) -> Option<std::path::PathBuf> {
+    let mut newest: Option<(std::time::SystemTime, std::path::PathBuf)> = None;
+    for profile in ["debug", "release"] {
+        let Ok(dirs) = std::fs::read_dir(root.join("target").join(profile).join("build")) else {
+            continue;
+        };
+        for dir in dirs.flatten() {
+            if !dir.file_name().to_string_lossy().starts_with("agentd-") {
+                continue;
+            }
+            let object = dir.path().join("out/agentd-ebpf");
+            let Ok(modified) = std::fs::metadata(&object).and_then(|m| m.modified()) else {
+                continue;
+            };
+            if newest.as_ref().is_none_or(|(t, _)| modified > *t) {
+                newest = Some((modified, object));
+            }
+        }
+    }
+    newest.map(|(_, object)| object)
+}
+
 /// Builds the targets, then fuzzes each for `seconds`.
 pub fn fuzz(root: &Path, seconds: u32) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -100,6 +125,12 @@ pub fn fuzz(root: &Path, seconds: u32) -> anyhow::Result<()> {
         RUSTFLAGS.join(" ")
     );
     let encoded = RUSTFLAGS.join("\u{1f}");
+    let mut envs = vec![("CARGO_ENCODED_RUSTFLAGS", encoded.as_str())];
+    let prebuilt = prebuilt_ebpf_object(root);
+    if let Some(object) = prebuilt.as_deref().and_then(Path::to_str) {
+        eprintln!("[xtask] fuzz build embeds the BPF object built before: {object}");
+        envs.push(("AGENTD_EBPF_OBJECT", object));
+    }
     crate::run(
         root,
         "cargo",
@@ -115,7 +146,7 @@ pub fn fuzz(root: &Path, seconds: u32) -> anyhow::Result<()> {
             "target/fuzz",
             "--bins",
         ],
-        &[("CARGO_ENCODED_RUSTFLAGS", &encoded)],
+        &envs,
     )
     .context(
         "the fuzz build failed; if fuzz/Cargo.lock is out of date (agentd's dependencies \
