@@ -621,26 +621,23 @@ mod tests {
             log.append_control(&ask).unwrap();
             log.append_control(&approve).unwrap();
         });
-        // A write cut short, noted by the next writer.
-        written("remnant", &|path| {
+        // One record, then a write cut short.
+        let cut_short = |path: &Path| {
             let mut log = AuditLog::open(path).unwrap();
             log.append_event(&event(1)).unwrap();
             drop(log);
             let mut bytes = fs::read(path).unwrap();
             bytes.extend_from_slice(br#"{"seq":3,"ts":"2026-01-"#);
             fs::write(path, bytes).unwrap();
+        };
+        // Noted by the next writer.
+        written("remnant", &|path| {
+            cut_short(path);
             let mut log = AuditLog::open(path).unwrap();
             log.append_event(&event(2)).unwrap();
         });
-        // A write cut short, not yet noted: an incomplete final record.
-        written("incomplete", &|path| {
-            let mut log = AuditLog::open(path).unwrap();
-            log.append_event(&event(1)).unwrap();
-            drop(log);
-            let mut bytes = fs::read(path).unwrap();
-            bytes.extend_from_slice(br#"{"seq":3,"ts":"2026-01-"#);
-            fs::write(path, bytes).unwrap();
-        });
+        // Not yet noted: an incomplete final record.
+        written("incomplete", &cut_short);
         logs
     }
 

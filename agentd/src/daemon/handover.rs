@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::unix::{OwnedReadHalf, OwnedWriteHalf},
-    sync::{mpsc, oneshot, watch},
+    sync::{mpsc, oneshot},
 };
 
 use super::{
@@ -36,7 +36,6 @@ use super::{
 use crate::{
     audit::record::{Action, Actor, Control},
     bpf::{Watch, watch as bpfwatch},
-    breaker::Breaker,
     daemon::proto::Reply,
     link::ToSupervisor,
 };
@@ -347,46 +346,27 @@ fn adopt(shared: &Arc<Shared>, h: Handed, deadline: Instant) -> Result<(), Strin
             return fail(e);
         }
     };
-    let (drained, _) = watch::channel(false);
     let (resume_tx, resume_rx) = oneshot::channel();
     let (reattach_tx, reattach_rx) = mpsc::unbounded_channel();
-    let started = Instant::now()
+    let mut agent = Agent::new(
+        &h.id,
+        &policy,
+        (h.owner, h.owner_uid),
+        (handle, &h.cgroup),
+        (resolver, asked),
+        h.launch,
+        h.supervisor_pid,
+    );
+    // Running since before the handover, with what it had done.
+    agent.pid = h.pid;
+    agent.state = AgentState::Running;
+    agent.started = Instant::now()
         .checked_sub(Duration::from_millis(h.uptime_ms))
         .unwrap_or_else(Instant::now);
-    lock(&shared.agents).insert(
-        h.id.clone(),
-        Agent {
-            id: h.id.clone(),
-            profile: policy.name.clone(),
-            owner: h.owner,
-            pid: h.pid,
-            state: AgentState::Running,
-            started,
-            events: h.events,
-            denials: h.denials,
-            lost: h.lost,
-            cgroup: h.cgroup.clone(),
-            cgroup_id: h.cgroup_id,
-            bpf: Some(handle),
-            breaker: Breaker::new(policy.breaker.clone()),
-            killed_by: None,
-            drained,
-            early_exits: Vec::new(),
-            resolver,
-            owner_uid: h.owner_uid,
-            supervisor_pid: h.supervisor_pid,
-            policy,
-            asking: ask::AgentAsking {
-                terminal: false,
-                to_client: None,
-                task: None,
-                asked,
-            },
-            launch: h.launch,
-            resume: Some(resume_tx),
-            reattach: Some(reattach_tx),
-        },
-    );
+    (agent.events, agent.denials, agent.lost) = (h.events, h.denials, h.lost);
+    agent.resume = Some(resume_tx);
+    agent.reattach = Some(reattach_tx);
+    lock(&shared.agents).insert(h.id.clone(), agent);
     lock(&shared.counters).agents_total += 1;
     tokio::spawn(adopted(
         Arc::clone(shared),

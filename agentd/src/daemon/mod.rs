@@ -152,6 +152,52 @@ struct Agent {
     reattach: Option<tokio::sync::mpsc::UnboundedSender<session::Client>>,
 }
 
+impl Agent {
+    /// An agent just attached (`starting`, nothing counted yet) in `cgroup`, watched
+    /// through `handle`, with its resolver and the names it was asked about.
+    fn new(
+        id: &str,
+        policy: &CompiledPolicy,
+        (owner, owner_uid): (Actor, u32),
+        (handle, cgroup): (bpf::AgentHandle, &Path),
+        (resolver, asked): (Option<crate::dns::Resolver>, crate::dns::AskedNames),
+        launch: Launch,
+        supervisor_pid: u32,
+    ) -> Agent {
+        Agent {
+            id: id.to_owned(),
+            profile: policy.name.clone(),
+            owner,
+            pid: 0,
+            state: AgentState::Starting,
+            started: Instant::now(),
+            events: 0,
+            denials: 0,
+            lost: 0,
+            cgroup: cgroup.to_path_buf(),
+            cgroup_id: handle.cgroup_id(),
+            bpf: Some(handle),
+            breaker: Breaker::new(policy.breaker.clone()),
+            killed_by: None,
+            drained: watch::channel(false).0,
+            early_exits: Vec::new(),
+            resolver,
+            owner_uid,
+            supervisor_pid,
+            policy: policy.clone(),
+            asking: ask::AgentAsking {
+                terminal: false,
+                to_client: None,
+                task: None,
+                asked,
+            },
+            launch,
+            resume: None,
+            reattach: None,
+        }
+    }
+}
+
 /// Bound of [`Agent::early_exits`].
 const EARLY_EXITS: usize = 64;
 
@@ -1703,42 +1749,17 @@ fn attach(
         let _ = lock(&shared.watch).remove_agent(handle);
         return Err(format!("state directory: {e}"));
     }
-    let (drained, _) = watch::channel(false);
-    let cgroup_id = handle.cgroup_id();
-    lock(&shared.agents).insert(
-        agent.to_owned(),
-        Agent {
-            id: agent.to_owned(),
-            profile: policy.name.clone(),
-            owner: *who,
-            pid: 0,
-            state: AgentState::Starting,
-            started: Instant::now(),
-            events: 0,
-            denials: 0,
-            lost: 0,
-            cgroup: cgroup.to_path_buf(),
-            cgroup_id,
-            bpf: Some(handle),
-            breaker: Breaker::new(policy.breaker.clone()),
-            killed_by: None,
-            drained,
-            early_exits: Vec::new(),
-            resolver,
-            owner_uid: invoking_uid(who, req),
-            supervisor_pid,
-            policy: policy.clone(),
-            asking: ask::AgentAsking {
-                terminal: false,
-                to_client: None,
-                task: None,
-                asked,
-            },
-            launch,
-            resume: None,
-            reattach: None,
-        },
+    let owner_uid = invoking_uid(who, req);
+    let entry = Agent::new(
+        agent,
+        policy,
+        (*who, owner_uid),
+        (handle, cgroup),
+        (resolver, asked),
+        launch,
+        supervisor_pid,
     );
+    lock(&shared.agents).insert(agent.to_owned(), entry);
     lock(&shared.counters).agents_total += 1;
     let mut detail = serde_json::Map::new();
     detail.insert("profile".into(), req.profile.clone().into());
