@@ -89,6 +89,32 @@ pub enum DecodeError {
     Json(String),
 }
 
+/// Sends one encoded line over a Unix stream socket with `fds` (`SCM_RIGHTS`; none when
+/// empty), whole: a line the kernel cut is an error.
+pub fn send_with_fds(
+    sock: std::os::fd::BorrowedFd<'_>,
+    line: &[u8],
+    fds: &[std::os::fd::RawFd],
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let rights = [nix::sys::socket::ControlMessage::ScmRights(fds)];
+    let cmsgs: &[nix::sys::socket::ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
+    let sent = nix::sys::socket::sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[std::io::IoSlice::new(line)],
+        cmsgs,
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )?;
+    if sent != line.len() {
+        return Err(std::io::Error::other(format!(
+            "the line was cut ({sent} of {} bytes)",
+            line.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Decodes one line (without its newline).
 pub fn decode<T: DeserializeOwned>(line: &[u8]) -> Result<T, DecodeError> {
     if line.len() > MAX_LINE {

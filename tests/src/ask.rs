@@ -5,7 +5,6 @@
 use std::{
     io::{BufRead as _, BufReader},
     net::TcpListener,
-    os::fd::AsRawFd as _,
     path::Path,
     process::{Child, ChildStdout, Command, Stdio},
     sync::{
@@ -18,7 +17,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{DEFAULT_LIMITS, Daemon, NOBODY, agentd_bin, pty::Pty, test_profile};
+use crate::{DEFAULT_LIMITS, Daemon, agentd_bin, test_profile};
 
 pub const EPERM: i64 = libc::EPERM as i64;
 
@@ -201,26 +200,4 @@ pub fn approvals_of(events: &[Value], agent: &str) -> Vec<Value> {
 
 pub fn agent_of(req: &Value) -> String {
     req["agent"].as_str().unwrap().to_owned()
-}
-
-/// Starts `cmd` (an `agentd run`, as the nobody user sudo names) as the leader of a new
-/// session whose controlling terminal is `pty`'s slave.
-pub fn spawn_on(pty: &Pty, mut cmd: Command) -> Child {
-    use std::os::unix::process::CommandExt as _;
-    let slave = pty.slave.as_raw_fd();
-    cmd.env("SUDO_UID", NOBODY)
-        .env("SUDO_GID", NOBODY)
-        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
-        .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
-        .stderr(Stdio::from(pty.slave.try_clone().unwrap()));
-    // SAFETY: setsid and ioctl are async-signal-safe; run in the child before exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 || libc::ioctl(slave, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn().unwrap()
 }

@@ -82,3 +82,25 @@ pub fn type_keys(master: &OwnedFd, keys: &[u8]) {
     let n = unsafe { libc::write(master.as_raw_fd(), keys.as_ptr().cast(), keys.len()) };
     assert_eq!(n, keys.len() as isize);
 }
+
+/// Starts `cmd` (an `agentd run`, as the nobody user sudo names) as the leader of a new
+/// session whose controlling terminal is `pty`'s slave.
+pub fn spawn_on(pty: &Pty, mut cmd: std::process::Command) -> std::process::Child {
+    use std::{os::unix::process::CommandExt as _, process::Stdio};
+    let slave = pty.slave.as_raw_fd();
+    cmd.env("SUDO_UID", crate::NOBODY)
+        .env("SUDO_GID", crate::NOBODY)
+        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stderr(Stdio::from(pty.slave.try_clone().unwrap()));
+    // SAFETY: setsid and ioctl are async-signal-safe; run in the child before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 || libc::ioctl(slave, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
+}

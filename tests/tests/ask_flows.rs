@@ -16,7 +16,7 @@ use agentd_tests::{
     AgentRun, Daemon, agent_dir, agentd_bin,
     ask::*,
     profile_file,
-    pty::{Screen, openpty, type_keys},
+    pty::{Screen, openpty, spawn_on, type_keys},
     require_root,
 };
 use serde_json::Value;

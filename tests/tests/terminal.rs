@@ -5,16 +5,13 @@
 //! Embedded and through the daemon.
 
 use std::{
-    os::{
-        fd::{AsRawFd as _, OwnedFd},
-        unix::process::CommandExt as _,
-    },
-    process::{Child, Command, Stdio},
+    os::fd::{AsRawFd as _, OwnedFd},
+    process::{Child, Command},
     time::Duration,
 };
 
 use agentd_tests::{
-    DEFAULT_LIMITS, Daemon, NOBODY, agent_dir, agentd_bin, cgroups_named, profile_file,
+    DEFAULT_LIMITS, Daemon, agent_dir, agentd_bin, cgroups_named, profile_file,
     pty::{Pty, Screen, openpty, type_keys},
     require_root, test_profile, wait_until,
 };
@@ -91,7 +88,6 @@ fn spawn_on(
     ws: &std::path::Path,
     profile: &std::path::Path,
 ) -> Child {
-    let slave = pty.slave.as_raw_fd();
     let mut cmd = if shell {
         let mut c = Command::new("/usr/bin/python3");
         c.args(["-c", SHELL]).arg(agentd_bin());
@@ -105,22 +101,8 @@ fn spawn_on(
         .arg(profile)
         .arg("--workspace")
         .arg(ws)
-        .args(["--", "/usr/bin/python3", "-c", TUI])
-        .env("SUDO_UID", NOBODY)
-        .env("SUDO_GID", NOBODY)
-        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
-        .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
-        .stderr(Stdio::from(pty.slave.try_clone().unwrap()));
-    // SAFETY: setsid and ioctl are async-signal-safe; run in the child before exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 || libc::ioctl(slave, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn().unwrap()
+        .args(["--", "/usr/bin/python3", "-c", TUI]);
+    agentd_tests::pty::spawn_on(pty, cmd)
 }
 
 /// A workspace with a canary (`secret`) and a profile `name` for [`TUI`]: its terminal

@@ -3,7 +3,7 @@
 //! [`DEFAULT_SOCKET`].
 
 use std::{
-    io::{BufRead as _, BufReader, IoSlice, IsTerminal as _, Write as _},
+    io::{BufRead as _, BufReader, IsTerminal as _, Write as _},
     os::{fd::AsRawFd as _, unix::net::UnixStream},
     path::PathBuf,
     process::ExitCode,
@@ -294,19 +294,8 @@ fn run_with(
         None => [0, 1, 2],
     };
     let line = proto::encode(&Request::Run(req));
-    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
-    let iov = [IoSlice::new(&line)];
-    let sent = nix::sys::socket::sendmsg::<()>(
-        stream.as_raw_fd(),
-        &iov,
-        &cmsg,
-        nix::sys::socket::MsgFlags::empty(),
-        None,
-    )
-    .context("sending the request")?;
-    if sent != line.len() {
-        bail!("the request was cut ({sent} of {} bytes)", line.len());
-    }
+    crate::link::send_with_fds(std::os::fd::AsFd::as_fd(&stream), &line, &fds)
+        .context("sending the request")?;
     // The daemon has it now: the pseudo-terminal's master sees the agent's side close when
     // the agent and its supervisor are gone.
     let terminal = terminal.map(|(t, _slave)| t);

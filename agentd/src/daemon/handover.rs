@@ -269,10 +269,13 @@ pub(super) fn adopt_all(shared: &Arc<Shared>, handover: Handover) {
         let id = h.id.clone();
         match adopt(shared, h, deadline) {
             Ok(()) => {
-                let mut detail = serde_json::Map::new();
-                detail.insert("previous_daemon".into(), handover.by.pid.into());
-                detail.insert("gap_ms".into(), gap_ms.into());
-                append(shared, Action::Adopt, &id, detail);
+                ask::audit(
+                    shared,
+                    Action::Adopt,
+                    &id,
+                    this_actor(),
+                    serde_json::json!({ "previous_daemon": handover.by.pid, "gap_ms": gap_ms }),
+                );
                 eprintln!("agentd daemon: took {id} over (handed over {gap_ms} ms ago)");
             }
             Err(e) => eprintln!("agentd daemon: cannot take {id} over: {e}; it was killed"),
@@ -280,33 +283,11 @@ pub(super) fn adopt_all(shared: &Arc<Shared>, handover: Handover) {
     }
 }
 
-fn append(
-    shared: &Shared,
-    action: Action,
-    id: &str,
-    detail: serde_json::Map<String, serde_json::Value>,
-) {
-    let control = Control {
-        action,
-        agent: Some(id.to_owned()),
-        by: this_actor(),
-        detail,
-    };
-    super::audit_control(shared, &control);
-}
-
 /// Kills what is left of an agent that cannot be taken over, and records it.
 fn reap(shared: &Shared, h: &Handed, reason: &str) {
-    if let Ok(Some(cg)) = crate::sandbox::cgroup::AgentCgroup::leftover(&h.id)
-        && let Err(e) = cg.destroy()
-    {
-        eprintln!("agentd daemon: reaping {}: {e}", h.id);
-    }
-    let _ = std::fs::remove_dir_all(shared.pins.join(h.cgroup_id.to_string()));
+    let (control, _, _) = super::reap_agent(&shared.pins, &h.id, h.cgroup_id, reason);
     super::forget_record(&shared.state_dir, &h.id);
-    let mut detail = serde_json::Map::new();
-    detail.insert("reason".into(), reason.into());
-    append(shared, Action::Kill, &h.id, detail);
+    super::audit_control(shared, &control);
 }
 
 fn adopt(shared: &Arc<Shared>, h: Handed, deadline: Instant) -> Result<(), String> {

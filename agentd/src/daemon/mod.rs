@@ -572,29 +572,12 @@ fn reap_previous(
         if handover::keeps_record(&record, handover) {
             continue;
         }
-        let mut found = false;
-        match AgentCgroup::leftover(&record.id) {
-            Ok(Some(cg)) => {
-                found = true;
-                if let Err(e) = cg.destroy() {
-                    eprintln!("agentd daemon: reaping {}: {e}", record.id);
-                }
-            }
-            Ok(None) => {}
-            Err(e) => eprintln!("agentd daemon: reaping {}: {e}", record.id),
-        }
-        let agent_pins = pins.join(record.cgroup_id.to_string());
-        let unpinned = std::fs::remove_dir_all(&agent_pins).is_ok();
-        let mut detail = serde_json::Map::new();
-        detail.insert("reason".into(), "left by a daemon that died".into());
-        detail.insert("cgroup_left".into(), found.into());
-        detail.insert("pins_removed".into(), unpinned.into());
-        let control = Control {
-            action: Action::Kill,
-            agent: Some(record.id.clone()),
-            by: this_actor(),
-            detail,
-        };
+        let (control, found, unpinned) = reap_agent(
+            pins,
+            &record.id,
+            record.cgroup_id,
+            "left by a daemon that died",
+        );
         if let Err(e) = audit.append_control(&control).and_then(|_| audit.sync()) {
             eprintln!("agentd daemon: audit log: {e}");
         }
@@ -625,6 +608,35 @@ fn reap_previous(
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
+}
+
+/// Kills and removes what is left of agent `id`: its cgroup, its pinned programs. Returns
+/// the `control` record `kill` that says so (with `reason`), and whether there was a
+/// cgroup left and pins to remove.
+fn reap_agent(pins: &Path, id: &str, cgroup_id: u64, reason: &str) -> (Control, bool, bool) {
+    let mut found = false;
+    match AgentCgroup::leftover(id) {
+        Ok(Some(cg)) => {
+            found = true;
+            if let Err(e) = cg.destroy() {
+                eprintln!("agentd daemon: reaping {id}: {e}");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => eprintln!("agentd daemon: reaping {id}: {e}"),
+    }
+    let unpinned = std::fs::remove_dir_all(pins.join(cgroup_id.to_string())).is_ok();
+    let mut detail = serde_json::Map::new();
+    detail.insert("reason".into(), reason.into());
+    detail.insert("cgroup_left".into(), found.into());
+    detail.insert("pins_removed".into(), unpinned.into());
+    let control = Control {
+        action: Action::Kill,
+        agent: Some(id.to_owned()),
+        by: this_actor(),
+        detail,
+    };
+    (control, found, unpinned)
 }
 
 fn record_path(state_dir: &Path, id: &str) -> PathBuf {

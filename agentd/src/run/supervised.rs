@@ -334,19 +334,7 @@ fn try_resume(
     let unreachable = |e: std::io::Error| ResumeError::Unreachable(e.to_string());
     let sock = UnixStream::connect(path).map_err(unreachable)?;
     let fds: Vec<i32> = events.iter().map(|fd| fd.as_raw_fd()).collect();
-    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
-    let cmsgs: &[nix::sys::socket::ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsg };
-    let sent = nix::sys::socket::sendmsg::<()>(
-        sock.as_raw_fd(),
-        &[std::io::IoSlice::new(line)],
-        cmsgs,
-        nix::sys::socket::MsgFlags::empty(),
-        None,
-    )
-    .map_err(|e| unreachable(e.into()))?;
-    if sent != line.len() {
-        return Err(ResumeError::Unreachable("the request was cut".into()));
-    }
+    proto::send_with_fds(std::os::fd::AsFd::as_fd(&sock), line, &fds).map_err(unreachable)?;
     // Not waited for past the grace period.
     sock.set_read_timeout(Some(patience)).map_err(unreachable)?;
     let mut reply = Vec::new();
