@@ -137,17 +137,7 @@ fn approve_once_deny_expire_grant_revoke_through_the_daemon() {
     assert_eq!(l.count() - before, 5);
 
     // 3. Every request and decision is in the audit log, which verifies.
-    let verify = Command::new(agentd_bin())
-        .args(["audit", "verify"])
-        .arg(d.audit_log())
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stderr)
-    );
-    let log = std::fs::read_to_string(d.audit_log()).unwrap();
+    let log = d.audit_verified();
     for action in [
         "\"action\":\"ask\"",
         "\"action\":\"approve\"",
