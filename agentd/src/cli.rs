@@ -107,6 +107,8 @@ sudo agentd daemon --socket /tmp/a.sock --state-dir /tmp/a --audit-log /tmp/a/au
         #[arg(long, value_name = "SECONDS", default_value_t = 30,
               value_parser = clap::value_parser!(u64).range(0..=3600))]
         handover_grace: u64,
+        #[command(flatten)]
+        outputs: crate::daemon::Outputs,
     },
     /// List the agents a daemon supervises
     ///
@@ -433,6 +435,7 @@ pub fn main() -> ExitCode {
             approvers,
             allowed_signers,
             handover_grace,
+            outputs,
         } => crate::daemon::daemon(crate::daemon::DaemonArgs {
             socket,
             state_dir,
@@ -442,6 +445,7 @@ pub fn main() -> ExitCode {
             approvers,
             allowed_signers,
             handover_grace: std::time::Duration::from_secs(handover_grace),
+            outputs,
         }),
         Command::Ps { json, socket } => crate::daemon::client::ps(socket.socket, json),
         Command::Events {

@@ -12,6 +12,7 @@ mod daemon;
 mod dns;
 mod doctor;
 mod event;
+mod export;
 pub mod fuzzing;
 mod host;
 mod link;

@@ -20,8 +20,12 @@
 mod ask;
 pub mod client;
 mod handover;
+mod metrics;
+mod outputs;
+pub use outputs::Outputs;
 pub mod proto;
 mod session;
+mod web;
 
 pub use ask::DEFAULT_ALLOWED_SIGNERS;
 
@@ -110,6 +114,8 @@ pub struct DaemonArgs {
     /// `--handover-grace`: how long agents wait for the next daemon after a SIGTERM (0:
     /// they are stopped with the daemon).
     pub handover_grace: Duration,
+    /// Metrics, the web view and event export (each off by default).
+    pub outputs: Outputs,
 }
 
 /// One agent the daemon knows.
@@ -240,6 +246,12 @@ struct Shared {
     socket: PathBuf,
     /// Set when stopping for a successor: every session tells its supervisor and client.
     handover: watch::Sender<session::HandoverSignal>,
+    /// `--metrics`: counted as events are recorded.
+    metrics: metrics::Metrics,
+    /// `--syslog`, `--otlp`: where recorded events are sent.
+    export: crate::export::Exporters,
+    /// `--ui`: the web view's access tokens.
+    ui: web::Ui,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -357,6 +369,23 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         .flatten()
         .map(|g| g.gid.as_raw());
     let (events, _) = broadcast::channel(4096);
+    let o = &args.outputs;
+    let export = crate::export::Exporters::start(
+        o.syslog.clone().map(|t| {
+            let s = crate::export::Selection {
+                kinds: o.syslog_kinds.clone(),
+                verdicts: o.syslog_verdicts.clone(),
+            };
+            (t, s)
+        }),
+        o.otlp.clone().map(|e| {
+            let s = crate::export::Selection {
+                kinds: o.otlp_kinds.clone(),
+                verdicts: o.otlp_verdicts.clone(),
+            };
+            (e, s)
+        }),
+    )?;
     let (records_tx, records_rx) = std::sync::mpsc::sync_channel::<Queued>(RECORD_QUEUE);
     let shared = Arc::new(Shared {
         watch: Mutex::new(watch),
@@ -377,6 +406,9 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         asking: ask::Asking::new(args.approvers.clone(), args.allowed_signers.clone()),
         socket: socket_abs,
         handover: watch::channel(None).0,
+        metrics: metrics::Metrics::default(),
+        export,
+        ui: web::Ui::default(),
     });
     let recorder = {
         let shared = Arc::clone(&shared);
@@ -441,6 +473,22 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     }
     // Bound last: a supervisor reconnecting after a handover finds its agent taken over.
     let listener = bind_socket(&args.socket)?;
+    if let Some(l) = &args.outputs.metrics {
+        outputs::serve(
+            l,
+            metrics::router(Arc::clone(&shared)),
+            "metrics",
+            group_gid,
+        )
+        .await?;
+        eprintln!("agentd daemon: metrics at {l}/metrics");
+    }
+    if let Some(l) = &args.outputs.ui {
+        outputs::serve(l, web::router(Arc::clone(&shared)), "web view", group_gid).await?;
+        eprintln!(
+            "agentd daemon: web view at {l} (`agentd ui-url` prints its address with a token)"
+        );
+    }
     eprintln!(
         "agentd daemon: listening on {} (group {}: {}), audit log {}",
         args.socket.display(),
@@ -546,6 +594,15 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
         .with_context(|| format!("chmod {}", path.display()))?;
     Ok(listener)
+}
+
+/// Makes a unix socket of an output reachable by root and `group_gid` only (0660): its
+/// protocol (HTTP) carries no peer credentials.
+fn restrict_socket(path: &Path, group_gid: Option<u32>) -> anyhow::Result<()> {
+    nix::unistd::chown(path, None, group_gid.map(nix::unistd::Gid::from_raw))
+        .with_context(|| format!("chown {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod {}", path.display()))
 }
 
 /// What a previous instance left: its recorded agents are killed, their cgroups removed,
@@ -835,6 +892,8 @@ fn record(shared: &Shared, ev: Event) {
         }
         r.push_back(Arc::clone(&ev));
     }
+    shared.metrics.event(&ev);
+    shared.export.send(&ev);
     // No subscriber is not an error.
     let _ = shared.events.send(ev);
 }
