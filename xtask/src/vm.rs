@@ -102,9 +102,13 @@ const NEWEST_KERNEL_ONLY_TESTS: &[&str] = &["breaker", "daemon", "event_loss", "
 const HOST_ONLY_TESTS: &[&str] = &[
     "agent_clis",
     "ask_flows",
+    "deb",
+    "export",
+    "metrics",
     "storm",
     "terminal",
     "transaction",
+    "web_ui",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
