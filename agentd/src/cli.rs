@@ -107,8 +107,9 @@ sudo agentd daemon --socket /tmp/a.sock --state-dir /tmp/a --audit-log /tmp/a/au
         #[arg(long, value_name = "SECONDS", default_value_t = 30,
               value_parser = clap::value_parser!(u64).range(0..=3600))]
         handover_grace: u64,
+        // Boxed: the outputs' options would make this variant much larger than the others.
         #[command(flatten)]
-        outputs: crate::daemon::Outputs,
+        outputs: Box<crate::daemon::Outputs>,
     },
     /// List the agents a daemon supervises
     ///
@@ -145,6 +146,31 @@ agentd events --json | jq 'select(.verdict == \"deny\")'")]
     },
     /// A daemon's counters: agents, events and events/s, lost events, denials, trips
     Stats {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Print the address of the daemon's live web view, with an access token for you
+    ///
+    /// The daemon must run with `--ui [ADDR:]PORT` (e.g. `agentd daemon --ui 8080`: on
+    /// loopback). It answers root and members of its --group, never a process inside an
+    /// agent, with `http://ADDR:PORT/?token=T`: open that in a browser on this host (from
+    /// another, through `ssh -L PORT:127.0.0.1:PORT HOST`). The page lists the agents,
+    /// streams their events live (refusals and breaker trips stand out), shows an agent's
+    /// compiled profile, answers held calls and has the kill switch.
+    ///
+    /// The token acts as you (your uid and groups as the daemon saw them now): everything
+    /// done through the page is checked and audited as the same command would be. It is
+    /// valid for 12 hours, or until the daemon stops; each call makes a new one. Keep it
+    /// secret: whoever has it may do what you may. See docs/ui.md.
+    #[command(after_help = "Examples:\n  \
+agentd ui-url                          the URL, on stdout\n  \
+agentd ui-url --json                   {url, uid, expires, valid_s}\n\n\
+Paste the URL into the browser: on a command line (xdg-open URL) the token would show in \
+/proc/PID/cmdline to every process on the host.")]
+    UiUrl {
+        /// Print {url, uid, expires, valid_s} as JSON
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -410,6 +436,12 @@ agentd profile check analyze-only --workspace ~/project --json")]
     },
 }
 
+/// The command-line definition, for what is generated from it: the man pages and shell
+/// completions of the Debian package (examples/gen-docs.rs).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -445,7 +477,7 @@ pub fn main() -> ExitCode {
             approvers,
             allowed_signers,
             handover_grace: std::time::Duration::from_secs(handover_grace),
-            outputs,
+            outputs: *outputs,
         }),
         Command::Ps { json, socket } => crate::daemon::client::ps(socket.socket, json),
         Command::Events {
@@ -456,6 +488,7 @@ pub fn main() -> ExitCode {
             socket,
         } => crate::daemon::client::events(socket.socket, follow, agent, kind, json),
         Command::Stats { json, socket } => crate::daemon::client::stats(socket.socket, json),
+        Command::UiUrl { json, socket } => crate::daemon::client::ui_url(socket.socket, json),
         Command::Approvals {
             follow,
             agent,

@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod deb;
 mod demo;
 mod fuzz;
 mod vm;
@@ -34,7 +35,8 @@ enum Task {
     /// qemu (`vm-test --kernel all`)
     Ci,
     /// The privileged integration tests in tests/ (root; they load BPF programs, create
-    /// cgroups and launch agents). A test that cannot run fails with AGENTD_TEST_MUST_RUN=1
+    /// cgroups and launch agents). A test that cannot run fails with AGENTD_TEST_MUST_RUN=1.
+    /// Builds the debug package first (`deb --debug`): tests/tests/deb.rs installs it
     Test {
         /// Only tests whose name contains this
         filter: Option<String>,
@@ -51,6 +53,10 @@ enum Task {
         #[arg(long, alias = "seconds", default_value_t = 60)]
         time: u32,
     },
+    /// Build a Debian package of agentd: the program, its systemd unit, the built-in
+    /// profiles as examples, man pages and shell completions (docs/packaging.md); prints
+    /// its path
+    Deb(deb::DebArgs),
     /// The main job: set up, build, and launch a demo agent under `analyze-only` that
     /// tries to post an answer it was only asked to analyze; show that it is contained
     Demo,
@@ -77,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test { filter } => privileged_tests(&root, filter.as_deref()),
         Task::VmTest(args) => vm::vm_test(&root, &args),
         Task::Fuzz { time } => fuzz::fuzz(&root, time),
+        Task::Deb(args) => deb::deb(&root, &args),
         Task::Demo => demo::demo(&root),
         Task::Bench { only } => bench::bench(&root, only),
     }
@@ -153,6 +160,9 @@ fn privileged_tests(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
     )?;
     let bin = root.join("target/debug/agentd");
     let bin = bin.to_str().context("non-UTF-8 target path")?;
+    // The package tests/tests/deb.rs installs and purges, of the same debug build.
+    let deb = deb::build(root, deb::Profile::Debug)?;
+    let deb = deb.to_str().context("non-UTF-8 target path")?;
     let mut args = vec![
         "test",
         "--locked",
@@ -168,6 +178,10 @@ fn privileged_tests(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
         root,
         "cargo",
         &args,
-        &[("AGENTD_BIN", bin), ("AGENTD_TEST_MUST_RUN", "1")],
+        &[
+            ("AGENTD_BIN", bin),
+            ("AGENTD_DEB", deb),
+            ("AGENTD_TEST_MUST_RUN", "1"),
+        ],
     )
 }

@@ -131,12 +131,14 @@ impl Front for DaemonFront {
             ),
             None => return false,
         };
-        // Someone who follows this agent's requests and may answer them.
+        // Someone who follows this agent's requests and may answer them: on the agent's
+        // terminal, with `agentd approvals --follow`, or on an open web view page.
         terminal
             || lock(&shared.asking.followers).iter().any(|(_, who, only)| {
                 only.as_deref().is_none_or(|a| a == agent)
                     && may_answer(&shared, who, owner).is_ok()
             })
+            || super::web::can_answer(&shared, owner)
     }
 
     fn show(&self, request: &Request) {
@@ -264,8 +266,28 @@ pub(super) fn take_listener(
     Ok(())
 }
 
+/// Through what a person answers, and so how their groups are known.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Via<'a> {
+    /// `agentd approve`/`deny`, `agentd approvals`: the caller's groups are its process's.
+    Cli,
+    /// The web view, for its token's user: `groups` as they were when `agentd ui-url`
+    /// asked (the daemon itself is the process that acts).
+    Web { gid: u32, groups: &'a [u32] },
+}
+
 /// Whether `who` may answer requests of an agent owned by `owner`; why not.
 fn may_answer(shared: &Shared, who: &Actor, owner: u32) -> Result<(), String> {
+    may_answer_via(shared, who, owner, Via::Cli)
+}
+
+/// [`may_answer`], for a caller that comes through `via`.
+pub(super) fn may_answer_via(
+    shared: &Shared,
+    who: &Actor,
+    owner: u32,
+    via: Via<'_>,
+) -> Result<(), String> {
     if let Some(agent) = agent_of(who.pid) {
         return Err(format!(
             "permission denied: the caller (pid {}) is a process of agent {agent}: no process inside an agent may answer requests",
@@ -276,7 +298,13 @@ fn may_answer(shared: &Shared, who: &Actor, owner: u32) -> Result<(), String> {
         return Ok(());
     }
     if let Some(gid) = shared.asking.approvers_gid
-        && super::in_group(who, gid)
+        && match via {
+            Via::Cli => super::in_group(who, gid),
+            Via::Web {
+                gid: primary,
+                groups,
+            } => primary == gid || groups.contains(&gid),
+        }
     {
         return Ok(());
     }
@@ -322,12 +350,24 @@ pub(super) fn decide(
     answer: Answer,
     signature: Option<String>,
 ) -> Reply {
+    decide_via(shared, who, request, answer, signature, Via::Cli)
+}
+
+/// [`decide`], for a caller that comes through `via` (the decision's `via` says which).
+pub(super) fn decide_via(
+    shared: &Shared,
+    who: &Actor,
+    request: &str,
+    answer: Answer,
+    signature: Option<String>,
+    via: Via<'_>,
+) -> Reply {
     let Some((req, owner)) = shared.asking.board.request(request) else {
         return Reply::Error(format!(
             "no pending request `{request}` (see `agentd approvals`; it may have been decided or expired)"
         ));
     };
-    if let Err(e) = may_answer(shared, who, owner) {
+    if let Err(e) = may_answer_via(shared, who, owner, via) {
         self_approval_event(shared, who, request);
         return Reply::Error(e);
     }
@@ -377,9 +417,10 @@ pub(super) fn decide(
         by: Decider {
             uid: who.uid,
             pid: who.pid,
-            via: match decision_answer_word {
-                "allow" => "agentd approve".into(),
-                _ => "agentd deny".into(),
+            via: match (via, decision_answer_word) {
+                (Via::Web { .. }, _) => "web view".into(),
+                (Via::Cli, "allow") => "agentd approve".into(),
+                (Via::Cli, _) => "agentd deny".into(),
             },
         },
         signed,

@@ -183,10 +183,33 @@ pub fn events(
             | Reply::Prompt(_)
             | Reply::Settled { .. }
             | Reply::Grants(_)
-            | Reply::Handover { .. }) => bail!("unexpected reply from the daemon: {other:?}"),
+            | Reply::Handover { .. }
+            | Reply::UiUrl(_)) => bail!("unexpected reply from the daemon: {other:?}"),
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `agentd ui-url`: the web view's address with a token for the caller.
+pub fn ui_url(socket: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    let (path, _) = socket_path(socket);
+    let mut r = request(&path, &Request::UiUrl {})?;
+    match next_reply(&mut r)? {
+        Some(Reply::UiUrl(u)) => {
+            if json {
+                crate::report::print_json(&u)?;
+            } else {
+                println!("{}", u.url);
+                eprintln!(
+                    "agentd: open it in a browser on this host; it acts as uid {} until {} (keep it secret: whoever has it may do what you may)",
+                    u.uid, u.expires
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Reply::Error(e)) => bail!("{e}"),
+        other => bail!("unexpected reply from the daemon: {other:?}"),
+    }
 }
 
 /// `agentd kill ID` through the daemon. `None` when no daemon answers at the default
@@ -432,7 +455,8 @@ fn run_with(
                         | Reply::Transaction(_)
                         | Reply::Approvals(_)
                         | Reply::Held(_)
-                        | Reply::Grants(_)) => {
+                        | Reply::Grants(_)
+                        | Reply::UiUrl(_)) => {
                             tracing::warn!("unexpected reply: {other:?}");
                         }
                     }
@@ -618,7 +642,8 @@ pub fn approvals(
             | Reply::Transaction(_)
             | Reply::Prompt(_)
             | Reply::Grants(_)
-            | Reply::Handover { .. }) => bail!("unexpected reply from the daemon: {other:?}"),
+            | Reply::Handover { .. }
+            | Reply::UiUrl(_)) => bail!("unexpected reply from the daemon: {other:?}"),
         };
         if line.is_empty() {
             continue;

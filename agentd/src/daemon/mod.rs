@@ -376,7 +376,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
                 kinds: o.syslog_kinds.clone(),
                 verdicts: o.syslog_verdicts.clone(),
             };
-            (t, s)
+            (t, o.syslog_facility, s)
         }),
         o.otlp.clone().map(|e| {
             let s = crate::export::Selection {
@@ -408,7 +408,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         handover: watch::channel(None).0,
         metrics: metrics::Metrics::default(),
         export,
-        ui: web::Ui::default(),
+        ui: web::Ui::new(args.outputs.ui.as_ref())?,
     });
     let recorder = {
         let shared = Arc::clone(&shared);
@@ -849,26 +849,53 @@ const GROUP_COMMIT: usize = 1024;
 
 /// Makes what was recorded durable, without holding the log's lock during `fdatasync`.
 fn make_durable(shared: &Shared) {
-    let pending = lock(&shared.audit).pending_sync();
-    if let Err(e) = pending.and_then(|p| p.map(crate::audit::writer::PendingSync::sync).transpose())
-    {
-        eprintln!("agentd daemon: audit log: {e}");
+    // The metrics' durability lag: from the oldest record this sync covers (taken with
+    // the records, under the log's lock) to the end of the sync.
+    let (pending, appended) = {
+        let mut log = lock(&shared.audit);
+        (log.pending_sync(), shared.metrics.take_unsynced())
+    };
+    match pending.and_then(|p| p.map(crate::audit::writer::PendingSync::sync).transpose()) {
+        Ok(Some(_)) => shared.metrics.audit_durable(appended),
+        Ok(None) => {}
+        Err(e) => {
+            shared.metrics.audit_failed(metrics::AuditOp::Sync);
+            eprintln!("agentd daemon: audit log: {e}");
+        }
     }
 }
 
 /// Appends a control record and makes it durable, with the events recorded before it,
 /// before returning: a control action is on disk before its reply.
 fn audit_control(shared: &Shared, control: &Control) {
-    if let Err(e) = lock(&shared.audit).append_control(control) {
-        eprintln!("agentd daemon: audit log: {e}");
-    }
+    audited(shared, metrics::AuditRecord::Control, |log| {
+        log.append_control(control)
+    });
     make_durable(shared);
 }
 
-fn record(shared: &Shared, ev: Event) {
-    if let Err(e) = lock(&shared.audit).append_event(&ev) {
-        eprintln!("agentd daemon: audit log: {e}");
+/// Appends one record with `append`, counted in the metrics under the log's lock (the
+/// durability lag takes its time with the records a sync covers).
+fn audited<T>(
+    shared: &Shared,
+    what: metrics::AuditRecord,
+    append: impl FnOnce(&mut AuditLog) -> Result<T, crate::audit::AuditError>,
+) {
+    let mut log = lock(&shared.audit);
+    match append(&mut log) {
+        Ok(_) => shared.metrics.audit_appended(what),
+        Err(e) => {
+            drop(log);
+            shared.metrics.audit_failed(metrics::AuditOp::Append);
+            eprintln!("agentd daemon: audit log: {e}");
+        }
     }
+}
+
+fn record(shared: &Shared, ev: Event) {
+    audited(shared, metrics::AuditRecord::Event, |log| {
+        log.append_event(&ev)
+    });
     {
         let mut c = lock(&shared.counters);
         c.events += 1;
@@ -1094,25 +1121,11 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<(
             send(&mut write, &Reply::Stats(stats)).await?;
         }
         Request::Kill { id } => {
-            let owner = lock(&shared.agents).get(&id).map(|a| a.owner.uid);
-            let reply = match owner {
-                None => Reply::Error(format!("no running agent {id} (see `agentd ps`)")),
-                Some(owner) if who.uid != 0 && who.uid != owner => Reply::Error(format!(
-                    "permission denied: agent {id} belongs to uid {owner}; only it and root may kill it"
-                )),
-                Some(_) => {
-                    if kill_agent(
-                        &shared,
-                        &id,
-                        &format!("agentd kill by uid {}", who.uid),
-                        who,
-                    ) {
-                        Reply::Ok(format!("{id} killed"))
-                    } else {
-                        Reply::Error(format!("no running agent {id}"))
-                    }
-                }
-            };
+            let reply = kill_as(&shared, who, &id, "agentd kill");
+            send(&mut write, &reply).await?;
+        }
+        Request::UiUrl {} => {
+            let reply = web::url_for(&shared, &who);
             send(&mut write, &reply).await?;
         }
         Request::Events {
@@ -1171,6 +1184,25 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<(
         }
     }
     Ok(())
+}
+
+/// The kill switch for `who` (through `via`: `agentd kill`, the web view): only root and
+/// the agent's owner may.
+fn kill_as(shared: &Shared, who: Actor, id: &str, via: &str) -> Reply {
+    let owner = lock(&shared.agents).get(id).map(|a| a.owner.uid);
+    match owner {
+        None => Reply::Error(format!("no running agent {id} (see `agentd ps`)")),
+        Some(owner) if who.uid != 0 && who.uid != owner => Reply::Error(format!(
+            "permission denied: agent {id} belongs to uid {owner}; only it and root may kill it"
+        )),
+        Some(_) => {
+            if kill_agent(shared, id, &format!("{via} by uid {}", who.uid), who) {
+                Reply::Ok(format!("{id} killed"))
+            } else {
+                Reply::Error(format!("no running agent {id}"))
+            }
+        }
+    }
 }
 
 /// The agent whose cgroup `pid` is in, if any; fails closed: a process whose cgroup

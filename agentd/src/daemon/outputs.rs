@@ -17,19 +17,32 @@ pub struct Outputs {
     /// ui-url` prints the address with an access token
     #[arg(long, value_name = "[ADDR:]PORT", help_heading = "Outputs")]
     pub ui: Option<Listen>,
-    /// Send events to syslog as RFC 5424 records with structured data: unix:PATH (e.g.
-    /// unix:/dev/log), udp:HOST:PORT or tcp:HOST:PORT (octet-counted, RFC 6587)
+    /// Send events to syslog as RFC 5424 records with structured data: unix:PATH (a
+    /// datagram socket, e.g. unix:/dev/log), udp:HOST:PORT or tcp:HOST:PORT (octet-counted,
+    /// RFC 6587); see docs/export.md
     #[arg(long, value_name = "TARGET", help_heading = "Outputs")]
     pub syslog: Option<crate::export::syslog::Target>,
-    /// Only events of these kinds go to syslog (e.g. exec,connect,breaker; default: all)
+    /// Only events of these kinds go to syslog (e.g. exec,net_connect,breaker; default: all)
     #[arg(long, value_name = "KIND,...", value_delimiter = ',', value_parser = crate::export::parse_kind, help_heading = "Outputs")]
     pub syslog_kinds: Vec<crate::event::Kind>,
     /// Only events with these verdicts go to syslog (allow, deny, killed, none; default:
     /// all)
     #[arg(long, value_name = "VERDICT,...", value_delimiter = ',', value_parser = crate::export::parse_verdict, help_heading = "Outputs")]
     pub syslog_verdicts: Vec<crate::event::Verdict>,
+    /// The syslog facility of the records: authpriv (private security messages; Debian's
+    /// rsyslog writes them to /var/log/auth.log), daemon, auth, user or local0-local7
+    #[arg(
+        long,
+        value_enum,
+        default_value_t,
+        value_name = "FACILITY",
+        hide_possible_values = true,
+        help_heading = "Outputs"
+    )]
+    pub syslog_facility: crate::export::syslog::Facility,
     /// Export events as OpenTelemetry logs (OTLP/HTTP, JSON encoding) to this collector
-    /// URL, e.g. http://127.0.0.1:4318/v1/logs
+    /// URL, e.g. http://127.0.0.1:4318/v1/logs (plain HTTP: https is refused, use a local
+    /// collector); see docs/export.md
     #[arg(long, value_name = "URL", help_heading = "Outputs")]
     pub otlp: Option<crate::export::otlp::Endpoint>,
     /// Only events of these kinds go to the collector (default: all)

@@ -74,6 +74,8 @@ pub enum Request {
     /// A `run` client whose daemon handed its agent over ([`Reply::Handover`]) follows it
     /// again: its exit status, prompts and signals.
     Reattach { agent: String },
+    /// `agentd ui-url`: the web view's address with an access token for the caller.
+    UiUrl {},
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +156,22 @@ pub enum Reply {
     Handover {
         grace_s: u64,
     },
+    /// `ui-url`: the web view's address with a token for the caller.
+    UiUrl(UiUrl),
+}
+
+/// The web view's address for one user (`agentd ui-url`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UiUrl {
+    /// `http://ADDR:PORT/?token=T`.
+    pub url: String,
+    /// The user the token acts as.
+    pub uid: u32,
+    /// When the token ends, RFC 3339 UTC.
+    pub expires: String,
+    /// Seconds it is valid from now.
+    pub valid_s: u64,
 }
 
 /// One agent in `agentd ps`.
@@ -226,6 +244,7 @@ mod tests {
             Request::Reattach {
                 agent: "a-1".into(),
             },
+            Request::UiUrl {},
             Request::Events {
                 follow: true,
                 agent: Some("a-1".into()),

@@ -1,25 +1,703 @@
-//! Events as RFC 5424 syslog records with structured data.
-//! (To be written: formatting, unix/udp/tcp transports.)
+//! Events as RFC 5424 syslog records with structured data, sent to a unix datagram socket
+//! (`/dev/log`), a UDP address (RFC 5426) or a TCP address with octet-counting framing
+//! (RFC 6587 §3.4.1). One record an event:
+//!
+//! ```text
+//! <84>1 2026-11-23T21:41:21.362675Z host1 agentd 4242 net_connect [agentd@32473
+//!   agent="analyze-only-1" kind="net_connect" verdict="deny" layer="bpf" pid="42"
+//!   comm="python3" addr="127.0.0.1" port="8080" proto="tcp" errno="1"] DENY ...
+//! ```
+//! (one line; wrapped here). 32473 is the enterprise number RFC 5612 reserves for
+//! documentation: the SD-ID is stable, but not a registered one.
 
-use std::sync::{Arc, mpsc::Receiver};
+use std::{
+    fmt,
+    io::{self, Write as _},
+    net::{SocketAddr, TcpStream, ToSocketAddrs as _, UdpSocket},
+    os::unix::net::UnixDatagram,
+    path::PathBuf,
+    str::FromStr,
+    sync::{Arc, atomic::Ordering, mpsc::Receiver},
+    time::{Duration, Instant},
+};
 
+use super::{Backoff, Counters, GIVE_UP, Severity};
 use crate::event::Event;
+
+/// The structured data element's SD-ID: `name@PEN`, with the private enterprise number
+/// RFC 5612 reserves for documentation.
+pub const SD_ID: &str = "agentd@32473";
+/// APP-NAME of every record.
+pub const APP_NAME: &str = "agentd";
+/// How long connecting to a TCP target, or one write to any target, may take.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// `detail` is sent as compact JSON of at most this many bytes: entries that would not fit
+/// are left out, and `"truncated": N` says how many.
+const DETAIL_MAX: usize = 2048;
 
 /// Where records go.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {}
+pub enum Target {
+    /// A unix datagram socket, e.g. `/dev/log`.
+    Unix(PathBuf),
+    /// UDP, one record a datagram (RFC 5426).
+    Udp(HostPort),
+    /// TCP, octet-counted records (RFC 6587 §3.4.1), reconnecting after a failure.
+    Tcp(HostPort),
+}
 
-impl std::str::FromStr for Target {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Target, String> {
-        Err(format!("syslog target `{s}`: not implemented yet"))
+/// A host name or address, and a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
     }
 }
 
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Unix(p) => write!(f, "unix:{}", p.display()),
+            Target::Udp(a) => write!(f, "udp:{a}"),
+            Target::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+const TARGET_FORMS: &str = "give unix:PATH (e.g. unix:/dev/log), udp:HOST:PORT or tcp:HOST:PORT (e.g. tcp:127.0.0.1:514, tcp:[::1]:514)";
+
+impl FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Target, String> {
+        let Some((scheme, rest)) = s.split_once(':') else {
+            return Err(format!("syslog target `{s}`: no transport; {TARGET_FORMS}"));
+        };
+        match scheme {
+            "unix" => {
+                let path = PathBuf::from(rest);
+                if !path.is_absolute() {
+                    return Err(format!(
+                        "syslog target `{s}`: a unix socket needs an absolute path, e.g. unix:/dev/log"
+                    ));
+                }
+                Ok(Target::Unix(path))
+            }
+            "udp" => host_port(s, rest).map(Target::Udp),
+            "tcp" => host_port(s, rest).map(Target::Tcp),
+            _ if rest.parse::<u16>().is_ok() => Err(format!(
+                "syslog target `{s}`: no transport before the address; {TARGET_FORMS}"
+            )),
+            _ => Err(format!(
+                "syslog target `{s}`: unknown transport `{scheme}`; {TARGET_FORMS}"
+            )),
+        }
+    }
+}
+
+/// `HOST:PORT`, `[V6]:PORT`.
+fn host_port(whole: &str, s: &str) -> Result<HostPort, String> {
+    let bad = |why: &str| format!("syslog target `{whole}`: {why}; {TARGET_FORMS}");
+    let (host, port) = if let Some(v6) = s.strip_prefix('[') {
+        let (host, port) = v6
+            .split_once("]:")
+            .ok_or_else(|| bad("an IPv6 address in brackets needs a port after it"))?;
+        host.parse::<std::net::Ipv6Addr>()
+            .map_err(|_| bad(&format!("`{host}` is not an IPv6 address")))?;
+        (host, port)
+    } else {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| bad("no port (HOST:PORT)"))?;
+        if host.contains(':') {
+            return Err(bad("write an IPv6 address in brackets"));
+        }
+        (host, port)
+    };
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err(bad(&format!("`{host}` is not a host name or address")));
+    }
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad(&format!("`{port}` is not a port (1-65535)")))?;
+    Ok(HostPort {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+/// The syslog facility of the records (RFC 5424 table 1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Facility {
+    User,
+    Daemon,
+    Auth,
+    // Security and authorisation messages that are private: the default (Debian's rsyslog
+    // writes them to /var/log/auth.log, readable by root and adm).
+    #[default]
+    Authpriv,
+    Local0,
+    Local1,
+    Local2,
+    Local3,
+    Local4,
+    Local5,
+    Local6,
+    Local7,
+}
+
+impl Facility {
+    pub fn code(self) -> u8 {
+        match self {
+            Facility::User => 1,
+            Facility::Daemon => 3,
+            Facility::Auth => 4,
+            Facility::Authpriv => 10,
+            Facility::Local0 => 16,
+            Facility::Local1 => 17,
+            Facility::Local2 => 18,
+            Facility::Local3 => 19,
+            Facility::Local4 => 20,
+            Facility::Local5 => 21,
+            Facility::Local6 => 22,
+            Facility::Local7 => 23,
+        }
+    }
+}
+
+/// What every record of this daemon has in common.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub facility: Facility,
+    /// This host's name (`-` when it has none: [`super::hostname`]).
+    pub hostname: String,
+    /// The daemon's pid: PROCID.
+    pub procid: u32,
+}
+
+/// `ev` as one RFC 5424 record (without transport framing).
+pub fn format(origin: &Origin, ev: &Event) -> Vec<u8> {
+    let pri = u16::from(origin.facility.code()) * 8 + u16::from(Severity::of(ev).code());
+    // TIME-SECFRAC has at most 6 digits: microseconds.
+    let timestamp = super::parse_ts(&ev.ts).map_or_else(
+        || "-".to_owned(),
+        |(secs, nanos)| {
+            let ts = crate::event::rfc3339(secs, nanos);
+            format!("{}Z", ts.get(..26).unwrap_or(&ts))
+        },
+    );
+    let kind = ev.kind_name();
+    let mut out = format!(
+        "<{pri}>1 {timestamp} {} {APP_NAME} {} {} [{SD_ID}",
+        origin.hostname,
+        origin.procid,
+        header_field(&kind, 32)
+    );
+    let mut param = |name: &str, value: &str| {
+        out.push(' ');
+        out.push_str(name);
+        out.push_str("=\"");
+        escape_into(&mut out, value);
+        out.push('"');
+    };
+    param("agent", &ev.agent);
+    param("kind", &kind);
+    param("verdict", verdict_name(ev));
+    param("layer", &ev.layer_name());
+    param("pid", &ev.pid.to_string());
+    param("comm", &ev.comm);
+    if let Some(p) = &ev.path {
+        param("path", p);
+    }
+    if let Some(p) = &ev.path2 {
+        param("path2", p);
+    }
+    if let Some(a) = ev.addr {
+        param("addr", &a.to_string());
+    }
+    if let Some(p) = ev.port {
+        param("port", &p.to_string());
+    }
+    if let Some(p) = &ev.proto {
+        param("proto", p);
+    }
+    if let Some(d) = &ev.domain {
+        param("domain", d);
+    }
+    if let Some(e) = ev.errno {
+        param("errno", &e.to_string());
+    }
+    if !ev.detail.is_empty() {
+        param("detail", &detail_json(&ev.detail));
+    }
+    out.push_str("] ");
+    let msg = super::summary(ev);
+    // MSG in UTF-8 starts with a BOM (§6.4); an ASCII one is sent as it is (MSG-ANY).
+    if !msg.is_ascii() {
+        out.push('\u{feff}');
+    }
+    out.push_str(&msg);
+    out.into_bytes()
+}
+
+fn verdict_name(ev: &Event) -> &'static str {
+    match ev.verdict {
+        crate::event::Verdict::Allow => "allow",
+        crate::event::Verdict::Deny => "deny",
+        crate::event::Verdict::Killed => "killed",
+        crate::event::Verdict::None => "none",
+    }
+}
+
+/// A header field (MSGID): 1 to `max` printable US-ASCII characters, else `-`.
+fn header_field(s: &str, max: usize) -> &str {
+    if s.is_empty() || s.len() > max || !s.bytes().all(|c| (33..=126).contains(&c)) {
+        return "-";
+    }
+    s
+}
+
+/// A PARAM-VALUE: `"`, `\` and `]` escaped with a backslash (RFC 5424 §6.3.3).
+fn escape_into(out: &mut String, value: &str) {
+    for c in value.chars() {
+        if matches!(c, '"' | '\\' | ']') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+}
+
+/// `detail` as compact JSON, at most [`DETAIL_MAX`] bytes.
+fn detail_json(detail: &serde_json::Map<String, serde_json::Value>) -> String {
+    let all = serde_json::Value::Object(detail.clone()).to_string();
+    if all.len() <= DETAIL_MAX {
+        return all;
+    }
+    let mut kept = serde_json::Map::new();
+    let mut size = 2 + r#","truncated":00000"#.len();
+    for (k, v) in detail {
+        let entry =
+            serde_json::Value::String(k.clone()).to_string().len() + 2 + v.to_string().len();
+        if size + entry <= DETAIL_MAX {
+            size += entry;
+            kept.insert(k.clone(), v.clone());
+        }
+    }
+    let left_out = detail.len() - kept.len();
+    kept.insert("truncated".to_owned(), left_out.into());
+    serde_json::Value::Object(kept).to_string()
+}
+
+/// Starts the thread that sends what `rx` brings to `target`.
 pub(super) fn start(
-    _target: Target,
-    _rx: Receiver<Arc<Event>>,
-    _counters: Arc<super::Counters>,
+    target: Target,
+    facility: Facility,
+    rx: Receiver<Arc<Event>>,
+    counters: Arc<Counters>,
 ) -> anyhow::Result<()> {
-    anyhow::bail!("syslog export is not implemented yet")
+    let origin = Origin {
+        facility,
+        hostname: super::hostname(),
+        procid: std::process::id(),
+    };
+    let facility_name = clap::ValueEnum::to_possible_value(&facility)
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default();
+    eprintln!("agentd daemon: syslog: sending events to {target} (facility {facility_name})");
+    let mut sender = Sender::new(target);
+    std::thread::Builder::new()
+        .name("agentd-syslog".into())
+        .spawn(move || {
+            while let Ok(ev) = rx.recv() {
+                if sender.send(&format(&origin, &ev)) {
+                    counters.sent.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("syslog: starting its thread: {e}"))?;
+    Ok(())
+}
+
+/// A connection to the target, made again after a failure, with backoff.
+pub struct Sender {
+    target: Target,
+    tcp: Option<TcpStream>,
+    udp: Option<UdpSocket>,
+    unix: Option<UnixDatagram>,
+    backoff: Backoff,
+}
+
+impl Sender {
+    pub fn new(target: Target) -> Sender {
+        Sender {
+            backoff: Backoff::new(format!("syslog {target}")),
+            target,
+            tcp: None,
+            udp: None,
+            unix: None,
+        }
+    }
+
+    /// Sends one record, trying again with backoff for up to [`GIVE_UP`]; false when it
+    /// was given up on.
+    pub fn send(&mut self, record: &[u8]) -> bool {
+        let deadline = Instant::now() + GIVE_UP;
+        loop {
+            let error = match self.attempt(record) {
+                Ok(()) => {
+                    self.backoff.worked();
+                    return true;
+                }
+                Err(e) => e,
+            };
+            // Too large for a datagram: no retry helps.
+            if error.raw_os_error() == Some(libc::EMSGSIZE) {
+                self.backoff.gave_up(1, &error);
+                return false;
+            }
+            let wait = self.backoff.failed(&error);
+            let now = Instant::now();
+            if now + wait >= deadline {
+                self.backoff.gave_up(1, &error);
+                return false;
+            }
+            std::thread::sleep(wait);
+        }
+    }
+
+    fn attempt(&mut self, record: &[u8]) -> io::Result<()> {
+        match &self.target {
+            Target::Unix(path) => {
+                let sock = match &self.unix {
+                    Some(s) => s,
+                    None => {
+                        let s = UnixDatagram::unbound()?;
+                        s.set_write_timeout(Some(IO_TIMEOUT))?;
+                        self.unix.insert(s)
+                    }
+                };
+                sock.send_to(record, path).map(drop)
+            }
+            Target::Udp(hp) => {
+                if self.udp.is_none() {
+                    let addr = resolve(hp)?;
+                    let local: SocketAddr = if addr.is_ipv4() {
+                        ([0, 0, 0, 0], 0).into()
+                    } else {
+                        ([0u16; 8], 0).into()
+                    };
+                    let s = UdpSocket::bind(local)?;
+                    s.connect(addr)?;
+                    s.set_write_timeout(Some(IO_TIMEOUT))?;
+                    self.udp = Some(s);
+                }
+                let r = self.udp.as_ref().map_or(Ok(0), |s| s.send(record));
+                // Resolved again at the next attempt.
+                if r.is_err() {
+                    self.udp = None;
+                }
+                r.map(drop)
+            }
+            Target::Tcp(hp) => {
+                if self.tcp.as_ref().is_some_and(peer_closed) {
+                    self.tcp = None;
+                }
+                if self.tcp.is_none() {
+                    let s = TcpStream::connect_timeout(&resolve(hp)?, IO_TIMEOUT)?;
+                    s.set_write_timeout(Some(IO_TIMEOUT))?;
+                    s.set_nodelay(true)?;
+                    self.tcp = Some(s);
+                }
+                let r = match &mut self.tcp {
+                    Some(s) => s.write_all(&octet_counted(record)),
+                    None => Ok(()),
+                };
+                if r.is_err() {
+                    self.tcp = None;
+                }
+                r
+            }
+        }
+    }
+}
+
+/// RFC 6587 §3.4.1: `MSG-LEN SP SYSLOG-MSG`.
+pub fn octet_counted(record: &[u8]) -> Vec<u8> {
+    let mut framed = format!("{} ", record.len()).into_bytes();
+    framed.extend_from_slice(record);
+    framed
+}
+
+fn resolve(hp: &HostPort) -> io::Result<SocketAddr> {
+    (hp.host.as_str(), hp.port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::other(format!("{} resolves to no address", hp.host)))
+}
+
+/// Whether the receiver closed the connection (a syslog receiver never sends anything, so
+/// a readable end of stream, or an error, means it is gone): checked before each write,
+/// so a receiver's restart does not swallow the record written into the dead connection.
+fn peer_closed(s: &TcpStream) -> bool {
+    if s.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let mut b = [0u8; 1];
+    let r = s.peek(&mut b);
+    if s.set_nonblocking(false).is_err() {
+        return true;
+    }
+    match r {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+
+    use super::*;
+    use crate::event::{Kind, Layer, Verdict};
+
+    fn origin() -> Origin {
+        Origin {
+            facility: Facility::Authpriv,
+            hostname: "host1".into(),
+            procid: 4242,
+        }
+    }
+
+    fn denial() -> Event {
+        let mut e = Event::new(
+            "analyze-only-1",
+            42,
+            "python3",
+            Kind::Connect,
+            Verdict::Deny,
+            Layer::Bpf,
+        );
+        e.ts = "2026-11-23T21:41:21.362675057Z".into();
+        e.addr = Some("127.0.0.1".parse().unwrap());
+        e.port = Some(8080);
+        e.proto = Some("tcp".into());
+        e.errno = Some(libc::EPERM);
+        e
+    }
+
+    #[test]
+    fn a_denial_is_one_rfc5424_record() {
+        let record = format(&origin(), &denial());
+        assert_eq!(
+            String::from_utf8(record).unwrap(),
+            "<84>1 2026-11-23T21:41:21.362675Z host1 agentd 4242 net_connect \
+             [agentd@32473 agent=\"analyze-only-1\" kind=\"net_connect\" verdict=\"deny\" \
+             layer=\"bpf\" pid=\"42\" comm=\"python3\" addr=\"127.0.0.1\" port=\"8080\" \
+             proto=\"tcp\" errno=\"1\"] \
+             DENY   net_connect   127.0.0.1:8080/tcp  python3[42]  bpf EPERM  analyze-only-1"
+        );
+    }
+
+    #[test]
+    fn param_values_are_escaped_and_detail_is_compact_json() {
+        let mut e = Event::new("a", 7, "sh", Kind::Breaker, Verdict::Killed, Layer::Agentd)
+            .with("rule", "canary")
+            .with("note", "say \"hi\" [x]");
+        e.ts = "2026-01-02T03:04:05.000000001Z".into();
+        e.path = Some(r#"/tmp/a"b\c]d"#.into());
+        let o = Origin {
+            facility: Facility::Local3,
+            ..origin()
+        };
+        let record = String::from_utf8(format(&o, &e)).unwrap();
+        // local3 (19) * 8 + alert (1)
+        assert!(
+            record.starts_with("<153>1 2026-01-02T03:04:05.000000Z host1 agentd 4242 breaker "),
+            "{record}"
+        );
+        assert!(record.contains(r#" path="/tmp/a\"b\\c\]d""#), "{record}");
+        assert!(
+            record.contains(r#" detail="{\"note\":\"say \\\"hi\\\" [x\]\",\"rule\":\"canary\"}"]"#),
+            "{record}"
+        );
+    }
+
+    #[test]
+    fn a_utf8_message_starts_with_a_bom_and_bad_headers_are_nil() {
+        let mut e = denial();
+        e.comm = "café".into();
+        e.ts = "yesterday".into();
+        let record = String::from_utf8(format(&origin(), &e)).unwrap();
+        assert!(record.starts_with("<84>1 - host1 "), "{record}");
+        assert!(record.contains("] \u{feff}DENY "), "{record}");
+        assert_eq!(header_field("a b", 32), "-");
+        assert_eq!(header_field(&"x".repeat(33), 32), "-");
+        assert_eq!(header_field("process_signal", 32), "process_signal");
+    }
+
+    #[test]
+    fn a_large_detail_is_cut_to_whole_entries() {
+        let mut e = denial();
+        for i in 0..100 {
+            e = e.with(&format!("k{i:03}"), "v".repeat(40));
+        }
+        let json = detail_json(&e.detail);
+        assert!(json.len() <= DETAIL_MAX, "{}", json.len());
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let kept = v.as_object().unwrap().len() - 1;
+        assert_eq!(v["truncated"], 100 - kept as u64);
+        assert!(kept > 30, "{kept}");
+    }
+
+    /// The SD-ELEMENT of `record` read back by RFC 5424's grammar: its SD-ID and its
+    /// parameters, values unescaped.
+    fn read_sd(record: &str) -> (String, Vec<(String, String)>) {
+        let mut it = record[record.find('[').unwrap() + 1..].chars().peekable();
+        let name = |it: &mut std::iter::Peekable<std::str::Chars>| {
+            let mut n = String::new();
+            while let Some(c) = it.next_if(|c| !matches!(c, ' ' | '=' | ']' | '"')) {
+                n.push(c);
+            }
+            n
+        };
+        let id = name(&mut it);
+        let mut params = Vec::new();
+        while it.next() == Some(' ') {
+            let n = name(&mut it);
+            assert_eq!((it.next(), it.next()), (Some('='), Some('"')), "{record}");
+            let mut v = String::new();
+            loop {
+                match it.next().unwrap() {
+                    '\\' => v.push(it.next().unwrap()),
+                    '"' => break,
+                    ']' => panic!("unescaped ] in {record}"),
+                    c => v.push(c),
+                }
+            }
+            params.push((n, v));
+        }
+        (id, params)
+    }
+
+    #[test]
+    fn sd_names_are_valid_and_values_read_back() {
+        let mut e = denial().with("why", "a \"quoted\" [thing]");
+        e.path = Some(r#"/a"b\c]d e"#.into());
+        let record = String::from_utf8(format(&origin(), &e)).unwrap();
+        let (id, params) = read_sd(&record);
+        assert_eq!(id, SD_ID);
+        // SD-NAME: 1 to 32 printable US-ASCII characters but `=`, space, `]` and `"`.
+        for n in std::iter::once(&id).chain(params.iter().map(|(n, _)| n)) {
+            assert!((1..=32).contains(&n.len()), "{n}");
+            assert!(
+                n.bytes()
+                    .all(|c| (33..=126).contains(&c) && !b"= ]\"".contains(&c)),
+                "{n}"
+            );
+        }
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).unwrap().1.clone();
+        assert_eq!(get("path"), r#"/a"b\c]d e"#);
+        assert_eq!(get("detail"), r#"{"why":"a \"quoted\" [thing]"}"#);
+        let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "agent", "kind", "verdict", "layer", "pid", "comm", "path", "addr", "port",
+                "proto", "errno", "detail"
+            ]
+        );
+    }
+
+    #[test]
+    fn targets_parse_strictly() {
+        assert_eq!(
+            "unix:/dev/log".parse::<Target>(),
+            Ok(Target::Unix("/dev/log".into()))
+        );
+        let tcp: Target = "tcp:127.0.0.1:514".parse().unwrap();
+        assert_eq!(tcp.to_string(), "tcp:127.0.0.1:514");
+        let udp: Target = "udp:[::1]:514".parse().unwrap();
+        assert_eq!(
+            udp,
+            Target::Udp(HostPort {
+                host: "::1".into(),
+                port: 514
+            })
+        );
+        assert_eq!(udp.to_string(), "udp:[::1]:514");
+        assert!("tcp:logs.example:6514".parse::<Target>().is_ok());
+        for (bad, says) in [
+            ("127.0.0.1:514", "no transport before the address"),
+            ("/dev/log", "no transport"),
+            ("file:/var/log/x", "unknown transport `file`"),
+            ("unix:", "absolute path"),
+            ("unix:dev/log", "absolute path"),
+            ("tcp:127.0.0.1", "no port"),
+            ("tcp:127.0.0.1:0", "not a port"),
+            ("udp:127.0.0.1:65536", "not a port"),
+            ("udp::514", "not a host name"),
+            ("tcp:::1:514", "in brackets"),
+            ("tcp:[::1]", "needs a port"),
+            ("tcp:[nope]:514", "not an IPv6 address"),
+        ] {
+            let e = bad.parse::<Target>().unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+            assert!(e.starts_with(&format!("syslog target `{bad}`: ")), "{e}");
+            assert!(e.contains("unix:/dev/log"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn tcp_records_are_octet_counted_and_a_closed_connection_is_made_again() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut sender = Sender::new(format!("tcp:127.0.0.1:{port}").parse().unwrap());
+        assert!(sender.send(b"first"));
+        let (mut c, _) = listener.accept().unwrap();
+        let mut got = [0u8; 7];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"5 first");
+        // The receiver goes away (a restart): the next record goes on a new connection.
+        drop(c);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(sender.send(b"second record"));
+        let (mut c, _) = listener.accept().unwrap();
+        let mut got = Vec::new();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        while got.len() < 16 {
+            let n = c.read(&mut buf).unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"13 second record");
+    }
+
+    #[test]
+    fn unix_datagrams_carry_one_record_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let rx = UnixDatagram::bind(&path).unwrap();
+        let mut sender = Sender::new(Target::Unix(path));
+        assert!(sender.send(b"one"));
+        assert!(sender.send(b"two"));
+        let mut buf = [0u8; 16];
+        let n = rx.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"one");
+        let n = rx.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"two");
+    }
 }

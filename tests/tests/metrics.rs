@@ -1,0 +1,404 @@
+//! `agentd daemon --metrics`: a real Prometheus (Debian's `prometheus`, started here on a
+//! loopback port) scrapes the daemon and sees an agent's denial counted; `promtool check
+//! metrics` finds nothing to say about the text; the unix socket variant is root's (and
+//! the group's) only.
+
+use std::{
+    io::Write as _,
+    net::{TcpListener, TcpStream},
+    os::unix::{
+        fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
+        net::UnixStream,
+        process::CommandExt as _,
+    },
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use agentd_tests::{
+    DEFAULT_LIMITS, Daemon, agent_dir, finish, profile_file, require, require_root, still_running,
+    test_profile, wait_until,
+};
+use serde_json::Value;
+
+const PROMETHEUS: &str = "/usr/bin/prometheus";
+const PROMTOOL: &str = "/usr/bin/promtool";
+
+/// A loopback port nobody listens on now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.0 GET of `path` on `stream` (the server closes after the response):
+/// (status, headers, body).
+fn get(mut stream: impl std::io::Read + std::io::Write, path: &str) -> (u16, String, String) {
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: localhost\r\nAccept: */*\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+fn get_tcp(port: u16, path: &str) -> Option<(u16, String, String)> {
+    let s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    Some(get(s, path))
+}
+
+/// Scrapes the daemon's /metrics on `port` until `pred` holds for the text, and returns
+/// it; panics with the last text (and `context()`) after `limit`.
+fn scrape_until(
+    port: u16,
+    limit: Duration,
+    what: &str,
+    pred: impl Fn(&str) -> bool,
+    context: impl Fn() -> String,
+) -> String {
+    let started = Instant::now();
+    let mut text = String::new();
+    loop {
+        if let Some((status, head, body)) = get_tcp(port, "/metrics") {
+            assert_eq!(status, 200, "{head}\n{body}");
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+                "{head}"
+            );
+            text = body;
+            if pred(&text) {
+                return text;
+            }
+        }
+        assert!(
+            started.elapsed() < limit,
+            "timed out waiting for {what} in /metrics:\n{text}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The value of the sample `series` (name and labels, as written) in exposition `text`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A Prometheus of the test's, killed (by pid) and its files removed on drop.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Scrapes `target` (HOST:PORT) every second as job `agentd`.
+    fn start(target: &str) -> Prometheus {
+        let dir = tempfile::Builder::new()
+            .prefix("agentd-prometheus-test-")
+            .tempdir()
+            .unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
+                 scrape_configs:\n  - job_name: agentd\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new(PROMETHEUS)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        Prometheus { child, port, dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// The value of the instant query `q`'s first result, if it has one.
+    fn query(&mut self, q: &str) -> Option<f64> {
+        if let Some(st) = self.child.try_wait().unwrap() {
+            panic!("prometheus exited: {st}\n{}", self.log());
+        }
+        let path = format!("/api/v1/query?query={}", percent_encode(q));
+        let (status, _, body) = get_tcp(self.port, &path)?;
+        if status != 200 {
+            return None;
+        }
+        let v: Value = serde_json::from_str(&body).ok()?;
+        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        // SAFETY: kill takes a pid and a signal number; the pid is our child's.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let asked = Instant::now();
+        while self.child.try_wait().ok().flatten().is_none() {
+            if asked.elapsed() > Duration::from_secs(10) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Percent-encodes a query string value (RFC 3986 unreserved characters stay).
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn require_prometheus() -> bool {
+    require(
+        Path::new(PROMETHEUS).exists() && Path::new(PROMTOOL).exists(),
+        "prometheus and promtool (Debian's `prometheus`; scripts/setup.sh installs it)",
+    )
+}
+
+/// A daemon with `--metrics 127.0.0.1:PORT`, an agent whose write outside its workspace
+/// Landlock refuses, and a real Prometheus scraping the daemon: it sees the denial
+/// counted and the target up; the agent's per-agent series goes when the kill switch
+/// ends it; `promtool check metrics` passes the text.
+#[test]
+fn prometheus_scrapes_a_denial_and_promtool_finds_the_text_clean() {
+    if !require_root() || !require_prometheus() {
+        return;
+    }
+    let port = free_port();
+    let mut d = Daemon::start_with_args(&["--metrics", &format!("127.0.0.1:{port}")]);
+    let mut prometheus = Prometheus::start(&format!("127.0.0.1:{port}"));
+
+    let ws = agent_dir(true);
+    // Writable by the agent's user, granted by no profile: only Landlock refuses there.
+    let outside = agent_dir(true);
+    let (_p, profile) = profile_file(&test_profile(
+        "metrics-denied",
+        "invoker",
+        DEFAULT_LIMITS,
+        "",
+    ));
+    let script = format!(
+        "echo x > {}/agentd-metrics-test 2>/dev/null; echo up; exec sleep 60",
+        outside.path().display()
+    );
+    let mut agent = d.run(&profile, ws.path(), &["/bin/sh", "-c", &script]);
+    let mut id = String::new();
+    wait_until(Duration::from_secs(60), "the agent running", || {
+        still_running(&mut agent, "the agent");
+        let rows = d.ps();
+        let row = rows
+            .iter()
+            .find(|r| r["profile"] == "metrics-denied" && r["state"] == "running");
+        if let Some(r) = row {
+            id = r["id"].as_str().unwrap().to_owned();
+        }
+        row.is_some()
+    });
+
+    // The daemon's own text: the denial, the running agent and its series.
+    let denied = "agentd_events_total{kind=\"file_write\",verdict=\"deny\",layer=\"landlock\"}";
+    let text = scrape_until(
+        port,
+        Duration::from_secs(30),
+        "the denial",
+        |t| sample(t, denied).is_some_and(|n| n >= 1.0),
+        || d.log(),
+    );
+    assert_eq!(
+        sample(&text, "agentd_agents{state=\"running\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    let per_agent = format!("agentd_agent_lost_events_total{{agent=\"{id}\"}}");
+    assert_eq!(sample(&text, &per_agent), Some(0.0), "{text}");
+    assert!(
+        sample(&text, "agentd_audit_records_total{type=\"event\"}").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    // Other paths are not served.
+    assert_eq!(get_tcp(port, "/").unwrap().0, 404);
+
+    // `promtool check metrics` reads the text from stdin: silent and successful.
+    let check = |text: &str| {
+        let mut promtool = Command::new(PROMTOOL)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = promtool.wait_with_output().unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "promtool check metrics ({}): {said}\n{text}",
+            out.status
+        );
+    };
+    check(&text);
+
+    // Prometheus scraped the target and counted the denial.
+    let started = Instant::now();
+    let mut last = (None, None);
+    while last.0 != Some(1.0) || !last.1.is_some_and(|n| n >= 1.0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "prometheus: up {:?}, denials {:?}\n{}",
+            last.0,
+            last.1,
+            prometheus.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+        last = (
+            prometheus.query("up{job=\"agentd\"}"),
+            prometheus.query("sum(agentd_events_total{job=\"agentd\",verdict=\"deny\"})"),
+        );
+    }
+    eprintln!(
+        "prometheus saw the denial {:.1} s after it started",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The kill switch: a trip by rule `manual`, its containment time, and the agent's
+    // series gone with it.
+    let (code, out, err) = d.client(&["kill", &id]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = finish(agent);
+    assert_eq!(code, 137, "agentd run: {out}{err}");
+    let text = scrape_until(
+        port,
+        Duration::from_secs(30),
+        "the kill",
+        |t| {
+            sample(t, "agentd_breaker_trips_total{rule=\"manual\"}") == Some(1.0)
+                && sample(t, &per_agent).is_none()
+        },
+        || d.log(),
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "agentd_containment_seconds_count{by=\"kill_switch\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "agentd_agents{state=\"running\"}"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "agentd_agents{state=\"tripped\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "agentd_audit_records_total{type=\"control\"}").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "agentd_audit_durability_lag_seconds_count").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    check(&text);
+    // What was counted was recorded: the audit log is intact.
+    d.stop();
+    d.audit_verified();
+}
+
+/// `--metrics unix:PATH`: a socket of mode 0660 owned by root, served to root; a user
+/// outside the group cannot connect.
+#[test]
+fn metrics_on_a_unix_socket_are_for_root_and_the_group() {
+    if !require_root() {
+        return;
+    }
+    // Traversable by everyone: only the socket's own mode stands in the way.
+    let dir = agent_dir(false);
+    let socket = dir.path().join("metrics.sock");
+    let d = Daemon::start_with_args(&["--metrics", &format!("unix:{}", socket.display())]);
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.uid(), 0);
+
+    let (status, head, body) = get(UnixStream::connect(&socket).unwrap(), "/metrics");
+    assert_eq!(status, 200, "{head}\n{body}\n{}", d.log());
+    assert_eq!(
+        sample(&body, "agentd_agents{state=\"running\"}"),
+        Some(0.0),
+        "{body}"
+    );
+    assert!(body.contains("\nagentd_build_info{version="), "{body}");
+
+    // nobody (uid and gid 65534, no supplementary groups: std drops them with the uid),
+    // not in the daemon's group, is refused by the socket's mode.
+    let out = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)\nprint('connected')",
+        ])
+        .arg(&socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(13),
+        "nobody connected to the metrics socket: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

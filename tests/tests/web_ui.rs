@@ -1,0 +1,539 @@
+//! The live web view (`agentd daemon --ui`) in a real browser: Debian's headless Chromium,
+//! driven by playwright-core (tests/support/web_ui.js; both installed by scripts/setup.sh).
+//! The page refuses a browser without a token and takes one with it; an agent started
+//! through the daemon appears; its denial arrives live, highlighted; its kill button kills
+//! it, which `agentd ps`, /proc and the audit log (by the token's uid) confirm. Requests
+//! forged with another Host (DNS rebinding) or Origin (CSRF) are refused meanwhile. Then
+//! another agent's held calls, with only the page open to answer them: an unsigned
+//! approval is refused, one signed with `ssh-keygen -Y sign` over the text the page shows
+//! lets the call through, a denial refuses the next; both audited as "web view".
+//!
+//! Screenshots go to `$AGENTD_ARTIFACTS/web-ui/` (default `target/ci-artifacts/web-ui/`).
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::TcpStream,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc::{Receiver, RecvTimeoutError},
+    time::{Duration, Instant},
+};
+
+use agentd_tests::{
+    DEFAULT_LIMITS, Daemon, agent_dir, agentd_bin,
+    ask::{CONNECTS, Counted, EPERM, ask_profile, json_out},
+    finish, process_gone, profile_file, repo_root, require, require_root, still_running,
+    test_profile, wait_until,
+};
+use serde_json::Value;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+/// What web_ui.js saves.
+const SHOTS: [&str; 5] = [
+    "00-refused.png",
+    "01-loaded.png",
+    "02-denial.png",
+    "03-killed.png",
+    "04-approval.png",
+];
+/// How long one step of the browser may take.
+const STEP: Duration = Duration::from_secs(20);
+
+/// Where scripts/setup.sh installs playwright-core: `$AGENTD_PLAYWRIGHT`, else root's
+/// cache directory.
+fn playwright_prefix() -> PathBuf {
+    if let Some(p) = std::env::var_os("AGENTD_PLAYWRIGHT") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache"),
+        PathBuf::from,
+    );
+    cache.join("agentd/playwright")
+}
+
+fn artifacts() -> PathBuf {
+    std::env::var_os("AGENTD_ARTIFACTS")
+        .map_or_else(|| repo_root().join("target/ci-artifacts"), PathBuf::from)
+        .join("web-ui")
+}
+
+/// A loopback port nobody listens on now.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// node and the Chromium it starts, in a process group of their own: killed together by
+/// that group's id on drop.
+struct Browser {
+    child: Child,
+    /// Chromium's profile directory.
+    _profile: tempfile::TempDir,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+}
+
+impl Browser {
+    fn start(node_modules: &Path, base: &str, url: &str, shots: &Path) -> Browser {
+        let profile = tempfile::Builder::new()
+            .prefix("agentd-web-ui-chromium-")
+            .tempdir()
+            .unwrap();
+        let mut child = Command::new("node")
+            .arg(repo_root().join("tests/support/web_ui.js"))
+            .args([base, url])
+            .arg(shots)
+            .arg(profile.path())
+            .env("NODE_PATH", node_modules)
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cannot run node (scripts/setup.sh installs it)");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        Browser {
+            _profile: profile,
+            stdin: child.stdin.take(),
+            child,
+            lines,
+        }
+    }
+
+    /// Waits for `step NAME JSON` and returns the JSON; a `fail` line fails the test.
+    fn step(&mut self, name: &str) -> Value {
+        let started = Instant::now();
+        loop {
+            let left = STEP.saturating_sub(started.elapsed());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    if let Some(why) = l.strip_prefix("fail ") {
+                        panic!("the browser, before `{name}`: {why}");
+                    }
+                    let Some(rest) = l.strip_prefix("step ") else {
+                        eprintln!("web_ui.js: {l}");
+                        continue;
+                    };
+                    let (got, json) = rest.split_once(' ').unwrap();
+                    assert_eq!(got, name, "the browser's steps: {l}");
+                    eprintln!("browser: {name} {json}");
+                    return serde_json::from_str(json).unwrap();
+                }
+                Err(RecvTimeoutError::Timeout) => panic!("the browser did not reach `{name}`"),
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("the browser exited before `{name}`")
+                }
+            }
+        }
+    }
+
+    fn tell(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn finish(mut self) {
+        self.stdin.take();
+        let started = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                let said: Vec<String> = self.lines.try_iter().collect();
+                assert!(st.success(), "web_ui.js: {st}: {}", said.join("\n"));
+                return;
+            }
+            assert!(started.elapsed() < STEP, "the browser did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            // SAFETY: kill with the negated id of the process group our child leads.
+            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One HTTP/1.1 request on loopback: (status, body).
+fn http(port: u16, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    let status = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body.to_owned())
+}
+
+#[test]
+fn web_view_in_chromium_lists_streams_and_kills() {
+    if !require_root() {
+        return;
+    }
+    let node_modules = playwright_prefix().join("node_modules");
+    let node = Command::new("node").arg("--version").output();
+    if !require(
+        Path::new(CHROMIUM).exists(),
+        "Debian's chromium at /usr/bin/chromium (scripts/setup.sh installs it)",
+    ) || !require(
+        node.is_ok_and(|o| o.status.success()) && node_modules.join("playwright-core").exists(),
+        &format!(
+            "node and playwright-core in {} (scripts/setup.sh installs them)",
+            node_modules.display()
+        ),
+    ) {
+        return;
+    }
+    let started = Instant::now();
+    let port = free_port();
+    // alice's key signs approvals.
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("alice");
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "alice", "-f"])
+        .arg(&key)
+        .output()
+        .expect("ssh-keygen (openssh-client)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let signers = keys.path().join("allowed_signers");
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    std::fs::write(
+        &signers,
+        format!("alice@example.org namespaces=\"agentd-approval\" {public}"),
+    )
+    .unwrap();
+    let mut d = Daemon::start_with_args(&[
+        "--ui",
+        &format!("127.0.0.1:{port}"),
+        "--allowed-signers",
+        signers.to_str().unwrap(),
+    ]);
+    let base = format!("http://127.0.0.1:{port}");
+
+    // The URL: only for an authorised user.
+    let out = Command::new(agentd_bin())
+        .args(["ui-url", "--socket"])
+        .arg(d.socket())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "ui-url as nobody: {err}");
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(out.stdout.is_empty());
+    let (code, out, err) = d.client(&["ui-url", "--json"]);
+    assert_eq!(code, 0, "ui-url: {err}");
+    let given: Value = serde_json::from_str(&out).unwrap();
+    let url = given["url"].as_str().unwrap().to_owned();
+    assert_eq!(given["uid"], 0, "{given}");
+    assert_eq!(given["valid_s"], 12 * 3600, "{given}");
+    let token = url
+        .strip_prefix(&format!("{base}/?token="))
+        .unwrap_or_else(|| panic!("the URL: {url}"))
+        .to_owned();
+    assert_eq!(token.len(), 64, "{url}");
+    let (code, plain, _) = d.client(&["ui-url"]);
+    assert_eq!(code, 0);
+    assert!(
+        plain.trim().starts_with(&format!("{base}/?token=")),
+        "{plain}"
+    );
+    assert_ne!(plain.trim(), url, "each call makes a new token");
+
+    let shots = artifacts();
+    std::fs::create_dir_all(&shots).unwrap();
+    for old in SHOTS {
+        let _ = std::fs::remove_file(shots.join(old));
+    }
+    let mut browser = Browser::start(&node_modules, &base, &url, &shots);
+    browser.step("refused");
+    browser.step("loaded");
+
+    // An agent that waits for the test's word, then writes outside its workspace
+    // (refused by Landlock) and goes on living.
+    let ws = agent_dir(true);
+    let outside = agent_dir(true);
+    let go = ws.path().join("go");
+    let script = format!(
+        "echo up; while [ ! -e {go} ]; do sleep 0.05; done; echo x > {out}/agentd-web-ui 2>/dev/null; echo wrote; while true; do sleep 1; done",
+        go = go.display(),
+        out = outside.path().display()
+    );
+    let (_p, profile) = profile_file(&test_profile(
+        "web-ui-test",
+        "invoker",
+        DEFAULT_LIMITS,
+        "[breaker]\ntrip_on = [\"canary\"]\n",
+    ));
+    let mut run = d.run(&profile, ws.path(), &["/bin/sh", "-c", &script]);
+    let mut row = Value::Null;
+    wait_until(Duration::from_secs(20), "the agent running", || {
+        still_running(&mut run, "the agent");
+        row = d
+            .ps()
+            .into_iter()
+            .find(|r| r["profile"] == "web-ui-test" && r["state"] == "running")
+            .unwrap_or(Value::Null);
+        row["pid"].as_u64().is_some_and(|p| p > 0)
+    });
+    let id = row["id"].as_str().unwrap().to_owned();
+    let pid = row["pid"].as_u64().unwrap() as u32;
+    browser.tell(&format!("agent {id}"));
+    let listed = browser.step("listed");
+    assert!(
+        listed["row"].as_str().unwrap().contains("web-ui-test"),
+        "{listed}"
+    );
+    let detail = browser.step("detail");
+    assert!(
+        detail["policy"].as_str().unwrap().contains("web-ui-test"),
+        "{detail}"
+    );
+
+    std::fs::write(&go, "").unwrap();
+    browser.tell("go");
+    let denial = browser.step("denial");
+    let text = denial["text"].as_str().unwrap();
+    assert!(
+        text.contains("DENY") && text.contains("agentd-web-ui"),
+        "{denial}"
+    );
+
+    // Forged requests, with the valid token: another site's name (DNS rebinding), another
+    // site's page (CSRF, with and without an Origin), no token at all. None kills.
+    let kill = format!("/api/agents/{id}/kill");
+    for (what, req, want) in [
+        (
+            "another Host",
+            format!(
+                "GET /api/agents HTTP/1.1\r\nHost: attacker.example:{port}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+            ),
+            403,
+        ),
+        (
+            "a kill from another Origin",
+            format!(
+                "POST {kill} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: http://attacker.example\r\nCookie: agentd_ui_{port}={token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+            403,
+        ),
+        (
+            "a kill with the cookie and no Origin",
+            format!(
+                "POST {kill} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nCookie: agentd_ui_{port}={token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+            403,
+        ),
+        (
+            "a kill without a token",
+            format!(
+                "POST {kill} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: {base}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+            401,
+        ),
+        (
+            "the agents with a made-up token",
+            format!(
+                "GET /api/agents HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+                "a".repeat(64)
+            ),
+            401,
+        ),
+    ] {
+        let (status, body) = http(port, &req);
+        assert_eq!(status, want, "{what}: {body}");
+    }
+    let (status, body) = http(
+        port,
+        &format!(
+            "GET /api/agents/{id} HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"policy\"") && body.contains(&id), "{body}");
+    still_running(&mut run, "the agent, after the forged requests");
+    assert!(!process_gone(pid), "a forged request killed the agent");
+    browser.tell("forged");
+
+    let killed = browser.step("killed");
+    assert!(killed["toast"].as_str().unwrap().contains(&id), "{killed}");
+
+    // Held calls, answered on the page alone (no `agentd approvals --follow` runs): a
+    // signed approval once, then a denial.
+    let l = Counted::on("127.0.0.1");
+    let (_pa, asking) = profile_file(&ask_profile(
+        "web-ui-ask",
+        &format!("\"127.0.0.1/32:{}\"", l.port),
+        "",
+        "timeout = \"20s\"\nrequire_signature = true",
+        "trip_on = [\"canary\"]",
+    ));
+    let ask_ws = agent_dir(false);
+    let port_arg = l.port.to_string();
+    let asker = d.run(
+        &asking,
+        ask_ws.path(),
+        &["/usr/bin/python3", "-c", CONNECTS, &port_arg, "s0", "s0"],
+    );
+    let mut asker_id = String::new();
+    wait_until(Duration::from_secs(20), "the asking agent", || {
+        asker_id = d
+            .ps()
+            .into_iter()
+            .find(|r| r["profile"] == "web-ui-ask")
+            .and_then(|r| r["id"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        !asker_id.is_empty()
+    });
+    browser.tell(&format!("ask {asker_id}"));
+    let held = browser.step("held");
+    let message = held["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("agentd-approval v1\n") && message.contains("scope: once"),
+        "{held}"
+    );
+    assert!(
+        held["command"]
+            .as_str()
+            .unwrap()
+            .contains("ssh-keygen -q -Y sign -n agentd-approval"),
+        "{held}"
+    );
+    assert_eq!(l.count(), 0, "nothing reached the listener while held");
+    let msg = keys.path().join("msg");
+    std::fs::write(&msg, message).unwrap();
+    let signed = Command::new("ssh-keygen")
+        .args(["-q", "-Y", "sign", "-n", "agentd-approval", "-f"])
+        .arg(&key)
+        .arg(&msg)
+        .output()
+        .unwrap();
+    assert!(
+        signed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&signed.stderr)
+    );
+    let sig = std::fs::read_to_string(msg.with_extension("sig")).unwrap();
+    browser.tell(&format!("sig {}", Value::from(sig)));
+    browser.step("approved");
+    browser.step("denied");
+    browser.finish();
+    let (code, out, err) = finish(asker);
+    assert_eq!(code, 0, "the asking agent: {out}{err}");
+    assert_eq!(json_out(&out, &err), serde_json::json!([0, EPERM]));
+    assert_eq!(
+        l.count(),
+        1,
+        "exactly the approved connection reached the listener"
+    );
+
+    // Gone: its client says so, ps, /proc; the audit log has the kill by the token's uid.
+    let (code, out, err) = finish(run);
+    assert_eq!(code, 137, "the agent's agentd run: {out}{err}");
+    assert!(
+        out.contains("wrote"),
+        "the agent wrote (and was refused): {out}"
+    );
+    assert!(err.contains("web view kill by uid 0"), "{err}");
+    let rows = d.ps();
+    let row = rows.iter().find(|r| r["id"] == id.as_str()).unwrap();
+    assert_ne!(row["state"], "running", "{row}");
+    assert!(process_gone(pid), "the agent's process {pid} is alive");
+    let events = d.events();
+    let via: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "approval" && e["agent"] == asker_id.as_str())
+        .map(|e| &e["detail"]["via"])
+        .collect();
+    assert_eq!(via, ["web view", "web view"], "the approval events");
+    let denied = events
+        .iter()
+        .any(|e| e["agent"] == id.as_str() && e["kind"] == "file_write" && e["verdict"] == "deny");
+    assert!(denied, "the denial is an event");
+    d.stop();
+    let log = d.audit_verified();
+    let kill: Value = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|r| {
+            r["kind"] == "control"
+                && r["control"]["action"] == "kill"
+                && r["control"]["agent"] == id.as_str()
+        })
+        .unwrap_or_else(|| panic!("no kill of {id} in the audit log:\n{log}"));
+    let c = &kill["control"];
+    assert_eq!(c["by"]["uid"], 0, "{kill}");
+    assert_eq!(c["detail"]["reason"], "web view kill by uid 0", "{kill}");
+    let decisions: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["kind"] == "control" && r["control"]["agent"] == asker_id.as_str())
+        .map(|mut r| r["control"].take())
+        .filter(|c| c["action"] == "approve" || c["action"] == "deny")
+        .collect();
+    assert_eq!(decisions.len(), 2, "{decisions:?}");
+    for c in &decisions {
+        assert_eq!(c["detail"]["via"], "web view", "{c}");
+        assert_eq!(c["by"]["uid"], 0, "{c}");
+    }
+    assert_eq!(decisions[0]["action"], "approve");
+    assert_eq!(
+        decisions[0]["detail"]["principal"], "alice@example.org",
+        "{}",
+        decisions[0]
+    );
+    assert_eq!(
+        decisions[1]["detail"]["answer"]["reason"], "not from the web view",
+        "{}",
+        decisions[1]
+    );
+    for shot in SHOTS {
+        let len = std::fs::metadata(shots.join(shot)).map_or(0, |m| m.len());
+        assert!(len > 1000, "screenshot {shot}: {len} bytes");
+    }
+    eprintln!(
+        "web view test: {:.1} s; screenshots in {}",
+        started.elapsed().as_secs_f64(),
+        shots.display()
+    );
+}
+
+/// Without `--ui`, `agentd ui-url` prints no URL and says how to turn the view on.
+#[test]
+fn ui_url_tells_how_to_enable_the_view() {
+    if !require_root() {
+        return;
+    }
+    let d = Daemon::start();
+    let (code, out, err) = d.client(&["ui-url"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.contains("serves no web view") && err.contains("--ui [ADDR:]PORT"),
+        "{err}"
+    );
+}
