@@ -76,7 +76,8 @@ enum Command {
     /// what is left (docs/daemon.md). A systemd unit is in dist/agentd.service.
     #[command(after_help = "Examples:\n  \
 sudo agentd daemon\n  \
-sudo agentd daemon --socket /tmp/a.sock --state-dir /tmp/a --audit-log /tmp/a/audit.jsonl")]
+sudo agentd daemon --socket /tmp/a.sock --state-dir /tmp/a --audit-log /tmp/a/audit.jsonl\n  \
+sudo agentd daemon --metrics 9464 --ui 8080 --syslog unix:/dev/log --syslog-verdicts deny,killed")]
     Daemon {
         /// The control socket
         #[arg(long, value_name = "PATH", default_value = crate::daemon::DEFAULT_SOCKET)]

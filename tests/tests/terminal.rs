@@ -13,7 +13,7 @@ use std::{
 use agentd_tests::{
     DEFAULT_LIMITS, Daemon, agent_dir, agentd_bin, cgroups_named, profile_file,
     pty::{Pty, Screen, openpty, type_keys},
-    require_root, test_profile, wait_until,
+    require_root, test_profile, wait_until, wait_until_or,
 };
 
 /// The agent: a small full-screen program. It reports its terminal, enters raw mode, the
@@ -105,6 +105,70 @@ fn spawn_on(
     agentd_tests::pty::spawn_on(pty, cmd)
 }
 
+/// What a test started on its terminal, ended even when the test fails (a failure while
+/// the job is stopped would leave it, and its frozen agent, behind): the agent's cgroup,
+/// then the job (continued first), then the shell, each by pid.
+struct OnTerminal {
+    child: Child,
+    agent: &'static str,
+}
+
+impl std::ops::Deref for OnTerminal {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for OnTerminal {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+impl Drop for OnTerminal {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        for dir in cgroups_named(self.agent) {
+            let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+        }
+        let shell = self.child.id();
+        let jobs: Vec<i32> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+                    st.rsplit_once(") ")
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                        .is_some_and(|ppid| ppid == shell.to_string())
+                })
+            })
+            .collect();
+        for job in jobs {
+            // SAFETY: signals to the pid of a child of the shell this test started.
+            unsafe {
+                libc::kill(job, libc::SIGCONT);
+                libc::kill(job, libc::SIGKILL);
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Its supervisor killed, nobody removes the agent's (now empty) cgroup but us.
+        for dir in cgroups_named(self.agent) {
+            for _ in 0..50 {
+                if std::fs::remove_dir(&dir).is_ok() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+}
+
 /// A workspace with a canary (`secret`) and a profile `name` for [`TUI`]: its terminal
 /// (`/dev/tty`) granted, the breaker tripping on the canary.
 fn tui_workspace(name: &str) -> (tempfile::TempDir, tempfile::TempDir, std::path::PathBuf) {
@@ -164,7 +228,10 @@ fn terminal_relay_job_control_and_restoration_in_both_modes() {
         } else {
             Vec::new()
         };
-        let mut child = spawn_on(&pty, true, &args, ws.path(), &profile);
+        let mut child = OnTerminal {
+            child: spawn_on(&pty, true, &args, ws.path(), &profile),
+            agent: name,
+        };
         let at = screen.wait_for("job=", 0);
         let pid: u32 = screen.text()[at..]
             .split_whitespace()
@@ -219,18 +286,21 @@ fn terminal_relay_job_control_and_restoration_in_both_modes() {
             before,
             "{mode}: modes restored while suspended"
         );
-        let suspended = screen.text();
-        assert!(
-            suspended[at..].contains("\x1b[?25h") && suspended[at..].contains("\x1b[?1049l"),
-            "{mode}: screen modes undone: {:?}",
-            &suspended[at..]
+        // Written before agentd stopped itself; the screen's reader may not have them yet.
+        wait_until_or(
+            Duration::from_secs(10),
+            || {
+                let suspended = screen.text();
+                suspended[at..].contains("\x1b[?25h") && suspended[at..].contains("\x1b[?1049l")
+            },
+            || format!("{mode}: screen modes undone: {:?}", &screen.text()[at..]),
         );
         wait_until(
             Duration::from_secs(60),
             &format!("{mode}: the agent frozen"),
             || frozen(name) == Some(true),
         );
-        let at = suspended.len();
+        let at = screen.text().len();
 
         // `fg`: continued, raw again, the agent thawed and redrawn.
         // SAFETY: kill with our child's pid.
@@ -273,7 +343,10 @@ fn terminal_ctrl_z_without_job_control_reaches_the_agent() {
     let (ws, _p, profile) = tui_workspace("tty-nojobs");
     let pty = openpty(30, 100);
     let screen = Screen::start(&pty.master);
-    let mut child = spawn_on(&pty, false, &[], ws.path(), &profile);
+    let mut child = OnTerminal {
+        child: spawn_on(&pty, false, &[], ws.path(), &profile),
+        agent: "tty-nojobs",
+    };
     let at = screen.wait_for("TUI 100x30", 0);
     type_keys(&pty.master, &[0x1a]);
     let at = screen.wait_for("key \u{1a}", at);
