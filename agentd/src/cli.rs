@@ -162,9 +162,10 @@ agentd events --json | jq 'select(.verdict == \"deny\")'")]
     /// compiled profile, answers held calls and has the kill switch.
     ///
     /// The token acts as you (your uid and groups as the daemon saw them now): everything
-    /// done through the page is checked and audited as the same command would be. It is
-    /// valid for 12 hours, or until the daemon stops; each call makes a new one. Keep it
-    /// secret: whoever has it may do what you may. See docs/ui.md.
+    /// done through the page is checked and audited as the same command would be. It opens
+    /// one session, in the first browser that uses it, lasting 12 hours from now or until
+    /// the daemon stops; each call makes a new one. Keep it and the session's cookie
+    /// secret: whoever has them may do what you may. See docs/ui.md.
     #[command(after_help = "Examples:\n  \
 agentd ui-url                          the URL, on stdout\n  \
 agentd ui-url --json                   {url, uid, expires, valid_s}\n\n\

@@ -137,6 +137,40 @@ pub enum Verdict {
     None,
 }
 
+impl Kind {
+    /// The kind as in the JSON (`net_connect`, `file_write`, ...).
+    pub fn name(self) -> String {
+        wire_name(self)
+    }
+}
+
+impl Verdict {
+    /// The verdict as in the JSON: `allow`, `deny`, `killed` or `none`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::Killed => "killed",
+            Verdict::None => "none",
+        }
+    }
+}
+
+impl Layer {
+    /// The layer as in the JSON (`landlock`, `bpf-lsm`, ...).
+    pub fn name(self) -> String {
+        wire_name(self)
+    }
+}
+
+/// The name a unit variant has in the JSON form.
+fn wire_name(v: impl Serialize) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Layer {
@@ -223,10 +257,7 @@ impl Event {
 
     /// The kind as in the JSON (`net_connect`, `file_write`, ...).
     pub fn kind_name(&self) -> String {
-        serde_json::to_value(self.kind)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default()
+        self.kind.name()
     }
 
     /// Whether a person watching should see it: a refusal, a kill or a breaker trip.
@@ -310,10 +341,7 @@ impl Event {
 
     /// The layer's name, as in the JSON form (`landlock`, `bpf`, ...).
     pub fn layer_name(&self) -> String {
-        serde_json::to_value(self.layer)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default()
+        self.layer.name()
     }
 }
 
@@ -327,11 +355,22 @@ pub fn rfc3339_now() -> String {
 
 /// Unix seconds + nanoseconds as `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`.
 pub fn rfc3339(secs: u64, nanos: u32) -> String {
+    format!("{}.{nanos:09}Z", date_time(secs))
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`: a time shown to people (an expiry), to the
+/// second.
+pub fn rfc3339_secs(secs: u64) -> String {
+    format!("{}Z", date_time(secs))
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SS` (UTC).
+fn date_time(secs: u64) -> String {
     let days = secs / 86_400;
     let rem = secs % 86_400;
     let (y, m, d) = civil_from_days(days);
     format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
         rem / 3600,
         (rem % 3600) / 60,
         rem % 60
@@ -362,6 +401,7 @@ mod tests {
         assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000000000Z");
         assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.000000005Z");
         assert_eq!(rfc3339(1_795_478_399, 0), "2026-11-23T23:59:59.000000000Z");
+        assert_eq!(rfc3339_secs(1_795_478_399), "2026-11-23T23:59:59Z");
     }
 
     #[test]
@@ -387,6 +427,20 @@ mod tests {
         .unwrap();
         assert_eq!(v["kind"], "syscall");
         assert_eq!(v["layer"], "seccomp");
+    }
+
+    #[test]
+    fn names_are_the_json_ones() {
+        for v in [
+            Verdict::Allow,
+            Verdict::Deny,
+            Verdict::Killed,
+            Verdict::None,
+        ] {
+            assert_eq!(serde_json::to_value(v).unwrap(), v.name(), "{v:?}");
+        }
+        assert_eq!(Kind::Connect.name(), "net_connect");
+        assert_eq!(Layer::BpfLsm.name(), "bpf-lsm");
     }
 
     #[test]

@@ -586,6 +586,11 @@ impl Daemon {
         Daemon::start_with("agentd-test-no-such-group", args)
     }
 
+    /// A daemon whose `--group` is `group`, started with more arguments.
+    pub fn start_with_group_and_args(group: &str, args: &[&str]) -> Daemon {
+        Daemon::start_with(group, args)
+    }
+
     fn start_with(group: &str, args: &[&str]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("agentd-daemon-test-")

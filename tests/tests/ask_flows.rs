@@ -532,3 +532,82 @@ fn the_agents_terminal_prompts_in_both_modes() {
         assert_eq!(l.count() - before, 1, "{mode}");
     }
 }
+
+/// The agent's process that connects exits (its parent reaps it) before its connection,
+/// which the parent shares, sends a request; the parent waits for `go` in the workspace
+/// and prints the reply. `peer` in the workspace: the pid of the process that connected.
+const LEAVES_ITS_PID: &str = r#"
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+child = os.fork()
+if child == 0:
+    s.connect(sys.argv[1])
+    os._exit(0)
+os.waitpid(child, 0)
+with open("peer.tmp", "w") as f:
+    f.write(str(child))
+os.rename("peer.tmp", "peer")
+while not os.path.exists("go"):
+    time.sleep(0.02)
+s.sendall(b'{"op":"grants"}\n')
+print(s.makefile().readline(), end="")
+"#;
+
+/// A process outside any agent given pid `pid` (the next pid the kernel hands out is set
+/// through /proc/sys/kernel/ns_last_pid; another process may take it first: retried).
+fn take_pid(pid: u32) -> std::process::Child {
+    for _ in 0..200 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+        let mut child = Command::new("/bin/sleep").arg("60").spawn().unwrap();
+        if child.id() == pid {
+            return child;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    panic!("could not get pid {pid} for a process outside the agent");
+}
+
+/// An agent's process connects, leaves the connection to another process of the agent and
+/// exits; its pid goes to a process outside any agent; then the request comes. The daemon
+/// must judge the process that connected (gone: inside an agent), not the pid's new owner.
+#[test]
+fn a_request_from_a_peer_whose_pid_went_to_a_process_outside_the_agent_is_refused() {
+    if !require_root() {
+        return;
+    }
+    // The daemon's group is the agent's (nobody's group): its uid alone would let it in.
+    let d = Daemon::start_with_group("nogroup");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let ws = agent_dir(true);
+    let socket = d.socket();
+    let text = agentd_tests::test_profile("peer-pid", "invoker", agentd_tests::DEFAULT_LIMITS, "")
+        .replace(
+            "bind = []",
+            &format!("bind = []\nunix = [\"{}\"]", socket.display()),
+        );
+    let (_p, profile) = profile_file(&text);
+    let args: Vec<String> = [socket.display().to_string()].into();
+    let child = run_in_daemon(&d, &profile, ws.path(), LEAVES_ITS_PID, &args);
+    let peer = ws.path().join("peer");
+    agentd_tests::wait_until(Duration::from_secs(30), "the agent's connection", || {
+        peer.exists()
+    });
+    let pid: u32 = std::fs::read_to_string(&peer).unwrap().parse().unwrap();
+    let mut outside = take_pid(pid);
+    std::fs::write(ws.path().join("go"), "").unwrap();
+    let (code, out, err) = finish(child);
+    outside.kill().unwrap();
+    outside.wait().unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let refused = format!(
+        "permission denied: the caller (pid {pid}) is a process of agent unknown (the process that connected has exited)"
+    );
+    assert!(
+        out.contains(&refused),
+        "the daemon judged the pid's new owner: {out}{err}"
+    );
+}

@@ -389,8 +389,26 @@ fn daemon_kill_9_and_restart_leave_no_agent_unwatched() {
 }
 
 /// A user who is neither root nor in the daemon's group is refused, and told why.
+/// Connects to `socket` (the connecting process exits and is reaped first when `leave`:
+/// it connects in a child, on a socket it shares with its parent), then sends `request`;
+/// returns the reply line.
+const PEER: &str = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+if sys.argv[2] == "leave":
+    pid = os.fork()
+    if pid == 0:
+        s.connect(sys.argv[1])
+        os._exit(0)
+    os.waitpid(pid, 0)
+else:
+    s.connect(sys.argv[1])
+s.sendall(sys.argv[3].encode() + b"\n")
+print(s.makefile().readline(), end="")
+"#;
+
 #[test]
-fn daemon_refuses_a_user_outside_its_group() {
+fn daemon_refuses_a_user_outside_its_group_and_a_peer_gone_before_its_request() {
     if !require_root() {
         return;
     }
@@ -407,6 +425,29 @@ fn daemon_refuses_a_user_outside_its_group() {
     assert!(
         err.contains("permission denied: uid 65534 is neither root nor in"),
         "{err}"
+    );
+
+    // A peer whose process left its connection to another and exited before the request:
+    // its pid may be anyone's by then, so it counts as inside an agent (root or not).
+    let peer = |how: &str| {
+        let out = Command::new("/usr/bin/python3")
+            .args(["-c", PEER])
+            .arg(d.socket())
+            .args([how, r#"{"op":"grants"}"#])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let reply = peer("stay");
+    assert!(
+        reply.contains("grants") && !reply.contains("permission denied"),
+        "{reply}"
+    );
+    let reply = peer("leave");
+    assert!(
+        reply.contains("is a process of agent unknown (the process that connected has exited)"),
+        "{reply}"
     );
 }
 

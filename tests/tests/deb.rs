@@ -1,7 +1,10 @@
 //! The Debian package (`cargo xtask deb`, docs/packaging.md) on this host: installed with
-//! dpkg, its program, manuals and completions used from where they were installed, then
-//! purged, which must leave the host as it was. The package is $AGENTD_DEB (`cargo xtask
-//! test` builds one of the debug build and sets it). Host only (xtask/src/vm.rs).
+//! dpkg, its program, manuals and completions used from where they were installed; its
+//! daemon, started by hand as the unit starts it, stopped by the installed prerm run as
+//! under systemd (SIGINT: nothing left behind); a daemon that handed its agent over
+//! (SIGTERM) cleaned up by the purge, which must leave the host as it was. The package is
+//! $AGENTD_DEB (`cargo xtask test` builds one of the debug build and sets it). Host only
+//! (xtask/src/vm.rs).
 //!
 //! It refuses to run where it would touch the operator's own agentd: an installed (or
 //! removed, not purged) agentd package, a file the package ships already there, an agentd
@@ -13,14 +16,18 @@
 use std::{
     collections::BTreeMap,
     fs,
-    os::unix::net::UnixStream,
+    os::unix::{fs::MetadataExt as _, net::UnixStream},
     path::{Path, PathBuf},
-    process::{Command, Output},
-    time::Instant,
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    time::{Duration, Instant},
 };
 
-use agentd_tests::{repo_root, require, require_root, stderr, stdout};
+use agentd_tests::{
+    DEFAULT_LIMITS, agent_dir, assert_no_cgroup, process_gone, profile_file, repo_root, require,
+    require_root, stderr, stdout, test_profile, wait_until,
+};
 use serde_json::Value;
+use sha2::Digest as _;
 
 const PACKAGE: &str = "agentd";
 /// What the daemon creates (the unit's StateDirectory, RuntimeDirectory and LogsDirectory,
@@ -36,6 +43,39 @@ const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 /// Where deb-systemd-helper (init-system-helpers) keeps the unit's enable links, for the
 /// purge to remove them.
 const DSH_STATE: &str = "/var/lib/systemd/deb-systemd-helper-enabled/agentd.service.dsh-also";
+/// The unit's daemon (dist/agentd.service), started by hand on the same paths: its pins
+/// are where the purge looks for them.
+const DAEMON_ARGS: [&str; 9] = [
+    "daemon",
+    "--socket",
+    "/run/agentd/agentd.sock",
+    "--state-dir",
+    "/var/lib/agentd",
+    "--audit-log",
+    "/var/log/agentd/audit.log",
+    "--group",
+    "agentd",
+];
+const SOCKET: &str = "/run/agentd/agentd.sock";
+/// Where every daemon pins its kernel watch, one directory per state directory.
+const PIN_ROOT: &str = "/sys/fs/bpf/agentd";
+/// Stand-ins for systemd's tools in the prerm's test: `agentd.service` is the process
+/// $DAEMON_PID; every call is appended to $CALLS.
+const FAKE_SYSTEMCTL: &str = r#"#!/bin/sh
+state=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$DAEMON_PID/status" 2>/dev/null)
+echo "systemctl $*" >>"$CALLS"
+case "$*" in
+"--quiet is-active agentd.service") [ -n "$state" ] && [ "$state" != Z ] ;;
+"kill --kill-whom=main --signal=INT agentd.service") kill -INT "$DAEMON_PID" ;;
+*) exit 1 ;;
+esac
+"#;
+const FAKE_INVOKE: &str = r#"#!/bin/sh
+state=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$DAEMON_PID/status" 2>/dev/null)
+running=no
+[ -n "$state" ] && [ "$state" != Z ] && running=yes
+echo "deb-systemd-invoke $* (daemon running: $running)" >>"$CALLS"
+"#;
 
 fn run(program: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
     Command::new(program)
@@ -202,6 +242,214 @@ impl Drop for Host {
     }
 }
 
+/// The package's daemon's pin directory (`pin_dir` in agentd/src/daemon/mod.rs).
+fn package_pins() -> PathBuf {
+    let digest = sha2::Sha256::digest(b"/var/lib/agentd");
+    let tag: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    Path::new(PIN_ROOT).join(tag)
+}
+
+/// The installed daemon, started by hand as the unit would start it; SIGINT (no handover)
+/// on drop if it still runs.
+struct PackagedDaemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl PackagedDaemon {
+    fn start(dir: &Path, name: &str, grace_s: u32) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let out = fs::File::create(&log).unwrap();
+        let mut cmd = Command::new("/usr/bin/agentd");
+        // Its own session, as systemd starts it.
+        // SAFETY: setsid is async-signal-safe and takes no arguments.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = cmd
+            .args(DAEMON_ARGS)
+            .args(["--handover-grace", &grace_s.to_string()])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let mut d = PackagedDaemon { child, log };
+        let started = Instant::now();
+        loop {
+            if let Some(st) = d.child.try_wait().unwrap() {
+                panic!("the packaged daemon exited: {st}\n{}", d.log());
+            }
+            if UnixStream::connect(SOCKET).is_ok()
+                && run("/usr/bin/agentd", &["ps"], &[]).status.success()
+            {
+                return d;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the packaged daemon did not answer\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill has no memory arguments; the pid is our child's, not yet reaped.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// Waits for it to exit (it was told to).
+    fn exited(&mut self) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the packaged daemon did not stop\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for PackagedDaemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.signal(libc::SIGINT);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `agentd run` of the installed program (as nobody, through the package's daemon), with
+/// an agent that sleeps; killed (SIGKILL), with the supervisor it names, on drop.
+struct Agent {
+    client: Child,
+    supervisor: Option<u32>,
+}
+
+impl Agent {
+    fn launch(profile: &Path, ws: &Path) -> Self {
+        let client = Command::new("/usr/bin/agentd")
+            .arg("run")
+            .arg("--profile")
+            .arg(profile)
+            .arg("--workspace")
+            .arg(ws)
+            .args(["--", "/bin/sleep", "600"])
+            .env("SUDO_UID", "65534")
+            .env("SUDO_GID", "65534")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Agent {
+            client,
+            supervisor: None,
+        }
+    }
+
+    /// Its row in `agentd ps`, once it runs.
+    fn running(&mut self, profile: &str) -> Value {
+        let mut found = None;
+        wait_until(Duration::from_secs(60), "the agent running", || {
+            assert!(
+                self.client.try_wait().unwrap().is_none(),
+                "agentd run exited early"
+            );
+            let ps = ok("/usr/bin/agentd", &["ps", "--json"], &[]);
+            let rows: Vec<Value> = serde_json::from_str(&ps).unwrap();
+            found = rows
+                .into_iter()
+                .find(|r| r["profile"] == profile && r["state"] == "running");
+            found.is_some()
+        });
+        found.unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(pid) = self.supervisor
+            && !process_gone(pid)
+        {
+            // SAFETY: kill has no memory arguments; the supervisor our daemon started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let _ = self.client.kill();
+        let _ = self.client.wait();
+    }
+}
+
+/// Runs the installed prerm with `action` as if systemd ran `daemon` as agentd.service:
+/// in a mount namespace of its own, /run/systemd/system exists, policy-rc.d exits
+/// `policy`, and systemctl and deb-systemd-invoke are stand-ins that act on `daemon`.
+/// Returns the calls they got.
+fn prerm_under_systemd(action: &str, policy: u8, daemon: &PackagedDaemon, dir: &Path) -> String {
+    let bin = dir.join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    let policy_rc_d = dir.join("policy-rc.d");
+    let calls = dir.join("calls");
+    let _ = fs::remove_file(&calls);
+    for (path, text) in [
+        (bin.join("systemctl"), FAKE_SYSTEMCTL.to_owned()),
+        (bin.join("deb-systemd-invoke"), FAKE_INVOKE.to_owned()),
+        (
+            policy_rc_d.clone(),
+            format!("#!/bin/sh\necho \"policy-rc.d $*\" >>\"$CALLS\"\nexit {policy}\n"),
+        ),
+    ] {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::write(&path, text).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let pid = daemon.pid().to_string();
+    ok(
+        "unshare",
+        &[
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-ec",
+            "mount -t tmpfs agentd-deb-test /run\n\
+             mkdir -p /run/systemd/system\n\
+             mount --bind \"$1\" /usr/sbin/policy-rc.d\n\
+             exec /var/lib/dpkg/info/agentd.prerm \"$2\"",
+            "sh",
+            &policy_rc_d.display().to_string(),
+            action,
+        ],
+        &[
+            ("PATH", &path),
+            ("CALLS", &calls.display().to_string()),
+            ("DAEMON_PID", &pid),
+        ],
+    );
+    fs::read_to_string(&calls).unwrap_or_default()
+}
+
 /// Purges the package when dropped, also after a failed assertion.
 struct Installed;
 
@@ -270,10 +518,23 @@ fn the_deb_installs_works_and_purges_without_a_trace() {
         "an agentd.service of the operator's is in /etc/systemd/system"
     );
     assert!(
-        UnixStream::connect("/run/agentd/agentd.sock").is_err(),
-        "a daemon serves /run/agentd/agentd.sock: the purge would delete its runtime \
-         directory; stop it first"
+        UnixStream::connect(SOCKET).is_err(),
+        "a daemon serves {SOCKET}: the purge would delete its runtime directory; stop it \
+         first"
     );
+    let pins = package_pins();
+    assert!(
+        !exists(&pins),
+        "{} exists: a daemon on /var/lib/agentd pinned its kernel watch there, and the \
+         purge would remove it",
+        pins.display()
+    );
+    if !require(
+        Path::new("/usr/bin/unshare").exists(),
+        "unshare (util-linux), to run the prerm as under systemd",
+    ) {
+        return;
+    }
 
     // The control fields CI and apt rely on.
     let field = |name: &str| {
@@ -441,6 +702,90 @@ fn the_deb_installs_works_and_purges_without_a_trace() {
     args.extend(paths.iter().map(String::as_str));
     ok("/usr/bin/agentd", &args, &[]);
 
+    // The daemon as the unit runs it, started by hand (PID 1 here is not systemd), with an
+    // agent; the prerm's `remove` run as under systemd, with stand-ins for systemctl.
+    let scratch = agent_dir(false);
+    let (_p, profile) = profile_file(&test_profile("deb-remove", "invoker", DEFAULT_LIMITS, ""));
+    let ws = agent_dir(true);
+    let mut daemon = PackagedDaemon::start(scratch.path(), "remove", 60);
+    let mut agent = Agent::launch(&profile, ws.path());
+    let row = agent.running("deb-remove");
+    let agent_pid = row["pid"].as_u64().unwrap() as u32;
+    let started = Instant::now();
+    // policy-rc.d forbids it: nothing is signalled or stopped.
+    let calls = prerm_under_systemd("remove", 101, &daemon, scratch.path());
+    assert_eq!(calls, "policy-rc.d agentd.service stop\n");
+    // An upgrade leaves the daemon running (the new postinst restarts it: a handover).
+    let calls = prerm_under_systemd("upgrade", 0, &daemon, scratch.path());
+    assert_eq!(calls, "");
+    assert!(daemon.child.try_wait().unwrap().is_none());
+    assert!(!process_gone(agent_pid));
+    // A removal: SIGINT, waited for, then `stop`.
+    let calls = prerm_under_systemd("remove", 0, &daemon, scratch.path());
+    let lines: Vec<&str> = calls.lines().collect();
+    assert_eq!(
+        lines[..3],
+        [
+            "policy-rc.d agentd.service stop",
+            "systemctl --quiet is-active agentd.service",
+            "systemctl kill --kill-whom=main --signal=INT agentd.service",
+        ],
+        "{calls}"
+    );
+    assert_eq!(
+        lines.last(),
+        Some(&"deb-systemd-invoke stop agentd.service (daemon running: no)"),
+        "{calls}"
+    );
+    let status = daemon.exited();
+    eprintln!(
+        "prerm remove stopped the daemon in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(status.success(), "{status}\n{}", daemon.log());
+    // SIGINT: the agent is killed, nothing is handed over, nothing stays pinned.
+    wait_until(Duration::from_secs(10), "the agent killed", || {
+        process_gone(agent_pid)
+    });
+    assert!(
+        !exists(Path::new("/var/lib/agentd/handover.json")),
+        "{}",
+        daemon.log()
+    );
+    assert!(!exists(&pins), "{} stays\n{}", pins.display(), daemon.log());
+    drop(agent);
+    drop(daemon);
+
+    // A daemon that stopped with SIGTERM (`systemctl stop`, or the prerm before it used
+    // SIGINT) with an agent running: it hands the agent over to a successor that never
+    // comes, its kernel watch pinned and attached. The purge removes that, killing the
+    // agent first.
+    let (_p, profile) = profile_file(&test_profile("deb-purge", "invoker", DEFAULT_LIMITS, ""));
+    let mut daemon = PackagedDaemon::start(scratch.path(), "purge", 60);
+    let mut agent = Agent::launch(&profile, ws.path());
+    let row = agent.running("deb-purge");
+    let agent_pid = row["pid"].as_u64().unwrap() as u32;
+    let cgroup = PathBuf::from(row["cgroup"].as_str().unwrap());
+    let cgroup_id = fs::metadata(&cgroup).unwrap().ino();
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.exited().success(), "{}", daemon.log());
+    let handover: Value =
+        serde_json::from_str(&fs::read_to_string("/var/lib/agentd/handover.json").unwrap())
+            .unwrap();
+    agent.supervisor = handover["agents"][0]["supervisor_pid"]
+        .as_u64()
+        .map(|p| p as u32);
+    assert!(
+        fs::read_dir(pins.join("watch-links")).unwrap().count() > 0,
+        "{}",
+        daemon.log()
+    );
+    assert!(exists(&pins.join(cgroup_id.to_string())));
+    assert!(
+        !process_gone(agent_pid),
+        "the handed-over agent is not running"
+    );
+
     // What a daemon would have left: the purge removes it.
     let listed = ok("dpkg", &["-L", PACKAGE], &[]);
     for file in DAEMON_FILES {
@@ -450,8 +795,28 @@ fn the_deb_installs_works_and_purges_without_a_trace() {
     }
 
     let started = Instant::now();
-    ok("dpkg", &["--purge", PACKAGE], &[]);
+    let out = run("dpkg", &["--purge", PACKAGE], &[]);
     eprintln!("purged in {:.1}s", started.elapsed().as_secs_f64());
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(out.status.success(), "dpkg --purge failed: {said}");
+    eprint!("{said}");
+
+    // The handed-over agent killed, its cgroup removed, the watch unpinned.
+    assert!(
+        said.contains("agentd postrm: killing agent deb-purge-"),
+        "{said}"
+    );
+    assert!(
+        said.contains("agentd postrm: removed the kernel watch"),
+        "{said}"
+    );
+    wait_until(Duration::from_secs(5), "the agent killed", || {
+        process_gone(agent_pid)
+    });
+    assert_no_cgroup(row["id"].as_str().unwrap());
+    assert!(!exists(&pins), "the purge left {}", pins.display());
+    drop(agent);
+    drop(daemon);
 
     assert!(not_installed(), "{:?}", package_status());
     for path in listed.lines().map(|l| if l == "/." { "/" } else { l }) {

@@ -39,19 +39,25 @@ fn stop(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// The file the writer tries to create: a name an attacker would pick, with a newline
+/// (a forged line in a log file), a terminal escape, a right-to-left override, and what
+/// RFC 5424 escapes.
+const HOSTILE_NAME: &str = "agentd-export-test\n\x1b[31m\u{202e}\"]x";
+/// How the syslog records and the OTLP body write it.
+const HOSTILE_ESCAPED: &str = "agentd-export-test\\u{a}\\u{1b}[31m\\u{202e}\"]x";
+
 /// A profile whose agent writes outside its workspace a few times (refused by Landlock:
-/// the directory is writable by the agent's user, granted by no profile) and ends.
-fn writer(outside: &Path) -> (tempfile::TempDir, PathBuf, String) {
+/// the directory is writable by the agent's user, granted by no profile) and ends; the
+/// script writes to its first argument.
+fn writer() -> (tempfile::TempDir, PathBuf, String) {
     let (dir, profile) = profile_file(&test_profile(
         "export-writer",
         "invoker",
         DEFAULT_LIMITS,
         "[breaker]\ntrip_on = [\"canary\"]\n",
     ));
-    let script = format!(
-        "for i in 1 2 3; do echo x > {}/agentd-export-test 2>/dev/null; sleep 0.1; done; echo done",
-        outside.display()
-    );
+    let script =
+        "for i in 1 2 3; do echo x > \"$1\" 2>/dev/null; sleep 0.1; done; echo done".to_owned();
     (dir, profile, script)
 }
 
@@ -60,8 +66,13 @@ fn writer(outside: &Path) -> (tempfile::TempDir, PathBuf, String) {
 fn run_writer(d: &Daemon) -> String {
     let ws = agent_dir(true);
     let outside = agent_dir(true);
-    let (_p, profile, script) = writer(outside.path());
-    let child = d.run(&profile, ws.path(), &["/bin/sh", "-c", &script]);
+    let (_p, profile, script) = writer();
+    let target = outside.path().join(HOSTILE_NAME);
+    let child = d.run(
+        &profile,
+        ws.path(),
+        &["/bin/sh", "-c", &script, "sh", target.to_str().unwrap()],
+    );
     let (code, out, err) = finish(child);
     assert_eq!(code, 0, "agentd run: {out}{err}\n{}", d.log());
     assert!(out.contains("done"), "{out}{err}");
@@ -252,12 +263,16 @@ fn rsyslog_receives_denials_as_structured_records() {
     assert_eq!(sd["kind"], "file_write", "{r:#}");
     assert_eq!(sd["verdict"], "deny", "{r:#}");
     assert_eq!(sd["layer"], "landlock", "{r:#}");
+    // What the agent chose arrives escaped: one line, nothing for a terminal.
     assert!(
         sd["path"]
             .as_str()
-            .is_some_and(|p| p.ends_with("/agentd-export-test")),
+            .is_some_and(|p| p.ends_with(&format!("/{HOSTILE_ESCAPED}"))),
         "{r:#}"
     );
+    let msg = r["msg"].as_str().unwrap();
+    assert!(msg.contains(&format!("/{HOSTILE_ESCAPED}  sh[")), "{r:#}");
+    assert!(!msg.contains(['\n', '\x1b', '\u{202e}']), "{r:#}");
     assert!(
         sd["pid"].as_str().unwrap().parse::<u32>().unwrap() > 0,
         "{r:#}"
@@ -515,12 +530,16 @@ fn otlp_export_decodes_with_the_official_definitions_and_is_retried() {
     eprintln!("the receiver decoded: {r}");
     assert_eq!(attr(&r, "agentd.verdict")["stringValue"], "deny", "{r:#}");
     assert_eq!(attr(&r, "agentd.layer")["stringValue"], "landlock", "{r:#}");
+    // The attribute has the exact path; the body, the escaped line.
     assert!(
         attr(&r, "agentd.path")["stringValue"]
             .as_str()
-            .is_some_and(|p| p.ends_with("/agentd-export-test")),
+            .is_some_and(|p| p.ends_with(&format!("/{HOSTILE_NAME}"))),
         "{r:#}"
     );
+    let body = r["body"]["stringValue"].as_str().unwrap();
+    assert!(body.contains(&format!("/{HOSTILE_ESCAPED}  sh[")), "{r:#}");
+    assert!(!body.contains(['\n', '\x1b', '\u{202e}']), "{r:#}");
     let pid: u32 = attr(&r, "agentd.pid")["intValue"]
         .as_str()
         .unwrap()
@@ -579,8 +598,7 @@ fn otlp_export_decodes_with_the_official_definitions_and_is_retried() {
 /// What the daemon's `--metrics` serves now.
 fn metrics_text(port: u16) -> String {
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    c.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .unwrap();
+    write!(c, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").unwrap();
     let mut text = String::new();
     c.read_to_string(&mut text).unwrap();
     text
@@ -613,7 +631,7 @@ fn a_collector_that_never_answers_does_not_slow_the_daemon() {
     let mut d = Daemon::start_with_args(&["--otlp", &rx.url(), "--metrics", &metrics.to_string()]);
     let ws = agent_dir(true);
     let outside = agent_dir(true);
-    let (_p, profile, _) = writer(outside.path());
+    let (_p, profile, _) = writer();
     // Distinct paths: identical refusals would be folded into one event. In bursts of
     // 1000, which the kernel's ring buffer holds: more at once would be lost (counted).
     let script = format!(

@@ -34,12 +34,16 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// One HTTP/1.0 GET of `path` on `stream` (the server closes after the response):
-/// (status, headers, body).
-fn get(mut stream: impl std::io::Read + std::io::Write, path: &str) -> (u16, String, String) {
+/// One HTTP/1.0 GET of `path` for `host` on `stream` (the server closes after the
+/// response): (status, headers, body).
+fn get(
+    mut stream: impl std::io::Read + std::io::Write,
+    host: &str,
+    path: &str,
+) -> (u16, String, String) {
     write!(
         stream,
-        "GET {path} HTTP/1.0\r\nHost: localhost\r\nAccept: */*\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: */*\r\n\r\n"
     )
     .unwrap();
     let mut raw = String::new();
@@ -53,10 +57,15 @@ fn get(mut stream: impl std::io::Read + std::io::Write, path: &str) -> (u16, Str
     (status, head.to_owned(), body.to_owned())
 }
 
+/// A GET on 127.0.0.1:`port`, for Host `127.0.0.1:PORT` as Prometheus sends it.
 fn get_tcp(port: u16, path: &str) -> Option<(u16, String, String)> {
+    get_tcp_for(port, &format!("127.0.0.1:{port}"), path)
+}
+
+fn get_tcp_for(port: u16, host: &str, path: &str) -> Option<(u16, String, String)> {
     let s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    Some(get(s, path))
+    Some(get(s, host, path))
 }
 
 /// Scrapes the daemon's /metrics on `port` until `pred` holds for the text, and returns
@@ -257,6 +266,21 @@ fn prometheus_scrapes_a_denial_and_promtool_finds_the_text_clean() {
     );
     // Other paths are not served.
     assert_eq!(get_tcp(port, "/").unwrap().0, 404);
+    // A page of another site whose name resolves here (DNS rebinding) sends its own name:
+    // refused. localhost is this host's.
+    for (host, status) in [
+        (format!("rebind.example:{port}"), 403),
+        ("127.0.0.1".to_owned(), 403),
+        (format!("127.0.0.2:{port}"), 403),
+        (String::new(), 403),
+        (format!("localhost:{port}"), 200),
+    ] {
+        let (got, head, body) = get_tcp_for(port, &host, "/metrics").unwrap();
+        assert_eq!(got, status, "Host `{host}`: {head}\n{body}");
+        if status == 403 {
+            assert!(!body.contains("agentd_"), "{body}");
+        }
+    }
 
     // `promtool check metrics` reads the text from stdin: silent and successful.
     let check = |text: &str| {
@@ -373,7 +397,12 @@ fn metrics_on_a_unix_socket_are_for_root_and_the_group() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(meta.uid(), 0);
 
-    let (status, head, body) = get(UnixStream::connect(&socket).unwrap(), "/metrics");
+    // No Host check on a unix socket: no browser reaches it.
+    let (status, head, body) = get(
+        UnixStream::connect(&socket).unwrap(),
+        "anything",
+        "/metrics",
+    );
     assert_eq!(status, 200, "{head}\n{body}\n{}", d.log());
     assert_eq!(
         sample(&body, "agentd_agents{state=\"running\"}"),

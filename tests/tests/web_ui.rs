@@ -6,7 +6,14 @@
 //! forged with another Host (DNS rebinding) or Origin (CSRF) are refused meanwhile. Then
 //! another agent's held calls, with only the page open to answer them: an unsigned
 //! approval is refused, one signed with `ssh-keygen -Y sign` over the text the page shows
-//! lets the call through, a denial refuses the next; both audited as "web view".
+//! lets the call through, a denial refuses the next; both audited as "web view", with
+//! the session's token fingerprint and address. A token opens one session, and a session
+//! is a cookie only (no bearer header).
+//!
+//! Without the browser: a process inside an agent, with the view's port open to it and a
+//! valid session, is refused everything (and `agentd ui-url`); a member of --group who
+//! is not root watches every agent, acts only as `agentd kill` would let them, and not
+//! at all once removed from the group.
 //!
 //! Screenshots go to `$AGENTD_ARTIFACTS/web-ui/` (default `target/ci-artifacts/web-ui/`).
 
@@ -21,8 +28,8 @@ use std::{
 };
 
 use agentd_tests::{
-    DEFAULT_LIMITS, Daemon, agent_dir, agentd_bin,
-    ask::{CONNECTS, Counted, EPERM, ask_profile, json_out},
+    DEFAULT_LIMITS, Daemon, TEST_USER, TestUser, agent_dir, agentd_bin,
+    ask::{CONNECTS, Counted, EPERM, Follower, ask_profile, json_out},
     finish, process_gone, profile_file, repo_root, require, require_root, still_running,
     test_profile, wait_until,
 };
@@ -168,8 +175,16 @@ impl Drop for Browser {
     }
 }
 
-/// One HTTP/1.1 request on loopback: (status, body).
-fn http(port: u16, request: &str) -> (u16, String) {
+/// What an HTTP request got back.
+struct Answer {
+    status: u16,
+    /// The status line and the headers.
+    head: String,
+    body: String,
+}
+
+/// One HTTP/1.1 request on loopback (it should say `Connection: close`).
+fn http(port: u16, request: &str) -> Answer {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(request.as_bytes()).unwrap();
@@ -180,8 +195,67 @@ fn http(port: u16, request: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, body.to_owned())
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    Answer {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+/// The token in a URL `agentd ui-url` printed.
+fn token_of(url: &str) -> String {
+    let (_, token) = url
+        .trim()
+        .split_once("/?token=")
+        .unwrap_or_else(|| panic!("a URL with a token: {url}"));
+    assert_eq!(token.len(), 64, "{url}");
+    token.to_owned()
+}
+
+/// `GET /?token=T` as a browser would: the session id of the cookie it sets.
+fn login(port: u16, token: &str) -> String {
+    let a = http(
+        port,
+        &format!(
+            "GET /?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(a.status, 303, "login: {}{}", a.head, a.body);
+    let cookie = a
+        .head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("set-cookie")
+                .then(|| value.trim())
+        })
+        .unwrap_or_else(|| panic!("no cookie: {}", a.head));
+    let (value, _) = cookie.split_once(';').unwrap();
+    let (name, session) = value.split_once('=').unwrap();
+    assert_eq!(name, format!("agentd_ui_{port}"));
+    assert_ne!(
+        session, token,
+        "the cookie carries a session, not the token"
+    );
+    assert_eq!(session.len(), 64, "{cookie}");
+    session.to_owned()
+}
+
+/// The audit log's fingerprint of a token: the first 8 hex digits of its SHA-256.
+fn fingerprint(token: &str) -> String {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(token.as_bytes());
+    d[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The `control` bodies of the audit log whose action is `action`.
+fn controls(log: &str, action: &str) -> Vec<Value> {
+    log.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["kind"] == "control" && r["control"]["action"] == action)
+        .map(|mut r| r["control"].take())
+        .collect()
 }
 
 #[test]
@@ -263,6 +337,20 @@ fn web_view_in_chromium_lists_streams_and_kills() {
         "{plain}"
     );
     assert_ne!(plain.trim(), url, "each call makes a new token");
+    // The test's own session (for the forged requests below); its token is spent.
+    let spent = token_of(&plain);
+    let session = login(port, &spent);
+    let again = http(
+        port,
+        &format!(
+            "GET /?token={spent} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(
+        again.status, 401,
+        "a token opens one session: {}",
+        again.body
+    );
 
     let shots = artifacts();
     std::fs::create_dir_all(&shots).unwrap();
@@ -323,58 +411,78 @@ fn web_view_in_chromium_lists_streams_and_kills() {
         "{denial}"
     );
 
-    // Forged requests, with the valid token: another site's name (DNS rebinding), another
-    // site's page (CSRF, with and without an Origin), no token at all. None kills.
+    // Forged requests, with a valid session: another site's name (DNS rebinding), another
+    // site's page (CSRF, with and without an Origin), no session at all, a session as a
+    // bearer header, a token as a cookie. None kills.
     let kill = format!("/api/agents/{id}/kill");
+    let cookie = format!("Cookie: agentd_ui_{port}={session}");
     for (what, req, want) in [
         (
             "another Host",
             format!(
-                "GET /api/agents HTTP/1.1\r\nHost: attacker.example:{port}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+                "GET /api/agents HTTP/1.1\r\nHost: attacker.example:{port}\r\n{cookie}\r\nConnection: close\r\n\r\n"
             ),
             403,
         ),
         (
             "a kill from another Origin",
             format!(
-                "POST {kill} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: http://attacker.example\r\nCookie: agentd_ui_{port}={token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                "POST {kill} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: http://attacker.example\r\n{cookie}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             ),
             403,
         ),
         (
             "a kill with the cookie and no Origin",
             format!(
-                "POST {kill} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nCookie: agentd_ui_{port}={token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                "POST {kill} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{cookie}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             ),
             403,
         ),
         (
-            "a kill without a token",
+            "a kill without a session",
             format!(
                 "POST {kill} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: {base}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             ),
             401,
         ),
         (
-            "the agents with a made-up token",
+            "the agents with a made-up session",
             format!(
-                "GET /api/agents HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+                "GET /api/agents HTTP/1.1\r\nHost: localhost:{port}\r\nCookie: agentd_ui_{port}={}\r\nConnection: close\r\n\r\n",
                 "a".repeat(64)
             ),
             401,
         ),
+        (
+            "a kill with the session as a bearer header",
+            format!(
+                "POST {kill} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: {base}\r\nAuthorization: Bearer {session}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+            401,
+        ),
+        (
+            "the agents with a spent token as the cookie",
+            format!(
+                "GET /api/agents HTTP/1.1\r\nHost: localhost:{port}\r\nCookie: agentd_ui_{port}={spent}\r\nConnection: close\r\n\r\n"
+            ),
+            401,
+        ),
     ] {
-        let (status, body) = http(port, &req);
-        assert_eq!(status, want, "{what}: {body}");
+        let a = http(port, &req);
+        assert_eq!(a.status, want, "{what}: {}", a.body);
     }
-    let (status, body) = http(
+    let a = http(
         port,
         &format!(
-            "GET /api/agents/{id} HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+            "GET /api/agents/{id} HTTP/1.1\r\nHost: localhost:{port}\r\n{cookie}\r\nConnection: close\r\n\r\n"
         ),
     );
-    assert_eq!(status, 200, "{body}");
-    assert!(body.contains("\"policy\"") && body.contains(&id), "{body}");
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(
+        a.body.contains("\"policy\"") && a.body.contains(&id),
+        "{}",
+        a.body
+    );
     still_running(&mut run, "the agent, after the forged requests");
     assert!(!process_gone(pid), "a forged request killed the agent");
     browser.tell("forged");
@@ -488,6 +596,38 @@ fn web_view_in_chromium_lists_streams_and_kills() {
     let c = &kill["control"];
     assert_eq!(c["by"]["uid"], 0, "{kill}");
     assert_eq!(c["detail"]["reason"], "web view kill by uid 0", "{kill}");
+    // The browser's session: its token's fingerprint, given out, spent, and named by
+    // what the session did, with the address it came from.
+    let browser_token = fingerprint(&token);
+    assert_eq!(
+        c["detail"]["web"]["token"],
+        browser_token.as_str(),
+        "{kill}"
+    );
+    let peer = c["detail"]["web"]["peer"].as_str().unwrap();
+    assert!(peer.starts_with("127.0.0.1:"), "{kill}");
+    let given = controls(&log, "ui_token");
+    assert_eq!(given.len(), 2, "{given:?}");
+    for (g, t) in given.iter().zip([&token, &spent]) {
+        assert_eq!(g["detail"]["token"], fingerprint(t).as_str(), "{g}");
+        assert_eq!(g["detail"]["uid"], 0, "{g}");
+        assert!(g["detail"]["groups"].is_array(), "{g}");
+        assert!(
+            g["detail"]["expires"].as_str().unwrap().ends_with('Z'),
+            "{g}"
+        );
+    }
+    let logins = controls(&log, "ui_login");
+    let logged: Vec<&Value> = logins.iter().map(|l| &l["detail"]["token"]).collect();
+    assert_eq!(logged.len(), 2, "{logins:?}");
+    assert!(
+        logged.contains(&&Value::from(browser_token.as_str())),
+        "{logins:?}"
+    );
+    assert!(
+        logged.contains(&&Value::from(fingerprint(&spent))),
+        "{logins:?}"
+    );
     let decisions: Vec<Value> = log
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
@@ -499,6 +639,8 @@ fn web_view_in_chromium_lists_streams_and_kills() {
     for c in &decisions {
         assert_eq!(c["detail"]["via"], "web view", "{c}");
         assert_eq!(c["by"]["uid"], 0, "{c}");
+        assert_eq!(c["detail"]["web"]["token"], browser_token.as_str(), "{c}");
+        assert!(c["detail"]["web"]["peer"].is_string(), "{c}");
     }
     assert_eq!(decisions[0]["action"], "approve");
     assert_eq!(
@@ -536,4 +678,320 @@ fn ui_url_tells_how_to_enable_the_view() {
         err.contains("serves no web view") && err.contains("--ui [ADDR:]PORT"),
         "{err}"
     );
+}
+
+/// Starts an agent that lives until killed (launched by root, running as nobody: as
+/// `Daemon::run` launches it); returns its client, id and first pid.
+fn long_lived_agent(d: &Daemon, profile: &Path, ws: &Path, name: &str) -> (Child, String, u32) {
+    let mut run = d.run(profile, ws, &["/bin/sleep", "120"]);
+    let mut row = Value::Null;
+    wait_until(Duration::from_secs(20), "the agent running", || {
+        still_running(&mut run, "the agent");
+        row = d
+            .ps()
+            .into_iter()
+            .find(|r| r["profile"] == name && r["state"] == "running")
+            .unwrap_or(Value::Null);
+        row["pid"].as_u64().is_some_and(|p| p > 0)
+    });
+    let id = row["id"].as_str().unwrap().to_owned();
+    let pid = row["pid"].as_u64().unwrap() as u32;
+    (run, id, pid)
+}
+
+/// A request with root's session cookie, from this test (no agent's process).
+fn with_session(port: u16, session: &str, method: &str, path: &str) -> Answer {
+    http(
+        port,
+        &format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: http://127.0.0.1:{port}\r\nCookie: agentd_ui_{port}={session}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    )
+}
+
+/// What a process inside an agent tries, with the view's port open to it and root's
+/// session and an unused token in hand (as a cookie could leak: browsers send it to every
+/// port of the host): the agents, the kill switch, an answer to its own held call, a
+/// login, and `agentd ui-url`. Prints what each got.
+const INSIDE: &str = r#"
+import http.client, json, socket, subprocess, sys, threading, time
+port, session, token, victim, held_port, agentd, sock = sys.argv[1:8]
+port, held_port = int(port), int(held_port)
+agent = [l for l in open("/proc/self/cgroup").read().split("/") if l.strip()][-1].strip()
+res = {"agent": agent}
+def held():
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", held_port)); res["connect"] = 0
+    except OSError as e:
+        res["connect"] = e.errno
+t = threading.Thread(target=held); t.start()
+time.sleep(1.0)
+def ask(method, path, body=None, cookie=True):
+    h = {"Host": f"127.0.0.1:{port}", "Origin": f"http://127.0.0.1:{port}",
+         "Content-Type": "application/json"}
+    if cookie:
+        h["Cookie"] = f"agentd_ui_{port}={session}"
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    c.request(method, path, body=body, headers=h)
+    r = c.getresponse()
+    return [r.status, r.read().decode()]
+res["agents"] = ask("GET", "/api/agents")
+res["kill"] = ask("POST", f"/api/agents/{victim}/kill", b"")
+allow = json.dumps({"answer": {"answer": "allow", "scope": "once"}}).encode()
+res["approve"] = ask("POST", f"/api/approvals/r-{agent}-1", allow)
+res["login"] = ask("GET", f"/?token={token}", cookie=False)
+out = subprocess.run([agentd, "ui-url", "--socket", sock], capture_output=True, text=True)
+res["ui_url"] = [out.returncode, out.stdout, out.stderr]
+t.join()
+print(json.dumps(res), flush=True)
+"#;
+
+/// An agent runs as its owner's uid and may reach the view's port: the view tells its
+/// connections apart by the cgroup their socket was made in (sock_diag), and refuses
+/// them all, whatever they carry; each refusal is an event of the agent's. `agentd
+/// ui-url` from inside it is refused too. Nothing it tried was spent or done.
+#[test]
+fn nothing_inside_an_agent_may_use_the_web_view() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !require_root() {
+        return;
+    }
+    let started = Instant::now();
+    let port = free_port();
+    // The daemon's group is the agents' (nobody's): their uid alone would let them in.
+    let mut d =
+        Daemon::start_with_group_and_args("nogroup", &["--ui", &format!("127.0.0.1:{port}")]);
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let follower = Follower::start(&d);
+    let (code, out, err) = d.client(&["ui-url"]);
+    assert_eq!(code, 0, "{err}");
+    let session = login(port, &token_of(&out));
+    let (code, out, err) = d.client(&["ui-url"]);
+    assert_eq!(code, 0, "{err}");
+    let unused = token_of(&out);
+
+    let ws = agent_dir(false);
+    let (_pv, victim_profile) = profile_file(&test_profile(
+        "web-ui-victim",
+        "invoker",
+        DEFAULT_LIMITS,
+        "",
+    ));
+    let (victim, victim_id, victim_pid) =
+        long_lived_agent(&d, &victim_profile, ws.path(), "web-ui-victim");
+
+    let l = Counted::on("127.0.0.1");
+    let agentd = std::fs::canonicalize(agentd_bin()).unwrap();
+    let agentd = agentd.to_str().unwrap();
+    let socket = d.socket();
+    let socket = socket.to_str().unwrap();
+    let text = ask_profile(
+        "web-ui-inside",
+        &format!("\"127.0.0.1/32:{}\"", l.port),
+        "",
+        "timeout = \"5s\"",
+        "trip_on = [\"canary\"]",
+    )
+    .replace(
+        "connect = []",
+        &format!("connect = [\"127.0.0.1/32:{port}\"]"),
+    )
+    .replace("bind = []", &format!("bind = []\nunix = [\"{socket}\"]"))
+    .replace("read = [\"", &format!("read = [\"{agentd}\", \""))
+    .replace("exec = [\"", &format!("exec = [\"{agentd}\", \""));
+    let (_pi, inside_profile) = profile_file(&text);
+    let args = [
+        port.to_string(),
+        session.clone(),
+        unused.clone(),
+        victim_id.clone(),
+        l.port.to_string(),
+        agentd.to_owned(),
+        socket.to_owned(),
+    ];
+    let mut cmd = vec!["/usr/bin/python3", "-c", INSIDE];
+    cmd.extend(args.iter().map(String::as_str));
+    let inside = d.run(&inside_profile, ws.path(), &cmd);
+    let held = follower.next(Duration::from_secs(30));
+    let (code, out, err) = finish(inside);
+    assert_eq!(code, 0, "the agent's script: {out}{err}");
+    let res = json_out(&out, &err);
+    let agent = res["agent"].as_str().unwrap();
+    assert_eq!(held["agent"], agent, "{held}");
+    for what in ["agents", "kill", "approve", "login"] {
+        let got = &res[what];
+        assert_eq!(got[0], 403, "{what} from inside an agent: {got}");
+        assert!(
+            got[1]
+                .as_str()
+                .unwrap()
+                .contains(&format!("inside agent {agent}")),
+            "{what}: {got}"
+        );
+    }
+    let ui_url = &res["ui_url"];
+    assert_ne!(ui_url[0], 0, "ui-url from inside an agent: {ui_url}");
+    assert_eq!(ui_url[1], "", "{ui_url}");
+    assert!(
+        ui_url[2]
+            .as_str()
+            .unwrap()
+            .contains("is a process of agent"),
+        "{ui_url}"
+    );
+    assert_eq!(
+        res["connect"], EPERM,
+        "its held call was not approved: {res}"
+    );
+    assert_eq!(l.count(), 0);
+    assert!(!process_gone(victim_pid), "the agent killed another");
+
+    // Each refusal is an event of the agent's; its attempt to answer is an approval
+    // denial, as through the control socket.
+    let events = d.events();
+    let mine: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["agent"] == agent && e["verdict"] == "deny")
+        .collect();
+    let reason = |e: &Value| e["detail"]["reason"].as_str().unwrap_or("").to_owned();
+    let connects = mine
+        .iter()
+        .filter(|e| e["kind"] == "net_connect" && reason(e).contains("used the web view"))
+        .count();
+    assert_eq!(connects, 3, "GET agents, POST kill, GET /?token: {mine:?}");
+    assert!(
+        mine.iter().any(|e| e["kind"] == "approval"
+            && e["detail"]["request"] == held["id"]
+            && reason(e).contains("through the web view")),
+        "{mine:?}"
+    );
+
+    // Nothing was spent: the token opens a session, root's session still works, here.
+    login(port, &unused);
+    let a = with_session(port, &session, "GET", "/api/agents");
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = with_session(
+        port,
+        &session,
+        "POST",
+        &format!("/api/agents/{victim_id}/kill"),
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    let (code, _, _) = finish(victim);
+    assert_eq!(code, 137, "the victim, killed from the host");
+    d.stop();
+    d.audit_verified();
+    eprintln!(
+        "agent refusal test: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// A group the test adds (groupadd) and removes on drop (groupdel).
+struct TempGroup(&'static str);
+
+impl TempGroup {
+    fn add(name: &'static str) -> TempGroup {
+        // A previous run's, if it failed before its cleanup.
+        let _ = Command::new("groupdel").arg(name).output();
+        let out = Command::new("groupadd")
+            .arg(name)
+            .output()
+            .expect("groupadd");
+        assert!(
+            out.status.success(),
+            "groupadd {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TempGroup(name)
+    }
+
+    /// `gpasswd -a|-d USER GROUP`.
+    fn member(&self, user: &str, add: bool) {
+        let out = Command::new("gpasswd")
+            .arg(if add { "-a" } else { "-d" })
+            .args([user, self.0])
+            .output()
+            .expect("gpasswd");
+        assert!(
+            out.status.success(),
+            "gpasswd {user} {}: {}",
+            self.0,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for TempGroup {
+    fn drop(&mut self) {
+        let _ = Command::new("groupdel").arg(self.0).output();
+    }
+}
+
+/// A member of --group who is not root: their token watches every agent, but kills only
+/// their own (another user's agent is refused, as `agentd kill` refuses it); removed from
+/// the group, they can act no more, before their session ends.
+#[test]
+fn a_group_member_watches_all_acts_on_their_own_and_loses_actions_with_the_group() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !require_root() {
+        return;
+    }
+    let user = TestUser::get();
+    let group = TempGroup::add("agentd-test-web");
+    group.member(TEST_USER, true);
+    let port = free_port();
+    let d = Daemon::start_with_group_and_args(group.0, &["--ui", &format!("127.0.0.1:{port}")]);
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ws = agent_dir(false);
+    let (_pv, profile) = profile_file(&test_profile(
+        "web-ui-others",
+        "invoker",
+        DEFAULT_LIMITS,
+        "",
+    ));
+    // root's agent (the launching peer's).
+    let (victim, id, pid) = long_lived_agent(&d, &profile, ws.path(), "web-ui-others");
+
+    // The member's own URL: `agentd ui-url` with their uid and groups.
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={}", user.uid))
+        .arg(format!("--regid={}", user.gid))
+        .arg("--init-groups")
+        .arg(agentd_bin())
+        .args(["ui-url", "--json", "--socket"])
+        .arg(d.socket())
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "ui-url as {TEST_USER}: {err}");
+    let given: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(given["uid"], user.uid, "{given}");
+    let session = login(port, &token_of(given["url"].as_str().unwrap()));
+
+    // Watching: every agent, theirs or not.
+    let me = with_session(port, &session, "GET", "/api/me");
+    assert_eq!(me.status, 200, "{}", me.body);
+    let me: Value = serde_json::from_str(&me.body).unwrap();
+    assert_eq!(me["uid"], user.uid, "{me}");
+    let listed = with_session(port, &session, "GET", "/api/agents");
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    assert!(listed.body.contains(&id), "{}", listed.body);
+    // Acting: not on another user's agent.
+    let kill = format!("/api/agents/{id}/kill");
+    let a = with_session(port, &session, "POST", &kill);
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert!(a.body.contains("belongs to uid 0;"), "{}", a.body);
+    // Out of the group: no action at all, with the same session.
+    group.member(TEST_USER, false);
+    let a = with_session(port, &session, "POST", &kill);
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert!(a.body.contains("no longer root or in group"), "{}", a.body);
+    assert!(!process_gone(pid), "the member killed another user's agent");
+
+    let (code, _, err) = d.client(&["kill", &id]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, _) = finish(victim);
+    assert_eq!(code, 137);
 }

@@ -183,6 +183,15 @@ impl Board {
         v
     }
 
+    /// How many requests wait for an answer (what `pending(None)` lists), without copying
+    /// them.
+    pub fn pending_count(&self) -> usize {
+        lock(&self.pending)
+            .values()
+            .filter(|p| p.request.is_some())
+            .count()
+    }
+
     /// A pending request and its agent's owner.
     pub fn request(&self, id: &str) -> Option<(Request, u32)> {
         lock(&self.pending)
@@ -927,6 +936,7 @@ fn agentd_decider(via: &str) -> Decider {
         uid: 0,
         pid: std::process::id(),
         via: via.to_owned(),
+        web: None,
     }
 }
 

@@ -195,6 +195,19 @@ pub struct Decider {
     pub pid: u32,
     /// How: "terminal", "agentd approve", "timeout", "no one to ask", "pending cap".
     pub via: String,
+    /// A decision made in the web view: its session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web: Option<WebSession>,
+}
+
+/// A web view session, as the audit log names it: the fingerprint of the token that
+/// opened it (its `ui_token` record's) and the address the request came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSession {
+    /// 8 hex digits: the start of the token's SHA-256.
+    pub token: String,
+    pub peer: String,
 }
 
 /// A signature over [`message`] (`ssh-keygen -Y sign -n agentd-approval`), as sent.

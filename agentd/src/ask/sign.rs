@@ -222,7 +222,7 @@ struct Time(u64);
 
 impl fmt::Display for Time {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&crate::event::rfc3339(self.0, 0).replace(".000000000Z", "Z"))
+        f.write_str(&crate::event::rfc3339_secs(self.0))
     }
 }
 

@@ -250,6 +250,12 @@ pub enum Action {
     /// A daemon took over an agent a previous one handed over (`detail`: the previous
     /// daemon's pid, the gap).
     Adopt,
+    /// `agentd ui-url` gave out a web view token (`detail`: `token`, the first 8 hex
+    /// digits of its SHA-256; the `uid`, `gid` and `groups` it acts for; `expires`).
+    UiToken,
+    /// A web view token was spent for a session (`detail`: `token`, `peer`, the client's
+    /// address, `expires`). What the session then does names it in `detail.web`.
+    UiLogin,
 }
 
 /// Who asked: the peer credentials of a control-socket client (`SO_PEERCRED`), or the

@@ -24,11 +24,11 @@ use tokio::{
     sync::broadcast,
 };
 
-use super::{Shared, agent_of, handle_event, lock, proto::Reply, send};
+use super::{Refusal, Shared, handle_event, lock, peer::Peer, proto::Reply, send};
 use crate::{
     ask::{
         self, Answer, Decider, Decision, Request,
-        engine::{AgentAsk, Board, Change, Front, Settled},
+        engine::{AgentAsk, Board, Change, DecideError, Front, Settled},
         maps::WatchMaps,
         sign::{self, AllowedSigners},
     },
@@ -40,12 +40,16 @@ use crate::{
 /// Default `--allowed-signers`.
 pub const DEFAULT_ALLOWED_SIGNERS: &str = "/etc/agentd/allowed_signers";
 
+/// `agentd approvals --follow` connections: each one's number, its peer, and the agent it
+/// follows (all when `None`).
+type Followers = std::sync::Mutex<Vec<(u64, Arc<Peer>, Option<String>)>>;
+
 /// What the daemon keeps for asking.
 #[derive(Debug)]
 pub(super) struct Asking {
     pub board: Arc<Board>,
     /// `agentd approvals --follow` connections now: who, and which agent they follow.
-    followers: std::sync::Mutex<Vec<(u64, Actor, Option<String>)>>,
+    followers: Followers,
     next_follower: AtomicUsize,
     /// `--approvers` and its gid when the group exists.
     pub approvers: Option<String>,
@@ -194,6 +198,9 @@ impl Front for DaemonFront {
             detail["principal"] = v.principal.clone().into();
             detail["fingerprint"] = v.fingerprint.clone().into();
         }
+        if let Some(w) = &s.by.web {
+            detail["web"] = serde_json::json!(w);
+        }
         let by = Actor {
             uid: s.by.uid,
             gid: 0,
@@ -269,16 +276,32 @@ pub(super) fn take_listener(
 /// Through what a person answers, and so how their groups are known.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Via<'a> {
-    /// `agentd approve`/`deny`, `agentd approvals`: the caller's groups are its process's.
-    Cli,
-    /// The web view, for its token's user: `groups` as they were when `agentd ui-url`
-    /// asked (the daemon itself is the process that acts).
-    Web { gid: u32, groups: &'a [u32] },
+    /// `agentd approve`/`deny`, `agentd approvals`: the peer of a control connection, its
+    /// groups as the kernel recorded them at connect, its cgroup read from its process
+    /// (confirmed to be the one that connected: peer.rs).
+    Cli(&'a Peer),
+    /// The web view, for its session's user (the actor's gid is their primary group):
+    /// `groups` as they were when `agentd ui-url` asked, or for an action as they are now
+    /// (the daemon itself is the process that acts; the session is named in the records).
+    Web {
+        groups: &'a [u32],
+        session: &'a crate::ask::WebSession,
+    },
 }
 
 /// Whether `who` may answer requests of an agent owned by `owner`; why not.
-fn may_answer(shared: &Shared, who: &Actor, owner: u32) -> Result<(), String> {
-    may_answer_via(shared, who, owner, Via::Cli)
+fn may_answer(shared: &Shared, who: &Peer, owner: u32) -> Result<(), String> {
+    may_answer_via(shared, &who.actor, owner, Via::Cli(who))
+}
+
+/// The agent whose process the caller through `via` is, if any (fails closed).
+fn caller_agent(via: Via<'_>) -> Option<String> {
+    match via {
+        Via::Cli(peer) => peer.agent(),
+        // The daemon's own process acts for the web view's user; the view refused every
+        // connection made inside an agent before (web/client.rs).
+        Via::Web { .. } => None,
+    }
 }
 
 /// [`may_answer`], for a caller that comes through `via`.
@@ -288,7 +311,7 @@ pub(super) fn may_answer_via(
     owner: u32,
     via: Via<'_>,
 ) -> Result<(), String> {
-    if let Some(agent) = agent_of(who.pid) {
+    if let Some(agent) = caller_agent(via) {
         return Err(format!(
             "permission denied: the caller (pid {}) is a process of agent {agent}: no process inside an agent may answer requests",
             who.pid
@@ -299,11 +322,8 @@ pub(super) fn may_answer_via(
     }
     if let Some(gid) = shared.asking.approvers_gid
         && match via {
-            Via::Cli => super::in_group(who, gid),
-            Via::Web {
-                gid: primary,
-                groups,
-            } => primary == gid || groups.contains(&gid),
+            Via::Cli(peer) => peer.in_group(gid),
+            Via::Web { groups, .. } => who.gid == gid || groups.contains(&gid),
         }
     {
         return Ok(());
@@ -320,8 +340,8 @@ pub(super) fn may_answer_via(
 
 /// An agent's process tried to answer: refused, and reported as that agent's `approval`
 /// denial (a breaker violation).
-fn self_approval_event(shared: &Shared, who: &Actor, request: &str) {
-    let Some(agent) = agent_of(who.pid) else {
+fn self_approval_event(shared: &Shared, who: &Actor, via: Via<'_>, request: &str) {
+    let Some(agent) = caller_agent(via) else {
         return;
     };
     let ev = Event::new(
@@ -345,12 +365,19 @@ fn self_approval_event(shared: &Shared, who: &Actor, request: &str) {
 /// `agentd approve` / `agentd deny`.
 pub(super) fn decide(
     shared: &Shared,
-    who: &Actor,
+    who: &Peer,
     request: &str,
     answer: Answer,
     signature: Option<String>,
 ) -> Reply {
-    decide_via(shared, who, request, answer, signature, Via::Cli)
+    super::reply_of(decide_via(
+        shared,
+        &who.actor,
+        request,
+        answer,
+        signature,
+        Via::Cli(who),
+    ))
 }
 
 /// [`decide`], for a caller that comes through `via` (the decision's `via` says which).
@@ -361,32 +388,32 @@ pub(super) fn decide_via(
     answer: Answer,
     signature: Option<String>,
     via: Via<'_>,
-) -> Reply {
+) -> Result<String, Refusal> {
     let Some((req, owner)) = shared.asking.board.request(request) else {
-        return Reply::Error(format!(
+        return Err(Refusal::NotFound(format!(
             "no pending request `{request}` (see `agentd approvals`; it may have been decided or expired)"
-        ));
+        )));
     };
     if let Err(e) = may_answer_via(shared, who, owner, via) {
-        self_approval_event(shared, who, request);
-        return Reply::Error(e);
+        self_approval_event(shared, who, via, request);
+        return Err(Refusal::Denied(e));
     }
     if let Answer::Allow {
         scope: ask::Scope::For(s),
     } = answer
         && (s == 0 || s > ask::Scope::MAX_FOR.as_secs())
     {
-        return Reply::Error(format!(
+        return Err(Refusal::Invalid(format!(
             "--for must be between 1 s and {} s (a standing permission belongs in the profile)",
             ask::Scope::MAX_FOR.as_secs()
-        ));
+        )));
     }
     let (signed, signature) = match signature {
         None => (None, None),
         Some(armored) => {
             let signers = match AllowedSigners::load(&shared.asking.allowed_signers) {
                 Ok(s) => s,
-                Err(e) => return Reply::Error(e.to_string()),
+                Err(e) => return Err(Refusal::Failed(e.to_string())),
             };
             let message = ask::message(&req, &answer);
             match sign::verify(
@@ -397,9 +424,9 @@ pub(super) fn decide_via(
             ) {
                 Ok(v) => (Some(v), Some(ask::Signature { armored })),
                 Err(e) => {
-                    return Reply::Error(format!(
+                    return Err(Refusal::Denied(format!(
                         "the signature does not verify: {e}; the decision is refused"
-                    ));
+                    )));
                 }
             }
         }
@@ -419,16 +446,23 @@ pub(super) fn decide_via(
             pid: who.pid,
             via: match (via, decision_answer_word) {
                 (Via::Web { .. }, _) => "web view".into(),
-                (Via::Cli, "allow") => "agentd approve".into(),
-                (Via::Cli, _) => "agentd deny".into(),
+                (Via::Cli(_), "allow") => "agentd approve".into(),
+                (Via::Cli(_), _) => "agentd deny".into(),
+            },
+            web: match via {
+                Via::Web { session, .. } => Some(session.clone()),
+                Via::Cli(_) => None,
             },
         },
         signed,
         signature,
     };
     match shared.asking.board.decide(request, decision) {
-        Ok(()) => Reply::Ok(line),
-        Err(e) => Reply::Error(e.to_string()),
+        Ok(()) => Ok(line),
+        Err(e @ (DecideError::Unknown(_) | DecideError::UnknownGrant(_))) => {
+            Err(Refusal::NotFound(e.to_string()))
+        }
+        Err(e @ DecideError::Unsigned(_)) => Err(Refusal::Denied(e.to_string())),
     }
 }
 
@@ -449,6 +483,7 @@ pub(super) fn terminal_answer(shared: &Shared, agent: &str, request: &str, answe
             uid,
             pid,
             via: "terminal".into(),
+            web: None,
         },
         signed: None,
         signature: None,
@@ -468,18 +503,18 @@ pub(super) fn terminal_answer(shared: &Shared, agent: &str, request: &str, answe
 /// `agentd approvals [--follow]`.
 pub(super) async fn approvals(
     shared: &Shared,
-    who: &Actor,
+    who: &Arc<Peer>,
     write: &mut OwnedWriteHalf,
     read: OwnedReadHalf,
     follow: bool,
     agent: Option<String>,
 ) -> anyhow::Result<()> {
-    if let Some(a) = agent_of(who.pid) {
+    if let Some(a) = who.agent() {
         send(
             write,
             &Reply::Error(format!(
                 "permission denied: the caller (pid {}) is a process of agent {a}: no process inside an agent may see or answer requests",
-                who.pid
+                who.actor.pid
             )),
         )
         .await?;
@@ -501,7 +536,7 @@ pub(super) async fn approvals(
         return Ok(());
     }
     let me = shared.asking.next_follower.fetch_add(1, Ordering::SeqCst) as u64;
-    lock(&shared.asking.followers).push((me, *who, agent.clone()));
+    lock(&shared.asking.followers).push((me, Arc::clone(who), agent.clone()));
     let _count = Follower(&shared.asking.followers, me);
     let mut gone = BufReader::new(read).lines();
     loop {
@@ -535,7 +570,7 @@ pub(super) async fn approvals(
 }
 
 /// A follower, listed while it lives.
-struct Follower<'a>(&'a std::sync::Mutex<Vec<(u64, Actor, Option<String>)>>, u64);
+struct Follower<'a>(&'a Followers, u64);
 
 impl Drop for Follower<'_> {
     fn drop(&mut self) {
@@ -544,11 +579,11 @@ impl Drop for Follower<'_> {
 }
 
 /// `agentd grants`.
-pub(super) fn grants(shared: &Shared, who: &Actor, agent: Option<&str>) -> Reply {
-    if let Some(a) = agent_of(who.pid) {
+pub(super) fn grants(shared: &Shared, who: &Peer, agent: Option<&str>) -> Reply {
+    if let Some(a) = who.agent() {
         return Reply::Error(format!(
             "permission denied: the caller (pid {}) is a process of agent {a}",
-            who.pid
+            who.actor.pid
         ));
     }
     Reply::Grants(
@@ -564,7 +599,7 @@ pub(super) fn grants(shared: &Shared, who: &Actor, agent: Option<&str>) -> Reply
 }
 
 /// `agentd revoke GRANT`.
-pub(super) fn revoke(shared: &Shared, who: &Actor, grant: &str) -> Reply {
+pub(super) fn revoke(shared: &Shared, who: &Peer, grant: &str) -> Reply {
     let Some((_, owner)) = shared.asking.board.grant_owner(grant) else {
         return Reply::Error(format!("no grant `{grant}` (see `agentd grants`)"));
     };
@@ -577,7 +612,7 @@ pub(super) fn revoke(shared: &Shared, who: &Actor, grant: &str) -> Reply {
                 shared,
                 Action::Revoke,
                 &row.agent,
-                *who,
+                who.actor,
                 serde_json::json!({ "grant": row.id, "what": row.target.to_string() }),
             );
             Reply::Ok(format!("{grant} revoked: {} is asked again", row.target))

@@ -201,7 +201,7 @@ pub fn ui_url(socket: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
             } else {
                 println!("{}", u.url);
                 eprintln!(
-                    "agentd: open it in a browser on this host; it acts as uid {} until {} (keep it secret: whoever has it may do what you may)",
+                    "agentd: open it in a browser on this host; it opens one session, acting as uid {} until {} (keep it secret until used: whoever has it may do what you may)",
                     u.uid, u.expires
                 );
             }

@@ -18,8 +18,9 @@ use std::{
 };
 
 use axum::{
+    Extension,
     extract::State,
-    http::{StatusCode, header},
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse as _, Response},
 };
 use prometheus_client::{
@@ -27,9 +28,8 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
     registry::{Registry, Unit},
 };
-use serde::Serialize;
 
-use super::{EXITED_KEPT, Shared, lock, proto::AgentState};
+use super::{EXITED_KEPT, Shared, lock, outputs::Listening, proto::AgentState};
 use crate::event::{Event, Kind, Layer, Verdict};
 
 /// Distinct breaker rules counted by name; later ones are counted as `other`. Rules are
@@ -269,12 +269,12 @@ pub(super) struct Snapshot {
 }
 
 /// The index of `state` in [`Snapshot::agents`], and its label value.
-fn state_slot(state: AgentState) -> usize {
+fn state_slot(state: AgentState) -> (usize, &'static str) {
     match state {
-        AgentState::Starting => 0,
-        AgentState::Running => 1,
-        AgentState::Tripped => 2,
-        AgentState::Exited => 3,
+        AgentState::Starting => (0, "starting"),
+        AgentState::Running => (1, "running"),
+        AgentState::Tripped => (2, "tripped"),
+        AgentState::Exited => (3, "exited"),
     }
 }
 
@@ -293,11 +293,11 @@ impl Snapshot {
             // Agents, then ended agents: the order the daemon takes these locks in.
             let agents = lock(&shared.agents);
             for a in agents.values() {
-                s.agents[state_slot(a.state)] += 1;
+                s.agents[state_slot(a.state).0] += 1;
                 s.lost_by_agent.push((a.id.clone(), a.lost));
             }
             for r in lock(&shared.exited).iter() {
-                s.agents[state_slot(r.state)] += 1;
+                s.agents[state_slot(r.state).0] += 1;
             }
         }
         {
@@ -305,7 +305,7 @@ impl Snapshot {
             s.agents_started = c.agents_total;
             s.lost = c.lost;
         }
-        s.pending_approvals = shared.asking.board.pending(None).len() as u64;
+        s.pending_approvals = shared.asking.board.pending_count() as u64;
         s.export = shared.export.counts();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -317,10 +317,11 @@ impl Snapshot {
     /// The snapshot as metrics.
     fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("agentd");
-        let agents = Family::<[(&str, String); 1], Gauge>::default();
+        let agents = Family::<[(&str, &str); 1], Gauge>::default();
         for state in STATES {
-            let n = i64::try_from(self.agents[state_slot(state)]).unwrap_or(i64::MAX);
-            agents.get_or_create(&[("state", wire_name(state))]).set(n);
+            let (slot, name) = state_slot(state);
+            let n = i64::try_from(self.agents[slot]).unwrap_or(i64::MAX);
+            agents.get_or_create(&[("state", name)]).set(n);
         }
         r.register(
             "agents",
@@ -386,14 +387,6 @@ impl Snapshot {
     }
 }
 
-/// The name a value has in the events' JSON (`net_connect`, `deny`, `bpf-lsm`...).
-fn wire_name<T: Serialize>(v: T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct EventLabels {
     kind: Kind,
@@ -404,9 +397,9 @@ struct EventLabels {
 impl EncodeLabelSet for EventLabels {
     fn encode(&self, e: &mut LabelSetEncoder) -> fmt::Result {
         [
-            ("kind", wire_name(self.kind)),
-            ("verdict", wire_name(self.verdict)),
-            ("layer", wire_name(self.layer)),
+            ("kind", self.kind.name().as_str()),
+            ("verdict", self.verdict.name()),
+            ("layer", self.layer.name().as_str()),
         ]
         .encode(e)
     }
@@ -417,7 +410,7 @@ struct VerdictLabel(Verdict);
 
 impl EncodeLabelSet for VerdictLabel {
     fn encode(&self, e: &mut LabelSetEncoder) -> fmt::Result {
-        [("verdict", wire_name(self.0))].encode(e)
+        [("verdict", self.0.name())].encode(e)
     }
 }
 
@@ -473,7 +466,32 @@ pub(super) fn router(shared: Arc<Shared>) -> axum::Router {
         .with_state(shared)
 }
 
-async fn scrape(State(shared): State<Arc<Shared>>) -> Response {
+async fn scrape(
+    State(shared): State<Arc<Shared>>,
+    listening: Option<Extension<Listening>>,
+    headers: HeaderMap,
+) -> Response {
+    // On TCP, a page in a browser could reach the endpoint under a name of its own site
+    // made to resolve here (DNS rebinding): its Host gives it away. Prometheus sends the
+    // target's address.
+    if let Some(Extension(Listening(bound))) = listening {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        if !super::web::auth::host_allowed(bound, host) {
+            return (
+                StatusCode::FORBIDDEN,
+                format!(
+                    "metrics: refused a request for Host `{}`: scrape the address --metrics \
+                     listens on ({bound}), or localhost:{} when that is loopback\n",
+                    crate::ask::printable(host),
+                    bound.port()
+                ),
+            )
+                .into_response();
+        }
+    }
     let snapshot = Snapshot::of(&shared);
     match shared.metrics.render(&snapshot) {
         Ok(text) => (
@@ -683,8 +701,8 @@ mod tests {
             start_time: 1_700_000_000.5,
             ..Snapshot::default()
         };
-        s.agents[state_slot(AgentState::Running)] = 2;
-        s.agents[state_slot(AgentState::Exited)] = 3;
+        s.agents[state_slot(AgentState::Running).0] = 2;
+        s.agents[state_slot(AgentState::Exited).0] = 3;
         let t = rendered(&m, &s);
         assert!(t.contains("# TYPE agentd_agents gauge\n"), "{t}");
         for (state, n) in [
@@ -735,6 +753,98 @@ mod tests {
         assert_eq!(sample(&t, "agentd_lost_events_total"), Some(10.0));
     }
 
+    /// Whether `text` is exposition text as Prometheus reads it (format 0.0.4): comment
+    /// lines, and samples `name{label="value",...} number` whose label values have no escape but
+    /// `\\`, `\"` and `\n`.
+    fn check_exposition(text: &str) -> Result<(), String> {
+        let name_char = |c: char, first: bool| {
+            c.is_ascii_alphabetic() || c == '_' || c == ':' || (!first && c.is_ascii_digit())
+        };
+        for line in text
+            .strip_suffix('\n')
+            .ok_or("no final newline")?
+            .split('\n')
+        {
+            if line.starts_with('#') {
+                continue;
+            }
+            let bad = || format!("not a sample: {line:?}");
+            let mut it = line.chars().peekable();
+            let mut first = true;
+            while it.next_if(|&c| name_char(c, first)).is_some() {
+                first = false;
+            }
+            if first {
+                return Err(bad());
+            }
+            if it.next_if_eq(&'{').is_some() {
+                loop {
+                    let mut first = true;
+                    while it.next_if(|&c| c != ':' && name_char(c, first)).is_some() {
+                        first = false;
+                    }
+                    if first || it.next() != Some('=') || it.next() != Some('"') {
+                        return Err(bad());
+                    }
+                    loop {
+                        match it.next().ok_or_else(bad)? {
+                            '"' => break,
+                            '\\' => match it.next() {
+                                Some('\\' | '"' | 'n') => {}
+                                _ => return Err(bad()),
+                            },
+                            _ => {}
+                        }
+                    }
+                    match it.next() {
+                        Some(',') => {}
+                        Some('}') => break,
+                        _ => return Err(bad()),
+                    }
+                }
+            }
+            if it.next() != Some(' ') {
+                return Err(bad());
+            }
+            let value: String = it.collect();
+            if !matches!(value.as_str(), "+Inf" | "-Inf" | "NaN") && value.parse::<f64>().is_err() {
+                return Err(bad());
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn hostile_label_values_are_escaped_not_new_series() {
+        let m = Metrics::default();
+        let rule = "a\"b\\c\nagentd_forged_total 1\n}";
+        m.event(&ev(Kind::Breaker, Verdict::Killed, Layer::Agentd).with("rule", rule));
+        let s = Snapshot {
+            lost_by_agent: vec![("x\"} 9\n\\y".into(), 1)],
+            ..Snapshot::default()
+        };
+        let t = rendered(&m, &s);
+        check_exposition(&t).unwrap_or_else(|e| panic!("{e}\n{t}"));
+        assert!(!t.contains("\nagentd_forged_total"), "{t}");
+        assert_eq!(
+            sample(
+                &t,
+                r#"agentd_breaker_trips_total{rule="a\"b\\c\nagentd_forged_total 1\n}"}"#
+            ),
+            Some(1.0),
+            "{t}"
+        );
+        assert_eq!(
+            sample(&t, r#"agentd_agent_lost_events_total{agent="x\"} 9\n\\y"}"#),
+            Some(1.0),
+            "{t}"
+        );
+        // And the checker does catch what would be wrong.
+        assert!(check_exposition("a{rule=\"x\ny\"} 1\n").is_err());
+        assert!(check_exposition("a{rule=\"x\\ty\"} 1\n").is_err());
+        assert!(check_exposition("a{rule=\"x\"} 1\n").is_ok());
+    }
+
     #[test]
     fn every_family_has_help_and_type_and_every_sample_a_family() {
         let m = Metrics::default();
@@ -755,6 +865,7 @@ mod tests {
             ..Snapshot::default()
         };
         let t = rendered(&m, &s);
+        check_exposition(&t).unwrap_or_else(|e| panic!("{e}\n{t}"));
         let mut typed = Vec::new();
         for l in t.lines() {
             if let Some(rest) = l.strip_prefix("# TYPE ") {

@@ -23,6 +23,7 @@ mod handover;
 mod metrics;
 mod outputs;
 pub use outputs::Outputs;
+mod peer;
 pub mod proto;
 mod session;
 mod web;
@@ -50,6 +51,7 @@ use tokio::{
     sync::{broadcast, watch},
 };
 
+use self::peer::Peer;
 use self::proto::{AgentRow, AgentState, MAX_LINE, Reply, Request, RunRequest, Stats};
 use crate::link::{
     SUPERVISOR_ENV, SUPERVISOR_EVENTS_READ_ENV, SUPERVISOR_EVENTS_READ_FD, SUPERVISOR_FD,
@@ -942,6 +944,17 @@ fn contain(shared: &Shared, a: &Agent, what: &str) {
 /// The kill switch: the cgroup, then the kill flag; reported as a `breaker` event with rule
 /// `manual` and recorded. Returns false when no such running agent exists.
 fn kill_agent(shared: &Shared, id: &str, reason: &str, by: Actor) -> bool {
+    kill_agent_with(shared, id, reason, by, serde_json::Map::new())
+}
+
+/// [`kill_agent`], with more `detail` for its audit record.
+fn kill_agent_with(
+    shared: &Shared,
+    id: &str,
+    reason: &str,
+    by: Actor,
+    mut detail: serde_json::Map<String, serde_json::Value>,
+) -> bool {
     let asked = monotonic_ns();
     let (pid, agent_id) = {
         let mut agents = lock(&shared.agents);
@@ -953,7 +966,6 @@ fn kill_agent(shared: &Shared, id: &str, reason: &str, by: Actor) -> bool {
         a.state = AgentState::Tripped;
         (a.pid, a.id.clone())
     };
-    let mut detail = serde_json::Map::new();
     detail.insert("reason".into(), reason.into());
     let control = Control {
         action: Action::Kill,
@@ -1056,38 +1068,21 @@ async fn send(w: &mut OwnedWriteHalf, reply: &Reply) -> std::io::Result<()> {
     w.write_all(&proto::encode(reply)).await
 }
 
-fn may_watch(shared: &Shared, who: &Actor) -> bool {
-    if who.uid == 0 {
+fn may_watch(shared: &Shared, peer: &Peer) -> bool {
+    if peer.actor.uid == 0 {
         return true;
     }
     let Some(gid) = shared.group_gid else {
         return false;
     };
-    in_group(who, gid)
-}
-
-/// Whether the peer's primary or supplementary groups include `gid`.
-fn in_group(who: &Actor, gid: u32) -> bool {
-    if who.gid == gid {
-        return true;
-    }
-    // Supplementary groups of the peer's process.
-    std::fs::read_to_string(format!("/proc/{}/status", who.pid))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:").map(str::to_owned))
-        })
-        .is_some_and(|g| g.split_whitespace().any(|x| x == gid.to_string()))
+    peer.in_group(gid)
 }
 
 async fn connection(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
-    let cred = stream.peer_cred()?;
-    let who = Actor {
-        uid: cred.uid(),
-        gid: cred.gid(),
-        pid: cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
-    };
+    // Who connected, kept before the request is read: the client chooses when to send it,
+    // and its pid may be another process's by then (peer.rs).
+    let peer = Arc::new(Peer::of(&stream).context("the peer's credentials")?);
+    let who = peer.actor;
     let (line, fds, rest) = read_request(&stream).await?;
     let (read, mut write) = stream.into_split();
     let request: Request = match proto::decode(&line) {
@@ -1097,7 +1092,7 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<(
             return Ok(());
         }
     };
-    if !may_watch(&shared, &who) {
+    if !may_watch(&shared, &peer) {
         let (uid, group) = (who.uid, &shared.group);
         let why = if shared.group_gid.is_some() {
             format!(
@@ -1121,11 +1116,20 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<(
             send(&mut write, &Reply::Stats(stats)).await?;
         }
         Request::Kill { id } => {
-            let reply = kill_as(&shared, who, &id, "agentd kill");
+            let reply = reply_of(kill_as(&shared, who, &id, "agentd kill", None));
             send(&mut write, &reply).await?;
         }
         Request::UiUrl {} => {
-            let reply = web::url_for(&shared, &who);
+            // An agent runs as its owner's uid: only its cgroup tells its processes apart
+            // (read, then confirmed to be the connecting process's); its groups are those
+            // recorded at connect.
+            let reply = match peer.agent() {
+                Some(agent) => Reply::Error(format!(
+                    "permission denied: the caller (pid {}) is a process of agent {agent}: no process inside an agent may have a web view token",
+                    who.pid
+                )),
+                None => web::url_for(&shared, &who, peer.groups()),
+            };
             send(&mut write, &reply).await?;
         }
         Request::Events {
@@ -1135,22 +1139,22 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<(
         } => events(&shared, &mut write, read, follow, agent, kind).await?,
         Request::Run(req) => run(shared, who, req, fds, read, rest, write).await?,
         Request::Approvals { follow, agent } => {
-            ask::approvals(&shared, &who, &mut write, read, follow, agent).await?;
+            ask::approvals(&shared, &peer, &mut write, read, follow, agent).await?;
         }
         Request::Decide {
             request,
             answer,
             signature,
         } => {
-            let reply = ask::decide(&shared, &who, &request, answer, signature);
+            let reply = ask::decide(&shared, &peer, &request, answer, signature);
             send(&mut write, &reply).await?;
         }
         Request::Grants { agent } => {
-            let reply = ask::grants(&shared, &who, agent.as_deref());
+            let reply = ask::grants(&shared, &peer, agent.as_deref());
             send(&mut write, &reply).await?;
         }
         Request::Revoke { grant } => {
-            let reply = ask::revoke(&shared, &who, &grant);
+            let reply = ask::revoke(&shared, &peer, &grant);
             send(&mut write, &reply).await?;
         }
         Request::Resume { agent } => {
@@ -1162,7 +1166,7 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<(
         Request::Transaction(req) => {
             // An agent runs as its owner's uid: its own processes must not commit what a
             // person has to review.
-            let reply = match agent_of(who.pid) {
+            let reply = match peer.agent() {
                 Some(agent) => Reply::Error(format!(
                     "permission denied: the caller (pid {}) is a process of agent {agent}: agents may not act on transactions",
                     who.pid
@@ -1186,27 +1190,67 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<(
     Ok(())
 }
 
-/// The kill switch for `who` (through `via`: `agentd kill`, the web view): only root and
-/// the agent's owner may.
-fn kill_as(shared: &Shared, who: Actor, id: &str, via: &str) -> Reply {
+/// Why the daemon refused an action (a kill, an answer): which kind of refusal, and what
+/// the caller is told.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum Refusal {
+    /// The caller may not (`permission denied: ...`).
+    #[error("{0}")]
+    Denied(String),
+    /// No such agent or request (any more).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request itself is wrong (a duration out of range...).
+    #[error("{0}")]
+    Invalid(String),
+    /// The daemon could not do it (its allowed-signers file cannot be read...).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// An action's outcome as the control socket replies it.
+fn reply_of(outcome: Result<String, Refusal>) -> Reply {
+    match outcome {
+        Ok(m) => Reply::Ok(m),
+        Err(e) => Reply::Error(e.to_string()),
+    }
+}
+
+/// The kill switch for `who` (through `via`: `agentd kill`, the web view, whose session
+/// the audit record names): only root and the agent's owner may.
+fn kill_as(
+    shared: &Shared,
+    who: Actor,
+    id: &str,
+    via: &str,
+    web: Option<&crate::ask::WebSession>,
+) -> Result<String, Refusal> {
     let owner = lock(&shared.agents).get(id).map(|a| a.owner.uid);
     match owner {
-        None => Reply::Error(format!("no running agent {id} (see `agentd ps`)")),
-        Some(owner) if who.uid != 0 && who.uid != owner => Reply::Error(format!(
+        None => Err(Refusal::NotFound(format!(
+            "no running agent {id} (see `agentd ps`)"
+        ))),
+        Some(owner) if who.uid != 0 && who.uid != owner => Err(Refusal::Denied(format!(
             "permission denied: agent {id} belongs to uid {owner}; only it and root may kill it"
-        )),
+        ))),
         Some(_) => {
-            if kill_agent(shared, id, &format!("{via} by uid {}", who.uid), who) {
-                Reply::Ok(format!("{id} killed"))
+            let mut detail = serde_json::Map::new();
+            if let Some(w) = web {
+                detail.insert("web".into(), serde_json::json!(w));
+            }
+            let reason = format!("{via} by uid {}", who.uid);
+            if kill_agent_with(shared, id, &reason, who, detail) {
+                Ok(format!("{id} killed"))
             } else {
-                Reply::Error(format!("no running agent {id}"))
+                Err(Refusal::NotFound(format!("no running agent {id}")))
             }
         }
     }
 }
 
 /// The agent whose cgroup `pid` is in, if any; fails closed: a process whose cgroup
-/// cannot be read counts as an agent's.
+/// cannot be read counts as an agent's. Of a control connection's peer, ask
+/// [`Peer::agent`]: a pid read from `SO_PEERCRED` may be another process's by now.
 fn agent_of(pid: u32) -> Option<String> {
     let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
         return Some("unknown (its cgroup cannot be read)".into());

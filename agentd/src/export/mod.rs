@@ -8,6 +8,7 @@ pub mod otlp;
 pub mod syslog;
 
 use std::{
+    borrow::Cow,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -15,6 +16,8 @@ use std::{
     },
     time::{Duration, Instant},
 };
+
+use serde_json::{Map, Value};
 
 use crate::event::{Event, Kind, Verdict};
 
@@ -258,57 +261,120 @@ impl Severity {
     }
 }
 
+/// At most this many bytes of the agent id, `comm`, `proto` and `domain` go into a record
+/// (they are short: a longer one is cut, see [`cut`]).
+pub const SHORT_MAX: usize = 256;
+/// At most this many bytes of the readable line (syslog's MSG, the OTLP body).
+pub const MESSAGE_MAX: usize = 1024;
+
 /// The event as one readable line, without its time (the records carry it in a field of
 /// their own): `DENY   net_connect   127.0.0.1:8080/tcp  python3[42]  bpf EPERM  agent-1`.
+/// What the agent chose (a path, a name) has its control and format characters escaped
+/// (`\u{a}`, `\u{202e}`: [`crate::ask::printable`]): it cannot add lines to a log file,
+/// act on a terminal, or reorder what a person reads. At most [`MESSAGE_MAX`] bytes.
 pub fn summary(ev: &Event) -> String {
     let line = ev.line(false);
-    match line.split_once(' ') {
-        Some((_, rest)) => rest.to_owned(),
-        None => line,
+    let line = match line.split_once(' ') {
+        Some((_, rest)) => rest,
+        None => &line,
+    };
+    cut(&crate::ask::printable(line), MESSAGE_MAX, char::len_utf8).into_owned()
+}
+
+/// `s` in at most `max` bytes as `size` counts each character (its UTF-8 length, or more
+/// where the text is escaped later): when longer, cut on a character boundary and marked
+/// `…[+N]`, N being the bytes of `s` left out (the mark counts toward `max`).
+pub fn cut(s: &str, max: usize, size: impl Fn(char) -> usize) -> Cow<'_, str> {
+    if s.chars().map(&size).sum::<usize>() <= max {
+        return Cow::Borrowed(s);
+    }
+    // Room for the longest mark `s` can need.
+    let mark: usize = format!("…[+{}]", s.len()).chars().map(&size).sum();
+    let room = max.saturating_sub(mark);
+    let (mut used, mut end) = (0, 0);
+    for (i, c) in s.char_indices() {
+        used += size(c);
+        if used > room {
+            break;
+        }
+        end = i + c.len_utf8();
+    }
+    Cow::Owned(format!("{}…[+{}]", &s[..end], s.len() - end))
+}
+
+/// `v` with every string in it (object keys aside) cut to `max` bytes ([`cut`]).
+pub fn cut_strings(v: &Value, max: usize) -> Value {
+    match v {
+        Value::String(s) => Value::String(cut(s, max, char::len_utf8).into_owned()),
+        Value::Array(a) => Value::Array(a.iter().map(|v| cut_strings(v, max)).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| (k.clone(), cut_strings(v, max)))
+                .collect(),
+        ),
+        Value::Null | Value::Bool(_) | Value::Number(_) => v.clone(),
     }
 }
 
-/// An event's `ts` (`YYYY-MM-DDTHH:MM:SS[.fraction]Z`, as [`crate::event::rfc3339`]
-/// writes it) as seconds and nanoseconds since the Unix epoch; `None` when it is not
-/// that form.
+/// The entries of `detail` whose compact JSON fits in `max` bytes as `size` counts text,
+/// in order; when some do not fit, `"truncated": N` says how many were left out.
+pub fn detail_within(
+    detail: &Map<String, Value>,
+    max: usize,
+    size: impl Fn(&str) -> usize,
+) -> Map<String, Value> {
+    if size(&Value::Object(detail.clone()).to_string()) <= max {
+        return detail.clone();
+    }
+    let mut kept = Map::new();
+    // The braces, and room for the `truncated` entry.
+    let mut used = size(r#"{"truncated":18446744073709551615}"#);
+    for (k, v) in detail {
+        // The entry and the comma before the next one.
+        let entry = size(&format!("{}:{v},", Value::String(k.clone())));
+        if used + entry <= max {
+            used += entry;
+            kept.insert(k.clone(), v.clone());
+        }
+    }
+    let left_out = detail.len() - kept.len();
+    kept.insert("truncated".to_owned(), left_out.into());
+    kept
+}
+
+/// An event's `ts` as seconds and nanoseconds since the Unix epoch; `None` unless it is
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z` naming a time that exists (as
+/// [`crate::event::rfc3339`] writes it; an event from an agent's supervisor carries the
+/// supervisor's text).
 pub fn parse_ts(ts: &str) -> Option<(u64, u32)> {
     let b = ts.as_bytes();
-    let num = |from: usize, to: usize| -> Option<u64> {
+    let num = |from: usize, to: usize| -> Option<u32> {
         let digits = b.get(from..to)?;
-        digits.iter().try_fold(0u64, |n, d| {
-            d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+        digits.iter().try_fold(0u32, |n, d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
         })
     };
     let seps = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
     if seps.iter().any(|&(i, c)| b.get(i) != Some(&c)) || b.last() != Some(&b'Z') {
         return None;
     }
-    let (y, mo, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
-    let (h, mi, s) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
-    if !(1970..=9999).contains(&y) || !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
-        return None;
-    }
-    if h > 23 || mi > 59 || s > 60 {
-        return None;
-    }
     let nanos = match b.get(19..b.len() - 1)? {
         [] => 0,
         [b'.', frac @ ..] if (1..=9).contains(&frac.len()) => {
-            let n = num(20, 20 + frac.len())?;
-            u32::try_from(n * 10u64.pow(9 - frac.len() as u32)).ok()?
+            num(20, 20 + frac.len())? * 10u32.pow(9 - frac.len() as u32)
         }
         _ => return None,
     };
-    // Days since 1970-01-01 (H. Hinnant's `days_from_civil`, the inverse of event.rs's
-    // `civil_from_days`).
-    let y = if mo <= 2 { y - 1 } else { y };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = (era * 146_097 + doe).checked_sub(719_468)?;
-    Some((days * 86_400 + h * 3600 + mi * 60 + s, nanos))
+    // Strict: no February 31st, no leap second (this daemon's clock writes none).
+    let secs = crate::ask::sign::unix_utc(
+        num(0, 4)?,
+        num(5, 7)?,
+        num(8, 10)?,
+        num(11, 13)?,
+        num(14, 16)?,
+        num(17, 19)?,
+    )?;
+    Some((secs, nanos))
 }
 
 /// This host's name, for the records (`-` when it has none that can be sent).
@@ -412,6 +478,7 @@ mod tests {
             parse_ts("2026-11-23T21:41:21.5Z"),
             Some((1_795_470_081, 500_000_000))
         );
+        assert_eq!(parse_ts("2024-02-29T00:00:00Z"), Some((1_709_164_800, 0)));
         for bad in [
             "",
             "2026-11-23 21:41:21Z",
@@ -422,6 +489,13 @@ mod tests {
             "2026-11-23T21:41:21+01:00",
             "1969-12-31T23:59:59Z",
             "2026-11-23T2a:41:21Z",
+            "2026-02-31T00:00:00Z",
+            "2026-02-29T00:00:00Z",
+            "2100-02-29T00:00:00Z",
+            "2026-04-31T00:00:00Z",
+            "2026-11-23T24:00:00Z",
+            "2026-11-23T21:41:60Z",
+            "2026-11-23T21:41:21.+5Z",
         ] {
             assert_eq!(parse_ts(bad), None, "{bad}");
         }
@@ -462,6 +536,74 @@ mod tests {
             summary(&e),
             "DENY   file_write    /etc/x  sh[42]  landlock  a-1"
         );
+    }
+
+    #[test]
+    fn the_summary_escapes_what_the_agent_chose() {
+        let mut e = Event::new(
+            "a-1",
+            42,
+            "sh\x1b[2J",
+            Kind::Rename,
+            Verdict::Deny,
+            Layer::Landlock,
+        );
+        e.path = Some("/tmp/a\nFAKE LINE\x1b[31m]\"\\x\u{202e}txt.exe".into());
+        e.path2 = Some("/tmp/\u{200b}b\r\u{7f}".into());
+        let s = summary(&e);
+        assert_eq!(
+            s,
+            "DENY   file_rename   /tmp/a\\u{a}FAKE LINE\\u{1b}[31m]\"\\x\\u{202e}txt.exe -> \
+             /tmp/\\u{200b}b\\u{d}\\u{7f}  sh\\u{1b}[2J[42]  landlock  a-1"
+        );
+        assert!(
+            !s.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn long_text_is_cut_on_a_char_boundary_and_marked() {
+        assert_eq!(cut("short", 10, char::len_utf8), "short");
+        let long = "é".repeat(100);
+        let c = cut(&long, 50, char::len_utf8);
+        assert!(c.len() <= 50, "{c}");
+        let (kept, mark) = c.split_once('…').unwrap();
+        assert_eq!(
+            format!("…{mark}"),
+            format!("…[+{}]", long.len() - kept.len())
+        );
+        assert!(kept.chars().all(|ch| ch == 'é') && !kept.is_empty());
+        // Sizes as escaping counts them: a `"` takes two.
+        let quotes = "\"".repeat(40);
+        let esc = |ch: char| ch.len_utf8() + usize::from(ch == '"');
+        let c = cut(&quotes, 40, esc);
+        assert!(c.chars().map(esc).sum::<usize>() <= 40, "{c}");
+        assert!(
+            c.ends_with(&format!("[+{}]", 40 - c.matches('"').count())),
+            "{c}"
+        );
+        // Too little room for any of it: the mark alone.
+        assert_eq!(cut(&long, 3, char::len_utf8), "…[+200]");
+        assert_eq!(
+            cut_strings(&serde_json::json!({"k": ["abcdefghijklmnop", 1]}), 12),
+            serde_json::json!({"k": ["abcd…[+12]", 1]})
+        );
+    }
+
+    #[test]
+    fn a_large_detail_keeps_whole_entries_and_says_how_many_went() {
+        let mut detail = Map::new();
+        for i in 0..100 {
+            detail.insert(format!("k{i:03}"), Value::String("v".repeat(40)));
+        }
+        assert_eq!(detail_within(&detail, 1 << 20, str::len), detail);
+        let kept = detail_within(&detail, 2048, str::len);
+        let json = Value::Object(kept.clone()).to_string();
+        assert!(json.len() <= 2048, "{}", json.len());
+        let n = kept.len() - 1;
+        assert!(n > 30, "{n}");
+        assert_eq!(kept["truncated"], 100 - n as u64);
     }
 
     #[test]

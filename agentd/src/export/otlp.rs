@@ -29,6 +29,13 @@ pub const BATCH_WAIT: Duration = Duration::from_secs(1);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The path a collector's OTLP/HTTP receiver takes logs on, when the URL has none.
 const LOGS_PATH: &str = "/v1/logs";
+/// At most this many bytes of `agentd.path`, `agentd.path2` and each string in
+/// `agentd.detail` (a whole path: Linux's PATH_MAX); longer ones are cut and marked
+/// ([`super::cut`]). Attributes carry the exact text otherwise (JSON escapes it).
+pub const VALUE_MAX: usize = 4096;
+/// `agentd.detail` as compact JSON at most: entries that would not fit are left out, and
+/// `truncated` says how many.
+pub const DETAIL_MAX: usize = 8192;
 
 /// Where records go: an http:// URL (plain HTTP: the client has no TLS).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,19 +265,21 @@ pub fn resource(hostname: &str) -> Resource {
 /// `ev` as a log record; `observed` is when the exporter took it (ns since the epoch).
 pub fn record(ev: &Event, observed: u128) -> LogRecord {
     let severity = Severity::of(ev);
+    let short = |s: &str| AnyValue::string(super::cut(s, super::SHORT_MAX, char::len_utf8));
+    let long = |s: &str| AnyValue::string(super::cut(s, VALUE_MAX, char::len_utf8));
     let mut attributes = vec![
-        kv("agentd.agent", AnyValue::string(ev.agent.clone())),
+        kv("agentd.agent", short(&ev.agent)),
         kv("agentd.kind", AnyValue::string(ev.kind_name())),
-        kv("agentd.verdict", AnyValue::string(verdict_name(ev))),
+        kv("agentd.verdict", AnyValue::string(ev.verdict.name())),
         kv("agentd.layer", AnyValue::string(ev.layer_name())),
         kv("agentd.pid", AnyValue::int(ev.pid)),
-        kv("agentd.comm", AnyValue::string(ev.comm.clone())),
+        kv("agentd.comm", short(&ev.comm)),
     ];
     if let Some(p) = &ev.path {
-        attributes.push(kv("agentd.path", AnyValue::string(p.clone())));
+        attributes.push(kv("agentd.path", long(p)));
     }
     if let Some(p) = &ev.path2 {
-        attributes.push(kv("agentd.path2", AnyValue::string(p.clone())));
+        attributes.push(kv("agentd.path2", long(p)));
     }
     if let Some(a) = ev.addr {
         attributes.push(kv("agentd.addr", AnyValue::string(a.to_string())));
@@ -279,16 +288,25 @@ pub fn record(ev: &Event, observed: u128) -> LogRecord {
         attributes.push(kv("agentd.port", AnyValue::int(p)));
     }
     if let Some(p) = &ev.proto {
-        attributes.push(kv("agentd.proto", AnyValue::string(p.clone())));
+        attributes.push(kv("agentd.proto", short(p)));
     }
     if let Some(d) = &ev.domain {
-        attributes.push(kv("agentd.domain", AnyValue::string(d.clone())));
+        attributes.push(kv("agentd.domain", short(d)));
     }
     if let Some(e) = ev.errno {
         attributes.push(kv("agentd.errno", AnyValue::int(e)));
     }
     if !ev.detail.is_empty() {
-        let detail = serde_json::Value::Object(ev.detail.clone());
+        let detail = super::cut_strings(&serde_json::Value::Object(ev.detail.clone()), VALUE_MAX);
+        let detail = match detail {
+            serde_json::Value::Object(d) => super::detail_within(&d, DETAIL_MAX, str::len),
+            serde_json::Value::Null
+            | serde_json::Value::Bool(_)
+            | serde_json::Value::Number(_)
+            | serde_json::Value::String(_)
+            | serde_json::Value::Array(_) => serde_json::Map::new(),
+        };
+        let detail = serde_json::Value::Object(detail);
         attributes.push(kv("agentd.detail", AnyValue::from_json(&detail)));
     }
     LogRecord {
@@ -299,15 +317,6 @@ pub fn record(ev: &Event, observed: u128) -> LogRecord {
         severity_text: severity.name().to_owned(),
         body: AnyValue::string(super::summary(ev)),
         attributes,
-    }
-}
-
-fn verdict_name(ev: &Event) -> &'static str {
-    match ev.verdict {
-        crate::event::Verdict::Allow => "allow",
-        crate::event::Verdict::Deny => "deny",
-        crate::event::Verdict::Killed => "killed",
-        crate::event::Verdict::None => "none",
     }
 }
 
@@ -625,6 +634,76 @@ mod tests {
         let mut all = Vec::new();
         keys(&v, &mut all);
         assert!(all.iter().all(|k| !k.contains('_')), "{all:?}");
+    }
+
+    #[test]
+    fn the_body_is_escaped_and_long_values_are_cut() {
+        let nasty = "/a\n\x1b\u{202e}é".repeat(3000);
+        let mut e = denial().with("argv", json!([nasty.clone(), "ls"]));
+        for i in 0..100 {
+            e = e.with(&format!("z{i:03}"), "v".repeat(200));
+        }
+        e.path = Some(nasty.clone());
+        e.agent = "x".repeat(1000);
+        let r = serde_json::to_value(record(&e, 1)).unwrap();
+        let body = r["body"]["stringValue"].as_str().unwrap();
+        assert!(body.len() <= super::super::MESSAGE_MAX, "{}", body.len());
+        assert!(
+            body.starts_with("DENY   file_write    /a\\u{a}\\u{1b}\\u{202e}é/a"),
+            "{body}"
+        );
+        assert_eq!(crate::ask::printable(body), body);
+        let attr = |k: &str| {
+            r["attributes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["key"] == k)
+                .map(|a| a["value"].clone())
+                .unwrap()
+        };
+        // Attributes keep the exact text, cut.
+        let path = attr("agentd.path")["stringValue"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(path.len() <= VALUE_MAX, "{}", path.len());
+        let (kept, mark) = path.rsplit_once('…').unwrap();
+        assert!(nasty.starts_with(kept) && kept.len() > VALUE_MAX - 16);
+        assert_eq!(mark, format!("[+{}]", nasty.len() - kept.len()));
+        let agent = attr("agentd.agent")["stringValue"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            agent.len() <= super::super::SHORT_MAX && agent.ends_with("…[+754]"),
+            "{agent}"
+        );
+        let detail = &attr("agentd.detail")["kvlistValue"]["values"];
+        let entry = |k: &str| {
+            detail
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["key"] == k)
+                .map(|a| a["value"].clone())
+        };
+        let argv = entry("argv").unwrap();
+        let first = argv["arrayValue"]["values"][0]["stringValue"]
+            .as_str()
+            .unwrap();
+        assert!(
+            first.len() <= VALUE_MAX && first.contains('…'),
+            "{}",
+            first.len()
+        );
+        assert_eq!(argv["arrayValue"]["values"][1]["stringValue"], "ls");
+        let left_out = entry("truncated").unwrap()["intValue"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(left_out.parse::<u32>().unwrap() > 50, "{left_out}");
+        assert!(serde_json::to_string(detail).unwrap().len() < 2 * DETAIL_MAX);
     }
 
     #[test]

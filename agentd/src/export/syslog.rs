@@ -31,9 +31,12 @@ pub const SD_ID: &str = "agentd@32473";
 pub const APP_NAME: &str = "agentd";
 /// How long connecting to a TCP target, or one write to any target, may take.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// `detail` is sent as compact JSON of at most this many bytes: entries that would not fit
-/// are left out, and `"truncated": N` says how many.
-const DETAIL_MAX: usize = 2048;
+/// At most this many bytes of `path` and `path2` as written (escaped), cut mark included.
+pub const VALUE_MAX: usize = 1024;
+/// `detail` is sent as compact JSON of at most this many bytes as written (escaped): its
+/// strings are cut to [`VALUE_MAX`], entries that would not fit are left out, and
+/// `"truncated": N` says how many.
+pub const DETAIL_MAX: usize = 2048;
 
 /// Where records go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,7 +189,13 @@ pub struct Origin {
     pub procid: u32,
 }
 
-/// `ev` as one RFC 5424 record (without transport framing).
+/// `ev` as one RFC 5424 record (without transport framing), at most 8 KiB: rsyslog's
+/// default `maxMessageSize`, so none is cut on the way (the caps of [`VALUE_MAX`],
+/// [`DETAIL_MAX`], [`super::SHORT_MAX`] and [`super::MESSAGE_MAX`] keep it under; a test
+/// checks the worst case). Most are a few hundred bytes.
+/// Text the agent chose is escaped: in PARAM-VALUEs and MSG, control and format
+/// characters as `\u{a}` ([`crate::ask::printable`]); in `detail`, as JSON escapes (the
+/// JSON keeps its exact value).
 pub fn format(origin: &Origin, ev: &Event) -> Vec<u8> {
     let pri = u16::from(origin.facility.code()) * 8 + u16::from(Severity::of(ev).code());
     // TIME-SECFRAC has at most 6 digits: microseconds.
@@ -204,42 +213,45 @@ pub fn format(origin: &Origin, ev: &Event) -> Vec<u8> {
         origin.procid,
         header_field(&kind, 32)
     );
-    let mut param = |name: &str, value: &str| {
+    // `value` is printable already; at most `max` bytes once escaped.
+    let mut param = |name: &str, value: &str, max: usize| {
         out.push(' ');
         out.push_str(name);
         out.push_str("=\"");
-        escape_into(&mut out, value);
+        escape_into(&mut out, &super::cut(value, max, escaped_size));
         out.push('"');
     };
-    param("agent", &ev.agent);
-    param("kind", &kind);
-    param("verdict", verdict_name(ev));
-    param("layer", &ev.layer_name());
-    param("pid", &ev.pid.to_string());
-    param("comm", &ev.comm);
+    let text = crate::ask::printable;
+    let short = super::SHORT_MAX;
+    param("agent", &text(&ev.agent), short);
+    param("kind", &kind, short);
+    param("verdict", ev.verdict.name(), short);
+    param("layer", &ev.layer_name(), short);
+    param("pid", &ev.pid.to_string(), short);
+    param("comm", &text(&ev.comm), short);
     if let Some(p) = &ev.path {
-        param("path", p);
+        param("path", &text(p), VALUE_MAX);
     }
     if let Some(p) = &ev.path2 {
-        param("path2", p);
+        param("path2", &text(p), VALUE_MAX);
     }
     if let Some(a) = ev.addr {
-        param("addr", &a.to_string());
+        param("addr", &a.to_string(), short);
     }
     if let Some(p) = ev.port {
-        param("port", &p.to_string());
+        param("port", &p.to_string(), short);
     }
     if let Some(p) = &ev.proto {
-        param("proto", p);
+        param("proto", &text(p), short);
     }
     if let Some(d) = &ev.domain {
-        param("domain", d);
+        param("domain", &text(d), short);
     }
     if let Some(e) = ev.errno {
-        param("errno", &e.to_string());
+        param("errno", &e.to_string(), short);
     }
     if !ev.detail.is_empty() {
-        param("detail", &detail_json(&ev.detail));
+        param("detail", &detail_json(&ev.detail), DETAIL_MAX);
     }
     out.push_str("] ");
     let msg = super::summary(ev);
@@ -251,15 +263,6 @@ pub fn format(origin: &Origin, ev: &Event) -> Vec<u8> {
     out.into_bytes()
 }
 
-fn verdict_name(ev: &Event) -> &'static str {
-    match ev.verdict {
-        crate::event::Verdict::Allow => "allow",
-        crate::event::Verdict::Deny => "deny",
-        crate::event::Verdict::Killed => "killed",
-        crate::event::Verdict::None => "none",
-    }
-}
-
 /// A header field (MSGID): 1 to `max` printable US-ASCII characters, else `-`.
 fn header_field(s: &str, max: usize) -> &str {
     if s.is_empty() || s.len() > max || !s.bytes().all(|c| (33..=126).contains(&c)) {
@@ -268,35 +271,57 @@ fn header_field(s: &str, max: usize) -> &str {
     s
 }
 
-/// A PARAM-VALUE: `"`, `\` and `]` escaped with a backslash (RFC 5424 §6.3.3).
+/// A PARAM-VALUE: `"`, `\\` and `]` escaped with a backslash (RFC 5424 §6.3.3).
 fn escape_into(out: &mut String, value: &str) {
     for c in value.chars() {
-        if matches!(c, '"' | '\\' | ']') {
+        if needs_escape(c) {
             out.push('\\');
         }
         out.push(c);
     }
 }
 
-/// `detail` as compact JSON, at most [`DETAIL_MAX`] bytes.
+fn needs_escape(c: char) -> bool {
+    matches!(c, '"' | '\\' | ']')
+}
+
+/// The bytes `c` takes in a PARAM-VALUE.
+fn escaped_size(c: char) -> usize {
+    c.len_utf8() + usize::from(needs_escape(c))
+}
+
+/// `detail` as compact JSON of at most [`DETAIL_MAX`] bytes once escaped, control and
+/// format characters written as JSON escapes.
 fn detail_json(detail: &serde_json::Map<String, serde_json::Value>) -> String {
-    let all = serde_json::Value::Object(detail.clone()).to_string();
-    if all.len() <= DETAIL_MAX {
-        return all;
-    }
-    let mut kept = serde_json::Map::new();
-    let mut size = 2 + r#","truncated":00000"#.len();
-    for (k, v) in detail {
-        let entry =
-            serde_json::Value::String(k.clone()).to_string().len() + 2 + v.to_string().len();
-        if size + entry <= DETAIL_MAX {
-            size += entry;
-            kept.insert(k.clone(), v.clone());
+    let cut = super::cut_strings(&serde_json::Value::Object(detail.clone()), VALUE_MAX);
+    let serde_json::Value::Object(cut) = cut else {
+        return String::new();
+    };
+    let size = |json: &str| json_printable(json).chars().map(escaped_size).sum();
+    let kept = super::detail_within(&cut, DETAIL_MAX, size);
+    json_printable(&serde_json::Value::Object(kept).to_string())
+}
+
+/// `json` (serde_json's compact text: control and format characters can only be in its
+/// strings) with each character [`crate::ask::printable`] would escape written as a JSON
+/// `\uXXXX` escape: the same JSON value, no such character in the text.
+fn json_printable(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let mut one = [0u8; 4];
+    for c in json.chars() {
+        let plain = (c.is_ascii() && !c.is_ascii_control()) || {
+            let s = c.encode_utf8(&mut one);
+            crate::ask::printable(s) == *s
+        };
+        if plain {
+            out.push(c);
+        } else {
+            for unit in c.encode_utf16(&mut [0u16; 2]) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
         }
     }
-    let left_out = detail.len() - kept.len();
-    kept.insert("truncated".to_owned(), left_out.into());
-    serde_json::Value::Object(kept).to_string()
+    out
 }
 
 /// Starts the thread that sends what `rx` brings to `target`.
@@ -619,6 +644,97 @@ mod tests {
                 "proto", "errno", "detail"
             ]
         );
+    }
+
+    #[test]
+    fn hostile_text_is_escaped_and_detail_keeps_its_exact_value() {
+        let mut e = denial().with("note", "a\u{202e}b\nc\u{85}d\u{7f}");
+        e.path = Some("/tmp/x\nFAKE agentd: ok\x1b[2J]\"\\\u{202e}".into());
+        let record = String::from_utf8(format(&origin(), &e)).unwrap();
+        // One line, nothing for a terminal, nothing reordered (the BOM aside).
+        let plain = record.replacen('\u{feff}', "", 1);
+        assert_eq!(crate::ask::printable(&plain), plain, "{record:?}");
+        let (_, params) = read_sd(&record);
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).unwrap().1.clone();
+        assert_eq!(
+            get("path"),
+            r#"/tmp/x\u{a}FAKE agentd: ok\u{1b}[2J]"\\u{202e}"#
+        );
+        let detail: serde_json::Value = serde_json::from_str(&get("detail")).unwrap();
+        assert_eq!(detail["note"], "a\u{202e}b\nc\u{85}d\u{7f}");
+        assert!(
+            record.contains(
+                r#" DENY   net_connect   /tmp/x\u{a}FAKE agentd: ok\u{1b}[2J]"\\u{202e}  "#
+            ),
+            "{record}"
+        );
+    }
+
+    /// The bound docs/export.md states.
+    const RECORD_MAX: usize = 8192;
+
+    #[test]
+    fn the_largest_record_fits_and_keeps_its_structure() {
+        let nasty = "/a\n\x1b\u{202e}\"\\]é".repeat(2000);
+        let mut e = denial();
+        e.agent = nasty.clone();
+        e.comm = nasty.clone();
+        e.path = Some(nasty.clone());
+        e.path2 = Some(nasty.clone());
+        e.proto = Some(nasty.clone());
+        e.domain = Some(nasty.clone());
+        e.addr = Some(
+            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+                .parse()
+                .unwrap(),
+        );
+        e.errno = Some(i32::MIN);
+        e.pid = u32::MAX;
+        for i in 0..300 {
+            e = e.with(&format!("k{i:03}"), serde_json::json!([nasty.clone(), i]));
+            // Small ones, to fill what the large ones leave.
+            e = e.with(&format!("z{i:03}"), "\u{202e}\"]");
+        }
+        let o = Origin {
+            facility: Facility::Local7,
+            hostname: "h".repeat(255),
+            procid: u32::MAX,
+        };
+        let record = String::from_utf8(format(&o, &e)).unwrap();
+        assert!(record.len() <= RECORD_MAX, "{}", record.len());
+        eprintln!("the largest record: {} bytes", record.len());
+        let (id, params) = read_sd(&record);
+        assert_eq!(id, SD_ID);
+        for (name, max) in [
+            ("agent", super::super::SHORT_MAX),
+            ("comm", super::super::SHORT_MAX),
+            ("proto", super::super::SHORT_MAX),
+            ("domain", super::super::SHORT_MAX),
+            ("path", VALUE_MAX),
+            ("path2", VALUE_MAX),
+            ("detail", DETAIL_MAX),
+        ] {
+            let v = &params.iter().find(|(n, _)| n == name).unwrap().1;
+            assert!(
+                v.chars().map(escaped_size).sum::<usize>() <= max,
+                "{name}: {v}"
+            );
+            if name != "detail" {
+                let (kept, mark) = v.rsplit_once('…').unwrap();
+                assert!(
+                    mark.starts_with("[+") && mark.ends_with(']'),
+                    "{name}: {mark}"
+                );
+                assert!(crate::ask::printable(&nasty).starts_with(kept), "{name}");
+            }
+        }
+        let detail = &params.iter().find(|(n, _)| n == "detail").unwrap().1;
+        let detail: serde_json::Value = serde_json::from_str(detail).unwrap();
+        assert!(detail["truncated"].as_u64().unwrap() > 250, "{detail}");
+        assert_eq!(detail["z000"], "\u{202e}\"]");
+        let msg = record.split_once("] \u{feff}").unwrap().1;
+        assert!(msg.len() <= super::super::MESSAGE_MAX, "{}", msg.len());
+        assert!(msg.starts_with("DENY   net_connect   /a\\u{a}"), "{msg}");
     }
 
     #[test]

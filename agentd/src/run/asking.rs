@@ -98,6 +98,7 @@ impl Front for TerminalFront {
                     uid: invoking_uid(),
                     pid: std::process::id(),
                     via: "terminal".into(),
+                    web: None,
                 },
                 signed: None,
                 signature: None,

@@ -1,9 +1,10 @@
 //! The web view's routes: the page and its assets, a JSON API, the live event stream, and
-//! the guard every request passes first ([`guard`]: Host, token, Origin).
+//! the guard every request passes first ([`guard`]: the client's cgroup, Host, session,
+//! Origin, and for an action the user's groups now).
 //!
 //! | route                              | what                                           |
 //! |------------------------------------|------------------------------------------------|
-//! | `GET /?token=T`                    | the token becomes a cookie; redirect to `/`    |
+//! | `GET /?token=T`                    | spends the token for a session (the cookie)    |
 //! | `GET /`, `/app.js`, `/style.css`,  | the page (embedded)                            |
 //! | `/favicon.svg`                     |                                                |
 //! | `GET /api/me`                      | whom the token acts as, until when             |
@@ -18,13 +19,14 @@
 use std::{
     collections::VecDeque,
     convert::Infallible,
+    net::SocketAddr,
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use axum::{
     Extension, Json, Router,
-    extract::{Path, Query, Request, State},
+    extract::{ConnectInfo, Path, Query, Request, State},
     http::{HeaderMap, HeaderValue, Method, StatusCode, header},
     middleware::{self, Next},
     response::{
@@ -38,8 +40,8 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
 use super::{
-    super::{Shared, ask, lock, proto::Reply},
-    actor, auth, via,
+    super::{Refusal, Shared, ask, lock, outputs::LocalAddr},
+    Caller, Source, actor, auth, via,
 };
 use crate::{
     ask::{Answer, Request as Held, Scope, engine::Change, printable},
@@ -58,9 +60,9 @@ const ICON: &str = include_str!("favicon.svg");
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
                    img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-/// What a request without a valid token is told.
-const NO_TOKEN: &str = "agentd web view: this needs an access token. Run `agentd ui-url` on \
-                        the daemon's host (as root or a member of its group) and open the URL it prints.\n";
+/// What a request without a valid session is told.
+const NO_SESSION: &str = "agentd web view: this needs an access token. Run `agentd ui-url` on \
+                          the daemon's host (as root or a member of its group) and open the URL it prints.\n";
 
 /// How often an open page is sent the agents and the pending requests.
 const STATE_EVERY: Duration = Duration::from_secs(1);
@@ -89,15 +91,21 @@ pub(in crate::daemon) fn router(shared: Arc<Shared>) -> Router {
 
 // ---- the guard ----------------------------------------------------------------------------
 
-/// Every request: its `Host` must name the view (DNS rebinding); `/?token=T` logs in;
-/// anything else needs a valid token, from the cookie or `Authorization: Bearer`; a
-/// request that changes something with the cookie must come from the page itself
-/// (`Origin`, `Sec-Fetch-Site`: CSRF). The user is then the request's `WebUser`.
+/// Every request: it must come from a socket of this host made outside every agent
+/// (the client's cgroup); its `Host` must name the view (DNS rebinding); `/?token=T`
+/// logs in; anything else needs an open session (the cookie); a request that changes
+/// something must come from the page itself (`Origin`, `Sec-Fetch-Site`: CSRF) of a user
+/// who is, now, root or in --group. The caller is then the request's [`Caller`].
 async fn guard(State(shared): State<App>, mut req: Request, next: Next) -> Response {
-    let mut resp = match admit(&shared, &req) {
-        Admit::Answer(r) => r,
-        Admit::User(user) => {
-            req.extensions_mut().insert(user);
+    let admitted = match admit(&shared, &req) {
+        Admit::Answer(r) => Err(r),
+        Admit::Caller(caller) => Ok(caller),
+        Admit::Acting(caller) => regrouped(&shared, caller).await,
+    };
+    let mut resp = match admitted {
+        Err(r) => r,
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
             next.run(req).await
         }
     };
@@ -123,15 +131,51 @@ async fn guard(State(shared): State<App>, mut req: Request, next: Next) -> Respo
 }
 
 enum Admit {
-    User(auth::WebUser),
+    Caller(Caller),
+    /// About to change something: its user's groups are looked up again first.
+    Acting(Caller),
     /// Answered here: refused, or a login.
     Answer(Response),
 }
 
-fn admit(shared: &Shared, req: &Request) -> Admit {
+fn admit(shared: &App, req: &Request) -> Admit {
     let Some(bound) = shared.ui.listen else {
         return Admit::Answer(text(StatusCode::NOT_FOUND, "the web view is off\n"));
     };
+    // Which process is at the other end, first: nothing is served to an agent, whatever
+    // credential it holds (it runs as its owner's uid).
+    let Some(peer) = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+    else {
+        return Admit::Answer(text(
+            StatusCode::FORBIDDEN,
+            "agentd web view: refused: the client's address is unknown\n",
+        ));
+    };
+    let local = req.extensions().get::<LocalAddr>().map(|l| l.0);
+    match super::screen(shared, peer, local) {
+        Source::Host => {}
+        Source::Agent(agent) => {
+            let what = format!("{} {}", req.method(), req.uri().path());
+            super::agent_refused(shared, &agent, peer, local, &what);
+            return Admit::Answer(text(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "agentd web view: permission denied: this connection comes from inside agent {agent}: no process inside an agent may use the web view\n"
+                ),
+            ));
+        }
+        Source::Unknown(why) => {
+            return Admit::Answer(text(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "agentd web view: refused: which process this connection comes from cannot be checked ({why}); the view serves this host's processes outside agents only (from elsewhere: `ssh -L`)\n"
+                ),
+            ));
+        }
+    }
     let headers = req.headers();
     let host = header_str(headers, header::HOST).unwrap_or("");
     if !auth::host_allowed(bound, host) {
@@ -141,34 +185,58 @@ fn admit(shared: &Shared, req: &Request) -> Admit {
              address `agentd ui-url` prints, or localhost)\n",
         ));
     }
-    let now = Instant::now();
+    let now = SystemTime::now();
     if req.uri().path() == "/" && req.uri().query().is_some() {
-        return Admit::Answer(login(shared, req, bound.port(), now));
+        return Admit::Answer(login(shared, req, bound.port(), peer, now));
     }
     let name = auth::cookie_name(bound.port());
-    let from_cookie = header_str(headers, header::COOKIE).and_then(|c| auth::cookie(c, &name));
-    let from_bearer = header_str(headers, header::AUTHORIZATION).and_then(auth::bearer);
-    // A header a script set is no ambient credential: only the cookie needs the CSRF checks.
-    let (token, by_cookie) = match (from_bearer, from_cookie) {
-        (Some(t), _) => (Some(t), false),
-        (None, c) => (c, true),
+    let session = header_str(headers, header::COOKIE).and_then(|c| auth::cookie(c, &name));
+    let Some(grant) = session.and_then(|id| shared.ui.credentials.session(id, now)) else {
+        return Admit::Answer(text(StatusCode::UNAUTHORIZED, NO_SESSION));
     };
-    let Some(user) = token.and_then(|t| shared.ui.tokens.check(t, now)) else {
-        return Admit::Answer(text(StatusCode::UNAUTHORIZED, NO_TOKEN));
-    };
-    if by_cookie && !matches!(*req.method(), Method::GET | Method::HEAD) {
-        let origin = header_str(headers, header::ORIGIN);
-        let site = header_str(headers, "sec-fetch-site");
-        if !origin.is_some_and(|o| auth::origin_matches(host, o))
-            || site.is_some_and(|s| s != "same-origin")
-        {
-            return Admit::Answer(text(
-                StatusCode::FORBIDDEN,
-                "agentd web view: refused: an action must come from the view's own page (Origin)\n",
-            ));
-        }
+    let caller = Caller::of(grant, peer);
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        return Admit::Caller(caller);
     }
-    Admit::User(user)
+    let origin = header_str(headers, header::ORIGIN);
+    let site = header_str(headers, "sec-fetch-site");
+    if !origin.is_some_and(|o| auth::origin_matches(host, o))
+        || site.is_some_and(|s| s != "same-origin")
+    {
+        return Admit::Answer(text(
+            StatusCode::FORBIDDEN,
+            "agentd web view: refused: an action must come from the view's own page (Origin)\n",
+        ));
+    }
+    Admit::Acting(caller)
+}
+
+/// `caller` with their groups as they are now, not as when the token was given (an
+/// action: a user removed from --group or --approvers has lost what it gave); refused
+/// when they are no longer root or in --group.
+async fn regrouped(shared: &Shared, mut caller: Caller) -> Result<Caller, Response> {
+    let user = caller.user.clone();
+    let now = tokio::task::spawn_blocking(move || super::regrouped(&user))
+        .await
+        .map_err(|e| format!("looking up the user's groups: {e}"))
+        .and_then(|r| r);
+    match now {
+        Ok(user) if super::may_watch(shared, &user) => {
+            caller.user = user;
+            Ok(caller)
+        }
+        Ok(user) => Err(text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "agentd web view: permission denied: uid {} is no longer root or in group `{}`\n",
+                user.uid, shared.group
+            ),
+        )),
+        Err(e) => Err(text(
+            StatusCode::FORBIDDEN,
+            format!("agentd web view: refused: {e}\n"),
+        )),
+    }
 }
 
 #[derive(Deserialize)]
@@ -177,47 +245,57 @@ struct Login {
     token: String,
 }
 
-/// `GET /?token=T`: a valid token becomes the cookie, and the browser goes to `/` (the
-/// token leaves the address bar and the history).
-fn login(shared: &Shared, req: &Request, port: u16, now: Instant) -> Response {
+/// `GET /?token=T`: a valid, unused token is spent for a session, whose id the cookie
+/// carries, and the browser goes to `/` (the token leaves the address bar; it opens
+/// nothing again). Audited (`ui_login`).
+fn login(shared: &Shared, req: &Request, port: u16, peer: SocketAddr, now: SystemTime) -> Response {
     let Ok(Query(l)) = Query::<Login>::try_from_uri(req.uri()) else {
         return text(
             StatusCode::BAD_REQUEST,
             "agentd web view: the only query this page takes is ?token=T (from `agentd ui-url`)\n",
         );
     };
-    let Some(user) = shared.ui.tokens.check(&l.token, now) else {
-        return text(
-            StatusCode::UNAUTHORIZED,
-            "agentd web view: this token is not valid (it expired, or the daemon restarted): run \
-             `agentd ui-url` for a new one\n",
-        );
-    };
-    let left = user
-        .expires
-        .duration_since(SystemTime::now())
-        .unwrap_or_default();
-    let mut resp = StatusCode::SEE_OTHER.into_response();
-    let h = resp.headers_mut();
-    h.insert(header::LOCATION, HeaderValue::from_static("/"));
-    match HeaderValue::from_str(&auth::set_cookie(port, &l.token, left)) {
-        Ok(v) => {
-            h.insert(header::SET_COOKIE, v);
+    let (id, grant) = match shared.ui.credentials.login(&l.token, now) {
+        Ok(Some(session)) => session,
+        Ok(None) => {
+            return text(
+                StatusCode::UNAUTHORIZED,
+                "agentd web view: this token is not valid (a token opens one session; it expired; \
+                 or the daemon restarted): run `agentd ui-url` for a new one\n",
+            );
         }
-        Err(_) => return text(StatusCode::BAD_REQUEST, "agentd web view: a bad token\n"),
-    }
-    resp
+        Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    };
+    super::audit(
+        shared,
+        crate::audit::record::Action::UiLogin,
+        actor(&grant.user),
+        json!({
+            "token": grant.token.to_string(),
+            "peer": peer.to_string(),
+            "expires": super::utc(grant.expires),
+        }),
+    );
+    let left = grant.expires.duration_since(now).unwrap_or_default();
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, "/".to_owned()),
+            (header::SET_COOKIE, auth::set_cookie(port, &id, left)),
+        ],
+    )
+        .into_response()
 }
 
 fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response {
+fn text(status: StatusCode, body: impl Into<String>) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        body,
+        body.into(),
     )
         .into_response()
 }
@@ -250,39 +328,20 @@ async fn not_found() -> Response {
 
 // ---- the API ------------------------------------------------------------------------------
 
-/// A reply of the daemon's, as the API answers it: `{"ok": ...}` or `{"error": ...}`
-/// with a status that says what kind of refusal.
-fn answer(reply: Reply) -> Response {
-    match reply {
-        Reply::Ok(m) => Json(json!({ "ok": m })).into_response(),
-        Reply::Error(e) => {
-            let status = if e.starts_with("permission denied") {
-                StatusCode::FORBIDDEN
-            } else if e.starts_with("no running agent") || e.starts_with("no pending request") {
-                StatusCode::NOT_FOUND
-            } else {
-                StatusCode::BAD_REQUEST
+/// An action's outcome, as the API answers it: `{"ok": ...}`, or `{"error": ...}` with a
+/// status that says what kind of refusal.
+fn answer(outcome: Result<String, Refusal>) -> Response {
+    match outcome {
+        Ok(m) => Json(json!({ "ok": m })).into_response(),
+        Err(e) => {
+            let status = match &e {
+                Refusal::Denied(_) => StatusCode::FORBIDDEN,
+                Refusal::NotFound(_) => StatusCode::NOT_FOUND,
+                Refusal::Invalid(_) => StatusCode::BAD_REQUEST,
+                Refusal::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             };
-            (status, Json(json!({ "error": e }))).into_response()
+            error(status, e.to_string())
         }
-        other @ (Reply::Started { .. }
-        | Reply::Frozen(_)
-        | Reply::Exit { .. }
-        | Reply::Event(_)
-        | Reply::Agents(_)
-        | Reply::Stats(_)
-        | Reply::Transaction(_)
-        | Reply::Approvals(_)
-        | Reply::Held(_)
-        | Reply::Prompt(_)
-        | Reply::Settled { .. }
-        | Reply::Grants(_)
-        | Reply::Handover { .. }
-        | Reply::UiUrl(_)) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(json!({ "error": format!("unexpected reply {other:?}") })),
-        )
-            .into_response(),
     }
 }
 
@@ -290,16 +349,16 @@ fn error(status: StatusCode, e: String) -> Response {
     (status, Json(json!({ "error": e }))).into_response()
 }
 
-async fn me(Extension(user): Extension<auth::WebUser>) -> Json<Value> {
-    Json(me_view(&user))
+async fn me(Extension(caller): Extension<Caller>) -> Json<Value> {
+    Json(me_view(&caller))
 }
 
-fn me_view(user: &auth::WebUser) -> Value {
+fn me_view(caller: &Caller) -> Value {
     json!({
-        "uid": user.uid,
-        "gid": user.gid,
-        "groups": user.groups,
-        "expires": super::utc(user.expires),
+        "uid": caller.user.uid,
+        "gid": caller.user.gid,
+        "groups": caller.user.groups,
+        "expires": super::utc(caller.expires),
     })
 }
 
@@ -320,9 +379,11 @@ async fn agent(State(shared): State<App>, Path(id): Path<String>) -> Response {
             format!("no agent {id} (see `agentd ps`)"),
         );
     };
-    let policy = lock(&shared.agents)
+    // Copied out: the registry's lock is not held while it is written out.
+    let compiled = lock(&shared.agents)
         .get(&id)
-        .map(|a| crate::report::render_policy(&a.launch.origin, &a.policy));
+        .map(|a| (a.launch.origin.clone(), a.policy.clone()));
+    let policy = compiled.map(|(origin, p)| crate::report::render_policy(&origin, &p));
     let mut events: Vec<Value> = lock(&shared.recent)
         .iter()
         .rev()
@@ -340,41 +401,39 @@ async fn agent(State(shared): State<App>, Path(id): Path<String>) -> Response {
 }
 
 /// The kill switch, as `agentd kill` (only root and the agent's owner), audited with the
-/// page's user.
+/// page's user and its session.
 async fn kill(
     State(shared): State<App>,
-    Extension(user): Extension<auth::WebUser>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Response {
     answer(super::super::kill_as(
         &shared,
-        actor(&user),
+        actor(&caller.user),
         &id,
         "web view kill",
+        Some(&caller.web),
     ))
 }
 
 /// Pending requests the user may answer.
-async fn approvals(
-    State(shared): State<App>,
-    Extension(user): Extension<auth::WebUser>,
-) -> Json<Value> {
-    Json(json!(pending(&shared, &user)))
+async fn approvals(State(shared): State<App>, Extension(caller): Extension<Caller>) -> Json<Value> {
+    Json(json!(pending(&shared, &caller)))
 }
 
-fn pending(shared: &Shared, user: &auth::WebUser) -> Vec<Value> {
+fn pending(shared: &Shared, caller: &Caller) -> Vec<Value> {
     shared
         .asking
         .board
         .pending(None)
         .into_iter()
-        .filter(|(_, owner)| may_answer(shared, user, *owner))
+        .filter(|(_, owner)| may_answer(shared, caller, *owner))
         .map(|(r, _)| held_view(&r))
         .collect()
 }
 
-fn may_answer(shared: &Shared, user: &auth::WebUser, owner: u32) -> bool {
-    ask::may_answer_via(shared, &actor(user), owner, via(user)).is_ok()
+fn may_answer(shared: &Shared, caller: &Caller, owner: u32) -> bool {
+    ask::may_answer_via(shared, &actor(&caller.user), owner, via(caller)).is_ok()
 }
 
 /// A held call as the page shows it: what the agent's processes chose (paths, names,
@@ -423,7 +482,7 @@ fn answer_of(scope: &str) -> Result<Answer, String> {
 /// The exact text to sign (`ssh-keygen -Y sign -n agentd-approval`) for an answer.
 async fn message(
     State(shared): State<App>,
-    Extension(user): Extension<auth::WebUser>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Query(q): Query<MessageQuery>,
 ) -> Response {
@@ -432,7 +491,7 @@ async fn message(
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     match shared.asking.board.request(&id) {
-        Some((r, owner)) if may_answer(&shared, &user, owner) => (
+        Some((r, owner)) if may_answer(&shared, &caller, owner) => (
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             crate::ask::message(&r, &answer),
         )
@@ -454,21 +513,21 @@ struct DecideBody {
 }
 
 /// Answers a held call, as `agentd approve` / `deny` (same checks; the decision's `via`
-/// is "web view").
+/// is "web view", its record names the session).
 async fn decide(
     State(shared): State<App>,
-    Extension(user): Extension<auth::WebUser>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Json(body): Json<DecideBody>,
 ) -> Response {
     let signature = body.signature.filter(|s| !s.trim().is_empty());
     answer(ask::decide_via(
         &shared,
-        &actor(&user),
+        &actor(&caller.user),
         &id,
         body.answer,
         signature,
-        via(&user),
+        via(&caller),
     ))
 }
 
@@ -497,12 +556,12 @@ fn sse(name: &str, data: &Value) -> SseEvent {
     SseEvent::default().event(name).data(data.to_string())
 }
 
-fn state(shared: &Shared, user: &auth::WebUser) -> SseEvent {
+fn state(shared: &Shared, caller: &Caller) -> SseEvent {
     sse(
         "state",
         &json!({
             "agents": super::super::ps_rows(shared),
-            "approvals": pending(shared, user),
+            "approvals": pending(shared, caller),
         }),
     )
 }
@@ -510,10 +569,10 @@ fn state(shared: &Shared, user: &auth::WebUser) -> SseEvent {
 /// One open page's stream: first `hello` (the user), the recent events and `state`
 /// (agents and requests), then each event (`ev`), held call (`held`) and ended request
 /// (`settled`) as it comes, `state` every second, `lost` when the page fell behind, and
-/// `expired` when the token ends (the stream ends then).
+/// `expired` when the session ends (the stream ends then).
 struct Stream {
     shared: Arc<Shared>,
-    user: auth::WebUser,
+    caller: Caller,
     events: broadcast::Receiver<Arc<Event>>,
     changes: broadcast::Receiver<Change>,
     tick: tokio::time::Interval,
@@ -531,11 +590,11 @@ impl Stream {
             if self.done {
                 return None;
             }
-            if SystemTime::now() >= self.user.expires {
+            if SystemTime::now() >= self.caller.expires {
                 self.done = true;
                 return Some(sse(
                     "expired",
-                    &json!({ "why": "the token expired: run `agentd ui-url` for a new one" }),
+                    &json!({ "why": "the session expired: run `agentd ui-url` for a new token" }),
                 ));
             }
             tokio::select! {
@@ -549,7 +608,7 @@ impl Stream {
                 c = self.changes.recv() => match c {
                     Ok(Change::Held(req)) => {
                         let owner = self.shared.asking.board.request(&req.id).map(|(_, o)| o);
-                        if owner.is_some_and(|o| may_answer(&self.shared, &self.user, o)) {
+                        if owner.is_some_and(|o| may_answer(&self.shared, &self.caller, o)) {
                             return Some(sse("held", &held_view(&req)));
                         }
                     }
@@ -559,39 +618,39 @@ impl Stream {
                         return Some(sse("settled", &json!({ "id": request.id })));
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        return Some(state(&self.shared, &self.user));
+                        return Some(state(&self.shared, &self.caller));
                     }
                     Err(broadcast::error::RecvError::Closed) => return None,
                 },
-                _ = self.tick.tick() => return Some(state(&self.shared, &self.user)),
+                _ = self.tick.tick() => return Some(state(&self.shared, &self.caller)),
             }
         }
     }
 }
 
-async fn events(State(shared): State<App>, Extension(user): Extension<auth::WebUser>) -> Response {
-    let Some(open) = super::open_stream(&shared, &user) else {
+async fn events(State(shared): State<App>, Extension(caller): Extension<Caller>) -> Response {
+    let Some(open) = super::open_stream(&shared, &caller) else {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "agentd web view: too many pages are open; close some\n",
+            "agentd web view: you have too many pages open; close some\n",
         );
     };
     // Subscribe first, so nothing falls between the backlog and the stream.
     let events = shared.events.subscribe();
     let changes = shared.asking.board.subscribe();
     let mut queue = VecDeque::new();
-    queue.push_back(sse("hello", &me_view(&user)));
+    queue.push_back(sse("hello", &me_view(&caller)));
     let backlog: Vec<Arc<Event>> = lock(&shared.recent).iter().cloned().collect();
     queue.extend(backlog.iter().map(|e| sse("ev", &event_view(e))));
     // After the backlog: the page takes what follows as live.
-    queue.push_back(state(&shared, &user));
+    queue.push_back(state(&shared, &caller));
     let mut tick = tokio::time::interval(STATE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick is now: `state` was just queued.
     tick.reset();
     let stream = Stream {
         shared,
-        user,
+        caller,
         events,
         changes,
         tick,

@@ -43,6 +43,21 @@ async function api(method, path, body) {
   return data;
 }
 
+// Control and format characters (bidirectional overrides, zero-width characters, tags)
+// as \u{…}, as the daemon escapes the text the agents chose: a tooltip reads as what it
+// holds. Line breaks stay.
+const HIDDEN = /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/gu;
+function printable(text) {
+  return String(text).replace(HIDDEN, (c) => (c === '\n' ? c : `\\u{${c.codePointAt(0).toString(16)}}`));
+}
+
+// One argument as a shell would need it: bare when it is plainly one word, else in single
+// quotes, so that `a b` and `a` `b` read differently.
+function shellWord(word) {
+  const w = String(word);
+  return /^[A-Za-z0-9_@%+=:,.\/-]+$/.test(w) ? w : `'${w.replace(/'/g, "'\\''")}'`;
+}
+
 function duration(s) {
   if (s < 60) return `${s}s`;
   if (s < 3600) return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, '0')}s`;
@@ -186,7 +201,7 @@ function eventItem(v, fresh) {
   const who = el('span', 'who');
   who.append(agentLink(e.agent));
   li.append(who);
-  li.title = JSON.stringify(e, null, 1);
+  li.title = printable(JSON.stringify(e, null, 1));
   return li;
 }
 
@@ -235,7 +250,7 @@ function newCard(req) {
   meta.append(agentLink(req.agent), ` (${req.profile})${caller}; since ${req.since}, waits ${req.timeout_s} s; `,
     el('code', null, req.id));
   card.append(meta);
-  if (req.argv && req.argv.length) card.append(el('div', 'meta', `argv: ${req.argv.join(' ')}`));
+  if (req.argv && req.argv.length) card.append(el('div', 'meta', `argv: ${req.argv.map(shellWord).join(' ')}`));
 
   const select = el('select');
   for (const [value, label] of [['once', 'this call only'], ['600', 'for 10 minutes'],
@@ -356,7 +371,7 @@ function connect() {
   let backlog = true;
   es.addEventListener('hello', (m) => {
     const me = JSON.parse(m.data);
-    $('me').textContent = `acting as uid ${me.uid} · token until ${me.expires.replace('T', ' ')}`;
+    $('me').textContent = `acting as uid ${me.uid} · session until ${me.expires.replace('T', ' ')}`;
     // A reconnection sends the recent events again.
     $('events').textContent = '';
     backlog = true;
@@ -378,7 +393,7 @@ function connect() {
   });
   es.addEventListener('expired', (m) => {
     es.close();
-    setConn('gone', 'token expired');
+    setConn('gone', 'session expired');
     toast(JSON.parse(m.data).why, true);
   });
   es.onopen = () => setConn('live', 'live');

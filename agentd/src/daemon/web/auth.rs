@@ -1,112 +1,206 @@
-//! Who may use the web view: access tokens (`agentd ui-url`), the cookie a token becomes,
+//! Who may use the web view: access tokens (`agentd ui-url`), the sessions they become,
 //! and the checks every request passes (its Host, its Origin). Pure code: the clock is a
 //! parameter, so all of it is tested without a daemon.
 //!
 //! A token is 256 bits from the OS RNG, shown once (as hex, in the URL `agentd ui-url`
-//! prints); the daemon keeps only its SHA-256, compared in constant time, with the user it
-//! was given to and its expiry.
+//! prints) and good for one login: `GET /?token=T` spends it and opens a session, whose
+//! id (256 more random bits) the cookie carries. A token seen later (in a command line,
+//! a shell's history) opens nothing. The daemon keeps only SHA-256 digests, compared in
+//! constant time, with the user they were given to and their expiry (the wall clock:
+//! what `agentd ui-url` tells the user).
 
 use std::{
+    fmt,
     net::{IpAddr, SocketAddr},
     sync::Mutex,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use sha2::Digest as _;
 use subtle::ConstantTimeEq as _;
 
-/// How long a token (and the cookie it becomes) is valid.
+/// How long a token, and the session it opens, is valid (from the token's issue).
 pub const TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
-/// Random bytes in a token.
-const TOKEN_BYTES: usize = 32;
-/// Tokens kept at most (each `agentd ui-url` makes one): the oldest go first.
-const MAX_TOKENS: usize = 256;
+/// Random bytes in a token or a session id.
+const SECRET_BYTES: usize = 32;
+/// Unused tokens and open sessions one uid holds at most: its oldest go first (another
+/// user's are never touched).
+pub const MAX_PER_USER: usize = 16;
 
 /// The user a token was given to, as the control socket saw them when they asked: their
 /// uid, primary gid, and supplementary groups (which decide `--group` and `--approvers`
-/// membership for what they do through the page).
+/// membership for what they watch; an action looks the groups up again).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebUser {
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<u32>,
-    /// When the token ends.
+}
+
+/// The first 4 bytes of a token's SHA-256, as 8 hex digits: names the token in the audit
+/// log (its issue, its login, what its session did) without giving it away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint([u8; 4]);
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex(&self.0))
+    }
+}
+
+/// What a valid token or session stands for: its user, until when, and the token it
+/// is (or was opened with).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub user: WebUser,
     pub expires: SystemTime,
+    pub token: Fingerprint,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Given out by `agentd ui-url`, not yet used.
+    Token,
+    /// Opened with a token; the cookie carries its id.
+    Session,
 }
 
 #[derive(Debug)]
-struct Grant {
+struct Entry {
+    kind: Kind,
     digest: [u8; 32],
-    user: WebUser,
-    until: Instant,
+    grant: Grant,
 }
 
-/// The tokens given out and still valid.
+/// The tokens given out and the sessions open, while valid.
 #[derive(Debug, Default)]
-pub struct Tokens {
-    grants: Mutex<Vec<Grant>>,
+pub struct Credentials {
+    entries: Mutex<Vec<Entry>>,
 }
 
-/// Why a token could not be made.
+/// Why a token or a session could not be made.
 #[derive(Debug, thiserror::Error)]
 #[error("no random bytes for a web view token (getrandom: {0})")]
 pub struct NoRandom(getrandom::Error);
 
-impl Tokens {
-    /// A new token for `user` (its `expires` is set here), valid [`TOKEN_TTL`] from `now`.
-    pub fn issue(
-        &self,
-        mut user: WebUser,
-        now: Instant,
-        wall: SystemTime,
-    ) -> Result<(String, WebUser), NoRandom> {
-        let mut raw = [0u8; TOKEN_BYTES];
-        getrandom::fill(&mut raw).map_err(NoRandom)?;
-        let token = hex(&raw);
-        user.expires = wall + TOKEN_TTL;
-        let mut grants = super::super::lock(&self.grants);
-        grants.retain(|g| g.until > now);
-        if grants.len() >= MAX_TOKENS {
-            grants.remove(0);
-        }
-        grants.push(Grant {
-            digest: digest(&token),
-            user: user.clone(),
-            until: now + TOKEN_TTL,
-        });
-        Ok((token, user))
+/// A token just given out: the secret (shown once) and what it stands for.
+#[derive(Debug)]
+pub struct Issued {
+    pub token: String,
+    pub grant: Grant,
+}
+
+impl Credentials {
+    /// A new token for `user`, valid [`TOKEN_TTL`] from `now` and for one login.
+    pub fn issue(&self, user: WebUser, now: SystemTime) -> Result<Issued, NoRandom> {
+        let token = secret()?;
+        let grant = Grant {
+            user,
+            expires: now + TOKEN_TTL,
+            token: fingerprint(&token),
+        };
+        let mut entries = super::super::lock(&self.entries);
+        add(
+            &mut entries,
+            Entry {
+                kind: Kind::Token,
+                digest: digest(&token),
+                grant: grant.clone(),
+            },
+            now,
+        );
+        Ok(Issued { token, grant })
     }
 
-    /// The user `token` was given to, if it is one of ours and has not expired at `now`.
-    pub fn check(&self, token: &str, now: Instant) -> Option<WebUser> {
+    /// Spends `token` for a new session: its id (for the cookie) and what it stands for
+    /// (the token's user and expiry). `Ok(None)`: not a token of ours that is still
+    /// valid and unused.
+    pub fn login(&self, token: &str, now: SystemTime) -> Result<Option<(String, Grant)>, NoRandom> {
         if !well_formed(token) {
+            return Ok(None);
+        }
+        // Drawn first: a failure spends nothing.
+        let id = secret()?;
+        let mut entries = super::super::lock(&self.entries);
+        let Some(i) = find(&mut entries, Kind::Token, token, now) else {
+            return Ok(None);
+        };
+        let spent = entries.remove(i);
+        let grant = spent.grant;
+        add(
+            &mut entries,
+            Entry {
+                kind: Kind::Session,
+                digest: digest(&id),
+                grant: grant.clone(),
+            },
+            now,
+        );
+        Ok(Some((id, grant)))
+    }
+
+    /// What session `id` stands for, if it is open and has not expired at `now`.
+    pub fn session(&self, id: &str, now: SystemTime) -> Option<Grant> {
+        if !well_formed(id) {
             return None;
         }
-        let d = digest(token);
-        let mut grants = super::super::lock(&self.grants);
-        grants.retain(|g| g.until > now);
-        // Every grant is compared, in constant time each: how long this takes says nothing
-        // about how much of a guess was right.
-        let mut found = None;
-        for g in grants.iter() {
-            if bool::from(g.digest.ct_eq(&d)) {
-                found = Some(g.user.clone());
-            }
-        }
-        found
+        let mut entries = super::super::lock(&self.entries);
+        let i = find(&mut entries, Kind::Session, id, now)?;
+        entries.get(i).map(|e| e.grant.clone())
     }
 }
 
-/// A token as `issue` writes them: 64 lowercase hex digits.
-fn well_formed(token: &str) -> bool {
-    token.len() == TOKEN_BYTES * 2
-        && token
+/// Adds `entry`, first dropping what expired at `now` and, when its uid holds
+/// [`MAX_PER_USER`] already, the oldest of its uid's.
+fn add(entries: &mut Vec<Entry>, entry: Entry, now: SystemTime) {
+    entries.retain(|e| e.grant.expires > now);
+    let uid = entry.grant.user.uid;
+    if entries.iter().filter(|e| e.grant.user.uid == uid).count() >= MAX_PER_USER
+        && let Some(oldest) = entries.iter().position(|e| e.grant.user.uid == uid)
+    {
+        entries.remove(oldest);
+    }
+    entries.push(entry);
+}
+
+/// Where the unexpired entry of `kind` whose secret is `secret` is. Every entry is
+/// compared, in constant time each: how long this takes says nothing about how much of
+/// a guess was right.
+fn find(entries: &mut Vec<Entry>, kind: Kind, secret: &str, now: SystemTime) -> Option<usize> {
+    entries.retain(|e| e.grant.expires > now);
+    let d = digest(secret);
+    let mut found = None;
+    for (i, e) in entries.iter().enumerate() {
+        if bool::from(e.digest.ct_eq(&d)) && e.kind == kind {
+            found = Some(i);
+        }
+    }
+    found
+}
+
+/// 256 random bits as 64 lowercase hex digits.
+fn secret() -> Result<String, NoRandom> {
+    let mut raw = [0u8; SECRET_BYTES];
+    getrandom::fill(&mut raw).map_err(NoRandom)?;
+    Ok(hex(&raw))
+}
+
+/// A secret as [`secret`] writes them.
+fn well_formed(secret: &str) -> bool {
+    secret.len() == SECRET_BYTES * 2
+        && secret
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-fn digest(token: &str) -> [u8; 32] {
-    sha2::Sha256::digest(token.as_bytes()).into()
+fn digest(secret: &str) -> [u8; 32] {
+    sha2::Sha256::digest(secret.as_bytes()).into()
+}
+
+/// The fingerprint of `token`.
+pub fn fingerprint(token: &str) -> Fingerprint {
+    let d = digest(token);
+    Fingerprint([d[0], d[1], d[2], d[3]])
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -119,11 +213,11 @@ pub fn cookie_name(port: u16) -> String {
     format!("agentd_ui_{port}")
 }
 
-/// The `Set-Cookie` value that carries `token`: sent back only to this host, never to
-/// scripts, never on a request another site starts.
-pub fn set_cookie(port: u16, token: &str, max_age: Duration) -> String {
+/// The `Set-Cookie` value that carries session `id`: sent back only to this host, never
+/// to scripts, never on a request another site starts.
+pub fn set_cookie(port: u16, id: &str, max_age: Duration) -> String {
     format!(
-        "{}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        "{}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
         cookie_name(port),
         max_age.as_secs()
     )
@@ -135,11 +229,6 @@ pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
         let (k, v) = pair.trim().split_once('=')?;
         (k == name).then_some(v)
     })
-}
-
-/// The token of an `Authorization: Bearer T` header.
-pub fn bearer(header: &str) -> Option<&str> {
-    header.strip_prefix("Bearer ").map(str::trim)
 }
 
 /// A `Host` header's host and port (80 when absent). `None`: not a valid authority.
@@ -216,23 +305,6 @@ pub fn origin_matches(host: &str, origin: &str) -> bool {
     }
 }
 
-/// The supplementary groups of process `pid` (its `Groups:` line in /proc); empty when
-/// it cannot be read (fewer rights, never more).
-pub fn groups_of(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:").map(str::to_owned))
-        })
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,38 +314,51 @@ mod tests {
             uid,
             gid: uid,
             groups: vec![27, 100],
-            expires: SystemTime::UNIX_EPOCH,
         }
     }
 
-    #[test]
-    fn a_token_is_its_users_until_it_expires() {
-        let tokens = Tokens::default();
-        let t0 = Instant::now();
-        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let (a, ua) = tokens.issue(user(1000), t0, wall).unwrap();
-        let (b, _) = tokens.issue(user(1001), t0, wall).unwrap();
-        assert_ne!(a, b);
-        assert_eq!(a.len(), 64);
-        assert!(well_formed(&a), "{a}");
-        assert_eq!(ua.expires, wall + TOKEN_TTL);
-        assert_eq!(tokens.check(&a, t0).map(|u| u.uid), Some(1000));
-        assert_eq!(tokens.check(&b, t0).map(|u| u.uid), Some(1001));
-        let later = t0 + TOKEN_TTL - Duration::from_secs(1);
-        assert_eq!(
-            tokens.check(&a, later).map(|u| u.groups),
-            Some(vec![27, 100])
-        );
-        // Expired: gone for good.
-        assert_eq!(tokens.check(&a, t0 + TOKEN_TTL), None);
-        assert_eq!(tokens.check(&a, t0), None);
+    fn t0() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000)
     }
 
     #[test]
-    fn near_misses_and_malformed_tokens_are_refused() {
-        let tokens = Tokens::default();
-        let t0 = Instant::now();
-        let (t, _) = tokens.issue(user(0), t0, SystemTime::now()).unwrap();
+    fn a_token_opens_one_session_which_lasts_until_the_token_would_have_expired() {
+        let c = Credentials::default();
+        let now = t0();
+        let a = c.issue(user(1000), now).unwrap();
+        let b = c.issue(user(1001), now).unwrap();
+        assert_ne!(a.token, b.token);
+        assert_eq!(a.token.len(), 64);
+        assert!(well_formed(&a.token), "{}", a.token);
+        assert_eq!(a.grant.expires, now + TOKEN_TTL);
+        assert_eq!(a.grant.token, fingerprint(&a.token));
+        assert_eq!(a.grant.token.to_string().len(), 8);
+        // A token is no session, and a session id no token.
+        assert_eq!(c.session(&a.token, now), None);
+        let later = now + Duration::from_secs(60);
+        let (sa, ga) = c.login(&a.token, later).unwrap().unwrap();
+        assert_ne!(sa, a.token);
+        assert_eq!(ga, a.grant);
+        // Spent: the same token again opens nothing.
+        assert_eq!(c.login(&a.token, later).unwrap(), None);
+        assert_eq!(c.login(&sa, later).unwrap(), None);
+        assert_eq!(c.session(&sa, later).map(|g| g.user.uid), Some(1000));
+        let last = now + TOKEN_TTL - Duration::from_secs(1);
+        assert_eq!(
+            c.session(&sa, last).map(|g| g.user.groups),
+            Some(vec![27, 100])
+        );
+        // Expired: gone for good, the unused token too.
+        assert_eq!(c.session(&sa, now + TOKEN_TTL), None);
+        assert_eq!(c.session(&sa, later), None);
+        assert_eq!(c.login(&b.token, now + TOKEN_TTL).unwrap(), None);
+    }
+
+    #[test]
+    fn near_misses_and_malformed_secrets_are_refused() {
+        let c = Credentials::default();
+        let now = t0();
+        let t = c.issue(user(0), now).unwrap().token;
         let mut flipped = t.clone().into_bytes();
         flipped[63] = if flipped[63] == b'0' { b'1' } else { b'0' };
         let flipped = String::from_utf8(flipped).unwrap();
@@ -286,27 +371,36 @@ mod tests {
             &format!(" {}", &t[1..]),
             &"g".repeat(64),
         ] {
-            assert_eq!(tokens.check(bad, t0), None, "{bad:?}");
+            assert_eq!(c.login(bad, now).unwrap(), None, "{bad:?}");
+            assert_eq!(c.session(bad, now), None, "{bad:?}");
         }
-        assert!(tokens.check(&t, t0).is_some());
+        assert!(c.login(&t, now).unwrap().is_some());
     }
 
     #[test]
-    fn tokens_are_bounded_and_the_oldest_go_first() {
-        let tokens = Tokens::default();
-        let t0 = Instant::now();
-        let first = tokens.issue(user(1), t0, SystemTime::now()).unwrap().0;
+    fn each_user_keeps_a_bounded_number_and_cannot_evict_anothers() {
+        let c = Credentials::default();
+        let now = t0();
+        let other = c.issue(user(1), now).unwrap().token;
+        let first = c.issue(user(2), now).unwrap().token;
+        let (session, _) = c.login(&first, now).unwrap().unwrap();
         let mut last = String::new();
-        for _ in 0..MAX_TOKENS {
-            last = tokens.issue(user(2), t0, SystemTime::now()).unwrap().0;
+        for _ in 0..MAX_PER_USER {
+            last = c.issue(user(2), now).unwrap().token;
         }
-        assert_eq!(tokens.check(&first, t0), None);
-        assert!(tokens.check(&last, t0).is_some());
-        assert!(super::super::super::lock(&tokens.grants).len() <= MAX_TOKENS);
+        // uid 2's oldest (its session) went; uid 1's token is untouched.
+        assert_eq!(c.session(&session, now), None);
+        assert!(c.login(&last, now).unwrap().is_some());
+        assert!(c.login(&other, now).unwrap().is_some());
+        let entries = super::super::super::lock(&c.entries);
+        assert_eq!(
+            entries.iter().filter(|e| e.grant.user.uid == 2).count(),
+            MAX_PER_USER
+        );
     }
 
     #[test]
-    fn cookies_and_bearer_headers() {
+    fn cookies() {
         assert_eq!(cookie_name(8080), "agentd_ui_8080");
         let c = set_cookie(8080, "ab", TOKEN_TTL);
         for part in [
@@ -322,8 +416,12 @@ mod tests {
         assert_eq!(cookie(h, "agentd_ui_8080"), Some("tok"));
         assert_eq!(cookie(h, "agentd_ui_9"), None);
         assert_eq!(cookie("agentd_ui_80800=t", "agentd_ui_8080"), None);
-        assert_eq!(bearer("Bearer abc"), Some("abc"));
-        assert_eq!(bearer("Basic abc"), None);
+    }
+
+    #[test]
+    fn fingerprints_are_the_digests_first_bytes() {
+        // SHA-256("abc") = ba7816bf...
+        assert_eq!(fingerprint("abc").to_string(), "ba7816bf");
     }
 
     #[test]
@@ -382,14 +480,5 @@ mod tests {
         ] {
             assert!(!origin_matches("127.0.0.1:8080", bad), "{bad}");
         }
-    }
-
-    #[test]
-    fn groups_of_this_process() {
-        let mine = groups_of(std::process::id());
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let line = status.lines().find(|l| l.starts_with("Groups:")).unwrap();
-        assert_eq!(mine.len(), line.split_whitespace().count() - 1);
-        assert!(groups_of(u32::MAX).is_empty());
     }
 }
