@@ -26,7 +26,9 @@ with an identity and capabilities of their own; eBPF programs enforce each agent
 scope and report its file writes, execs and processes; a circuit breaker kills an agent \
 that steps out of scope.\n\n\
 Start with `agentd doctor` to see what this host can enforce, and \
-`agentd profile check analyze-only` to see what a profile compiles to.",
+`agentd profile check analyze-only` to see what a profile compiles to. The manuals named \
+docs/NAME.md below are in the source tree, and in /usr/share/doc/agentd/ where the package \
+is installed.",
     after_help = "Examples:\n  \
 agentd doctor                              what this host offers\n  \
 agentd profile list                        the built-in profiles\n  \

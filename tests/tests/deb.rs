@@ -669,6 +669,23 @@ fn the_deb_installs_works_and_purges_without_a_trace() {
         "the postinst did not record the unit's links with deb-systemd-helper"
     );
 
+    // The manuals --help names as docs/NAME.md, byte for byte.
+    for name in [
+        "daemon.md",
+        "ui.md",
+        "export.md",
+        "metrics.md",
+        "packaging.md",
+    ] {
+        let installed = Path::new("/usr/share/doc/agentd").join(name);
+        assert_eq!(
+            fs::read(&installed).ok(),
+            fs::read(agentd_tests::repo_root().join("docs").join(name)).ok(),
+            "{} is not docs/{name}",
+            installed.display()
+        );
+    }
+
     // The examples: the built-in profiles, byte for byte, and valid.
     let examples = Path::new("/usr/share/agentd/profiles");
     let mut names: Vec<String> = fs::read_dir(examples)

@@ -239,6 +239,17 @@ fn stage(
         &read_bytes(&root.join(DIST).join("copyright"))?,
         0o644,
     )?;
+    // The manuals the man pages and --help point to (docs/daemon.md...), as
+    // /usr/share/doc/agentd/daemon.md..., with the README and the security model.
+    for path in sorted_entries(&root.join("docs"))? {
+        if path.extension() == Some(OsStr::new("md")) {
+            let name = path.file_name().context("no file name")?;
+            write(&doc.join(name), &read_bytes(&path)?, 0o644)?;
+        }
+    }
+    for name in ["README.md", "SECURITY.md", "ARCHITECTURE.md"] {
+        write(&doc.join(name), &read_bytes(&root.join(name))?, 0o644)?;
+    }
     let maintainer = template
         .lines()
         .find_map(|l| l.strip_prefix("Maintainer: "))
