@@ -38,6 +38,7 @@ pub fn register(agent_id: &str) -> Option<Registration> {
             .recursive(true)
             .mode(0o700)
             .create(AGENTS_DIR)?;
+        sweep(Path::new(AGENTS_DIR));
         let path = Path::new(AGENTS_DIR).join(format!("{agent_id}.pid"));
         let mut f = fs::OpenOptions::new()
             .write(true)
@@ -56,6 +57,45 @@ pub fn register(agent_id: &str) -> Option<Registration> {
             None
         }
     }
+}
+
+/// Removes the registrations of supervisors that are gone: one killed (SIGKILL, a crash)
+/// never removes its own. A registration counts as gone only when the pid it names is no
+/// live process called agentd now (a supervisor of an older binary, after an upgrade, is
+/// still one); one still being written (no pid yet) is left alone.
+fn sweep(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for path in entries.flatten().map(|e| e.path()) {
+        if path.extension().is_none_or(|x| x != "pid") {
+            continue;
+        }
+        let Some(pid) = fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !live_agentd(pid) {
+            let _ = fs::remove_file(&path);
+        }
+    }
+}
+
+/// Whether `pid` is a live process (not a zombie) whose name is `agentd`.
+fn live_agentd(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        return false;
+    };
+    let comm = stat.get(open + 1..close).unwrap_or("");
+    let state = stat
+        .get(close + 1..)
+        .and_then(|r| r.split_whitespace().next());
+    comm == "agentd" && state.is_some_and(|st| st != "Z" && st != "X")
 }
 
 /// An agent id as agentd makes them: `[A-Za-z0-9_-]+`. Anything else could name a path
@@ -156,6 +196,38 @@ fn ask_supervisor(id: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sweep_removes_only_registrations_of_supervisors_that_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        // A live process called agentd: a copy of `sleep` under that name.
+        let agentd = dir.path().join("agentd");
+        fs::copy("/bin/sleep", &agentd).unwrap();
+        let mut live = std::process::Command::new(&agentd)
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let mine = dir.path().join("live-1.pid");
+        fs::write(&mine, format!("{}\n", live.id())).unwrap();
+        // pid 1 is no agentd.
+        let gone = dir.path().join("gone-1.pid");
+        fs::write(&gone, "1\n").unwrap();
+        let unwritten = dir.path().join("new-1.pid");
+        fs::write(&unwritten, "").unwrap();
+        let other = dir.path().join("notes.txt");
+        fs::write(&other, "1\n").unwrap();
+        sweep(dir.path());
+        assert!(
+            mine.exists(),
+            "a live supervisor's registration was removed"
+        );
+        assert!(!gone.exists(), "a dead supervisor's registration stayed");
+        assert!(unwritten.exists() && other.exists());
+        live.kill().unwrap();
+        live.wait().unwrap();
+        sweep(dir.path());
+        assert!(!mine.exists(), "a dead supervisor's registration stayed");
+    }
 
     #[test]
     fn ids_cannot_name_paths() {
