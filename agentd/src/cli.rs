@@ -79,7 +79,7 @@ enum Command {
     #[command(after_help = "Examples:\n  \
 sudo agentd daemon\n  \
 sudo agentd daemon --socket /tmp/a.sock --state-dir /tmp/a --audit-log /tmp/a/audit.jsonl\n  \
-sudo agentd daemon --metrics 9464 --ui 8080 --syslog unix:/dev/log --syslog-verdicts deny,killed")]
+sudo agentd daemon --metrics 9464 --ui 8080 --syslog unix:/dev/log --syslog-severity warning")]
     Daemon {
         /// The control socket
         #[arg(long, value_name = "PATH", default_value = crate::daemon::DEFAULT_SOCKET)]
@@ -117,7 +117,10 @@ sudo agentd daemon --metrics 9464 --ui 8080 --syslog unix:/dev/log --syslog-verd
     /// List the agents a daemon supervises
     ///
     /// Columns: id, profile, first process, state (starting, running, tripped, exited),
-    /// uptime, events, denials, owner uid, cgroup.
+    /// uptime, events, denials, lost, owner uid (for a root launch, the user SUDO_UID
+    /// names), cgroup. Events are the agent's in `agentd events` (the breaker's records
+    /// among them; a folded record counts its `repeated`), denials those with verdict deny
+    /// or killed, counted as `agentd stats` and the metrics count them.
     Ps {
         #[arg(long)]
         json: bool,
@@ -139,7 +142,7 @@ agentd events --json | jq 'select(.verdict == \"deny\")'")]
         #[arg(long, value_name = "ID")]
         agent: Option<String>,
         /// Only events of this kind (file_write, net_connect, exec, breaker, ...)
-        #[arg(long, value_name = "KIND")]
+        #[arg(long, value_name = "KIND", value_parser = parse_kind_name)]
         kind: Option<String>,
         /// One JSON object per line
         #[arg(long)]
@@ -398,6 +401,12 @@ fn parse_for(s: &str) -> Result<u64, String> {
         );
     }
     Ok(d.as_secs().max(1))
+}
+
+/// `events --kind`: a kind's name as the events carry it, checked (a typo would match
+/// nothing, silently).
+fn parse_kind_name(s: &str) -> Result<String, String> {
+    crate::export::parse_kind(s).map(|_| s.to_owned())
 }
 
 /// The daemon's control socket, for the client commands.
@@ -788,6 +797,95 @@ fn profile_show(name: &str) -> anyhow::Result<ExitCode> {
         None => {
             eprintln!("agentd: no profile named `{name}` (see `agentd profile list`)");
             Ok(ExitCode::from(EXIT_INVALID))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::{Cli, Command};
+
+    /// `agentd ARGS`, as clap takes or refuses it (the refusal as clap prints it).
+    fn parse(args: &[&str]) -> Result<Command, String> {
+        Cli::try_parse_from(std::iter::once("agentd").chain(args.iter().copied()))
+            .map(|cli| cli.command)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn an_output_option_without_its_output_is_refused() {
+        for (option, value, needs) in [
+            ("--syslog-kinds", "exec", "--syslog"),
+            ("--syslog-verdicts", "deny", "--syslog"),
+            ("--syslog-severity", "warning", "--syslog"),
+            ("--syslog-facility", "daemon", "--syslog"),
+            ("--syslog-severity", "warning", "--syslog"),
+            ("--otlp-kinds", "exec", "--otlp"),
+            ("--otlp-verdicts", "deny", "--otlp"),
+            ("--otlp-severity", "warning", "--otlp"),
+            ("--otlp-severity", "alert", "--otlp"),
+        ] {
+            let e = parse(&["daemon", option, value]).unwrap_err();
+            assert!(e.contains(needs) && e.contains("required"), "{option}: {e}");
+            let with = match needs {
+                "--syslog" => ["--syslog", "unix:/dev/log"],
+                _ => ["--otlp", "http://127.0.0.1:4318/v1/logs"],
+            };
+            let args = [&["daemon", option, value][..], &with[..]].concat();
+            assert!(parse(&args).is_ok(), "{args:?}");
+        }
+        // The facility's default asks for nothing.
+        assert!(parse(&["daemon"]).is_ok());
+    }
+
+    #[test]
+    fn listeners_are_checked_before_the_daemon_starts() {
+        for (args, says) in [
+            (&["--ui", "0"][..], "give the port"),
+            (&["--ui", "unix:/run/ui.sock"], "listens on TCP"),
+            (&["--metrics", "0"], "give the port"),
+            (&["--metrics", "[::1]:0"], "give the port"),
+            (
+                &["--otlp", "http://127.0.0.1:99999/v1/logs"],
+                "`99999` is not a port",
+            ),
+            (
+                &["--otlp", "http://127.0.0.1:0/v1/logs"],
+                "`0` is not a port",
+            ),
+            (&["--otlp", "http://[::1]:/v1/logs"], "`` is not a port"),
+        ] {
+            let e = parse(&[&["daemon"][..], args].concat()).unwrap_err();
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
+        for args in [
+            &["--ui", "8080"][..],
+            &["--metrics", "unix:/run/agentd/metrics.sock"],
+            &["--otlp", "http://[::1]:4318/v1/logs"],
+            &["--otlp", "http://collector/v1/logs"],
+        ] {
+            assert!(parse(&[&["daemon"][..], args].concat()).is_ok(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn event_kinds_are_real_ones() {
+        let e = parse(&["events", "--kind", "connect"]).unwrap_err();
+        assert!(e.contains("did you mean `net_connect`?"), "{e}");
+        let e = parse(&[
+            "daemon",
+            "--syslog",
+            "unix:/dev/log",
+            "--syslog-kinds",
+            "exec,connect",
+        ])
+        .unwrap_err();
+        assert!(e.contains("did you mean `net_connect`?"), "{e}");
+        match parse(&["events", "--kind", "net_connect"]) {
+            Ok(Command::Events { kind, .. }) => assert_eq!(kind.as_deref(), Some("net_connect")),
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -135,7 +135,9 @@ fn daemon_two_agents_ps_events_kill_and_the_audit_log() {
                 .ends_with(r["id"].as_str().unwrap()),
             "{r}"
         );
-        assert_eq!(r["owner_uid"], 0, "{r}");
+        // The owner of a root request is the user SUDO_UID names, as for approvals and
+        // the kill switch.
+        assert_eq!(r["owner_uid"], 65534, "{r}");
     }
     wait_until(Duration::from_secs(120), "a denial of each agent", || {
         let evs = d.events();
@@ -232,8 +234,41 @@ fn daemon_two_agents_ps_events_kill_and_the_audit_log() {
     assert!(reply.contains("longer than"), "{reply}");
     assert_eq!(d.client(&["ps"]).0, 0, "the daemon still serves");
 
-    // The audit log: the launches, the kill (by uid 0) and the events, intact.
+    // A planned stop (SIGINT) with C running: C's client learns the daemon killed it, as
+    // from the kill switch, not that its daemon died.
+    let ws_c = agent_dir(true);
+    let mut c = d.run(
+        &writer,
+        ws_c.path(),
+        &["/bin/sh", "-c", "echo c-up; exec sleep 60"],
+    );
+    wait_until(Duration::from_secs(60), "C running", || {
+        still_running(&mut c, "C");
+        d.ps()
+            .iter()
+            .any(|r| r["state"] == "running" && r["id"] != id_a.as_str())
+    });
+    let stopping = Instant::now();
     d.stop();
+    let stopped_in = stopping.elapsed();
+    let (code, out, err) = finish(c);
+    assert_eq!(code, 137, "C's agentd run: {out}{err}");
+    assert!(
+        err.contains("killed by the kill switch (the daemon is stopping)"),
+        "{err}"
+    );
+    assert!(!err.contains("went away"), "{err}");
+    assert!(stopped_in < Duration::from_secs(10), "{stopped_in:?}");
+    // "stopped" is the daemon's last word, and the end of its event stream no news.
+    let daemon_log = d.log();
+    assert_eq!(
+        daemon_log.lines().last(),
+        Some("agentd daemon: stopped"),
+        "{daemon_log}"
+    );
+    assert!(!daemon_log.contains("event stream ended"), "{daemon_log}");
+
+    // The audit log: the launches, the kills (by uid 0) and the events, intact.
     // A stopped daemon leaves no pins behind.
     let left: Vec<PathBuf> = pin_dirs()
         .into_iter()
@@ -265,7 +300,12 @@ fn daemon_two_agents_ps_events_kill_and_the_audit_log() {
         text.lines()
             .filter(|l| l.contains("\"action\":\"launch\""))
             .count(),
-        2
+        3
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("\"action\":\"kill\"") && l.contains("the daemon is stopping")),
+        "the stop's kill of C is recorded"
     );
     // Edit one line (a digit of a pid in a middle record): verify names that record.
     let lines: Vec<&str> = text.lines().collect();
@@ -284,6 +324,94 @@ fn daemon_two_agents_ps_events_kill_and_the_audit_log() {
         said.contains(&format!("line {}", k + 1)),
         "verify names the edited record (line {}): {said}",
         k + 1
+    );
+}
+
+/// The pin directory of a daemon whose `--state-dir` is `state` (as the daemon names it:
+/// the first 6 bytes of the path's SHA-256).
+fn pin_dir_of(state: &Path) -> PathBuf {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(state.as_os_str().as_encoded_bytes());
+    let tag: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    Path::new("/sys/fs/bpf/agentd").join(tag)
+}
+
+/// A daemon that cannot start says why and leaves nothing behind: no pinned maps, no
+/// control socket. What can be refused before the kernel watch is loaded (a port in use,
+/// a socket's missing directory, a bad option) is, at once; a failure after the load
+/// (a control socket path that is a directory) unpins what the start pinned.
+#[test]
+fn a_daemon_that_cannot_start_leaves_nothing_behind() {
+    if !require_root() {
+        return;
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::Builder::new()
+        .prefix("agentd-daemon-test-")
+        .tempdir()
+        .unwrap();
+    let missing = dir.path().join("missing/m.sock");
+    let metrics_missing = format!("unix:{}", missing.display());
+    let socket_dir = dir.path().join("a-directory");
+    std::fs::create_dir_all(socket_dir.join("in-it")).unwrap();
+    let socket = dir.path().join("agentd.sock");
+    let cases: [(&[&str], &Path, &str, Duration); 4] = [
+        (
+            &["--metrics", &port],
+            &socket,
+            "another program listens there",
+            Duration::from_secs(5),
+        ),
+        (
+            &["--ui", "unix:/x"],
+            &socket,
+            "the web view listens on TCP",
+            Duration::from_secs(5),
+        ),
+        (
+            &["--metrics", &metrics_missing],
+            &socket,
+            "its directory must exist",
+            Duration::from_secs(5),
+        ),
+        // Found only when the socket is bound, after the load.
+        (&[], &socket_dir, "removing", Duration::from_secs(60)),
+    ];
+    for (i, (args, socket, says, bound)) in cases.into_iter().enumerate() {
+        let state = dir.path().join(format!("state-{i}"));
+        let started = Instant::now();
+        let out = Command::new(agentd_bin())
+            .arg("daemon")
+            .arg("--socket")
+            .arg(socket)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--audit-log")
+            .arg(dir.path().join("audit.jsonl"))
+            .arg("--group")
+            .arg("agentd-test-no-such-group")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let took = started.elapsed();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(took < bound, "{args:?}: {took:?}\n{err}");
+        assert!(!err.contains("event stream ended"), "{args:?}: {err}");
+        assert!(
+            !pin_dir_of(&state).exists(),
+            "{args:?}: {} left",
+            pin_dir_of(&state).display()
+        );
+        assert!(!dir.path().join("agentd.sock").exists(), "{args:?}");
+        assert!(!missing.exists() && !missing.parent().unwrap().exists());
+    }
+    assert!(
+        socket_dir.join("in-it").exists(),
+        "nothing of the user's removed"
     );
 }
 

@@ -46,12 +46,19 @@ const HOSTILE_NAME: &str = "agentd-export-test\n\x1b[31m\u{202e}\"]x";
 /// How the syslog records and the OTLP body write it.
 const HOSTILE_ESCAPED: &str = "agentd-export-test\\u{a}\\u{1b}[31m\\u{202e}\"]x";
 
+/// The writer's profile: every record of its agent names it.
+const WRITER_PROFILE: &str = "export-writer";
+/// Who the test's `agentd run` (root, SUDO_UID=65534) launches agents for: every record
+/// of its agents names this owner.
+const OWNER_UID: u32 = 65534;
+const OWNER: &str = "nobody";
+
 /// A profile whose agent writes outside its workspace a few times (refused by Landlock:
 /// the directory is writable by the agent's user, granted by no profile) and ends; the
 /// script writes to its first argument.
 fn writer() -> (tempfile::TempDir, PathBuf, String) {
     let (dir, profile) = profile_file(&test_profile(
-        "export-writer",
+        WRITER_PROFILE,
         "invoker",
         DEFAULT_LIMITS,
         "[breaker]\ntrip_on = [\"canary\"]\n",
@@ -234,11 +241,12 @@ fn hostname() -> String {
 }
 
 /// `--syslog tcp:` with `--syslog-verdicts deny`: rsyslogd receives the agent's write
-/// denial as an RFC 5424 record whose structured data it parses (agent, kind, verdict,
-/// layer, path), with agentd's pid, the host's name, authpriv.warning; the agent's start
-/// (verdict none) is not sent. Then `--syslog unix:` to rsyslogd's imuxsock socket with
-/// `--syslog-kinds file_write` and `--syslog-facility local3`: the denial arrives, nothing
-/// of another kind.
+/// denial as an RFC 5424 record whose structured data it parses (agent, its profile and
+/// owner, kind, verdict, layer, path), with agentd's pid, the host's name,
+/// authpriv.warning; the agent's start (verdict none) is not sent. Then `--syslog unix:`
+/// to rsyslogd's imuxsock socket with `--syslog-kinds file_write,exit`,
+/// `--syslog-severity warning` and `--syslog-facility local3`: the denial arrives, the
+/// exit (notice) does not, nor anything of another kind.
 #[test]
 fn rsyslog_receives_denials_as_structured_records() {
     if !require_root()
@@ -263,6 +271,11 @@ fn rsyslog_receives_denials_as_structured_records() {
     assert_eq!(sd["kind"], "file_write", "{r:#}");
     assert_eq!(sd["verdict"], "deny", "{r:#}");
     assert_eq!(sd["layer"], "landlock", "{r:#}");
+    // Whose agent it is: on the refusal itself (the start, which says it too, was not
+    // sent).
+    assert_eq!(sd["profile"], WRITER_PROFILE, "{r:#}");
+    assert_eq!(sd["owner_uid"], OWNER_UID.to_string(), "{r:#}");
+    assert_eq!(sd["owner"], OWNER, "{r:#}");
     // What the agent chose arrives escaped: one line, nothing for a terminal.
     assert!(
         sd["path"]
@@ -314,7 +327,9 @@ fn rsyslog_receives_denials_as_structured_records() {
         "--syslog",
         &target,
         "--syslog-kinds",
-        "file_write",
+        "file_write,exit",
+        "--syslog-severity",
+        "warning",
         "--syslog-facility",
         "local3",
     ]);
@@ -323,6 +338,33 @@ fn rsyslog_receives_denials_as_structured_records() {
     let r = rs.wait_for(&id2, "file_write", &d);
     assert_eq!(r["input"], "imuxsock", "{r:#}");
     assert_eq!(r["parsed"]["agentd@32473"]["verdict"], "deny", "{r:#}");
+    assert_eq!(
+        r["parsed"]["agentd@32473"]["owner_uid"],
+        OWNER_UID.to_string(),
+        "{r:#}"
+    );
+    // The exit (a notice, below the severity asked for) happened before the record of the
+    // denials that followed the first (folded: written when their window closed, a second
+    // after the first), and records arrive in order: had it been sent, it would be there.
+    assert!(
+        d.events()
+            .iter()
+            .any(|e| e["agent"] == id2.as_str() && e["kind"] == "exit"),
+        "no exit event of {id2}"
+    );
+    wait_until_or(
+        Duration::from_secs(20),
+        || {
+            rs.records().iter().any(|r| {
+                let sd = &r["parsed"]["agentd@32473"];
+                sd["agent"] == id2.as_str()
+                    && sd["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("\"repeated\""))
+            })
+        },
+        || format!("no record of {id2}'s repeated denials: {:#?}", rs.records()),
+    );
     assert_eq!(r["facility"], "local3", "{r:#}");
     assert_eq!(r["procid"], d.pid().to_string(), "{r:#}");
     let other_kinds: Vec<Value> = rs
@@ -331,8 +373,109 @@ fn rsyslog_receives_denials_as_structured_records() {
         .filter(|r| r["input"] == "imuxsock" && r["msgid"] != "file_write")
         .collect();
     assert!(other_kinds.is_empty(), "{other_kinds:#?}");
+    // Every record is of a registered agent: each says whose.
+    for r in rs.records() {
+        let sd = &r["parsed"]["agentd@32473"];
+        assert_eq!(sd["profile"], WRITER_PROFILE, "{r:#}");
+        assert_eq!(sd["owner_uid"], OWNER_UID.to_string(), "{r:#}");
+    }
     d.stop();
     eprintln!("rsyslog test: {:?}", started.elapsed());
+}
+
+/// An agent a restarted daemon took over (no `start` event reaches the new daemon): its
+/// refusals after the takeover still say whose agent it is, from what the handover
+/// passed on.
+#[test]
+fn records_of_an_agent_taken_over_say_whose_it_is() {
+    if !require_root()
+        || !require(
+            Path::new(RSYSLOGD).exists(),
+            "rsyslogd (Debian's rsyslog; scripts/setup.sh installs it)",
+        )
+    {
+        return;
+    }
+    let started = Instant::now();
+    let rs = Rsyslog::start();
+    let target = format!("tcp:127.0.0.1:{}", rs.tcp_port);
+    let mut d = Daemon::start_with_args(&[
+        "--syslog",
+        &target,
+        "--syslog-verdicts",
+        "deny",
+        "--handover-grace",
+        "300",
+    ]);
+    let ws = agent_dir(true);
+    let outside = agent_dir(true);
+    let (_p, profile, _) = writer();
+    // Refused writes, each to a new name (none folded), until `stop` exists.
+    let script = "i=0; while [ ! -e stop ]; do i=$((i+1)); echo x > \"$1/f$i\" 2>/dev/null; \
+                  sleep 0.2; done; echo done";
+    let child = d.run(
+        &profile,
+        ws.path(),
+        &[
+            "/bin/sh",
+            "-c",
+            script,
+            "sh",
+            outside.path().to_str().unwrap(),
+        ],
+    );
+    let mut id = String::new();
+    wait_until_or(
+        Duration::from_secs(60),
+        || {
+            let row = d.ps().into_iter().find(|r| {
+                r["profile"] == WRITER_PROFILE && r["state"] == "running" && r["pid"] != 0
+            });
+            if let Some(r) = row {
+                id = r["id"].as_str().unwrap_or_default().to_owned();
+            }
+            !id.is_empty()
+        },
+        || format!("the writer running\n{}", d.log()),
+    );
+    rs.wait_for(&id, "file_write", &d);
+
+    // SIGTERM: the agent is handed over; the next daemon takes it over.
+    // SAFETY: kill with our child's pid and SIGTERM.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGTERM) };
+    let status = d.child.take().unwrap().wait().unwrap();
+    assert!(status.success(), "the daemon's stop: {status}\n{}", d.log());
+    d.spawn();
+    let new_pid = d.pid().to_string();
+    let mut taken_over = None;
+    wait_until_or(
+        Duration::from_secs(60),
+        || {
+            taken_over = rs.records().into_iter().find(|r| {
+                r["procid"] == new_pid.as_str()
+                    && r["parsed"]["agentd@32473"]["agent"] == id.as_str()
+            });
+            taken_over.is_some()
+        },
+        || {
+            format!(
+                "no record of {id} from the new daemon: {:#?}\ndaemon: {}",
+                rs.records(),
+                d.log()
+            )
+        },
+    );
+    let r = taken_over.unwrap();
+    let sd = &r["parsed"]["agentd@32473"];
+    assert_eq!(sd["verdict"], "deny", "{r:#}");
+    assert_eq!(sd["profile"], WRITER_PROFILE, "{r:#}");
+    assert_eq!(sd["owner_uid"], OWNER_UID.to_string(), "{r:#}");
+    assert_eq!(sd["owner"], OWNER, "{r:#}");
+    std::fs::write(ws.path().join("stop"), "").unwrap();
+    let (code, out, err) = finish(child);
+    assert_eq!(code, 0, "agentd run: {out}{err}\n{}", d.log());
+    d.stop();
+    eprintln!("takeover test: {:?}", started.elapsed());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -529,6 +672,23 @@ fn otlp_export_decodes_with_the_official_definitions_and_is_retried() {
     let r = denial.unwrap();
     eprintln!("the receiver decoded: {r}");
     assert_eq!(attr(&r, "agentd.verdict")["stringValue"], "deny", "{r:#}");
+    // Whose agent it is, in agentd's attributes and the semantic conventions' user.
+    assert_eq!(
+        attr(&r, "agentd.profile")["stringValue"],
+        WRITER_PROFILE,
+        "{r:#}"
+    );
+    assert_eq!(
+        attr(&r, "agentd.owner_uid")["intValue"],
+        OWNER_UID.to_string(),
+        "{r:#}"
+    );
+    assert_eq!(
+        attr(&r, "user.id")["stringValue"],
+        OWNER_UID.to_string(),
+        "{r:#}"
+    );
+    assert_eq!(attr(&r, "user.name")["stringValue"], OWNER, "{r:#}");
     assert_eq!(attr(&r, "agentd.layer")["stringValue"], "landlock", "{r:#}");
     // The attribute has the exact path; the body, the escaped line.
     assert!(

@@ -206,8 +206,11 @@ fn require_prometheus() -> bool {
 
 /// A daemon with `--metrics 127.0.0.1:PORT`, an agent whose write outside its workspace
 /// Landlock refuses, and a real Prometheus scraping the daemon: it sees the denial
-/// counted and the target up; the agent's per-agent series goes when the kill switch
-/// ends it; `promtool check metrics` passes the text.
+/// counted and the target up; the series an alert watches are there at 0 before anything
+/// happened; the agent's per-agent series goes when the kill switch ends it, and it counts
+/// as an agent that ended tripped, no longer as a tripped one; the agent's counts in
+/// `agentd ps`, `agentd events` and `agentd stats` agree with the metrics; `promtool
+/// check metrics` passes the text.
 #[test]
 fn prometheus_scrapes_a_denial_and_promtool_finds_the_text_clean() {
     if !require_root() || !require_prometheus() {
@@ -215,6 +218,27 @@ fn prometheus_scrapes_a_denial_and_promtool_finds_the_text_clean() {
     }
     let port = free_port();
     let mut d = Daemon::start_with_args(&["--metrics", &format!("127.0.0.1:{port}")]);
+    // Before any agent: what alerts watch is there, at 0 (`increase()` needs a sample
+    // before the first count).
+    let text = scrape_until(
+        port,
+        Duration::from_secs(10),
+        "the first scrape",
+        |_| true,
+        || d.log(),
+    );
+    for series in [
+        "agentd_audit_errors_total{op=\"append\"}",
+        "agentd_audit_errors_total{op=\"sync\"}",
+        "agentd_dns_queries_total{verdict=\"deny\"}",
+        "agentd_approval_wait_seconds_count{verdict=\"allow\"}",
+        "agentd_containment_seconds_count{by=\"breaker\"}",
+        "agentd_breaker_trips_total{rule=\"trip_on:canary\"}",
+        "agentd_agents_ended_total{how=\"tripped\"}",
+        "agentd_agents{state=\"tripped\"}",
+    ] {
+        assert_eq!(sample(&text, series), Some(0.0), "{series}:\n{text}");
+    }
     let mut prometheus = Prometheus::start(&format!("127.0.0.1:{port}"));
 
     let ws = agent_dir(true);
@@ -334,7 +358,7 @@ fn prometheus_scrapes_a_denial_and_promtool_finds_the_text_clean() {
     );
 
     // The kill switch: a trip by rule `manual`, its containment time, and the agent's
-    // series gone with it.
+    // series gone with it: an agent that ended, tripped, not one running.
     let (code, out, err) = d.client(&["kill", &id]);
     assert_eq!(code, 0, "{out}{err}");
     let (code, out, err) = finish(agent);
@@ -346,6 +370,7 @@ fn prometheus_scrapes_a_denial_and_promtool_finds_the_text_clean() {
         |t| {
             sample(t, "agentd_breaker_trips_total{rule=\"manual\"}") == Some(1.0)
                 && sample(t, &per_agent).is_none()
+                && sample(t, "agentd_agents_ended_total{how=\"tripped\"}") == Some(1.0)
         },
         || d.log(),
     );
@@ -364,9 +389,15 @@ fn prometheus_scrapes_a_denial_and_promtool_finds_the_text_clean() {
     );
     assert_eq!(
         sample(&text, "agentd_agents{state=\"tripped\"}"),
-        Some(1.0),
+        Some(0.0),
         "{text}"
     );
+    assert_eq!(
+        sample(&text, "agentd_agents_ended_total{how=\"exited\"}"),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(!text.contains("state=\"exited\""), "{text}");
     assert!(
         sample(&text, "agentd_audit_records_total{type=\"control\"}").is_some_and(|n| n >= 1.0),
         "{text}"
@@ -376,9 +407,84 @@ fn prometheus_scrapes_a_denial_and_promtool_finds_the_text_clean() {
         "{text}"
     );
     check(&text);
+    counts_agree(&d, port, &id);
     // What was counted was recorded: the audit log is intact.
     d.stop();
     d.audit_verified();
+}
+
+/// What one recorded event counts for (events, denials): 1, or a folded record's
+/// `repeated`; a denial when its verdict is deny or killed.
+fn counted(e: &Value) -> (u64, u64) {
+    let n = e["detail"]["repeated"]
+        .as_u64()
+        .filter(|&n| n > 0)
+        .unwrap_or(1);
+    let denial = e["verdict"] == "deny" || e["verdict"] == "killed";
+    (n, if denial { n } else { 0 })
+}
+
+/// The sum of every sample of `family` in `text` whose labels contain each of `with`.
+fn sum_of(text: &str, family: &str, with: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) || l.starts_with(&format!("{family} ")))
+        .filter(|l| with.iter().any(|w| l.contains(w)) || with.is_empty())
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// The agent's EVENTS and DENIALS in `agentd ps` are its events in `agentd events` (the
+/// kill switch's breaker record among them); `agentd stats` has the same totals as the
+/// metrics: the commands count the same things. (Read again for a while: a record may
+/// come between two reads.)
+fn counts_agree(d: &Daemon, port: u16, id: &str) {
+    let compare = || -> Result<(), String> {
+        let rows = d.ps();
+        let row = rows.iter().find(|r| r["id"] == id).ok_or("no row")?;
+        let (mut events, mut denials) = (0, 0);
+        let mut breaker = false;
+        for e in d.events().iter().filter(|e| e["agent"] == id) {
+            let (n, k) = counted(e);
+            events += n;
+            denials += k;
+            breaker |= e["kind"] == "breaker";
+        }
+        if !breaker {
+            return Err(format!("no breaker record of {id}"));
+        }
+        if (row["events"].as_u64(), row["denials"].as_u64()) != (Some(events), Some(denials)) {
+            return Err(format!(
+                "agentd ps {row} vs agentd events: {events} events, {denials} denials"
+            ));
+        }
+        let (code, out, err) = d.client(&["stats", "--json"]);
+        if code != 0 {
+            return Err(format!("agentd stats: {out}{err}"));
+        }
+        let stats: Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+        let (_, _, text) = get_tcp(port, "/metrics").ok_or("no scrape")?;
+        let refusals = ["verdict=\"deny\"", "verdict=\"killed\""];
+        let metrics = [
+            sum_of(&text, "agentd_events_total", &[]),
+            sum_of(&text, "agentd_events_total", &refusals),
+            sum_of(&text, "agentd_breaker_trips_total", &[]),
+        ];
+        let totals = ["events", "denials", "trips"].map(|k| stats[k].as_f64().unwrap_or(-1.0));
+        if totals != metrics {
+            return Err(format!(
+                "agentd stats {stats} vs metrics (events, denials, trips) {metrics:?}"
+            ));
+        }
+        Ok(())
+    };
+    let started = Instant::now();
+    loop {
+        match compare() {
+            Ok(()) => return,
+            Err(e) if started.elapsed() > Duration::from_secs(10) => panic!("{e}\n{}", d.log()),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
 }
 
 /// `--metrics unix:PATH`: a socket of mode 0660 owned by root, served to root; a user

@@ -951,8 +951,45 @@ fn a_group_member_watches_all_acts_on_their_own_and_loses_actions_with_the_group
         DEFAULT_LIMITS,
         "",
     ));
-    // root's agent (the launching peer's).
+    // An agent root launched for nobody (SUDO_UID): nobody's.
     let (victim, id, pid) = long_lived_agent(&d, &profile, ws.path(), "web-ui-others");
+    // And one root launched for the member: theirs, in `ps` as for the kill switch.
+    let mut mine = Command::new(agentd_bin())
+        .arg("run")
+        .arg("--socket")
+        .arg(d.socket())
+        .arg("--profile")
+        .arg(&profile)
+        .arg("--workspace")
+        .arg(ws.path())
+        .args(["--", "/bin/sleep", "120"])
+        .env("SUDO_UID", user.uid.to_string())
+        .env("SUDO_GID", user.gid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut my_row = Value::Null;
+    wait_until(
+        Duration::from_secs(20),
+        "the member's agent running",
+        || {
+            still_running(&mut mine, "the member's agent");
+            my_row = d
+                .ps()
+                .into_iter()
+                .find(|r| {
+                    r["profile"] == "web-ui-others"
+                        && r["id"] != id.as_str()
+                        && r["state"] == "running"
+                })
+                .unwrap_or(Value::Null);
+            my_row["pid"].as_u64().is_some_and(|p| p > 0)
+        },
+    );
+    assert_eq!(my_row["owner_uid"], user.uid, "{my_row}");
+    let my_id = my_row["id"].as_str().unwrap().to_owned();
 
     // The member's own URL: `agentd ui-url` with their uid and groups.
     let out = Command::new("setpriv")
@@ -982,7 +1019,12 @@ fn a_group_member_watches_all_acts_on_their_own_and_loses_actions_with_the_group
     let kill = format!("/api/agents/{id}/kill");
     let a = with_session(port, &session, "POST", &kill);
     assert_eq!(a.status, 403, "{}", a.body);
-    assert!(a.body.contains("belongs to uid 0;"), "{}", a.body);
+    assert!(a.body.contains("belongs to uid 65534;"), "{}", a.body);
+    // Their own: killed.
+    let a = with_session(port, &session, "POST", &format!("/api/agents/{my_id}/kill"));
+    assert_eq!(a.status, 200, "{}", a.body);
+    let (code, _, _) = finish(mine);
+    assert_eq!(code, 137);
     // Out of the group: no action at all, with the same session.
     group.member(TEST_USER, false);
     let a = with_session(port, &session, "POST", &kill);

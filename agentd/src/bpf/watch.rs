@@ -200,11 +200,32 @@ impl Drop for Watch {
     }
 }
 
+/// The descriptors of this process that are sockets (`/proc/self/fd`).
+fn open_sockets() -> Vec<std::os::fd::RawFd> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|target| {
+                target
+                    .as_os_str()
+                    .as_encoded_bytes()
+                    .starts_with(b"socket:")
+            })
+        })
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
 /// Forks the reaper described at `Drop for Watch`. Returns the write end of a pipe: the
 /// reaper exits when it is closed. `None` when the fork failed (the caller then releases
 /// the descriptors itself, slowly).
 fn spawn_reaper() -> Option<std::os::fd::OwnedFd> {
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok()?;
+    // The reaper holds no socket: a listening one (the daemon's outputs, bound before the
+    // watch is loaded) would keep its port taken, answering nobody, after we are gone.
+    let sockets = open_sockets();
     // SAFETY: the child runs only async-signal-safe calls (close, read, _exit) on
     // descriptors it owns, then exits without returning, so the state of the parent's
     // other threads at fork time cannot matter.
@@ -213,12 +234,16 @@ fn spawn_reaper() -> Option<std::os::fd::OwnedFd> {
             let read = std::os::fd::AsRawFd::as_raw_fd(&read);
             let write = std::os::fd::AsRawFd::as_raw_fd(&write);
             let mut byte = 0u8;
-            // SAFETY: plain syscalls on integer descriptors and a stack buffer. Closing
+            // SAFETY: plain syscalls on integer descriptors and a stack buffer (the list
+            // of sockets was made before the fork; reading it allocates nothing). Closing
             // stdio first keeps a caller reading our output from waiting for this process.
             unsafe {
                 libc::close(0);
                 libc::close(1);
                 libc::close(2);
+                for &fd in &sockets {
+                    libc::close(fd);
+                }
                 libc::close(write);
                 while libc::read(read, (&raw mut byte).cast(), 1) < 0
                     && *libc::__errno_location() == libc::EINTR

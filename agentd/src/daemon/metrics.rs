@@ -6,9 +6,14 @@
 //! metrics and their labels are listed in docs/metrics.md.
 //!
 //! Every label takes values from a bounded set: the event enums, the agents' states, the
-//! export destinations, breaker rules up to [`MAX_RULES`] (the rest are `other`), and agent
-//! ids only for the agents running at the scrape (an ended agent's series goes with it;
-//! `agentd_lost_events_total` keeps its count).
+//! export destinations, breaker rules up to [`MAX_RULES`] besides agentd's own (the rest
+//! are `other`), and agent ids only for the agents running at the scrape (an ended agent's
+//! series goes with it; `agentd_lost_events_total` keeps its count). The series of a fixed
+//! set of labels exist from the start, at 0: `increase()` sees their first count (a series
+//! born at 1 has no earlier sample to increase from).
+//!
+//! What counts as an event and as a denial is [`counted`]: the same for `agentd ps`,
+//! `agentd stats`, the web view and these metrics.
 
 use std::{
     collections::HashSet,
@@ -29,13 +34,71 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use super::{EXITED_KEPT, Shared, lock, outputs::Listening, proto::AgentState};
+use super::{Shared, lock, outputs::Listening, proto::AgentState};
 use crate::event::{Event, Kind, Layer, Verdict};
 
-/// Distinct breaker rules counted by name; later ones are counted as `other`. Rules are
-/// written in profiles (`trip_on:KIND`, `threshold:N/WINDOW`) or are agentd's own
-/// (`manual`, `kernel`, `on_event_loss:kill`).
+/// Distinct breaker rules counted by name besides [`fixed_rules`]; later ones are counted
+/// as `other`. Rules are written in profiles (`trip_on:KIND`, `threshold:N/WINDOW`) or are
+/// agentd's own (`manual`, `kernel`, `on_event_loss:kill`).
 pub(super) const MAX_RULES: usize = 32;
+/// How many [`fixed_rules`] there are: ten violation kinds, and agentd's three.
+const FIXED_RULES: usize = 13;
+
+/// The rules whose names no profile chooses: every `trip_on:KIND`, and agentd's own. Their
+/// series exist from the start; only `threshold:N/WINDOW` rules are born at their first
+/// trip.
+fn fixed_rules() -> Vec<String> {
+    use crate::profile::ViolationKind as V;
+    // Exhaustive: a new violation kind does not compile until it is placed here.
+    let next = |v: Option<V>| match v {
+        None => Some(V::Canary),
+        Some(V::Canary) => Some(V::Exec),
+        Some(V::Exec) => Some(V::Connect),
+        Some(V::Connect) => Some(V::Bind),
+        Some(V::Bind) => Some(V::Write),
+        Some(V::Write) => Some(V::Read),
+        Some(V::Read) => Some(V::Socket),
+        Some(V::Socket) => Some(V::Syscall),
+        Some(V::Syscall) => Some(V::Dns),
+        Some(V::Dns) => Some(V::Denied),
+        Some(V::Denied) => None,
+    };
+    std::iter::successors(next(None), |v| next(Some(*v)))
+        .map(|v| format!("trip_on:{}", v.as_str()))
+        .chain(
+            ["manual", "kernel", crate::breaker::ON_EVENT_LOSS_RULE]
+                .into_iter()
+                .map(str::to_owned),
+        )
+        .collect()
+}
+
+/// What one recorded event counts for: in `agentd ps` (its agent's EVENTS and DENIALS),
+/// `agentd stats`, the web view and `agentd_events_total` alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Counted {
+    /// Events: 1, or for a burst's summary record the `repeated` refusals it stands for
+    /// (its first was recorded, and counted, on its own). A breaker record is an event.
+    pub events: u64,
+    /// Of those, the ones with verdict `deny` or `killed` (a breaker record that killed,
+    /// or denied, among them).
+    pub denials: u64,
+}
+
+/// What `ev` counts for ([`Counted`]).
+pub(super) fn counted(ev: &Event) -> Counted {
+    let events = ev
+        .detail
+        .get("repeated")
+        .and_then(serde_json::Value::as_u64)
+        .filter(|&n| n > 0)
+        .unwrap_or(1);
+    let denials = match ev.verdict {
+        Verdict::Deny | Verdict::Killed => events,
+        Verdict::Allow | Verdict::None => 0,
+    };
+    Counted { events, denials }
+}
 
 /// Containment (violating call or kill request to a contained agent): the breaker's
 /// headline figure is in milliseconds.
@@ -59,7 +122,7 @@ pub(super) struct Metrics {
     events: Family<EventLabels, Counter>,
     dns: Family<VerdictLabel, Counter>,
     trips: Family<RuleLabel, Counter>,
-    /// The rules counted by name so far (at most [`MAX_RULES`]).
+    /// The rules counted by name so far: [`fixed_rules`] and at most [`MAX_RULES`] more.
     rules: Mutex<HashSet<String>>,
     containment: Family<ByLabel, Histogram, fn() -> Histogram>,
     approval_wait: Family<VerdictLabel, Histogram, fn() -> Histogram>,
@@ -145,12 +208,31 @@ impl Default for Metrics {
             "The agentd that serves these metrics",
             Info::new([("version", env!("CARGO_PKG_VERSION"))]),
         );
+        // Every series of a fixed label set, at 0 from the start (`drop`: the guard the
+        // family returns is not needed).
+        for verdict in [Verdict::Allow, Verdict::Deny] {
+            drop(dns.get_or_create(&VerdictLabel(verdict)));
+            drop(approval_wait.get_or_create(&VerdictLabel(verdict)));
+        }
+        for by in ["breaker", "kill_switch"] {
+            drop(containment.get_or_create(&ByLabel(by)));
+        }
+        for record in [AuditRecord::Event, AuditRecord::Control] {
+            drop(audit_records.get_or_create(&AuditLabel(record)));
+        }
+        for op in [AuditOp::Append, AuditOp::Sync] {
+            drop(audit_errors.get_or_create(&AuditOpLabel(op)));
+        }
+        let rules = fixed_rules();
+        for rule in &rules {
+            drop(trips.get_or_create(&RuleLabel(rule.clone())));
+        }
         Metrics {
             registry,
             events,
             dns,
             trips,
-            rules: Mutex::new(HashSet::new()),
+            rules: Mutex::new(rules.into_iter().collect()),
             containment,
             approval_wait,
             audit_records,
@@ -164,14 +246,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Counts one recorded event.
     pub fn event(&self, ev: &Event) {
-        // A burst's summary record stands for the `repeated` refusals after its first,
-        // which was recorded (and counted) on its own.
-        let n = ev
-            .detail
-            .get("repeated")
-            .and_then(serde_json::Value::as_u64)
-            .filter(|&n| n > 0)
-            .unwrap_or(1);
+        let n = counted(ev).events;
         let labels = EventLabels {
             kind: ev.kind,
             verdict: ev.verdict,
@@ -204,13 +279,14 @@ impl Metrics {
         }
     }
 
-    /// `rule` as a label value: itself while fewer than [`MAX_RULES`] rules were seen.
+    /// `rule` as a label value: itself while fewer than [`MAX_RULES`] rules besides
+    /// [`fixed_rules`] were seen.
     fn rule_label(&self, rule: &str) -> String {
         let mut seen = lock(&self.rules);
         if seen.contains(rule) {
             return rule.to_owned();
         }
-        if seen.len() < MAX_RULES {
+        if seen.len() < FIXED_RULES + MAX_RULES {
             seen.insert(rule.to_owned());
             return rule.to_owned();
         }
@@ -254,10 +330,12 @@ impl Metrics {
 /// What a scrape reads from the daemon's state.
 #[derive(Debug, Default)]
 pub(super) struct Snapshot {
-    /// Agents `agentd ps` lists (running ones, and the last ended ones), by state.
-    agents: [u64; 4],
+    /// Agents running now, by state ([`state_slot`]).
+    agents: [u64; 3],
     /// Agents started (or taken over) since the daemon started.
     agents_started: u64,
+    /// Agents that ended since the daemon started: exited, tripped ([`ENDED`]).
+    agents_ended: [u64; 2],
     /// Events the kernel could not report, of each running agent.
     lost_by_agent: Vec<(String, u64)>,
     /// Events the kernel could not report, of every agent since the daemon started.
@@ -268,41 +346,42 @@ pub(super) struct Snapshot {
     start_time: f64,
 }
 
-/// The index of `state` in [`Snapshot::agents`], and its label value.
-fn state_slot(state: AgentState) -> (usize, &'static str) {
+/// The index of a running agent's `state` in [`Snapshot::agents`], and its label value;
+/// `None` for `exited`, which no running agent is (an ended one counts in
+/// `agentd_agents_ended_total`).
+fn state_slot(state: AgentState) -> Option<(usize, &'static str)> {
     match state {
-        AgentState::Starting => (0, "starting"),
-        AgentState::Running => (1, "running"),
-        AgentState::Tripped => (2, "tripped"),
-        AgentState::Exited => (3, "exited"),
+        AgentState::Starting => Some((0, "starting")),
+        AgentState::Running => Some((1, "running")),
+        AgentState::Tripped => Some((2, "tripped")),
+        AgentState::Exited => None,
     }
 }
 
-const STATES: [AgentState; 4] = [
+const STATES: [AgentState; 3] = [
     AgentState::Starting,
     AgentState::Running,
     AgentState::Tripped,
-    AgentState::Exited,
 ];
+
+/// How an agent ended, as [`Snapshot::agents_ended`] counts it: `exited` (on its own),
+/// `tripped` (the breaker or the kill switch killed it).
+const ENDED: [&str; 2] = ["exited", "tripped"];
 
 impl Snapshot {
     /// Reads the daemon's state now.
     fn of(shared: &Shared) -> Snapshot {
         let mut s = Snapshot::default();
-        {
-            // Agents, then ended agents: the order the daemon takes these locks in.
-            let agents = lock(&shared.agents);
-            for a in agents.values() {
-                s.agents[state_slot(a.state).0] += 1;
-                s.lost_by_agent.push((a.id.clone(), a.lost));
+        for a in lock(&shared.agents).values() {
+            if let Some((slot, _)) = state_slot(a.state) {
+                s.agents[slot] += 1;
             }
-            for r in lock(&shared.exited).iter() {
-                s.agents[state_slot(r.state).0] += 1;
-            }
+            s.lost_by_agent.push((a.id.clone(), a.lost));
         }
         {
             let c = lock(&shared.counters);
             s.agents_started = c.agents_total;
+            s.agents_ended = [c.agents_exited, c.agents_tripped];
             s.lost = c.lost;
         }
         s.pending_approvals = shared.asking.board.pending_count() as u64;
@@ -318,14 +397,13 @@ impl Snapshot {
     fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("agentd");
         let agents = Family::<[(&str, &str); 1], Gauge>::default();
-        for state in STATES {
-            let (slot, name) = state_slot(state);
+        for (slot, name) in STATES.into_iter().filter_map(state_slot) {
             let n = i64::try_from(self.agents[slot]).unwrap_or(i64::MAX);
             agents.get_or_create(&[("state", name)]).set(n);
         }
         r.register(
             "agents",
-            format!("Agents `agentd ps` lists, by state: running ones, and the last {EXITED_KEPT} that ended (exited, or tripped)"),
+            "Agents running now, by state (tripped: being killed by the breaker or the kill switch)",
             agents,
         );
         let started = Counter::<u64>::default();
@@ -334,6 +412,15 @@ impl Snapshot {
             "agents_started",
             "Agents launched or taken over since the daemon started",
             started,
+        );
+        let ended = Family::<[(&str, &str); 1], Counter>::default();
+        for (how, n) in ENDED.into_iter().zip(self.agents_ended) {
+            ended.get_or_create(&[("how", how)]).inc_by(n);
+        }
+        r.register(
+            "agents_ended",
+            "Agents that ended since the daemon started, by how: exited (on their own), tripped (killed by the breaker or the kill switch)",
+            ended,
         );
         let by_agent = Family::<[(&str, String); 1], Counter>::default();
         for (id, n) in &self.lost_by_agent {
@@ -621,8 +708,82 @@ mod tests {
         );
         assert_eq!(
             sample(&t, "agentd_approval_wait_seconds_count{verdict=\"deny\"}"),
-            None
+            Some(0.0)
         );
+    }
+
+    /// Every series of a fixed label set is there from the start, at 0: an alert on
+    /// `increase(agentd_audit_errors_total[5m]) > 0` sees the first error.
+    #[test]
+    fn a_fresh_daemon_has_every_fixed_series_at_zero() {
+        let t = rendered(&Metrics::default(), &Snapshot::default());
+        let mut zero = vec![
+            "agentd_audit_errors_total{op=\"append\"}".to_owned(),
+            "agentd_audit_errors_total{op=\"sync\"}".to_owned(),
+            "agentd_audit_records_total{type=\"event\"}".to_owned(),
+            "agentd_audit_records_total{type=\"control\"}".to_owned(),
+            "agentd_dns_queries_total{verdict=\"allow\"}".to_owned(),
+            "agentd_dns_queries_total{verdict=\"deny\"}".to_owned(),
+            "agentd_approval_wait_seconds_count{verdict=\"allow\"}".to_owned(),
+            "agentd_approval_wait_seconds_count{verdict=\"deny\"}".to_owned(),
+            "agentd_approval_wait_seconds_bucket{verdict=\"deny\",le=\"+Inf\"}".to_owned(),
+            "agentd_containment_seconds_count{by=\"breaker\"}".to_owned(),
+            "agentd_containment_seconds_count{by=\"kill_switch\"}".to_owned(),
+            "agentd_agents{state=\"starting\"}".to_owned(),
+            "agentd_agents{state=\"running\"}".to_owned(),
+            "agentd_agents{state=\"tripped\"}".to_owned(),
+            "agentd_agents_ended_total{how=\"exited\"}".to_owned(),
+            "agentd_agents_ended_total{how=\"tripped\"}".to_owned(),
+            "agentd_agents_started_total".to_owned(),
+            "agentd_lost_events_total".to_owned(),
+            "agentd_approvals_pending".to_owned(),
+        ];
+        let rules = fixed_rules();
+        assert_eq!(rules.len(), FIXED_RULES);
+        for rule in [
+            "trip_on:canary",
+            "trip_on:denied",
+            "manual",
+            "kernel",
+            "on_event_loss:kill",
+        ] {
+            assert!(rules.iter().any(|r| r == rule), "{rule}: {rules:?}");
+        }
+        zero.extend(
+            rules
+                .iter()
+                .map(|r| format!("agentd_breaker_trips_total{{rule=\"{r}\"}}")),
+        );
+        for series in &zero {
+            assert_eq!(sample(&t, series), Some(0.0), "{series}:\n{t}");
+        }
+        // `exited` is no running agent's state.
+        assert!(!t.contains("state=\"exited\""), "{t}");
+        check_exposition(&t).unwrap_or_else(|e| panic!("{e}\n{t}"));
+    }
+
+    #[test]
+    fn an_event_counts_once_a_burst_for_its_repeats_and_denials_by_verdict() {
+        let c = |e: &Event| {
+            let n = counted(e);
+            (n.events, n.denials)
+        };
+        assert_eq!(c(&ev(Kind::Exec, Verdict::Allow, Layer::Kernel)), (1, 0));
+        assert_eq!(c(&ev(Kind::Start, Verdict::None, Layer::Agentd)), (1, 0));
+        assert_eq!(
+            c(&ev(Kind::OpenWrite, Verdict::Deny, Layer::Landlock)),
+            (1, 1)
+        );
+        assert_eq!(
+            c(&ev(Kind::OpenWrite, Verdict::Deny, Layer::Landlock).with("repeated", 4)),
+            (4, 4)
+        );
+        // The breaker's record is an event; one that killed, a denial.
+        assert_eq!(
+            c(&crate::run::kernel::manual_kill_event("a1", 7, "test", 1)),
+            (1, 1)
+        );
+        assert_eq!(c(&ev(Kind::Breaker, Verdict::None, Layer::Agentd)), (1, 0));
     }
 
     #[test]
@@ -640,7 +801,14 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("agentd_breaker_trips_total{"))
             .count();
-        assert_eq!(series, MAX_RULES + 1, "{t}");
+        assert_eq!(series, FIXED_RULES + MAX_RULES + 1, "{t}");
+        // agentd's own rules are counted by name past the cap.
+        m.event(&ev(Kind::Breaker, Verdict::Killed, Layer::Agentd).with("rule", "kernel"));
+        let t = rendered(&m, &Snapshot::default());
+        assert_eq!(
+            sample(&t, "agentd_breaker_trips_total{rule=\"kernel\"}"),
+            Some(1.0)
+        );
         assert_eq!(
             sample(&t, "agentd_breaker_trips_total{rule=\"other\"}"),
             Some(5.0)
@@ -689,6 +857,7 @@ mod tests {
         let m = Metrics::default();
         let mut s = Snapshot {
             agents_started: 5,
+            agents_ended: [2, 1],
             lost_by_agent: vec![("a1".into(), 3), ("a2".into(), 0)],
             lost: 10,
             pending_approvals: 2,
@@ -701,16 +870,11 @@ mod tests {
             start_time: 1_700_000_000.5,
             ..Snapshot::default()
         };
-        s.agents[state_slot(AgentState::Running).0] = 2;
-        s.agents[state_slot(AgentState::Exited).0] = 3;
+        s.agents[state_slot(AgentState::Running).unwrap().0] = 2;
+        s.agents[state_slot(AgentState::Tripped).unwrap().0] = 1;
         let t = rendered(&m, &s);
         assert!(t.contains("# TYPE agentd_agents gauge\n"), "{t}");
-        for (state, n) in [
-            ("starting", 0.0),
-            ("running", 2.0),
-            ("tripped", 0.0),
-            ("exited", 3.0),
-        ] {
+        for (state, n) in [("starting", 0.0), ("running", 2.0), ("tripped", 1.0)] {
             assert_eq!(
                 sample(&t, &format!("agentd_agents{{state=\"{state}\"}}")),
                 Some(n),
@@ -718,6 +882,18 @@ mod tests {
             );
         }
         assert_eq!(sample(&t, "agentd_agents_started_total"), Some(5.0));
+        assert!(
+            t.contains("# TYPE agentd_agents_ended_total counter\n"),
+            "{t}"
+        );
+        assert_eq!(
+            sample(&t, "agentd_agents_ended_total{how=\"exited\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(&t, "agentd_agents_ended_total{how=\"tripped\"}"),
+            Some(1.0)
+        );
         assert_eq!(
             sample(&t, "agentd_agent_lost_events_total{agent=\"a1\"}"),
             Some(3.0)
@@ -900,6 +1076,7 @@ mod tests {
             "agentd_export_events_total",
             "agentd_audit_errors_total",
             "agentd_agents_started_total",
+            "agentd_agents_ended_total",
             "agentd_start_time_seconds",
             "agentd_build_info",
         ] {

@@ -209,6 +209,9 @@ impl Agent {
 /// Bound of [`Agent::early_exits`].
 const EARLY_EXITS: usize = 64;
 
+/// The daemon's totals (`agentd stats`, the metrics). Events and denials count as each
+/// agent's do in `agentd ps` ([`metrics::counted`]); trips are the breaker records (trips,
+/// kill switch uses), as `agentd_breaker_trips_total` counts them.
 #[derive(Default)]
 struct Counters {
     events: u64,
@@ -216,6 +219,9 @@ struct Counters {
     denials: u64,
     trips: u64,
     agents_total: u64,
+    /// Agents that ended on their own, and those the breaker or the kill switch killed.
+    agents_exited: u64,
+    agents_tripped: u64,
     /// (second, events in it) for the last seconds.
     per_second: VecDeque<(u64, u64)>,
 }
@@ -355,28 +361,49 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let mut audit = open_audit(&args.audit_log).await?;
-    let pins = pin_dir(&args.state_dir);
-    let previous = handover::previous(&args.state_dir, &pins);
-    reap_previous(&args.state_dir, &pins, &mut audit, previous.as_ref());
-
-    let mut watch = handover::load_watch(&pins, previous.as_ref())?;
-    watch.hold_in_reaper();
-    std::fs::create_dir_all(&pins).with_context(|| format!("creating {}", pins.display()))?;
-    watch.pin_links_under(&pins);
+    // What can be refused without the kernel is, before anything is loaded or pinned: a
+    // start that fails here leaves nothing behind. (After the audit log: a previous daemon
+    // still exiting holds its socket and ports until it is gone, as it holds the log.)
     let socket_abs = std::path::absolute(&args.socket)
         .with_context(|| format!("resolving {}", args.socket.display()))?;
-
+    refuse_live_socket(&args.socket)?;
     let group_gid = nix::unistd::Group::from_name(&args.group)
         .ok()
         .flatten()
         .map(|g| g.gid.as_raw());
-    let (events, _) = broadcast::channel(4096);
     let o = &args.outputs;
+    let metrics_at = match &o.metrics {
+        Some(l) => Some(outputs::Bound::bind(l, "metrics", group_gid).await?),
+        None => None,
+    };
+    let ui_at = match o.ui {
+        Some(a) => {
+            Some(outputs::Bound::bind(&outputs::Listen::Tcp(a), "web view", group_gid).await?)
+        }
+        None => None,
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+
+    let pins = pin_dir(&args.state_dir);
+    let previous = handover::previous(&args.state_dir, &pins);
+    reap_previous(&args.state_dir, &pins, &mut audit, previous.as_ref());
+    let pinned = Pinned {
+        pins: &pins,
+        armed: previous.is_none(),
+    };
+    let mut watch = handover::load_watch(&pins, previous.as_ref())?;
+    watch.hold_in_reaper();
+    std::fs::create_dir_all(&pins).with_context(|| format!("creating {}", pins.display()))?;
+    watch.pin_links_under(&pins);
+
+    let (events, _) = broadcast::channel(4096);
     let export = crate::export::Exporters::start(
         o.syslog.clone().map(|t| {
             let s = crate::export::Selection {
                 kinds: o.syslog_kinds.clone(),
                 verdicts: o.syslog_verdicts.clone(),
+                severity: o.syslog_severity,
             };
             (t, o.syslog_facility, s)
         }),
@@ -384,6 +411,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             let s = crate::export::Selection {
                 kinds: o.otlp_kinds.clone(),
                 verdicts: o.otlp_verdicts.clone(),
+                severity: o.otlp_severity,
             };
             (e, s)
         }),
@@ -410,7 +438,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         handover: watch::channel(None).0,
         metrics: metrics::Metrics::default(),
         export,
-        ui: web::Ui::new(args.outputs.ui.as_ref())?,
+        ui: web::Ui::new(o.ui),
     });
     let recorder = {
         let shared = Arc::clone(&shared);
@@ -461,7 +489,9 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         .try_events()
         .context("the kernel watch's events")?;
     // The kernel's events on a thread of their own: a flood of them (100 agents at full
-    // speed) must not queue `ps` and `kill` behind it (tests/tests/storm.rs).
+    // speed) must not queue `ps` and `kill` behind it (tests/tests/storm.rs). It says when
+    // their stream ends; that is news only while the daemon runs (it ends as it stops).
+    let (stream_ended, mut stream_end) = tokio::sync::oneshot::channel::<()>();
     {
         let shared = Arc::clone(&shared);
         let events = tokio::runtime::Builder::new_current_thread()
@@ -470,25 +500,24 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             .context("starting the runtime of the kernel's events")?;
         std::thread::Builder::new()
             .name("agentd-events".into())
-            .spawn(move || events.block_on(kernel_events(shared, rx)))
+            .spawn(move || {
+                events.block_on(kernel_events(shared, rx));
+                let _ = stream_ended.send(());
+            })
             .context("starting the thread of the kernel's events")?;
     }
     // Bound last: a supervisor reconnecting after a handover finds its agent taken over.
     let listener = bind_socket(&args.socket)?;
-    if let Some(l) = &args.outputs.metrics {
-        outputs::serve(
-            l,
-            metrics::router(Arc::clone(&shared)),
-            "metrics",
-            group_gid,
-        )
-        .await?;
+    // Nothing fails from here on: what this start pinned is the running daemon's.
+    pinned.disarm();
+    if let (Some(bound), Some(l)) = (metrics_at, &o.metrics) {
+        bound.serve(metrics::router(Arc::clone(&shared)));
         eprintln!("agentd daemon: metrics at {l}/metrics");
     }
-    if let Some(l) = &args.outputs.ui {
-        outputs::serve(l, web::router(Arc::clone(&shared)), "web view", group_gid).await?;
+    if let (Some(bound), Some(a)) = (ui_at, o.ui) {
+        bound.serve(web::router(Arc::clone(&shared)));
         eprintln!(
-            "agentd daemon: web view at {l} (`agentd ui-url` prints its address with a token)"
+            "agentd daemon: web view at http://{a} (`agentd ui-url` prints its address with a token)"
         );
     }
     eprintln!(
@@ -499,8 +528,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         args.audit_log.display()
     );
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut stream_open = true;
     let hand_over = loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -514,6 +542,10 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
                 }
                 Err(e) => tracing::warn!("accept: {e}"),
             },
+            _ = &mut stream_end, if stream_open => {
+                stream_open = false;
+                eprintln!("agentd daemon: the kernel event stream ended: the agents' kernel events are no longer read");
+            }
             _ = term.recv() => break true,
             _ = int.recv() => break false,
         }
@@ -531,7 +563,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     } else {
         Vec::new()
     };
-    shutdown(&shared, &handed);
+    shutdown(&shared, &handed).await;
     // Every queued event is recorded before the log is synced and closed. (Tasks the
     // runtime no longer runs may hold senders: the thread is told, not left waiting.)
     if let Some(q) = lock(&shared.records).take() {
@@ -547,17 +579,63 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Stopping: every agent not handed over is killed (no agent outlives its watch), its
+/// What a start pinned (the watch's maps), unpinned if the start fails: a daemon that
+/// could not start leaves no kernel state behind. Not armed when a previous daemon's
+/// handover is taken over: those maps are its agents' (their policies, kill flags and
+/// unread events, which their pinned programs go on using while their supervisors wait
+/// for a daemon). They are left as they were; the supervisors kill their agents when the
+/// grace period ends, and the next start reaps them by their records, maps and all.
+struct Pinned<'a> {
+    pins: &'a Path,
+    armed: bool,
+}
+
+impl Pinned<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            handover::unpin_maps(self.pins);
+            let _ = std::fs::remove_dir(self.pins);
+            let _ = std::fs::remove_dir(PIN_ROOT);
+        }
+    }
+}
+
+/// How long a stopping daemon waits for the sessions of the agents it killed to end: each
+/// relays the kill and the agent's exit status to its supervisor and `run` client, as for
+/// a kill switch. (A supervisor's verdict can wait [`DRAIN_TIMEOUT`] for the exit event.)
+const STOP_WAIT: Duration = Duration::from_secs(3);
+
+/// Stopping: every agent not handed over is killed (no agent outlives its watch), then its
 /// programs detached. Without a successor the maps are unpinned too.
-fn shutdown(shared: &Shared, handed: &[String]) {
+async fn shutdown(shared: &Shared, handed: &[String]) {
     let ids: Vec<String> = lock(&shared.agents)
         .keys()
         .filter(|id| !handed.contains(id))
         .cloned()
         .collect();
+    for id in &ids {
+        kill_agent(shared, id, "the daemon is stopping", this_actor());
+    }
+    // Their sessions end once their supervisors have their verdicts and exit statuses
+    // (the session then retires the agent): a planned stop reads as the kill it is, not as
+    // a daemon that died. Agents taken over whose supervisors have not come back have no
+    // session to wait for.
+    let deadline = tokio::time::Instant::now() + STOP_WAIT;
+    let in_session = |id: &String| {
+        lock(&shared.agents)
+            .get(id)
+            .is_some_and(|a| a.resume.is_none())
+    };
+    while ids.iter().any(in_session) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for id in ids {
-        let by = this_actor();
-        kill_agent(shared, &id, "the daemon is stopping", by);
         if let Some(a) = lock(&shared.agents).get_mut(&id)
             && let Some(h) = a.bpf.take()
             && let Err(e) = lock(&shared.watch).remove_agent(h)
@@ -578,17 +656,23 @@ fn this_actor() -> Actor {
     crate::audit::writer::this_process()
 }
 
+/// Refuses a control socket another daemon answers on.
+fn refuse_live_socket(path: &Path) -> anyhow::Result<()> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!(
+            "{} is in use: another agentd daemon is running (stop it, or give --socket)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Binds the control socket: a stale socket file (nobody listening) is replaced, a live
-/// one is an error (another daemon). Mode 0666: every local user may connect and is told,
-/// by peer credentials, what it may do.
+/// one is an error (another daemon, checked at the start and again here). Mode 0666:
+/// every local user may connect and is told, by peer credentials, what it may do.
 fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!(
-                "{} is in use: another agentd daemon is running (stop it, or give --socket)",
-                path.display()
-            );
-        }
+        refuse_live_socket(path)?;
         std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
     }
     let listener =
@@ -728,7 +812,6 @@ async fn kernel_events(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::Receiver<
     for e in open {
         publish(&shared, e);
     }
-    eprintln!("agentd daemon: the kernel event stream ended");
 }
 
 /// Every event, whatever its source: counted, fed to its agent's breaker, audited, kept
@@ -744,10 +827,7 @@ fn handle_event(shared: &Shared, ev: Event) {
     {
         let mut agents = lock(&shared.agents);
         if let Some(a) = agents.get_mut(&ev.agent) {
-            a.events += 1;
-            if matches!(ev.verdict, Verdict::Deny | Verdict::Killed) {
-                a.denials += 1;
-            }
+            // Its events and denials are counted as they are recorded (`record`).
             a.lost += lost.unwrap_or(0);
             let trip = a.breaker.observe(&ev, now_ns);
             let kill = trip
@@ -765,7 +845,6 @@ fn handle_event(shared: &Shared, ev: Event) {
                     a.killed_by = Some(trip_line(&trip, &ev));
                     a.state = AgentState::Tripped;
                 }
-                lock(&shared.counters).trips += 1;
                 extra = Some(trip_event(
                     &trip,
                     &ev,
@@ -898,16 +977,18 @@ fn record(shared: &Shared, ev: Event) {
     audited(shared, metrics::AuditRecord::Event, |log| {
         log.append_event(&ev)
     });
+    let n = metrics::counted(&ev);
     {
         let mut c = lock(&shared.counters);
-        c.events += 1;
-        if matches!(ev.verdict, Verdict::Deny | Verdict::Killed) {
-            c.denials += 1;
+        c.events += n.events;
+        c.denials += n.denials;
+        if ev.kind == Kind::Breaker {
+            c.trips += 1;
         }
         let sec = shared.started.elapsed().as_secs();
         match c.per_second.back_mut() {
-            Some((s, n)) if *s == sec => *n += 1,
-            _ => c.per_second.push_back((sec, 1)),
+            Some((s, k)) if *s == sec => *k += n.events,
+            _ => c.per_second.push_back((sec, n.events)),
         }
         while c.per_second.front().is_some_and(|(s, _)| *s + 10 < sec) {
             c.per_second.pop_front();
@@ -921,10 +1002,42 @@ fn record(shared: &Shared, ev: Event) {
         }
         r.push_back(Arc::clone(&ev));
     }
+    let agent = count_for_agent(shared, &ev, n);
     shared.metrics.event(&ev);
-    shared.export.send(&ev);
+    shared.export.send(&ev, agent);
     // No subscriber is not an error.
     let _ = shared.events.send(ev);
+}
+
+/// Counts `ev` (as `n`) for its agent, running or ended (a record can come after its agent
+/// ended: a burst's summary); returns whose agent it is, for the export (`None` when
+/// nothing is exported, or the agent is not known). Takes the registry's locks only:
+/// nothing that waits on I/O holds them.
+fn count_for_agent(
+    shared: &Shared,
+    ev: &Event,
+    n: metrics::Counted,
+) -> Option<crate::export::AgentInfo> {
+    if ev.agent.is_empty() {
+        return None;
+    }
+    let exported = !shared.export.is_empty();
+    let info = |owner_uid: u32, profile: &str| crate::export::AgentInfo {
+        owner_uid,
+        profile: profile.to_owned(),
+    };
+    // Agents, then ended agents: the order the daemon takes these locks in.
+    let mut agents = lock(&shared.agents);
+    if let Some(a) = agents.get_mut(&ev.agent) {
+        a.events += n.events;
+        a.denials += n.denials;
+        return exported.then(|| info(a.owner_uid, &a.profile));
+    }
+    let mut exited = lock(&shared.exited);
+    let r = exited.iter_mut().rev().find(|r| r.id == ev.agent)?;
+    r.events += n.events;
+    r.denials += n.denials;
+    exported.then(|| info(r.owner_uid, &r.profile))
 }
 
 /// Stops agent `a` as the breaker does (see `run::kernel`): `cgroup.kill` first, then the
@@ -1225,7 +1338,8 @@ fn kill_as(
     via: &str,
     web: Option<&crate::ask::WebSession>,
 ) -> Result<String, Refusal> {
-    let owner = lock(&shared.agents).get(id).map(|a| a.owner.uid);
+    // The owner approvals know too: for a root request, the user `SUDO_UID` names.
+    let owner = lock(&shared.agents).get(id).map(|a| a.owner_uid);
     match owner {
         None => Err(Refusal::NotFound(format!(
             "no running agent {id} (see `agentd ps`)"
@@ -1280,7 +1394,7 @@ fn row(a: &Agent) -> AgentRow {
         denials: a.denials,
         lost: a.lost,
         cgroup: a.cgroup.clone(),
-        owner_uid: a.owner.uid,
+        owner_uid: a.owner_uid,
     }
 }
 
@@ -1680,10 +1794,13 @@ async fn supervisor_line(
                 Ok(p) => p,
                 Err(e) => return Some(ToSupervisor::Refused(e)),
             };
+            // The owner, from the request as the client sent it (the launch keeps no
+            // environment, so no `SUDO_UID`).
+            let owner_uid = invoking_uid(who, req);
             Some(
                 match attach(
                     shared,
-                    who,
+                    (who, owner_uid),
                     &policy,
                     &agent,
                     &cgroup,
@@ -1768,7 +1885,6 @@ async fn supervisor_line(
                 })
             };
             if let Some(e) = lost_trip {
-                lock(&shared.counters).trips += 1;
                 publish(shared, e);
             }
             // The supervisor has every event of its agent before its verdict.
@@ -1854,10 +1970,11 @@ fn resolver_for(
 }
 
 /// Attaches the watch to the agent's cgroup and registers it (state file first: if the
-/// daemon dies from here on, the next one reaps the agent).
+/// daemon dies from here on, the next one reaps the agent), for `who` and its owner
+/// ([`invoking_uid`]).
 fn attach(
     shared: &Arc<Shared>,
-    who: &Actor,
+    (who, owner_uid): (&Actor, u32),
     policy: &CompiledPolicy,
     agent: &str,
     cgroup: &Path,
@@ -1896,7 +2013,6 @@ fn attach(
         let _ = lock(&shared.watch).remove_agent(handle);
         return Err(format!("state directory: {e}"));
     }
-    let owner_uid = invoking_uid(who, req);
     let entry = Agent::new(
         agent,
         policy,
@@ -1927,9 +2043,32 @@ fn attach(
 
 /// The agent ended: kept for `ps` as exited (or tripped), forgotten by the registry.
 fn retire(shared: &Shared, id: &str) {
-    let Some(mut a) = lock(&shared.agents).remove(id) else {
-        return;
+    // From the registry to the ended rows under the registry's lock: a record of the agent
+    // that comes late is counted in one or the other (`count_for_agent`).
+    let (mut a, tripped) = {
+        let mut agents = lock(&shared.agents);
+        let Some(mut a) = agents.remove(id) else {
+            return;
+        };
+        let tripped = a.state == AgentState::Tripped;
+        if !tripped {
+            a.state = AgentState::Exited;
+        }
+        let mut exited = lock(&shared.exited);
+        if exited.len() == EXITED_KEPT {
+            exited.pop_front();
+        }
+        exited.push_back(row(&a));
+        (a, tripped)
     };
+    {
+        let mut c = lock(&shared.counters);
+        if tripped {
+            c.agents_tripped += 1;
+        } else {
+            c.agents_exited += 1;
+        }
+    }
     if let Some(h) = a.bpf.take()
         && let Err(e) = lock(&shared.watch).remove_agent(h)
     {
@@ -1940,12 +2079,4 @@ fn retire(shared: &Shared, id: &str) {
     // still had held goes.
     shared.asking.board.forget_agent(id);
     shared.asking.board.cancel_agent(id);
-    if a.state != AgentState::Tripped {
-        a.state = AgentState::Exited;
-    }
-    let mut exited = lock(&shared.exited);
-    if exited.len() == EXITED_KEPT {
-        exited.pop_front();
-    }
-    exited.push_back(row(&a));
 }

@@ -22,20 +22,32 @@ pub struct Outputs {
     pub metrics: Option<Listen>,
     /// Serve the live web view on this address: a port (loopback) or ADDR:PORT; `agentd
     /// ui-url` prints the address with an access token
-    #[arg(long, value_name = "[ADDR:]PORT", help_heading = "Outputs")]
-    pub ui: Option<Listen>,
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = parse_ui, help_heading = "Outputs")]
+    pub ui: Option<SocketAddr>,
     /// Send events to syslog as RFC 5424 records with structured data: unix:PATH (a
     /// datagram socket, e.g. unix:/dev/log), udp:HOST:PORT or tcp:HOST:PORT (octet-counted,
     /// RFC 6587); see docs/export.md
     #[arg(long, value_name = "TARGET", help_heading = "Outputs")]
     pub syslog: Option<crate::export::syslog::Target>,
     /// Only events of these kinds go to syslog (e.g. exec,net_connect,breaker; default: all)
-    #[arg(long, value_name = "KIND,...", value_delimiter = ',', value_parser = crate::export::parse_kind, help_heading = "Outputs")]
+    #[arg(long, value_name = "KIND,...", value_delimiter = ',', value_parser = crate::export::parse_kind, requires = "syslog", help_heading = "Outputs")]
     pub syslog_kinds: Vec<crate::event::Kind>,
     /// Only events with these verdicts go to syslog (allow, deny, killed, none; default:
     /// all)
-    #[arg(long, value_name = "VERDICT,...", value_delimiter = ',', value_parser = crate::export::parse_verdict, help_heading = "Outputs")]
+    #[arg(long, value_name = "VERDICT,...", value_delimiter = ',', value_parser = crate::export::parse_verdict, requires = "syslog", help_heading = "Outputs")]
     pub syslog_verdicts: Vec<crate::event::Verdict>,
+    /// Only events this grave or graver go to syslog: alert, err, warning (every refusal,
+    /// breaker trip, canary, failed launch and lost event, whatever its verdict), notice or
+    /// info (default: all); see docs/export.md
+    #[arg(
+        long,
+        value_enum,
+        value_name = "SEVERITY",
+        hide_possible_values = true,
+        requires = "syslog",
+        help_heading = "Outputs"
+    )]
+    pub syslog_severity: Option<crate::export::Severity>,
     /// The syslog facility of the records: authpriv (private security messages; Debian's
     /// rsyslog writes them to /var/log/auth.log), daemon, auth, user or local0-local7
     #[arg(
@@ -44,6 +56,7 @@ pub struct Outputs {
         default_value_t,
         value_name = "FACILITY",
         hide_possible_values = true,
+        requires = "syslog",
         help_heading = "Outputs"
     )]
     pub syslog_facility: crate::export::syslog::Facility,
@@ -53,11 +66,22 @@ pub struct Outputs {
     #[arg(long, value_name = "URL", help_heading = "Outputs")]
     pub otlp: Option<crate::export::otlp::Endpoint>,
     /// Only events of these kinds go to the collector (default: all)
-    #[arg(long, value_name = "KIND,...", value_delimiter = ',', value_parser = crate::export::parse_kind, help_heading = "Outputs")]
+    #[arg(long, value_name = "KIND,...", value_delimiter = ',', value_parser = crate::export::parse_kind, requires = "otlp", help_heading = "Outputs")]
     pub otlp_kinds: Vec<crate::event::Kind>,
     /// Only events with these verdicts go to the collector (default: all)
-    #[arg(long, value_name = "VERDICT,...", value_delimiter = ',', value_parser = crate::export::parse_verdict, help_heading = "Outputs")]
+    #[arg(long, value_name = "VERDICT,...", value_delimiter = ',', value_parser = crate::export::parse_verdict, requires = "otlp", help_heading = "Outputs")]
     pub otlp_verdicts: Vec<crate::event::Verdict>,
+    /// Only events this grave or graver go to the collector: alert, err, warning, notice or
+    /// info, as --syslog-severity (default: all)
+    #[arg(
+        long,
+        value_enum,
+        value_name = "SEVERITY",
+        hide_possible_values = true,
+        requires = "otlp",
+        help_heading = "Outputs"
+    )]
+    pub otlp_severity: Option<crate::export::Severity>,
 }
 
 /// Where an HTTP output listens.
@@ -77,15 +101,34 @@ impl FromStr for Listen {
             }
             return Ok(Listen::Unix(PathBuf::from(path)));
         }
-        if let Ok(port) = s.parse::<u16>() {
-            return Ok(Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], port))));
+        let addr = match s.parse::<u16>() {
+            Ok(port) => SocketAddr::from(([127, 0, 0, 1], port)),
+            Err(_) => s.parse::<SocketAddr>().map_err(|_| {
+                format!(
+                    "`{s}` is not a listening address: give a port (9464, on loopback), an \
+                     ADDR:PORT (127.0.0.1:9464, [::1]:9464) or unix:PATH"
+                )
+            })?,
+        };
+        // Port 0 would be one the kernel picks, which the daemon's messages and `agentd
+        // ui-url` would not name: nobody could find it.
+        if addr.port() == 0 {
+            return Err(format!(
+                "`{s}`: give the port to listen on (0 would be a random one nobody is told)"
+            ));
         }
-        s.parse::<SocketAddr>().map(Listen::Tcp).map_err(|_| {
-            format!(
-                "`{s}` is not a listening address: give a port (9464, on loopback), an \
-                 ADDR:PORT (127.0.0.1:9464, [::1]:9464) or unix:PATH"
-            )
-        })
+        Ok(Listen::Tcp(addr))
+    }
+}
+
+/// `--ui`: a [`Listen`] on TCP only (a browser reaches no unix socket).
+pub fn parse_ui(s: &str) -> Result<SocketAddr, String> {
+    match s.parse::<Listen>()? {
+        Listen::Tcp(addr) => Ok(addr),
+        Listen::Unix(_) => Err(format!(
+            "`{s}`: the web view listens on TCP, for a browser: give a port (8080, on \
+             loopback) or ADDR:PORT"
+        )),
     }
 }
 
@@ -131,33 +174,77 @@ const LIMITS: Limits = Limits {
     header_read: HEADER_READ_TIMEOUT,
 };
 
-/// Binds `listen` and serves `app` on it until the daemon stops. A unix socket is made
-/// reachable by root and `group_gid` only (as the control socket is).
-pub(super) async fn serve(
-    listen: &Listen,
-    app: axum::Router,
-    what: &str,
-    group_gid: Option<u32>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    Ok(match listen {
-        Listen::Tcp(addr) => {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("{what}: binding {addr}"))?;
-            let bound = l
-                .local_addr()
-                .with_context(|| format!("{what}: the address bound for {addr}"))?;
-            tokio::spawn(run(l, app, LIMITS, Some(Listening(bound))))
-        }
-        Listen::Unix(path) => {
+/// An output's listener, bound before the daemon loads anything (a port in use or a bad
+/// path fails the start with nothing to undo) and served once the daemon is ready.
+pub(super) enum Bound {
+    Tcp(tokio::net::TcpListener, Listening),
+    Unix(tokio::net::UnixListener, SocketFile),
+}
+
+/// The file of an output's unix socket: removed if the daemon stops before serving it (its
+/// start failed later on).
+pub(super) struct SocketFile(Option<PathBuf>);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
             let _ = std::fs::remove_file(path);
-            let l = tokio::net::UnixListener::bind(path)
-                .with_context(|| format!("{what}: binding {}", path.display()))?;
-            super::restrict_socket(path, group_gid)
-                .with_context(|| format!("{what}: {}", path.display()))?;
-            tokio::spawn(run(l, app, LIMITS, None))
         }
-    })
+    }
+}
+
+impl Bound {
+    /// Binds `listen` for the output `what`. A unix socket is made reachable by root and
+    /// `group_gid` only (as the control socket is).
+    pub(super) async fn bind(
+        listen: &Listen,
+        what: &str,
+        group_gid: Option<u32>,
+    ) -> anyhow::Result<Bound> {
+        Ok(match listen {
+            Listen::Tcp(addr) => {
+                let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                    let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+                        " (another program listens there: give another port)"
+                    } else {
+                        ""
+                    };
+                    anyhow::anyhow!("{what}: binding {addr}: {e}{hint}")
+                })?;
+                let bound = l
+                    .local_addr()
+                    .with_context(|| format!("{what}: the address bound for {addr}"))?;
+                Bound::Tcp(l, Listening(bound))
+            }
+            Listen::Unix(path) => {
+                let _ = std::fs::remove_file(path);
+                let l = tokio::net::UnixListener::bind(path).map_err(|e| {
+                    let hint = if e.kind() == std::io::ErrorKind::NotFound {
+                        " (its directory must exist)"
+                    } else {
+                        ""
+                    };
+                    anyhow::anyhow!("{what}: binding {}: {e}{hint}", path.display())
+                })?;
+                let file = SocketFile(Some(path.clone()));
+                super::restrict_socket(path, group_gid)
+                    .with_context(|| format!("{what}: {}", path.display()))?;
+                Bound::Unix(l, file)
+            }
+        })
+    }
+
+    /// Serves `app` until the daemon stops.
+    pub(super) fn serve(self, app: axum::Router) -> tokio::task::JoinHandle<()> {
+        match self {
+            Bound::Tcp(l, listening) => tokio::spawn(run(l, app, LIMITS, Some(listening))),
+            Bound::Unix(l, mut file) => {
+                // Served: the file stays (the next daemon replaces it).
+                file.0 = None;
+                tokio::spawn(run(l, app, LIMITS, None))
+            }
+        }
+    }
 }
 
 /// Serves `app` on the connections `listener` accepts, `limits.connections` at a time.
@@ -240,6 +327,54 @@ mod tests {
         let e = "localhost:80".parse::<Listen>().unwrap_err();
         assert!(e.contains("ADDR:PORT"), "{e}");
         assert!("unix:".parse::<Listen>().is_err());
+    }
+
+    #[test]
+    fn port_0_is_refused_and_the_view_takes_tcp_only() {
+        for zero in ["0", "127.0.0.1:0", "[::1]:0"] {
+            let e = zero.parse::<Listen>().unwrap_err();
+            assert!(e.contains("give the port"), "{zero}: {e}");
+            assert!(
+                parse_ui(zero).unwrap_err().contains("give the port"),
+                "{zero}"
+            );
+        }
+        assert_eq!(parse_ui("8080"), Ok("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(parse_ui("[::1]:8080"), Ok("[::1]:8080".parse().unwrap()));
+        let e = parse_ui("unix:/run/ui.sock").unwrap_err();
+        assert!(e.contains("listens on TCP"), "{e}");
+        assert!(parse_ui("nonsense").unwrap_err().contains("ADDR:PORT"));
+    }
+
+    #[tokio::test]
+    async fn a_port_in_use_and_a_missing_directory_are_refused_with_a_hint() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let Err(e) = Bound::bind(&Listen::Tcp(addr), "metrics", None).await else {
+            panic!("bound {addr} twice");
+        };
+        let e = e.to_string();
+        assert!(e.starts_with(&format!("metrics: binding {addr}: ")), "{e}");
+        assert!(e.contains("another program listens there"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let missing = Listen::Unix(dir.path().join("missing/m.sock"));
+        let Err(e) = Bound::bind(&missing, "metrics", None).await else {
+            panic!("bound in a missing directory");
+        };
+        assert!(e.to_string().contains("its directory must exist"), "{e}");
+
+        // A socket bound and never served is removed; one served stays.
+        let path = dir.path().join("m.sock");
+        let listen = Listen::Unix(path.clone());
+        drop(Bound::bind(&listen, "metrics", None).await.unwrap());
+        assert!(!path.exists());
+        let served = Bound::bind(&listen, "metrics", None)
+            .await
+            .unwrap()
+            .serve(axum::Router::new());
+        assert!(path.exists());
+        served.abort();
     }
 
     /// What one request on a new connection gets back (the server closes after it).

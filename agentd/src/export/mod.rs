@@ -9,6 +9,7 @@ pub mod syslog;
 
 use std::{
     borrow::Cow,
+    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -28,26 +29,111 @@ pub const GIVE_UP: Duration = Duration::from_secs(30);
 pub const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(8);
 
-/// Which events a destination takes: empty lists take every kind / verdict.
+/// Which events a destination takes: those that match every criterion given (empty lists
+/// and no severity take every kind, verdict, severity).
+///
+/// Kinds and verdicts combine with AND, so together they cannot say "the refusals, and the
+/// canaries and breaker trips whatever their verdict" (a canary the kernel let open is
+/// `allow`, a trip in monitor mode and a failed launch `none`): the severity can, as
+/// `warning` takes exactly those ([`Severity::of`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Selection {
     pub kinds: Vec<Kind>,
     pub verdicts: Vec<Verdict>,
+    /// Only events this grave or graver.
+    pub severity: Option<Severity>,
 }
 
 impl Selection {
     pub fn takes(&self, ev: &Event) -> bool {
         (self.kinds.is_empty() || self.kinds.contains(&ev.kind))
             && (self.verdicts.is_empty() || self.verdicts.contains(&ev.verdict))
+            && self
+                .severity
+                .is_none_or(|min| Severity::of(ev).at_least(min))
+    }
+}
+
+/// Whose an event's agent is, sent with each of its records: a SIEM ties a refusal to a
+/// person without looking for the agent's `start`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// Its owner, as `agentd ps` shows it: the user who launched it (for root under
+    /// `sudo`, the user `SUDO_UID` names). Not the uid its processes run as, which a
+    /// profile may make a transient one (the `start` event's `uid`).
+    pub owner_uid: u32,
+    /// The name of its profile.
+    pub profile: String,
+}
+
+/// An event on its way to a destination, with whose agent it is (`None` for an event of
+/// no agent the daemon registered: a daemon-wide `lost`, a launch that failed before the
+/// daemon watched it).
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub event: Arc<Event>,
+    pub agent: Option<Arc<AgentInfo>>,
+}
+
+/// User names looked up in a destination's own thread (NSS may ask a directory server:
+/// never in the daemon's recording thread), and kept: at most [`NAMES_KEPT`] uids, then
+/// looked up afresh.
+#[derive(Debug, Default)]
+pub(crate) struct UserNames(HashMap<u32, Option<String>>);
+
+/// Bound of [`UserNames`].
+const NAMES_KEPT: usize = 256;
+
+impl UserNames {
+    /// The name of user `uid`, when it has one.
+    pub(crate) fn of(&mut self, uid: u32) -> Option<&str> {
+        if !self.0.contains_key(&uid) && self.0.len() >= NAMES_KEPT {
+            self.0.clear();
+        }
+        self.0
+            .entry(uid)
+            .or_insert_with(|| {
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+            })
+            .as_deref()
     }
 }
 
 /// An event kind as the events name it (`exec`, `file_write`, `breaker`...).
 pub fn parse_kind(s: &str) -> Result<Kind, String> {
-    serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
-        format!("`{s}` is not an event kind (the `kind` field of `agentd events --json`: exec, connect, file_write, dns, breaker...)")
+    let kind =
+        |name: &str| serde_json::from_value::<Kind>(serde_json::Value::String(name.to_owned()));
+    kind(s).map_err(|_| {
+        // A name without its family (`connect` for `net_connect`) is the likely slip.
+        let hint = KIND_FAMILIES
+            .iter()
+            .map(|family| format!("{family}{s}"))
+            .find(|name| kind(name).is_ok())
+            .map_or_else(String::new, |name| format!(" (did you mean `{name}`?)"));
+        format!(
+            "`{s}` is not an event kind{hint}: give the `kind` field of `agentd events --json`, \
+             e.g. {}",
+            KIND_EXAMPLES.join(", ")
+        )
     })
 }
+
+/// The prefixes of the kinds' families: `net_connect`, `file_write`, `process_start`.
+const KIND_FAMILIES: [&str; 3] = ["net_", "file_", "process_"];
+/// Kinds [`parse_kind`]'s error names (a test parses each).
+const KIND_EXAMPLES: [&str; 8] = [
+    "exec",
+    "net_connect",
+    "file_write",
+    "file_read",
+    "process_start",
+    "dns",
+    "breaker",
+    "canary",
+];
 
 /// A verdict: allow, deny, killed or none.
 pub fn parse_verdict(s: &str) -> Result<Verdict, String> {
@@ -81,7 +167,7 @@ pub struct Counters {
 struct Sink {
     name: &'static str,
     selection: Selection,
-    queue: std::sync::mpsc::SyncSender<Arc<Event>>,
+    queue: std::sync::mpsc::SyncSender<Outgoing>,
     counters: Arc<Counters>,
     /// Whether the daemon's log was told that the queue overflowed (once a run: the
     /// metrics count every drop).
@@ -131,13 +217,24 @@ impl Exporters {
         Ok(Exporters { sinks })
     }
 
-    /// Offers `ev` to every destination that takes it; never waits.
-    pub fn send(&self, ev: &Arc<Event>) {
+    /// Whether no destination was given (the daemon then need not say whose an event is).
+    pub fn is_empty(&self) -> bool {
+        self.sinks.is_empty()
+    }
+
+    /// Offers `ev`, of the agent `agent` describes, to every destination that takes it;
+    /// never waits.
+    pub fn send(&self, ev: &Arc<Event>, agent: Option<AgentInfo>) {
+        let agent = agent.map(Arc::new);
         for s in &self.sinks {
             if !s.selection.takes(ev) {
                 continue;
             }
-            let why = match s.queue.try_send(Arc::clone(ev)) {
+            let out = Outgoing {
+                event: Arc::clone(ev),
+                agent: agent.clone(),
+            };
+            let why = match s.queue.try_send(out) {
                 Ok(()) => continue,
                 Err(TrySendError::Full(_)) => "its queue is full",
                 Err(TrySendError::Disconnected(_)) => "its thread has ended",
@@ -168,7 +265,7 @@ impl Exporters {
 
 /// How grave an event is, in syslog's terms (RFC 5424 §6.2.1); the OTLP export maps it to
 /// an OpenTelemetry severity number. docs/export.md has the table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Severity {
     /// A breaker trip, a canary opened: someone should look now.
     Alert,
@@ -183,6 +280,11 @@ pub enum Severity {
 }
 
 impl Severity {
+    /// Whether this is `min` or graver (alert is the gravest).
+    pub fn at_least(self, min: Severity) -> bool {
+        self.code() <= min.code()
+    }
+
     pub fn of(ev: &Event) -> Severity {
         let by_verdict = match ev.verdict {
             Verdict::Deny | Verdict::Killed => Severity::Warning,
@@ -613,11 +715,12 @@ mod tests {
         let s = Selection {
             kinds: vec![parse_kind("net_connect").unwrap()],
             verdicts: vec![parse_verdict("deny").unwrap()],
+            severity: None,
         };
         assert!(s.takes(&e));
         let s = Selection {
-            kinds: vec![],
             verdicts: vec![Verdict::Allow],
+            ..Selection::default()
         };
         assert!(!s.takes(&e));
         assert!(
@@ -626,5 +729,79 @@ mod tests {
                 .contains("not an event kind")
         );
         assert!(parse_verdict("denied").is_err());
+    }
+
+    #[test]
+    fn a_kind_refused_names_real_kinds() {
+        for name in KIND_EXAMPLES {
+            assert!(parse_kind(name).is_ok(), "{name}");
+        }
+        let e = parse_kind("connect").unwrap_err();
+        assert!(e.contains("did you mean `net_connect`?"), "{e}");
+        assert!(e.contains("e.g. exec, net_connect, file_write"), "{e}");
+        assert!(parse_kind("write").unwrap_err().contains("`file_write`?"));
+        assert!(parse_kind("start").is_ok(), "a kind of its own");
+        let e = parse_kind("nonsense").unwrap_err();
+        assert!(!e.contains("did you mean"), "{e}");
+    }
+
+    /// What a SIEM wants (refusals, trips, canaries, failed launches, lost events, whatever
+    /// their verdict) is `warning` and graver; kinds AND verdicts cannot say it.
+    #[test]
+    fn a_severity_takes_the_refusals_and_the_alerts_whatever_their_verdict() {
+        let ev = |kind, verdict| Event::new("a", 1, "sh", kind, verdict, Layer::Agentd);
+        let warning = Selection {
+            severity: Some(Severity::Warning),
+            ..Selection::default()
+        };
+        let refusals = Selection {
+            verdicts: vec![Verdict::Deny, Verdict::Killed],
+            ..Selection::default()
+        };
+        for (e, siem_wants) in [
+            (ev(Kind::OpenWrite, Verdict::Deny), true),
+            (ev(Kind::Connect, Verdict::Killed), true),
+            (ev(Kind::Canary, Verdict::Allow), true),
+            (ev(Kind::Canary, Verdict::Deny), true),
+            (ev(Kind::Breaker, Verdict::None), true),
+            (ev(Kind::Breaker, Verdict::Killed), true),
+            (ev(Kind::LaunchFailed, Verdict::None), true),
+            (ev(Kind::Lost, Verdict::None), true),
+            (ev(Kind::Exec, Verdict::Allow), false),
+            (ev(Kind::Start, Verdict::None), false),
+            (ev(Kind::Exit, Verdict::None), false),
+        ] {
+            assert_eq!(warning.takes(&e), siem_wants, "{e:?}");
+        }
+        // The verdicts alone leave out the canary the kernel let open, a trip in monitor
+        // mode, a failed launch.
+        assert!(!refusals.takes(&ev(Kind::Canary, Verdict::Allow)));
+        assert!(!refusals.takes(&ev(Kind::Breaker, Verdict::None)));
+        assert!(!refusals.takes(&ev(Kind::LaunchFailed, Verdict::None)));
+        // Criteria combine: breaker records that killed, at alert.
+        let s = Selection {
+            kinds: vec![Kind::Breaker],
+            verdicts: vec![Verdict::Killed],
+            severity: Some(Severity::Alert),
+        };
+        assert!(s.takes(&ev(Kind::Breaker, Verdict::Killed)));
+        assert!(!s.takes(&ev(Kind::Breaker, Verdict::None)));
+        assert!(!s.takes(&ev(Kind::Canary, Verdict::Deny)));
+        assert!(Severity::Alert.at_least(Severity::Info));
+        assert!(Severity::Warning.at_least(Severity::Warning));
+        assert!(!Severity::Notice.at_least(Severity::Warning));
+    }
+
+    #[test]
+    fn user_names_are_looked_up_and_kept() {
+        let mut names = UserNames::default();
+        assert_eq!(names.of(0), Some("root"));
+        // No user has this uid (the kernel's invalid uid).
+        assert_eq!(names.of(u32::MAX), None);
+        assert_eq!(names.0.len(), 2);
+        for uid in 0..NAMES_KEPT as u32 + 10 {
+            names.of(4_000_000_000 + uid);
+        }
+        assert!(names.0.len() <= NAMES_KEPT);
     }
 }

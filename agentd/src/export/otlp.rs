@@ -18,7 +18,7 @@ use std::{
 
 use serde::Serialize;
 
-use super::{Backoff, Counters, GIVE_UP, Severity};
+use super::{AgentInfo, Backoff, Counters, GIVE_UP, Outgoing, Severity, UserNames};
 use crate::event::Event;
 
 /// Records in one request at most.
@@ -94,6 +94,18 @@ impl FromStr for Endpoint {
         if authority.host().is_empty() {
             return Err(format!(
                 "OTLP endpoint `{s}`: no host, e.g. http://127.0.0.1:4318/v1/logs"
+            ));
+        }
+        // The URL parser takes any digits after the host; a send could not.
+        if let Some(port) = authority
+            .as_str()
+            .get(authority.host().len()..)
+            .and_then(|rest| rest.strip_prefix(':'))
+            && !matches!(port.parse::<u16>(), Ok(1..))
+        {
+            return Err(format!(
+                "OTLP endpoint `{s}`: `{port}` is not a port (1-65535), e.g. \
+                 http://127.0.0.1:4318/v1/logs"
             ));
         }
         let path = match uri.path_and_query().map(|p| p.as_str()) {
@@ -262,19 +274,35 @@ pub fn resource(hostname: &str) -> Resource {
     Resource { attributes }
 }
 
-/// `ev` as a log record; `observed` is when the exporter took it (ns since the epoch).
-pub fn record(ev: &Event, observed: u128) -> LogRecord {
+/// `ev` as a log record, with whose agent it is of (`agent`, and its owner's name when it
+/// has one); `observed` is when the exporter took it (ns since the epoch).
+pub fn record(
+    ev: &Event,
+    agent: Option<&AgentInfo>,
+    owner_name: Option<&str>,
+    observed: u128,
+) -> LogRecord {
     let severity = Severity::of(ev);
     let short = |s: &str| AnyValue::string(super::cut(s, super::SHORT_MAX, char::len_utf8));
     let long = |s: &str| AnyValue::string(super::cut(s, VALUE_MAX, char::len_utf8));
-    let mut attributes = vec![
-        kv("agentd.agent", short(&ev.agent)),
+    let mut attributes = vec![kv("agentd.agent", short(&ev.agent))];
+    if let Some(a) = agent {
+        attributes.push(kv("agentd.profile", short(&a.profile)));
+        attributes.push(kv("agentd.owner_uid", AnyValue::int(a.owner_uid)));
+        // The semantic conventions' user: the person the agent acts for (`user.id` is a
+        // string there).
+        attributes.push(kv("user.id", AnyValue::string(a.owner_uid.to_string())));
+        if let Some(name) = owner_name {
+            attributes.push(kv("user.name", short(name)));
+        }
+    }
+    attributes.extend([
         kv("agentd.kind", AnyValue::string(ev.kind_name())),
         kv("agentd.verdict", AnyValue::string(ev.verdict.name())),
         kv("agentd.layer", AnyValue::string(ev.layer_name())),
         kv("agentd.pid", AnyValue::int(ev.pid)),
         kv("agentd.comm", short(&ev.comm)),
-    ];
+    ]);
     if let Some(p) = &ev.path {
         attributes.push(kv("agentd.path", long(p)));
     }
@@ -346,7 +374,7 @@ fn now_ns() -> u128 {
 /// Starts the thread that batches what `rx` brings and posts it to `endpoint`.
 pub(super) fn start(
     endpoint: Endpoint,
-    rx: Receiver<Arc<Event>>,
+    rx: Receiver<Outgoing>,
     counters: Arc<Counters>,
 ) -> anyhow::Result<()> {
     let resource = resource(&super::hostname());
@@ -364,10 +392,18 @@ pub(super) fn start(
     std::thread::Builder::new()
         .name("agentd-otlp".into())
         .spawn(move || {
+            let mut names = UserNames::default();
             while let Some(batch) = next_batch(&rx) {
                 let n = batch.len() as u64;
                 let observed = now_ns();
-                let records = batch.iter().map(|ev| record(ev, observed)).collect();
+                let records = batch
+                    .iter()
+                    .map(|out| {
+                        let agent = out.agent.as_deref();
+                        let owner = agent.and_then(|a| names.of(a.owner_uid));
+                        record(&out.event, agent, owner, observed)
+                    })
+                    .collect();
                 let body = match serde_json::to_vec(&request(&resource, records)) {
                     Ok(b) => b,
                     Err(e) => {
@@ -388,7 +424,7 @@ pub(super) fn start(
 
 /// Waits for a record, then for more until [`BATCH_MAX`] or [`BATCH_WAIT`]; `None` when
 /// the daemon is gone.
-fn next_batch(rx: &Receiver<Arc<Event>>) -> Option<Vec<Arc<Event>>> {
+fn next_batch(rx: &Receiver<Outgoing>) -> Option<Vec<Outgoing>> {
     let first = rx.recv().ok()?;
     let until = Instant::now() + BATCH_WAIT;
     let mut batch = vec![first];
@@ -561,7 +597,14 @@ mod tests {
 
     #[test]
     fn a_request_is_the_proto3_json_of_export_logs_service_request() {
-        let req = request(&resource("host1"), vec![record(&denial(), 7)]);
+        let agent = AgentInfo {
+            owner_uid: 1000,
+            profile: "writer".into(),
+        };
+        let req = request(
+            &resource("host1"),
+            vec![record(&denial(), Some(&agent), Some("alice"), 7)],
+        );
         let v = serde_json::to_value(&req).unwrap();
         let rl = &v["resourceLogs"][0];
         let res = &rl["resource"]["attributes"];
@@ -596,6 +639,10 @@ mod tests {
                 .unwrap_or_else(|| panic!("no {k} in {r}"))
         };
         assert_eq!(attr("agentd.agent"), json!({"stringValue": "writer-1"}));
+        assert_eq!(attr("agentd.profile"), json!({"stringValue": "writer"}));
+        assert_eq!(attr("agentd.owner_uid"), json!({"intValue": "1000"}));
+        assert_eq!(attr("user.id"), json!({"stringValue": "1000"}));
+        assert_eq!(attr("user.name"), json!({"stringValue": "alice"}));
         assert_eq!(attr("agentd.kind"), json!({"stringValue": "file_write"}));
         assert_eq!(attr("agentd.verdict"), json!({"stringValue": "deny"}));
         assert_eq!(attr("agentd.layer"), json!({"stringValue": "landlock"}));
@@ -645,7 +692,11 @@ mod tests {
         }
         e.path = Some(nasty.clone());
         e.agent = "x".repeat(1000);
-        let r = serde_json::to_value(record(&e, 1)).unwrap();
+        let agent = AgentInfo {
+            owner_uid: 0,
+            profile: nasty.clone(),
+        };
+        let r = serde_json::to_value(record(&e, Some(&agent), Some(&nasty), 1)).unwrap();
         let body = r["body"]["stringValue"].as_str().unwrap();
         assert!(body.len() <= super::super::MESSAGE_MAX, "{}", body.len());
         assert!(
@@ -679,6 +730,14 @@ mod tests {
             agent.len() <= super::super::SHORT_MAX && agent.ends_with("…[+754]"),
             "{agent}"
         );
+        for key in ["agentd.profile", "user.name"] {
+            let v = attr(key)["stringValue"].as_str().unwrap().to_owned();
+            assert!(
+                v.len() <= super::super::SHORT_MAX
+                    && nasty.starts_with(v.split('…').next().unwrap()),
+                "{key}: {v}"
+            );
+        }
         let detail = &attr("agentd.detail")["kvlistValue"]["values"];
         let entry = |k: &str| {
             detail

@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! <84>1 2026-11-23T21:41:21.362675Z host1 agentd 4242 net_connect [agentd@32473
-//!   agent="analyze-only-1" kind="net_connect" verdict="deny" layer="bpf" pid="42"
-//!   comm="python3" addr="127.0.0.1" port="8080" proto="tcp" errno="1"] DENY ...
+//!   agent="analyze-only-1" profile="analyze-only" owner_uid="1000" owner="alice"
+//!   kind="net_connect" verdict="deny" layer="bpf" pid="42" comm="python3"
+//!   addr="127.0.0.1" port="8080" proto="tcp" errno="1"] DENY ...
 //! ```
 //! (one line; wrapped here). 32473 is the enterprise number RFC 5612 reserves for
 //! documentation: the SD-ID is stable, but not a registered one.
@@ -21,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Backoff, Counters, GIVE_UP, Severity};
+use super::{AgentInfo, Backoff, Counters, GIVE_UP, Outgoing, Severity, UserNames};
 use crate::event::Event;
 
 /// The structured data element's SD-ID: `name@PEN`, with the private enterprise number
@@ -189,14 +190,20 @@ pub struct Origin {
     pub procid: u32,
 }
 
-/// `ev` as one RFC 5424 record (without transport framing), at most 8 KiB: rsyslog's
+/// `ev` as one RFC 5424 record (without transport framing), with whose agent it is of
+/// (`agent`, and its owner's name when it has one), at most 8 KiB: rsyslog's
 /// default `maxMessageSize`, so none is cut on the way (the caps of [`VALUE_MAX`],
 /// [`DETAIL_MAX`], [`super::SHORT_MAX`] and [`super::MESSAGE_MAX`] keep it under; a test
 /// checks the worst case). Most are a few hundred bytes.
 /// Text the agent chose is escaped: in PARAM-VALUEs and MSG, control and format
 /// characters as `\u{a}` ([`crate::ask::printable`]); in `detail`, as JSON escapes (the
 /// JSON keeps its exact value).
-pub fn format(origin: &Origin, ev: &Event) -> Vec<u8> {
+pub fn format(
+    origin: &Origin,
+    ev: &Event,
+    agent: Option<&AgentInfo>,
+    owner_name: Option<&str>,
+) -> Vec<u8> {
     let pri = u16::from(origin.facility.code()) * 8 + u16::from(Severity::of(ev).code());
     // TIME-SECFRAC has at most 6 digits: microseconds.
     let timestamp = super::parse_ts(&ev.ts).map_or_else(
@@ -224,6 +231,13 @@ pub fn format(origin: &Origin, ev: &Event) -> Vec<u8> {
     let text = crate::ask::printable;
     let short = super::SHORT_MAX;
     param("agent", &text(&ev.agent), short);
+    if let Some(a) = agent {
+        param("profile", &text(&a.profile), short);
+        param("owner_uid", &a.owner_uid.to_string(), short);
+        if let Some(name) = owner_name {
+            param("owner", &text(name), short);
+        }
+    }
     param("kind", &kind, short);
     param("verdict", ev.verdict.name(), short);
     param("layer", &ev.layer_name(), short);
@@ -328,7 +342,7 @@ fn json_printable(json: &str) -> String {
 pub(super) fn start(
     target: Target,
     facility: Facility,
-    rx: Receiver<Arc<Event>>,
+    rx: Receiver<Outgoing>,
     counters: Arc<Counters>,
 ) -> anyhow::Result<()> {
     let origin = Origin {
@@ -344,8 +358,11 @@ pub(super) fn start(
     std::thread::Builder::new()
         .name("agentd-syslog".into())
         .spawn(move || {
-            while let Ok(ev) = rx.recv() {
-                if sender.send(&format(&origin, &ev)) {
+            let mut names = UserNames::default();
+            while let Ok(out) = rx.recv() {
+                let agent = out.agent.as_deref();
+                let owner = agent.and_then(|a| names.of(a.owner_uid));
+                if sender.send(&format(&origin, &out.event, agent, owner)) {
                     counters.sent.fetch_add(1, Ordering::Relaxed);
                 } else {
                     counters.failed.fetch_add(1, Ordering::Relaxed);
@@ -525,7 +542,7 @@ mod tests {
 
     #[test]
     fn a_denial_is_one_rfc5424_record() {
-        let record = format(&origin(), &denial());
+        let record = format(&origin(), &denial(), None, None);
         assert_eq!(
             String::from_utf8(record).unwrap(),
             "<84>1 2026-11-23T21:41:21.362675Z host1 agentd 4242 net_connect \
@@ -533,6 +550,30 @@ mod tests {
              layer=\"bpf\" pid=\"42\" comm=\"python3\" addr=\"127.0.0.1\" port=\"8080\" \
              proto=\"tcp\" errno=\"1\"] \
              DENY   net_connect   127.0.0.1:8080/tcp  python3[42]  bpf EPERM  analyze-only-1"
+        );
+    }
+
+    #[test]
+    fn the_record_says_whose_agent_it_is_of() {
+        let agent = AgentInfo {
+            owner_uid: 1000,
+            profile: "analyze-only".into(),
+        };
+        let record = format(&origin(), &denial(), Some(&agent), Some("alice"));
+        assert_eq!(
+            String::from_utf8(record).unwrap(),
+            "<84>1 2026-11-23T21:41:21.362675Z host1 agentd 4242 net_connect \
+             [agentd@32473 agent=\"analyze-only-1\" profile=\"analyze-only\" \
+             owner_uid=\"1000\" owner=\"alice\" kind=\"net_connect\" verdict=\"deny\" \
+             layer=\"bpf\" pid=\"42\" comm=\"python3\" addr=\"127.0.0.1\" port=\"8080\" \
+             proto=\"tcp\" errno=\"1\"] \
+             DENY   net_connect   127.0.0.1:8080/tcp  python3[42]  bpf EPERM  analyze-only-1"
+        );
+        // An owner without a name: its uid alone.
+        let record = String::from_utf8(format(&origin(), &denial(), Some(&agent), None)).unwrap();
+        assert!(
+            record.contains(" profile=\"analyze-only\" owner_uid=\"1000\" kind="),
+            "{record}"
         );
     }
 
@@ -547,7 +588,7 @@ mod tests {
             facility: Facility::Local3,
             ..origin()
         };
-        let record = String::from_utf8(format(&o, &e)).unwrap();
+        let record = String::from_utf8(format(&o, &e, None, None)).unwrap();
         // local3 (19) * 8 + alert (1)
         assert!(
             record.starts_with("<153>1 2026-01-02T03:04:05.000000Z host1 agentd 4242 breaker "),
@@ -565,7 +606,7 @@ mod tests {
         let mut e = denial();
         e.comm = "café".into();
         e.ts = "yesterday".into();
-        let record = String::from_utf8(format(&origin(), &e)).unwrap();
+        let record = String::from_utf8(format(&origin(), &e, None, None)).unwrap();
         assert!(record.starts_with("<84>1 - host1 "), "{record}");
         assert!(record.contains("] \u{feff}DENY "), "{record}");
         assert_eq!(header_field("a b", 32), "-");
@@ -621,7 +662,11 @@ mod tests {
     fn sd_names_are_valid_and_values_read_back() {
         let mut e = denial().with("why", "a \"quoted\" [thing]");
         e.path = Some(r#"/a"b\c]d e"#.into());
-        let record = String::from_utf8(format(&origin(), &e)).unwrap();
+        let agent = AgentInfo {
+            owner_uid: 0,
+            profile: "p]\"x".into(),
+        };
+        let record = String::from_utf8(format(&origin(), &e, Some(&agent), Some("root"))).unwrap();
         let (id, params) = read_sd(&record);
         assert_eq!(id, SD_ID);
         // SD-NAME: 1 to 32 printable US-ASCII characters but `=`, space, `]` and `"`.
@@ -636,12 +681,26 @@ mod tests {
         let get = |k: &str| params.iter().find(|(n, _)| n == k).unwrap().1.clone();
         assert_eq!(get("path"), r#"/a"b\c]d e"#);
         assert_eq!(get("detail"), r#"{"why":"a \"quoted\" [thing]"}"#);
+        assert_eq!(get("profile"), "p]\"x");
         let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
             [
-                "agent", "kind", "verdict", "layer", "pid", "comm", "path", "addr", "port",
-                "proto", "errno", "detail"
+                "agent",
+                "profile",
+                "owner_uid",
+                "owner",
+                "kind",
+                "verdict",
+                "layer",
+                "pid",
+                "comm",
+                "path",
+                "addr",
+                "port",
+                "proto",
+                "errno",
+                "detail"
             ]
         );
     }
@@ -650,7 +709,7 @@ mod tests {
     fn hostile_text_is_escaped_and_detail_keeps_its_exact_value() {
         let mut e = denial().with("note", "a\u{202e}b\nc\u{85}d\u{7f}");
         e.path = Some("/tmp/x\nFAKE agentd: ok\x1b[2J]\"\\\u{202e}".into());
-        let record = String::from_utf8(format(&origin(), &e)).unwrap();
+        let record = String::from_utf8(format(&origin(), &e, None, None)).unwrap();
         // One line, nothing for a terminal, nothing reordered (the BOM aside).
         let plain = record.replacen('\u{feff}', "", 1);
         assert_eq!(crate::ask::printable(&plain), plain, "{record:?}");
@@ -700,13 +759,19 @@ mod tests {
             hostname: "h".repeat(255),
             procid: u32::MAX,
         };
-        let record = String::from_utf8(format(&o, &e)).unwrap();
+        let agent = AgentInfo {
+            owner_uid: u32::MAX,
+            profile: nasty.clone(),
+        };
+        let record = String::from_utf8(format(&o, &e, Some(&agent), Some(&nasty))).unwrap();
         assert!(record.len() <= RECORD_MAX, "{}", record.len());
         eprintln!("the largest record: {} bytes", record.len());
         let (id, params) = read_sd(&record);
         assert_eq!(id, SD_ID);
         for (name, max) in [
             ("agent", super::super::SHORT_MAX),
+            ("profile", super::super::SHORT_MAX),
+            ("owner", super::super::SHORT_MAX),
             ("comm", super::super::SHORT_MAX),
             ("proto", super::super::SHORT_MAX),
             ("domain", super::super::SHORT_MAX),

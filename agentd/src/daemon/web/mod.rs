@@ -32,7 +32,6 @@ use std::{
 
 use super::{
     Shared, lock,
-    outputs::Listen,
     proto::{Reply, UiUrl},
 };
 use crate::{
@@ -60,23 +59,13 @@ pub(super) struct Ui {
 }
 
 impl Ui {
-    /// The view as `--ui` asks (`None`: off). A browser reaches TCP only, on a known port.
-    pub fn new(listen: Option<&Listen>) -> anyhow::Result<Ui> {
-        let listen = match listen {
-            None => None,
-            Some(Listen::Unix(p)) => anyhow::bail!(
-                "--ui unix:{}: the web view listens on TCP, for a browser: give a port (8080, on loopback) or ADDR:PORT",
-                p.display()
-            ),
-            Some(Listen::Tcp(a)) if a.port() == 0 => anyhow::bail!(
-                "--ui {a}: give the port to listen on (the URL `agentd ui-url` prints names it)"
-            ),
-            Some(Listen::Tcp(a)) => Some(*a),
-        };
-        Ok(Ui {
+    /// The view as `--ui` asks (`None`: off; `outputs::parse_ui` took a TCP address with
+    /// a port, which a browser can reach and `agentd ui-url` names).
+    pub fn new(listen: Option<SocketAddr>) -> Ui {
+        Ui {
             listen,
             ..Ui::default()
-        })
+        }
     }
 }
 
@@ -376,14 +365,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_view_listens_on_tcp_at_a_known_port() {
-        assert!(Ui::new(None).unwrap().listen.is_none());
-        let ui = Ui::new(Some(&"8080".parse().unwrap())).unwrap();
+    fn the_view_listens_where_ui_says() {
+        assert!(Ui::new(None).listen.is_none());
+        let ui = Ui::new(Some(super::super::outputs::parse_ui("8080").unwrap()));
         assert_eq!(ui.listen, Some("127.0.0.1:8080".parse().unwrap()));
-        let e = Ui::new(Some(&"unix:/run/ui.sock".parse().unwrap())).unwrap_err();
-        assert!(e.to_string().contains("listens on TCP"), "{e}");
-        let e = Ui::new(Some(&"127.0.0.1:0".parse().unwrap())).unwrap_err();
-        assert!(e.to_string().contains("give the port"), "{e}");
     }
 
     #[test]
