@@ -201,9 +201,22 @@ impl Breaker {
     /// The kernel lost events of the agent: a trip that kills when the profile says
     /// `on_event_loss = "kill"` (the kernel has tripped the agent already, at the first
     /// loss); nothing more when it says `report` (the `lost` event is the report).
+    /// The kernel killed the agent and the event that says why never came (its trigger
+    /// was lost, or is still behind a full ring buffer): the trip is recorded as the
+    /// kernel's, and what arrives later trips nothing more (one kill, one trip).
+    pub fn tripped_in_kernel(&mut self) {
+        self.tripped = true;
+        self.killing = true;
+    }
+
+    /// Whether a loss of the agent's events kills it (`on_event_loss = "kill"`, enforced):
+    /// the kernel then trips it at the first event that does not fit.
+    pub fn kills_on_loss(&self) -> bool {
+        self.policy.enforce && self.policy.on_event_loss == OnEventLoss::Kill
+    }
+
     fn lost(&mut self) -> Option<Trip> {
-        let kill = self.policy.enforce && self.policy.on_event_loss == OnEventLoss::Kill;
-        if !kill || self.killing {
+        if !self.kills_on_loss() || self.killing {
             return None;
         }
         self.tripped = true;
@@ -443,6 +456,21 @@ mod tests {
             b.observe(&ev(Kind::Canary, Verdict::Deny, Layer::Landlock), 2),
             None,
             "the agent is being killed"
+        );
+    }
+
+    #[test]
+    fn after_a_trip_in_the_kernel_nothing_trips_again() {
+        let mut p = policy(&[ViolationKind::Canary], None, Action::Kill, true);
+        p.on_event_loss = OnEventLoss::Kill;
+        let mut b = Breaker::new(p);
+        assert!(b.kills_on_loss());
+        b.tripped_in_kernel();
+        assert_eq!(b.observe(&lost(3), 0), None, "the late loss");
+        assert_eq!(
+            b.observe(&ev(Kind::Canary, Verdict::Deny, Layer::Landlock), 1),
+            None,
+            "the late trigger"
         );
     }
 

@@ -89,6 +89,10 @@ const PIN_ROOT: &str = "/sys/fs/bpf/agentd";
 const RECENT: usize = 1000;
 /// Exited agents kept for `agentd ps`.
 const EXITED_KEPT: usize = 100;
+/// How long an agent's verdict waits for the report of the loss that killed it (see
+/// `supervisor_line`): the LOST counters are read each second, and a loaded daemon may
+/// take seconds more to handle what they say.
+const LOSS_REPORT_WAIT: Duration = Duration::from_secs(5);
 /// How long `finished` waits for the first process's exit event.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Signals a `run` client may forward to its agent (as `agentd run` forwards them).
@@ -1863,6 +1867,21 @@ async fn supervisor_line(
             {
                 tracing::warn!(agent = %id, "the first process's exit event did not arrive");
             }
+            // Killed in the kernel with no trip recorded yet, under `on_event_loss =
+            // "kill"`: the loss that killed it is reported within a second or two (the
+            // LOST counters are read each second), and then trips its breaker with the
+            // loss as the reason. Wait for it before recording a trip without a cause.
+            let by_loss_pending = |agents: &HashMap<String, Agent>| {
+                agents.get(&id).is_some_and(|a| {
+                    a.killed_by.is_none()
+                        && a.breaker.kills_on_loss()
+                        && lock(&shared.watch).is_killed(a.cgroup_id).unwrap_or(false)
+                })
+            };
+            let waiting = tokio::time::Instant::now();
+            while by_loss_pending(&lock(&shared.agents)) && waiting.elapsed() < LOSS_REPORT_WAIT {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let mut lost_trip = None;
             let verdict = {
                 let mut agents = lock(&shared.agents);
@@ -1873,6 +1892,7 @@ async fn supervisor_line(
                     {
                         a.killed_by = Some(LOST_TRIP.to_owned());
                         a.state = AgentState::Tripped;
+                        a.breaker.tripped_in_kernel();
                         lost_trip = Some(lost_trip_event(&a.id, a.pid));
                     }
                     a.resolver = None;
