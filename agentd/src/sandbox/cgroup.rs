@@ -293,10 +293,23 @@ impl AgentCgroup {
             .chain(self.plan.v1_dirs.iter().map(PathBuf::as_path))
     }
 
-    /// `cgroup.procs` of every directory, opened for writing (close-on-exec), for the child
-    /// to join by writing `0`: no path lookup happens between fork and exec.
-    pub fn procs_fds(&self) -> Result<Vec<OwnedFd>, CgroupError> {
-        self.dirs()
+    /// The v2 directory, open, for `clone3(CLONE_INTO_CGROUP)`: the agent's first process
+    /// is born in its cgroup (no migration, which waits for an RCU grace period).
+    pub fn v2_dir_fd(&self) -> Result<OwnedFd, CgroupError> {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(&self.plan.dir)
+            .map(OwnedFd::from)
+            .map_err(io_err("open", &self.plan.dir))
+    }
+
+    /// `cgroup.procs` of each v1 directory, opened for writing (close-on-exec), for the
+    /// child to join by writing `0`: no path lookup happens between fork and exec.
+    pub fn v1_procs_fds(&self) -> Result<Vec<OwnedFd>, CgroupError> {
+        self.plan
+            .v1_dirs
+            .iter()
             .map(|d| {
                 let p = d.join("cgroup.procs");
                 OpenOptions::new()

@@ -101,8 +101,11 @@ impl SpawnError {
 /// Everything the child needs, built before fork.
 #[derive(Debug)]
 pub struct Prepared {
-    /// `cgroup.procs` of the agent's v2 and v1 directories, open for writing.
-    cgroup_procs: Vec<OwnedFd>,
+    /// The agent's v2 cgroup directory: the child is created in it (`CLONE_INTO_CGROUP`).
+    cgroup_dir: OwnedFd,
+    /// `cgroup.procs` of the agent's v1 directories (limits on a hybrid host), open for
+    /// writing: the child joins them first thing.
+    v1_procs: Vec<OwnedFd>,
     uid: u32,
     gid: u32,
     workspace: CString,
@@ -141,7 +144,8 @@ impl Prepared {
         exec: Exec,
     ) -> Result<Prepared, SpawnError> {
         Ok(Prepared {
-            cgroup_procs: cgroup.procs_fds()?,
+            cgroup_dir: cgroup.v2_dir_fd()?,
+            v1_procs: cgroup.v1_procs_fds()?,
             uid,
             gid,
             workspace: CString::new(workspace.as_os_str().as_bytes())
@@ -192,37 +196,15 @@ pub fn spawn(mut prepared: Prepared) -> Result<Spawned, SpawnError> {
     })?;
     let supervisor = nix::unistd::getpid().as_raw();
 
-    // SAFETY: the process is single-threaded (checked above), so the child may run any
-    // code; it only runs `child_main`, which never returns.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(SpawnError::Syscall {
-            call: "fork",
-            source: nix::Error::last(),
-        });
-    }
-    if pid == 0 {
+    let Forked::Parent { pid, pidfd } = clone_into_cgroup(prepared.cgroup_dir.as_fd())? else {
         child_main(&mut prepared, child_end.as_fd(), supervisor);
-    }
+    };
 
     // Supervisor. Close our copy of the child's end, or EOF would never come; drop the
-    // ruleset and the cgroup.procs fds, which only the child needs.
+    // ruleset and the cgroup fds, which only the child needs.
     drop(child_end);
     let prepared_holds_exec = prepared.seccomp.holds_exec();
     drop(prepared);
-    // SAFETY: pidfd_open takes a pid and flags, no pointers.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let pidfd = if pidfd < 0 {
-        let source = nix::Error::last();
-        kill_and_reap(pid);
-        return Err(SpawnError::Syscall {
-            call: "pidfd_open",
-            source,
-        });
-    } else {
-        // SAFETY: pidfd_open returned a new fd that nothing else owns.
-        unsafe { OwnedFd::from_raw_fd(i32::try_from(pidfd).unwrap_or(-1)) }
-    };
 
     // With `execve` held for a person, the launch's own exec of the agent's command (the
     // very next call the child makes after handing over the listener) is held too: it is
@@ -259,6 +241,73 @@ pub fn spawn(mut prepared: Prepared) -> Result<Spawned, SpawnError> {
         landlock,
         seccomp_listener: got.listener,
     })
+}
+
+/// `struct clone_args` of `clone3(2)`, up to `cgroup` (`CLONE_ARGS_SIZE_VER2`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7; every kernel with Landlock has it).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Which side of [`clone_into_cgroup`] this is.
+enum Forked {
+    Child,
+    Parent { pid: i32, pidfd: OwnedFd },
+}
+
+/// Forks (a new process, copied memory, SIGCHLD to the parent) straight into the cgroup
+/// `dir`, with a pidfd for the child. Being born in the
+/// cgroup spares the launch a migration, which takes the cgroup threadgroup lock for
+/// writing and waits for an RCU grace period (about 10 ms here), and the child never runs
+/// outside its cgroup at all.
+///
+/// Like `fork`, only while the process is single-threaded ([`spawn`] checks).
+fn clone_into_cgroup(dir: BorrowedFd<'_>) -> Result<Forked, SpawnError> {
+    let mut pidfd: libc::c_int = -1;
+    let args = CloneArgs {
+        flags: libc::CLONE_PIDFD as u64 | CLONE_INTO_CGROUP,
+        pidfd: std::ptr::addr_of_mut!(pidfd) as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: u64::try_from(dir.as_raw_fd()).unwrap_or(u64::MAX),
+        ..CloneArgs::default()
+    };
+    // SAFETY: `args` is a valid clone_args of the size given, whose `pidfd` points to a
+    // live c_int; without CLONE_VM the child gets a copy of this (single-threaded)
+    // process, as with fork, and runs only `child_main`, which never returns.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            std::ptr::addr_of!(args),
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid < 0 {
+        return Err(SpawnError::Syscall {
+            call: "clone3 (into the agent's cgroup)",
+            source: nix::Error::last(),
+        });
+    }
+    if pid == 0 {
+        return Ok(Forked::Child);
+    }
+    let pid = i32::try_from(pid).unwrap_or(-1);
+    // SAFETY: with CLONE_PIDFD the kernel stored a new descriptor, owned by nothing else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok(Forked::Parent { pid, pidfd })
 }
 
 /// SIGKILLs and reaps a child that failed to launch; describes how it ended.
@@ -335,8 +384,9 @@ fn launch_sequence(
     chan: BorrowedFd<'_>,
     supervisor: i32,
 ) -> Result<Infallible, ChildFailure> {
-    // 1. cgroup: join the agent's v2 cgroup and its v1 cgroups ("0" = the writer).
-    for procs in &p.cgroup_procs {
+    // 1. cgroup: born in the agent's v2 cgroup (clone3); join its v1 cgroups ("0" = the
+    // writer).
+    for procs in &p.v1_procs {
         nix::unistd::write(procs, b"0").map_err(at(Step::Cgroup))?;
     }
     if let Some(ns) = p.mount_ns.take() {
