@@ -20,4 +20,5 @@ mod profile;
 mod report;
 mod run;
 mod sandbox;
+mod syscalls;
 mod transaction;

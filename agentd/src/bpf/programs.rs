@@ -233,7 +233,7 @@ pub fn exit_only_tracepoints() -> Vec<ExitOnlyTracepoint> {
         .map(|&syscall| ExitOnlyTracepoint {
             syscall,
             tracepoint: format!("sys_exit_{}", syscall.tracepoint()),
-            nr: crate::sandbox::syscalls::number(syscall.name()),
+            nr: crate::syscalls::number(syscall.name()),
         })
         .collect()
 }

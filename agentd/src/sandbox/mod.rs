@@ -30,7 +30,6 @@ pub mod identity;
 pub mod landlock;
 pub mod mountns;
 pub mod seccomp;
-pub mod syscalls;
 
 use std::{
     convert::Infallible,

@@ -31,8 +31,10 @@ use seccompiler::{
 };
 use serde::Serialize;
 
-use super::syscalls;
-use crate::profile::{SeccompPolicy, SocketFamily};
+use crate::{
+    profile::{SeccompPolicy, SocketFamily},
+    syscalls,
+};
 
 /// Errno data of block 2's match action before patching: becomes `SECCOMP_RET_USER_NOTIF`.
 const SENTINEL_NOTIFY: u32 = 0xfff;
@@ -74,7 +76,7 @@ const INET_SOCKETS: [(i32, i32); 4] = [
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
     #[error(
-        "seccomp: system call `{0}` is unknown on this architecture (add it to agentd/src/sandbox/syscalls.rs)"
+        "seccomp: system call `{0}` is unknown on this architecture (add it to agentd/src/syscalls.rs)"
     )]
     UnknownSyscall(String),
     #[error("seccomp: agentd has no system call table for this architecture")]

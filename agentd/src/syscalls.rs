@@ -1,8 +1,10 @@
 //! System call names -> numbers for the architecture agentd was built for.
 //!
-//! The profile's seccomp lists (`crate::profile` `syscalls.rs`) name calls; the filter needs
-//! numbers. Numbers come from `libc::SYS_*`, or, for calls newer than the `libc` release in
-//! use, from the kernel's `arch/x86/entry/syscalls/syscall_64.tbl` (marked below).
+//! The profile's seccomp lists (`crate::profile` `syscalls.rs`) name calls; the seccomp
+//! filter (`crate::sandbox::seccomp`) and the BPF programs' table of watched calls
+//! (`crate::bpf` `programs.rs`) need numbers. Numbers come from `libc::SYS_*`, or, for
+//! calls newer than the `libc` release in use, from the kernel's
+//! `arch/x86/entry/syscalls/syscall_64.tbl` (marked below).
 //!
 //! A name missing from the table is an error (the launch fails closed), and a unit test
 //! checks that every name the profile lists resolves, so a typo or a new call cannot reach
