@@ -456,7 +456,20 @@ pub fn command() -> clap::Command {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = if crate::run::warm::is_warm() {
+        // A supervisor the daemon started ahead of need: its command line comes with its
+        // launch.
+        match crate::run::warm::take_launch() {
+            Ok(args) => Cli::parse_from(args),
+            Err(crate::run::warm::WarmError::Closed) => return ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("agentd: {e}");
+                return ExitCode::from(125);
+            }
+        }
+    } else {
+        Cli::parse()
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")

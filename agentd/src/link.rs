@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 pub const MAX_LINE: usize = 64 * 1024;
 /// The supervisor's end of its socketpair to the daemon.
 pub const SUPERVISOR_FD: i32 = 3;
+/// What the names of the link's environment variables begin with: a client's variables
+/// never reach a supervisor under these names.
+pub const SUPERVISOR_ENV_PREFIX: &str = "AGENTD_SUPERVISOR_";
 /// The environment variable that tells `agentd run` it is a daemon's supervisor.
 pub const SUPERVISOR_ENV: &str = "AGENTD_SUPERVISOR_FD";
 /// Set (to 1) in a supervisor's environment when its stdin is the agent's terminal: the
@@ -28,6 +31,25 @@ pub const SUPERVISOR_EVENTS_READ_ENV: &str = "AGENTD_SUPERVISOR_EVENTS_READ_FD";
 /// The daemon's control socket, where a supervisor reconnects after a handover
 /// ([`ToSupervisor::Handover`]).
 pub const SUPERVISOR_SOCKET_ENV: &str = "AGENTD_SUPERVISOR_SOCKET";
+/// Set (to 1) in a supervisor the daemon starts ahead of need: before anything else it
+/// waits on [`SUPERVISOR_FD`] for its [`Launch`], which says what it would otherwise have
+/// been started with (the daemon then starts the next one). A launch through the daemon
+/// so does not wait for a process to start.
+pub const SUPERVISOR_WARM_ENV: &str = "AGENTD_SUPERVISOR_WARM";
+
+/// What a supervisor started ahead of need is to run: one line, sent with the client's
+/// stdin, stdout and stderr (`SCM_RIGHTS`), the first and only thing the daemon says
+/// before the supervisor does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Launch {
+    /// The command line, program name first (`agentd run ...`).
+    pub args: Vec<String>,
+    /// Set in its environment (which otherwise holds only the `SUPERVISOR_*` variables).
+    pub env: Vec<(String, String)>,
+    /// Its working directory.
+    pub cwd: PathBuf,
+}
 
 /// What a supervisor tells the daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +135,31 @@ pub fn send_with_fds(
         )));
     }
     Ok(())
+}
+
+/// One `recvmsg`: bytes into `buf`, `SCM_RIGHTS` descriptors appended to `fds` (owned from
+/// here: closed if unused).
+pub fn recv_with_fds(
+    fd: std::os::fd::RawFd,
+    buf: &mut [u8],
+    fds: &mut Vec<std::os::fd::OwnedFd>,
+) -> nix::Result<usize> {
+    use std::os::fd::FromRawFd as _;
+
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 8]);
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = c {
+            for r in received {
+                // SAFETY: the kernel installed these descriptors in this process for this
+                // message; nothing else refers to them.
+                fds.push(unsafe { std::os::fd::OwnedFd::from_raw_fd(r) });
+            }
+        }
+    }
+    Ok(msg.bytes)
 }
 
 /// Decodes one line (without its newline).

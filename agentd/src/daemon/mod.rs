@@ -26,19 +26,19 @@ pub use outputs::Outputs;
 mod peer;
 pub mod proto;
 mod session;
+mod spawn;
 mod web;
 
 pub use ask::DEFAULT_ALLOWED_SIGNERS;
 
 use std::{
     collections::{HashMap, VecDeque},
-    io::IoSliceMut,
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        fd::{AsRawFd as _, OwnedFd},
         unix::fs::PermissionsExt as _,
     },
     path::{Path, PathBuf},
-    process::{ExitCode, Stdio},
+    process::ExitCode,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -53,10 +53,7 @@ use tokio::{
 
 use self::peer::Peer;
 use self::proto::{AgentRow, AgentState, MAX_LINE, Reply, Request, RunRequest, Stats};
-use crate::link::{
-    SUPERVISOR_ENV, SUPERVISOR_EVENTS_READ_ENV, SUPERVISOR_EVENTS_READ_FD, SUPERVISOR_FD,
-    SUPERVISOR_SOCKET_ENV, SUPERVISOR_TERMINAL_ENV, SupervisorLine, ToSupervisor,
-};
+use crate::link::{SUPERVISOR_FD, SupervisorLine, ToSupervisor};
 use crate::{
     audit::{
         AuditLog,
@@ -258,6 +255,8 @@ struct Shared {
     socket: PathBuf,
     /// Set when stopping for a successor: every session tells its supervisor and client.
     handover: watch::Sender<session::HandoverSignal>,
+    /// A supervisor started ahead of need, for the next launch (`spawn`).
+    warm: Arc<Mutex<Option<spawn::Warm>>>,
     /// `--metrics`: counted as events are recorded.
     metrics: metrics::Metrics,
     /// `--syslog`, `--otlp`: where recorded events are sent.
@@ -440,6 +439,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         asking: ask::Asking::new(args.approvers.clone(), args.allowed_signers.clone()),
         socket: socket_abs,
         handover: watch::channel(None).0,
+        warm: Arc::default(),
         metrics: metrics::Metrics::default(),
         export,
         ui: web::Ui::new(o.ui),
@@ -514,6 +514,7 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let listener = bind_socket(&args.socket)?;
     // Nothing fails from here on: what this start pinned is the running daemon's.
     pinned.disarm();
+    spawn::replenish(&shared.warm, &shared.socket);
     if let (Some(bound), Some(l)) = (metrics_at, &o.metrics) {
         bound.serve(metrics::router(Arc::clone(&shared)));
         eprintln!("agentd daemon: metrics at {l}/metrics");
@@ -557,6 +558,8 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     // SIGTERM with agents running: hand them over to the next daemon (SIGINT, or a
     // grace of 0: stop them).
     let _ = std::fs::remove_file(&args.socket);
+    // The supervisor started ahead of need has no agent: it goes now.
+    drop(lock(&shared.warm).take());
     let handed = if hand_over && !args.handover_grace.is_zero() {
         handover::hand_over(&shared, args.handover_grace)
             .await
@@ -1109,7 +1112,8 @@ async fn read_request(stream: &UnixStream) -> anyhow::Result<(Vec<u8>, Vec<Owned
         stream.readable().await?;
         let mut chunk = [0u8; 8192];
         let got = stream.try_io(tokio::io::Interest::READABLE, || {
-            recv_with_fds(stream.as_raw_fd(), &mut chunk, &mut fds).map_err(std::io::Error::from)
+            crate::link::recv_with_fds(stream.as_raw_fd(), &mut chunk, &mut fds)
+                .map_err(std::io::Error::from)
         });
         match got {
             Ok(0) => bail!("the client closed the connection before a request"),
@@ -1128,25 +1132,6 @@ async fn read_request(stream: &UnixStream) -> anyhow::Result<(Vec<u8>, Vec<Owned
             Err(e) => return Err(e.into()),
         }
     }
-}
-
-/// One recvmsg: bytes into `buf`, SCM_RIGHTS descriptors appended to `fds` (owned from
-/// here: closed if unused).
-fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> nix::Result<usize> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    let mut iov = [IoSliceMut::new(buf)];
-    let mut space = nix::cmsg_space!([RawFd; 8]);
-    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
-    for c in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(received) = c {
-            for r in received {
-                // SAFETY: the kernel installed these descriptors in this process for this
-                // message; nothing else refers to them.
-                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
-            }
-        }
-    }
-    Ok(msg.bytes)
 }
 
 /// Passes one event of the published stream to a client that follows agent `agent`:
@@ -1554,93 +1539,57 @@ async fn run(
 
     // The supervisor: this binary's `run`, with the client's stdio and environment, the
     // client as its invoking user, a socketpair to us and a pipe for its own events.
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-    let (events_r, events_w) = nix::unistd::pipe()?;
-    let exe = std::env::current_exe().context("locating agentd")?;
-    let mut cmd = tokio::process::Command::new(exe);
-    cmd.arg("run")
-        .arg("--profile")
-        .arg(&req.profile)
-        .arg("--workspace")
-        .arg(&req.workspace)
-        .arg("--events")
-        .arg(format!("/proc/self/fd/{}", SUPERVISOR_FD + 1))
+    let mut args = vec![
+        "agentd".to_owned(),
+        "run".to_owned(),
+        "--profile".to_owned(),
+        req.profile.clone(),
+        "--workspace".to_owned(),
+        req.workspace.to_string_lossy().into_owned(),
+        "--events".to_owned(),
+        format!("/proc/self/fd/{}", SUPERVISOR_FD + 1),
         // The client says the summary: the supervisor does not see the kernel's events.
-        .arg("--quiet")
-        .arg("--state-dir")
-        .arg(&shared.state_dir);
+        "--quiet".to_owned(),
+        "--state-dir".to_owned(),
+        shared.state_dir.to_string_lossy().into_owned(),
+    ];
     if req.transaction {
-        cmd.arg("--transaction");
+        args.push("--transaction".to_owned());
     }
-    cmd.arg("--")
-        .args(&req.command)
-        .current_dir(&req.workspace)
-        .env_clear();
-    // Only what the profile passes to the agent: the supervisor runs as root, and the
-    // client's environment must not reach it otherwise (LD_PRELOAD, GCONV_PATH, ...).
-    for (k, v) in &req.env {
-        if profile.environment.pass.iter().any(|p| p == k) && !k.starts_with("LD_") {
-            cmd.env(k, v);
-        }
-    }
-    // The invoking user is who connected; root may run as someone else through sudo's
-    // variables, as with `sudo agentd run`.
-    let (uid, gid) = if who.uid == 0 {
-        let var = |k: &str| req.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        match (var("SUDO_UID"), var("SUDO_GID")) {
-            (Some(u), Some(g)) => (u, g),
-            _ => ("0".into(), "0".into()),
-        }
-    } else {
-        (who.uid.to_string(), who.gid.to_string())
+    args.push("--".to_owned());
+    args.extend(req.command.iter().cloned());
+    let env = spawn::environment(
+        &req.env,
+        &profile.environment.pass,
+        (who.uid, who.gid),
+        req.terminal,
+    );
+    let launch = crate::link::Launch {
+        args,
+        env,
+        cwd: req.workspace.clone(),
     };
-    cmd.env("SUDO_UID", uid).env("SUDO_GID", gid);
-    cmd.env(SUPERVISOR_ENV, SUPERVISOR_FD.to_string())
-        .env(
-            SUPERVISOR_EVENTS_READ_ENV,
-            SUPERVISOR_EVENTS_READ_FD.to_string(),
-        )
-        .env(SUPERVISOR_SOCKET_ENV, &shared.socket);
-    if req.terminal {
-        cmd.env(SUPERVISOR_TERMINAL_ENV, "1");
-    }
     let mut fds = fds.into_iter();
     let (Some(stdin), Some(stdout), Some(stderr)) = (fds.next(), fds.next(), fds.next()) else {
         bail!("descriptors vanished");
     };
-    cmd.stdin(Stdio::from(stdin))
-        .stdout(Stdio::from(stdout))
-        .stderr(Stdio::from(stderr));
-    // The supervisor holds a copy of the pipe's read end: what it writes while no daemon
-    // reads (a handover) waits in the pipe for the successor.
-    let events_r_copy = events_r.try_clone()?;
-    let sock_fd = theirs.as_raw_fd();
-    let pipe_fd = events_w.as_raw_fd();
-    let read_fd = events_r_copy.as_raw_fd();
-    // SAFETY: runs in the forked child before exec and only calls dup2 and fcntl, which
-    // are async-signal-safe, on descriptors that are open in the child (inherited copies
-    // of `theirs`, `events_w` and `events_r_copy`, alive in the parent until spawn
-    // returns).
-    unsafe {
-        cmd.pre_exec(move || {
-            // Out of the way of 3 to 5 first, then into place (dup2 clears CLOEXEC).
-            let s = libc::fcntl(sock_fd, libc::F_DUPFD_CLOEXEC, 10);
-            let p = libc::fcntl(pipe_fd, libc::F_DUPFD_CLOEXEC, 10);
-            let r = libc::fcntl(read_fd, libc::F_DUPFD_CLOEXEC, 10);
-            if s < 0
-                || p < 0
-                || r < 0
-                || libc::dup2(s, SUPERVISOR_FD) < 0
-                || libc::dup2(p, SUPERVISOR_FD + 1) < 0
-                || libc::dup2(r, SUPERVISOR_EVENTS_READ_FD) < 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    let stdio = [stdin, stdout, stderr];
+    let waiting = lock(&shared.warm).take();
+    let started = match waiting.map(|w| w.launch(&launch, &stdio)) {
+        Some(Ok(s)) => Ok(s),
+        Some(Err(e)) => {
+            tracing::info!("the supervisor started ahead of need is gone ({e}): starting one");
+            spawn::start(&shared.socket, &launch, stdio)
+        }
+        None => spawn::start(&shared.socket, &launch, stdio),
+    };
+    spawn::replenish(&shared.warm, &shared.socket);
+    let spawn::Started {
+        mut child,
+        ours,
+        events_r,
+    } = match started {
+        Ok(s) => s,
         Err(e) => {
             send(
                 &mut write,
@@ -1650,9 +1599,6 @@ async fn run(
             return Ok(());
         }
     };
-    drop(theirs);
-    drop(events_w);
-    drop(events_r_copy);
     let supervisor_pid = child.id().unwrap_or(0);
 
     ours.set_nonblocking(true)?;

@@ -28,6 +28,7 @@ pub mod supervise;
 pub mod supervised;
 pub mod terminal;
 pub mod txn;
+pub mod warm;
 
 use std::{os::fd::AsFd as _, path::PathBuf, process::ExitCode, sync::Arc};
 
