@@ -359,12 +359,6 @@ agentd run --dry-run -- python3 agent.py               print the plan; change no
     Audit(crate::audit::AuditCommand),
     #[command(flatten)]
     Transaction(crate::transaction::cmd::TxCommand),
-    /// Internal: end-to-end self-test of the kernel watch (root); see tests/tests/bpf_watch.rs
-    #[command(hide = true)]
-    WatchTest {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
 }
 
 /// How a decision is signed.
@@ -568,7 +562,6 @@ pub fn main() -> ExitCode {
         Command::Profile(ProfileCommand::Show { name }) => profile_show(&name),
         Command::Audit(cmd) => crate::audit::command(cmd),
         Command::Transaction(cmd) => Ok(crate::transaction::cmd::main(cmd)),
-        Command::WatchTest { args } => crate::bpf::selftest::watch_selftest(&args),
         Command::Run {
             profile,
             workspace,

@@ -14,6 +14,8 @@ mod doctor;
 mod event;
 mod export;
 pub mod fuzzing;
+#[doc(hidden)]
+pub mod harness;
 mod host;
 mod link;
 mod profile;

@@ -33,6 +33,29 @@ pub fn agentd_bin() -> PathBuf {
     bin
 }
 
+/// agentd's test harnesses (`agentd-harness`, not part of the product): beside the agentd
+/// binary under test, as cargo builds them, or `AGENTD_HARNESS_BIN`.
+pub fn harness_bin() -> PathBuf {
+    let bin = std::env::var_os("AGENTD_HARNESS_BIN").map_or_else(
+        || agentd_bin().with_file_name("agentd-harness"),
+        PathBuf::from,
+    );
+    assert!(
+        bin.exists(),
+        "agentd-harness {} not found: run `cargo build -p agentd` (it builds both) or set AGENTD_HARNESS_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `agentd-harness ARGS...` to completion.
+pub fn harness(args: &[&str]) -> Output {
+    Command::new(harness_bin())
+        .args(args)
+        .output()
+        .expect("cannot run agentd-harness")
+}
+
 /// Runs `agentd ARGS...` to completion.
 pub fn agentd(args: &[&str]) -> Output {
     Command::new(agentd_bin())

@@ -1,5 +1,5 @@
-//! `agentd audit verify` as an operator runs it, on logs the real binary wrote (the hidden
-//! `agentd audit sample`): exit statuses, the record and line it names, `--all` across
+//! `agentd audit verify` as an operator runs it, on logs the real binary wrote (through
+//! `agentd-harness audit-sample`): exit statuses, the record and line it names, `--all` across
 //! rotated files, `--json`, `--expect-head`. Needs no root.
 #![expect(clippy::expect_used, clippy::unwrap_used, reason = "tests")]
 
@@ -9,7 +9,7 @@ use std::{
     process::Output,
 };
 
-use agentd_tests::{agentd, stderr, stdout};
+use agentd_tests::{agentd, harness, stderr, stdout};
 
 const TAMPERED: i32 = 1;
 const UNREADABLE: i32 = 2;
@@ -32,11 +32,11 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("temporary paths are UTF-8")
 }
 
-/// `agentd audit sample PATH ARGS...`; returns the head hash it prints.
+/// `agentd-harness audit-sample PATH ARGS...`; returns the head hash it prints.
 fn sample(path: &Path, args: &[&str]) -> String {
-    let mut all = vec!["audit", "sample", s(path)];
+    let mut all = vec!["audit-sample", s(path)];
     all.extend_from_slice(args);
-    let o = agentd(&all);
+    let o = harness(&all);
     assert_eq!(code(&o), 0, "{}", explain(&o));
     let out = stdout(&o);
     let head = out
@@ -290,7 +290,7 @@ fn unreadable_logs_and_bad_usage_exit_2() {
 
     // `sample` never touches an existing log.
     fs::write(&path, "precious\n").unwrap();
-    let o = agentd(&["audit", "sample", s(&path)]);
+    let o = harness(&["audit-sample", s(&path)]);
     assert_eq!(code(&o), UNREADABLE, "{}", explain(&o));
     assert_eq!(fs::read_to_string(&path).unwrap(), "precious\n");
 }

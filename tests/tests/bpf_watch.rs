@@ -1,13 +1,13 @@
-//! The kernel watch end to end, through `agentd watch-test` (hidden): real BPF programs,
+//! The kernel watch end to end, through `agentd-harness watch-test`: real BPF programs,
 //! a real cgroup, a child under Landlock and seccomp doing allowed and forbidden things,
 //! a process outside the cgroup, the kill flag, removal. The binary prints one JSON
 //! document of named checks; this test fails naming every check that failed.
 
-use agentd_tests::{agentd, require_root, stderr, stdout};
+use agentd_tests::{harness, require_root, stderr, stdout};
 use serde_json::Value;
 
 fn run_selftest() -> Value {
-    let out = agentd(&["watch-test"]);
+    let out = harness(&["watch-test"]);
     let text = stdout(&out);
     let doc: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
         panic!(

@@ -583,10 +583,16 @@ struct Guest {
 /// Builds agentd and the privileged test binaries static, and packs the initramfs.
 fn build_guest(root: &Path, args: &VmTestArgs) -> anyhow::Result<Guest> {
     let started = Instant::now();
-    let agentd = cargo_static(root, &["build", "--package", "agentd"])?
-        .into_iter()
-        .find(|a| a.name == "agentd" && !a.test)
-        .context("cargo built no agentd binary")?;
+    let built = cargo_static(root, &["build", "--package", "agentd"])?;
+    let program = |name: &str| {
+        built
+            .iter()
+            .find(|a| a.name == name && !a.test)
+            .with_context(|| format!("cargo built no {name} binary"))
+    };
+    let agentd = program("agentd")?;
+    // The test harnesses' program (tests/src/lib.rs finds it beside agentd).
+    let harness = program("agentd-harness")?;
     let mut tests: Vec<Artifact> =
         cargo_static(root, &["test", "--no-run", "--package", "agentd-tests"])?
             .into_iter()
@@ -595,7 +601,7 @@ fn build_guest(root: &Path, args: &VmTestArgs) -> anyhow::Result<Guest> {
     // The order the guest runs them in (its shell sorts /vm/tests/*).
     tests.sort_by(|a, b| a.name.cmp(&b.name));
     ensure!(!tests.is_empty(), "agentd-tests has no test binaries");
-    for bin in std::iter::once(&agentd).chain(&tests) {
+    for bin in [agentd, harness].into_iter().chain(&tests) {
         ensure_static(&bin.path)?;
     }
     ensure_static(Path::new(BUSYBOX))
@@ -617,6 +623,7 @@ fn build_guest(root: &Path, args: &VmTestArgs) -> anyhow::Result<Guest> {
         cpio.host_path(path)?;
     }
     cpio.file("usr/bin/agentd", 0o755, &read(&agentd.path)?)?;
+    cpio.file("usr/bin/agentd-harness", 0o755, &read(&harness.path)?)?;
     let mut names = Vec::new();
     for t in &tests {
         cpio.file(&format!("vm/tests/{}", t.name), 0o755, &read(&t.path)?)?;

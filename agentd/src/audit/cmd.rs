@@ -2,7 +2,6 @@
 //! tampered, 2 unreadable or bad usage, 3 intact up to an incomplete final record.
 
 use std::{
-    num::{NonZeroU64, NonZeroUsize},
     path::{Path, PathBuf},
     process::ExitCode,
 };
@@ -11,14 +10,10 @@ use clap::Subcommand;
 use serde::Serialize;
 
 use super::{
-    record::{Action, Control, Head, RecordHash},
+    record::{Head, RecordHash},
     verify::{self, FileSummary, Incomplete, Outcome, Remnant, Report},
-    writer::{self, AuditLog, Options},
 };
-use crate::{
-    ask::sign::AllowedSigners,
-    event::{Event, Kind, Layer, Verdict},
-};
+use crate::ask::sign::AllowedSigners;
 
 /// Where the daemon keeps its audit log.
 pub const DEFAULT_PATH: &str = "/var/log/agentd/audit.log";
@@ -74,20 +69,6 @@ agentd audit verify --allowed-signers FILE           only keys listed in FILE ma
         #[arg(long, value_name = "FILE")]
         allowed_signers: Option<PathBuf>,
     },
-    /// Internal: writes a sample log for tests/tests/audit.rs (refuses existing files)
-    #[command(hide = true)]
-    Sample {
-        path: PathBuf,
-        /// Event and control records to write
-        #[arg(long, default_value_t = 10)]
-        records: u64,
-        /// Rotate after every N of them
-        #[arg(long)]
-        rotate_every: Option<NonZeroU64>,
-        /// Rotated files to keep
-        #[arg(long, default_value = "10")]
-        keep: NonZeroUsize,
-    },
 }
 
 /// Runs an `agentd audit` command.
@@ -106,12 +87,6 @@ pub fn command(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             expect_head,
             allowed_signers.as_deref(),
         )),
-        AuditCommand::Sample {
-            path,
-            records,
-            rotate_every,
-            keep,
-        } => sample(&path, records, rotate_every, keep),
     }
 }
 
@@ -283,69 +258,4 @@ fn print_json(value: &impl Serialize) {
         Ok(text) => println!("{text}"),
         Err(e) => eprintln!("agentd: cannot print JSON: {e}"),
     }
-}
-
-/// Writes a log of `records` synthetic event and control records, rotating every
-/// `rotate_every`. Refuses to touch an existing log: it is for tests and demonstrations.
-fn sample(
-    path: &Path,
-    records: u64,
-    rotate_every: Option<NonZeroU64>,
-    keep: NonZeroUsize,
-) -> anyhow::Result<ExitCode> {
-    if let Some(existing) = [path.to_path_buf(), writer::rotated(path, 1)]
-        .into_iter()
-        .find(|p| p.symlink_metadata().is_ok())
-    {
-        eprintln!(
-            "agentd: {} exists: `audit sample` only writes new logs",
-            existing.display()
-        );
-        return Ok(ExitCode::from(EXIT_UNREADABLE));
-    }
-    let mut log = AuditLog::open_with(
-        path,
-        Options {
-            keep,
-            ..Options::default()
-        },
-    )?;
-    for i in 1..=records {
-        if i % 4 == 0 {
-            let action = if i % 8 == 0 {
-                Action::Kill
-            } else {
-                Action::Launch
-            };
-            log.append_control(&Control {
-                action,
-                agent: Some(format!("sample-{}", i / 8)),
-                by: writer::this_process(),
-                detail: serde_json::Map::new(),
-            })?;
-        } else {
-            let pid = u32::try_from(1000 + i).unwrap_or(u32::MAX);
-            let event = Event::new(
-                &format!("sample-{}", i / 8),
-                pid,
-                "sh",
-                Kind::Exec,
-                Verdict::Allow,
-                Layer::Kernel,
-            )
-            .with("argv", format!("sh -c 'step {i}'"));
-            log.append_event(&event)?;
-        }
-        if rotate_every.is_some_and(|n| i % n.get() == 0) && i < records {
-            log.rotate()?;
-        }
-    }
-    let head = log.head();
-    println!(
-        "wrote {records} records to {}, head {} (seq {})",
-        path.display(),
-        head.hash,
-        head.seq
-    );
-    Ok(ExitCode::SUCCESS)
 }

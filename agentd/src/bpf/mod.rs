@@ -7,9 +7,10 @@
 //! - [`admit`], [`ask`]: the maps of addresses and programs agents may use beyond their
 //!   policy (admitted from DNS answers, approved by a person);
 //! - `btf`, `tracefs`: kernel struct offsets and tracepoint layouts, checked at load;
-//! - `programs`: which program attaches where;
-//! - [`selftest`], [`bench`]: `agentd watch-test` (hidden), the privileged end-to-end
-//!   test and the cost measurements.
+//! - `programs`: which program attaches where.
+//!
+//! Its end-to-end test and cost measurements are in `crate::harness` (`agentd-harness
+//! watch-test`), outside the product.
 
 use std::path::Path;
 
@@ -80,12 +81,10 @@ pub fn ensure_mounted((fstype, dir): (&'static str, &'static str)) -> Result<boo
 
 pub mod admit;
 pub mod ask;
-pub mod bench;
 mod btf;
 pub mod decode;
 mod encode;
 mod programs;
-pub mod selftest;
 mod tracefs;
 pub mod watch;
 

@@ -1,5 +1,5 @@
 //! Micro-benchmarks of what the kernel watch costs a process: tight loops of the syscalls
-//! the programs hook (and one they do not), timed in the calling process. `agentd
+//! the programs hook (and one they do not), timed in the calling process. `agentd-harness
 //! watch-test bench` runs them with and without the programs loaded, outside and inside
 //! an agent's cgroup; `cargo xtask bench` can call the same.
 

@@ -1,4 +1,4 @@
-//! `agentd watch-test` (hidden): the kernel watch end to end, as root, on this host.
+//! `agentd-harness watch-test`: the kernel watch end to end, as root, on this host.
 //!
 //! Loads the programs, makes a cgroup, adds it as an agent with a policy compiled from
 //! inline TOML, and runs a child in it (under its own Landlock ruleset and a seccomp
@@ -27,7 +27,8 @@ use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 use tokio::{io::AsyncBufReadExt as _, io::AsyncWriteExt as _, sync::mpsc};
 
-use super::{Watch, bench, decode::normalize};
+use super::bench;
+use crate::bpf::{AgentHandle, Watch, decode::normalize};
 use crate::{
     event::{Event, Kind, Layer, Verdict},
     profile::{CompileContext, compile, parse},
@@ -259,7 +260,7 @@ async fn run() -> anyhow::Result<ExitCode> {
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut rx = watch.try_events()?;
     let t0 = Instant::now();
-    let handle: super::AgentHandle = watch
+    let handle: AgentHandle = watch
         .add_agent("selftest", &cgroup.dir, &policy, None)
         .map_err(|e| anyhow::anyhow!("add_agent: {e:#}"))?;
     let add_ms = t0.elapsed().as_secs_f64() * 1e3;
