@@ -1,7 +1,8 @@
 //! Write-side file operations and execs, observed by per-syscall tracepoints (never the
-//! host-wide raw_syscalls ones): each `sys_enter_<call>` program records the call's
-//! arguments in `PENDING` by thread id, the shared `sys_exit` program completes the event
-//! with the kernel's verdict (the return value) and sends it. Landlock and seccomp decide;
+//! host-wide raw_syscalls ones): each `sys_enter_<call>` program (one for the four open
+//! calls, `sys_enter_opens`) records the call's arguments in `PENDING` by thread id, the
+//! shared `sys_exit` program completes the event with the kernel's verdict (the return
+//! value) and sends it. Landlock and seccomp decide;
 //! these programs only watch, except that they SIGKILL any process of a killed agent.
 //!
 //! The same exit program also watches calls at their exit only (`Syscall::exit_only`: the
@@ -27,17 +28,18 @@
 use agentd_common::{
     AGENT_FLAG_CANARIES, AGENT_FLAG_KILLED, AGENT_FLAG_TRIP_CANARY, AGENT_FLAG_TRIP_EXEC,
     AGENT_FLAG_TRIP_READ, AGENT_FLAG_TRIP_SOCKET, AGENT_FLAG_TRIP_SYSCALL, AGENT_FLAG_TRIP_WRITE,
-    AT_REMOVEDIR, CanaryKey, CanaryPath, EVENT_FLAG_CANARY_CANDIDATE, EVENT_FLAG_CANARY_SENT,
-    EVENT_FLAG_DIR, EVENT_FLAG_HELD, EVENT_FLAG_MONITOR, EVENT_FLAG_NO_ENTER,
-    EVENT_FLAG_PATH_TRUNCATED, EVENT_FLAG_PATH_UNREAD, EVENT_FLAG_PATH2_TRUNCATED,
-    EVENT_FLAG_TRIPPED, EVENT_FLAG_WRITE_INTENT, EXEC_ARG_LEN, EXEC_ARGS, EventKind, Layer,
-    MAX_CANARIES, PATH_LEN, RawEvent, SYSCALL_EXIT_ONLY, Syscall,
+    AT_REMOVEDIR, AgentState, CanaryKey, CanaryPath, EVENT_FLAG_CANARY_CANDIDATE,
+    EVENT_FLAG_CANARY_SENT, EVENT_FLAG_DIR, EVENT_FLAG_HELD, EVENT_FLAG_MONITOR,
+    EVENT_FLAG_NO_ENTER, EVENT_FLAG_PATH_TRUNCATED, EVENT_FLAG_PATH_UNREAD,
+    EVENT_FLAG_PATH2_TRUNCATED, EVENT_FLAG_TRIPPED, EVENT_FLAG_WRITE_INTENT, EXEC_ARG_LEN,
+    EXEC_ARGS, EventKind, Layer, MAX_CANARIES, PATH_LEN, RawEvent, SYSCALL_EXIT_ONLY, Syscall,
 };
 use aya_ebpf::{
     EbpfContext as _,
+    cty::c_void,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_user,
-        bpf_probe_read_user_str_bytes, bpf_send_signal,
+        bpf_probe_read_user_str_bytes, bpf_send_signal, generated,
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -78,10 +80,6 @@ enum Aux {
     Arg(usize),
     /// chown-like: uid in argument `.0`, gid in `.1`, packed `uid | gid << 32`.
     Owner(usize, usize),
-    /// openat2: `open_how.flags`, the first u64 of the struct argument `i` points to.
-    OpenHow(usize),
-    /// creat: fixed flags.
-    Creat,
 }
 
 /// What `path2` carries.
@@ -116,8 +114,8 @@ const fn layout(sys: Syscall, dfd: Option<usize>, path: usize, second: Second, a
     }
 }
 
-/// One `sys_enter_<call>` program per covered call; user space attaches each to the
-/// tracepoint of the same name.
+/// One `sys_enter_<call>` program per covered call but the open calls (see
+/// [`sys_enter_opens`]); user space attaches each to the tracepoint of the same name.
 macro_rules! enter_programs {
     ($($name:ident => $layout:expr;)*) => {
         $(
@@ -130,14 +128,10 @@ macro_rules! enter_programs {
     };
 }
 
-use Aux::{Arg, Creat, OpenHow, Owner};
+use Aux::{Arg, Owner};
 use Second::{Argv, Path};
 
 enter_programs! {
-    sys_enter_open => layout(Syscall::Open, None, 0, Second::None, Arg(1));
-    sys_enter_openat => layout(Syscall::Openat, Some(0), 1, Second::None, Arg(2));
-    sys_enter_openat2 => layout(Syscall::Openat2, Some(0), 1, Second::None, OpenHow(2));
-    sys_enter_creat => layout(Syscall::Creat, None, 0, Second::None, Creat);
     sys_enter_unlink => layout(Syscall::Unlink, None, 0, Second::None, Aux::None);
     sys_enter_unlinkat => layout(Syscall::Unlinkat, Some(0), 1, Second::None, Arg(2));
     sys_enter_rename => layout(Syscall::Rename, None, 0, Path(1), Aux::None);
@@ -164,6 +158,17 @@ enter_programs! {
     sys_enter_execveat => layout(Syscall::Execveat, Some(0), 1, Argv(2), Arg(4));
 }
 
+/// The entry of the four open calls, open, openat, openat2 and creat: one program,
+/// attached to each one's `sys_enter_*` tracepoint, that tells the call from the record's
+/// `__syscall_nr` (through `SYSCALLS`, as [`sys_exit`] does) and takes its arguments where
+/// that call has them. One program rather than one per call: the canary match is most of
+/// what the verifier checks in each, and it then checks it once.
+#[tracepoint]
+pub fn sys_enter_opens(ctx: TracePointContext) -> u32 {
+    try_enter_open(&ctx);
+    0
+}
+
 /// The exit of every covered call (one program, attached to each `sys_exit_<call>`, of
 /// the file/exec calls and of the calls watched at their exit only).
 #[tracepoint]
@@ -172,11 +177,36 @@ pub fn sys_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Argument `i` of a `sys_enter_*` record (0 if it cannot be read). Read with the helper,
+/// not loaded from the context: the kernel refuses to attach a program to a tracepoint
+/// whose record is shorter than the context it loads from, and [`sys_enter_opens`] reads
+/// arguments creat's record does not have. The helper zeroes its destination on a
+/// fault, so nothing branches on its result: with a branch (`read_at`, whose failure gave
+/// 0) the verifier walked all that follows twice, for 0 and for any value.
 #[inline(always)]
 fn arg(ctx: &TracePointContext, i: usize) -> u64 {
-    // SAFETY: reads 8 bytes of the tracepoint record through bpf_probe_read_kernel; the
-    // offset is one of the record's arguments (user space checked the format).
-    unsafe { ctx.read_at::<u64>(ARGS_OFFSET + 8 * i) }.unwrap_or(0)
+    let mut v: u64 = 0;
+    // SAFETY: the helper writes at most 8 bytes, to `v`, and faults safely; the offset is
+    // one of the record's arguments (user space checked the format).
+    unsafe {
+        generated::bpf_probe_read_kernel(
+            (&raw mut v).cast(),
+            8,
+            ctx.as_ptr().cast::<u8>().add(ARGS_OFFSET + 8 * i).cast(),
+        )
+    };
+    v
+}
+
+/// The u64 at `ptr` in user memory, 0 where it cannot be read. The helper zeroes its
+/// destination on a fault, so nothing branches on its result (see [`arg`]).
+#[inline(always)]
+fn read_user_u64(ptr: u64) -> u64 {
+    let mut v: u64 = 0;
+    // SAFETY: the helper writes at most 8 bytes, to `v`, and faults safely on a bad
+    // pointer (zeroing `v`).
+    unsafe { generated::bpf_probe_read_user((&raw mut v).cast(), 8, ptr as *const c_void) };
+    v
 }
 
 /// What reading a user string gave.
@@ -215,62 +245,128 @@ fn read_str(ptr: u64, dst: &mut [u8]) -> Read {
     }
 }
 
+/// The calling task's agent, unless it is none or was killed (then the task is sent
+/// SIGKILL: it dies on its way back to user space).
 #[inline(always)]
-fn try_enter(ctx: &TracePointContext, l: Layout) {
-    let Some((cgroup, state)) = current_agent() else {
-        return;
-    };
+fn entering_agent() -> Option<(u64, AgentState)> {
+    let (cgroup, state) = current_agent()?;
     // SAFETY: `state` points into the AGENTS map value for the program's run.
     let state = unsafe { *state };
     if state.flags & AGENT_FLAG_KILLED != 0 {
-        // The breaker tripped: this process dies on its way back to user space.
+        // The breaker tripped.
         // SAFETY: the helper has no memory preconditions.
         unsafe { bpf_send_signal(SIGKILL) };
-        return;
+        return None;
     }
+    Some((cgroup, state))
+}
 
-    let is_open = !l.sys.records_every_call();
+/// A call's entry as [`record`] keeps it.
+#[derive(Clone, Copy)]
+struct Entry {
+    /// `Syscall` as u8.
+    syscall: u8,
+    kind: EventKind,
+    /// One of the open calls: reported at its exit only when it matters (see `record`).
+    open: bool,
+    dfd: i32,
+    /// The user pointer of the first path.
+    path: u64,
+    second: Second,
+    aux: u64,
+}
+
+#[inline(always)]
+fn try_enter(ctx: &TracePointContext, l: Layout) {
+    let Some((cgroup, state)) = entering_agent() else {
+        return;
+    };
     let aux = match l.aux {
         Aux::None => 0,
         Aux::Arg(i) => arg(ctx, i),
         Aux::Owner(u, g) => (arg(ctx, u) & 0xffff_ffff) | (arg(ctx, g) << 32),
-        Aux::OpenHow(i) => {
-            let how = arg(ctx, i);
-            // SAFETY: reads the first u64 of user memory (open_how.flags); faults safely.
-            unsafe { bpf_probe_read_user(how as *const u64) }.unwrap_or(0)
-        }
-        Aux::Creat => CREAT_FLAGS,
     };
-    let write_intent = is_open && aux & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0;
-    let has_canaries = state.flags & AGENT_FLAG_CANARIES != 0;
     let kind = if matches!(l.sys, Syscall::Unlinkat) && aux & AT_REMOVEDIR != 0 {
         EventKind::Rmdir
     } else {
         l.sys.kind()
     };
+    let entry = Entry {
+        syscall: l.sys as u8,
+        kind,
+        open: !l.sys.records_every_call(),
+        dfd: match l.dfd {
+            Some(i) => arg(ctx, i) as i32,
+            None => AT_FDCWD,
+        },
+        path: arg(ctx, l.path),
+        second: l.second,
+        aux,
+    };
+    record(ctx, cgroup, state, entry);
+}
 
-    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+/// The entry of an open call ([`sys_enter_opens`]).
+#[inline(always)]
+fn try_enter_open(ctx: &TracePointContext) {
+    let Some((cgroup, state)) = entering_agent() else {
         return;
     };
-    let flags = if write_intent {
-        EVENT_FLAG_WRITE_INTENT
+    // SAFETY: `ctx` points to the tracepoint record; `__syscall_nr` is a fixed field of
+    // every sys_enter record at this offset (user space checked each format), and the
+    // verifier checks the (constant, aligned) context read.
+    let nr =
+        unsafe { core::ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(NR_OFFSET).cast::<i32>()) };
+    let Some(&raw) = SYSCALLS.get(nr as u32) else {
+        return;
+    };
+    let raw = raw as u8;
+    // (dfd, path, flags) where each call has them:
+    // open(filename, flags, mode), openat(dfd, filename, flags, mode),
+    // openat2(dfd, filename, how, usize) with the flags first in `*how`,
+    // creat(pathname, mode), which is open with O_CREAT | O_WRONLY | O_TRUNC.
+    let (dfd, path, aux) = if raw == Syscall::Openat as u8 {
+        (arg(ctx, 0) as i32, arg(ctx, 1), arg(ctx, 2))
+    } else if raw == Syscall::Openat2 as u8 {
+        (arg(ctx, 0) as i32, arg(ctx, 1), read_user_u64(arg(ctx, 2)))
+    } else if raw == Syscall::Open as u8 {
+        (AT_FDCWD, arg(ctx, 0), arg(ctx, 1))
+    } else if raw == Syscall::Creat as u8 {
+        (AT_FDCWD, arg(ctx, 0), CREAT_FLAGS)
     } else {
-        0
+        // Not an open call: the program is attached to those only.
+        return;
+    };
+    let entry = Entry {
+        syscall: raw,
+        kind: EventKind::OpenWrite,
+        open: true,
+        dfd,
+        path,
+        second: Second::None,
+        aux,
+    };
+    record(ctx, cgroup, state, entry);
+}
+
+/// Records a call's entry in `PENDING`, for the exit program to complete.
+#[inline(always)]
+fn record(ctx: &TracePointContext, cgroup: u64, state: AgentState, e: Entry) {
+    let has_canaries = state.flags & AGENT_FLAG_CANARIES != 0;
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return;
     };
     // SAFETY: `ev` is this CPU's scratch RawEvent in map memory; nothing else uses it
     // while this program runs (programs do not nest on a CPU for these hooks).
     let ev = unsafe {
-        fill_header(ev, cgroup, kind as u16, flags);
+        fill_header(ev, cgroup, e.kind as u16, 0);
         &mut *ev
     };
-    ev.syscall = l.sys as u8;
+    ev.syscall = e.syscall;
     ev.layer = Layer::Observed as u8;
-    ev.aux = aux;
-    ev.dfd = match l.dfd {
-        Some(i) => arg(ctx, i) as i32,
-        None => AT_FDCWD,
-    };
-    let path_ptr = arg(ctx, l.path);
+    ev.aux = e.aux;
+    ev.dfd = e.dfd;
+    let path_ptr = e.path;
     match read_str(path_ptr, &mut ev.path) {
         Read::Cut => ev.flags |= EVENT_FLAG_PATH_TRUNCATED,
         Read::Failed => {
@@ -282,7 +378,7 @@ fn try_enter(ctx: &TracePointContext, l: Layout) {
         }
         Read::Whole | Read::Null => {}
     }
-    match l.second {
+    match e.second {
         Second::None => ev.path2[0] = 0,
         Second::Path(i) => {
             if read_str(arg(ctx, i), &mut ev.path2) == Read::Cut {
@@ -292,8 +388,16 @@ fn try_enter(ctx: &TracePointContext, l: Layout) {
         Second::Argv(i) => read_argv(arg(ctx, i), ev),
     }
 
-    if is_open {
-        if has_canaries && ev.path[0] == b'/' && canary_match(state.policy_id, &ev.path) {
+    if e.open {
+        // Matched before the open's intent is looked at (its flag set only now): the
+        // verifier then checks the canary match once, not once per intent (half the
+        // instructions it checks in this program).
+        let canary = has_canaries && ev.path[0] == b'/' && canary_match(state.policy_id, &ev.path);
+        let write_intent = e.aux & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0;
+        if write_intent {
+            ev.flags |= EVENT_FLAG_WRITE_INTENT;
+        }
+        if canary {
             ev.kind = EventKind::Canary as u16;
         } else if !write_intent && has_canaries {
             // A read-only open that did not match as written. Kept until the exit: if
@@ -337,22 +441,57 @@ fn read_argv(argv: u64, ev: &mut RawEvent) {
     }
 }
 
-/// Whether `path` (absolute) is one of the agent's canaries or beneath one.
+/// What [`canary_step`] scans: the path, the agent's policy, and whether a canary matched.
+#[repr(C)]
+struct CanaryScan {
+    path: *const [u8; PATH_LEN],
+    policy_id: u32,
+    found: u32,
+}
+
+/// Whether `path` (absolute) is one of the agent's canaries or beneath one. The canaries
+/// are tried in a `bpf_loop`: the verifier checks the callback once, where a loop in the
+/// program it walks once per canary (16 times the prefix comparison).
 #[inline(always)]
 fn canary_match(policy_id: u32, path: &[u8; PATH_LEN]) -> bool {
-    let mut index = 0;
-    while index < MAX_CANARIES {
-        let key = CanaryKey { policy_id, index };
-        // SAFETY: the value is read, never kept beyond this iteration.
-        let Some(canary) = (unsafe { CANARIES.get(&key) }) else {
-            return false;
-        };
-        if prefix_match(path, canary) {
-            return true;
-        }
-        index += 1;
+    let mut scan = CanaryScan {
+        path,
+        policy_id,
+        found: 0,
+    };
+    // SAFETY: `canary_step` is a static function of the kind the helper calls; `scan`
+    // outlives the call.
+    unsafe {
+        generated::bpf_loop(
+            MAX_CANARIES,
+            canary_step as *mut c_void,
+            (&raw mut scan).cast(),
+            0,
+        )
+    };
+    scan.found != 0
+}
+
+/// One canary of [`canary_match`]: 1 (stop) when canary `index` is absent (the last one
+/// was passed) or matches.
+#[inline(never)]
+extern "C" fn canary_step(index: u64, scan: *mut c_void) -> i64 {
+    // SAFETY: `scan` is the `CanaryScan` `canary_match` passed to bpf_loop.
+    let scan = unsafe { &mut *scan.cast::<CanaryScan>() };
+    let key = CanaryKey {
+        policy_id: scan.policy_id,
+        index: index as u32,
+    };
+    // SAFETY: the value is read, never kept beyond this call.
+    let Some(canary) = (unsafe { CANARIES.get(&key) }) else {
+        return 1;
+    };
+    // SAFETY: `path` points to the event's path, in map memory, for the program's run.
+    if prefix_match(unsafe { &*scan.path }, canary) {
+        scan.found = 1;
+        return 1;
     }
-    false
+    0
 }
 
 /// `canary` is a prefix of `path` ending at a component boundary. Compares eight bytes at

@@ -11,9 +11,10 @@ use agentd_common::{
     ExecKey, GuardedName, MAX_CGROUP_LEVEL, NetKey, PATH_LEN, RawEvent, SYSCALL_TABLE_LEN,
 };
 use aya_ebpf::{
+    cty::c_void,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns, bpf_send_signal,
+        bpf_ktime_get_ns, bpf_send_signal, generated,
     },
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -147,11 +148,72 @@ pub static LOST: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(MAX_A
 /// where some agent's cgroup sits, normally exactly one) that is in `AGENTS`. For any
 /// other task on the host this is one inlined array read, one helper call and one hash
 /// lookup that misses.
+///
+/// The levels are scanned in a `bpf_loop` ([`agent_level`]): every program starts here,
+/// and the verifier checks the callback once where it walks a loop's 32 iterations one by
+/// one (most of what it checks in a small program). The kernel inlines the loop.
 #[inline(always)]
 pub fn current_agent() -> Option<(u64, *mut AgentState)> {
+    let levels = *CONFIG.get(CONFIG_CGROUP_LEVELS)?;
+    if levels == 0 {
+        return None;
+    }
+    let max = *CONFIG.get(CONFIG_LEVEL_MAX)?;
+    let mut scan = LevelScan {
+        levels,
+        max,
+        found: 0,
+    };
+    // SAFETY: `agent_level` is a static function of the kind the helper calls; `scan`
+    // outlives the call.
+    unsafe {
+        generated::bpf_loop(
+            MAX_CGROUP_LEVEL + 1,
+            agent_level as *mut c_void,
+            (&raw mut scan).cast(),
+            0,
+        )
+    };
+    if scan.found == 0 {
+        return None;
+    }
+    // Looked up again for the pointer: the callback hands back plain values only.
+    let state = AGENTS.get_ptr_mut(&scan.found)?;
+    Some((scan.found, state))
+}
+
+/// What [`agent_level`] scans: `CONFIG_CGROUP_LEVELS` and `CONFIG_LEVEL_MAX`, and the id
+/// of the agent's cgroup once found (0 until then).
+#[repr(C)]
+struct LevelScan {
+    levels: u64,
+    max: u64,
+    found: u64,
+}
+
+/// One level of [`current_agent`]'s scan: 1 (stop) past the highest level or at the
+/// agent's cgroup.
+#[inline(never)]
+extern "C" fn agent_level(level: u64, scan: *mut c_void) -> i64 {
+    // SAFETY: `scan` is the `LevelScan` `current_agent` passed to bpf_loop.
+    let scan = unsafe { &mut *scan.cast::<LevelScan>() };
+    // The second bound never stops the scan (the loop runs MAX_CGROUP_LEVEL + 1 times):
+    // it keeps the shift below in range for the compiler and the verifier.
+    if level > scan.max || level > u64::from(MAX_CGROUP_LEVEL) {
+        return 1;
+    }
+    if scan.levels & (1u64 << level) == 0 {
+        return 0;
+    }
     // SAFETY: the helper has no preconditions; it returns 0 when the task's cgroup is
     // shallower than `level`.
-    agent_by_ancestor(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
+    let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+    // SAFETY: the value is not read.
+    if id != 0 && unsafe { AGENTS.get(&id) }.is_some() {
+        scan.found = id;
+        return 1;
+    }
+    0
 }
 
 /// The agent whose cgroup is the ancestor `ancestor(level)` returns (0: none at that

@@ -3,12 +3,14 @@
 use agentd_common::Syscall;
 use aya::programs::CgroupSockAddrAttachType;
 
-/// One covered syscall: its entry program (`sys_enter_<name>`, attached to the tracepoint
-/// of the same name), the argument names its format must list in order (checked before
-/// attaching), and its number on this architecture.
+/// One covered syscall: its entry tracepoint (`sys_enter_<name>`) and the program attached
+/// to it (of the same name, but [`OPEN_ENTRY`] for the open calls), the argument names its
+/// format must list in order (checked before attaching), and its number on this
+/// architecture.
 #[derive(Debug, Clone, Copy)]
 pub struct SyscallTracepoint {
     pub syscall: Syscall,
+    pub tracepoint: &'static str,
     pub program: &'static str,
     pub args: &'static [&'static str],
     /// `None`: the call does not exist on this architecture (the legacy non-`at` calls on
@@ -27,14 +29,25 @@ macro_rules! legacy {
     }};
 }
 
+/// The entry program of the open calls (open, openat, openat2, creat), attached to each
+/// one's `sys_enter_*` tracepoint: it tells them apart by the record's syscall number.
+pub const OPEN_ENTRY: &str = "sys_enter_opens";
+
 const fn tp(
     syscall: Syscall,
-    program: &'static str,
+    tracepoint: &'static str,
     args: &'static [&'static str],
     nr: Option<i64>,
 ) -> SyscallTracepoint {
+    // The calls not recorded at every entry are the open calls.
+    let program = if syscall.records_every_call() {
+        tracepoint
+    } else {
+        OPEN_ENTRY
+    };
     SyscallTracepoint {
         syscall,
+        tracepoint,
         program,
         args,
         nr,
@@ -352,7 +365,14 @@ mod tests {
         for s in Syscall::ALL.into_iter().filter(|s| !s.exit_only()) {
             let t: Vec<_> = tps.iter().filter(|t| t.syscall == s).collect();
             assert_eq!(t.len(), 1, "{s:?}");
-            assert_eq!(t[0].program, format!("sys_enter_{}", s.name()));
+            assert_eq!(t[0].tracepoint, format!("sys_enter_{}", s.name()));
+            // The open calls share their entry program; every other call has its own.
+            let program = if s.records_every_call() {
+                t[0].tracepoint
+            } else {
+                OPEN_ENTRY
+            };
+            assert_eq!(t[0].program, program, "{s:?}");
         }
     }
 

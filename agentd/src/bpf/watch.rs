@@ -16,7 +16,10 @@ use std::{
     mem::size_of,
     os::unix::fs::MetadataExt as _,
     path::{Component, Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -31,7 +34,7 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
-        CgroupSockAddr, Lsm, ProgramError, TracePoint,
+        CgroupSockAddr, Lsm, Program, ProgramError, TracePoint,
         links::{FdLink, PinnedLink},
         lsm::LsmLinkId,
         tp_btf::BtfTracePointLinkId,
@@ -287,33 +290,61 @@ fn load_err(program: &'static str) -> impl FnOnce(ProgramError) -> BpfError {
     move |source| BpfError::LoadProgram { program, source }
 }
 
-/// Struct offsets the file programs' dentry walks read (`btf::VFS_MEMBERS`) and where
-/// they read neighbouring fields at once (`btf::VFS_WINDOWS`), from the running kernel's
-/// BTF.
-/// Also what BPF LSM's own members the BTF lacks (see `btf::LSM_MEMBERS`).
-fn vfs_offsets() -> Result<btf::VfsGlobals, BpfError> {
+fn btf_err(e: impl std::fmt::Display) -> BpfError {
+    BpfError::Btf(format!("{VMLINUX_BTF}: {e}"))
+}
+
+/// What the load needs from the running kernel's BTF, read and parsed once per load
+/// (each parse of vmlinux's BTF costs milliseconds).
+struct KernelFacts {
+    /// Program globals: the process programs' offsets ([`task_offsets`]) and the file
+    /// programs' ([`vfs_offsets`]).
+    globals: Vec<(&'static str, u64)>,
+    /// Why each missing [`btf::LSM_MEMBERS`] entry is missing.
+    lsm_missing: Vec<String>,
+    /// [`process_exit_program`].
+    exit_program: &'static str,
+    /// aya's parse of the same BTF: the targets of the tp_btf and LSM programs, and the
+    /// object's relocations.
+    btf: Btf,
+}
+
+/// Reads the kernel's BTF once and takes from it all the load needs.
+fn kernel_facts() -> Result<KernelFacts, BpfError> {
     let raw = std::fs::read(VMLINUX_BTF).map_err(|source| BpfError::Read {
         path: VMLINUX_BTF.into(),
         source,
     })?;
-    let globals = KernelBtf::parse(&raw)
-        .and_then(|btf| btf::vfs_globals(&btf))
-        .map_err(|e| BpfError::Btf(format!("{VMLINUX_BTF}: {e}")))?;
+    let own = KernelBtf::parse(&raw).map_err(btf_err)?;
+    let mut globals = task_offsets(&own)?.to_vec();
+    let vfs = vfs_offsets(&own)?;
+    globals.extend(vfs.globals);
+    let exit_program = process_exit_program(&own)?;
+    let btf = Btf::parse(&raw, aya::Endianness::default()).map_err(btf_err)?;
+    Ok(KernelFacts {
+        globals,
+        lsm_missing: vfs.lsm_missing,
+        exit_program,
+        btf,
+    })
+}
+
+/// Struct offsets the file programs' dentry walks read (`btf::VFS_MEMBERS`) and where
+/// they read neighbouring fields at once (`btf::VFS_WINDOWS`), from the running kernel's
+/// BTF.
+/// Also what BPF LSM's own members the BTF lacks (see `btf::LSM_MEMBERS`).
+fn vfs_offsets(btf: &KernelBtf<'_>) -> Result<btf::VfsGlobals, BpfError> {
+    let globals = btf::vfs_globals(btf).map_err(btf_err)?;
     tracing::debug!(?globals, "vfs struct offsets");
     Ok(globals)
 }
 
 /// Struct offsets the process programs read, from the running kernel's BTF.
-fn task_offsets() -> Result<[(&'static str, u64); 4], BpfError> {
-    let raw = std::fs::read(VMLINUX_BTF).map_err(|source| BpfError::Read {
-        path: VMLINUX_BTF.into(),
-        source,
-    })?;
-    let btf = KernelBtf::parse(&raw).map_err(|e| BpfError::Btf(format!("{VMLINUX_BTF}: {e}")))?;
+fn task_offsets(btf: &KernelBtf<'_>) -> Result<[(&'static str, u64); 4], BpfError> {
     let off = |member: &str| {
         btf.member_offset("task_struct", member)
             .map(u64::from)
-            .map_err(|e| BpfError::Btf(format!("{VMLINUX_BTF}: {e}")))
+            .map_err(btf_err)
     };
     Ok([
         ("TASK_PID_OFFSET", off("pid")?),
@@ -323,7 +354,7 @@ fn task_offsets() -> Result<[(&'static str, u64); 4], BpfError> {
             "BPRM_FILE_OFFSET",
             btf.member_offset("linux_binprm", "file")
                 .map(u64::from)
-                .map_err(|e| BpfError::Btf(format!("{VMLINUX_BTF}: {e}")))?,
+                .map_err(btf_err)?,
         ),
     ])
 }
@@ -370,7 +401,7 @@ fn checked_tracepoints() -> Result<Vec<(programs::SyscallTracepoint, i64)>, BpfE
             tracing::debug!(syscall = tp.syscall.name(), "not on this architecture");
             continue;
         };
-        let enter = tp.program;
+        let enter = tp.tracepoint;
         let exit = format!("sys_exit_{}", tp.syscall.name());
         let Some(fields) = tracefs::read_format(tracefs, "syscalls", enter)? else {
             let has_exit = tracefs::read_format(tracefs, "syscalls", &exit)?.is_some();
@@ -442,7 +473,20 @@ fn checked_pair_tracepoints(
     Ok(out)
 }
 
-/// Loads and attaches the entry program of each `(call, entry program)` pair to its
+/// The programs of `(call, entry program)` pairs, as [`load_programs`] jobs: each entry
+/// program, then the shared `exit` program (none when there are no pairs).
+fn pair_jobs(
+    pairs: &[(&'static str, &'static str)],
+    exit: &'static str,
+) -> impl Iterator<Item = (&'static str, Load)> {
+    let exit = (!pairs.is_empty()).then_some((exit, Load::TracePoint));
+    pairs
+        .iter()
+        .map(|(_, enter)| (*enter, Load::TracePoint))
+        .chain(exit)
+}
+
+/// Attaches the entry program of each `(call, entry program)` pair (loaded) to its
 /// `sys_enter_<call>`, and the shared `exit` program to each `sys_exit_<call>`.
 fn attach_pairs(
     ebpf: &mut Ebpf,
@@ -452,7 +496,6 @@ fn attach_pairs(
 ) -> Result<(), BpfError> {
     for (_, enter) in pairs {
         let p: &mut TracePoint = program(ebpf, enter)?;
-        p.load().map_err(load_err(enter))?;
         let link = p
             .attach("syscalls", enter)
             .map_err(|source| BpfError::Attach {
@@ -466,7 +509,6 @@ fn attach_pairs(
         return Ok(());
     }
     let p: &mut TracePoint = program(ebpf, exit)?;
-    p.load().map_err(load_err(exit))?;
     for (call, _) in pairs {
         let name = format!("sys_exit_{call}");
         let link = p
@@ -508,15 +550,10 @@ fn check_syscall_pair(
 
 /// The process-exit program whose reads the kernel's `sched_process_exit` prototype
 /// allows (see [`programs::PROCESS_EXIT_PROGRAMS`]).
-fn process_exit_program() -> Result<&'static str, BpfError> {
-    let raw = std::fs::read(VMLINUX_BTF).map_err(|source| BpfError::Read {
-        path: VMLINUX_BTF.into(),
-        source,
-    })?;
-    let btf = KernelBtf::parse(&raw).map_err(|e| BpfError::Btf(format!("{VMLINUX_BTF}: {e}")))?;
+fn process_exit_program(btf: &KernelBtf<'_>) -> Result<&'static str, BpfError> {
     let args = btf
         .tracepoint_args(programs::PROCESS_EXIT)
-        .map_err(|e| BpfError::Btf(format!("{VMLINUX_BTF}: {e}")))?;
+        .map_err(btf_err)?;
     exit_program_for(args).ok_or_else(|| {
         BpfError::Btf(format!(
             "{VMLINUX_BTF}: tracepoint {} has {args} arguments, agentd knows 1 or 2",
@@ -535,12 +572,37 @@ fn exit_program_for(args: usize) -> Option<&'static str> {
         .map(|(name, _)| *name)
 }
 
-/// Loads and attaches the BPF LSM programs ([`programs::LSM_PROGRAMS`]); `Err` says why
-/// they are unavailable: `bpf` is not an active LSM (programs would load, attach and
-/// never run: checked first, from securityfs, mounted if needed), or the kernel refused
-/// one (BPF LSM disabled by policy, a hook missing). Either all are attached or, on an
-/// error, none stays attached.
-fn attach_lsm(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<(&'static str, LsmLinkId)>, String> {
+/// What [`Watch::load`] reads and checks before it loads anything.
+struct Checked {
+    cgroup_mount: PathBuf,
+    tracepoints: Vec<(programs::SyscallTracepoint, i64)>,
+    exit_only: Vec<(programs::ExitOnlyTracepoint, u32)>,
+    sockaddr: Vec<(&'static str, &'static str)>,
+    signal: Vec<(&'static str, &'static str)>,
+    kernel: KernelFacts,
+}
+
+impl Checked {
+    fn read() -> Result<Checked, BpfError> {
+        Ok(Checked {
+            cgroup_mount: cgroup2_root()?,
+            tracepoints: checked_tracepoints()?,
+            exit_only: checked_exit_only_tracepoints()?,
+            sockaddr: checked_pair_tracepoints(&programs::SOCKADDR_TRACEPOINTS)?,
+            signal: checked_pair_tracepoints(&programs::SIGNAL_TRACEPOINTS)?,
+            kernel: kernel_facts()?,
+        })
+    }
+}
+
+/// Whether the BPF LSM programs ([`programs::LSM_PROGRAMS`]) are worth loading; `Err`
+/// says why not: the kernel's BTF lacks members they read (`lsm_missing`), or `bpf` is
+/// not an active LSM (programs would load, attach and never run: checked from
+/// securityfs, mounted if needed).
+fn lsm_usable(lsm_missing: &[String]) -> Result<(), String> {
+    if !lsm_missing.is_empty() {
+        return Err(format!("the kernel's BTF lacks {}", lsm_missing.join(", ")));
+    }
     ensure_mounted(super::SECURITYFS)
         .map_err(|e| format!("the active LSMs cannot be read: {e}"))?;
     let list = super::active_lsms()
@@ -552,21 +614,40 @@ fn attach_lsm(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<(&'static str, LsmLinkId
             list.join(",")
         ));
     }
+    Ok(())
+}
+
+/// Attaches the BPF LSM programs ([`programs::LSM_PROGRAMS`]), given how loading each
+/// went (`loaded`, in that order); `Err` says why they are unavailable: the kernel
+/// refused one (BPF LSM disabled by policy, a hook missing). Either all are attached or,
+/// on an error, none stays attached.
+fn attach_lsm(
+    ebpf: &mut Ebpf,
+    loaded: Vec<Result<(), BpfError>>,
+) -> Result<Vec<(&'static str, LsmLinkId)>, String> {
+    for ((name, hook), result) in programs::LSM_PROGRAMS.into_iter().zip(loaded) {
+        if let Err(e) = result {
+            tracing::debug!("loading {name} ({hook}): {e}");
+            // The verifier's log goes to the debug log, not into the reason.
+            let short = if let BpfError::LoadProgram {
+                source: ProgramError::LoadError { io_error, .. },
+                ..
+            } = &e
+            {
+                io_error.to_string()
+            } else if let BpfError::LoadProgram { source, .. } = &e {
+                source.to_string()
+            } else {
+                e.to_string()
+            };
+            return Err(format!("loading {name} on {hook}: {short}"));
+        }
+    }
     let mut links = Vec::new();
     for (name, hook) in programs::LSM_PROGRAMS {
         let attached = program::<Lsm>(ebpf, name)
             .map_err(|e| e.to_string())
             .and_then(|p| {
-                p.load(hook, btf).map_err(|e| {
-                    tracing::debug!("loading {name} ({hook}): {e}");
-                    // The verifier's log goes to the debug log, not into the reason.
-                    let short = if let ProgramError::LoadError { io_error, .. } = &e {
-                        io_error.to_string()
-                    } else {
-                        e.to_string()
-                    };
-                    format!("loading {name} on {hook}: {short}")
-                })?;
                 p.attach()
                     .map(|id| (name, id))
                     .map_err(|e| format!("attaching {name} ({hook}): {e}"))
@@ -586,6 +667,168 @@ fn attach_lsm(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<(&'static str, LsmLinkId
     Ok(links)
 }
 
+/// How [`load_programs`] loads a program: its type, and for the programs attached
+/// through BTF, the target the verifier checks them against.
+#[derive(Debug, Clone, Copy)]
+enum Load {
+    TracePoint,
+    /// tp_btf, on this BTF tracepoint.
+    BtfTracePoint(&'static str),
+    /// BPF LSM, on this hook.
+    Lsm(&'static str),
+    CgroupSockAddr,
+    CgroupSock,
+    CgroupSkb,
+}
+
+/// Every program the watch uses, as [`load_programs`] jobs, in the order they are
+/// attached: the syscall tracepoints' (an entry program several calls share, the open
+/// calls', once), the process tracepoints, the kill gate (attached only while agents are
+/// watched), the BPF LSM programs when `lsm`, the cgroup programs (attached per agent).
+fn load_jobs(
+    tracepoints: &[(programs::SyscallTracepoint, i64)],
+    sockaddr: &[(&'static str, &'static str)],
+    signal: &[(&'static str, &'static str)],
+    exit_program: &'static str,
+    lsm: bool,
+) -> Vec<(&'static str, Load)> {
+    let mut entries: Vec<&'static str> = Vec::new();
+    for (tp, _) in tracepoints {
+        if !entries.contains(&tp.program) {
+            entries.push(tp.program);
+        }
+    }
+    let lsm = programs::LSM_PROGRAMS
+        .into_iter()
+        .filter(|_| lsm)
+        .map(|(name, hook)| (name, Load::Lsm(hook)));
+    entries
+        .into_iter()
+        .map(|name| (name, Load::TracePoint))
+        .chain([(programs::SYS_EXIT, Load::TracePoint)])
+        .chain(pair_jobs(sockaddr, programs::SYS_EXIT_SOCKADDR))
+        .chain(pair_jobs(signal, programs::SYS_EXIT_SIGNAL))
+        .chain(
+            programs::PROCESS_TRACEPOINTS
+                .into_iter()
+                .chain([(exit_program, programs::PROCESS_EXIT)])
+                .chain(programs::GATE_TRACEPOINTS)
+                .map(|(name, tp)| (name, Load::BtfTracePoint(tp))),
+        )
+        .chain(lsm)
+        .chain(
+            programs::SOCK_ADDR_PROGRAMS
+                .into_iter()
+                .map(|(name, _)| (name, Load::CgroupSockAddr)),
+        )
+        .chain([
+            (programs::SOCK_CREATE, Load::CgroupSock),
+            (programs::INBOUND, Load::CgroupSkb),
+            (programs::OUTBOUND, Load::CgroupSkb),
+        ])
+        .collect()
+}
+
+/// The most threads [`load_programs`] verifies on.
+const MAX_LOAD_THREADS: usize = 8;
+
+/// Loads (has the kernel verify) each program of `jobs`, (program, how), and returns each
+/// one's result at its job's index. The verifier runs in the thread that loads and the
+/// kernel does not serialize privileged loads, so the loads are spread over the
+/// machine's cores (at most [`MAX_LOAD_THREADS`] threads, each taking the next job in
+/// order until none is left). Nothing is attached here. The BPF LSM programs are used all
+/// or none: once the kernel refused one, those not started yet are not loaded (their
+/// result is `ProgramError::NotLoaded`; an earlier one in `jobs` has the refusal).
+fn load_programs(
+    ebpf: &mut Ebpf,
+    jobs: &[(&'static str, Load)],
+    btf: &Btf,
+) -> Vec<Result<(), BpfError>> {
+    let started = Instant::now();
+    let mut results: Vec<Result<(), BpfError>> = jobs
+        .iter()
+        .map(|(name, _)| Err(BpfError::MissingProgram(name)))
+        .collect();
+    // `programs_mut` hands out each program once: the threads share none.
+    let mut by_name: StdHashMap<&str, &mut Program> = ebpf.programs_mut().collect();
+    let queue: Vec<_> = jobs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &(name, how))| Some((i, name, how, by_name.remove(name)?)))
+        .collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(MAX_LOAD_THREADS)
+        .min(queue.len());
+    let queue = Mutex::new(queue.into_iter());
+    let lsm_refused = AtomicBool::new(false);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let Some((i, name, how, p)) = lock(&queue).next() else {
+                return done;
+            };
+            let lsm = matches!(how, Load::Lsm(_));
+            if lsm && lsm_refused.load(Ordering::Relaxed) {
+                done.push((i, Err(load_err(name)(ProgramError::NotLoaded))));
+                continue;
+            }
+            let t = Instant::now();
+            let result = load_one(name, how, p, btf);
+            tracing::trace!(program = name, us = t.elapsed().as_micros(), "loaded");
+            if lsm && result.is_err() {
+                lsm_refused.store(true, Ordering::Relaxed);
+            }
+            done.push((i, result));
+        }
+    };
+    let done = std::thread::scope(|s| {
+        // A thread that cannot be started leaves its share to the others.
+        let helpers: Vec<_> = (1..threads)
+            .filter_map(|n| {
+                std::thread::Builder::new()
+                    .name(format!("agentd-load-{n}"))
+                    .spawn_scoped(s, work)
+                    .ok()
+            })
+            .collect();
+        let mut done = work();
+        for h in helpers {
+            done.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        }
+        done
+    });
+    for (i, result) in done {
+        results[i] = result;
+    }
+    tracing::debug!(
+        programs = jobs.len(),
+        threads,
+        ms = started.elapsed().as_millis(),
+        "programs loaded"
+    );
+    results
+}
+
+/// Loads one program of [`load_programs`].
+fn load_one(name: &'static str, how: Load, p: &mut Program, btf: &Btf) -> Result<(), BpfError> {
+    fn typed<'a, T>(name: &'static str, p: &'a mut Program) -> Result<&'a mut T, BpfError>
+    where
+        &'a mut T: TryFrom<&'a mut Program>,
+    {
+        p.try_into().map_err(|_| BpfError::MissingProgram(name))
+    }
+    let loaded = match how {
+        Load::TracePoint => typed::<TracePoint>(name, p)?.load(),
+        Load::BtfTracePoint(tp) => typed::<BtfTracePoint>(name, p)?.load(tp, btf),
+        Load::Lsm(hook) => typed::<Lsm>(name, p)?.load(hook, btf),
+        Load::CgroupSockAddr => typed::<CgroupSockAddr>(name, p)?.load(),
+        Load::CgroupSock => typed::<CgroupSock>(name, p)?.load(),
+        Load::CgroupSkb => typed::<CgroupSkb>(name, p)?.load(),
+    };
+    loaded.map_err(load_err(name))
+}
+
 impl Watch {
     /// Mounts tracefs and bpffs if needed, loads the BPF object and attaches the
     /// tracepoints. No agent is watched yet: for every process the programs return after
@@ -597,21 +840,34 @@ impl Watch {
     /// [`Watch::load`], with every map pinned by name under `maps` when given: a pin
     /// already there is used as the map, contents and all (see [`handover`]).
     fn load_with(maps: Option<&Path>) -> Result<Watch, BpfError> {
+        let started = Instant::now();
         ensure_mounted(TRACEFS)?;
         ensure_mounted(BPFFS)?;
-        let cgroup_mount = cgroup2_root()?;
-        let tracepoints = checked_tracepoints()?;
-        let exit_only = checked_exit_only_tracepoints()?;
-        let sockaddr = checked_pair_tracepoints(&programs::SOCKADDR_TRACEPOINTS)?;
-        let signal = checked_pair_tracepoints(&programs::SIGNAL_TRACEPOINTS)?;
-        let offsets = task_offsets()?;
-        let btf::VfsGlobals {
-            globals: vfs,
-            lsm_missing,
-        } = vfs_offsets()?;
-        let exit_program = process_exit_program()?;
+        let (mut loader, checked) = std::thread::scope(|s| {
+            // aya's `EbpfLoader::new` parses the kernel's BTF, and aya 0.14 has no
+            // constructor that does not: it runs beside the reads and checks below, which
+            // parse the BTF once for everything the load needs (the loader's own parse is
+            // then replaced by that one).
+            let loader = std::thread::Builder::new()
+                .name("agentd-loader".into())
+                .spawn_scoped(s, EbpfLoader::new);
+            let checked = Checked::read();
+            let loader = match loader {
+                Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                Err(_) => EbpfLoader::new(),
+            };
+            (loader, checked)
+        });
+        let Checked {
+            cgroup_mount,
+            tracepoints,
+            exit_only,
+            sockaddr,
+            signal,
+            kernel,
+        } = checked?;
 
-        let mut loader = EbpfLoader::new();
+        loader.btf(Some(&kernel.btf));
         let names = match maps {
             Some(_) => handover::map_names()?,
             None => Vec::new(),
@@ -621,10 +877,7 @@ impl Watch {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
-        for (name, value) in &offsets {
-            loader.override_global(name, value, true);
-        }
-        for (name, value) in &vfs {
+        for (name, value) in &kernel.globals {
             loader.override_global(name, value, true);
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(BpfError::Load)?;
@@ -637,7 +890,7 @@ impl Watch {
             let mut table: Array<_, u32> = Array::try_from(map).map_err(map_err("SYSCALLS"))?;
             for (tp, nr) in &tracepoints {
                 let nr = u32::try_from(*nr).map_err(|_| BpfError::TracepointFormat {
-                    tracepoint: tp.program.into(),
+                    tracepoint: tp.tracepoint.into(),
                     reason: format!("syscall number {nr} out of range"),
                 })?;
                 table
@@ -651,24 +904,51 @@ impl Watch {
             }
         }
 
+        // Every program is loaded (verified: most of what a load costs) at once, and a
+        // failure is reported in the order they are attached below. BPF LSM programs are
+        // loaded only where they would run.
+        let lsm_usable = lsm_usable(&kernel.lsm_missing);
+        let exit_program = kernel.exit_program;
+        tracing::debug!(program = exit_program, "process exit program");
+        let jobs = load_jobs(
+            &tracepoints,
+            &sockaddr,
+            &signal,
+            exit_program,
+            lsm_usable.is_ok(),
+        );
+        let mut lsm_loaded = Vec::new();
+        for ((_, how), result) in jobs
+            .iter()
+            .zip(load_programs(&mut ebpf, &jobs, &kernel.btf))
+        {
+            match how {
+                // Without BPF LSM the watch still runs (see below).
+                Load::Lsm(_) => lsm_loaded.push(result),
+                Load::TracePoint
+                | Load::BtfTracePoint(_)
+                | Load::CgroupSockAddr
+                | Load::CgroupSock
+                | Load::CgroupSkb => result?,
+            }
+        }
+
         // Entry programs, then the exit program: until an agent exists they all return
         // at the agent lookup.
         let mut tracepoint_links = Vec::new();
         for (tp, _) in &tracepoints {
             let p: &mut TracePoint = program(&mut ebpf, tp.program)?;
-            p.load().map_err(load_err(tp.program))?;
             let link = p
-                .attach("syscalls", tp.program)
+                .attach("syscalls", tp.tracepoint)
                 .map_err(|source| BpfError::Attach {
                     program: tp.program,
-                    target: format!("tracepoint syscalls/{}", tp.program),
+                    target: format!("tracepoint syscalls/{}", tp.tracepoint),
                     source,
                 })?;
             tracepoint_links.push((tp.program, link));
         }
         {
             let p: &mut TracePoint = program(&mut ebpf, programs::SYS_EXIT)?;
-            p.load().map_err(load_err(programs::SYS_EXIT))?;
             for (tp, _) in &tracepoints {
                 let name = format!("sys_exit_{}", tp.syscall.name());
                 let link = p
@@ -701,15 +981,12 @@ impl Watch {
         ] {
             attach_pairs(&mut ebpf, pairs, exit, &mut tracepoint_links)?;
         }
-        let btf = Btf::from_sys_fs().map_err(|e| BpfError::Btf(e.to_string()))?;
-        tracing::debug!(program = exit_program, "process exit program");
         let mut process_links = Vec::new();
         for (name, tp) in programs::PROCESS_TRACEPOINTS
             .into_iter()
             .chain([(exit_program, programs::PROCESS_EXIT)])
         {
             let p: &mut BtfTracePoint = program(&mut ebpf, name)?;
-            p.load(tp, &btf).map_err(load_err(name))?;
             let id = p.attach().map_err(|source| BpfError::Attach {
                 program: name,
                 target: format!("tp_btf {tp}"),
@@ -717,17 +994,10 @@ impl Watch {
             })?;
             process_links.push((name, id));
         }
-        // The kill gate runs on every system call of the host: loaded now, attached only
-        // while agents are watched (`Watch::gate_attach`).
-        for (name, tp) in programs::GATE_TRACEPOINTS {
-            let p: &mut BtfTracePoint = program(&mut ebpf, name)?;
-            p.load(tp, &btf).map_err(load_err(name))?;
-        }
-        let lsm_attached = if lsm_missing.is_empty() {
-            attach_lsm(&mut ebpf, &btf)
-        } else {
-            Err(format!("the kernel's BTF lacks {}", lsm_missing.join(", ")))
-        };
+        // The kill gate (loaded) is attached only while agents are watched
+        // (`Watch::gate_attach`): it runs on every system call of the host. The network
+        // programs (loaded) are attached per agent.
+        let lsm_attached = lsm_usable.and_then(|()| attach_lsm(&mut ebpf, lsm_loaded));
         let (lsm, lsm_links) = match lsm_attached {
             Ok(links) => (Ok(()), links),
             Err(why) => (Err(why), Vec::new()),
@@ -738,19 +1008,7 @@ impl Watch {
                  are refused; an agent's exec of a memfd is killed at exec instead of refused"
             );
         }
-        // Network programs: loaded now, attached per agent.
-        for (name, _) in programs::SOCK_ADDR_PROGRAMS {
-            let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            p.load().map_err(load_err(name))?;
-        }
-        {
-            let p: &mut CgroupSock = program(&mut ebpf, programs::SOCK_CREATE)?;
-            p.load().map_err(load_err(programs::SOCK_CREATE))?;
-            let p: &mut CgroupSkb = program(&mut ebpf, programs::INBOUND)?;
-            p.load().map_err(load_err(programs::INBOUND))?;
-            let p: &mut CgroupSkb = program(&mut ebpf, programs::OUTBOUND)?;
-            p.load().map_err(load_err(programs::OUTBOUND))?;
-        }
+        tracing::debug!(ms = started.elapsed().as_millis(), "kernel watch loaded");
 
         let agents = take_map(&mut ebpf, "AGENTS", HashMap::try_from)?;
         let net_allow = take_map(&mut ebpf, "NET_ALLOW", LpmTrie::try_from)?;
