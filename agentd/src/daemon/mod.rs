@@ -454,6 +454,9 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
                 // waits on a barrier is told after that.
                 let mut barriers = Vec::new();
                 while let Ok(first) = records_rx.recv() {
+                    // A group: what comes within GROUP_WINDOW of its first record, at most
+                    // GROUP_COMMIT records, and no longer once someone waits on it.
+                    let deadline = Instant::now() + GROUP_WINDOW;
                     let mut next = Some(first);
                     let mut stop = false;
                     let mut n = 0;
@@ -467,9 +470,17 @@ async fn serve(args: DaemonArgs) -> anyhow::Result<ExitCode> {
                             }
                         }
                         n += 1;
-                        if n < GROUP_COMMIT {
-                            next = records_rx.try_recv().ok();
+                        if n >= GROUP_COMMIT {
+                            break;
                         }
+                        next = match records_rx.try_recv() {
+                            Ok(q) => Some(q),
+                            Err(std::sync::mpsc::TryRecvError::Empty) if barriers.is_empty() => {
+                                let left = deadline.saturating_duration_since(Instant::now());
+                                records_rx.recv_timeout(left).ok()
+                            }
+                            Err(_) => None,
+                        };
                     }
                     make_durable(&shared);
                     for done in barriers.drain(..) {
@@ -934,6 +945,11 @@ async fn recorded(shared: &Shared) {
 /// Most records one `fdatasync` makes durable: a crash loses at most this many events
 /// (those recorded since the last one), never a control record.
 const GROUP_COMMIT: usize = 1024;
+/// How long a group gathers records after its first, unless someone waits on it (a
+/// barrier: a verdict, a stop): a crash loses at most what was recorded this long before
+/// it. Events come in trickles (a build: hundreds a second): a sync for each few of them
+/// was a tenth of the daemon's time.
+const GROUP_WINDOW: Duration = Duration::from_millis(20);
 
 /// Makes what was recorded durable, without holding the log's lock during `fdatasync`.
 fn make_durable(shared: &Shared) {
@@ -1583,7 +1599,6 @@ async fn run(
         }
         None => spawn::start(&shared.socket, &launch, stdio),
     };
-    spawn::replenish(&shared.warm, &shared.socket);
     let spawn::Started {
         mut child,
         ours,
@@ -1777,6 +1792,9 @@ async fn supervisor_line(
                     a.drained.send_replace(true);
                 }
             }
+            // The next launch's supervisor, now that this one's launch is done: forking
+            // holds the daemon's memory map, which the launch's attach needs.
+            spawn::replenish(&shared.warm, &shared.socket);
             None
         }
         SupervisorLine::Listener { fd } => {
