@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: agentd's costs, each as a ratio to a baseline measured in the same
 //! run on the same machine (never as absolute pass/fail thresholds).
 //!
-//! 1. The kernel watch's cost to processes outside agents and inside one (`agentd
+//! 1. The kernel watch's cost to processes outside agents and inside one (`agentd-harness
 //!    watch-test bench`): syscall loops with no programs, with programs loaded, inside.
 //! 2. Launch: `agentd run -- /bin/true` against `/bin/true`.
 //! 3. The breaker: time from the violating syscall (kernel timestamp) to an empty cgroup,
@@ -22,6 +22,10 @@
 //!    profile (with them, every connect goes to agentd's seccomp listener first), idle and
 //!    with both cores busy; and the time from a person's `agentd approve` to the held
 //!    connect returning in the agent.
+//! 9. A build (`--only build`): Python's standard library copied, compiled and archived,
+//!    and a Rust project (serde, serde_json) built offline with Debian's cargo, as uid
+//!    65534 bare, embedded and through a daemon with its audit log, interleaved; with the
+//!    events one build makes, the daemon's CPU time and the time in its BPF programs.
 
 use std::{path::Path, process::Command, time::Instant};
 
@@ -45,6 +49,9 @@ pub enum Part {
     /// Asking a person: an allowed connect's cost when the profile has ask rules, and
     /// the time from a decision to the held call going on.
     Ask,
+    /// A realistic build bare, embedded and through the daemon, and where agentd's share
+    /// of it goes.
+    Build,
 }
 
 pub fn bench(root: &Path, only: Option<Part>) -> anyhow::Result<()> {
@@ -93,6 +100,9 @@ pub fn bench(root: &Path, only: Option<Part>) -> anyhow::Result<()> {
     }
     if part(Part::Ask) {
         ask_costs(&agentd, &work)?;
+    }
+    if part(Part::Build) {
+        build_costs(&agentd)?;
     }
     if part(Part::Load) {
         let threshold = work.join("bench-threshold.toml");
@@ -524,12 +534,13 @@ fn agent_command(agentd: &Path, profile: &Path, ws: &Path) -> Command {
 
 fn watch_costs(agentd: &Path) -> anyhow::Result<()> {
     eprintln!("\n[bench] kernel watch: ns per operation (best of 5 rounds of 20000)");
-    let out = Command::new(agentd)
+    // The test harnesses' program, built beside agentd.
+    let out = Command::new(agentd.with_file_name("agentd-harness"))
         .args(["watch-test", "bench", "20000"])
         .output()?;
     if !out.status.success() {
         bail!(
-            "agentd watch-test bench failed: {}",
+            "agentd-harness watch-test bench failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -1655,6 +1666,639 @@ fn ask_costs(agentd: &Path, work: &Path) -> anyhow::Result<()> {
     eprintln!(
         "  of which `agentd approve` itself (start to exit)            median {:6.2} ms",
         percentile(&cli, 0.5)
+    );
+    Ok(())
+}
+
+/// The build part's Rust project: serde with its derive macros, and serde_json; a dozen
+/// crates with proc macros and build scripts (run from the workspace), vendored from
+/// root's cargo registry, where a build of agentd (which depends on them) put them.
+const BUILD_MANIFEST: &str = r#"[package]
+name = "bench-build"
+version = "0.1.0"
+edition = "2021"
+publish = false
+
+[dependencies]
+serde = { version = "1", features = ["derive"] }
+serde_json = "1"
+
+# A workspace of its own: cargo looks for none above it.
+[workspace]
+"#;
+
+const BUILD_MAIN: &str = r#"use serde::{Deserialize, Serialize};
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Rule {
+    pattern: String,
+    hits: u64,
+}
+
+fn main() {
+    let rule = Rule { pattern: "src/**".into(), hits: 3 };
+    let text = serde_json::to_string(&rule).unwrap_or_default();
+    let back: Option<Rule> = serde_json::from_str(&text).ok();
+    println!("{}", if back.as_ref() == Some(&rule) { "ok" } else { "mismatch" });
+}
+"#;
+
+/// The build, in the workspace as uid 65534: a copy of Python's standard library
+/// (`{python}`) compiled to bytecode and archived, then the Rust project built (debug,
+/// offline, Debian's cargo and rustc) and its program run. Everything it makes goes to
+/// `out/`, which must not exist.
+const BUILD_SCRIPT: &str = r#"set -e
+export PATH=/usr/bin:/bin HOME="$PWD/out" TMPDIR="$PWD/out" RUSTC=/usr/bin/rustc \
+    CARGO_HOME="$PWD/out/cargo-home" CARGO_TARGET_DIR="$PWD/out/target"
+mkdir out
+cp -r '{python}' out/python
+/usr/bin/python3 -m compileall -q out/python >&2
+tar cf out/python.tar out/python
+cd rust
+/usr/bin/cargo build --offline --locked --quiet
+test "$("$CARGO_TARGET_DIR/debug/bench-build")" = ok"#;
+
+/// The build's profile: what `profiles/offline-build.toml` grants a build, without the
+/// home directory (uid 65534 has none): the system readable, the compilers' trees and the
+/// workspace (build scripts) executable, the workspace writable.
+const PROFILE_MACRO: &str = r#"[agent]
+name = "bench-macro"
+[filesystem]
+read = ["{workspace}", "/usr", "/lib", "/lib64", "/bin", "/etc", "/proc",
+    "/sys/devices/system/cpu", "/dev/null", "/dev/zero", "/dev/urandom"]
+write = ["{workspace}", "/dev/null"]
+exec = ["/usr/bin", "/bin", "/usr/lib", "/usr/libexec", "{workspace}"]
+[breaker]
+trip_on = ["canary"]
+[environment]
+pass = ["PATH"]
+"#;
+
+/// Runs `sh -c "$1"` as uid/gid 65534 without agentd but at the priority agentd gives its
+/// agents (a session of its own, nice 19 for the processes and the session's autogroup),
+/// so that other work on the host weighs on the bare build as on the agent's.
+const AT_AGENT_PRIORITY: &str = "if [ -e /proc/self/autogroup ]; then echo 19 > /proc/self/autogroup || exit 1; fi; \
+    exec /usr/bin/nice -n 19 /usr/bin/setpriv --reuid 65534 --regid 65534 --clear-groups -- /bin/sh -c \"$1\"";
+
+const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// `kernel.bpf_stats_enabled` set to 1 (the kernel then counts each program's runs and
+/// time); its previous value written back on drop.
+struct BpfStatsOn {
+    previous: String,
+}
+
+impl BpfStatsOn {
+    fn enable() -> anyhow::Result<BpfStatsOn> {
+        let previous = std::fs::read_to_string(BPF_STATS_SYSCTL)
+            .with_context(|| format!("reading {BPF_STATS_SYSCTL}"))?
+            .trim()
+            .to_owned();
+        std::fs::write(BPF_STATS_SYSCTL, "1")
+            .with_context(|| format!("writing 1 to {BPF_STATS_SYSCTL}"))?;
+        Ok(BpfStatsOn { previous })
+    }
+}
+
+impl Drop for BpfStatsOn {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(BPF_STATS_SYSCTL, &self.previous) {
+            eprintln!(
+                "[bench] could not restore {BPF_STATS_SYSCTL} to {}: {e}",
+                self.previous
+            );
+        }
+    }
+}
+
+/// Run counts and times of the BPF programs process `pid` holds, by program id, from
+/// `/proc/PID/fdinfo` (`run_time_ns` and `run_cnt`: zero unless `bpf_stats_enabled`).
+fn bpf_prog_stats(pid: u32) -> anyhow::Result<std::collections::BTreeMap<u64, (u64, u64)>> {
+    let mut progs = std::collections::BTreeMap::new();
+    let fds = Path::new("/proc").join(pid.to_string());
+    for entry in std::fs::read_dir(fds.join("fd")).with_context(|| format!("{pid}'s fds"))? {
+        let entry = entry?;
+        let is_prog =
+            std::fs::read_link(entry.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:bpf-prog");
+        if !is_prog {
+            continue;
+        }
+        // Gone since the listing: not a program of the daemon's watch any more.
+        let Ok(info) = std::fs::read_to_string(fds.join("fdinfo").join(entry.file_name())) else {
+            continue;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let (Some(id), Some(ns), Some(runs)) =
+            (field("prog_id"), field("run_time_ns"), field("run_cnt"))
+        else {
+            bail!("fdinfo of a BPF program of {pid} lacks prog_id, run_time_ns or run_cnt: {info}");
+        };
+        progs.insert(id, (ns, runs));
+    }
+    Ok(progs)
+}
+
+/// Time (ns) and runs of the programs in `after`, less what they had in `before`.
+fn bpf_delta(
+    before: &std::collections::BTreeMap<u64, (u64, u64)>,
+    after: &std::collections::BTreeMap<u64, (u64, u64)>,
+) -> (u64, u64) {
+    after.iter().fold((0, 0), |(ns, runs), (id, (n, r))| {
+        let (n0, r0) = before.get(id).copied().unwrap_or((0, 0));
+        (ns + n.saturating_sub(n0), runs + r.saturating_sub(r0))
+    })
+}
+
+/// What a daemon of the bench has counted, recorded and spent so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DaemonCounters {
+    /// Events received (`agentd stats`), and lost.
+    events: u64,
+    lost: u64,
+    /// The audit log's records (lines) and bytes.
+    records: u64,
+    bytes: u64,
+    /// The daemon's own CPU time (its threads: user, system), and that of its children it
+    /// has waited for (the agents' supervisors, with the agents), in clock ticks.
+    user_ticks: u64,
+    system_ticks: u64,
+    children_ticks: u64,
+}
+
+impl DaemonCounters {
+    fn read(agentd: &Path, daemon: &BenchDaemon, audit: &Path) -> anyhow::Result<Self> {
+        let out = Command::new(agentd)
+            .args(["stats", "--json", "--socket"])
+            .arg(&daemon.socket)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "agentd stats: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stats: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let log = std::fs::read(audit).with_context(|| format!("{}", audit.display()))?;
+        let [user_ticks, system_ticks, children_ticks] = cpu_ticks(&daemon.child.id().to_string())?;
+        Ok(DaemonCounters {
+            events: stats["events"].as_u64().context("agentd stats: events")?,
+            lost: stats["lost"].as_u64().context("agentd stats: lost")?,
+            records: log.iter().filter(|&&b| b == b'\n').count() as u64,
+            bytes: log.len() as u64,
+            user_ticks,
+            system_ticks,
+            children_ticks,
+        })
+    }
+
+    /// What the daemon counted, recorded and spent since `before`.
+    fn since(self, before: DaemonCounters) -> DaemonCounters {
+        DaemonCounters {
+            events: self.events.saturating_sub(before.events),
+            lost: self.lost.saturating_sub(before.lost),
+            records: self.records.saturating_sub(before.records),
+            bytes: self.bytes.saturating_sub(before.bytes),
+            user_ticks: self.user_ticks.saturating_sub(before.user_ticks),
+            system_ticks: self.system_ticks.saturating_sub(before.system_ticks),
+            children_ticks: self.children_ticks.saturating_sub(before.children_ticks),
+        }
+    }
+
+    /// The counters once the daemon has recorded everything: the same twice in a row.
+    fn settled(agentd: &Path, daemon: &BenchDaemon, audit: &Path) -> anyhow::Result<Self> {
+        let started = Instant::now();
+        let mut last = DaemonCounters::read(agentd, daemon, audit)?;
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let now = DaemonCounters::read(agentd, daemon, audit)?;
+            let same = (now.events, now.lost, now.records, now.bytes)
+                == (last.events, last.lost, last.records, last.bytes);
+            if same {
+                return Ok(now);
+            }
+            anyhow::ensure!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "the bench's daemon was still recording a minute after the build ended"
+            );
+            last = now;
+        }
+    }
+}
+
+/// CPU time in clock ticks of process `pid` (a number or `self`): its own threads' (user,
+/// system), and its children's that it has waited for, with theirs (user and system).
+fn cpu_ticks(pid: &str) -> anyhow::Result<[u64; 3]> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command's closing parenthesis, from the third (state): utime,
+    // stime, cutime and cstime are the 14th to 17th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    let (Some(utime), Some(stime), Some(cutime), Some(cstime)) =
+        (tick(11), tick(12), tick(13), tick(14))
+    else {
+        bail!("/proc/{pid}/stat: no utime, stime, cutime and cstime in {stat}");
+    };
+    Ok([utime, stime, cutime + cstime])
+}
+
+/// Bytes and regular files under `dir` (symbolic links not followed).
+fn tree_size(dir: &Path) -> anyhow::Result<(u64, u64)> {
+    let mut total = (0, 0);
+    for entry in std::fs::read_dir(dir).with_context(|| format!("{}", dir.display()))? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            let (b, f) = tree_size(&entry.path())?;
+            total = (total.0 + b, total.1 + f);
+        } else if meta.is_file() {
+            total = (total.0 + meta.len(), total.1 + 1);
+        }
+    }
+    Ok(total)
+}
+
+/// Where the build part works: outside the repository, whose `.cargo/config.toml` (the
+/// xtask alias) cargo would read, as it reads every one above its directory, and which the
+/// agent's profile does not grant.
+const BUILD_DIR: &str = "/var/tmp/agentd-bench-build";
+
+/// One build's wall time and CPU time (user and system, all its processes), in seconds.
+#[derive(Debug, Clone, Copy)]
+struct BuildTime {
+    wall: f64,
+    cpu: f64,
+}
+
+/// Medians of a mode's runs, with the range of the wall times.
+#[derive(Debug, Clone, Copy)]
+struct BuildMedians {
+    wall: f64,
+    cpu: f64,
+    fastest: f64,
+    slowest: f64,
+}
+
+impl BuildMedians {
+    fn of(runs: &[BuildTime]) -> BuildMedians {
+        let mut wall: Vec<f64> = runs.iter().map(|r| r.wall).collect();
+        let mut cpu: Vec<f64> = runs.iter().map(|r| r.cpu).collect();
+        wall.sort_by(f64::total_cmp);
+        cpu.sort_by(f64::total_cmp);
+        BuildMedians {
+            wall: percentile(&wall, 0.5),
+            cpu: percentile(&cpu, 0.5),
+            fastest: wall.first().copied().unwrap_or(f64::NAN),
+            slowest: wall.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
+/// Part 9: a build ([`BUILD_SCRIPT`]) as uid 65534 bare (at an agent's priority), under
+/// `agentd run` embedded, and through a daemon with its audit log on (a fresh daemon for
+/// each such run, so that none is loaded during the others), interleaved over rounds, with
+/// `agentd run -- /bin/true` in both modes each round for the launch: wall time, and CPU
+/// time, which other work on the host disturbs less. Before the rounds (warming the caches),
+/// the breakdown: one build through a daemon with `bpf_stats_enabled`, then one bare while
+/// an idle agent of that daemon keeps its watch attached: the time in its BPF programs and
+/// the daemon's own CPU in each.
+fn build_costs(agentd: &Path) -> anyhow::Result<()> {
+    const ROUNDS: usize = 7;
+    let part_started = Instant::now();
+    let dir = Path::new(BUILD_DIR);
+    let _ = std::fs::remove_dir_all(dir);
+    let _files = RemoveOnDrop(vec![dir.to_owned()]);
+    let ws = dir.join("workspace");
+    let project = ws.join("rust");
+    std::fs::create_dir_all(project.join("src"))?;
+    std::fs::create_dir_all(project.join(".cargo"))?;
+    std::fs::write(project.join("Cargo.toml"), BUILD_MANIFEST)?;
+    std::fs::write(project.join("src/main.rs"), BUILD_MAIN)?;
+    // As root, before the runs: the dependencies' sources from root's registry, and the
+    // configuration that makes cargo take them from there (cargo vendor prints it).
+    let vendor = Command::new("/usr/bin/cargo")
+        .args(["vendor", "--offline", "vendor"])
+        .current_dir(&project)
+        .output()
+        .context("/usr/bin/cargo vendor (Debian's cargo)")?;
+    anyhow::ensure!(
+        vendor.status.success(),
+        "cargo vendor --offline failed (are serde and serde_json in root's cargo registry? \
+         a build of agentd puts them there): {}",
+        String::from_utf8_lossy(&vendor.stderr)
+    );
+    anyhow::ensure!(
+        String::from_utf8_lossy(&vendor.stdout).contains("[source.crates-io]"),
+        "cargo vendor printed no source configuration: {}",
+        String::from_utf8_lossy(&vendor.stdout)
+    );
+    std::fs::write(project.join(".cargo/config.toml"), &vendor.stdout)?;
+    let crates = std::fs::read_dir(project.join("vendor"))?.count() + 1;
+    let python = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_paths()['stdlib'])",
+        ])
+        .output()
+        .context("/usr/bin/python3")?;
+    anyhow::ensure!(python.status.success(), "/usr/bin/python3: no stdlib path");
+    let python = String::from_utf8(python.stdout)?.trim().to_owned();
+    let (py_bytes, py_files) = tree_size(Path::new(&python))?;
+    let script = BUILD_SCRIPT.replace("{python}", &python);
+    let status = Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&ws)
+        .status()?;
+    anyhow::ensure!(status.success(), "chown of the build's workspace failed");
+    let profile = dir.join("build.toml");
+    std::fs::write(&profile, PROFILE_MACRO)?;
+    let daemon_dir = dir.join("daemon");
+    let audit = daemon_dir.join("audit.log");
+    let tck = Command::new("getconf").arg("CLK_TCK").output()?;
+    let tck: f64 = String::from_utf8(tck.stdout)?
+        .trim()
+        .parse()
+        .context("getconf CLK_TCK")?;
+
+    // Each build starts from the sources alone: its predecessor's output removed and the
+    // removal written back to disk, outside the time.
+    let prepare = || -> anyhow::Result<()> {
+        match std::fs::remove_dir_all(ws.join("out")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        let st = Command::new("sync").status()?;
+        anyhow::ensure!(st.success(), "sync failed");
+        Ok(())
+    };
+    // Wall time, and the CPU time of the processes this one waited for (the command's
+    // tree, each process waited for by its parent).
+    let timed = |what: &str, mut c: Command| -> anyhow::Result<BuildTime> {
+        let [_, _, cpu0] = cpu_ticks("self")?;
+        let t = Instant::now();
+        let out = c.output().with_context(|| format!("{c:?}"))?;
+        let wall = t.elapsed().as_secs_f64();
+        let [_, _, cpu1] = cpu_ticks("self")?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let mut tail: Vec<&str> = err.lines().rev().take(30).collect();
+            tail.reverse();
+            bail!(
+                "the build ({what}) failed: {}\n{}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                tail.join("\n")
+            );
+        }
+        Ok(BuildTime {
+            wall,
+            cpu: cpu1.saturating_sub(cpu0) as f64 / tck,
+        })
+    };
+    let bare = || -> anyhow::Result<BuildTime> {
+        prepare()?;
+        let mut c = Command::new("setsid");
+        c.args(["--wait", "/bin/sh", "-c", AT_AGENT_PRIORITY, "sh", &script])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .current_dir(&ws);
+        timed("bare", c)
+    };
+    let embedded = |program: &[&str]| -> anyhow::Result<BuildTime> {
+        prepare()?;
+        let mut c = agent_command(agentd, &profile, &ws);
+        c.arg("--quiet").arg("--").args(program);
+        timed("embedded", c)
+    };
+    // Through `daemon`: the client's time and CPU, with the daemon's CPU since `before`
+    // (its own, and its supervisor's and agent's, which it waited for).
+    let via = |daemon: &BenchDaemon, program: &[&str]| {
+        prepare()?;
+        let before = DaemonCounters::read(agentd, daemon, &audit)?;
+        let mut c = agent_command(agentd, &profile, &ws);
+        c.arg("--socket")
+            .arg(&daemon.socket)
+            .arg("--quiet")
+            .arg("--")
+            .args(program);
+        let mut t = timed("through the daemon", c)?;
+        let spent = DaemonCounters::settled(agentd, daemon, &audit)?.since(before);
+        t.cpu += (spent.user_ticks + spent.system_ticks + spent.children_ticks) as f64 / tck;
+        anyhow::Ok((t, spent))
+    };
+    let build = ["/bin/sh", "-c", &script];
+
+    eprintln!(
+        "\n[bench] a build as uid 65534: {python} copied ({:.0} MB, {py_files} files), compiled (compileall) and archived (tar); \
+         a Rust project of {crates} crates (serde, serde_json: proc macros, build scripts) built offline, debug, by /usr/bin/cargo",
+        py_bytes as f64 / 1e6
+    );
+    eprintln!(
+        "  bare runs at the priority agentd gives an agent (a session of its own, nice 19), so that other work on the host \
+         weighs on both alike; wall times still follow that work, CPU times far less"
+    );
+
+    // The breakdown, first: it warms the page cache and the toolchain's files for the
+    // rounds. The kernel counts the programs' time only with bpf_stats_enabled, which costs
+    // two clock reads per run: not during the rounds. (`prepare` before each window, so
+    // that the removal of the last output falls outside it.)
+    let daemon = BenchDaemon::start(agentd, &daemon_dir)?;
+    let pid = daemon.child.id();
+    let stats_on = BpfStatsOn::enable()?;
+    prepare()?;
+    let progs0 = bpf_prog_stats(pid)?;
+    let (in_agent, spent) = via(&daemon, &build)?;
+    let progs1 = bpf_prog_stats(pid)?;
+    // Then a bare build while an idle agent keeps the watch attached: the programs that run
+    // for every process on the host while any agent runs (the kill gate), outside agents.
+    let mut sleeper = Load::default();
+    let mut c = agent_command(agentd, &profile, &ws);
+    c.arg("--socket")
+        .arg(&daemon.socket)
+        .args(["--quiet", "--", "/bin/sleep", "3600"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    sleeper.spawn(&mut c)?;
+    let started = Instant::now();
+    loop {
+        let out = Command::new(agentd)
+            .args(["stats", "--json", "--socket"])
+            .arg(&daemon.socket)
+            .output()?;
+        let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if stats["agents_running"].as_u64() >= Some(1) {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the idle agent did not start through the bench's daemon"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    prepare()?;
+    let progs_idle = bpf_prog_stats(pid)?;
+    let idle0 = DaemonCounters::read(agentd, &daemon, &audit)?;
+    let outside = bare()?;
+    let idle = DaemonCounters::read(agentd, &daemon, &audit)?.since(idle0);
+    let progs2 = bpf_prog_stats(pid)?;
+    drop(stats_on);
+    // The daemon kills its agents as it stops; the idle agent's client then ends.
+    drop(daemon);
+    drop(sleeper);
+    let (agent_ns, agent_runs) = bpf_delta(&progs0, &progs1);
+    let (outside_ns, outside_runs) = bpf_delta(&progs_idle, &progs2);
+    anyhow::ensure!(
+        agent_runs > 0,
+        "the daemon's {} BPF programs counted no run with bpf_stats_enabled on",
+        progs1.len()
+    );
+
+    let (mut b, mut e, mut e_true, mut d, mut d_true) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut per_build: Vec<DaemonCounters> = Vec::new();
+    eprintln!("  wall / CPU of each run:");
+    for round in 1..=ROUNDS {
+        let bare_t = bare()?;
+        let embedded_t = embedded(&build)?;
+        e_true.push(embedded(&["/bin/true"])?);
+        let daemon = BenchDaemon::start(agentd, &daemon_dir)?;
+        let (daemon_t, spent) = via(&daemon, &build)?;
+        per_build.push(spent);
+        d_true.push(via(&daemon, &["/bin/true"])?.0);
+        drop(daemon);
+        eprintln!(
+            "    round {round}: bare {:>6.2} / {:>6.2} s   embedded {:>6.2} / {:>6.2} s   daemon {:>6.2} / {:>6.2} s",
+            bare_t.wall, bare_t.cpu, embedded_t.wall, embedded_t.cpu, daemon_t.wall, daemon_t.cpu
+        );
+        b.push(bare_t);
+        e.push(embedded_t);
+        d.push(daemon_t);
+    }
+    let (b, e, e_true, d, d_true) = (
+        BuildMedians::of(&b),
+        BuildMedians::of(&e),
+        BuildMedians::of(&e_true),
+        BuildMedians::of(&d),
+        BuildMedians::of(&d_true),
+    );
+    let median_of = |f: fn(&DaemonCounters) -> u64| {
+        let mut v: Vec<f64> = per_build.iter().map(|c| f(c) as f64).collect();
+        v.sort_by(f64::total_cmp);
+        percentile(&v, 0.5)
+    };
+
+    eprintln!(
+        "  median of {ROUNDS} interleaved rounds   wall (fastest-slowest)            CPU, user+system of all its processes"
+    );
+    let row = |label: &str, wall: f64, cpu: f64, range: Option<&BuildMedians>| {
+        let range = range.map_or(String::new(), |m| {
+            format!("({:.2}-{:.2} s)", m.fastest, m.slowest)
+        });
+        eprintln!(
+            "  {label:<36} {wall:>7.2} s ({:.2}x) {range:<17}  {cpu:>7.2} s ({:.2}x)",
+            wall / b.wall,
+            cpu / b.cpu
+        );
+    };
+    row("bare (own session, nice 19)", b.wall, b.cpu, Some(&b));
+    row("agentd run, embedded", e.wall, e.cpu, Some(&e));
+    row(
+        &format!("  minus its launch ({:.0} ms)", e_true.wall * 1e3),
+        e.wall - e_true.wall,
+        e.cpu - e_true.cpu,
+        None,
+    );
+    row("through the daemon, audit log on", d.wall, d.cpu, Some(&d));
+    row(
+        &format!("  minus its launch ({:.0} ms)", d_true.wall * 1e3),
+        d.wall - d_true.wall,
+        d.cpu - d_true.cpu,
+        None,
+    );
+    let events = median_of(|c| c.events);
+    let (user, system) = (
+        median_of(|c| c.user_ticks) / tck,
+        median_of(|c| c.system_ticks) / tck,
+    );
+    eprintln!(
+        "  one build through the daemon: {events:.0} events ({:.0} lost), {:.0} audit records ({:.2} MiB); \
+         the daemon's own CPU (decoding, breaker, audit, fan-out): user {user:.2} s, system {system:.2} s ({:.0} µs an event)",
+        median_of(|c| c.lost),
+        median_of(|c| c.records),
+        median_of(|c| c.bytes) / 1048576.0,
+        (user + system) * 1e6 / events.max(1.0),
+    );
+    eprintln!("  where agentd's share goes:");
+    eprintln!(
+        "    the daemon with its audit log against embedded (no audit), launches subtracted: wall {:+.2} s, CPU {:+.2} s",
+        (d.wall - d_true.wall) - (e.wall - e_true.wall),
+        (d.cpu - d_true.cpu) - (e.cpu - e_true.cpu),
+    );
+    let cols = |label: &str, a: String, b: String| eprintln!("      {label:<38} {a:>24} {b:>30}");
+    eprintln!("    one more build each way, a daemon loaded, bpf_stats_enabled on:");
+    cols(
+        "",
+        "through the daemon".into(),
+        "bare, an idle agent attached".into(),
+    );
+    cols(
+        "wall",
+        format!("{:.2} s", in_agent.wall),
+        format!("{:.2} s", outside.wall),
+    );
+    cols(
+        &format!("the watch's {} BPF programs, CPU", progs1.len()),
+        format!("{:.1} ms", agent_ns as f64 / 1e6),
+        format!("{:.1} ms", outside_ns as f64 / 1e6),
+    );
+    cols(
+        "  runs (ns a run)",
+        format!("{agent_runs} ({:.0})", agent_ns as f64 / agent_runs as f64),
+        format!(
+            "{outside_runs} ({:.0})",
+            outside_ns as f64 / outside_runs.max(1) as f64
+        ),
+    );
+    let cpu = |c: &DaemonCounters| {
+        format!(
+            "{:.2} / {:.2} s",
+            c.user_ticks as f64 / tck,
+            c.system_ticks as f64 / tck
+        )
+    };
+    cols(
+        "the daemon's own CPU, user / system",
+        cpu(&spent),
+        cpu(&idle),
+    );
+    let volume = |c: &DaemonCounters| {
+        format!(
+            "{} ({}), {}, {:.2} MiB",
+            c.events,
+            c.lost,
+            c.records,
+            c.bytes as f64 / 1048576.0
+        )
+    };
+    cols(
+        "events (lost), audit records, bytes",
+        volume(&spent),
+        volume(&idle),
+    );
+    eprintln!(
+        "      (while an agent runs, some of the programs run for every process on the host: both columns include any other work there)"
+    );
+    eprintln!(
+        "    Landlock and seccomp without the watch: not measured (no option or profile setting of agentd runs an agent without the watch)"
+    );
+    eprintln!(
+        "  (the part took {:.1} min)",
+        part_started.elapsed().as_secs_f64() / 60.0
     );
     Ok(())
 }
