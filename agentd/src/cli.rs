@@ -449,6 +449,17 @@ pub fn command() -> clap::Command {
     <Cli as clap::CommandFactory>::command()
 }
 
+/// agentd's diagnostics on stderr, filtered by `AGENTD_LOG` (default: warnings).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 pub fn main() -> ExitCode {
     let cli = if crate::run::warm::is_warm() {
         // A supervisor the daemon started ahead of need: its command line comes with its
@@ -464,13 +475,7 @@ pub fn main() -> ExitCode {
     } else {
         Cli::parse()
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let result = match cli.command {
         Command::Doctor { json } => doctor::run(json),
         Command::Kill { id, socket } => match crate::daemon::client::kill(socket.socket, &id) {

@@ -46,13 +46,7 @@ enum Harness {
 
 /// `agentd-harness`'s `main`.
 pub fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    crate::cli::init_logging();
     let result = match Harness::parse() {
         Harness::WatchTest { args } => watch::watch_selftest(&args),
         Harness::AuditSample {
