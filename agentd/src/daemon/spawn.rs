@@ -5,12 +5,11 @@
 //!
 //! The daemon keeps one supervisor started ahead of need ([`Warm`]): a launch hands it
 //! its [`Launch`] (command line, environment, working directory, the client's stdio) on
-//! the socketpair, and the next one is started in the background once the agent runs
-//! (not during the launch: a fork holds the daemon's memory map, which the launch's
-//! attach needs). A launch so does not
-//! wait for a process to fork and load this program (about 3 ms of a launch's 10-20 here).
-//! When there is none (two launches at once, or it died), the supervisor is started for
-//! the launch, with the same command line, environment and descriptors.
+//! the socketpair, so it does not wait for a process to fork and load this program. The
+//! next one is started in the background once the agent runs (not during the launch: a
+//! fork holds the daemon's memory map, which the launch's attach needs). When there is
+//! none (two launches at once, or it died), the supervisor is started for the launch,
+//! with the same command line, environment and descriptors.
 
 use std::{
     os::{
