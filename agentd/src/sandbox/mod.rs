@@ -171,6 +171,27 @@ pub struct Spawned {
     pub seccomp_listener: Option<OwnedFd>,
 }
 
+/// Checks that this process has one thread. A thread that was joined (the watch's load
+/// verifies programs on scoped threads) may still be counted for a moment: the kernel
+/// wakes its joiner before it unhashes the thread, so the count is read again for up to
+/// [`THREADS_SETTLE`] before a second thread is an error.
+fn single_threaded() -> Result<(), SpawnError> {
+    let deadline = std::time::Instant::now() + THREADS_SETTLE;
+    loop {
+        let threads = thread_count_now()?;
+        if threads == 1 {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(SpawnError::Threads(threads));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// How long [`single_threaded`] waits for joined threads to be gone.
+const THREADS_SETTLE: Duration = Duration::from_millis(100);
+
 /// How many threads this process has now (`/proc/self/status`).
 pub fn thread_count_now() -> Result<usize, SpawnError> {
     let status = std::fs::read_to_string("/proc/self/status").map_err(SpawnError::Status)?;
@@ -185,10 +206,7 @@ pub fn thread_count_now() -> Result<usize, SpawnError> {
 /// and waits until it has exec'd or failed. The caller keeps the cgroup (and removes it if
 /// this fails).
 pub fn spawn(mut prepared: Prepared) -> Result<Spawned, SpawnError> {
-    let threads = thread_count_now()?;
-    if threads != 1 {
-        return Err(SpawnError::Threads(threads));
-    }
+    single_threaded()?;
     let (reports, child_end) = channel::pair().map_err(|source| SpawnError::Syscall {
         call: "socketpair",
         source,
